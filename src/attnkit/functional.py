@@ -1,0 +1,161 @@
+"""``attention()`` and ``reference_attention()``: validation, backend choice, one call for every pattern.
+
+Conventions (see ARCHITECTURE.md): tensors are ``(batch, heads, seq, head_dim)``; ``q`` has ``Hq``
+heads and ``k``/``v`` have ``Hkv`` heads with ``Hq % Hkv == 0`` (query head ``h`` uses KV head
+``h // (Hq // Hkv)``); query row ``r`` sits at absolute position ``r + Nk - Nq``; the scale defaults
+to ``1 / sqrt(head_dim)``; fully masked query rows return zeros and LSE ``-inf``; softmax statistics
+and the LSE are float32 for float16/bfloat16 inputs.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+from typing import Optional
+
+import torch
+
+from .kernels.blockwise import DEFAULT_TILE, blockwise_kernel, plan_tiles
+from .kernels.dense import dense_kernel
+from .kernels.reference import reference_kernel
+from .patterns import Pattern, as_pattern
+
+BACKENDS = ("auto", "reference", "dense", "blockwise")
+"""Accepted values of ``backend``. Every one runs every pattern and is differentiable."""
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_SPARSE_ENOUGH = 0.5  # auto prefers blockwise when its tiles cover less than this share of the square
+
+
+def _check_inputs(q: object, k: object, v: object) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(
+                f"{name} must have rank 4 (batch, heads, seq, head_dim), got shape {tuple(t.shape)}"
+            )
+        if t.dtype not in _FLOATS:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+        if t.shape[2] == 0 or t.shape[3] == 0:
+            raise ValueError(f"{name} must have seq and head_dim >= 1, got shape {tuple(t.shape)}")
+    shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+    if not q.dtype == k.dtype == v.dtype:
+        raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not q.device == k.device == v.device:
+        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if not q.shape[0] == k.shape[0] == v.shape[0]:
+        raise ValueError(f"batch sizes differ: {shapes}")
+    if q.shape[3] != k.shape[3]:
+        raise ValueError(f"q and k head_dim differ: {shapes}")
+    if k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"k and v must agree in batch, heads and seq: {shapes}")
+    if q.shape[1] % k.shape[1] != 0:
+        raise ValueError(
+            f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]}): {shapes}"
+        )
+
+
+def _check_scale(scale: object, head_dim: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, bool) or not isinstance(scale, Real) or not math.isfinite(scale):
+        raise TypeError(f"scale must be a finite real number or None, got {scale!r}")
+    return float(scale)
+
+
+def _check_pattern(pattern: Optional[Pattern], n_q_heads: int) -> Pattern:
+    pattern = as_pattern(pattern)
+    if pattern.n_heads is not None and pattern.n_heads != n_q_heads:
+        raise ValueError(
+            f"pattern is per-head for {pattern.n_heads} heads, but q has {n_q_heads} heads"
+        )
+    return pattern
+
+
+def _check_backend(backend: object) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+    return backend  # type: ignore[return-value]
+
+
+def choose_backend(pattern: Pattern, n_q: int, n_k: int, device: torch.device, need_lse: bool) -> str:
+    """The backend ``"auto"`` runs: the fastest exact plan for this pattern and these sizes.
+
+    Full and causal problems go to SDPA (one fused call). Other patterns go to the blockwise
+    kernel when its tiles skip at least half of the square, else to SDPA with a mask. Off CPU,
+    a call that needs the LSE goes to the blockwise kernel, which produces it for free.
+    """
+    band = pattern.band() if pattern.n_heads is None else None
+    if need_lse and device.type != "cpu":
+        return "blockwise"
+    if band is not None and (band[1] == math.inf and band[0] in (0, -math.inf)):
+        return "dense"
+    steps = plan_tiles(pattern, n_q, n_k, min(DEFAULT_TILE, n_k))
+    covered = sum((s.q_stop - s.q_start) * (s.k_stop - s.k_start) for s in steps)
+    return "blockwise" if covered < _SPARSE_ENOUGH * n_q * n_k else "dense"
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: Optional[Pattern] = None,
+    *,
+    scale: Optional[float] = None,
+    backend: str = "auto",
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Exact scaled dot-product attention restricted to ``pattern``.
+
+    Args:
+        q: ``(B, Hq, Nq, D)`` queries.
+        k: ``(B, Hkv, Nk, D)`` keys, ``Hq % Hkv == 0`` (MHA ``Hkv == Hq``, MQA ``Hkv == 1``).
+        v: ``(B, Hkv, Nk, Dv)`` values.
+        pattern: which keys each query may see; ``None`` means :class:`~attnkit.patterns.Full`.
+        scale: multiplier of ``q @ k^T``; default ``1 / sqrt(D)``.
+        backend: ``"auto"`` (fastest exact choice), ``"reference"`` (explicit two-step math),
+            ``"dense"`` (torch SDPA), ``"blockwise"`` (tiled online softmax, skips empty tiles).
+        return_lse: also return the log-sum-exp of the allowed scaled scores.
+    Returns:
+        ``out (B, Hq, Nq, Dv)`` in q's dtype, or ``(out, lse)`` with lse ``(B, Hq, Nq)`` (float32
+        for half inputs, float64 for float64). Fully masked rows give zeros and lse ``-inf``.
+    Raises:
+        TypeError: a non-tensor or non-float input, mixed dtypes, a non-pattern, a bad scale.
+        ValueError: rank not 4, batch/head_dim/seq mismatch, ``Hq % Hkv != 0``, mixed devices,
+            a per-head pattern whose head count differs from ``Hq``, an unknown backend.
+    """
+    _check_inputs(q, k, v)
+    scale = _check_scale(scale, q.shape[-1])
+    pattern = _check_pattern(pattern, q.shape[1])
+    backend = _check_backend(backend)
+    if backend == "auto":
+        backend = choose_backend(pattern, q.shape[2], k.shape[2], q.device, return_lse)
+    if backend == "reference":
+        out, lse, _ = reference_kernel(q, k, v, pattern, scale)
+    elif backend == "dense":
+        out, lse = dense_kernel(q, k, v, pattern, scale, need_lse=return_lse)
+    else:
+        out, lse = blockwise_kernel(q, k, v, pattern, scale)
+    return (out, lse) if return_lse else out
+
+
+def reference_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: Optional[Pattern] = None,
+    *,
+    scale: Optional[float] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The seed's two steps, explicitly: returns ``(out (B, Hq, Nq, Dv), weights (B, Hq, Nq, Nk))``.
+
+    ``weights`` are the softmax-normalised relevance scores (step 1); ``out = weights @ v``
+    (step 2). Half-precision inputs are computed in float32 (weights stay float32, out is cast
+    back). Same arguments, conventions and errors as :func:`attention`.
+    """
+    _check_inputs(q, k, v)
+    scale = _check_scale(scale, q.shape[-1])
+    pattern = _check_pattern(pattern, q.shape[1])
+    out, _, weights = reference_kernel(q, k, v, pattern, scale)
+    return out, weights

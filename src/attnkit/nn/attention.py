@@ -1,0 +1,126 @@
+"""Multi-head attention with its own Q/K/V projections per head: MHA, GQA and MQA in one module."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from ..functional import BACKENDS, attention
+from ..patterns import Pattern, as_pattern
+from .kv_cache import KVCache
+
+RopeHook = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""``rope(q, k, positions) -> (q, k)``: rotates q ``(B, Hq, N, D)`` and k ``(B, Hkv, N, D)`` by
+their absolute ``positions`` ``(N,)`` or ``(B, N)``."""
+
+
+def _positive(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"MultiHeadAttention: {name} must be a positive integer, got {value!r}")
+    return value
+
+
+class MultiHeadAttention(nn.Module):
+    """The seed's multi-head attention: project, attend per head, concatenate, project back.
+
+    Args:
+        dim: model width ``C`` of the input ``x (B, N, C)``.
+        n_heads: query heads ``Hq``.
+        n_kv_heads: key/value heads ``Hkv``: None for MHA (``Hkv = Hq``), 1 for MQA, any divisor
+            of ``n_heads`` for GQA. Query head ``h`` shares the K/V of head ``h // (Hq // Hkv)``.
+        head_dim: per-head width ``D``; default ``dim // n_heads``.
+        pattern: which keys each token may see (default Full; a decoder passes Causal()).
+        bias: add biases to the four projections.
+        rope: optional position hook ``rope(q, k, positions) -> (q, k)`` applied before attention.
+        backend: attention backend (see :func:`attnkit.attention`).
+
+    Parameters: ``dim * D * (Hq + 2 * Hkv) + Hq * D * dim``, plus ``Hq * D * 2 + Hkv * D * 2 + dim``
+    biases when ``bias=True``. Projections are named ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        n_heads: int,
+        n_kv_heads: Optional[int] = None,
+        *,
+        head_dim: Optional[int] = None,
+        pattern: Optional[Pattern] = None,
+        bias: bool = False,
+        rope: Optional[RopeHook] = None,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        _positive("dim", dim)
+        _positive("n_heads", n_heads)
+        n_kv_heads = n_heads if n_kv_heads is None else _positive("n_kv_heads", n_kv_heads)
+        if n_heads % n_kv_heads:
+            raise ValueError(
+                f"MultiHeadAttention: n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads})"
+            )
+        if head_dim is None:
+            if dim % n_heads:
+                raise ValueError(
+                    f"MultiHeadAttention: dim ({dim}) must be divisible by n_heads ({n_heads}) "
+                    "unless head_dim is given"
+                )
+            head_dim = dim // n_heads
+        _positive("head_dim", head_dim)
+        if backend not in BACKENDS:
+            raise ValueError(f"MultiHeadAttention: backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+        self.dim, self.n_heads, self.n_kv_heads, self.head_dim = dim, n_heads, n_kv_heads, head_dim
+        self.pattern = as_pattern(pattern)
+        self.rope = rope
+        self.backend = backend
+        self.q_proj = nn.Linear(dim, n_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(n_heads * head_dim, dim, bias=bias)
+
+    def make_cache(self, batch: int, max_len: int, *, dtype=None, device=None) -> KVCache:
+        """A static :class:`KVCache` sized for this layer."""
+        weight = self.k_proj.weight
+        return KVCache(
+            batch, self.n_kv_heads, max_len, self.head_dim,
+            dtype=dtype or weight.dtype, device=device or weight.device,
+        )
+
+    def project_qkv(
+        self, x: torch.Tensor, positions: Optional[torch.Tensor] = None, start: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-head queries ``(B, Hq, N, D)``, keys and values ``(B, Hkv, N, D)``, rotated by
+        ``rope`` when set (positions default to ``start .. start + N - 1``)."""
+        batch, n, _ = x.shape
+        q = self.q_proj(x).view(batch, n, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.rope is not None:
+            if positions is None:
+                positions = torch.arange(start, start + n, device=x.device)
+            q, k = self.rope(q, k, positions)
+        return q, k, v
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        positions: Optional[torch.Tensor] = None,
+        cache: Optional[KVCache] = None,
+    ) -> torch.Tensor:
+        """``x (B, N, dim) -> (B, N, dim)``.
+
+        With a ``cache``, the new keys/values are appended to it and the N new queries attend to
+        everything cached (bottom-right alignment puts them at the newest positions).
+        """
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"MultiHeadAttention: x must be (batch, seq, {self.dim}), got {got}")
+        start = cache.length if cache is not None else 0
+        q, k, v = self.project_qkv(x, positions, start)
+        if cache is not None:
+            k, v = cache.update(k, v)
+        out = attention(q, k, v, self.pattern, backend=self.backend)  # (B, Hq, N, D)
+        out = out.transpose(1, 2).reshape(x.shape[0], x.shape[1], self.n_heads * self.head_dim)
+        return self.o_proj(out)
