@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from .kernels.blockwise import DEFAULT_TILE, blockwise_kernel, plan_tiles
+from .kernels.blockwise import blockwise_kernel, plan_tiles, planned_pairs
 from .kernels.dense import dense_kernel
 from .kernels.reference import reference_kernel
 from .patterns import Pattern, as_pattern
@@ -91,8 +91,7 @@ def choose_backend(pattern: Pattern, n_q: int, n_k: int, device: torch.device, n
         return "blockwise"
     if band is not None and (band[1] == math.inf and band[0] in (0, -math.inf)):
         return "dense"
-    steps = plan_tiles(pattern, n_q, n_k, min(DEFAULT_TILE, n_k))
-    covered = sum((s.q_stop - s.q_start) * (s.k_stop - s.k_start) for s in steps)
+    covered = planned_pairs(plan_tiles(pattern, n_q, n_k))
     return "blockwise" if covered < _SPARSE_ENOUGH * n_q * n_k else "dense"
 
 
