@@ -1,0 +1,1 @@
+"""Tools that explain and measure attention."""

@@ -1,0 +1,145 @@
+"""Timing, error and memory measurement for ``attnkit bench``.
+
+Times are medians over repeats after one warm-up call. The error of every contender is measured
+against float64 ``reference_attention`` on the last ``ERROR_ROWS`` query rows (bottom-right
+alignment makes those rows a complete sub-problem), so it can be checked even where the full
+reference would not fit in memory. The largest tensor an implementation allocates is recorded by a
+dispatch mode in a separate, untimed call.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterable, Optional
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from ..functional import reference_attention
+from .cases import Contender, Workload, contenders_for
+
+ERROR_ROWS = 256
+
+
+@dataclass
+class BenchRow:
+    """One contender on one workload."""
+
+    case: str
+    seq: int
+    contender: str
+    mode: str
+    median_ms: float
+    gflops: float
+    vs_baseline: Optional[float]
+    max_abs_err: float
+    largest_tensor_mib: float
+    note: str = ""
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class _LargestTensor(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        for t in result if isinstance(result, (tuple, list)) else (result,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.untyped_storage().nbytes())
+        return result
+
+
+def largest_tensor_bytes(fn: Callable[[], object]) -> int:
+    """Bytes of the largest tensor storage created by any operator while ``fn()`` runs."""
+    with _LargestTensor() as mode:
+        fn()
+    return mode.largest
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_median(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall time of ``fn()`` in seconds, after one warm-up call (CUDA is synchronised)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        _sync()
+        start = time.perf_counter()
+        fn()
+        _sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _call(contender: Contender, q, k, v, backward: bool) -> Callable[[], object]:
+    if not backward:
+        def forward():
+            with torch.no_grad():
+                return contender.fn(q, k, v)
+        return forward
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+
+    def forward_backward():
+        out = contender.fn(*leaves)
+        out.backward(torch.ones_like(out))
+        return out
+
+    return forward_backward
+
+
+def _max_error(contender: Contender, workload: Workload, q, k, v) -> float:
+    rows = min(ERROR_ROWS, workload.seq)
+    with torch.no_grad():
+        out = contender.fn(q, k, v)[..., -rows:, :]
+        expected, _ = reference_attention(
+            q[..., -rows:, :].double(), k.double(), v.double(), workload.pattern
+        )
+    return float((out.double() - expected).abs().max())
+
+
+def run_benchmark(
+    workloads: Iterable[Workload],
+    *,
+    repeats: int = 5,
+    backward: bool = False,
+    device: str = "cpu",
+    on_step: Optional[Callable[[str], None]] = None,
+) -> list[BenchRow]:
+    """Time every contender on every workload; ``on_step(description)`` is called per contender."""
+    rows = []
+    mode = "fwd+bwd" if backward else "fwd"
+    for workload in workloads:
+        q, k, v = workload.inputs(device=device)
+        baseline_s = None
+        for contender in contenders_for(workload):
+            if on_step:
+                on_step(f"{workload.case} N={workload.seq} {contender.name}")
+            call = _call(contender, q, k, v, backward)
+            seconds = time_median(call, repeats)
+            if contender.baseline:
+                baseline_s = seconds
+            flops = workload.useful_flops * (3.5 if backward else 1.0)  # bwd ~ 2.5x the fwd matmuls
+            rows.append(
+                BenchRow(
+                    case=workload.case,
+                    seq=workload.seq,
+                    contender=contender.name,
+                    mode=mode,
+                    median_ms=seconds * 1e3,
+                    gflops=flops / seconds / 1e9,
+                    vs_baseline=None if baseline_s is None else seconds / baseline_s,
+                    max_abs_err=_max_error(contender, workload, q, k, v),
+                    largest_tensor_mib=largest_tensor_bytes(call) / 2**20,
+                    note=contender.note or "",
+                )
+            )
+    return rows
