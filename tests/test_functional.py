@@ -1,0 +1,150 @@
+"""Every backend against float64 reference_attention: output, LSE, dq, dk, dv, on random problems."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+from attnkit import Causal, Predicate, SlidingWindow, attention, reference_attention
+from attnkit.functional import choose_backend
+from strategies import Problem, problems
+
+BACKENDS = ["dense", "blockwise", "auto"]
+
+
+def _run(problem: Problem, backend: str, dtype=torch.float64, scale=None):
+    """(out, lse, dq, dk, dv) of one backend, with a loss that also reaches the LSE."""
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (problem.q, problem.k, problem.v)]
+    out, lse = attention(*leaves, problem.pattern, backend=backend, return_lse=True, scale=scale)
+    gen = torch.Generator().manual_seed(1)
+    w_out = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    w_lse = torch.randn(lse.shape, generator=gen, dtype=torch.float64)
+    finite_lse = torch.where(torch.isinf(lse), 0.0, lse.double())
+    loss = (out.double() * w_out).sum() + (finite_lse * w_lse).sum()
+    grads = torch.autograd.grad(loss, leaves)
+    return (out, lse, *grads)
+
+
+def _rounded(problem: Problem, dtype: torch.dtype) -> Problem:
+    """The same problem with inputs representable in ``dtype`` (still stored as float64), so the
+    comparison measures the kernel's arithmetic, not the rounding of its inputs."""
+    q, k, v = (t.to(dtype).double() for t in (problem.q, problem.k, problem.v))
+    return Problem(q, k, v, problem.pattern)
+
+
+def _norm_rel(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    actual, expected = actual.detach().double(), expected.detach().double()
+    finite = torch.isfinite(expected)
+    diff = (actual[finite] - expected[finite]).norm()
+    return float(diff / expected[finite].norm().clamp_min(1e-30))
+
+
+NAMES = ("out", "lse", "dq", "dk", "dv")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(problem=problems())
+def test_backend_equals_reference_in_float64(backend, problem):
+    expected = _run(problem, "reference")
+    actual = _run(problem, backend)
+    for name, a, e in zip(NAMES, actual, expected):
+        assert a.shape == e.shape, name
+        assert torch.equal(torch.isinf(a), torch.isinf(e)), f"{name}: -inf rows differ for {problem.describe()}"
+        torch.testing.assert_close(
+            torch.where(torch.isinf(a), 0.0, a), torch.where(torch.isinf(e), 0.0, e),
+            rtol=1e-9, atol=1e-10, msg=lambda m: f"{name} ({backend}) {problem.describe()}: {m}",
+        )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(problem=problems(max_len=150))
+def test_float32_within_1e5_relative_of_float64(backend, problem):
+    problem = _rounded(problem, torch.float32)
+    expected = _run(problem, "reference")
+    actual = _run(problem, backend, dtype=torch.float32)
+    assert actual[0].dtype == torch.float32 and actual[1].dtype == torch.float32
+    for name, a, e in zip(NAMES, actual, expected):
+        assert _norm_rel(a, e) <= 1e-5, f"{name} ({backend}) {problem.describe()}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@given(problem=problems(max_len=120, max_head_dim=64))
+def test_bfloat16_within_2e2_relative_with_float32_statistics(backend, problem):
+    problem = _rounded(problem, torch.bfloat16)
+    expected = _run(problem, "reference")
+    actual = _run(problem, backend, dtype=torch.bfloat16)
+    assert actual[0].dtype == torch.bfloat16
+    assert actual[1].dtype == torch.float32, "LSE of half inputs must be float32"
+    for name, a, e in zip(NAMES, actual, expected):
+        assert _norm_rel(a, e) <= 2e-2, f"{name} ({backend}) {problem.describe()}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_fully_masked_rows_give_zeros_minus_inf_and_finite_gradients(backend, dtype):
+    odd_rows_blind = Predicate(lambda i, j: (i % 2 == 0) & (j <= i))
+    q, k, v = (torch.randn(2, 4, 33, 16, dtype=dtype, requires_grad=True) for _ in range(3))
+    out, lse = attention(q, k, v, odd_rows_blind, backend=backend, return_lse=True)
+    assert torch.all(out[:, :, 1::2] == 0)
+    assert torch.all(lse[:, :, 1::2] == float("-inf"))
+    assert torch.isfinite(lse[:, :, 0::2]).all() and torch.isfinite(out).all()
+    out.sum().backward()
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all()
+    assert torch.all(q.grad[:, :, 1::2] == 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rows_with_no_key_when_queries_outnumber_keys(backend):
+    # Nq > Nk under bottom-right alignment: the first Nq - Nk causal rows sit before key 0.
+    q = torch.randn(1, 2, 9, 8, dtype=torch.float64)
+    k, v = (torch.randn(1, 2, 4, 8, dtype=torch.float64) for _ in range(2))
+    out, lse = attention(q, k, v, Causal(), backend=backend, return_lse=True)
+    ref, _ = reference_attention(q, k, v, Causal())
+    assert torch.all(out[:, :, :5] == 0) and torch.all(lse[:, :, :5] == float("-inf"))
+    torch.testing.assert_close(out, ref)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@given(data=st.data())
+def test_gqa_equals_mha_with_repeated_kv_and_mqa_equals_one_kv_head(backend, data):
+    problem = data.draw(problems(max_len=80))
+    groups = problem.q.shape[1] // problem.k.shape[1]
+    grouped = attention(problem.q, problem.k, problem.v, problem.pattern, backend=backend)
+    repeated = attention(
+        problem.q, problem.k.repeat_interleave(groups, 1), problem.v.repeat_interleave(groups, 1),
+        problem.pattern, backend=backend,
+    )
+    torch.testing.assert_close(grouped, repeated, rtol=1e-10, atol=1e-12)
+    single_k, single_v = problem.k[:, :1], problem.v[:, :1]
+    mqa = attention(problem.q, single_k, single_v, problem.pattern, backend=backend)
+    n_heads = problem.q.shape[1]
+    explicit = attention(
+        problem.q, single_k.expand(-1, n_heads, -1, -1), single_v.expand(-1, n_heads, -1, -1),
+        problem.pattern, backend=backend,
+    )
+    torch.testing.assert_close(mqa, explicit, rtol=1e-10, atol=1e-12)
+
+
+def test_reference_weights_are_the_two_steps_written_out():
+    q, k, v = (torch.randn(1, 1, 5, 4, dtype=torch.float64) for _ in range(3))
+    out, weights = reference_attention(q, k, v, Causal(), scale=0.5)
+    scores = (q @ k.transpose(-1, -2) * 0.5).masked_fill(~Causal().mask(5, 5), float("-inf"))
+    torch.testing.assert_close(weights, torch.softmax(scores, -1))
+    torch.testing.assert_close(weights.sum(-1), torch.ones(1, 1, 5, dtype=torch.float64))
+    torch.testing.assert_close(out, weights @ v)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_explicit_scale_is_used(backend):
+    q, k, v = (torch.randn(1, 2, 7, 8, dtype=torch.float64) for _ in range(3))
+    expected, _ = reference_attention(q * 3.0, k, v, scale=1.0)
+    torch.testing.assert_close(attention(q, k, v, backend=backend, scale=3.0), expected)
+
+
+def test_auto_uses_sdpa_for_causal_and_blockwise_for_a_narrow_window():
+    cpu = torch.device("cpu")
+    assert choose_backend(Causal(), 4096, 4096, cpu, need_lse=False) == "dense"
+    assert choose_backend(SlidingWindow(128), 4096, 4096, cpu, need_lse=False) == "blockwise"
+    assert choose_backend(SlidingWindow(4096), 4096, 4096, cpu, need_lse=False) == "dense"
