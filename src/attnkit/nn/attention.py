@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..functional import BACKENDS, attention
@@ -108,11 +109,16 @@ class MultiHeadAttention(nn.Module):
         *,
         positions: Optional[torch.Tensor] = None,
         cache: Optional[KVCache] = None,
+        key_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """``x (B, N, dim) -> (B, N, dim)``.
 
         With a ``cache``, the new keys/values are appended to it and the N new queries attend to
         everything cached (bottom-right alignment puts them at the newest positions).
+        ``positions`` ``(N,)`` or ``(B, N)`` go to the rope hook (default: the next N positions).
+        ``key_mask`` ``(B, Nk)`` bool (True = a real token, ``Nk`` = keys after the cache update)
+        hides padding keys per row, for batches of prompts with different lengths; it is combined
+        with the layer's pattern and run through torch SDPA with an explicit mask.
         """
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
@@ -121,6 +127,29 @@ class MultiHeadAttention(nn.Module):
         q, k, v = self.project_qkv(x, positions, start)
         if cache is not None:
             k, v = cache.update(k, v)
-        out = attention(q, k, v, self.pattern, backend=self.backend)  # (B, Hq, N, D)
+        if key_mask is None:
+            out = attention(q, k, v, self.pattern, backend=self.backend)  # (B, Hq, N, D)
+        else:
+            out = self._padded_attention(q, k, v, key_mask)
         out = out.transpose(1, 2).reshape(x.shape[0], x.shape[1], self.n_heads * self.head_dim)
         return self.o_proj(out)
+
+    def _padded_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor
+    ) -> torch.Tensor:
+        batch, n_q, n_k = q.shape[0], q.shape[2], k.shape[2]
+        if key_mask.shape != (batch, n_k) or key_mask.dtype != torch.bool:
+            raise ValueError(
+                f"MultiHeadAttention: key_mask must be bool (batch={batch}, keys={n_k}), "
+                f"got {key_mask.dtype} {tuple(key_mask.shape)}"
+            )
+        if self.pattern.n_heads is not None:
+            raise ValueError("MultiHeadAttention: key_mask cannot be combined with a per-head pattern")
+        allowed = self.pattern.mask(n_q, n_k, device=q.device) & key_mask[:, None, None, :]
+        # A padding query may see no real key; letting every query see its own position keeps
+        # its row finite (its output is never used) without touching the rows of real tokens.
+        own = torch.arange(n_q, device=q.device) + (n_k - n_q)
+        allowed[..., torch.arange(n_q, device=q.device), own] = True
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=allowed, enable_gqa=self.n_heads != self.n_kv_heads
+        )

@@ -1,0 +1,186 @@
+"""Text generation with a static KV cache: one prefill pass over the prompts, then one token per step.
+
+Prompts of different lengths are left-padded to the longest; each row's positions start at 0 at
+its first real token and a key mask hides the padding, so a row generates exactly what it would
+generate alone. Sampling: greedy (``temperature = 0``), or softmax at ``temperature`` restricted to
+the ``top_k`` most likely tokens and to the smallest set whose probability reaches ``top_p``,
+drawn from a ``torch.Generator`` seeded with ``seed``.
+"""
+
+from __future__ import annotations
+
+from numbers import Real
+from typing import Iterator, Optional, Sequence
+
+import torch
+
+
+def _check_options(max_new_tokens, temperature, top_k, top_p, seed) -> None:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"generate: max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, Real) or not temperature >= 0:
+        raise ValueError(f"generate: temperature must be a number >= 0, got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k <= 0):
+        raise ValueError(f"generate: top_k must be a positive integer or None, got {top_k!r}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, Real) or not 0 < top_p <= 1):
+        raise ValueError(f"generate: top_p must be in (0, 1] or None, got {top_p!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(f"generate: seed must be an integer or None, got {seed!r}")
+
+
+def _as_rows(tokens) -> list[list[int]]:
+    if isinstance(tokens, torch.Tensor):
+        if tokens.dim() != 2 or tokens.is_floating_point():
+            raise ValueError(f"generate: tokens must be an integer tensor (batch, seq), got {tokens.dtype} {tuple(tokens.shape)}")
+        rows = tokens.tolist()
+    else:
+        rows = [list(row) for row in tokens]
+    if not rows:
+        raise ValueError("generate: tokens holds no prompt")
+    for i, row in enumerate(rows):
+        if not row:
+            raise ValueError(f"generate: prompt {i} is empty")
+        if any(isinstance(t, bool) or not isinstance(t, int) for t in row):
+            raise ValueError(f"generate: prompt {i} must hold integer token ids")
+    return rows
+
+
+def sample(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """Next tokens ``(B,)`` from ``logits (B, vocab)``: argmax when ``temperature == 0``, else a draw
+    from the temperature softmax limited to the ``top_k`` best and the ``top_p`` nucleus (the most
+    likely token always stays eligible)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # Drop a token when the tokens ranked above it already reach top_p.
+        drop = probs.cumsum(-1) - probs >= top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def stream(
+    model,
+    tokens,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    seed: Optional[int] = None,
+    stop_tokens: Optional[Sequence[int]] = None,
+) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row, ``(B,)`` int64 per step; the first yield follows the
+    prefill. A row that has produced a stop token repeats it; the stream ends when every row has
+    stopped or after ``max_new_tokens`` steps. Arguments as :func:`generate`."""
+    _check_options(max_new_tokens, temperature, top_k, top_p, seed)
+    rows = _as_rows(tokens)
+    config = model.config
+    stops = torch.tensor(config.eos_token_ids if stop_tokens is None else list(stop_tokens), dtype=torch.long)
+    weight = model.embed_tokens.weight
+    device = weight.device
+    lengths = torch.tensor([len(r) for r in rows])
+    prompt_len = int(lengths.max())
+    total = prompt_len + max_new_tokens
+    if total > config.max_position_embeddings:
+        raise ValueError(
+            f"generate: prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+            f"model's max_position_embeddings ({config.max_position_embeddings})"
+        )
+    if max_new_tokens == 0:
+        return
+    pads = prompt_len - lengths
+    batch = torch.zeros(len(rows), prompt_len, dtype=torch.long)
+    for i, row in enumerate(rows):
+        batch[i, int(pads[i]):] = torch.tensor(row, dtype=torch.long)
+    batch = batch.to(device)
+    key_mask = positions = None
+    if bool((pads > 0).any()):
+        key_mask = (torch.arange(total)[None, :] >= pads[:, None]).to(device)  # (B, total)
+        positions = (torch.arange(prompt_len)[None, :] - pads[:, None]).clamp(min=0).to(device)
+    caches = model.make_caches(len(rows), total)
+    generator = None
+    if temperature > 0:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed if seed is not None else int(torch.seed()))
+    stops = stops.to(device)
+    done = torch.zeros(len(rows), dtype=torch.bool, device=device)
+    finished_with = torch.zeros(len(rows), dtype=torch.long, device=device)
+    logits = model(batch, positions=positions, caches=caches,
+                   key_mask=None if key_mask is None else key_mask[:, :prompt_len], last_only=True)
+    for step in range(max_new_tokens):
+        token = sample(logits[:, -1], temperature, top_k, top_p, generator)
+        token = torch.where(done, finished_with, token)
+        yield token
+        is_stop = torch.isin(token, stops)
+        finished_with = torch.where(is_stop & ~done, token, finished_with)
+        done |= is_stop
+        if bool(done.all()) or step + 1 == max_new_tokens:
+            return
+        length = prompt_len + step + 1
+        step_positions = None if positions is None else (lengths.to(device) + step)[:, None]
+        logits = model(token[:, None], positions=step_positions, caches=caches,
+                       key_mask=None if key_mask is None else key_mask[:, :length], last_only=True)
+
+
+def generate(
+    model,
+    tokens,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    seed: Optional[int] = None,
+    stop_tokens: Optional[Sequence[int]] = None,
+    on_token=None,
+):
+    """Continue each prompt of ``tokens`` by up to ``max_new_tokens`` tokens.
+
+    Args:
+        model: a :class:`~attnkit.models.llama.Llama`.
+        tokens: int tensor ``(B, N)``, or a list of B token-id lists of any lengths.
+        temperature: 0 = greedy; otherwise the softmax temperature.
+        top_k, top_p: restrict sampling to the k most likely tokens / the top_p nucleus.
+        seed: seeds the sampler (same seed, same tokens).
+        stop_tokens: ids that end a row (default: the config's ``eos_token_ids``); the stop token
+            is kept. After a row stops, it is filled with its stop token until all rows stop.
+        on_token: optional callback ``on_token(tokens (B,))`` after each step (for streaming).
+    Returns:
+        A tensor ``(B, N + steps)`` for tensor input, else a list of lists (prompt + new tokens,
+        each ending at its stop token).
+    Raises:
+        ValueError: an empty prompt, a prompt plus ``max_new_tokens`` longer than
+        ``max_position_embeddings`` (the cache), bad sampling options, ids outside the vocabulary.
+    """
+    steps = []
+    for token in stream(model, tokens, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                        seed=seed, stop_tokens=stop_tokens):
+        steps.append(token)
+        if on_token is not None:
+            on_token(token)
+    new = torch.stack(steps, dim=1).cpu() if steps else torch.zeros(len(_as_rows(tokens)), 0, dtype=torch.long)
+    if isinstance(tokens, torch.Tensor):
+        return torch.cat([tokens.cpu(), new], dim=1).to(tokens.device)
+    stop_set = set(model.config.eos_token_ids if stop_tokens is None else stop_tokens)
+    out = []
+    for row, continuation in zip(_as_rows(tokens), new.tolist()):
+        for n, token in enumerate(continuation):
+            if token in stop_set:
+                continuation = continuation[: n + 1]
+                break
+        out.append(row + continuation)
+    return out

@@ -1,0 +1,273 @@
+"""Hugging Face checkpoint I/O for :class:`~attnkit.models.llama.Llama`.
+
+A directory in the Hugging Face layout holds ``config.json`` (``LlamaForCausalLM``), the weights as
+``model.safetensors`` or as shards listed by ``model.safetensors.index.json``, and optionally
+``tokenizer.json``. Loading builds the model on the meta device and assigns each tensor read from
+the files in place, so the weights exist once in memory.
+
+Both config forms are read: the published one (``rope_theta`` + ``rope_scaling``) and the one
+transformers 5 writes (``rope_parameters``). Saving writes the published form, which every
+transformers version reads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..nn.rope import Llama3RopeScaling
+from .config import LlamaConfig
+from .llama import Llama
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+TOKENIZER_FILE = "tokenizer.json"
+
+# attnkit name <-> Hugging Face name, per layer.
+_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn.q_proj.weight": "self_attn.q_proj.weight",
+    "attn.k_proj.weight": "self_attn.k_proj.weight",
+    "attn.v_proj.weight": "self_attn.v_proj.weight",
+    "attn.o_proj.weight": "self_attn.o_proj.weight",
+    "mlp_norm.weight": "post_attention_layernorm.weight",
+    "mlp.gate_proj.weight": "mlp.gate_proj.weight",
+    "mlp.up_proj.weight": "mlp.up_proj.weight",
+    "mlp.down_proj.weight": "mlp.down_proj.weight",
+}
+_TOP_NAMES = {"embed_tokens.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+              "lm_head.weight": "lm_head.weight"}
+_LAYER_RE = re.compile(r"layers\.(\d+)\.(.+)")
+
+
+def hf_name(name: str) -> str:
+    """The Hugging Face tensor name of an attnkit parameter name."""
+    match = _LAYER_RE.fullmatch(name)
+    if match:
+        return f"model.layers.{match[1]}.{_LAYER_NAMES[match[2]]}"
+    return _TOP_NAMES[name]
+
+
+def config_from_hf(hf: dict, source: str = CONFIG_FILE) -> LlamaConfig:
+    """A :class:`LlamaConfig` from a parsed Hugging Face ``config.json`` (either rope form).
+
+    Raises ValueError naming ``source`` for another architecture, biases, a non-SiLU activation,
+    an unsupported rope type or a missing field.
+    """
+    architectures = hf.get("architectures") or ["LlamaForCausalLM"]
+    if "LlamaForCausalLM" not in architectures or hf.get("model_type", "llama") != "llama":
+        raise ValueError(
+            f"{source}: unsupported architecture {architectures} / model_type {hf.get('model_type')!r}; "
+            "attnkit loads LlamaForCausalLM"
+        )
+    for flag in ("attention_bias", "mlp_bias"):
+        if hf.get(flag):
+            raise ValueError(f"{source}: {flag}=true is not supported by attnkit's Llama")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported (Llama uses silu)")
+    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type == "llama3":
+        scaling = Llama3RopeScaling(
+            factor=float(rope["factor"]), low_freq_factor=float(rope["low_freq_factor"]),
+            high_freq_factor=float(rope["high_freq_factor"]),
+            original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
+        )
+    elif rope_type == "default":
+        scaling = None
+    else:
+        raise ValueError(f"{source}: rope type {rope_type!r} is not supported (default or llama3)")
+    eos = hf.get("eos_token_id")
+    eos = () if eos is None else tuple(eos) if isinstance(eos, list) else (eos,)
+    try:
+        return LlamaConfig(
+            dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=hf["num_attention_heads"],
+            n_kv_heads=hf.get("num_key_value_heads"), ffn_dim=hf["intermediate_size"],
+            vocab_size=hf["vocab_size"], head_dim=hf.get("head_dim"), norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta), rope_scaling=scaling,
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            bos_token_id=hf.get("bos_token_id"), eos_token_ids=eos,
+        )
+    except KeyError as exc:
+        raise ValueError(f"{source}: missing field {exc.args[0]!r}") from None
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{source}: {exc}") from None
+
+
+def config_to_hf(config: LlamaConfig) -> dict:
+    """The ``config.json`` dict transformers' ``LlamaForCausalLM`` reads for ``config``."""
+    if config.layer_patterns and any(p is not None for p in config.layer_patterns):
+        raise ValueError("save_pretrained: per-layer attention patterns have no Hugging Face config form")
+    scaling = config.rope_scaling
+    eos = list(config.eos_token_ids)
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": config.dim, "num_hidden_layers": config.n_layers,
+        "num_attention_heads": config.n_heads, "num_key_value_heads": config.n_kv_heads,
+        "head_dim": config.head_dim, "intermediate_size": config.ffn_dim, "vocab_size": config.vocab_size,
+        "rms_norm_eps": config.norm_eps, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+        "max_position_embeddings": config.max_position_embeddings, "rope_theta": config.rope_theta,
+        "rope_scaling": None if scaling is None else {
+            "rope_type": "llama3", "factor": scaling.factor, "low_freq_factor": scaling.low_freq_factor,
+            "high_freq_factor": scaling.high_freq_factor,
+            "original_max_position_embeddings": scaling.original_max_position_embeddings,
+        },
+        "tie_word_embeddings": config.tie_embeddings, "bos_token_id": config.bos_token_id,
+        "eos_token_id": eos[0] if len(eos) == 1 else (eos or None), "torch_dtype": "float32",
+    }
+
+
+def read_config(path: str | os.PathLike) -> LlamaConfig:
+    """The :class:`LlamaConfig` of a checkpoint directory (or of a ``config.json`` path)."""
+    path = Path(path)
+    file = path / CONFIG_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no such config file")
+    try:
+        hf = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{file}: not valid JSON ({exc})") from None
+    if not isinstance(hf, dict):
+        raise ValueError(f"{file}: expected a JSON object")
+    return config_from_hf(hf, str(file))
+
+
+def _weight_files(directory: Path) -> dict[str, Path]:
+    """Tensor name -> file holding it, from the index or the single weights file."""
+    index = directory / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ValueError(f"{index}: not a valid safetensors index ({exc!r})") from None
+        files = {name: directory / file for name, file in weight_map.items()}
+        for file in set(files.values()):
+            if not file.is_file():
+                raise FileNotFoundError(f"{index}: lists shard {file.name}, which does not exist")
+        return files
+    single = directory / WEIGHTS_FILE
+    if not single.is_file():
+        raise FileNotFoundError(f"{directory}: neither {WEIGHTS_FILE} nor {INDEX_FILE} found")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(single, framework="pt") as handle:
+            return {name: single for name in handle.keys()}
+    except Exception as exc:  # safetensors raises its own error type for bad headers
+        raise ValueError(f"{single}: not a valid safetensors file ({exc})") from None
+
+
+def _read_tensors(files: dict[str, Path], wanted: dict[str, torch.Size], dtype, device) -> dict[str, torch.Tensor]:
+    """Read each wanted tensor (HF name -> expected shape) from its file, cast and moved."""
+    from safetensors import safe_open
+
+    by_file: dict[Path, list[str]] = {}
+    for name in wanted:
+        by_file.setdefault(files[name], []).append(name)
+    out = {}
+    for file, names in by_file.items():
+        try:
+            with safe_open(file, framework="pt") as handle:
+                present = set(handle.keys())
+                for name in names:
+                    if name not in present:
+                        raise ValueError(f"{file}: tensor {name} is listed in the index but not in the file")
+                    tensor = handle.get_tensor(name)
+                    if tensor.shape != wanted[name]:
+                        raise ValueError(
+                            f"{file}: tensor {name} has shape {tuple(tensor.shape)}, expected {tuple(wanted[name])}"
+                        )
+                    out[name] = tensor.to(device=device, dtype=dtype or tensor.dtype)
+        except ValueError:
+            raise
+        except Exception as exc:  # truncated or corrupt file
+            raise ValueError(f"{file}: cannot read tensors ({exc})") from None
+    return out
+
+
+def load_pretrained(
+    path: str | os.PathLike, *, dtype: Optional[torch.dtype] = None, device: str | torch.device = "cpu"
+) -> Llama:
+    """Build a :class:`Llama` from a Hugging Face directory; weights keep the file's dtype unless
+    ``dtype`` is given. Raises FileNotFoundError for missing files and ValueError naming the file
+    or tensor for missing, unexpected or mis-shaped tensors and unreadable files.
+    """
+    directory = Path(path)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: not a directory")
+    config = read_config(directory)
+    with torch.device("meta"):
+        model = Llama(config)
+    state = model.state_dict()
+    names = {hf_name(name): name for name in state}
+    shapes = {hf_name(name): tensor.shape for name, tensor in state.items()}
+    files = _weight_files(directory)
+    missing = sorted(set(shapes) - set(files))
+    if missing:
+        raise ValueError(f"{directory}: missing tensors {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    # A tied checkpoint may still carry the head; it is the embedding, so it is skipped.
+    unexpected = sorted(set(files) - set(shapes) - ({"lm_head.weight"} if config.tie_embeddings else set()))
+    if unexpected:
+        raise ValueError(
+            f"{directory}: unexpected tensors {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}"
+        )
+    tensors = _read_tensors(files, shapes, dtype, torch.device(device))
+    model.load_state_dict({names[hf]: tensor for hf, tensor in tensors.items()}, assign=True, strict=True)
+    model.rope.reset_frequencies(device)
+    return model.eval()
+
+
+def save_pretrained(model: Llama, path: str | os.PathLike, *, max_shard_bytes: Optional[int] = None) -> None:
+    """Write ``config.json`` and ``model.safetensors`` (or shards of at most ``max_shard_bytes``
+    each plus ``model.safetensors.index.json`` when the weights are larger) into ``path``."""
+    from safetensors.torch import save_file
+
+    if max_shard_bytes is not None and (isinstance(max_shard_bytes, bool) or max_shard_bytes <= 0):
+        raise ValueError(f"save_pretrained: max_shard_bytes must be positive, got {max_shard_bytes!r}")
+    directory = Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    hf = config_to_hf(model.config)
+    hf["torch_dtype"] = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
+    (directory / CONFIG_FILE).write_text(json.dumps(hf, indent=2) + "\n")
+    tensors = {hf_name(n): t.detach().contiguous().cpu() for n, t in model.state_dict().items()}
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if max_shard_bytes is not None and shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], directory / WEIGHTS_FILE, metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, directory / file, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, file))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The ``tokenizers.Tokenizer`` of ``path/tokenizer.json``, or None when there is none."""
+    file = Path(path) / TOKENIZER_FILE
+    if not file.is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as exc:
+        raise ValueError(f"{file}: cannot load tokenizer ({exc})") from None

@@ -1,0 +1,154 @@
+"""The Llama 3.1 / 3.2 decoder built from attnkit parts.
+
+Block ``i``: ``h = x + attn(attn_norm(x))``, ``out = h + mlp(mlp_norm(h))`` where ``attn`` is
+:class:`attnkit.nn.MultiHeadAttention` (GQA, RoPE hook, causal or the layer's own pattern) and
+``mlp`` is :class:`attnkit.nn.mlp.SwiGLU`; then a final RMSNorm and the vocabulary head (the
+embedding matrix itself when ``tie_embeddings``). Build it under ``torch.device("meta")`` to
+allocate nothing (for counting, or before loading a checkpoint in place).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..nn.attention import MultiHeadAttention
+from ..nn.kv_cache import KVCache
+from ..nn.mlp import SwiGLU
+from ..nn.norm import RMSNorm
+from ..nn.rope import RotaryEmbedding
+from ..patterns import Causal
+from .config import PRESETS, LlamaConfig
+
+__all__ = ["PRESETS", "Llama", "LlamaConfig"]
+
+
+class LlamaBlock(nn.Module):
+    """One pre-norm decoder block; ``x (B, N, C) -> (B, N, C)``."""
+
+    def __init__(self, config: LlamaConfig, rope: RotaryEmbedding, pattern) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attn = MultiHeadAttention(
+            config.dim, config.n_heads, config.n_kv_heads, head_dim=config.head_dim,
+            pattern=pattern or Causal(), rope=rope,
+        )
+        self.mlp_norm = RMSNorm(config.dim, config.norm_eps)
+        self.mlp = SwiGLU(config.dim, config.ffn_dim)
+
+    def forward(self, x, *, positions=None, cache=None, key_mask=None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), positions=positions, cache=cache, key_mask=key_mask)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Llama(nn.Module):
+    """Llama 3 decoder-only language model.
+
+    Modules: ``embed_tokens (vocab, C)``, ``layers[i]`` (``attn_norm``, ``attn.{q,k,v,o}_proj``,
+    ``mlp_norm``, ``mlp.{gate,up,down}_proj``), ``norm``, ``lm_head`` (absent when tied).
+    The rotary tables are float32 whatever the weights' dtype.
+    """
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        if not isinstance(config, LlamaConfig):
+            raise TypeError(f"Llama: config must be a LlamaConfig, got {type(config).__name__}")
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
+        # One rotary module shared by every layer; kept out of the state dict (no persistent buffers).
+        self.rope = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
+        patterns = config.layer_patterns or (None,) * config.n_layers
+        self.layers = nn.ModuleList(LlamaBlock(config, self.rope, p) for p in patterns)
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.lm_head = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """``(vocab, C)``: the output projection (the embedding matrix when tied)."""
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def make_caches(self, batch: int, max_len: int, *, dtype=None, device=None) -> list[KVCache]:
+        """One static :class:`KVCache` ``(batch, Hkv, max_len, D)`` per layer."""
+        return [layer.attn.make_cache(batch, max_len, dtype=dtype, device=device) for layer in self.layers]
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        *,
+        positions: Optional[torch.Tensor] = None,
+        caches: Optional[Sequence[KVCache]] = None,
+        key_mask: Optional[torch.Tensor] = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits ``(B, N, vocab)`` (``(B, 1, vocab)`` with ``last_only``) of integer ``tokens (B, N)``.
+
+        ``caches`` (from :meth:`make_caches`) receive the new keys/values and supply the earlier
+        ones; ``positions`` ``(N,)`` or ``(B, N)`` default to the next N after the cache;
+        ``key_mask`` ``(B, cached + N)`` marks real tokens (see ``MultiHeadAttention.forward``).
+        Raises ValueError for a non-integer or non-2-D ``tokens``, ids outside the vocabulary,
+        or a ``caches`` list whose length is not ``n_layers``.
+        """
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.is_floating_point():
+            got = f"{tokens.dtype} {tuple(tokens.shape)}" if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+            raise ValueError(f"Llama: tokens must be an integer tensor (batch, seq), got {got}")
+        if tokens.shape[1] == 0:
+            raise ValueError("Llama: tokens is empty (seq = 0)")
+        if tokens.device.type != "meta" and tokens.numel() and (
+            int(tokens.min()) < 0 or int(tokens.max()) >= self.config.vocab_size
+        ):
+            raise ValueError(
+                f"Llama: token ids must lie in [0, {self.config.vocab_size}), got "
+                f"[{int(tokens.min())}, {int(tokens.max())}]"
+            )
+        if caches is not None and len(caches) != len(self.layers):
+            raise ValueError(f"Llama: caches has {len(caches)} entries for {len(self.layers)} layers")
+        x = self.embed_tokens(tokens)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, positions=positions, cache=None if caches is None else caches[i], key_mask=key_mask)
+        if last_only:
+            x = x[:, -1:]
+        return nn.functional.linear(self.norm(x), self.head_weight)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        tokens,
+        max_new_tokens: int,
+        *,
+        temperature: float = 0.0,
+        top_k: Optional[int] = None,
+        top_p: Optional[float] = None,
+        seed: Optional[int] = None,
+        stop_tokens: Optional[Sequence[int]] = None,
+        on_token=None,
+    ):
+        """Continue ``tokens`` by up to ``max_new_tokens``; see :func:`attnkit.models.generate.generate`."""
+        from .generate import generate
+
+        return generate(self, tokens, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                        seed=seed, stop_tokens=stop_tokens, on_token=on_token)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, dtype: Optional[torch.dtype] = None,
+                        device: str | torch.device = "cpu") -> "Llama":
+        """Load a Hugging Face layout directory; see :func:`attnkit.models.hf.load_pretrained`."""
+        from .hf import load_pretrained
+
+        return load_pretrained(path, dtype=dtype, device=device)
+
+    def save_pretrained(self, path: str | os.PathLike, *, max_shard_bytes: Optional[int] = None) -> None:
+        """Write ``config.json`` and safetensors that transformers' ``LlamaForCausalLM`` loads;
+        see :func:`attnkit.models.hf.save_pretrained`."""
+        from .hf import save_pretrained
+
+        save_pretrained(self, path, max_shard_bytes=max_shard_bytes)
+
+
+def count_parameters(config: LlamaConfig) -> int:
+    """Parameters of ``Llama(config)``, counted on the meta device (nothing is allocated)."""
+    with torch.device("meta"):
+        model = Llama(config)
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,33 @@
+"""Root-mean-square layer normalisation (Zhang & Sennrich, 2019), as Llama uses it."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """``y = x / sqrt(mean(x**2, -1) + eps) * weight`` over the last dimension.
+
+    The statistic is computed in float32 whatever the input dtype; the normalised value is cast
+    back to the input dtype before the weight multiplies it (the order Llama checkpoints expect).
+
+    Args:
+        dim: width of the last dimension.
+        eps: added to the mean square; must be positive.
+    Shapes: ``x (..., dim) -> (..., dim)``.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
+            raise ValueError(f"RMSNorm: dim must be a positive integer, got {dim!r}")
+        if not eps > 0:
+            raise ValueError(f"RMSNorm: eps must be positive, got {eps!r}")
+        self.eps = float(eps)
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
