@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from ..nn.rope import Llama3RopeScaling
-from .config import LlamaConfig
+from .llama_config import LlamaConfig
 from .llama import Llama
 
 CONFIG_FILE = "config.json"

@@ -21,7 +21,7 @@ from ..nn.mlp import SwiGLU
 from ..nn.norm import RMSNorm
 from ..nn.rope import RotaryEmbedding
 from ..patterns import Causal
-from .config import PRESETS, LlamaConfig
+from .llama_config import PRESETS, LlamaConfig
 
 __all__ = ["PRESETS", "Llama", "LlamaConfig"]
 
