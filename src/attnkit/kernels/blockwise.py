@@ -11,12 +11,16 @@ The backward pass is written by hand in the FlashAttention style: it recomputes 
 probabilities from the saved log-sum-exp instead of storing them, and it also propagates a gradient
 that arrives through the returned LSE (needed when partial results are merged, as ring attention
 does).
+
+Positions default to bottom-right alignment; ``positions=(q_pos, k_pos)`` replaces them with
+explicit absolute positions (any int64 vectors), so a block of a larger problem, such as one
+(query shard, key shard) step of ring attention, sees the pattern at its true global positions.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import math
 
@@ -24,13 +28,16 @@ import torch
 import torch.nn.functional as F
 
 from ..patterns import Pattern, query_key_positions
-from .common import compute_dtype, head_mask, kv_groups
+from .common import compute_dtype, kv_groups
 
 DEFAULT_BLOCK_Q = 256
 DEFAULT_BLOCK_K = 512
 # Scores are kept in base-2 units (scaled by log2(e)) because exp2 is several times faster than
 # exp on CPU; the returned LSE is converted back to natural log.
 _LOG2E = math.log2(math.e)
+
+Positions = tuple[torch.Tensor, torch.Tensor]
+"""``(q_pos, k_pos)``: absolute int64 positions of the query rows and key columns."""
 
 
 @dataclass(frozen=True)
@@ -46,8 +53,32 @@ class QueryBlock:
     tiles: tuple[tuple[int, int, bool], ...]
 
 
+def _positions(positions: Optional[Positions], n_q: int, n_k: int, device) -> Positions:
+    if positions is None:
+        return query_key_positions(n_q, n_k, device)
+    q_pos, k_pos = positions
+    if q_pos.shape != (n_q,) or k_pos.shape != (n_k,):
+        raise ValueError(
+            f"positions must be vectors of {n_q} query and {n_k} key positions, "
+            f"got shapes {tuple(q_pos.shape)} and {tuple(k_pos.shape)}"
+        )
+    return q_pos.to(device), k_pos.to(device)
+
+
+def _tile_extremes(pos: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per tile of ``size`` consecutive entries: the smallest and largest position."""
+    pad = -len(pos) % size
+    tiles = torch.cat([pos, pos[-1:].expand(pad)]).view(-1, size)
+    return tiles.amin(-1), tiles.amax(-1)
+
+
 def plan_tiles(
-    pattern: Pattern, n_q: int, n_k: int, block_q: int = DEFAULT_BLOCK_Q, block_k: int = DEFAULT_BLOCK_K
+    pattern: Pattern,
+    n_q: int,
+    n_k: int,
+    block_q: int = DEFAULT_BLOCK_Q,
+    block_k: int = DEFAULT_BLOCK_K,
+    positions: Optional[Positions] = None,
 ) -> list[QueryBlock]:
     """The work of the blockwise kernel: for each block of query rows, the key tiles that hold at
     least one allowed pair. Tiles with no allowed pair are left out; query blocks that see no key
@@ -55,20 +86,22 @@ def plan_tiles(
 
     Band patterns (Full, Causal, SlidingWindow) are planned in closed form; other patterns
     evaluate their predicate one query block at a time (``block_q x n_k`` booleans at most).
+    ``positions`` is ``(q_pos[n_q], k_pos[n_k])``, default bottom-right alignment.
     """
     band = pattern.band() if pattern.n_heads is None else None
-    q_pos, k_pos = query_key_positions(n_q, n_k)
+    q_pos, k_pos = (p.cpu() for p in _positions(positions, n_q, n_k, None))
     k_starts = torch.arange(0, n_k, block_k)
     k_stops = (k_starts + block_k).clamp(max=n_k)
+    k_min, k_max = _tile_extremes(k_pos, block_k)
+    q_min, q_max = _tile_extremes(q_pos, block_q)
     blocks = []
     for q_start in range(0, n_q, block_q):
         q_stop = min(q_start + block_q, n_q)
         if band is not None:
             lo, hi = band
-            p_first, p_last = int(q_pos[q_start]), int(q_pos[q_stop - 1])
-            # i - j over the tile spans [p_first - (k_stop - 1), p_last - k_start].
-            d_min = p_first - (k_stops - 1)
-            d_max = p_last - k_starts
+            # i - j over the tile spans [min(i) - max(j), max(i) - min(j)].
+            d_min = q_min[q_start // block_q] - k_max
+            d_max = q_max[q_start // block_q] - k_min
             nonempty = (d_max >= lo) & (d_min <= hi)
             full = (d_min >= lo) & (d_max <= hi)
         else:
@@ -93,23 +126,21 @@ def planned_pairs(blocks: list[QueryBlock]) -> int:
     return sum((b.q_stop - b.q_start) * sum(stop - start for start, stop, _ in b.tiles) for b in blocks)
 
 
-def _tile_scores(q_block, k, block, k_start, k_stop, masked, pattern, n_q, dtype):
+def _tile_scores(q_block, k, block, k_start, k_stop, masked, pattern, positions, dtype):
     """Masked scaled scores of one tile: ``(B, Hkv, g, rows, cols)`` in ``dtype``."""
     k_tile = k[:, :, k_start:k_stop].unsqueeze(2)  # (B, Hkv, 1, T, D)
     scores = torch.matmul(q_block, k_tile.transpose(-1, -2)).to(dtype)
     if masked:
-        n_kv_heads, groups = q_block.shape[1], q_block.shape[2]
-        allowed = head_mask(
-            pattern, n_q, k.shape[2], n_kv_heads * groups, k.device, groups,
-            q_rows=slice(block.q_start, block.q_stop), k_cols=slice(k_start, k_stop),
-        )
+        q_pos, k_pos = positions
+        allowed = pattern.rows_mask(q_pos[block.q_start : block.q_stop], k_pos[k_start:k_stop])
+        if pattern.n_heads is not None:  # (Hq, rows, cols) -> (Hkv, g, rows, cols)
+            allowed = allowed.unflatten(0, q_block.shape[1:3])
         scores.masked_fill_(~allowed, float("-inf"))
     return scores
 
 
-def _forward(q, k, v, pattern, scale, blocks):
+def _forward(q, k, v, pattern, scale, blocks, positions):
     dtype = compute_dtype(q.dtype)
-    n_q = q.shape[2]
     q_scaled = (q * (scale * _LOG2E)).unflatten(1, (k.shape[1], kv_groups(q, k)))  # (B, Hkv, g, Nq, D)
     out = torch.zeros(*q_scaled.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
     lse = torch.full(q_scaled.shape[:-1], float("-inf"), dtype=dtype, device=q.device)
@@ -118,7 +149,7 @@ def _forward(q, k, v, pattern, scale, blocks):
         q_block = q_scaled[..., rows, :]
         acc = row_max = row_sum = None
         for k_start, k_stop, masked in block.tiles:
-            probs = _tile_scores(q_block, k, block, k_start, k_stop, masked, pattern, n_q, dtype)
+            probs = _tile_scores(q_block, k, block, k_start, k_stop, masked, pattern, positions, dtype)
             tile_max = probs.amax(-1)
             new_max = tile_max if row_max is None else torch.maximum(row_max, tile_max)
             shift = new_max.masked_fill(new_max == float("-inf"), 0.0)
@@ -139,9 +170,8 @@ def _forward(q, k, v, pattern, scale, blocks):
     return out.flatten(1, 2), lse.flatten(1, 2)
 
 
-def _backward(q, k, v, out, lse, d_out, d_lse, pattern, scale, blocks):
+def _backward(q, k, v, out, lse, d_out, d_lse, pattern, scale, blocks, positions):
     dtype = compute_dtype(q.dtype)
-    n_q = q.shape[2]
     groups = kv_groups(q, k)
     q_scaled = (q * (scale * _LOG2E)).unflatten(1, (k.shape[1], groups))
     d_out_g = d_out.unflatten(1, (k.shape[1], groups))
@@ -159,7 +189,7 @@ def _backward(q, k, v, out, lse, d_out, d_lse, pattern, scale, blocks):
         d_q_block = d_q[..., rows, :]
         for k_start, k_stop, masked in block.tiles:
             cols = slice(k_start, k_stop)
-            probs = _tile_scores(q_block, k, block, k_start, k_stop, masked, pattern, n_q, dtype)
+            probs = _tile_scores(q_block, k, block, k_start, k_stop, masked, pattern, positions, dtype)
             probs.sub_(lse_g[..., rows].unsqueeze(-1)).exp2_()
             d_v[:, :, cols] += torch.matmul(probs.transpose(-1, -2).to(v.dtype), d_out_block).sum(2)
             d_scores = torch.matmul(d_out_block, v[:, :, cols].unsqueeze(2).transpose(-1, -2))
@@ -173,17 +203,19 @@ def _backward(q, k, v, out, lse, d_out, d_lse, pattern, scale, blocks):
 
 class _BlockwiseAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, pattern, scale, blocks):
-        out, lse = _forward(q, k, v, pattern, scale, blocks)
+    def forward(ctx, q, k, v, pattern, scale, blocks, positions):
+        out, lse = _forward(q, k, v, pattern, scale, blocks, positions)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.pattern, ctx.scale, ctx.blocks = pattern, scale, blocks
+        ctx.pattern, ctx.scale, ctx.blocks, ctx.positions = pattern, scale, blocks, positions
         return out, lse
 
     @staticmethod
     def backward(ctx, d_out, d_lse):
         q, k, v, out, lse = ctx.saved_tensors
-        grads = _backward(q, k, v, out, lse, d_out, d_lse, ctx.pattern, ctx.scale, ctx.blocks)
-        return (*grads, None, None, None)
+        grads = _backward(
+            q, k, v, out, lse, d_out, d_lse, ctx.pattern, ctx.scale, ctx.blocks, ctx.positions
+        )
+        return (*grads, None, None, None, None)
 
 
 def blockwise_kernel(
@@ -195,13 +227,43 @@ def blockwise_kernel(
     *,
     block_q: int = DEFAULT_BLOCK_Q,
     block_k: int = DEFAULT_BLOCK_K,
+    positions: Optional[Positions] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention by KV tiles. Inputs validated: q ``(B, Hq, Nq, D)``, k ``(B, Hkv, Nk, D)``,
     v ``(B, Hkv, Nk, Dv)``. Returns ``(out (B, Hq, Nq, Dv), lse (B, Hq, Nq))``; lse is float32 for
     float16/bfloat16 inputs. Differentiable in q, k, v, through out and through lse.
+    ``positions = (q_pos (Nq,), k_pos (Nk,))`` sets the absolute positions the pattern sees
+    (default: bottom-right alignment).
     """
-    blocks = plan_tiles(pattern, q.shape[2], k.shape[2], block_q, block_k)
-    return _BlockwiseAttention.apply(q, k, v, pattern, scale, blocks)
+    positions = _positions(positions, q.shape[2], k.shape[2], q.device)
+    blocks = plan_tiles(pattern, q.shape[2], k.shape[2], block_q, block_k, positions)
+    return _BlockwiseAttention.apply(q, k, v, pattern, scale, blocks, positions)
+
+
+def blockwise_grads(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    d_out: torch.Tensor,
+    d_lse: torch.Tensor,
+    pattern: Pattern,
+    scale: float,
+    positions: Positions,
+    *,
+    block_q: int = DEFAULT_BLOCK_Q,
+    block_k: int = DEFAULT_BLOCK_K,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The share of ``(dq, dk, dv)`` that flows through the keys ``k``/``v`` when they are one
+    part of a larger key set: ``out (B, Hq, Nq, Dv)`` and ``lse (B, Hq, Nq)`` are the results over
+    the whole key set, ``d_out``/``d_lse`` their gradients. Probabilities are recomputed from
+    ``lse`` (FlashAttention's backward for one block); summing the parts gives the exact gradient.
+    Returns ``dq (B, Hq, Nq, D)``, ``dk (B, Hkv, Nk, D)``, ``dv (B, Hkv, Nk, Dv)``.
+    """
+    positions = _positions(positions, q.shape[2], k.shape[2], q.device)
+    blocks = plan_tiles(pattern, q.shape[2], k.shape[2], block_q, block_k, positions)
+    return _backward(q, k, v, out, lse, d_out, d_lse, pattern, scale, blocks, positions)
 
 
 def merge_lse(
@@ -234,4 +296,7 @@ def merge_lse(
     return out.to(outs[0].dtype), lse
 
 
-__all__ = ["QueryBlock", "blockwise_kernel", "merge_lse", "plan_tiles", "planned_pairs"]
+__all__ = [
+    "Positions", "QueryBlock", "blockwise_grads", "blockwise_kernel", "merge_lse", "plan_tiles",
+    "planned_pairs",
+]
