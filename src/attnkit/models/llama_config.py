@@ -36,7 +36,8 @@ class LlamaConfig:
         bos_token_id, eos_token_ids: special tokens (``eos_token_ids`` stop generation by default).
         layer_patterns: optional attention pattern per layer (``None`` entries, or no tuple at all,
             mean causal); e.g. ``SlidingWindow(4096)`` on some layers.
-    Derived: ``head_dim``, ``kv_groups = n_heads // n_kv_heads``.
+    Derived: ``head_dim``, ``n_kv_heads`` (filled in on construction, so ``dataclasses.replace``
+    keeps them: pass ``head_dim=None`` when changing ``dim``), ``kv_groups = n_heads // n_kv_heads``.
     Raises ValueError naming the field for any inconsistent value.
     """
 
@@ -108,9 +109,14 @@ class LlamaConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "LlamaConfig":
-        """A published configuration by name (see :data:`PRESETS`), optionally with fields replaced."""
+        """A published configuration by name (see :data:`PRESETS`), optionally with fields replaced.
+
+        ``head_dim`` is derived again when ``dim`` or ``n_heads`` is overridden without it.
+        """
         if name not in PRESETS:
             raise ValueError(f"unknown Llama preset {name!r}; known presets: {', '.join(PRESETS)}")
+        if ("dim" in overrides or "n_heads" in overrides) and "head_dim" not in overrides:
+            overrides["head_dim"] = None
         return replace(PRESETS[name], **overrides)
 
 

@@ -1,0 +1,87 @@
+"""Generation: greedy equals transformers token for token, batches equal single prompts, sampling."""
+
+import pytest
+import torch
+from llama_oracle import hf_config, hf_model
+
+from attnkit.models.generate import sample
+from attnkit.models.llama import Llama, LlamaConfig
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gqa")
+    hf = hf_model(hf_config("gqa", vocab=97), seed=5)
+    hf.save_pretrained(path)
+    return hf, Llama.from_pretrained(path)
+
+
+def test_greedy_equals_transformers_generate(pair):
+    hf, ours = pair
+    prompt = torch.randint(3, 97, (1, 40), generator=torch.Generator().manual_seed(0))
+    expected = hf.generate(prompt, max_new_tokens=30, do_sample=False, eos_token_id=None, pad_token_id=0)
+    got = ours.generate(prompt, 30, stop_tokens=())
+    assert got.shape == (1, 70)
+    assert got.tolist() == expected.tolist()
+
+
+def test_batched_prompts_of_different_lengths_equal_single_runs(pair):
+    _, ours = pair
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 97, (n,), generator=g).tolist() for n in (5, 23, 1, 12)]
+    batched = ours.generate(prompts, 25, stop_tokens=())
+    for prompt, row in zip(prompts, batched):
+        assert row == ours.generate([prompt], 25, stop_tokens=())[0]
+        assert row[: len(prompt)] == prompt and len(row) == len(prompt) + 25
+
+
+def test_seeded_sampling_is_reproducible_and_filters_work(pair):
+    _, ours = pair
+    prompt = torch.randint(3, 97, (2, 10), generator=torch.Generator().manual_seed(2))
+    a = ours.generate(prompt, 15, temperature=1.0, seed=7, stop_tokens=())
+    assert torch.equal(a, ours.generate(prompt, 15, temperature=1.0, seed=7, stop_tokens=()))
+    assert not torch.equal(a, ours.generate(prompt, 15, temperature=1.0, seed=8, stop_tokens=()))
+    greedy = ours.generate(prompt, 15, stop_tokens=())
+    assert torch.equal(ours.generate(prompt, 15, temperature=0.8, top_k=1, seed=3, stop_tokens=()), greedy)
+    assert torch.equal(ours.generate(prompt, 15, temperature=0.8, top_p=1e-6, seed=3, stop_tokens=()), greedy)
+
+
+def test_sample_filters():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]]).repeat(2000, 1)
+    g = torch.Generator().manual_seed(0)
+    drawn = sample(logits, 1.0, top_k=2, generator=g)
+    assert set(drawn.tolist()) == {0, 1}
+    probs = logits[0].softmax(-1)  # 0.64, 0.24, 0.09, ...: the 0.8 nucleus is {0, 1}
+    drawn = sample(logits, 1.0, top_p=0.8, generator=g)
+    assert set(drawn.tolist()) == {0, 1}
+    share = (drawn == 0).float().mean().item()
+    assert abs(share - probs[0] / probs[:2].sum()) < 0.04
+    assert sample(logits[:1], 0.0).tolist() == [0]
+
+
+def test_stop_tokens_end_rows(pair):
+    _, ours = pair
+    prompt = torch.randint(3, 97, (2, 8), generator=torch.Generator().manual_seed(4))
+    free = ours.generate(prompt, 12, stop_tokens=())
+    stop = int(free[0, 8 + 3])  # the 4th new token of row 0
+    rows = ours.generate(prompt.tolist(), 12, stop_tokens=[stop])
+    first = free[0, 8:].tolist().index(stop)
+    assert rows[0] == free[0, : 8 + first + 1].tolist()
+    tensor = ours.generate(prompt, 12, stop_tokens=[stop])
+    assert (tensor[0, 8 + first :] == stop).all()
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(tokens=[[]]), "prompt 0 is empty"),
+    (dict(tokens=[]), "no prompt"),
+    (dict(max_new_tokens=600), r"exceeds the model's max_position_embeddings \(512\)"),
+    (dict(temperature=-1.0), "temperature"),
+    (dict(top_k=0), "top_k"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(max_new_tokens=-1), "max_new_tokens"),
+])
+def test_bad_generation_input(kwargs, match):
+    model = Llama(LlamaConfig.preset("tiny"))
+    args = dict(tokens=[[1, 2, 3]], max_new_tokens=4) | kwargs
+    with pytest.raises(ValueError, match=match):
+        model.generate(args.pop("tokens"), args.pop("max_new_tokens"), **args)
