@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     cases, seqs, repeats = _check(args)
     workloads = [w for case in cases for w in CASE_SETS[case](seqs)]
     console = Console()
-    total = sum(len(contenders_for(w)) for w in workloads)
+    total = sum(len(contenders_for(w)) + 1 for w in workloads)
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console, transient=True) as progress:
         task = progress.add_task("benchmark", total=total)

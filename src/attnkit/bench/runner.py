@@ -1,6 +1,6 @@
 """Timing, error and memory measurement for ``attnkit bench``.
 
-Times are medians over repeats after one warm-up call. The error of every contender is measured
+Times are medians over repeats after one warm-up call; contenders are timed interleaved. The error of every contender is measured
 against float64 ``reference_attention`` on the last ``ERROR_ROWS`` query rows (bottom-right
 alignment makes those rows a complete sub-problem), so it can be checked even where the full
 reference would not fit in memory. The largest tensor an implementation allocates is recorded by a
@@ -67,17 +67,27 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def time_median(fn: Callable[[], object], repeats: int) -> float:
-    """Median wall time of ``fn()`` in seconds, after one warm-up call (CUDA is synchronised)."""
+def _timed(fn: Callable[[], object]) -> float:
+    _sync()
+    start = time.perf_counter()
     fn()
-    times = []
-    for _ in range(repeats):
-        _sync()
-        start = time.perf_counter()
+    _sync()
+    return time.perf_counter() - start
+
+
+def time_interleaved(fns: list[Callable[[], object]], repeats: int) -> list[float]:
+    """Median wall time in seconds of each of ``fns``, after one warm-up call each.
+
+    The calls are interleaved round-robin (a, b, c, a, b, c, ...) so that a change in machine
+    load during the run affects every contender alike and their ratios stay meaningful.
+    """
+    for fn in fns:
         fn()
-        _sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, record in zip(fns, times):
+            record.append(_timed(fn))
+    return [statistics.median(record) for record in times]
 
 
 def _call(contender: Contender, q, k, v, backward: bool) -> Callable[[], object]:
@@ -114,29 +124,31 @@ def run_benchmark(
     device: str = "cpu",
     on_step: Optional[Callable[[str], None]] = None,
 ) -> list[BenchRow]:
-    """Time every contender on every workload; ``on_step(description)`` is called per contender."""
+    """Time every contender on every workload; ``on_step(description)`` reports progress
+    (once per workload for the interleaved timing, then once per contender for the checks)."""
     rows = []
     mode = "fwd+bwd" if backward else "fwd"
     for workload in workloads:
         q, k, v = workload.inputs(device=device)
-        baseline_s = None
-        for contender in contenders_for(workload):
+        contenders = contenders_for(workload)
+        calls = [_call(c, q, k, v, backward) for c in contenders]
+        if on_step:
+            on_step(f"{workload.case} N={workload.seq}: timing {len(calls)} contenders")
+        seconds = time_interleaved(calls, repeats)
+        baseline_s = next((s for c, s in zip(contenders, seconds) if c.baseline), None)
+        flops = workload.useful_flops * (3.5 if backward else 1.0)  # bwd ~ 2.5x the fwd matmuls
+        for contender, call, t in zip(contenders, calls, seconds):
             if on_step:
-                on_step(f"{workload.case} N={workload.seq} {contender.name}")
-            call = _call(contender, q, k, v, backward)
-            seconds = time_median(call, repeats)
-            if contender.baseline:
-                baseline_s = seconds
-            flops = workload.useful_flops * (3.5 if backward else 1.0)  # bwd ~ 2.5x the fwd matmuls
+                on_step(f"{workload.case} N={workload.seq}: checking {contender.name}")
             rows.append(
                 BenchRow(
                     case=workload.case,
                     seq=workload.seq,
                     contender=contender.name,
                     mode=mode,
-                    median_ms=seconds * 1e3,
-                    gflops=flops / seconds / 1e9,
-                    vs_baseline=None if baseline_s is None else seconds / baseline_s,
+                    median_ms=t * 1e3,
+                    gflops=flops / t / 1e9,
+                    vs_baseline=None if baseline_s is None else t / baseline_s,
                     max_abs_err=_max_error(contender, workload, q, k, v),
                     largest_tensor_mib=largest_tensor_bytes(call) / 2**20,
                     note=contender.note or "",
