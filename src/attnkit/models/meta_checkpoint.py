@@ -1,0 +1,137 @@
+"""Convert Meta's original Llama 3 checkpoints (``params.json`` + ``consolidated.00.pth``).
+
+Meta's layout differs from attnkit's (the Hugging Face one) in names and in the rotary layout:
+Meta rotates adjacent feature pairs ``(2f, 2f + 1)`` of each head, attnkit rotates ``(f, f + D/2)``.
+Rotating pair ``f`` of either layout by the same angle is the same function once the rows of
+``wq`` (per query head) and ``wk`` (per key/value head) are reordered so that row ``2f + s`` of a
+head becomes row ``f + s * D/2``; ``wv``, ``wo`` and the rest keep their rows.
+
+``.pth`` files are read only with ``torch.load(weights_only=True)``: tensors and plain containers,
+never arbitrary pickled objects.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..nn.rope import Llama3RopeScaling
+from .llama import Llama
+from .llama_config import LlamaConfig
+
+_LAYER_NAMES = {
+    "attention_norm.weight": "attn_norm.weight",
+    "attention.wq.weight": "attn.q_proj.weight",
+    "attention.wk.weight": "attn.k_proj.weight",
+    "attention.wv.weight": "attn.v_proj.weight",
+    "attention.wo.weight": "attn.o_proj.weight",
+    "ffn_norm.weight": "mlp_norm.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight",
+}
+_TOP_NAMES = {"tok_embeddings.weight": "embed_tokens.weight", "norm.weight": "norm.weight",
+              "output.weight": "lm_head.weight"}
+_LAYER_RE = re.compile(r"layers\.(\d+)\.(.+)")
+
+
+def interleaved_to_half_split(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Reorder the rows of a Meta ``wq``/``wk`` ``(n_heads * D, C)`` for half-split rotary."""
+    rows, cols = weight.shape
+    head_dim = rows // n_heads
+    return weight.reshape(n_heads, head_dim // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def _attnkit_name(name: str) -> Optional[str]:
+    match = _LAYER_RE.fullmatch(name)
+    if match:
+        inner = _LAYER_NAMES.get(match[2])
+        return None if inner is None else f"layers.{match[1]}.{inner}"
+    return _TOP_NAMES.get(name)
+
+
+def load_meta_checkpoint(
+    path: str | os.PathLike,
+    *,
+    rope_scaling: Optional[Llama3RopeScaling] = None,
+    dtype: Optional[torch.dtype] = None,
+) -> Llama:
+    """A :class:`Llama` from a Meta checkpoint directory with one ``consolidated.00.pth``.
+
+    ``params.json`` says ``use_scaled_rope`` but not the factor (Llama 3.1 uses 8, Llama 3.2 uses
+    32), so a scaled checkpoint needs ``rope_scaling``. It names no special tokens either: Llama 3's
+    (bos 128000, eos 128001) are set for a 128256-token vocabulary, none otherwise. The output matrix is tied when the file has
+    none or it equals the embedding. Raises FileNotFoundError for missing files and ValueError
+    naming the file or tensor for model-parallel shards, unknown, missing or mis-shaped tensors.
+    """
+    directory = Path(path)
+    params_file = directory / "params.json"
+    if not params_file.is_file():
+        raise FileNotFoundError(f"{params_file}: no such file")
+    params = json.loads(params_file.read_text())
+    shards = sorted(directory.glob("consolidated.*.pth"))
+    if len(shards) != 1:
+        raise ValueError(
+            f"{directory}: expected one consolidated.00.pth, found {len(shards)} shards "
+            "(merge model-parallel shards first)"
+        )
+    if params.get("use_scaled_rope") and rope_scaling is None:
+        raise ValueError(
+            f"{params_file}: use_scaled_rope is set; pass rope_scaling (factor 8 for Llama 3.1, 32 for 3.2)"
+        )
+    try:
+        state = torch.load(shards[0], map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:
+        raise ValueError(f"{shards[0]}: cannot read it as a weights-only checkpoint ({exc})") from None
+    n_heads = params["n_heads"]
+    n_kv_heads = params.get("n_kv_heads", n_heads)
+    embedding = state.get("tok_embeddings.weight")
+    if embedding is None:
+        raise ValueError(f"{shards[0]}: missing tensor tok_embeddings.weight")
+    output = state.get("output.weight")
+    tied = output is None or torch.equal(output, embedding)
+    w1 = state.get("layers.0.feed_forward.w1.weight")
+    if w1 is None:
+        raise ValueError(f"{shards[0]}: missing tensor layers.0.feed_forward.w1.weight")
+    config = LlamaConfig(
+        dim=params["dim"], n_layers=params["n_layers"], n_heads=n_heads, n_kv_heads=n_kv_heads,
+        ffn_dim=w1.shape[0], vocab_size=embedding.shape[0], norm_eps=params.get("norm_eps", 1e-5),
+        rope_theta=float(params.get("rope_theta", 500000.0)),
+        rope_scaling=rope_scaling if params.get("use_scaled_rope") else None, tie_embeddings=tied,
+        # params.json names no special tokens; Llama 3's are known for its 128256-token vocabulary.
+        bos_token_id=128000 if embedding.shape[0] == 128256 else None,
+        eos_token_ids=(128001,) if embedding.shape[0] == 128256 else (),
+    )
+    converted = {}
+    for name, tensor in state.items():
+        target = _attnkit_name(name)
+        if target is None:
+            if name.endswith("rope.freqs"):  # a precomputed table some checkpoints carry
+                continue
+            raise ValueError(f"{shards[0]}: unexpected tensor {name}")
+        if target == "lm_head.weight" and tied:
+            continue
+        if name.endswith("attention.wq.weight"):
+            tensor = interleaved_to_half_split(tensor, n_heads)
+        elif name.endswith("attention.wk.weight"):
+            tensor = interleaved_to_half_split(tensor, n_kv_heads)
+        converted[target] = tensor.to(dtype or tensor.dtype)
+    with torch.device("meta"):
+        model = Llama(config)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(converted))
+    if missing:
+        raise ValueError(f"{shards[0]}: missing tensors for {', '.join(missing[:5])}")
+    for name, tensor in converted.items():
+        if tensor.shape != expected[name].shape:
+            raise ValueError(
+                f"{shards[0]}: tensor for {name} has shape {tuple(tensor.shape)}, expected {tuple(expected[name].shape)}"
+            )
+    model.load_state_dict(converted, assign=True, strict=True)
+    model.rope.reset_frequencies("cpu")
+    return model.eval()
