@@ -1,0 +1,250 @@
+"""Ring attention (Liu, Zaharia, Abbeel 2023) over ``torch.distributed`` point-to-point messages.
+
+Each rank keeps its query shard; key/value shards travel around the ring (rank ``r`` sends to
+``r + 1``), and each step's partial result is merged by its log-sum-exp. The next KV shard is in
+flight while the current one is computed. Each (query shard, KV shard) step runs the blockwise
+kernel with the *global* positions of both shards, so any pattern means what it means on one
+device. Only the ``Hkv`` key/value heads travel (GQA/MQA).
+
+Backward is a custom autograd function in the FlashAttention style: the KV shards go around the
+ring again together with dK/dV accumulators; each rank recomputes its step's probabilities from
+the saved global LSE (nothing per step is stored), adds its share to the accumulator while the next
+KV shard is in flight, and passes it on; after the last step each accumulator is sent straight to
+the rank that owns those keys.
+
+Steps that no rank needs (a sliding window over contiguous shards) are not run at all: see
+:mod:`attnkit.distributed.schedule`.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from typing import Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+from ..functional import _check_inputs, _check_pattern, _check_scale
+from ..kernels.blockwise import blockwise_grads, blockwise_kernel, merge_lse
+from ..kernels.common import compute_dtype
+from ..patterns import Pattern
+from .comm import DEFAULT_TIMEOUT_S, RingComm, RingStats
+from .layouts import LAYOUTS, check_layout, check_split, shard_positions
+from .schedule import RingSchedule, ring_schedule
+
+_recording: list[RingStats] = []
+
+
+@contextmanager
+def record_ring_stats() -> Iterator[RingStats]:
+    """Count compute time, wait time, bytes sent and steps of the ring calls made inside the
+    block (their backward passes included, even when run after the block)."""
+    stats = RingStats()
+    _recording.append(stats)
+    try:
+        yield stats
+    finally:
+        _recording.remove(stats)
+
+
+class _RingCall:
+    """The shared state of one ring call: communicator, schedule, positions, kernel settings."""
+
+    def __init__(self, comm: RingComm, schedule: RingSchedule, positions: list, pattern, scale):
+        self.comm, self.schedule, self.positions = comm, schedule, positions
+        self.pattern, self.scale = pattern, scale
+
+    def needed(self, step: int) -> bool:
+        return self.schedule.needed[self.comm.rank][step]
+
+    def source(self, step: int) -> int:
+        return (self.comm.rank - step) % self.comm.size
+
+    def timed(self, fn, *args):
+        stats = self.comm.stats
+        if stats is None:
+            return fn(*args)
+        if args[0].is_cuda:
+            torch.cuda.synchronize(args[0].device)
+        start = time.perf_counter()
+        result = fn(*args)
+        if args[0].is_cuda:
+            torch.cuda.synchronize(args[0].device)
+        stats.compute_s += time.perf_counter() - start
+        stats.computed_steps += 1
+        return result
+
+
+def _pack(*tensors: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """One flat contiguous buffer holding ``tensors`` (one message instead of several)."""
+    return torch.cat([t.reshape(-1).to(dtype or t.dtype) for t in tensors])
+
+
+def _unpack(buffer: torch.Tensor, *shapes: torch.Size) -> list[torch.Tensor]:
+    views, start = [], 0
+    for shape in shapes:
+        size = shape.numel()
+        views.append(buffer[start : start + size].view(shape))
+        start += size
+    return views
+
+
+def _ring_forward(state: _RingCall, q, k, v):
+    comm, rank = state.comm, state.comm.rank
+    kv, spare = _pack(k, v), None
+    out = lse = None
+    for step in range(state.schedule.steps):
+        pending = None
+        if step + 1 < state.schedule.steps:
+            spare = torch.empty_like(kv) if spare is None else spare
+            pending = comm.exchange(kv, rank + 1, spare, rank - 1, f"forward step {step + 1} keys/values")
+        if state.needed(step):
+            k_step, v_step = _unpack(kv, k.shape, v.shape)
+            positions = (state.positions[rank], state.positions[state.source(step)])
+            part = state.timed(
+                lambda *a: blockwise_kernel(*a, state.pattern, state.scale, positions=positions),
+                q, k_step, v_step,
+            )
+            out, lse = part if out is None else merge_lse([out, part[0]], [lse, part[1]])
+        comm.wait(pending)
+        if pending is not None:
+            kv, spare = spare, kv
+    if out is None:  # this rank's queries see no key at all
+        out = q.new_zeros(*q.shape[:-1], v.shape[-1])
+        lse = torch.full(q.shape[:-1], float("-inf"), dtype=compute_dtype(q.dtype), device=q.device)
+    return out, lse
+
+
+def _ring_backward(state: _RingCall, q, k, v, out, lse, d_out, d_lse):
+    comm, rank, steps = state.comm, state.comm.rank, state.schedule.steps
+    acc_dtype = compute_dtype(k.dtype)
+    kv, spare = _pack(k, v), None
+    d_q = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
+    acc_pending = acc_in = None
+    for step in range(steps):
+        kv_pending = None
+        if step + 1 < steps:
+            spare = torch.empty_like(kv) if spare is None else spare
+            kv_pending = comm.exchange(kv, rank + 1, spare, rank - 1, f"backward step {step + 1} keys/values")
+        local = None
+        if state.needed(step):
+            k_step, v_step = _unpack(kv, k.shape, v.shape)
+            positions = (state.positions[rank], state.positions[state.source(step)])
+            d_q_step, d_k_step, d_v_step = state.timed(
+                lambda *a: blockwise_grads(*a, state.pattern, state.scale, positions),
+                q, k_step, v_step, out, lse, d_out, d_lse,
+            )
+            d_q += d_q_step
+            local = _pack(d_k_step, d_v_step, dtype=acc_dtype)
+        # The accumulator of this step's KV shard arrives from rank - 1 (its previous holder).
+        comm.wait(acc_pending)
+        if acc_in is None:
+            acc = local if local is not None else kv.new_zeros(kv.shape, dtype=acc_dtype)
+        else:
+            acc = acc_in if local is None else acc_in + local
+        if step + 1 < steps:
+            acc_in = torch.empty_like(acc)
+            acc_pending = comm.exchange(acc, rank + 1, acc_in, rank - 1, f"backward step {step + 1} dK/dV")
+        comm.wait(kv_pending)
+        if kv_pending is not None:
+            kv, spare = spare, kv
+    if steps > 1:  # send each accumulator home: it holds every rank's share by now
+        mine = torch.empty_like(acc)
+        comm.wait(comm.exchange(acc, rank - (steps - 1), mine, rank + (steps - 1), "dK/dV return to owners"))
+        acc = mine
+    d_k, d_v = _unpack(acc, k.shape, v.shape)
+    return d_q.to(q.dtype), d_k.to(k.dtype), d_v.to(v.dtype)
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, state):
+        out, lse = _ring_forward(state, q, k, v)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.state = state
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, d_out, d_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        state = ctx.state
+        if state.comm.stats is not None:
+            state.comm.stats.backward_steps += state.schedule.steps
+        grads = _ring_backward(state, q, k, v, out, lse, d_out.contiguous(), d_lse.contiguous())
+        return (*grads, None)
+
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_same_everywhere(comm: RingComm, q, k, v, layout: str, scale: float) -> None:
+    """Every rank must hold shards of one shape and dtype, in one layout, with one scale."""
+    mine = [*q.shape, *k.shape, v.shape[-1], _DTYPES.index(q.dtype), LAYOUTS.index(layout),
+            round(scale * 2**40)]
+    device = q.device if q.is_cuda else torch.device("cpu")
+    every = comm.all_gather_small(torch.tensor(mine, device=device), "the shard shape check").cpu()
+    differing = [r for r in range(comm.size) if not torch.equal(every[r], every[comm.rank])]
+    if differing:
+        other = every[differing[0]].tolist()
+        raise ValueError(
+            f"ring_attention: shards differ across ranks: rank {comm.rank} has q {tuple(q.shape)}, "
+            f"k {tuple(k.shape)}, {q.dtype}, layout {layout!r}, but rank {differing[0]} has "
+            f"q {tuple(other[:4])}, k {tuple(other[4:8])}, {_DTYPES[other[9]]}, "
+            f"layout {LAYOUTS[other[10]]!r}{'' if other[11] == mine[11] else ', another scale'}"
+        )
+
+
+def ring_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: Optional[Pattern] = None,
+    *,
+    group: Optional[dist.ProcessGroup] = None,
+    layout: str = "zigzag",
+    scale: Optional[float] = None,
+    return_lse: bool = False,
+    timeout: float = DEFAULT_TIMEOUT_S,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Exact attention over a sequence sharded across the ranks of ``group``.
+
+    Every rank calls it with its own shard (see :func:`attnkit.distributed.shard`); the result is
+    the shard of what :func:`attnkit.attention` gives on the full tensors, forward and backward.
+
+    Args:
+        q: ``(B, Hq, N/P, D)`` this rank's queries, in ``layout`` order.
+        k: ``(B, Hkv, N/P, D)`` this rank's keys (``Hq % Hkv == 0``; only these heads travel).
+        v: ``(B, Hkv, N/P, Dv)`` this rank's values.
+        pattern: which keys each query may see, at global positions (default Full). A query at
+            global position ``i`` and a key at ``j`` use ``pattern.allows(i, j)``.
+        group: the process group of the ring (default: the world).
+        layout: ``"contiguous"``, ``"zigzag"`` or ``"striped"`` (see :mod:`.layouts`).
+        scale: multiplier of ``q @ k^T``; default ``1 / sqrt(D)``.
+        return_lse: also return this shard's log-sum-exp ``(B, Hq, N/P)`` (float32 for half inputs).
+        timeout: seconds any transfer may wait for a peer before a ``RuntimeError``.
+    Returns:
+        ``out (B, Hq, N/P, Dv)``, or ``(out, lse)``. Differentiable in q, k and v.
+    Raises:
+        ValueError / TypeError: bad local input (as :func:`attnkit.attention`), an unknown layout,
+            a shard length the layout cannot split (zigzag needs an even shard), or shards of
+            different shapes, dtypes, layouts or scales across ranks (raised on every rank).
+        RuntimeError: torch.distributed not initialised, or a peer that does not answer in time.
+    """
+    _check_inputs(q, k, v)
+    scale = _check_scale(scale, q.shape[-1])
+    pattern = _check_pattern(pattern, q.shape[1])
+    check_layout(layout)
+    stats = _recording[-1] if _recording else None
+    comm = RingComm(group, timeout, stats)
+    _check_same_everywhere(comm, q, k, v, layout, scale)
+    seq_len = q.shape[2] * comm.size
+    check_split(seq_len, layout, comm.size)
+    schedule = ring_schedule(pattern, layout, seq_len, comm.size)
+    positions = [shard_positions(seq_len, layout, r, comm.size, device=q.device) for r in range(comm.size)]
+    state = _RingCall(comm, schedule, positions, pattern, scale)
+    if stats is not None:
+        stats.calls += 1
+        stats.forward_steps += schedule.steps
+    out, lse = _RingAttention.apply(q, k, v, state)
+    return (out, lse) if return_lse else out

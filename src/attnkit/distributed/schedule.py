@@ -1,0 +1,59 @@
+"""Which ring steps are worth doing: the schedule every rank derives alone, with no communication.
+
+At step ``t`` rank ``r`` holds the keys/values of rank ``(r - t) mod P``. A step is *needed* by a
+rank when the pattern allows at least one pair between its queries and that KV shard, at their
+true global positions. The ring runs ``steps`` steps, one past the last step any rank needs: with
+a causal sliding window over contiguous shards that is ``ceil(window / shard) + 1`` at most
+(often fewer), not ``P``; steps beyond it cost neither compute nor transfer.
+
+Band patterns (Full, Causal, SlidingWindow, their intersections) are decided exactly with a binary
+search over sorted positions. Other patterns are taken as needing every step; the blockwise
+kernel then skips their empty tiles inside a step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..patterns import Band, Pattern
+from .layouts import shard_positions
+
+
+@dataclass(frozen=True)
+class RingSchedule:
+    """``steps`` ring steps for all ranks; ``needed[r][t]``: rank ``r`` computes at step ``t``."""
+
+    steps: int
+    needed: tuple[tuple[bool, ...], ...]
+
+    def compute_steps(self, rank: int) -> int:
+        """How many of the steps rank ``rank`` computes (the others it only forwards)."""
+        return sum(self.needed[rank])
+
+
+def _band_meets(band: Band, q_pos: torch.Tensor, k_sorted: torch.Tensor) -> bool:
+    """Does some query in ``q_pos`` allow some key in ``k_sorted`` (``lo <= i - j <= hi``)?"""
+    lo, hi = band
+    # Allowed keys of query i are the j with i - hi <= j <= i - lo.
+    first = q_pos - int(hi) if math.isfinite(hi) else torch.full_like(q_pos, -1)
+    last = q_pos - int(lo) if math.isfinite(lo) else torch.full_like(q_pos, int(k_sorted[-1]) + 1)
+    hits = torch.searchsorted(k_sorted, last, right=True) - torch.searchsorted(k_sorted, first)
+    return bool((hits > 0).any())
+
+
+def ring_schedule(pattern: Pattern, layout: str, seq_len: int, world_size: int) -> RingSchedule:
+    """The schedule of a ring over ``world_size`` ranks holding ``seq_len`` tokens in ``layout``."""
+    band = pattern.band() if pattern.n_heads is None else None
+    positions = [shard_positions(seq_len, layout, r, world_size) for r in range(world_size)]
+    needed = []
+    for rank in range(world_size):
+        row = []
+        for step in range(world_size):
+            source = (rank - step) % world_size
+            row.append(band is None or _band_meets(band, positions[rank], positions[source]))
+        needed.append(row)
+    last = max((t for row in needed for t, need in enumerate(row) if need), default=0)
+    return RingSchedule(last + 1, tuple(tuple(row[: last + 1]) for row in needed))
