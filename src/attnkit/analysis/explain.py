@@ -101,7 +101,7 @@ def load_model(path: Path) -> tuple[nn.Module, dict]:
     Raises FileNotFoundError for a missing directory or file, ValueError for another model type.
     """
     config = read_config(path)
-    kind = config.get("model_type")
+    kind = check_model_type(config, path)
     if kind == "bert":
         from ..models.bert import Bert
 
@@ -110,10 +110,17 @@ def load_model(path: Path) -> tuple[nn.Module, dict]:
         from ..models.llama import Llama
 
         return Llama.from_pretrained(path).float().eval(), config
-    raise ValueError(
-        f"model_type {kind!r} in {path / 'config.json'} is not supported; "
-        f"use a {' or '.join(SUPPORTED_MODEL_TYPES)} checkpoint"
-    )
+
+
+def check_model_type(config: dict, path: Path) -> str:
+    """``config["model_type"]`` when explain can run it, else ValueError naming the file."""
+    kind = config.get("model_type")
+    if kind not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"model_type {kind!r} in {path / 'config.json'} is not supported; "
+            f"use a {' or '.join(SUPPORTED_MODEL_TYPES)} checkpoint"
+        )
+    return kind
 
 
 def layer_and_head_counts(config: dict) -> tuple[int, int]:
@@ -226,7 +233,8 @@ def fixed_offset_heads(traces: Sequence[LayerTrace], tokens: Tokens) -> set[tupl
 
     A head counts as positional when, for at least 80% of the sentence's word tokens (three or
     more), the key it weighs most apart from the token itself sits at one and the same offset
-    (for example every token's previous token). Such heads say where, not what.
+    (for example every token's previous token), with an average weight of at least 0.3 there
+    (near-uniform heads do not count). Such heads say where, not what.
     """
     words = [i for i in range(len(tokens)) if not tokens.special[i]]
     if len(words) < 3 or len(tokens) < 2:
@@ -235,10 +243,12 @@ def fixed_offset_heads(traces: Sequence[LayerTrace], tokens: Tokens) -> set[tupl
     for li, t in enumerate(traces):
         w = t.weights[:, words].clone()  # (H, words, N)
         w[:, range(len(words)), words] = -1.0  # not the token itself
-        offsets = w.argmax(-1) - torch.tensor(words)  # (H, words)
+        top_weight, top = w.max(-1)  # (H, words)
+        offsets = top - torch.tensor(words)
         for h in range(t.n_heads):
-            counts = torch.bincount(offsets[h] - offsets[h].min())
-            if int(counts.max()) >= 0.8 * len(words):
+            offset = int(offsets[h].mode().values)
+            same = offsets[h] == offset
+            if int(same.sum()) >= 0.8 * len(words) and float(top_weight[h][same].mean()) >= 0.3:
                 found.add((li, h))
     return found
 

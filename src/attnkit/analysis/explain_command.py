@@ -53,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"the sentence is empty; give a few words, e.g. {DEFAULT_SENTENCE_HINT}")
     model_dir = args.model if args.model is not None else default_model_dir()
     config = read_config(model_dir)
+    ex.check_model_type(config, model_dir)
     n_layers, n_heads = ex.layer_and_head_counts(config)
     _check_index("--layer", args.layer, n_layers, "layers")
     _check_index("--head", args.head, n_heads, "heads per layer")
