@@ -1,4 +1,4 @@
-"""``attnkit explain`` end to end: the default run, and one-line errors with exit code 2."""
+"""``attnkit explain`` end to end: the default run and its PNGs, and one-line errors with exit code 2."""
 
 from __future__ import annotations
 
@@ -30,6 +30,14 @@ def test_default_run_prints_both_steps_and_writes_heatmaps(tmp_path, capsys):
     assert "this step-2 vector equals head 11's output for 'chased'" in out
     assert "Multi-head · 'chased' in all 12 heads of layer 5" in out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["all_layers.png", "layer5_heads.png"]
+    _assert_real_png(tmp_path / "layer5_heads.png", 800, 600)
+    _assert_real_png(tmp_path / "all_layers.png", 1000, 500)
+
+
+def _assert_real_png(path, min_width, min_height):
+    image = pytest.importorskip("matplotlib.image").imread(path)  # (height, width, channels)
+    assert image.shape[0] >= min_height and image.shape[1] >= min_width
+    assert float(image[..., :3].std()) > 0.05  # not a blank canvas
 
 
 def _fails(capsys, argv, *fragments):
@@ -81,3 +89,9 @@ def test_out_is_a_file(capsys, tmp_path):
     target = tmp_path / "taken"
     target.write_text("")
     _fails(capsys, ["explain", SENTENCE, "--out", str(target)], "is not a directory")
+
+
+def test_model_dir_without_tokenizer(capsys, tmp_path):
+    config = {"model_type": "bert", "num_hidden_layers": 2, "num_attention_heads": 4}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    _fails(capsys, ["explain", SENTENCE, "--model", str(tmp_path)], "no tokenizer.json in")
