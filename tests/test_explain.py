@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 
 import pytest
@@ -150,3 +151,17 @@ def test_cli_explains_a_llama_checkpoint(tiny_llama, tmp_path, capsys):
     assert "not visible (causal)" in out
     assert "layer 1, head 2" in out
     assert (tmp_path / "layer1_heads.png").is_file() and (tmp_path / "all_layers.png").is_file()
+
+
+def test_multi_head_table_falls_back_to_top_three_when_narrow(minilm):
+    from rich.console import Console
+
+    from attnkit.analysis.explain_command import _heads_table
+
+    _, tokens, traces = minilm
+    for width, expected in ((80, "┃ [CLS] ┃  The ┃"), (60, "dog 0.55  ball 0.20  [CLS] 0.15")):
+        console = Console(width=width, file=io.StringIO())
+        console.print(_heads_table(traces[5], 5, tokens.labels, 3, 11, ex.entropy_bits, width))
+        text = console.file.getvalue()
+        assert max(map(len, text.splitlines())) <= width
+        assert expected in text

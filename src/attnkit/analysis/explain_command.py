@@ -87,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
         f"Check: this step-2 vector {verdict} head {choice.head}'s output for '{tokens.labels[token]}' in the "
         f"model's own forward pass (max |difference| {step.max_error:.1e} over {head_dim} numbers).\n"
     )
-    console.print(_heads_table(traces[choice.layer], choice.layer, tokens.labels, token, choice.head, ex.entropy_bits))
+    console.print(_heads_table(traces[choice.layer], choice.layer, tokens.labels, token, choice.head,
+                               ex.entropy_bits, console.width))
 
     args.out.mkdir(parents=True, exist_ok=True)
     layer_png = plot_layer_heads(traces[choice.layer].weights, tokens.labels, choice.layer,
@@ -158,32 +159,43 @@ def _step2_table(step, labels):
     return table
 
 
-def _heads_table(layer_trace, layer, labels, token, chosen, entropy_bits):
+def _heads_table(layer_trace, layer, labels, token, chosen, entropy_bits, width):
+    """Rows are heads; one column per token when that fits in ``width``, else each head's top 3."""
     from rich.table import Table
 
     weights = layer_trace.weights[:, token]  # (H, N)
     allowed = layer_trace.allowed[0, token]
     n_heads = weights.shape[0]
+    # rich draws a column as its text plus two spaces of padding and one border line
+    needed = 7 + 10 + 1 + sum(max(len(label), 4) + 3 for label in labels) + max(map(len, labels)) + 3
+    wide = needed <= width
     table = Table(
         title=f"Multi-head · '{labels[token]}' in all {n_heads} heads of layer {layer}",
         caption=f"each head has its own query, key and value projections; their {n_heads} outputs "
         f"({n_heads} × {layer_trace.q.shape[-1]} numbers) are concatenated and projected back by o_proj. "
-        "Entropy in bits: 0 = all weight on one token; top: the token it weighs most.",
+        "Entropy in bits: 0 = all weight on one token"
+        + ("; top: the token it weighs most." if wide else "."),
         title_justify="left", caption_justify="left",
     )
     table.add_column("head", justify="right")
-    for label in labels:
-        table.add_column(label, justify="right")
+    if wide:
+        for label in labels:
+            table.add_column(label, justify="right")
     table.add_column("entropy", justify="right")
-    table.add_column("top")
+    table.add_column("top" if wide else "weighs most (top 3)")
     entropy = entropy_bits(weights)
     for h in range(n_heads):
-        cells = []
-        for j in range(len(labels)):
-            w = float(weights[h, j])
-            text = f"{w:.2f}" if allowed[j] else "·"
-            cells.append(f"[bold]{text}[/]" if w >= 0.5 else (text if w >= 0.1 else f"[dim]{text}[/]"))
-        top = int(weights[h].argmax())
         mark = "[bold red]▶[/]" if h == chosen else " "
-        table.add_row(f"{mark}{h}", *cells, f"{float(entropy[h]):.2f}", labels[top])
+        if wide:
+            cells = []
+            for j in range(len(labels)):
+                w = float(weights[h, j])
+                text = f"{w:.2f}" if allowed[j] else "·"
+                cells.append(f"[bold]{text}[/]" if w >= 0.5 else (text if w >= 0.1 else f"[dim]{text}[/]"))
+            looks = labels[int(weights[h].argmax())]
+        else:
+            cells = []
+            top = weights[h].topk(min(3, len(labels)))
+            looks = "  ".join(f"{labels[int(j)]} {float(w):.2f}" for w, j in zip(top.values, top.indices))
+        table.add_row(f"{mark}{h}", *cells, f"{float(entropy[h]):.2f}", looks)
     return table
