@@ -25,6 +25,7 @@ import attnkit
 COMMAND_MODULES = [
     "attnkit.analysis.explain_command",
     "attnkit.bench.command",
+    "attnkit.distributed.command",
 ]
 
 

@@ -23,12 +23,15 @@ DEFAULT_TIMEOUT_S = 300.0
 class RingStats:
     """What ring attention did on this rank while recording (see :func:`record_ring_stats`).
 
-    ``compute_s``: seconds in attention kernels; ``wait_s``: seconds blocked on transfers;
+    ``compute_s``: wall seconds in attention kernels; ``compute_cpu_s``: CPU seconds of the calling
+    thread in them (the fair load measure when ranks share cores; exact with one torch thread per
+    rank, which is how the launchers run ranks on a small machine); ``wait_s: seconds blocked on transfers;
     ``bytes_sent``: payload bytes this rank sent; ``forward_steps``/``backward_steps``: ring steps
     run (all ranks run the same number); ``computed_steps``: steps where this rank computed.
     """
 
     compute_s: float = 0.0
+    compute_cpu_s: float = 0.0
     wait_s: float = 0.0
     bytes_sent: int = 0
     forward_steps: int = 0

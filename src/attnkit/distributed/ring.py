@@ -67,11 +67,12 @@ class _RingCall:
             return fn(*args)
         if args[0].is_cuda:
             torch.cuda.synchronize(args[0].device)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.thread_time()
         result = fn(*args)
         if args[0].is_cuda:
             torch.cuda.synchronize(args[0].device)
         stats.compute_s += time.perf_counter() - start
+        stats.compute_cpu_s += time.thread_time() - cpu_start
         stats.computed_steps += 1
         return result
 

@@ -1,0 +1,187 @@
+"""``attnkit ring``: run ring attention on random long-context data over N local processes.
+
+The command launches itself under ``torchrun`` (``python -m torch.distributed.run``) with
+``--nproc`` workers on this machine, joined over loopback at a port found free at start. Each
+worker runs :mod:`.worker`; rank 0 prints a table of per-rank time, compute load, bytes sent and
+peak memory, and (when the full problem is small enough, or with ``--check``) the relative errors
+of out, dq, dk and dv against single-process float64 attention.
+
+Errors (a bad argument, a sequence the layout cannot split, a worker that fails or times out)
+end the command with one line and exit code 2, like every other subcommand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict
+
+from .comm import DEFAULT_TIMEOUT_S
+from .layouts import LAYOUTS, check_split
+
+CHECK_AUTO_LIMIT = 16384
+"""``--check auto`` compares with single-process attention up to this many tokens."""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "ring",
+        help="ring attention over N local processes on random long-context data",
+        description="Launches N workers with torchrun (gloo on CPU, NCCL on GPU), runs ring attention "
+        "forward + backward on random shards, and reports per-rank time, compute load, bytes sent "
+        "and peak memory; checks against single-process attention when it fits.",
+    )
+    parser.add_argument("--nproc", type=int, default=2, help="number of processes (ranks) (default 2)")
+    parser.add_argument("--seq", type=int, default=8192, help="total sequence length N (default 8192)")
+    parser.add_argument("--batch", type=int, default=1, help="batch size B (default 1)")
+    parser.add_argument("--heads", type=int, default=8, help="query heads Hq (default 8)")
+    parser.add_argument("--kv-heads", type=int, default=None, help="key/value heads Hkv (default Hq)")
+    parser.add_argument("--head-dim", type=int, default=64, help="head width D (default 64)")
+    parser.add_argument("--pattern", default="causal",
+                        help="full | causal | window:SIZE | window-bidi:SIZE (default causal)")
+    parser.add_argument("--layout", default="zigzag", choices=LAYOUTS, help="shard layout (default zigzag)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float64", "bfloat16", "float16"))
+    parser.add_argument("--check", default="auto", choices=("auto", "yes", "no"),
+                        help=f"compare with single-process attention (auto: N <= {CHECK_AUTO_LIMIT})")
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
+                        help=f"seconds a rank waits for a peer before failing (default {DEFAULT_TIMEOUT_S:g})")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--json", metavar="PATH", help="write every rank's report as JSON")
+    parser.set_defaults(func=run)
+
+
+def parse_pattern(text: str):
+    """``full``, ``causal``, ``window:SIZE`` (causal) or ``window-bidi:SIZE`` -> a Pattern."""
+    from ..patterns import Causal, Full, SlidingWindow
+
+    name, _, size = text.partition(":")
+    if name in ("full", "causal") and not size:
+        return Full() if name == "full" else Causal()
+    if name in ("window", "window-bidi") and size.isdigit() and int(size) > 0:
+        return SlidingWindow(int(size), causal=name == "window")
+    raise ValueError(f"--pattern must be full, causal, window:SIZE or window-bidi:SIZE, got {text!r}")
+
+
+def _positive(name: str, value: int) -> None:
+    if value <= 0:
+        raise ValueError(f"--{name} must be positive, got {value}")
+
+
+def case_from_args(args: argparse.Namespace, error_dir: str):
+    from .worker import RingCase
+
+    for name in ("nproc", "seq", "batch", "heads", "head_dim"):
+        _positive(name.replace("_", "-"), getattr(args, name))
+    kv_heads = args.heads if args.kv_heads is None else args.kv_heads
+    _positive("kv-heads", kv_heads)
+    if args.heads % kv_heads:
+        raise ValueError(f"--heads ({args.heads}) must be a multiple of --kv-heads ({kv_heads})")
+    if not args.timeout > 0:
+        raise ValueError(f"--timeout must be positive, got {args.timeout}")
+    check_split(args.seq, args.layout, args.nproc)
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        raise FileNotFoundError(f"directory of --json {args.json} does not exist")
+    parse_pattern(args.pattern)
+    check = args.check == "yes" or (args.check == "auto" and args.seq <= CHECK_AUTO_LIMIT)
+    return RingCase(
+        args.seq, args.batch, args.heads, kv_heads, args.head_dim, None, args.pattern, args.layout,
+        args.dtype, check, args.timeout, args.seed,
+        os.path.abspath(args.json) if args.json else None, error_dir,
+    )
+
+
+def case_to_json(case) -> str:
+    fields = asdict(case)
+    fields.pop("pattern")
+    return json.dumps(fields)
+
+
+def case_from_json(text: str):
+    from .worker import RingCase
+
+    fields = json.loads(text)
+    return RingCase(pattern=parse_pattern(fields["pattern_name"]), **fields)
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:,.1f}"
+
+
+def print_report(case, result: dict, world: int) -> None:
+    """Rank 0's rich table of every rank's report, balance and check errors."""
+    from rich.console import Console
+    from rich.table import Table
+
+    reports = result["reports"]
+    title = (f"attnkit ring: N={case.seq:,} B={case.batch} Hq={case.heads} Hkv={case.kv_heads} "
+             f"D={case.head_dim} {case.pattern_name} {case.layout} {case.dtype}, {world} ranks")
+    table = Table(title=title)
+    for column in ("rank", "positions", "fwd s", "bwd s", "kernel s", "kernel CPU s", "wait s",
+                   "steps (computed/run)", "sent MiB", "peak MiB"):
+        table.add_column(column, justify="left" if column == "positions" else "right")
+    for r in reports:
+        table.add_row(
+            str(r["rank"]), r["positions"], f"{r['forward_s']:.2f}", f"{r['backward_s']:.2f}",
+            f"{r['compute_s']:.2f}", f"{r['compute_cpu_s']:.2f}", f"{r['wait_s']:.2f}",
+            f"{r['computed_steps']}/{r['steps']}", _mib(r["bytes_sent"]), _mib(r["peak_rss"]),
+        )
+    console = Console()
+    console.print(table)
+    loads = [r["compute_cpu_s"] for r in reports]
+    total = max(r["forward_s"] + r["backward_s"] for r in reports)
+    console.print(f"forward + backward: {total:.2f} s (slowest rank); load balance (kernel CPU s): "
+                  f"max/min = {max(loads) / max(min(loads), 1e-9):.3f}, max/mean = "
+                  f"{max(loads) / max(sum(loads) / len(loads), 1e-9):.3f}")
+    console.print("peak MiB: peak resident memory of the process (CPU) or peak CUDA allocation (GPU)")
+    if result["errors"] is not None:
+        errors = ", ".join(f"{name} {err:.1e}" for name, err in result["errors"].items())
+        console.print(f"max relative error vs single-process float64 attention: {errors}")
+    elif not case.check:
+        console.print(f"not checked against single-process attention (N > {CHECK_AUTO_LIMIT}; --check yes forces it)")
+
+
+def _first_error(error_dir: str) -> tuple[str, str]:
+    for name in sorted(os.listdir(error_dir)):
+        with open(os.path.join(error_dir, name)) as handle:
+            kind, _, message = handle.read().partition("\n")
+            return kind, message
+    return "", ""
+
+
+def run(args: argparse.Namespace) -> int:
+    error_dir = tempfile.mkdtemp(prefix="attnkit-ring-")
+    try:
+        case = case_from_args(args, error_dir)
+        from .launch import free_port
+
+        command = [
+            sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+            "--nproc-per-node", str(args.nproc), "--master-addr", "127.0.0.1",
+            "--master-port", str(free_port()), "--max-restarts", "0",
+            "-m", "attnkit.distributed.worker",
+        ]
+        env = {**os.environ, "ATTNKIT_RING_CASE": case_to_json(case), "OMP_NUM_THREADS": "1"}
+        process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            _, stderr = process.communicate()
+        except BaseException:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            raise
+        if process.returncode != 0:
+            kind, message = _first_error(error_dir)
+            if kind == "ValueError":
+                raise ValueError(message)
+            if kind:
+                raise RuntimeError(f"{kind}: {message}")
+            last = stderr.strip().splitlines()[-1] if stderr.strip() else f"exit code {process.returncode}"
+            raise RuntimeError(f"torchrun failed: {last}")
+        return 0
+    finally:
+        shutil.rmtree(error_dir, ignore_errors=True)

@@ -1,0 +1,171 @@
+"""One rank of ``attnkit ring``: random shards, ring attention forward + backward, measurements.
+
+Run by ``torchrun`` (see :mod:`.command`). Each rank draws its own random shard (seeded by rank),
+so no rank ever holds the full sequence; the full tensors are defined as the assembly of the
+shards. When ``check`` is on, the shards, outputs and gradients are gathered and rank 0 compares
+them with single-process float64 attention on the full tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from ..functional import attention
+from ..patterns import Pattern
+from .layouts import assemble, shard_positions
+from .ring import record_ring_stats, ring_attention
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class RingCase:
+    """The problem ``attnkit ring`` runs (full sequence ``seq``, split over the ranks)."""
+
+    seq: int
+    batch: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    pattern: Pattern
+    pattern_name: str
+    layout: str
+    dtype: str
+    check: bool
+    timeout: float
+    seed: int
+    json_path: Optional[str]
+    error_dir: Optional[str]
+
+
+@dataclass
+class RankReport:
+    """One rank's measurements (times in seconds, sizes in bytes)."""
+
+    rank: int
+    positions: str
+    forward_s: float
+    backward_s: float
+    compute_s: float
+    compute_cpu_s: float
+    wait_s: float
+    steps: int
+    computed_steps: int
+    bytes_sent: int
+    peak_rss: int
+
+
+def _spans(positions: torch.Tensor, limit: int = 3) -> str:
+    """``"0-1023, 7168-8191"``: the contiguous runs of a sorted position vector."""
+    breaks = (positions[1:] - positions[:-1] != 1).nonzero().flatten().tolist()
+    starts = [0] + [b + 1 for b in breaks]
+    stops = breaks + [len(positions) - 1]
+    runs = [f"{int(positions[a])}-{int(positions[b])}" for a, b in zip(starts, stops)]
+    return ", ".join(runs) if len(runs) <= limit else f"{runs[0]}, ... ({len(runs)} runs)"
+
+
+def _random_shard(case: RingCase, rank: int, world: int, device: torch.device):
+    generator = torch.Generator().manual_seed(case.seed * 100_003 + rank)
+    dtype = _DTYPES[case.dtype]
+    size = case.seq // world
+    shapes = {
+        "q": (case.batch, case.heads, size, case.head_dim),
+        "k": (case.batch, case.kv_heads, size, case.head_dim),
+        "v": (case.batch, case.kv_heads, size, case.head_dim),
+        "d_out": (case.batch, case.heads, size, case.head_dim),
+    }
+    return {name: torch.randn(shape, generator=generator).to(device, dtype) for name, shape in shapes.items()}
+
+
+def _relative_errors(got: dict, expected: dict) -> dict:
+    return {
+        name: float((got[name].double() - expected[name]).abs().max() / expected[name].abs().max())
+        for name in expected
+    }
+
+
+def _check_against_single_process(case: RingCase, shards: dict, results: dict, world: int) -> Optional[dict]:
+    """Gather everything, compare on rank 0 with float64 attention; None on other ranks."""
+    full = {}
+    for name, tensor in {**shards, **results}.items():
+        gathered = [torch.empty_like(tensor) for _ in range(world)]
+        dist.all_gather(gathered, tensor.contiguous())
+        full[name] = assemble([g.cpu() for g in gathered], case.layout)
+    if dist.get_rank() != 0:
+        return None
+    q, k, v = (full[n].double().requires_grad_() for n in ("q", "k", "v"))
+    out = attention(q, k, v, case.pattern, backend="blockwise")
+    out.backward(full["d_out"].double())
+    expected = {"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
+    return _relative_errors(full, expected)
+
+
+def run_rank(case: RingCase) -> dict:
+    """Run the case on this rank of the initialised process group; rank 0 gets every report."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+    shards = _random_shard(case, rank, world, device)
+    q, k, v = (shards[n].clone().requires_grad_() for n in ("q", "k", "v"))
+    dist.barrier()
+    with record_ring_stats() as stats:
+        start = time.perf_counter()
+        out = ring_attention(q, k, v, case.pattern, layout=case.layout, timeout=case.timeout)
+        forward_s = time.perf_counter() - start
+        out.backward(shards["d_out"])
+        backward_s = time.perf_counter() - start - forward_s
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else (
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )
+    report = RankReport(
+        rank, _spans(shard_positions(case.seq, case.layout, rank, world)), forward_s, backward_s,
+        stats.compute_s, stats.compute_cpu_s, stats.wait_s, stats.forward_steps, stats.computed_steps // 2,
+        stats.bytes_sent, peak,
+    )
+    reports = [None] * world
+    dist.all_gather_object(reports, asdict(report))
+    errors = None
+    if case.check:
+        results = {"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
+        errors = _check_against_single_process(case, shards, results, world)
+    return {"reports": reports, "errors": errors}
+
+
+def main() -> int:
+    """Entry point of each torchrun worker: the case comes as JSON in ``ATTNKIT_RING_CASE``."""
+    from .command import case_from_json, print_report
+
+    case = case_from_json(os.environ["ATTNKIT_RING_CASE"])
+    rank = int(os.environ.get("RANK", 0))
+    try:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(seconds=case.timeout))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.get_world_size()))
+        result = run_rank(case)
+        if rank == 0:
+            print_report(case, result, dist.get_world_size())
+            if case.json_path:
+                with open(case.json_path, "w") as handle:
+                    json.dump(result, handle, indent=2)
+        dist.barrier()
+        dist.destroy_process_group()
+        return 0
+    except Exception as exc:  # the launcher turns this file into its one-line error
+        if case.error_dir:
+            with open(os.path.join(case.error_dir, f"rank{rank}.txt"), "w") as handle:
+                handle.write(f"{type(exc).__name__}\n{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
+        print(f"attnkit ring: rank {rank}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

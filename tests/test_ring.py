@@ -1,0 +1,262 @@
+"""Ring attention on 2, 3 and 4 spawned gloo processes against single-process float64 attention.
+
+Every case compares out, LSE, dq, dk and dv separately (max error relative to the largest entry:
+1e-6 in float64, 1e-4 in float32). One process group per world size runs every case, because
+starting processes is the slow part; the faults each need a group of their own. Every group has a
+deadline, so a hang fails the test instead of stalling the suite.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import pytest
+import torch
+
+from attnkit import Causal, Full, Predicate, SlidingWindow, attention
+from attnkit.distributed import (
+    RingMultiHeadAttention,
+    assemble,
+    record_ring_stats,
+    ring_attention,
+    ring_schedule,
+    shard,
+)
+from attnkit.distributed.launch import run_group
+from attnkit.kernels.blockwise import blockwise_kernel
+from attnkit.nn import MultiHeadAttention
+from attnkit.nn.rope import RotaryEmbedding
+
+N = 48  # splits into 2P chunks for P = 2, 3, 4
+DEADLINE_S = 150
+
+
+def _strided(i, j):
+    """Child et al.'s strided pattern with stride 5: a local band plus every 5th key back."""
+    return (j <= i) & (((i - j) <= 5) | ((i - j) % 5 == 0))
+
+
+# name: (pattern, layout, batch, q heads, kv heads, dtype)
+CASES = {
+    "full-zigzag": (Full(), "zigzag", 1, 4, 4, torch.float64),
+    "causal-contiguous": (Causal(), "contiguous", 2, 4, 4, torch.float64),
+    "causal-zigzag": (Causal(), "zigzag", 2, 4, 4, torch.float64),
+    "causal-striped": (Causal(), "striped", 2, 4, 4, torch.float64),
+    "gqa-8-2-causal-zigzag": (Causal(), "zigzag", 1, 8, 2, torch.float64),
+    "mqa-8-1-causal-striped": (Causal(), "striped", 1, 8, 1, torch.float64),
+    "window-5-contiguous": (SlidingWindow(5), "contiguous", 1, 2, 2, torch.float64),
+    "window-30-contiguous": (SlidingWindow(30), "contiguous", 2, 4, 2, torch.float64),
+    "window-7-bidi-zigzag": (SlidingWindow(7, causal=False), "zigzag", 1, 2, 1, torch.float64),
+    "strided-5-zigzag": (Predicate(_strided), "zigzag", 1, 4, 2, torch.float64),
+    "causal-zigzag-float32": (Causal(), "zigzag", 2, 8, 2, torch.float32),
+}
+TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-4}
+
+
+def _full_problem(name):
+    pattern, layout, batch, n_heads, n_kv_heads, dtype = CASES[name]
+    g = torch.Generator().manual_seed(sorted(CASES).index(name))
+    q = torch.randn(batch, n_heads, N, 8, generator=g, dtype=torch.float64)
+    k = torch.randn(batch, n_kv_heads, N, 8, generator=g, dtype=torch.float64)
+    v = torch.randn(batch, n_kv_heads, N, 6, generator=g, dtype=torch.float64)  # Dv != D on purpose
+    d_out = torch.randn(batch, n_heads, N, 6, generator=g, dtype=torch.float64)
+    d_lse = torch.randn(batch, n_heads, N, generator=g, dtype=torch.float64)
+    return [t.to(dtype) for t in (q, k, v, d_out, d_lse)]
+
+
+def _layer_problem():
+    torch.manual_seed(7)
+    layer = MultiHeadAttention(16, 4, 2, pattern=Causal(), rope=RotaryEmbedding(4, theta=100.0)).double()
+    x = torch.randn(2, N, 16, dtype=torch.float64)
+    weight = torch.randn(2, N, 16, dtype=torch.float64)
+    return layer, x, weight
+
+
+def _run_cases(rank, world):
+    results = {}
+    for name, (pattern, layout, *_rest) in CASES.items():
+        q, k, v, d_out, d_lse = (shard(t, layout) for t in _full_problem(name))
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+        with record_ring_stats() as stats:
+            out, lse = ring_attention(q, k, v, pattern, layout=layout, return_lse=True, timeout=60)
+            ((out * d_out).sum() + (lse * d_lse).sum()).backward()
+        results[name] = {"out": out, "lse": lse, "dq": q.grad, "dk": k.grad, "dv": v.grad,
+                         "steps": stats.forward_steps, "sent": stats.bytes_sent}
+    # Training through an unchanged MultiHeadAttention, sequence-sharded, RoPE at global positions.
+    layer, x, weight = _layer_problem()
+    ring_layer = RingMultiHeadAttention(layer, layout="zigzag", timeout=60)
+    x_shard = shard(x, "zigzag", dim=1).requires_grad_()
+    (ring_layer(x_shard) * shard(weight, "zigzag", dim=1)).sum().backward()
+    grads = {}
+    for param_name, param in layer.named_parameters():
+        torch.distributed.all_reduce(param.grad)
+        grads[param_name] = param.grad
+    results["layer"] = {"dx": x_shard.grad, "grads": grads}
+    results["errors"] = _bad_calls(rank)
+    return results
+
+
+def _bad_calls(rank):
+    """Calls that must fail on every rank with an error naming the problem."""
+    errors = {}
+    shard_len = 6 if rank == 0 else 8  # ranks disagree on the shard length
+    calls = {
+        "mismatch": lambda: ring_attention(*(torch.randn(1, 2, shard_len, 4) for _ in range(3)), timeout=30),
+        "unsplittable": lambda: ring_attention(*(torch.randn(1, 2, 5, 4) for _ in range(3)), layout="zigzag", timeout=30),
+        "layout": lambda: ring_attention(*(torch.randn(1, 2, 4, 4) for _ in range(3)), layout="ring"),
+        "gqa": lambda: ring_attention(torch.randn(1, 3, 4, 4), torch.randn(1, 2, 4, 4), torch.randn(1, 2, 4, 4)),
+        "timeout": lambda: ring_attention(*(torch.randn(1, 2, 4, 4) for _ in range(3)), timeout=0),
+    }
+    for name, call in calls.items():
+        try:
+            call()
+            errors[name] = "no error"
+        except (ValueError, TypeError) as exc:
+            errors[name] = f"{type(exc).__name__}: {exc}"
+    return errors
+
+
+@pytest.fixture(scope="module", params=[2, 3, 4], ids=lambda p: f"P{p}")
+def ring_run(request):
+    world = request.param
+    ranks = run_group(_run_cases, world, deadline_s=DEADLINE_S, group_timeout_s=60)
+    failed = [f"rank {r.rank}: {r.error}" for r in ranks if not r.ok]
+    assert not failed, failed
+    return world, [r.value for r in ranks]
+
+
+def _relative_error(got, expected):
+    got, expected = got.detach().double(), expected.detach().double()
+    return float((got - expected).abs().max() / expected.abs().max())
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_ring_equals_single_process_attention(ring_run, name):
+    world, values = ring_run
+    pattern, layout, *_rest, dtype = CASES[name]
+    q, k, v, d_out, d_lse = (t.double() for t in _full_problem(name))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out, lse = attention(q, k, v, pattern, backend="reference", return_lse=True)
+    ((out * d_out).sum() + (lse * d_lse).sum()).backward()
+    expected = {"out": out, "lse": lse, "dq": q.grad, "dk": k.grad, "dv": v.grad}
+    for key, reference in expected.items():
+        got = assemble([value[name][key] for value in values], layout)
+        assert got.dtype == dtype
+        error = _relative_error(got, reference)
+        assert error < TOLERANCE[dtype], f"{name} P={world}: {key} relative error {error:.2e}"
+
+
+def test_window_steps_and_transfers(ring_run):
+    world, values = ring_run
+    shard_len = N // world
+    for name, window in (("window-5-contiguous", 5), ("window-30-contiguous", 30)):
+        steps = values[0][name]["steps"]
+        assert steps == min(world, math.ceil((window - 1) / shard_len) + 1)
+        assert steps <= math.ceil(window / shard_len) + 1
+        assert steps == ring_schedule(SlidingWindow(window), "contiguous", N, world).steps
+    # Per extra step: K/V forward, K/V again backward, the dK/dV accumulator; then dK/dV go home.
+    # Window 5 over shards of >= 12 tokens needs one extra step whatever P is.
+    kv_bytes = 1 * 2 * shard_len * (8 + 6) * 8  # batch 1, Hkv 2, D 8 + Dv 6, float64
+    assert values[0]["window-5-contiguous"]["sent"] == kv_bytes * (3 * 1 + 1)
+    # GQA: only the 2 KV heads travel, not the 8 query heads; all P steps run.
+    assert values[0]["gqa-8-2-causal-zigzag"]["sent"] == kv_bytes * (3 * (world - 1) + 1)
+
+
+def test_training_through_multi_head_attention_with_rope(ring_run):
+    world, values = ring_run
+    layer, x, weight = _layer_problem()
+    x = x.requires_grad_()
+    (layer(x) * weight).sum().backward()
+    dx = assemble([value["layer"]["dx"] for value in values], "zigzag", dim=1)
+    assert _relative_error(dx, x.grad) < 1e-6
+    for param_name, param in layer.named_parameters():
+        for value in values:  # every rank holds the same summed gradient
+            assert _relative_error(value["layer"]["grads"][param_name], param.grad) < 1e-6, param_name
+
+
+def test_bad_input_is_rejected_on_every_rank(ring_run):
+    world, values = ring_run
+    for rank, value in enumerate(values):
+        errors = value["errors"]
+        assert errors["mismatch"].startswith("ValueError: ring_attention: shards differ across ranks")
+        assert "q (1, 2, 6, 4)" in errors["mismatch"] and "q (1, 2, 8, 4)" in errors["mismatch"]
+        assert errors["unsplittable"].startswith(f"ValueError: a sequence of {5 * world} tokens cannot be split")
+        assert errors["layout"].startswith("ValueError: layout must be one of contiguous, zigzag, striped")
+        assert errors["gqa"].startswith("ValueError: query heads (3) must be a multiple of key/value heads (2)")
+        assert errors["timeout"].startswith("ValueError: timeout must be a positive number of seconds")
+
+
+def test_blockwise_kernel_with_explicit_positions_matches_masked_softmax():
+    torch.manual_seed(0)
+    q_pos = torch.tensor([0, 1, 2, 13, 14, 20, 21, 22, 40])
+    k_pos = torch.tensor([3, 4, 5, 6, 17, 18, 30, 31, 32, 33, 39])
+    q = torch.randn(2, 4, len(q_pos), 8, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 2, len(k_pos), 8, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 2, len(k_pos), 8, dtype=torch.float64, requires_grad=True)
+    for pattern in (Causal(), SlidingWindow(9), Predicate(_strided), Full()):
+        out, lse = blockwise_kernel(q, k, v, pattern, 0.3, block_q=2, block_k=3, positions=(q_pos, k_pos))
+        allowed = pattern.rows_mask(q_pos, k_pos)
+        scores = torch.matmul(q, k.repeat_interleave(2, 1).transpose(-1, -2)) * 0.3
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        expected_lse = torch.logsumexp(scores, -1)
+        weights = torch.softmax(scores, -1).nan_to_num()
+        expected = torch.matmul(weights, v.repeat_interleave(2, 1))
+        torch.testing.assert_close(out, expected)
+        seen = torch.isfinite(expected_lse)
+        assert torch.equal(torch.isfinite(lse), seen)
+        torch.testing.assert_close(lse[seen], expected_lse[seen])
+        grads = torch.autograd.grad(out.sum() + lse[seen].sum(), (q, k, v))
+        expected_grads = torch.autograd.grad(expected.sum() + expected_lse[seen].sum(), (q, k, v))
+        for got, want in zip(grads, expected_grads):
+            torch.testing.assert_close(got, want)
+
+
+def _dies_mid_ring(rank, world):
+    if rank == 1:  # joins, passes the shape check, then dies while computing its first step
+        die = Predicate(lambda i, j: os._exit(3))
+        ring_attention(*(torch.randn(1, 2, 8, 4) for _ in range(3)), die, layout="contiguous", timeout=5)
+    start = time.monotonic()
+    q, k, v = (torch.randn(1, 2, 8, 4, requires_grad=True) for _ in range(3))
+    try:  # rank 1's first transfer may be through before it dies; then the backward's fails
+        ring_attention(q, k, v, Full(), layout="contiguous", timeout=5).sum().backward()
+    except RuntimeError as exc:
+        return {"seconds": time.monotonic() - start, "error": str(exc)}
+    return {"seconds": time.monotonic() - start, "error": "no error"}
+
+
+def _never_calls(rank, world):
+    if rank == 1:  # alive and in the group, but never takes part
+        time.sleep(4)
+        return {}
+    start = time.monotonic()
+    try:
+        ring_attention(*(torch.randn(1, 2, 8, 4) for _ in range(3)), Causal(), timeout=2)
+    except RuntimeError as exc:
+        return {"seconds": time.monotonic() - start, "error": str(exc)}
+    return {"seconds": time.monotonic() - start, "error": "no error"}
+
+
+def test_a_peer_that_dies_mid_ring_is_an_error_not_a_hang():
+    ranks = run_group(_dies_mid_ring, 2, deadline_s=60, group_timeout_s=30)
+    assert not ranks[1].ok and "exited with code 3" in ranks[1].error
+    result = ranks[0].value
+    assert result["error"].startswith("ring attention: rank 0 gave up on ")
+    assert "step 1" in result["error"] and "a peer died, hung or never joined" in result["error"]
+    assert result["seconds"] < 5 + 3
+
+
+def test_a_peer_that_never_calls_times_out_within_the_timeout():
+    ranks = run_group(_never_calls, 2, deadline_s=60, group_timeout_s=30)
+    result = ranks[0].value
+    assert result["error"].startswith("ring attention: rank 0 gave up on the shard shape check after 2 s")
+    assert 2 <= result["seconds"] < 2 + 3
+
+
+def test_a_peer_that_never_joins_fails_the_rendezvous_within_its_timeout():
+    start = time.monotonic()
+    ranks = run_group(_never_calls, 2, deadline_s=60, group_timeout_s=3, absent=(1,))
+    assert len(ranks) == 1 and not ranks[0].ok
+    assert "DistStoreError" in ranks[0].error or "timed out" in ranks[0].error.lower()
+    assert time.monotonic() - start < 30
