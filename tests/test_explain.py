@@ -69,11 +69,11 @@ def test_heads_out_is_what_o_proj_receives(minilm):
 
 def test_choose_head_prefers_content_heads(minilm):
     _, tokens, traces = minilm
-    assert {(0, 2), (1, 8)} <= ex.fixed_offset_heads(traces, tokens)  # previous / next-token heads
+    assert {(0, 2), (1, 8), (2, 11)} <= ex.fixed_offset_heads(traces, tokens)  # previous / next-token heads
     choice = ex.choose_head(traces, tokens, 3)
     assert (choice.layer, choice.head) == (5, 11)
     assert "'chased' gives 79% of its attention to other words ('dog' 55%)" in choice.reason
-    assert "fixed-offset heads skipped: L0H2, L1H8" in choice.reason
+    assert "fixed-offset heads skipped: L0H2, L1H8, L2H11" in choice.reason
     in_layer = ex.choose_head(traces, tokens, 3, layer=2)
     assert in_layer.layer == 2 and "any other head of layer 2" in in_layer.reason
     fixed = ex.choose_head(traces, tokens, 3, layer=0, head=2)

@@ -232,9 +232,10 @@ def fixed_offset_heads(traces: Sequence[LayerTrace], tokens: Tokens) -> set[tupl
     """(layer, head) pairs that look a fixed distance away, whatever the words.
 
     A head counts as positional when, for at least 80% of the sentence's word tokens (three or
-    more), the key it weighs most apart from the token itself sits at one and the same offset
-    (for example every token's previous token), with an average weight of at least 0.3 there
-    (near-uniform heads do not count). Such heads say where, not what.
+    more), the key it weighs most apart from itself and the special tokens (where many heads
+    rest) sits at one and the same offset (for example every token's previous token), with an
+    average weight of at least 0.3 there (near-uniform heads do not count). Such heads say
+    where, not what.
     """
     words = [i for i in range(len(tokens)) if not tokens.special[i]]
     if len(words) < 3 or len(tokens) < 2:
@@ -242,7 +243,8 @@ def fixed_offset_heads(traces: Sequence[LayerTrace], tokens: Tokens) -> set[tupl
     found = set()
     for li, t in enumerate(traces):
         w = t.weights[:, words].clone()  # (H, words, N)
-        w[:, range(len(words)), words] = -1.0  # not the token itself
+        w[:, range(len(words)), words] = -1.0  # not the token itself ...
+        w[..., [i for i in range(len(tokens)) if tokens.special[i]]] = -1.0  # ... nor a special token
         top_weight, top = w.max(-1)  # (H, words)
         offsets = top - torch.tensor(words)
         for h in range(t.n_heads):

@@ -42,6 +42,7 @@ def _check_index(name: str, value: int | None, count: int, what: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
+    from rich.markup import escape
 
     from ..models.bert import default_model_dir, read_config
     from ..models.tokenizer import Tokenizer
@@ -68,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
     step = ex.explain_token(traces, choice.layer, choice.head, token)
 
     console = Console(highlight=False)
+    labels = [escape(label) for label in tokens.labels]  # the sentence may hold "[red]"-like text
     name = "all-MiniLM-L6-v2" if args.model is None else str(model_dir)
     causal = not bool(traces[0].allowed.all())
     head_dim = traces[0].q.shape[-1]
@@ -75,19 +77,19 @@ def run(args: argparse.Namespace) -> int:
                   f"{n_heads} heads of width {head_dim})")
     console.print("model:  " + ("causal: a token sees itself and earlier tokens" if causal
                                 else "bidirectional: every token sees every token"))
-    console.print("tokens: " + "  ".join(f"{i}:{label}" for i, label in enumerate(tokens.labels)))
-    console.print(f"token:  [bold]{tokens.labels[token]}[/] (position {token}), {how}")
-    console.print(f"head:   [bold]layer {choice.layer}, head {choice.head}[/]: {choice.reason}\n")
+    console.print("tokens: " + "  ".join(f"{i}:{label}" for i, label in enumerate(labels)))
+    console.print(f"token:  [bold]{labels[token]}[/] (position {token}), {how}")
+    console.print(f"head:   [bold]layer {choice.layer}, head {choice.head}[/]: {escape(choice.reason)}\n")
 
-    console.print(_step1_table(step, tokens.labels))
+    console.print(_step1_table(step, labels))
     console.print()
-    console.print(_step2_table(step, tokens.labels))
+    console.print(_step2_table(step, labels))
     verdict = "equals" if step.max_error < 1e-4 else "DIFFERS FROM"
     console.print(
-        f"Check: this step-2 vector {verdict} head {choice.head}'s output for '{tokens.labels[token]}' in the "
+        f"Check: this step-2 vector {verdict} head {choice.head}'s output for '{labels[token]}' in the "
         f"model's own forward pass (max |difference| {step.max_error:.1e} over {head_dim} numbers).\n"
     )
-    console.print(_heads_table(traces[choice.layer], choice.layer, tokens.labels, token, choice.head,
+    console.print(_heads_table(traces[choice.layer], choice.layer, labels, token, choice.head,
                                ex.entropy_bits, console.width))
 
     args.out.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,11 @@ _CMAP = "Blues"
 _HIGHLIGHT = "#d62728"
 
 
+def _plain(labels: Sequence[str]) -> list[str]:
+    """Labels matplotlib shows as typed (a ``$`` would otherwise start math mode)."""
+    return [label.replace("$", r"\$") for label in labels]
+
+
 def _frame(ax, color: str, width: float) -> None:
     for spine in ax.spines.values():
         spine.set_visible(True)
@@ -45,6 +50,7 @@ def plot_layer_heads(
     Returns ``path``.
     """
     plt = _pyplot()
+    labels = _plain(labels)
     n_heads, n = weights.shape[0], weights.shape[-1]
     cols = min(4, n_heads)
     rows = math.ceil(n_heads / cols)
@@ -109,7 +115,7 @@ def plot_all_layers(
                 ax.set_ylabel(f"layer {li}", fontsize=8)
             if chosen == (li, h):
                 _frame(ax, _HIGHLIGHT, 2.5)
-    sentence = " ".join(labels)
+    sentence = " ".join(_plain(labels))
     sentence = sentence if len(sentence) <= 90 else sentence[:87] + "..."
     fig.suptitle(f"attention weights, every layer x head ({n} tokens: {sentence})", fontsize=9)
     fig.tight_layout()
