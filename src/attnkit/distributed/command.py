@@ -131,7 +131,7 @@ def print_report(case, result: dict, world: int) -> None:
             f"{r['compute_s']:.2f}", f"{r['compute_cpu_s']:.2f}", f"{r['wait_s']:.2f}",
             f"{r['computed_steps']}/{r['steps']}", _mib(r["bytes_sent"]), _mib(r["peak_rss"]),
         )
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 160)  # a log file gets whole rows
     console.print(table)
     loads = [r["compute_cpu_s"] for r in reports]
     total = max(r["forward_s"] + r["backward_s"] for r in reports)
