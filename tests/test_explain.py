@@ -112,12 +112,11 @@ def tiny_llama(tmp_path_factory):
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import models, pre_tokenizers, processors
 
-    from attnkit.models import Llama
-    from attnkit.models.llama_config import PRESETS
+    from attnkit.models import Llama, LlamaConfig
 
     path = tmp_path_factory.mktemp("tiny-llama")
     torch.manual_seed(0)
-    Llama(PRESETS["tiny"]).save_pretrained(path)
+    Llama(LlamaConfig.preset("tiny")).save_pretrained(path)
     vocab = {"[UNK]": 0, "<s>": 1, "</s>": 2}
     vocab.update({w: i + 3 for i, w in enumerate("the dog chased ball".split())})
     tokenizer = HFTokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
