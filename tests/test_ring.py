@@ -24,6 +24,7 @@ from attnkit.distributed import (
     ring_schedule,
     shard,
 )
+from attnkit.distributed import ring as ring_module
 from attnkit.distributed.launch import run_group
 from attnkit.kernels.blockwise import blockwise_kernel
 from attnkit.nn import MultiHeadAttention
@@ -84,6 +85,15 @@ def _run_cases(rank, world):
             ((out * d_out).sum() + (lse * d_lse).sum()).backward()
         results[name] = {"out": out, "lse": lse, "dq": q.grad, "dk": k.grad, "dv": v.grad,
                          "steps": stats.forward_steps, "sent": stats.bytes_sent}
+    # Long shards go round head group by head group; force one KV head per message.
+    name = "gqa-8-2-causal-zigzag"
+    q, k, v, d_out, d_lse = (shard(t, "zigzag") for t in _full_problem(name))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    ring_module.MESSAGE_BYTES, saved = 1, ring_module.MESSAGE_BYTES
+    out, lse = ring_attention(q, k, v, Causal(), layout="zigzag", return_lse=True, timeout=60)
+    ((out * d_out).sum() + (lse * d_lse).sum()).backward()
+    ring_module.MESSAGE_BYTES = saved
+    results[name + "-head-by-head"] = {"out": out, "lse": lse, "dq": q.grad, "dk": k.grad, "dv": v.grad}
     # Training through an unchanged MultiHeadAttention, sequence-sharded, RoPE at global positions.
     layer, x, weight = _layer_problem()
     ring_layer = RingMultiHeadAttention(layer, layout="zigzag", timeout=60)
@@ -132,11 +142,12 @@ def _relative_error(got, expected):
     return float((got - expected).abs().max() / expected.abs().max())
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", [*CASES, "gqa-8-2-causal-zigzag-head-by-head"])
 def test_ring_equals_single_process_attention(ring_run, name):
     world, values = ring_run
-    pattern, layout, *_rest, dtype = CASES[name]
-    q, k, v, d_out, d_lse = (t.double() for t in _full_problem(name))
+    case = name.removesuffix("-head-by-head")
+    pattern, layout, *_rest, dtype = CASES[case]
+    q, k, v, d_out, d_lse = (t.double() for t in _full_problem(case))
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     out, lse = attention(q, k, v, pattern, backend="reference", return_lse=True)
     ((out * d_out).sum() + (lse * d_lse).sum()).backward()

@@ -13,7 +13,8 @@ KV shard is in flight, and passes it on; after the last step each accumulator is
 the rank that owns those keys.
 
 Steps that no rank needs (a sliding window over contiguous shards) are not run at all: see
-:mod:`attnkit.distributed.schedule`.
+:mod:`attnkit.distributed.schedule`. Very long shards go round the ring one group of KV heads at a
+time (see :data:`MESSAGE_BYTES`), so the ring's own buffers stay small next to q, k, v and out.
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ from ..patterns import Pattern
 from .comm import DEFAULT_TIMEOUT_S, RingComm, RingStats
 from .layouts import LAYOUTS, check_layout, check_split, shard_positions
 from .schedule import RingSchedule, ring_schedule
+
+MESSAGE_BYTES = 64 * 2**20
+"""K/V bytes a ring message aims at: bigger shards go round the ring one group of heads at a time,
+which bounds the ring's buffers (and the kernel's temporaries) without changing any result."""
 
 _recording: list[RingStats] = []
 
@@ -91,7 +96,43 @@ def _unpack(buffer: torch.Tensor, *shapes: torch.Size) -> list[torch.Tensor]:
     return views
 
 
+def _head_groups(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern) -> list:
+    """``(query head slice, KV head slice)`` pairs whose K/V message stays near
+    :data:`MESSAGE_BYTES` (a per-head pattern keeps all heads together)."""
+    n_kv_heads, groups = k.shape[1], q.shape[1] // k.shape[1]
+    per_head = (k[:, :1].numel() + v[:, :1].numel()) * k.element_size()
+    size = n_kv_heads if pattern.n_heads is not None else max(1, min(n_kv_heads, MESSAGE_BYTES // per_head))
+    return [
+        (slice(h * groups, min(h + size, n_kv_heads) * groups), slice(h, min(h + size, n_kv_heads)))
+        for h in range(0, n_kv_heads, size)
+    ]
+
+
 def _ring_forward(state: _RingCall, q, k, v):
+    groups = _head_groups(q, k, v, state.pattern)
+    if len(groups) == 1:
+        return _forward_heads(state, q, k, v)
+    out = q.new_empty(*q.shape[:-1], v.shape[-1])
+    lse = torch.empty(q.shape[:-1], dtype=compute_dtype(q.dtype), device=q.device)
+    for q_heads, kv_heads in groups:
+        out[:, q_heads], lse[:, q_heads] = _forward_heads(state, q[:, q_heads], k[:, kv_heads], v[:, kv_heads])
+    return out, lse
+
+
+def _ring_backward(state: _RingCall, q, k, v, out, lse, d_out, d_lse):
+    groups = _head_groups(q, k, v, state.pattern)
+    if len(groups) == 1:
+        return _backward_heads(state, q, k, v, out, lse, d_out.contiguous(), d_lse.contiguous())
+    d_q, d_k, d_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    for qh, kvh in groups:
+        d_q[:, qh], d_k[:, kvh], d_v[:, kvh] = _backward_heads(
+            state, q[:, qh], k[:, kvh], v[:, kvh], out[:, qh], lse[:, qh],
+            d_out[:, qh].contiguous(), d_lse[:, qh].contiguous(),
+        )
+    return d_q, d_k, d_v
+
+
+def _forward_heads(state: _RingCall, q, k, v):
     comm, rank = state.comm, state.comm.rank
     kv, spare = _pack(k, v), None
     out = lse = None
@@ -117,7 +158,7 @@ def _ring_forward(state: _RingCall, q, k, v):
     return out, lse
 
 
-def _ring_backward(state: _RingCall, q, k, v, out, lse, d_out, d_lse):
+def _backward_heads(state: _RingCall, q, k, v, out, lse, d_out, d_lse):
     comm, rank, steps = state.comm, state.comm.rank, state.schedule.steps
     acc_dtype = compute_dtype(k.dtype)
     kv, spare = _pack(k, v), None
@@ -138,12 +179,13 @@ def _ring_backward(state: _RingCall, q, k, v, out, lse, d_out, d_lse):
             )
             d_q += d_q_step
             local = _pack(d_k_step, d_v_step, dtype=acc_dtype)
+            del d_q_step, d_k_step, d_v_step
         # The accumulator of this step's KV shard arrives from rank - 1 (its previous holder).
         comm.wait(acc_pending)
         if acc_in is None:
             acc = local if local is not None else kv.new_zeros(kv.shape, dtype=acc_dtype)
         else:
-            acc = acc_in if local is None else acc_in + local
+            acc = acc_in if local is None else acc_in.add_(local)
         if step + 1 < steps:
             acc_in = torch.empty_like(acc)
             acc_pending = comm.exchange(acc, rank + 1, acc_in, rank - 1, f"backward step {step + 1} dK/dV")
@@ -172,7 +214,7 @@ class _RingAttention(torch.autograd.Function):
         state = ctx.state
         if state.comm.stats is not None:
             state.comm.stats.backward_steps += state.schedule.steps
-        grads = _ring_backward(state, q, k, v, out, lse, d_out.contiguous(), d_lse.contiguous())
+        grads = _ring_backward(state, q, k, v, out, lse, d_out, d_lse)
         return (*grads, None)
 
 

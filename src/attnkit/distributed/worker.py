@@ -74,17 +74,23 @@ def _spans(positions: torch.Tensor, limit: int = 3) -> str:
     return ", ".join(runs) if len(runs) <= limit else f"{runs[0]}, ... ({len(runs)} runs)"
 
 
-def _random_shard(case: RingCase, rank: int, world: int, device: torch.device):
+def _random_shard(case: RingCase, rank: int, world: int, device: torch.device) -> dict:
+    """This rank's q, k, v (leaves that require grad) and the output gradient ``d_out``: random
+    when checking, else ones (the gradient of ``out.sum()``, broadcast, so it costs no memory)."""
     generator = torch.Generator().manual_seed(case.seed * 100_003 + rank)
     dtype = _DTYPES[case.dtype]
     size = case.seq // world
-    shapes = {
-        "q": (case.batch, case.heads, size, case.head_dim),
-        "k": (case.batch, case.kv_heads, size, case.head_dim),
-        "v": (case.batch, case.kv_heads, size, case.head_dim),
-        "d_out": (case.batch, case.heads, size, case.head_dim),
+    q_shape = (case.batch, case.heads, size, case.head_dim)
+    kv_shape = (case.batch, case.kv_heads, size, case.head_dim)
+    shard = {
+        name: torch.randn(shape, generator=generator).to(device, dtype).requires_grad_()
+        for name, shape in (("q", q_shape), ("k", kv_shape), ("v", kv_shape))
     }
-    return {name: torch.randn(shape, generator=generator).to(device, dtype) for name, shape in shapes.items()}
+    if case.check:
+        shard["d_out"] = torch.randn(q_shape, generator=generator).to(device, dtype)
+    else:
+        shard["d_out"] = torch.ones((), device=device, dtype=dtype).expand(q_shape)
+    return shard
 
 
 def _relative_errors(got: dict, expected: dict) -> dict:
@@ -97,7 +103,8 @@ def _relative_errors(got: dict, expected: dict) -> dict:
 def _check_against_single_process(case: RingCase, shards: dict, results: dict, world: int) -> Optional[dict]:
     """Gather everything, compare on rank 0 with float64 attention; None on other ranks."""
     full = {}
-    for name, tensor in {**shards, **results}.items():
+    inputs = {name: tensor.detach() for name, tensor in shards.items()}
+    for name, tensor in {**inputs, **results}.items():
         gathered = [torch.empty_like(tensor) for _ in range(world)]
         dist.all_gather(gathered, tensor.contiguous())
         full[name] = assemble([g.cpu() for g in gathered], case.layout)
@@ -115,7 +122,7 @@ def run_rank(case: RingCase) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
     shards = _random_shard(case, rank, world, device)
-    q, k, v = (shards[n].clone().requires_grad_() for n in ("q", "k", "v"))
+    q, k, v = (shards[n] for n in ("q", "k", "v"))
     dist.barrier()
     with record_ring_stats() as stats:
         start = time.perf_counter()
