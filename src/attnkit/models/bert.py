@@ -22,9 +22,10 @@ import torch
 from torch import nn
 
 from ..nn import MultiHeadAttention
+from .tokenizer import Tokenizer
 
 ACTIVATIONS = {
-    "gelu": lambda x: nn.functional.gelu(x),
+    "gelu": nn.functional.gelu,
     "gelu_new": lambda x: nn.functional.gelu(x, approximate="tanh"),
     "gelu_pytorch_tanh": lambda x: nn.functional.gelu(x, approximate="tanh"),
     "relu": nn.functional.relu,
@@ -232,11 +233,11 @@ def default_model_dir() -> Path:
 
 
 @torch.no_grad()
-def sentence_embeddings(model: Bert, tokenizer, sentences: Sequence[str]) -> torch.Tensor:
+def sentence_embeddings(model: Bert, tokenizer: Tokenizer, sentences: Sequence[str]) -> torch.Tensor:
     """Sentence vectors ``(S, C)``: the mean of each sentence's last hidden states, L2-normalised.
 
-    This is all-MiniLM-L6-v2's recipe (mean pooling, then normalisation). ``tokenizer`` is an
-    :class:`attnkit.models.tokenizer.Tokenizer`; sentences longer than the model's positions raise.
+    This is all-MiniLM-L6-v2's recipe (mean pooling, then normalisation). Sentences longer than
+    the model's positions raise ValueError.
     """
     rows = []
     for sentence in sentences:
