@@ -85,3 +85,19 @@ def test_bad_generation_input(kwargs, match):
     args = dict(tokens=[[1, 2, 3]], max_new_tokens=4) | kwargs
     with pytest.raises(ValueError, match=match):
         model.generate(args.pop("tokens"), args.pop("max_new_tokens"), **args)
+
+
+def test_packed_model_generates_the_same_tokens(pair, tmp_path):
+    from attnkit.models.cpu_pack import PackedLinear, pack_for_cpu
+
+    hf, _ = pair
+    hf.save_pretrained(tmp_path)
+    plain, packed = Llama.from_pretrained(tmp_path), pack_for_cpu(Llama.from_pretrained(tmp_path))
+    assert isinstance(packed.layers[0].mlp.up_proj, PackedLinear)
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12]]
+    assert packed.generate(prompts, 12, stop_tokens=()) == plain.generate(prompts, 12, stop_tokens=())
+    tokens = torch.randint(0, 97, (1, 30))
+    with torch.no_grad():
+        torch.testing.assert_close(packed(tokens), plain(tokens), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="packed for CPU inference"):
+        packed.save_pretrained(tmp_path / "again")

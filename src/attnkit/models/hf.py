@@ -230,6 +230,10 @@ def save_pretrained(model: Llama, path: str | os.PathLike, *, max_shard_bytes: O
     each plus ``model.safetensors.index.json`` when the weights are larger) into ``path``."""
     from safetensors.torch import save_file
 
+    from .cpu_pack import is_packed
+
+    if is_packed(model):
+        raise ValueError("save_pretrained: the model is packed for CPU inference (pack_for_cpu); save it before packing")
     if max_shard_bytes is not None and (isinstance(max_shard_bytes, bool) or max_shard_bytes <= 0):
         raise ValueError(f"save_pretrained: max_shard_bytes must be positive, got {max_shard_bytes!r}")
     directory = Path(path)

@@ -71,8 +71,12 @@ class Llama(nn.Module):
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     def make_caches(self, batch: int, max_len: int, *, dtype=None, device=None) -> list[KVCache]:
-        """One static :class:`KVCache` ``(batch, Hkv, max_len, D)`` per layer."""
-        return [layer.attn.make_cache(batch, max_len, dtype=dtype, device=device) for layer in self.layers]
+        """One static :class:`KVCache` ``(batch, Hkv, max_len, D)`` per layer, by default in the
+        embedding's dtype and on its device."""
+        weight = self.embed_tokens.weight
+        dtype, device = dtype or weight.dtype, device or weight.device
+        c = self.config
+        return [KVCache(batch, c.n_kv_heads, max_len, c.head_dim, dtype=dtype, device=device) for _ in self.layers]
 
     def forward(
         self,
@@ -110,7 +114,9 @@ class Llama(nn.Module):
             x = layer(x, positions=positions, cache=None if caches is None else caches[i], key_mask=key_mask)
         if last_only:
             x = x[:, -1:]
-        return nn.functional.linear(self.norm(x), self.head_weight)
+        x = self.norm(x)
+        # lm_head is None for a tied model, unless pack_for_cpu gave it a packed copy.
+        return self.lm_head(x) if self.lm_head is not None else nn.functional.linear(x, self.embed_tokens.weight)
 
     @torch.no_grad()
     def generate(
