@@ -27,7 +27,8 @@ class RingStats:
     thread in them (the fair load measure when ranks share cores; exact with one torch thread per
     rank, which is how the launchers run ranks on a small machine); ``wait_s: seconds blocked on transfers;
     ``bytes_sent``: payload bytes this rank sent; ``forward_steps``/``backward_steps``: ring steps
-    run (all ranks run the same number); ``computed_steps``: steps where this rank computed.
+    run (all ranks run the same number); ``computed_steps``: forward steps where this rank computed
+(the backward computes at the same steps).
     """
 
     compute_s: float = 0.0

@@ -78,7 +78,6 @@ class _RingCall:
             torch.cuda.synchronize(args[0].device)
         stats.compute_s += time.perf_counter() - start
         stats.compute_cpu_s += time.thread_time() - cpu_start
-        stats.computed_steps += 1
         return result
 
 
@@ -289,5 +288,6 @@ def ring_attention(
     if stats is not None:
         stats.calls += 1
         stats.forward_steps += schedule.steps
+        stats.computed_steps += schedule.compute_steps(comm.rank)
     out, lse = _RingAttention.apply(q, k, v, state)
     return (out, lse) if return_lse else out

@@ -135,7 +135,7 @@ def run_rank(case: RingCase) -> dict:
     )
     report = RankReport(
         rank, _spans(shard_positions(case.seq, case.layout, rank, world)), forward_s, backward_s,
-        stats.compute_s, stats.compute_cpu_s, stats.wait_s, stats.forward_steps, stats.computed_steps // 2,
+        stats.compute_s, stats.compute_cpu_s, stats.wait_s, stats.forward_steps, stats.computed_steps,
         stats.bytes_sent, peak,
     )
     reports = [None] * world
