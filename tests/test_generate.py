@@ -79,6 +79,7 @@ def test_stop_tokens_end_rows(pair):
     (dict(top_k=0), "top_k"),
     (dict(top_p=1.5), "top_p"),
     (dict(max_new_tokens=-1), "max_new_tokens"),
+    (dict(stop_tokens=[300]), r"stop_tokens must be token ids in \[0, 256\), got 300"),
 ])
 def test_bad_generation_input(kwargs, match):
     model = Llama(LlamaConfig.preset("tiny"))
@@ -101,3 +102,22 @@ def test_packed_model_generates_the_same_tokens(pair, tmp_path):
         torch.testing.assert_close(packed(tokens), plain(tokens), rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="packed for CPU inference"):
         packed.save_pretrained(tmp_path / "again")
+
+
+def test_generate_command_streams_and_reports_speed(tmp_path, capsys):
+    tokenizers = pytest.importorskip("tokenizers")
+    from attnkit.cli import main
+
+    Llama(LlamaConfig.preset("tiny")).save_pretrained(tmp_path)
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "w3 w4"]) == 2
+    assert "no tokenizer.json" in capsys.readouterr().err
+    vocab = {f"w{i}": i for i in range(256)}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "w3 w4 w5", "--max-new-tokens", "6",
+                 "--stop-token", "-1"]) == 2
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "w3 w4 w5", "--max-new-tokens", "6"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip().startswith("w")
+    assert "prefill: 3 tokens" in captured.err and "tokens/s" in captured.err

@@ -26,6 +26,8 @@ COMMAND_MODULES = [
     "attnkit.analysis.explain_command",
     "attnkit.bench.command",
     "attnkit.distributed.command",
+    "attnkit.analysis.arch_command",
+    "attnkit.models.generate_command",
 ]
 
 

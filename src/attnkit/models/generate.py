@@ -89,7 +89,11 @@ def stream(
     _check_options(max_new_tokens, temperature, top_k, top_p, seed)
     rows = _as_rows(tokens)
     config = model.config
-    stops = torch.tensor(config.eos_token_ids if stop_tokens is None else list(stop_tokens), dtype=torch.long)
+    stops = list(config.eos_token_ids if stop_tokens is None else stop_tokens)
+    bad = [t for t in stops if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < config.vocab_size]
+    if bad:
+        raise ValueError(f"generate: stop_tokens must be token ids in [0, {config.vocab_size}), got {bad[0]!r}")
+    stops = torch.tensor(stops, dtype=torch.long)
     weight = model.embed_tokens.weight
     device = weight.device
     lengths = torch.tensor([len(r) for r in rows])

@@ -1,0 +1,106 @@
+"""``attnkit arch PRESET|config.json``: parameters, KV-cache bytes and FLOPs of a Llama configuration."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "arch",
+        help="parameters, KV-cache size and FLOPs of a Llama preset or config.json",
+        description="Parameters by component, KV-cache bytes (MHA / GQA / MQA side by side), FLOPs per "
+        "token for prefill and decode, and the attention vs MLP share of compute as context grows.",
+    )
+    parser.add_argument("model", help="a preset name (llama3.1-8b, ...) or a Hugging Face config.json / directory")
+    parser.add_argument("--context", type=int, default=8192, help="context length for KV bytes and FLOPs (default 8192)")
+    parser.add_argument("--batch", type=int, default=1, help="batch size for the KV-cache total (default 1)")
+    parser.add_argument("--json", metavar="PATH", help="write the report as JSON ('-' for stdout, no tables)")
+    parser.add_argument("--plot", type=Path, metavar="PATH", help="write a PNG of compute shares against context")
+    parser.set_defaults(func=run)
+
+
+def load_config(model: str):
+    """A preset by name, or the config of a Hugging Face directory or config.json path."""
+    from ..models.hf import read_config
+    from ..models.llama_config import PRESETS, LlamaConfig
+
+    if model in PRESETS:
+        return LlamaConfig.preset(model)
+    if Path(model).exists():
+        return read_config(model)
+    raise ValueError(f"{model!r} is neither a preset ({', '.join(PRESETS)}) nor an existing path")
+
+
+def _size(n: float, unit: str = "B") -> str:
+    for prefix in ("", "Ki", "Mi", "Gi", "Ti"):
+        if abs(n) < 1024 or prefix == "Ti":
+            return f"{n:,.1f} {prefix}{unit}" if prefix else f"{n:,.0f} {unit}"
+        n /= 1024
+    return ""
+
+
+def _tables(name: str, r: dict):
+    from rich.table import Table
+
+    params = Table(title=f"{name}: parameters")
+    params.add_column("component")
+    params.add_column("parameters", justify="right")
+    params.add_column("share", justify="right")
+    for part, count in r["parameters"].items():
+        params.add_row(part, f"{count:,}", f"{100 * count / r['parameters']['total']:.1f}%")
+    kv = Table(title=f"KV cache: per token, and for context {r['context']:,} x batch {r['batch']}")
+    for col in ("attention", "kv heads", "parameters", "dtype", "per token", "total"):
+        kv.add_column(col, justify="left" if col in ("attention", "dtype") else "right")
+    for variant, v in r["kv_cache"].items():
+        for i, dtype in enumerate(("bf16", "fp16", "fp32")):
+            kv.add_row(variant if i == 0 else "", str(v["n_kv_heads"]) if i == 0 else "",
+                       f"{v['parameters']:,}" if i == 0 else "", dtype,
+                       _size(v["kv_bytes_per_token"][dtype]), _size(v["kv_bytes_total"][dtype]),
+                       end_section=i == 2)
+    flops = Table(title=f"per token at context {r['context']:,}")
+    flops.add_column("quantity")
+    flops.add_column("value", justify="right")
+    flops.add_row("prefill FLOPs/token (causal average)", f"{r['flops_per_token']['prefill'] / 1e9:,.2f} GFLOP")
+    flops.add_row("decode FLOPs/token", f"{r['flops_per_token']['decode'] / 1e9:,.2f} GFLOP")
+    for d, b in r["decode_bytes_per_token"].items():
+        flops.add_row(f"decode bytes read/token ({d})", _size(b))
+    shares = Table(title="share of decode FLOPs per token as context grows")
+    for col in ("context", "GFLOP/token", "attention", "MLP", "head"):
+        shares.add_column(col, justify="right")
+    for row in r["compute_shares"]:
+        shares.add_row(f"{row['context']:,}", f"{row['flops'] / 1e9:,.2f}", f"{100 * row['attention']:.1f}%",
+                       f"{100 * row['mlp']:.1f}%", f"{100 * row['head']:.1f}%")
+    return params, kv, flops, shares
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from .arch import report
+
+    config = load_config(args.model)
+    for path in (Path(args.json) if args.json and args.json != "-" else None, args.plot):
+        if path is not None and not path.parent.exists():
+            raise FileNotFoundError(f"directory {path.parent} does not exist (for {path})")
+    r = report(config, context=args.context, batch=args.batch)
+    if args.json == "-":
+        json.dump(r, sys.stdout, indent=2)
+        print()
+    else:
+        console = Console()
+        for table in _tables(args.model, r):
+            console.print(table)
+        if args.json:
+            Path(args.json).write_text(json.dumps(r, indent=2))
+            console.print(f"wrote {args.json}")
+    if args.plot:
+        from .arch_plot import plot_compute_shares
+
+        plot_compute_shares(r["compute_shares"], f"{args.model}: where decode compute goes", args.plot)
+        if args.json != "-":
+            print(f"wrote {args.plot}")
+    return 0
