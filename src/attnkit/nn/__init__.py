@@ -2,5 +2,8 @@
 
 from .attention import MultiHeadAttention
 from .kv_cache import KVCache
+from .mlp import SwiGLU
+from .norm import RMSNorm
+from .rope import Llama3RopeScaling, RotaryEmbedding
 
-__all__ = ["KVCache", "MultiHeadAttention"]
+__all__ = ["KVCache", "Llama3RopeScaling", "MultiHeadAttention", "RMSNorm", "RotaryEmbedding", "SwiGLU"]
