@@ -65,9 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"attnkit {attnkit.__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    _register_info(subparsers)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
+    _register_info(subparsers)
     return parser
 
 
