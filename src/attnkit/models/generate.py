@@ -94,8 +94,7 @@ def stream(
     if bad:
         raise ValueError(f"generate: stop_tokens must be token ids in [0, {config.vocab_size}), got {bad[0]!r}")
     stops = torch.tensor(stops, dtype=torch.long)
-    weight = model.embed_tokens.weight
-    device = weight.device
+    device = model.embed_tokens.weight.device
     lengths = torch.tensor([len(r) for r in rows])
     prompt_len = int(lengths.max())
     total = prompt_len + max_new_tokens
@@ -119,7 +118,10 @@ def stream(
     generator = None
     if temperature > 0:
         generator = torch.Generator(device=device)
-        generator.manual_seed(seed if seed is not None else int(torch.seed()))
+        if seed is None:
+            generator.seed()  # a fresh nondeterministic seed, leaving torch's global RNG alone
+        else:
+            generator.manual_seed(seed)
     stops = stops.to(device)
     done = torch.zeros(len(rows), dtype=torch.bool, device=device)
     finished_with = torch.zeros(len(rows), dtype=torch.long, device=device)
