@@ -143,8 +143,8 @@ def test_explicit_scale_is_used(backend):
     torch.testing.assert_close(attention(q, k, v, backend=backend, scale=3.0), expected)
 
 
-def test_auto_uses_sdpa_for_causal_and_blockwise_for_a_narrow_window():
+def test_auto_uses_sdpa_for_causal_and_sparse_for_a_narrow_window():
     cpu = torch.device("cpu")
     assert choose_backend(Causal(), 4096, 4096, cpu, need_lse=False) == "dense"
-    assert choose_backend(SlidingWindow(128), 4096, 4096, cpu, need_lse=False) == "blockwise"
+    assert choose_backend(SlidingWindow(128), 4096, 4096, cpu, need_lse=False) == "sparse"
     assert choose_backend(SlidingWindow(4096), 4096, 4096, cpu, need_lse=False) == "dense"

@@ -18,13 +18,16 @@ import torch
 from .kernels.blockwise import blockwise_kernel, plan_tiles, planned_pairs
 from .kernels.dense import dense_kernel
 from .kernels.reference import reference_kernel
-from .patterns import Pattern, as_pattern
+from .kernels.sparse import head_runs, sparse_kernel
+from .kernels.sparse import planned_pairs as sparse_planned_pairs
+from .patterns import BlockLocal, BlockSparse, Fixed, Pattern, Periodic, Strided, Summary, Union, as_pattern
 
-BACKENDS = ("auto", "reference", "dense", "blockwise")
+BACKENDS = ("auto", "reference", "dense", "blockwise", "sparse")
 """Accepted values of ``backend``. Every one runs every pattern and is differentiable."""
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _SPARSE_ENOUGH = 0.5  # auto prefers blockwise when its tiles cover less than this share of the square
+_PLANNED = (Strided, Fixed, Periodic, BlockLocal, Summary, BlockSparse)  # patterns the sparse planner is for
 
 
 def _check_inputs(q: object, k: object, v: object) -> None:
@@ -79,13 +82,35 @@ def _check_backend(backend: object) -> str:
     return backend  # type: ignore[return-value]
 
 
-def choose_backend(pattern: Pattern, n_q: int, n_k: int, device: torch.device, need_lse: bool) -> str:
+def _sparse_planned(pattern: Pattern, n_q_heads: int) -> bool:
+    """Whether every head's pattern is a sparse pattern, a finite band, or a union of those."""
+    def planned(p: Pattern) -> bool:
+        band = p.band()
+        if band is not None:
+            return math.isfinite(band[0]) and math.isfinite(band[1])
+        if isinstance(p, _PLANNED):
+            return True
+        return isinstance(p, Union) and planned(p.left) and planned(p.right)
+
+    return all(planned(p) for _, _, p in head_runs(pattern, n_q_heads, 1))
+
+
+def choose_backend(
+    pattern: Pattern, n_q: int, n_k: int, device: torch.device, need_lse: bool, n_q_heads: int = 1
+) -> str:
     """The backend ``"auto"`` runs: the fastest exact plan for this pattern and these sizes.
 
-    Full and causal problems go to SDPA (one fused call). Other patterns go to the blockwise
-    kernel when its tiles skip at least half of the square, else to SDPA with a mask. Off CPU,
-    a call that needs the LSE goes to the blockwise kernel, which produces it for free.
+    Full and causal problems go to SDPA (one fused call). Sliding windows, the Strided, Fixed and
+    BlockSparse patterns, their parts and unions of these go to the sparse planner when its plan
+    computes less than half of the square, else to SDPA with a mask. Other patterns go to the
+    blockwise kernel when its tiles skip at least half of the square, else to SDPA with a mask.
+    Off CPU, a call that needs the LSE goes to the sparse or blockwise kernel, which produce it.
     """
+    if _sparse_planned(pattern, n_q_heads):
+        sparse_pairs = sparse_planned_pairs(pattern, n_q, n_k, n_q_heads)
+        if (need_lse and device.type != "cpu") or sparse_pairs < _SPARSE_ENOUGH * n_q * n_k * n_q_heads:
+            return "sparse"
+        return "dense"
     band = pattern.band() if pattern.n_heads is None else None
     if need_lse and device.type != "cpu":
         return "blockwise"
@@ -114,7 +139,8 @@ def attention(
         pattern: which keys each query may see; ``None`` means :class:`~attnkit.patterns.Full`.
         scale: multiplier of ``q @ k^T``; default ``1 / sqrt(D)``.
         backend: ``"auto"`` (fastest exact choice), ``"reference"`` (explicit two-step math),
-            ``"dense"`` (torch SDPA), ``"blockwise"`` (tiled online softmax, skips empty tiles).
+            ``"dense"`` (torch SDPA), ``"blockwise"`` (tiled online softmax, skips empty tiles),
+            ``"sparse"`` (the sparse planner: work in proportion to the allowed pairs).
         return_lse: also return the log-sum-exp of the allowed scaled scores.
     Returns:
         ``out (B, Hq, Nq, Dv)`` in q's dtype, or ``(out, lse)`` with lse ``(B, Hq, Nq)`` (float32
@@ -127,13 +153,16 @@ def attention(
     _check_inputs(q, k, v)
     scale = _check_scale(scale, q.shape[-1])
     pattern = _check_pattern(pattern, q.shape[1])
+    pattern.validate(q.shape[2], k.shape[2])
     backend = _check_backend(backend)
     if backend == "auto":
-        backend = choose_backend(pattern, q.shape[2], k.shape[2], q.device, return_lse)
+        backend = choose_backend(pattern, q.shape[2], k.shape[2], q.device, return_lse, q.shape[1])
     if backend == "reference":
         out, lse, _ = reference_kernel(q, k, v, pattern, scale)
     elif backend == "dense":
         out, lse = dense_kernel(q, k, v, pattern, scale, need_lse=return_lse)
+    elif backend == "sparse":
+        out, lse = sparse_kernel(q, k, v, pattern, scale)
     else:
         out, lse = blockwise_kernel(q, k, v, pattern, scale)
     return (out, lse) if return_lse else out
@@ -156,5 +185,6 @@ def reference_attention(
     _check_inputs(q, k, v)
     scale = _check_scale(scale, q.shape[-1])
     pattern = _check_pattern(pattern, q.shape[1])
+    pattern.validate(q.shape[2], k.shape[2])
     out, _, weights = reference_kernel(q, k, v, pattern, scale)
     return out, weights

@@ -9,6 +9,10 @@ Positions follow bottom-right alignment: with ``n_q`` queries and ``n_k`` keys, 
 at absolute position ``r + (n_k - n_q)`` and key column ``c`` at position ``c``. This makes a causal
 pattern correct for KV-cache decoding, where a few new queries see a long cache.
 
+The sparse patterns of Child et al. (2019), :class:`Strided` and :class:`Fixed`, expose their two
+parts (``.parts``) so a model can give each head or layer one of them. :class:`BlockSparse` allows
+whole blocks of a layout.
+
 Patterns whose allowed set is a diagonal band ``lo <= i - j <= hi`` (Full, Causal, SlidingWindow and
 their intersections) report it through :meth:`Pattern.band`; kernels use it to skip tiles and to know
 which tiles need no element mask without evaluating the predicate.
@@ -64,10 +68,15 @@ class Pattern:
         """``(lo, hi)`` when the allowed set is exactly ``lo <= i - j <= hi``, else None."""
         return None
 
+    def validate(self, n_q: int, n_k: int) -> None:
+        """Raise ValueError when the pattern cannot describe an ``n_q x n_k`` problem (for
+        example a block layout made for another length). Most patterns fit every size."""
+
     def mask(self, n_q: int, n_k: int, *, device: Optional[torch.device | str] = None) -> torch.Tensor:
         """Dense BoolTensor ``[n_q, n_k]`` (``[n_heads, n_q, n_k]`` for per-head patterns)."""
         _check_positive_int(type(self).__name__ + ".mask", "n_q", n_q)
         _check_positive_int(type(self).__name__ + ".mask", "n_k", n_k)
+        self.validate(n_q, n_k)
         q_pos, k_pos = query_key_positions(n_q, n_k, device)
         return self._full_shape(self.allows(q_pos[:, None], k_pos[None, :]), n_q, n_k)
 
@@ -89,6 +98,7 @@ class Pattern:
         _check_positive_int(owner, "n_q", n_q)
         _check_positive_int(owner, "n_k", n_k)
         _check_positive_int(owner, "block_size", block_size)
+        self.validate(n_q, n_k)
         band = self.band()
         if band is not None:
             return _band_block_layout(band, n_q, n_k, block_size)
@@ -104,6 +114,7 @@ class Pattern:
 
     def count(self, n_q: int, n_k: int) -> int:
         """Number of allowed (query, key) pairs of an ``n_q x n_k`` problem (summed over heads)."""
+        self.validate(n_q, n_k)
         band = self.band()
         if band is not None and self.n_heads is None:
             q_pos, _ = query_key_positions(n_q, n_k)
@@ -206,6 +217,170 @@ class SlidingWindow(Pattern):
 
 
 @dataclass(frozen=True)
+class Strided(Pattern):
+    """Child et al. (2019), "Generating Long Sequences with Sparse Transformers", strided pattern.
+
+    ``j <= i`` and (``i - j <= stride`` or ``(i - j) % stride == 0``): the recent keys plus every
+    ``stride``-th earlier key. This is the paper's convention, whose local band ``0 <= i - j <= stride``
+    holds ``stride + 1`` keys; OpenAI's released code uses a band of ``stride`` keys
+    (``i - j < stride``), one fewer. ``parts`` are the paper's two heads, ``A(1)`` =
+    ``SlidingWindow(stride + 1)`` and ``A(2)`` = ``Periodic(stride)``; their union is the whole
+    and every ``j <= i`` is reachable from ``i`` in two steps (one in each part).
+    """
+
+    stride: int
+
+    def __post_init__(self) -> None:
+        _check_positive_int("Strided", "stride", self.stride)
+
+    @property
+    def parts(self) -> tuple["SlidingWindow", "Periodic"]:
+        return (SlidingWindow(self.stride + 1), Periodic(self.stride))
+
+    def allows(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        d = i - j
+        return (d >= 0) & ((d <= self.stride) | (d % self.stride == 0))
+
+
+@dataclass(frozen=True)
+class Periodic(Pattern):
+    """Every ``stride``-th key back from the query, self included: ``j <= i`` and
+    ``(i - j) % stride == 0`` (the second part of :class:`Strided`)."""
+
+    stride: int
+
+    def __post_init__(self) -> None:
+        _check_positive_int("Periodic", "stride", self.stride)
+
+    def allows(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        d = i - j
+        return (d >= 0) & (d % self.stride == 0)
+
+
+@dataclass(frozen=True)
+class Fixed(Pattern):
+    """Child et al. (2019) fixed pattern: ``j <= i`` and (``j // stride == i // stride`` or
+    ``j % stride >= stride - summary``).
+
+    Positions are cut into blocks of ``stride``; a query sees the earlier keys of its own block
+    (``A(1)``) and the last ``summary`` keys ("summary cells", the paper's ``c``) of every block
+    (``A(2)``), as in the paper's formula ``floor(j / l) == floor(i / l)`` /
+    ``j mod l in {l - c, ..., l - 1}``. ``parts`` = ``(BlockLocal(stride), Summary(stride, summary))``,
+    whose union is the whole. ``summary`` must lie in ``1 .. stride``.
+    """
+
+    stride: int
+    summary: int
+
+    def __post_init__(self) -> None:
+        _check_positive_int("Fixed", "stride", self.stride)
+        _check_summary("Fixed", self.stride, self.summary)
+
+    @property
+    def parts(self) -> tuple["BlockLocal", "Summary"]:
+        return (BlockLocal(self.stride), Summary(self.stride, self.summary))
+
+    def allows(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        same_block = (j // self.stride) == (i // self.stride)
+        return (j <= i) & (same_block | (j % self.stride >= self.stride - self.summary))
+
+
+@dataclass(frozen=True)
+class BlockLocal(Pattern):
+    """Causal attention inside blocks of ``stride`` positions: ``j <= i`` and
+    ``j // stride == i // stride`` (the first part of :class:`Fixed`)."""
+
+    stride: int
+
+    def __post_init__(self) -> None:
+        _check_positive_int("BlockLocal", "stride", self.stride)
+
+    def allows(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        return (j <= i) & ((j // self.stride) == (i // self.stride))
+
+
+@dataclass(frozen=True)
+class Summary(Pattern):
+    """The last ``summary`` keys of every block of ``stride`` positions, causally: ``j <= i`` and
+    ``j % stride >= stride - summary`` (the second part of :class:`Fixed`)."""
+
+    stride: int
+    summary: int
+
+    def __post_init__(self) -> None:
+        _check_positive_int("Summary", "stride", self.stride)
+        _check_summary("Summary", self.stride, self.summary)
+
+    def allows(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        return (j <= i) & (j % self.stride >= self.stride - self.summary)
+
+
+def _check_summary(owner: str, stride: int, summary: object) -> None:
+    _check_positive_int(owner, "summary", summary)
+    if summary > stride:
+        raise ValueError(f"{owner}: summary must be at most stride ({stride}), got {summary}")
+
+
+@dataclass(frozen=True, eq=False)
+class BlockSparse(Pattern):
+    """Pairs whose block ``(i // block_size, j // block_size)`` is True in ``layout``.
+
+    ``layout`` is a square bool tensor ``[n_blocks, n_blocks]`` (one layout for every head) or
+    ``[n_heads, n_blocks, n_blocks]`` (one per query head); blocks are cut at absolute positions
+    ``0, block_size, 2 * block_size, ...``. The layout must match the sequence: attention over
+    ``n_k`` keys needs ``n_blocks == ceil(n_k / block_size)`` (query positions are absolute, so
+    they use the same blocks). Queries at negative positions (``n_q > n_k``) see nothing. Patterns
+    are compared by identity, as the layout is a tensor.
+    """
+
+    layout: torch.Tensor
+    block_size: int
+    n_heads: Optional[int] = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        _check_positive_int("BlockSparse", "block_size", self.block_size)
+        layout = self.layout
+        if not isinstance(layout, torch.Tensor):
+            raise TypeError(f"BlockSparse: layout must be a torch.Tensor, got {type(layout).__name__}")
+        if layout.dim() not in (2, 3) or layout.shape[-1] != layout.shape[-2] or layout.numel() == 0:
+            raise ValueError(
+                "BlockSparse: layout must be a non-empty square [n_blocks, n_blocks] or "
+                f"[n_heads, n_blocks, n_blocks] tensor, got shape {tuple(layout.shape)}"
+            )
+        object.__setattr__(self, "layout", (layout != 0).to("cpu").contiguous())
+        object.__setattr__(self, "n_heads", layout.shape[0] if layout.dim() == 3 else None)
+
+    @property
+    def n_blocks(self) -> int:
+        return self.layout.shape[-1]
+
+    def validate(self, n_q: int, n_k: int) -> None:
+        expected = -(-n_k // self.block_size)
+        if expected != self.n_blocks:
+            raise ValueError(
+                f"BlockSparse: layout of shape {tuple(self.layout.shape)} with block_size "
+                f"{self.block_size} does not match {n_k} keys (needs {expected} x {expected} blocks)"
+            )
+
+    def allows(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        limit = self.n_blocks * self.block_size
+        if (i.numel() and int(i.max()) >= limit) or (j.numel() and int(j.max()) >= limit):
+            raise ValueError(
+                f"BlockSparse: layout of shape {tuple(self.layout.shape)} with block_size "
+                f"{self.block_size} covers positions below {limit}, got position "
+                f"{max(int(i.max()), int(j.max()))}"
+            )
+        layout = self.layout.to(i.device)
+        i_block = (i // self.block_size).clamp(min=0)
+        j_block = (j // self.block_size).clamp(min=0)
+        if self.n_heads is None:
+            allowed = layout[i_block, j_block]
+        else:
+            allowed = layout[:, i_block, j_block]
+        return allowed & (i >= 0)
+
+
+@dataclass(frozen=True)
 class Predicate(Pattern):
     """Any rule written as ``fn(i, j) -> BoolTensor`` on broadcasting int64 position tensors.
 
@@ -251,6 +426,10 @@ class Union(Pattern):
     def allows(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         return self.left.allows(i, j) | self.right.allows(i, j)
 
+    def validate(self, n_q: int, n_k: int) -> None:
+        self.left.validate(n_q, n_k)
+        self.right.validate(n_q, n_k)
+
     def band(self) -> Optional[Band]:
         a, b = self.left.band(), self.right.band()
         if a is None or b is None or self.n_heads is not None:
@@ -275,6 +454,10 @@ class Intersection(Pattern):
 
     def allows(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         return self.left.allows(i, j) & self.right.allows(i, j)
+
+    def validate(self, n_q: int, n_k: int) -> None:
+        self.left.validate(n_q, n_k)
+        self.right.validate(n_q, n_k)
 
     def band(self) -> Optional[Band]:
         a, b = self.left.band(), self.right.band()
@@ -308,6 +491,10 @@ class PerHead(Pattern):
     def allows(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         shape = torch.broadcast_shapes(i.shape, j.shape)
         return torch.stack([p.allows(i, j).expand(shape) for p in self.patterns])
+
+    def validate(self, n_q: int, n_k: int) -> None:
+        for pattern in self.patterns:
+            pattern.validate(n_q, n_k)
 
 
 def _check_pattern_args(owner: str, *parts: object) -> None:

@@ -1,0 +1,411 @@
+"""Sparse attention: run a plan of :mod:`~attnkit.kernels.sparse_plan` exactly, forward and backward.
+
+Every group of units is one batched attention call: units become the "heads" of the call, the
+``g`` query heads that share a KV head are stacked in each unit's rows (GQA without repeating K/V),
+and the group's element mask is an additive ``-inf`` mask. Units are taken from the inputs as
+strided views wherever their positions are evenly spaced (band blocks, residue classes, blocks),
+so most plans gather nothing; other units are gathered with ``index_select``. Parts are merged by
+their log-sum-exp. Cost and memory follow the pairs the units cover, never ``Nq x Nk``.
+
+Two executions of the same plan:
+
+- on CPU (and when the value width equals the key width) each group is one call of torch's fused
+  CPU flash-attention kernel, which never writes the scores to memory. The backward pass is
+  FlashAttention's: each group's backward kernel is given the *merged* output and LSE, so each part
+  contributes exactly its share of dq, dk, dv with no extra pass for the LSE merge. A gradient that
+  arrives through the returned LSE is handled by recomputing through the portable path;
+- elsewhere the portable path: per chunk of units, explicit matmuls and an exp2 softmax,
+  differentiated by autograd (only per-unit probabilities are saved).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..patterns import BlockSparse, Pattern, PerHead
+from .blockwise import merge_lse
+from .common import compute_dtype, kv_groups
+from .sparse_plan import UNIT_ROWS, SparsePlan, UnitGroup, plan_sparse
+
+_FUSED = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_FUSED_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+CHUNK_SCORES = 1 << 21
+"""Score entries the portable path computes at once (batch x KV heads x units x rows x keys)."""
+_LOG2E = math.log2(math.e)
+
+
+# ---------------------------------------------------------------------------------------------
+# Unit layouts: views where positions are evenly spaced, gathers elsewhere.
+
+
+def _arithmetic(index: torch.Tensor) -> Optional[tuple[int, int, int]]:
+    """``(start, unit_step, item_step)`` when ``index[u, m] == start + u*unit_step + m*item_step``
+    with non-negative steps, else None."""
+    units, items = index.shape
+    start = int(index[0, 0])
+    unit_step = int(index[1, 0]) - start if units > 1 else 0
+    item_step = int(index[0, 1]) - start if items > 1 else 1
+    if unit_step < 0 or item_step < 1:
+        return None
+    expected = start + unit_step * torch.arange(units, device=index.device)[:, None]
+    expected = expected + item_step * torch.arange(items, device=index.device)
+    return (start, unit_step, item_step) if torch.equal(expected, index) else None
+
+
+class _Layout:
+    """How one index table ``(U, M)`` of rows in ``[0, n)`` (others = padding) is read/written."""
+
+    def __init__(self, index: torch.Tensor, n: int) -> None:
+        self.index = index
+        self.valid = (index >= 0) & (index < n)
+        self.all_valid = bool(self.valid.all())
+        self.lo, self.hi = int(index.min()), int(index.max())
+        self.arith = _arithmetic(index)
+        self.same_rows = index.shape[0] > 1 and bool((index == index[:1]).all())
+        self.unique = bool(self.all_valid and index.unique().numel() == index.numel())
+        self.flat_valid = self.valid.flatten().nonzero().flatten()
+        self.flat_index = index.flatten()[self.flat_valid]
+
+    def read(self, x: torch.Tensor) -> torch.Tensor:
+        """Rows of ``x (B', n, D)`` as ``(B', U, M, D)``; padding rows read as zeros."""
+        n = x.shape[1]
+        first, last = max(self.lo, 0), min(self.hi, n - 1)
+        window = x[:, first : last + 1]
+        if self.lo < first or self.hi > last:
+            window = F.pad(window, (0, 0, first - self.lo, self.hi - last))
+        base = self.lo
+        units, items = self.index.shape
+        if self.arith is not None and window.stride(-1) == 1:
+            start, unit_step, item_step = self.arith
+            s0, s1 = window.stride(0), window.stride(1)
+            return window.as_strided(
+                (window.shape[0], units, items, window.shape[2]),
+                (s0, unit_step * s1, item_step * s1, 1),
+                window.storage_offset() + (start - base) * s1,
+            )
+        if self.same_rows:
+            rows = window.index_select(1, self.index[0] - base)
+            return rows.unsqueeze(1).expand(-1, units, -1, -1)
+        return window.index_select(1, (self.index - base).flatten()).unflatten(1, (units, items))
+
+    def write(self, target: torch.Tensor, values: torch.Tensor, accumulate: bool) -> None:
+        """Store (or add) ``values (B', U, M, D)`` into ``target (B', n, D)``; padding is dropped."""
+        if self.arith is not None and self.unique and target.is_contiguous():
+            start, unit_step, item_step = self.arith
+            s0, s1 = target.stride(0), target.stride(1)
+            view = target.as_strided(
+                values.shape, (s0, unit_step * s1, item_step * s1, 1), target.storage_offset() + start * s1
+            )
+            view.add_(values) if accumulate else view.copy_(values)
+            return
+        flat = values.flatten(1, 2).index_select(1, self.flat_valid)
+        if accumulate:
+            target.index_add_(1, self.flat_index, flat.to(target.dtype))
+        else:
+            target.index_copy_(1, self.flat_index, flat.to(target.dtype))
+
+
+def _layouts(group: UnitGroup, plan: SparsePlan) -> tuple[_Layout, _Layout]:
+    if "layouts" not in group.cache:
+        group.cache["layouts"] = (_Layout(group.q_pos - plan.offset, plan.n_q), _Layout(group.k_pos, plan.n_k))
+    return group.cache["layouts"]
+
+
+def _additive_mask(group: UnitGroup, groups: int, dtype: torch.dtype) -> torch.Tensor:
+    """``(1, U or 1, g*R, C)`` mask with ``-inf`` on blocked pairs, rows repeated per stacked head."""
+    key = ("mask", groups, dtype)
+    if key not in group.cache:
+        blocked = group.blocked
+        blocked = blocked.unsqueeze(1).expand(-1, groups, -1, -1).flatten(1, 2)
+        mask = torch.zeros(blocked.shape, dtype=dtype, device=blocked.device)
+        group.cache[key] = mask.masked_fill_(blocked, float("-inf")).unsqueeze(0)
+    return group.cache[key]
+
+
+def _stack_heads(units: torch.Tensor, groups: int) -> torch.Tensor:
+    """``(B*Hq, U, R, D) -> (B*Hkv, U, g*R, D)``: the g query heads of a KV head share its units."""
+    if groups == 1:
+        return units
+    b_hq, n_units, rows, dim = units.shape
+    return units.view(b_hq // groups, groups, n_units, rows, dim).transpose(1, 2).reshape(
+        b_hq // groups, n_units, groups * rows, dim
+    )
+
+
+def _unstack_heads(units: torch.Tensor, groups: int) -> torch.Tensor:
+    """Inverse of :func:`_stack_heads`."""
+    if groups == 1:
+        return units
+    b_hkv, n_units, g_rows, dim = units.shape
+    return units.view(b_hkv, n_units, groups, g_rows // groups, dim).transpose(1, 2).reshape(
+        b_hkv * groups, n_units, g_rows // groups, dim
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused CPU execution with FlashAttention's backward.
+
+
+def _merge_into(out, lse, part_out, part_lse) -> None:
+    """In place: ``(out, lse)`` becomes the LSE merge of itself with a disjoint part's result."""
+    total = torch.logaddexp(lse, part_lse)
+    finite = torch.where(total == float("-inf"), 0.0, total)
+    out.mul_(torch.exp(lse - finite).unsqueeze(-1).to(out.dtype))
+    out.addcmul_(part_out, torch.exp(part_lse - finite).unsqueeze(-1).to(out.dtype))
+    lse.copy_(total)
+
+
+def _part_buffers(q3, part, plan: SparsePlan, dim: int, dtype: torch.dtype):
+    """Uninitialised ``(out (B', Nq, Dv), lse (B', Nq, 1))``; rows no unit writes get 0 / -inf."""
+    out = q3.new_empty(q3.shape[0], plan.n_q, dim)
+    lse = torch.empty((q3.shape[0], plan.n_q, 1), dtype=dtype, device=q3.device)
+    covered = torch.zeros(plan.n_q, dtype=torch.bool, device=q3.device)
+    for group in part:
+        q_layout, _ = _layouts(group, plan)
+        covered[q_layout.flat_index] = True
+    missing = (~covered).nonzero().flatten()
+    if len(missing):
+        out.index_fill_(1, missing, 0.0)
+        lse.index_fill_(1, missing, float("-inf"))
+    return out, lse
+
+
+def _fused_forward(q3, k3, v3, plan: SparsePlan, scale: float, groups: int):
+    """``q3 (B*Hq, Nq, D)``, ``k3/v3 (B*Hkv, Nk, D)`` -> merged ``(out (B*Hq, Nq, D), lse (B*Hq, Nq))``."""
+    dtype = compute_dtype(q3.dtype)
+    out = lse = None
+    for part in plan.parts:
+        part_out, part_lse = _part_buffers(q3, part, plan, v3.shape[-1], dtype)
+        for group in part:
+            q_layout, k_layout = _layouts(group, plan)
+            mask = _additive_mask(group, groups, q3.dtype)
+            q_u = _stack_heads(q_layout.read(q3), groups)
+            out_u, lse_u = _FUSED(q_u, k_layout.read(k3), k_layout.read(v3), 0.0, False, attn_mask=mask, scale=scale)
+            seen = group.seen.unsqueeze(0).expand(groups, -1, -1).transpose(0, 1).flatten(1)  # (U, g*R)
+            lse_u = lse_u.to(dtype).masked_fill(~seen, float("-inf"))
+            q_layout.write(part_out, _unstack_heads(out_u, groups), accumulate=False)
+            q_layout.write(part_lse, _unstack_heads(lse_u.unsqueeze(-1), groups), accumulate=False)
+        if out is None:
+            out, lse = part_out, part_lse.squeeze(-1)
+        else:
+            _merge_into(out, lse, part_out, part_lse.squeeze(-1))
+    return out, lse
+
+
+def _fused_backward(q3, k3, v3, out3, lse3, d_out3, plan: SparsePlan, scale: float, groups: int):
+    """dq, dk, dv of the merged attention: each group's backward sees the final out and LSE."""
+    dtype = compute_dtype(q3.dtype)
+    d_q = torch.zeros(q3.shape, dtype=dtype, device=q3.device)
+    d_k = torch.zeros(k3.shape, dtype=dtype, device=q3.device)
+    d_v = torch.zeros(v3.shape, dtype=dtype, device=q3.device)
+    lse3 = lse3.masked_fill(lse3 == float("-inf"), 0.0).unsqueeze(-1)  # such rows have p = 0
+    for part in plan.parts:
+        for group in part:
+            q_layout, k_layout = _layouts(group, plan)
+            mask = _additive_mask(group, groups, q3.dtype)
+            q_u, d_out_u, out_u = (_stack_heads(q_layout.read(t), groups) for t in (q3, d_out3, out3))
+            lse_u = _stack_heads(q_layout.read(lse3), groups).squeeze(-1).contiguous()
+            d_q_u, d_k_u, d_v_u = _FUSED_BACKWARD(
+                d_out_u, q_u, k_layout.read(k3), k_layout.read(v3), out_u, lse_u, 0.0, False,
+                attn_mask=mask, scale=scale,
+            )
+            q_layout.write(d_q, _unstack_heads(d_q_u, groups), accumulate=True)
+            k_layout.write(d_k, d_k_u, accumulate=True)
+            k_layout.write(d_v, d_v_u, accumulate=True)
+    return d_q, d_k, d_v
+
+
+class _FusedSparseAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, plan, scale):
+        batch, n_q_heads, n_q, dim = q.shape
+        groups = kv_groups(q, k)
+        q3, k3, v3 = q.reshape(-1, n_q, dim), k.reshape(-1, k.shape[2], dim), v.reshape(-1, k.shape[2], dim)
+        out, lse = _fused_forward(q3, k3, v3, plan, scale, groups)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.plan, ctx.scale = plan, scale
+        return out.view(batch, n_q_heads, n_q, dim), lse.view(batch, n_q_heads, n_q)
+
+    @staticmethod
+    def backward(ctx, d_out, d_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        if d_lse is not None and bool(d_lse.any()):
+            with torch.enable_grad():
+                leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+                result = _portable(*leaves, ctx.plan, ctx.scale)
+                grads = torch.autograd.grad(result, leaves, (d_out, d_lse))
+            return (*grads, None, None)
+        dim, n_k = q.shape[-1], k.shape[2]
+        d_q, d_k, d_v = _fused_backward(
+            q.reshape(-1, q.shape[2], dim), k.reshape(-1, n_k, dim), v.reshape(-1, n_k, dim),
+            out, lse, d_out.reshape(out.shape), ctx.plan, ctx.scale, kv_groups(q, k),
+        )
+        return d_q.view(q.shape).to(q.dtype), d_k.view(k.shape).to(k.dtype), d_v.view(v.shape).to(v.dtype), None, None
+
+
+# ---------------------------------------------------------------------------------------------
+# Portable execution (any device, any value width), differentiated by autograd.
+
+
+def _chunks(x: torch.Tensor, index: torch.Tensor, chunk: int) -> Iterator[torch.Tensor]:
+    """Rows ``index (U, m)`` of ``x (B, H, N, D)`` as ``(B, H, u, m, D)`` chunks of ``chunk`` units.
+    Under autograd the gather is done once and split (a cheap backward); else chunk by chunk."""
+    units, per_unit = index.shape
+    flat = index.flatten()
+    if torch.is_grad_enabled() and x.requires_grad:
+        yield from x.index_select(2, flat).unflatten(2, (units, per_unit)).split(chunk, dim=2)
+        return
+    for start in range(0, units, chunk):
+        part = flat[start * per_unit : (start + chunk) * per_unit]
+        yield x.index_select(2, part).unflatten(2, (-1, per_unit))
+
+
+def _portable_group(q_flat, k, v, group: UnitGroup, plan: SparsePlan, groups: int):
+    """One group: ``(out (B, Hkv, U*g*R, Dv), lse2 (B, Hkv, U*g*R), destination rows)``;
+    ``q_flat (B, Hkv, g*Nq, D)`` is pre-scaled by ``scale * log2(e)`` (base-2 scores)."""
+    n_q = plan.n_q
+    units, rows_per_unit = group.q_pos.shape
+    n_cols = group.k_pos.shape[1]
+    rows = group.q_pos - plan.offset
+    real = (rows >= 0) & (rows < n_q)
+    heads = torch.arange(groups, device=rows.device)[None, :, None] * n_q
+    safe_rows = rows.clamp(0, n_q - 1)[:, None, :] + heads  # (U, g, R)
+    dest = torch.where(real[:, None, :], safe_rows, groups * n_q).flatten()
+    k_index = group.k_pos.clamp(0, plan.n_k - 1)
+    batch, kv_heads = k.shape[:2]
+    chunk = max(1, CHUNK_SCORES // (batch * kv_heads * groups * rows_per_unit * n_cols))
+    blocked = group.blocked.unsqueeze(1)  # (U or 1, 1, R, C)
+    outs, lses = [], []
+    inputs = zip(_chunks(q_flat, safe_rows.flatten(1), chunk), _chunks(k, k_index, chunk), _chunks(v, k_index, chunk))
+    for start, (q_u, k_u, v_u) in zip(range(0, units, chunk), inputs):
+        scores = torch.matmul(q_u, k_u.transpose(-1, -2))  # (B, Hkv, u, g*R, C)
+        unit_blocked = blocked if blocked.shape[0] == 1 else blocked[start : start + chunk]
+        scores.view(*scores.shape[:3], groups, rows_per_unit, n_cols).masked_fill_(unit_blocked, float("-inf"))
+        row_max = scores.detach().amax(-1, keepdim=True)
+        row_max = row_max.masked_fill(row_max == float("-inf"), 0.0)
+        probs = scores.sub_(row_max).exp2_()
+        row_sum = probs.sum(-1)
+        seen = row_sum > 0
+        safe_sum = torch.where(seen, row_sum, 1.0)
+        outs.append(torch.matmul(probs, v_u) / safe_sum.unsqueeze(-1))
+        lses.append(torch.where(seen, row_max.squeeze(-1) + torch.log2(safe_sum), float("-inf")))
+    return torch.cat(outs, dim=2).flatten(2, 3), torch.cat(lses, dim=2).flatten(2, 3), dest
+
+
+def _portable(q, k, v, plan: SparsePlan, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    dtype = compute_dtype(q.dtype)
+    batch, n_q_heads, n_q, _ = q.shape
+    kv_heads, groups = k.shape[1], kv_groups(q, k)
+    q_flat = (q.to(dtype) * (scale * _LOG2E)).reshape(batch, kv_heads, groups * n_q, q.shape[-1])
+    k, v = k.to(dtype), v.to(dtype)
+    outs, lses = [], []
+    for part in plan.parts:
+        out = q_flat.new_zeros(batch, kv_heads, groups * n_q + 1, v.shape[-1])  # last row: padding
+        lse = q_flat.new_full((batch, kv_heads, groups * n_q + 1), float("-inf"))
+        for group in part:
+            group_out, group_lse, dest = _portable_group(q_flat, k, v, group, plan, groups)
+            out = out.index_copy(2, dest, group_out)
+            lse = lse.index_copy(2, dest, group_lse)
+        outs.append(out[:, :, :-1].reshape(batch, n_q_heads, n_q, -1))
+        lses.append(lse[:, :, :-1].reshape(batch, n_q_heads, n_q) / _LOG2E)
+    out, lse = (outs[0], lses[0]) if len(outs) == 1 else merge_lse(outs, lses)
+    return out.to(q.dtype), lse
+
+
+# ---------------------------------------------------------------------------------------------
+# Heads and the kernel entry point.
+
+
+class _HeadOfBlockSparse(BlockSparse):
+    """One head of a per-head :class:`BlockSparse`; equal to any head with the same layout, so
+    heads that share a layout share one run and one cached plan."""
+
+    def __init__(self, parent: BlockSparse, head: int) -> None:
+        super().__init__(parent.layout[head], parent.block_size)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, BlockSparse) and other.n_heads is None and (
+            other.block_size == self.block_size and torch.equal(other.layout, self.layout)
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.block_size, self.layout.shape, bytes(self.layout.flatten().numpy())))
+
+
+def head_pattern(pattern: Pattern, head: int) -> Pattern:
+    """The pattern query head ``head`` uses, without a head dimension."""
+    if pattern.n_heads is None:
+        return pattern
+    if isinstance(pattern, PerHead):
+        return pattern.patterns[head]
+    if isinstance(pattern, BlockSparse):
+        return _HeadOfBlockSparse(pattern, head)
+    return type(pattern)(head_pattern(pattern.left, head), head_pattern(pattern.right, head))
+
+
+def head_runs(pattern: Pattern, n_q_heads: int, groups: int) -> list[tuple[int, int, Pattern]]:
+    """``(first, stop, pattern)``: runs of query heads that share one pattern; a run covers whole
+    KV groups when it can, else single heads."""
+    if pattern.n_heads is None:
+        return [(0, n_q_heads, pattern)]
+    per_head = [head_pattern(pattern, h) for h in range(n_q_heads)]
+    runs, start = [], 0
+    for h in range(1, n_q_heads + 1):
+        if h == n_q_heads or per_head[h] != per_head[start]:
+            if start % groups == 0 and h % groups == 0:
+                runs.append((start, h, per_head[start]))
+            else:
+                runs.extend((i, i + 1, per_head[i]) for i in range(start, h))
+            start = h
+    return runs
+
+
+def _run(q, k, v, plan: SparsePlan, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    fused = _FUSED is not None and q.device.type == "cpu" and v.shape[-1] == q.shape[-1]
+    if fused:
+        return _FusedSparseAttention.apply(q, k, v, plan, scale)
+    return _portable(q, k, v, plan, scale)
+
+
+def sparse_kernel(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: Pattern,
+    scale: float,
+    *,
+    unit_rows: int = UNIT_ROWS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact attention by the sparse planner. Inputs validated: q ``(B, Hq, Nq, D)``,
+    k ``(B, Hkv, Nk, D)``, v ``(B, Hkv, Nk, Dv)``. Returns ``(out (B, Hq, Nq, Dv), lse (B, Hq, Nq))``
+    (lse float32 for float16/bfloat16 inputs). Differentiable in q, k, v through out and lse.
+    ``unit_rows`` sets the query block of the plan (see :func:`~.sparse_plan.plan_sparse`).
+    """
+    n_q, n_k = q.shape[2], k.shape[2]
+    groups = kv_groups(q, k)
+    outs, lses = [], []
+    for first, stop, head_pat in head_runs(pattern, q.shape[1], groups):
+        kv = slice(first // groups, -(-stop // groups))
+        plan = plan_sparse(head_pat, n_q, n_k, q.device, unit_rows)
+        out, lse = _run(q[:, first:stop], k[:, kv], v[:, kv], plan, scale)
+        outs.append(out)
+        lses.append(lse)
+    if len(outs) == 1:
+        return outs[0], lses[0]
+    return torch.cat(outs, dim=1), torch.cat(lses, dim=1)
+
+
+def planned_pairs(pattern: Pattern, n_q: int, n_k: int, n_q_heads: int = 1) -> int:
+    """Score entries the sparse plan computes per batch, summed over ``n_q_heads`` query heads."""
+    total = 0
+    for first, stop, head_pat in head_runs(pattern, n_q_heads, 1):
+        total += (stop - first) * plan_sparse(head_pat, n_q, n_k, torch.device("cpu")).computed_pairs
+    return total
+
+
+__all__ = ["head_pattern", "head_runs", "planned_pairs", "sparse_kernel"]

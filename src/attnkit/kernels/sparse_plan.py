@@ -1,0 +1,260 @@
+"""The sparse planner: turn a pattern into disjoint parts of equally shaped attention *units*.
+
+A plan is a list of *parts*, exact sub-attentions over disjoint key sets whose results are merged
+by their log-sum-exp. A union ``a | b`` becomes the parts of ``a`` followed by the parts of ``b``
+with the pairs of ``a`` masked out, so no key is counted twice; ``Strided`` and ``Fixed`` are the
+unions of their two ``parts``. Each part is a few groups of units: a unit is ``R`` query positions
+that see the same ``C`` key positions, and a group runs as one batched attention call. Geometries:
+
+- band patterns (``SlidingWindow`` and compositions with a finite band): units are blocks of
+  ``BAND_ROWS`` consecutive queries; each sees the ``BAND_ROWS + hi - lo`` keys its band reaches.
+  Blocks at the two ends of the sequence form groups of their own, so the interior group shares
+  one ``R x C`` element mask;
+- ``Periodic`` (Strided's ``(i - j) % stride == 0`` part, the local band excluded): the positions
+  of one residue modulo the stride form one unit, an independent causal sequence of
+  ``n / stride`` positions;
+- ``BlockLocal`` (Fixed's block part): one unit per block of ``stride`` positions, causal inside;
+- ``Summary`` (Fixed's summary part, keys of the query's own block excluded): blocks of queries
+  see the prefix of the summary columns that lies before them; blocks are bucketed by prefix
+  length so the padding stays small;
+- anything else (``BlockSparse``, ``Predicate``, ``Causal``, intersections): blocks of queries
+  gather the key tiles where the pattern allows at least one pair, bucketed by tile count.
+
+Each unit carries an exact element mask evaluated once from the part's predicate; plans are cached
+per (pattern, sizes, device). Nothing here is ``Nq x Nk``: positions, masks and the work that
+follows are proportional to the pairs the units cover.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from ..patterns import BlockLocal, BlockSparse, Fixed, Pattern, Periodic, Strided, Summary, Union
+
+UNIT_ROWS = 128
+"""Query rows per unit of the summary and tile geometries."""
+BAND_ROWS = 32
+"""Query rows per unit of the band geometry: small blocks waste few keys at the band's edges
+(``(R + hi - lo) / (hi - lo + 1)`` computed per allowed); 32 measured fastest for windows of 128-256."""
+_MASK_CHUNK = 1 << 22  # predicate evaluations at once while planning
+_BUCKET_FILL = 0.8  # a bucket of units keeps at least this share of its widest unit's keys
+
+
+@dataclass(frozen=True, eq=False)
+class Difference(Pattern):
+    """Pairs of ``keep`` that ``drop`` does not allow: how a union is split into disjoint parts."""
+
+    keep: Pattern
+    drop: Pattern
+
+    def allows(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        return self.keep.allows(i, j) & ~self.drop.allows(i, j)
+
+
+@dataclass(frozen=True, eq=False)
+class UnitGroup:
+    """``U`` units of one shape, in absolute positions.
+
+    ``q_pos (U, R)``: the query positions of each unit (those outside the queries are padding);
+    ``k_pos (U, C)``: the key positions (those outside ``[0, n_k)`` are padding);
+    ``blocked (U or 1, R, C)``: pairs to leave out (padding included), one shared mask when every
+    unit has the same; ``seen (U, R)``: rows with at least one allowed key in this group.
+    ``cache`` holds the additive masks built from ``blocked`` per dtype and GQA group size.
+    """
+
+    q_pos: torch.Tensor
+    k_pos: torch.Tensor
+    blocked: torch.Tensor
+    seen: torch.Tensor
+    cache: dict = field(default_factory=dict)
+
+    @property
+    def pairs(self) -> int:
+        """Score entries this group computes per query head and batch."""
+        return self.q_pos.numel() * self.k_pos.shape[1]
+
+
+@dataclass(frozen=True, eq=False)
+class SparsePlan:
+    """Disjoint parts, each a tuple of groups whose query rows do not overlap."""
+
+    n_q: int
+    n_k: int
+    parts: tuple[tuple[UnitGroup, ...], ...]
+
+    @property
+    def offset(self) -> int:
+        """Absolute position of query row 0 (bottom-right alignment)."""
+        return self.n_k - self.n_q
+
+    @property
+    def computed_pairs(self) -> int:
+        """Score entries the plan computes per query head and batch."""
+        return sum(g.pairs for part in self.parts for g in part)
+
+
+def _block_units(offset: int, n_q: int, size: int) -> tuple[int, int]:
+    """First absolute position and count of ``size``-aligned blocks covering the query positions."""
+    first = (offset // size) * size
+    return first, -(-(offset + n_q - first) // size)
+
+
+def _query_blocks(offset: int, n_q: int, size: int) -> torch.Tensor:
+    first, count = _block_units(offset, n_q, size)
+    return first + torch.arange(count * size).view(count, size)
+
+
+def _runs(flags: torch.Tensor) -> list[tuple[int, int]]:
+    """``[start, stop)`` ranges of equal consecutive values of a 1-D tensor."""
+    change = (flags[1:] != flags[:-1]).nonzero().flatten() + 1
+    bounds = [0, *change.tolist(), len(flags)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _band_geometry(lo: int, hi: int, offset: int, n_q: int, n_k: int, rows: int) -> list[tuple]:
+    q_pos = _query_blocks(offset, n_q, rows)
+    k_pos = (q_pos[:, :1] - hi) + torch.arange(rows + hi - lo)
+    interior = ((q_pos >= offset) & (q_pos < offset + n_q)).all(1) & (k_pos[:, 0] >= 0) & (k_pos[:, -1] < n_k)
+    return [(q_pos[a:b], k_pos[a:b]) for a, b in _runs(interior)]
+
+
+def _periodic_geometry(stride: int, offset: int, n_q: int, n_k: int) -> list[tuple]:
+    q_pos = _query_blocks(offset, n_q, stride).T  # (stride, count): one residue per unit
+    k_pos = _query_blocks(0, n_k, stride).T
+    return [(q_pos, k_pos)]
+
+
+def _block_local_geometry(stride: int, offset: int, n_q: int, n_k: int) -> list[tuple]:
+    q_pos = _query_blocks(offset, n_q, stride)
+    return [(q_pos, q_pos)]
+
+
+def _bucketed(q_pos: torch.Tensor, k_pos: torch.Tensor, need: torch.Tensor) -> list[tuple]:
+    """Split units whose keys are left-aligned in ``k_pos (U, Cmax)``, unit ``u`` needing the first
+    ``need[u]``, into groups of similar width (each keeps >= ``_BUCKET_FILL`` of its widest)."""
+    order = torch.argsort(need, descending=True, stable=True)
+    need_sorted = need[order].tolist()
+    groups, start = [], 0
+    while start < len(order) and need_sorted[start] > 0:
+        width, stop = need_sorted[start], start
+        while stop < len(order) and need_sorted[stop] >= max(_BUCKET_FILL * width, 1):
+            stop += 1
+        members = order[start:stop].sort().values
+        groups.append((q_pos[members], k_pos[members, :width]))
+        start = stop
+    return groups
+
+
+def _summary_geometry(stride: int, summary: int, offset: int, n_q: int, n_k: int, rows: int) -> list[tuple]:
+    q_pos = _query_blocks(offset, n_q, rows)
+    keys = torch.arange(n_k)
+    keys = keys[keys % stride >= stride - summary]
+    need = torch.searchsorted(keys, q_pos[:, -1].contiguous(), right=True)  # summary keys up to the unit
+    return _bucketed(q_pos, keys.expand(len(q_pos), -1), need)
+
+
+def _tile_geometry(pattern: Pattern, offset: int, n_q: int, n_k: int, rows: int, tile: int) -> list[tuple]:
+    """Query blocks of ``rows`` gather the key tiles of ``tile`` keys where ``pattern`` allows a
+    pair (found by evaluating the predicate one query block at a time: ``rows x n_k`` at most)."""
+    q_pos = _query_blocks(offset, n_q, rows)
+    n_tiles = -(-n_k // tile)
+    k_all = torch.arange(n_tiles * tile)
+    k_safe = k_all.clamp(max=n_k - 1)
+    nonempty = torch.zeros(len(q_pos), n_tiles, dtype=torch.bool)
+    for u, unit in enumerate(q_pos):
+        rows = unit[(unit >= offset) & (unit < offset + n_q)]
+        if len(rows):
+            allowed = pattern.allows(rows[:, None], k_safe[None, :]) & (k_all < n_k)
+            nonempty[u] = allowed.view(len(rows), n_tiles, tile).any(-1).any(0)
+    tiles = torch.argsort((~nonempty).to(torch.int8), dim=1, stable=True)  # non-empty tiles first
+    k_pos = (tiles[:, :, None] * tile + torch.arange(tile)).flatten(1)
+    return _bucketed(q_pos, k_pos, nonempty.sum(1) * tile)
+
+
+def _geometry(pattern: Pattern, offset: int, n_q: int, n_k: int, rows: int) -> list[tuple]:
+    """Units ``(q_pos (U, R), k_pos (U, C))`` in absolute positions covering every allowed pair."""
+    band = pattern.band()
+    if band is not None and math.isfinite(band[0]) and math.isfinite(band[1]):
+        return _band_geometry(int(band[0]), int(band[1]), offset, n_q, n_k, min(rows, BAND_ROWS))
+    if isinstance(pattern, Periodic):
+        return _periodic_geometry(pattern.stride, offset, n_q, n_k)
+    if isinstance(pattern, BlockLocal):
+        return _block_local_geometry(pattern.stride, offset, n_q, n_k)
+    if isinstance(pattern, Summary):
+        return _summary_geometry(pattern.stride, pattern.summary, offset, n_q, n_k, rows)
+    tile = pattern.block_size if isinstance(pattern, BlockSparse) else rows
+    return _tile_geometry(pattern, offset, n_q, n_k, rows, tile)
+
+
+def split_parts(pattern: Pattern) -> list[Pattern]:
+    """The pieces the planner gives a geometry of their own; their union is ``pattern``."""
+    if isinstance(pattern, (Strided, Fixed)):
+        return list(pattern.parts)
+    if isinstance(pattern, Union):
+        return split_parts(pattern.left) + split_parts(pattern.right)
+    return [pattern]
+
+
+def _unit_group(q_pos, k_pos, exact: Pattern, offset: int, n_q: int, n_k: int) -> Optional[UnitGroup]:
+    """Evaluate the exact mask of the units; drop units and edge columns with no allowed pair."""
+    q_real = (q_pos >= offset) & (q_pos < offset + n_q)
+    k_real = (k_pos >= 0) & (k_pos < n_k)
+    q_safe = q_pos.clamp(offset, offset + n_q - 1)  # padding: any in-range position, masked below
+    k_safe = k_pos.clamp(0, n_k - 1)
+    step = max(1, _MASK_CHUNK // (q_pos.shape[1] * k_pos.shape[1]))
+    allowed = torch.cat([
+        exact.allows(q_safe[u : u + step, :, None], k_safe[u : u + step, None, :])
+        for u in range(0, len(q_pos), step)
+    ])
+    allowed &= q_real[:, :, None] & k_real[:, None, :]
+    keep = allowed.flatten(1).any(1)
+    if not bool(keep.any()):
+        return None
+    q_pos, k_pos, allowed = q_pos[keep], k_pos[keep], allowed[keep]
+    used = allowed.any(1).any(0).nonzero().flatten()
+    cols = slice(int(used[0]), int(used[-1]) + 1)
+    k_pos, allowed = k_pos[:, cols], allowed[:, :, cols]
+    shared = bool((allowed == allowed[:1]).all())
+    blocked = ~(allowed[:1] if shared else allowed)
+    return UnitGroup(q_pos, k_pos, blocked, allowed.any(-1))
+
+
+@functools.lru_cache(maxsize=16)
+def plan_sparse(
+    pattern: Pattern, n_q: int, n_k: int, device: torch.device, unit_rows: int = UNIT_ROWS
+) -> SparsePlan:
+    """The plan of one pattern without a head dimension for an ``n_q x n_k`` problem, cached.
+    ``unit_rows`` is the query block of the summary and tile geometries (the band geometry uses
+    ``min(unit_rows, BAND_ROWS)``).
+
+    Part ``p`` keeps only the pairs that no earlier part allows. A pattern that allows nothing
+    gets one fully masked unit, so the result stays differentiable (zero gradients).
+    """
+    offset = n_k - n_q
+    parts, earlier = [], None
+    for piece in split_parts(pattern):
+        exact = piece if earlier is None else Difference(piece, earlier)
+        groups = []
+        for q_pos, k_pos in _geometry(piece, offset, n_q, n_k, unit_rows):
+            group = _unit_group(q_pos, k_pos, exact, offset, n_q, n_k)
+            if group is not None:
+                groups.append(group)
+        if groups:
+            parts.append(tuple(groups))
+        earlier = piece if earlier is None else Union(earlier, piece)
+    if not parts:
+        one = torch.full((1, 1), offset, dtype=torch.long)
+        parts.append((UnitGroup(one, one * 0, torch.ones(1, 1, 1, dtype=torch.bool), one < 0),))
+    moved = tuple(
+        tuple(UnitGroup(*(t.to(device) for t in (g.q_pos, g.k_pos, g.blocked, g.seen))) for g in part)
+        for part in parts
+    )
+    return SparsePlan(n_q, n_k, moved)
+
+
+__all__ = ["BAND_ROWS", "Difference", "SparsePlan", "UNIT_ROWS", "UnitGroup", "plan_sparse", "split_parts"]
