@@ -2,8 +2,9 @@
 
 from .attention import MultiHeadAttention
 from .kv_cache import KVCache
+from .rolling_cache import RollingKVCache
 from .mlp import SwiGLU
 from .norm import RMSNorm
 from .rope import Llama3RopeScaling, RotaryEmbedding
 
-__all__ = ["KVCache", "Llama3RopeScaling", "MultiHeadAttention", "RMSNorm", "RotaryEmbedding", "SwiGLU"]
+__all__ = ["KVCache", "Llama3RopeScaling", "MultiHeadAttention", "RollingKVCache", "RMSNorm", "RotaryEmbedding", "SwiGLU"]

@@ -11,6 +11,7 @@ from torch import nn
 from ..functional import BACKENDS, attention
 from ..patterns import Pattern, as_pattern
 from .kv_cache import KVCache
+from .rolling_cache import RollingKVCache
 
 RopeHook = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 """``rope(q, k, positions) -> (q, k)``: rotates q ``(B, Hq, N, D)`` and k ``(B, Hkv, N, D)`` by
@@ -88,6 +89,22 @@ class MultiHeadAttention(nn.Module):
             dtype=dtype or weight.dtype, device=device or weight.device,
         )
 
+    def make_rolling_cache(self, batch: int, *, dtype=None, device=None) -> RollingKVCache:
+        """A :class:`RollingKVCache` holding just the window of this layer's sliding-window pattern.
+
+        Raises ValueError when the pattern is not a causal sliding window (``SlidingWindow(size)``).
+        """
+        band = self.pattern.band() if self.pattern.n_heads is None else None
+        if band is None or band[0] < 0 or band[1] == float("inf"):
+            raise ValueError(
+                f"MultiHeadAttention.make_rolling_cache: the pattern must be a causal sliding window, got {self.pattern!r}"
+            )
+        weight = self.k_proj.weight
+        return RollingKVCache(
+            batch, self.n_kv_heads, int(band[1]) + 1, self.head_dim,
+            dtype=dtype or weight.dtype, device=device or weight.device,
+        )
+
     def project_qkv(
         self, x: torch.Tensor, positions: Optional[torch.Tensor] = None, start: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -108,13 +125,14 @@ class MultiHeadAttention(nn.Module):
         x: torch.Tensor,
         *,
         positions: Optional[torch.Tensor] = None,
-        cache: Optional[KVCache] = None,
+        cache: Optional[KVCache | RollingKVCache] = None,
         key_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """``x (B, N, dim) -> (B, N, dim)``.
 
         With a ``cache``, the new keys/values are appended to it and the N new queries attend to
-        everything cached (bottom-right alignment puts them at the newest positions).
+        everything cached (bottom-right alignment puts them at the newest positions); a
+        :class:`RollingKVCache` keeps only the last tokens and needs a causal sliding window.
         ``positions`` ``(N,)`` or ``(B, N)`` go to the rope hook (default: the next N positions).
         ``key_mask`` ``(B, Nk)`` bool (True = a real token, ``Nk`` = keys after the cache update)
         hides padding keys per row, for batches of prompts with different lengths; it is combined
@@ -123,6 +141,8 @@ class MultiHeadAttention(nn.Module):
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"MultiHeadAttention: x must be (batch, seq, {self.dim}), got {got}")
+        if isinstance(cache, RollingKVCache):
+            cache.check_pattern(self.pattern)
         start = cache.length if cache is not None else 0
         q, k, v = self.project_qkv(x, positions, start)
         if cache is not None:
