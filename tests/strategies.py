@@ -71,7 +71,8 @@ def problems(draw, max_len: int = 200, max_head_dim: int = 128, dtype=torch.floa
     n_kv_heads = draw(st.integers(1, 4))
     groups = draw(st.integers(1, 3))
     n_k = draw(st.integers(1, max_len))
-    n_q = draw(st.one_of(st.just(n_k), st.integers(1, n_k)))
+    # Mostly Nq <= Nk (decoding, chunked prefill); sometimes Nq > Nk, whose first rows see no key.
+    n_q = draw(st.one_of(st.just(n_k), st.integers(1, n_k), st.integers(1, max_len)))
     head_dim = draw(st.one_of(st.integers(1, 16), st.sampled_from([32, 64, max_head_dim])))
     value_dim = draw(st.one_of(st.just(head_dim), st.integers(1, 16)))
     seed = draw(st.integers(0, 2**31 - 1))

@@ -33,6 +33,46 @@ def test_many_small_tiles_equal_the_reference(problem, block_q, block_k):
         torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-10, msg=lambda m: f"{name}: {m}")
 
 
+@given(problem=problems(max_len=90), block=st.integers(1, 24), seed=st.integers(0, 1000))
+def test_explicit_positions_give_the_rows_of_the_full_problem(problem, block, seed):
+    # A shuffled subset of the full problem's queries and keys, with their true positions, must
+    # see the pattern exactly as the full problem does (ring attention relies on this).
+    n_q, n_k = problem.q.shape[2], problem.k.shape[2]
+    gen = torch.Generator().manual_seed(seed)
+    q_pos = torch.randperm(n_q, generator=gen) + (n_k - n_q)
+    k_pos = torch.randperm(n_k, generator=gen)
+    rows, cols = q_pos - (n_k - n_q), k_pos
+    scale = problem.q.shape[-1] ** -0.5
+    leaves = [problem.q[:, :, rows].clone().requires_grad_(), problem.k[:, :, cols].clone().requires_grad_(),
+              problem.v[:, :, cols].clone().requires_grad_()]
+    out, lse = blockwise_kernel(*leaves, problem.pattern, scale, block_q=block, block_k=block,
+                                positions=(q_pos, k_pos))
+    ref_leaves = [t.clone().requires_grad_() for t in (problem.q, problem.k, problem.v)]
+    ref_out, ref_lse, _ = reference_kernel(*ref_leaves, problem.pattern, scale)
+    torch.testing.assert_close(out, ref_out[:, :, rows], rtol=1e-9, atol=1e-10)
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse[:, :, rows]))
+    weight = torch.randn_like(out)
+    (d_q, d_k, d_v) = torch.autograd.grad((out * weight).sum(), leaves)
+    full_weight = torch.zeros_like(ref_out)
+    full_weight[:, :, rows] = weight
+    ref_dq, ref_dk, ref_dv = torch.autograd.grad((ref_out * full_weight).sum(), ref_leaves)
+    torch.testing.assert_close(d_q, ref_dq[:, :, rows], rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(d_k, ref_dk[:, :, cols], rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(d_v, ref_dv[:, :, cols], rtol=1e-9, atol=1e-10)
+
+
+@given(problem=problems(max_len=120), block_q=st.integers(1, 40), block_k=st.integers(1, 40))
+def test_many_small_tiles_in_float32_stay_within_1e5(problem, block_q, block_k):
+    scale = problem.q.shape[-1] ** -0.5
+    q, k, v = (t.float() for t in (problem.q, problem.k, problem.v))
+    out, lse = blockwise_kernel(q, k, v, problem.pattern, scale, block_q=block_q, block_k=block_k)
+    ref_out, ref_lse, _ = reference_kernel(*(t.double() for t in (q, k, v)), problem.pattern, scale)
+    assert float((out.double() - ref_out).norm() / ref_out.norm().clamp_min(1e-30)) <= 1e-5
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(finite, torch.isfinite(lse))
+    torch.testing.assert_close(lse[finite].double(), ref_lse[finite], rtol=1e-5, atol=1e-5)
+
+
 @given(n_q=st.integers(1, 100), n_k=st.integers(1, 100), block_q=st.integers(1, 32),
        block_k=st.integers(1, 32), window=st.integers(1, 30))
 def test_plan_visits_exactly_the_tiles_with_allowed_pairs(n_q, n_k, block_q, block_k, window):

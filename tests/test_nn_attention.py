@@ -46,10 +46,21 @@ def test_cached_decoding_token_by_token_equals_the_full_forward(n_kv_heads, patt
     x = torch.randn(2, 9, 32, dtype=torch.float64)
     full = layer(x)
     cache = layer.make_cache(batch=2, max_len=12)
-    prefill = layer(x[:, :4], cache=cache)
-    steps = [layer(x[:, i : i + 1], cache=cache) for i in range(4, 9)]
+    with torch.no_grad():
+        prefill = layer(x[:, :4], cache=cache)
+        steps = [layer(x[:, i : i + 1], cache=cache) for i in range(4, 9)]
     torch.testing.assert_close(torch.cat([prefill, *steps], dim=1), full)
     assert cache.length == 9
+
+
+def test_cache_refuses_grad_mode_with_a_clear_error():
+    layer = MultiHeadAttention(16, 4, 2, pattern=Causal())
+    cache = layer.make_cache(batch=1, max_len=6)
+    with pytest.raises(RuntimeError, match="decode under torch.no_grad"):
+        layer(torch.randn(1, 1, 16), cache=cache)
+    with torch.no_grad():
+        layer(torch.randn(1, 2, 16), cache=cache)
+    assert cache.length == 2 and cache.keys.grad_fn is None
 
 
 def test_rope_hook_receives_absolute_positions_including_the_cache_offset():
@@ -61,8 +72,9 @@ def test_rope_hook_receives_absolute_positions_including_the_cache_offset():
 
     layer = MultiHeadAttention(8, 2, rope=rope, pattern=Causal())
     cache = layer.make_cache(1, 8)
-    layer(torch.randn(1, 3, 8), cache=cache)
-    layer(torch.randn(1, 1, 8), cache=cache)
+    with torch.no_grad():
+        layer(torch.randn(1, 3, 8), cache=cache)
+        layer(torch.randn(1, 1, 8), cache=cache)
     layer(torch.randn(1, 2, 8), positions=torch.tensor([10, 11]))
     assert seen == [[0, 1, 2], [3], [10, 11]]
 
@@ -94,7 +106,7 @@ def test_bad_forward_input_and_cache_overflow():
     with pytest.raises(ValueError, match=r"x must be \(batch, seq, 8\), got \(2, 3, 9\)"):
         layer(torch.randn(2, 3, 9))
     cache = KVCache(1, 2, 4, 4)
-    with pytest.raises(ValueError, match="exceed max_len=4"):
+    with torch.no_grad(), pytest.raises(ValueError, match="exceed max_len=4"):
         layer(torch.randn(1, 5, 8), cache=cache)
     with pytest.raises(ValueError, match="batch must be a positive integer"):
         KVCache(0, 2, 4, 4)

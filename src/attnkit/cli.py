@@ -2,7 +2,8 @@
 
 A subcommand module exposes ``register(subparsers)``, which adds its parser and sets
 ``func=run`` (a callable taking the parsed namespace and returning an exit code). Modules import
-their heavy dependencies inside ``run`` so that ``attnkit --help`` and ``attnkit info`` stay fast.
+their optional dependencies (matplotlib, transformers, tokenizers) inside ``run``, so a missing
+extra only affects the command that needs it.
 
 Errors: a bad argument or input ends the program with exit code 2 and one line on stderr
 (``attnkit: error: ...``); set ``ATTNKIT_DEBUG=1`` to see the traceback instead.
@@ -73,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # commands that record how they were invoked read it here
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -60,20 +60,22 @@ class Contender:
     """An implementation to time. ``baseline`` marks the one ratios are taken against."""
 
     name: str
-    fn: AttentionFn
+    fn: Optional[AttentionFn]
     baseline: bool = False
     note: Optional[str] = None
+    forward_only: bool = False
+    """No backward pass here: left out of ``--backward`` runs. ``fn=None``: skipped (see note)."""
 
 
 def _sdpa_direct(pattern: Pattern) -> AttentionFn:
     """torch SDPA called as a user would: ``is_causal``, or a boolean mask built once per shape."""
 
     @functools.lru_cache(maxsize=8)
-    def masks(n_q: int, n_k: int, heads: int, device: torch.device):
-        return sdpa_mask(pattern, n_q, n_k, heads, device)
+    def masks(n_q: int, n_k: int, device: torch.device):
+        return sdpa_mask(pattern, n_q, n_k, device)
 
     def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        is_causal, mask = masks(q.shape[2], k.shape[2], q.shape[1], q.device)
+        is_causal, mask = masks(q.shape[2], k.shape[2], q.device)
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=q.shape[1] != k.shape[1]
         )
@@ -87,6 +89,8 @@ def _attnkit(pattern: Pattern, backend: str) -> AttentionFn:
 
 def contenders_for(workload: Workload) -> list[Contender]:
     """Every implementation that can run ``workload``, the SDPA baseline first."""
+    if workload.case in SPARSE_CASE_SETS:
+        return sparse_contenders(workload)
     pattern = workload.pattern
     found = [Contender("torch sdpa", _sdpa_direct(pattern), baseline=True)]
     for backend in ("auto", "dense", "blockwise"):
@@ -101,6 +105,9 @@ def causal_case(seqs: tuple[int, ...]) -> list[Workload]:
     return [Workload("causal", Causal(), seq) for seq in seqs]
 
 
+from .sparse_cases import SPARSE_CASE_SETS, sparse_contenders  # noqa: E402  (they build on the above)
+
 CASE_SETS: dict[str, Callable[[tuple[int, ...]], list[Workload]]] = {
     "causal": causal_case,
+    **SPARSE_CASE_SETS,
 }

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -79,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     console.print(_table(rows, torch.get_num_threads()))
     if args.json:
         meta = {
-            "command": "attnkit " + " ".join(sys.argv[1:]),
+            "command": "attnkit " + " ".join(args.argv),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "machine": platform.machine(),
             "processor": platform.processor(),
@@ -101,10 +100,11 @@ def _table(rows, threads: int):
     from rich.table import Table
 
     table = Table(title=f"attnkit bench ({rows[0].mode}, {threads} threads; ratio = time / torch sdpa)")
-    for name in ("case", "N", "contender", "median ms", "GFLOP/s", "ratio", "max |err|", "largest MiB"):
-        table.add_column(name, justify="left" if name in ("case", "contender") else "right")
+    for name in ("case", "N", "contender", "median ms", "GFLOP/s", "ratio", "max |err|", "largest MiB", "peak MiB", "note"):
+        table.add_column(name, justify="left" if name in ("case", "contender", "note") else "right")
     for r in rows:
         ratio = "" if r.vs_baseline is None else f"{r.vs_baseline:.2f}x"
         table.add_row(r.case, str(r.seq), r.contender, f"{r.median_ms:.2f}", f"{r.gflops:.1f}", ratio,
-                      f"{r.max_abs_err:.1e}", f"{r.largest_tensor_mib:.1f}")
+                      f"{r.max_abs_err:.1e}", f"{r.largest_tensor_mib:.1f}",
+                      "" if r.peak_mib is None else f"{r.peak_mib:.1f}", r.note)
     return table

@@ -19,6 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..functional import reference_attention
 from .cases import Contender, Workload, contenders_for
+from .memory import peak_memory_bytes
 
 ERROR_ROWS = 256
 
@@ -37,6 +38,7 @@ class BenchRow:
     max_abs_err: float
     largest_tensor_mib: float
     note: str = ""
+    peak_mib: Optional[float] = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -62,21 +64,20 @@ def largest_tensor_bytes(fn: Callable[[], object]) -> int:
     return mode.largest
 
 
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def _timed(fn: Callable[[], object]) -> float:
-    _sync()
+def _timed(fn: Callable[[], object], device: torch.device) -> float:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
     start = time.perf_counter()
     fn()
-    _sync()
+    sync()
     return time.perf_counter() - start
 
 
-def time_interleaved(fns: list[Callable[[], object]], repeats: int) -> list[float]:
-    """Median wall time in seconds of each of ``fns``, after one warm-up call each.
+def time_interleaved(
+    fns: list[Callable[[], object]], repeats: int, device: torch.device = torch.device("cpu")
+) -> list[float]:
+    """Median wall time in seconds of each of ``fns``, after one warm-up call each (CUDA work
+    is synchronised around each call).
 
     The calls are interleaved round-robin (a, b, c, a, b, c, ...) so that a change in machine
     load during the run affects every contender alike and their ratios stay meaningful.
@@ -86,7 +87,7 @@ def time_interleaved(fns: list[Callable[[], object]], repeats: int) -> list[floa
     times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
         for fn, record in zip(fns, times):
-            record.append(_timed(fn))
+            record.append(_timed(fn, device))
     return [statistics.median(record) for record in times]
 
 
@@ -116,6 +117,10 @@ def _max_error(contender: Contender, workload: Workload, q, k, v) -> float:
     return float((out.double() - expected).abs().max())
 
 
+def _mib(n_bytes: Optional[int]) -> Optional[float]:
+    return None if n_bytes is None else n_bytes / 2**20
+
+
 def run_benchmark(
     workloads: Iterable[Workload],
     *,
@@ -130,11 +135,15 @@ def run_benchmark(
     mode = "fwd+bwd" if backward else "fwd"
     for workload in workloads:
         q, k, v = workload.inputs(device=device)
-        contenders = contenders_for(workload)
+        every = [c for c in contenders_for(workload) if not (backward and c.forward_only)]
+        contenders = [c for c in every if c.fn is not None]
+        for skipped in (c for c in every if c.fn is None):
+            rows.append(BenchRow(workload.case, workload.seq, skipped.name, mode, float("nan"), float("nan"),
+                                 None, float("nan"), float("nan"), note=f"skipped: {skipped.note}"))
         calls = [_call(c, q, k, v, backward) for c in contenders]
         if on_step:
             on_step(f"{workload.case} N={workload.seq}: timing {len(calls)} contenders")
-        seconds = time_interleaved(calls, repeats)
+        seconds = time_interleaved(calls, repeats, q.device)
         baseline_s = next((s for c, s in zip(contenders, seconds) if c.baseline), None)
         flops = workload.useful_flops * (3.5 if backward else 1.0)  # bwd ~ 2.5x the fwd matmuls
         for contender, call, t in zip(contenders, calls, seconds):
@@ -152,6 +161,7 @@ def run_benchmark(
                     max_abs_err=_max_error(contender, workload, q, k, v),
                     largest_tensor_mib=largest_tensor_bytes(call) / 2**20,
                     note=contender.note or "",
+                    peak_mib=_mib(peak_memory_bytes(call, q.device)),
                 )
             )
     return rows

@@ -126,10 +126,10 @@ def planned_pairs(blocks: list[QueryBlock]) -> int:
     return sum((b.q_stop - b.q_start) * sum(stop - start for start, stop, _ in b.tiles) for b in blocks)
 
 
-def _tile_scores(q_block, k, block, k_start, k_stop, masked, pattern, positions, dtype):
-    """Masked scaled scores of one tile: ``(B, Hkv, g, rows, cols)`` in ``dtype``."""
+def _tile_scores(q_block, k, block, k_start, k_stop, masked, pattern, positions):
+    """Masked scaled scores of one tile: ``(B, Hkv, g, rows, cols)`` in the compute dtype."""
     k_tile = k[:, :, k_start:k_stop].unsqueeze(2)  # (B, Hkv, 1, T, D)
-    scores = torch.matmul(q_block, k_tile.transpose(-1, -2)).to(dtype)
+    scores = torch.matmul(q_block, k_tile.transpose(-1, -2))
     if masked:
         q_pos, k_pos = positions
         allowed = pattern.rows_mask(q_pos[block.q_start : block.q_stop], k_pos[k_start:k_stop])
@@ -140,22 +140,25 @@ def _tile_scores(q_block, k, block, k_start, k_stop, masked, pattern, positions,
 
 
 def _forward(q, k, v, pattern, scale, blocks, positions):
+    # Half inputs are upcast once: scores, softmax statistics and sums are all float32.
     dtype = compute_dtype(q.dtype)
-    q_scaled = (q * (scale * _LOG2E)).unflatten(1, (k.shape[1], kv_groups(q, k)))  # (B, Hkv, g, Nq, D)
-    out = torch.zeros(*q_scaled.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
+    groups, out_dtype = kv_groups(q, k), q.dtype
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    q_scaled = (q * (scale * _LOG2E)).unflatten(1, (k.shape[1], groups))  # (B, Hkv, g, Nq, D)
+    out = torch.zeros(*q_scaled.shape[:-1], v.shape[-1], dtype=dtype, device=q.device)
     lse = torch.full(q_scaled.shape[:-1], float("-inf"), dtype=dtype, device=q.device)
     for block in blocks:
         rows = slice(block.q_start, block.q_stop)
         q_block = q_scaled[..., rows, :]
         acc = row_max = row_sum = None
         for k_start, k_stop, masked in block.tiles:
-            probs = _tile_scores(q_block, k, block, k_start, k_stop, masked, pattern, positions, dtype)
+            probs = _tile_scores(q_block, k, block, k_start, k_stop, masked, pattern, positions)
             tile_max = probs.amax(-1)
             new_max = tile_max if row_max is None else torch.maximum(row_max, tile_max)
             shift = new_max.masked_fill(new_max == float("-inf"), 0.0)
             probs.sub_(shift.unsqueeze(-1)).exp2_()
             v_tile = v[:, :, k_start:k_stop].unsqueeze(2)
-            values = torch.matmul(probs.to(v.dtype), v_tile).to(dtype)
+            values = torch.matmul(probs, v_tile)
             if acc is None:
                 acc, row_sum = values, probs.sum(-1)
             else:
@@ -167,16 +170,18 @@ def _forward(q, k, v, pattern, scale, blocks, positions):
         out[..., rows, :] = acc / torch.where(seen, row_sum, 1.0).unsqueeze(-1)
         log2_sum = row_max + torch.log2(torch.where(seen, row_sum, 1.0))
         lse[..., rows] = torch.where(seen, log2_sum / _LOG2E, float("-inf"))
-    return out.flatten(1, 2), lse.flatten(1, 2)
+    return out.flatten(1, 2).to(out_dtype), lse.flatten(1, 2)
 
 
 def _backward(q, k, v, out, lse, d_out, d_lse, pattern, scale, blocks, positions):
     dtype = compute_dtype(q.dtype)
     groups = kv_groups(q, k)
+    grad_dtypes = (q.dtype, k.dtype, v.dtype)
+    q, k, v, out, d_out = (t.to(dtype) for t in (q, k, v, out, d_out))
     q_scaled = (q * (scale * _LOG2E)).unflatten(1, (k.shape[1], groups))
     d_out_g = d_out.unflatten(1, (k.shape[1], groups))
     # delta_i = sum_j p_ij dP_ij = rowsum(dO * O); a gradient on the LSE enters as -dLSE.
-    delta = (d_out.to(dtype) * out.to(dtype)).sum(-1) - d_lse.to(dtype)
+    delta = (d_out * out).sum(-1) - d_lse.to(dtype)
     delta = delta.unflatten(1, (k.shape[1], groups))
     lse_g = (lse.to(dtype) * _LOG2E).unflatten(1, (k.shape[1], groups))
     lse_g = lse_g.masked_fill(lse_g == float("-inf"), 0.0)  # such rows are fully masked: p = 0
@@ -189,16 +194,16 @@ def _backward(q, k, v, out, lse, d_out, d_lse, pattern, scale, blocks, positions
         d_q_block = d_q[..., rows, :]
         for k_start, k_stop, masked in block.tiles:
             cols = slice(k_start, k_stop)
-            probs = _tile_scores(q_block, k, block, k_start, k_stop, masked, pattern, positions, dtype)
+            probs = _tile_scores(q_block, k, block, k_start, k_stop, masked, pattern, positions)
             probs.sub_(lse_g[..., rows].unsqueeze(-1)).exp2_()
-            d_v[:, :, cols] += torch.matmul(probs.transpose(-1, -2).to(v.dtype), d_out_block).sum(2)
+            d_v[:, :, cols] += torch.matmul(probs.transpose(-1, -2), d_out_block).sum(2)
             d_scores = torch.matmul(d_out_block, v[:, :, cols].unsqueeze(2).transpose(-1, -2))
-            d_scores = d_scores.to(dtype).sub_(delta[..., rows].unsqueeze(-1)).mul_(probs).to(q.dtype)
+            d_scores.sub_(delta[..., rows].unsqueeze(-1)).mul_(probs)
             d_q_block += torch.matmul(d_scores, k[:, :, cols].unsqueeze(2))
             d_k[:, :, cols] += torch.matmul(d_scores.transpose(-1, -2), q_block).sum(2)
     d_q = (d_q * scale).flatten(1, 2)
     d_k = d_k / _LOG2E  # d_k was accumulated against q * scale * log2(e)
-    return d_q.to(q.dtype), d_k.to(k.dtype), d_v.to(v.dtype)
+    return tuple(g.to(t) for g, t in zip((d_q, d_k, d_v), grad_dtypes))
 
 
 class _BlockwiseAttention(torch.autograd.Function):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..patterns import Pattern, query_key_positions
+from ..patterns import Pattern
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -19,21 +19,10 @@ def kv_groups(q: torch.Tensor, k: torch.Tensor) -> int:
     return q.shape[1] // k.shape[1]
 
 
-def head_mask(
-    pattern: Pattern,
-    n_q: int,
-    n_k: int,
-    n_q_heads: int,
-    device: torch.device,
-    groups: int,
-    q_rows: slice = slice(None),
-    k_cols: slice = slice(None),
-) -> torch.Tensor:
-    """The pattern's mask for rows ``q_rows`` and columns ``k_cols`` of an ``n_q x n_k`` problem,
-    shaped to broadcast against grouped scores ``(B, Hkv, g, rows, cols)``.
-    """
-    q_pos, k_pos = query_key_positions(n_q, n_k, device)
-    allowed = pattern.rows_mask(q_pos[q_rows], k_pos[k_cols])
+def head_mask(pattern: Pattern, n_q: int, n_k: int, device: torch.device, groups: int) -> torch.Tensor:
+    """The pattern's ``n_q x n_k`` mask shaped to broadcast against grouped scores
+    ``(B, Hkv, g, n_q, n_k)``: ``(n_q, n_k)``, or ``(Hkv, g, n_q, n_k)`` for per-head patterns."""
+    allowed = pattern.mask(n_q, n_k, device=device)
     if pattern.n_heads is None:
-        return allowed  # (rows, cols) broadcasts over batch and heads
-    return allowed.reshape(n_q_heads // groups, groups, *allowed.shape[-2:])
+        return allowed
+    return allowed.unflatten(0, (pattern.n_heads // groups, groups))

@@ -28,19 +28,22 @@ _CPU_FUSED_WITH_LSE = getattr(torch.ops.aten, "_scaled_dot_product_flash_attenti
 
 
 def sdpa_mask(
-    pattern: Pattern, n_q: int, n_k: int, n_q_heads: int, device: torch.device
+    pattern: Pattern, n_q: int, n_k: int, device: torch.device, scale: float = 1.0
 ) -> tuple[bool, Optional[torch.Tensor]]:
     """``(is_causal, mask)`` for SDPA: no mask for Full or a square causal problem, else a bool
-    mask ``(Nq, Nk)`` or ``(1, Hq, Nq, Nk)`` with True = may attend."""
+    mask ``(Nq, Nk)`` or ``(1, Hq, Nq, Nk)`` with True = may attend.
+
+    torch's ``is_causal`` CPU kernel returns NaN for ``scale <= 0``, so such calls get a mask.
+    """
     band = pattern.band() if pattern.n_heads is None else None
     if band is not None:
         lo, hi = band
         # i - j ranges over [1 - n_q, n_k - 1] under bottom-right alignment.
         if lo <= 1 - n_q and hi >= n_k - 1:
             return False, None
-        if band == (0, math.inf) and n_q == n_k:
+        if band == (0, math.inf) and n_q == n_k and scale > 0:
             return True, None
-    mask = head_mask(pattern, n_q, n_k, n_q_heads, device, groups=1)
+    mask = head_mask(pattern, n_q, n_k, device, groups=1)
     return False, mask.reshape(1, -1, n_q, n_k) if pattern.n_heads else mask
 
 
@@ -74,7 +77,7 @@ def dense_kernel(
     v ``(B, Hkv, Nk, Dv)``. Returns ``(out, lse or None)``; fully masked rows give zeros and -inf.
     """
     n_q, n_k = q.shape[2], k.shape[2]
-    is_causal, mask = sdpa_mask(pattern, n_q, n_k, q.shape[1], q.device)
+    is_causal, mask = sdpa_mask(pattern, n_q, n_k, q.device, scale)
     gqa = kv_groups(q, k) > 1
     fused_lse = _CPU_FUSED_WITH_LSE is not None and q.device.type == "cpu" and v.shape[-1] == q.shape[-1]
     if need_lse and fused_lse:

@@ -27,7 +27,7 @@ def reference_kernel(
         and lse ``-inf``.
     """
     dtype = compute_dtype(q.dtype)
-    batch, n_q_heads, n_q, _ = q.shape
+    n_q = q.shape[2]
     n_k = k.shape[2]
     group = kv_groups(q, k)
     qg = q.to(dtype).unflatten(1, (k.shape[1], group))  # (B, Hkv, g, Nq, D)
@@ -36,7 +36,7 @@ def reference_kernel(
 
     # Step 1: relevance scores, masked to the pattern, then softmax over the keys.
     scores = torch.matmul(qg, kg.transpose(-1, -2)) * scale  # (B, Hkv, g, Nq, Nk)
-    allowed = head_mask(pattern, n_q, n_k, n_q_heads, q.device, group)  # broadcasts to scores
+    allowed = head_mask(pattern, n_q, n_k, q.device, group)  # broadcasts to scores
     scores = scores.masked_fill(~allowed, float("-inf"))
     row_has_key = allowed.any(-1, keepdim=True)
     # A row with no allowed key would softmax to NaN; give it zero scores, then zero weights.
@@ -49,5 +49,5 @@ def reference_kernel(
     return (
         out.flatten(1, 2).to(q.dtype),
         lse.flatten(1, 2),
-        weights.flatten(1, 2).reshape(batch, n_q_heads, n_q, n_k),
+        weights.flatten(1, 2),
     )

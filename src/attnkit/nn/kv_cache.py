@@ -52,12 +52,20 @@ class KVCache(nn.Module):
         """Append ``k``, ``v`` ``(B, Hkv, n, D)``; return all cached keys and values
         ``(B, Hkv, length, D)`` (views of the buffers) including the new ones.
 
-        Raises ValueError when the shapes differ from the cache's or the cache would overflow.
+        Raises ValueError when the shapes differ from the cache's or the cache would overflow, and
+        RuntimeError when called with tensors that require grad under grad mode (inference only).
         """
         if k.shape != v.shape or k.shape[:2] != self.keys.shape[:2] or k.shape[3] != self.keys.shape[3]:
             raise ValueError(
                 f"KVCache.update: k {tuple(k.shape)} and v {tuple(v.shape)} must be "
                 f"(batch={self.keys.shape[0]}, n_kv_heads={self.keys.shape[1]}, n, head_dim={self.keys.shape[3]})"
+            )
+        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+            # Writing in place into buffers that earlier steps saved for backward would break
+            # autograd (and grow one graph across all steps): the cache is for inference.
+            raise RuntimeError(
+                "KVCache.update: the cache is for inference; decode under torch.no_grad() "
+                "or torch.inference_mode()"
             )
         end = self.length + k.shape[2]
         if end > self.max_len:
