@@ -145,3 +145,11 @@ def test_full_pattern_plan_has_no_masks():
     blocks = plan_tiles(Full(), 300, 700, 128, 256)
     assert all(not masked for b in blocks for _, _, masked in b.tiles)
     assert planned_pairs(blocks) == 300 * 700
+
+
+def test_explicit_positions_must_be_integer_vectors_of_the_right_length():
+    q = k = v = torch.randn(1, 1, 4, 2)
+    with pytest.raises(TypeError, match="positions must be integer tensors"):
+        blockwise_kernel(q, k, v, Causal(), 1.0, positions=(torch.arange(4.0), torch.arange(4)))
+    with pytest.raises(ValueError, match="vectors of 4 query and 4 key positions"):
+        blockwise_kernel(q, k, v, Causal(), 1.0, positions=(torch.arange(3), torch.arange(4)))

@@ -57,6 +57,8 @@ def _positions(positions: Optional[Positions], n_q: int, n_k: int, device) -> Po
     if positions is None:
         return query_key_positions(n_q, n_k, device)
     q_pos, k_pos = positions
+    if q_pos.is_floating_point() or q_pos.is_complex() or k_pos.is_floating_point() or k_pos.is_complex():
+        raise TypeError(f"positions must be integer tensors, got {q_pos.dtype} and {k_pos.dtype}")
     if q_pos.shape != (n_q,) or k_pos.shape != (n_k,):
         raise ValueError(
             f"positions must be vectors of {n_q} query and {n_k} key positions, "
