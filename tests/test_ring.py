@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from attnkit import Causal, Full, Predicate, SlidingWindow, attention
+from attnkit.patterns import Fixed, Strided
 from attnkit.distributed import (
     RingMultiHeadAttention,
     assemble,
@@ -34,11 +35,6 @@ N = 48  # splits into 2P chunks for P = 2, 3, 4
 DEADLINE_S = 150
 
 
-def _strided(i, j):
-    """Child et al.'s strided pattern with stride 5: a local band plus every 5th key back."""
-    return (j <= i) & (((i - j) <= 5) | ((i - j) % 5 == 0))
-
-
 # name: (pattern, layout, batch, q heads, kv heads, dtype)
 CASES = {
     "full-zigzag": (Full(), "zigzag", 1, 4, 4, torch.float64),
@@ -50,7 +46,8 @@ CASES = {
     "window-5-contiguous": (SlidingWindow(5), "contiguous", 1, 2, 2, torch.float64),
     "window-30-contiguous": (SlidingWindow(30), "contiguous", 2, 4, 2, torch.float64),
     "window-7-bidi-zigzag": (SlidingWindow(7, causal=False), "zigzag", 1, 2, 1, torch.float64),
-    "strided-5-zigzag": (Predicate(_strided), "zigzag", 1, 4, 2, torch.float64),
+    "strided-5-zigzag": (Strided(5), "zigzag", 1, 4, 2, torch.float64),
+    "fixed-8-2-striped": (Fixed(8, 2), "striped", 1, 2, 2, torch.float64),
     "causal-zigzag-float32": (Causal(), "zigzag", 2, 8, 2, torch.float32),
 }
 TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-4}
@@ -206,7 +203,8 @@ def test_blockwise_kernel_with_explicit_positions_matches_masked_softmax():
     q = torch.randn(2, 4, len(q_pos), 8, dtype=torch.float64, requires_grad=True)
     k = torch.randn(2, 2, len(k_pos), 8, dtype=torch.float64, requires_grad=True)
     v = torch.randn(2, 2, len(k_pos), 8, dtype=torch.float64, requires_grad=True)
-    for pattern in (Causal(), SlidingWindow(9), Predicate(_strided), Full()):
+    every_third = Predicate(lambda i, j: (i - j) % 3 == 0)
+    for pattern in (Causal(), SlidingWindow(9), SlidingWindow(4, causal=False), Strided(5), every_third, Full()):
         out, lse = blockwise_kernel(q, k, v, pattern, 0.3, block_q=2, block_k=3, positions=(q_pos, k_pos))
         allowed = pattern.rows_mask(q_pos, k_pos)
         scores = torch.matmul(q, k.repeat_interleave(2, 1).transpose(-1, -2)) * 0.3

@@ -27,6 +27,7 @@ from .layouts import LAYOUTS, check_split
 
 CHECK_AUTO_LIMIT = 16384
 """``--check auto`` compares with single-process attention up to this many tokens."""
+PATTERN_HELP = "full | causal | window:SIZE | window-bidi:SIZE | strided:STRIDE | fixed:STRIDE:SUMMARY"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -44,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--kv-heads", type=int, default=None, help="key/value heads Hkv (default Hq)")
     parser.add_argument("--head-dim", type=int, default=64, help="head width D (default 64)")
     parser.add_argument("--pattern", default="causal",
-                        help="full | causal | window:SIZE | window-bidi:SIZE (default causal)")
+                        help=f"{PATTERN_HELP} (default causal)")
     parser.add_argument("--layout", default="zigzag", choices=LAYOUTS, help="shard layout (default zigzag)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "float64", "bfloat16", "float16"))
     parser.add_argument("--check", default="auto", choices=("auto", "yes", "no"),
@@ -57,15 +58,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def parse_pattern(text: str):
-    """``full``, ``causal``, ``window:SIZE`` (causal) or ``window-bidi:SIZE`` -> a Pattern."""
-    from ..patterns import Causal, Full, SlidingWindow
+    """A pattern from its ``--pattern`` spelling (see :data:`PATTERN_HELP`); windows are causal
+    unless ``window-bidi``."""
+    from ..patterns import Causal, Fixed, Full, SlidingWindow, Strided
 
-    name, _, size = text.partition(":")
-    if name in ("full", "causal") and not size:
-        return Full() if name == "full" else Causal()
-    if name in ("window", "window-bidi") and size.isdigit() and int(size) > 0:
-        return SlidingWindow(int(size), causal=name == "window")
-    raise ValueError(f"--pattern must be full, causal, window:SIZE or window-bidi:SIZE, got {text!r}")
+    name, *numbers = text.split(":")
+    if all(n.isdigit() and int(n) > 0 for n in numbers):
+        sizes = [int(n) for n in numbers]
+        if name in ("full", "causal") and not sizes:
+            return Full() if name == "full" else Causal()
+        if name in ("window", "window-bidi") and len(sizes) == 1:
+            return SlidingWindow(sizes[0], causal=name == "window")
+        if name == "strided" and len(sizes) == 1:
+            return Strided(sizes[0])
+        if name == "fixed" and len(sizes) == 2:
+            return Fixed(*sizes)
+    raise ValueError(f"--pattern must be one of {PATTERN_HELP}, got {text!r}")
 
 
 def _positive(name: str, value: int) -> None:
