@@ -18,12 +18,14 @@ import torch
 from attnkit import Causal, Full, Predicate, SlidingWindow, attention
 from attnkit.patterns import Fixed, Strided
 from attnkit.distributed import (
+    LAYOUTS,
     RingMultiHeadAttention,
     assemble,
     record_ring_stats,
     ring_attention,
     ring_schedule,
     shard,
+    unshard,
 )
 from attnkit.distributed import ring as ring_module
 from attnkit.distributed.launch import run_group
@@ -102,6 +104,8 @@ def _run_cases(rank, world):
         grads[param_name] = param.grad
     results["layer"] = {"dx": x_shard.grad, "grads": grads}
     results["errors"] = _bad_calls(rank)
+    full = torch.randn(2, 3, N, 5, generator=torch.Generator().manual_seed(3))
+    results["unshard"] = {layout: torch.equal(unshard(shard(full, layout), layout), full) for layout in LAYOUTS}
     return results
 
 
@@ -182,6 +186,11 @@ def test_training_through_multi_head_attention_with_rope(ring_run):
     for param_name, param in layer.named_parameters():
         for value in values:  # every rank holds the same summed gradient
             assert _relative_error(value["layer"]["grads"][param_name], param.grad) < 1e-6, param_name
+
+
+def test_unshard_gathers_the_full_tensor_on_every_rank(ring_run):
+    _, values = ring_run
+    assert all(all(value["unshard"].values()) for value in values)
 
 
 def test_bad_input_is_rejected_on_every_rank(ring_run):
