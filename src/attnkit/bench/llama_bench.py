@@ -4,8 +4,9 @@ Both models share one set of random weights (attnkit's parameters are the transf
 assigned in place). For each, ``generate(max_new_tokens=1)`` times the prefill and
 ``generate(max_new_tokens=1 + decode)`` the prefill plus ``decode`` more steps; decode time is the
 difference. Greedy, no stop tokens, median over repeats. ``attnkit packed`` is the same model
-after :func:`~attnkit.models.cpu_pack.pack_for_cpu` (oneDNN-packed copies of the same weights). The memory-bandwidth floor of a decode
-step is ``bytes read per token / measured read bandwidth`` (:func:`read_bandwidth`).
+after :func:`~attnkit.models.cpu_pack.pack_for_cpu` (oneDNN-packed copies of the same weights).
+The memory-bandwidth floor of a decode step is ``bytes read per token / measured read bandwidth``
+(:func:`read_bandwidth`, best of the measurements taken between repeats).
 
 Run: ``python -m attnkit.bench.llama_bench --preset llama3.2-1b --dtype bf16 --json out.json``.
 """
@@ -75,7 +76,8 @@ def _seconds(fn) -> float:
 
 def measure(models: dict, prompt: torch.Tensor, decode: int, repeats: int) -> dict:
     """Prefill and decode tokens/s of each model (runs interleaved, so load from other processes
-    hits all alike), plus how many leading greedy tokens each agrees on with transformers."""
+    hits all alike), how many leading greedy tokens each agrees on with transformers, and the best
+    read bandwidth seen between repeats (other processes share the memory bus; the best is the floor)."""
     n = prompt.shape[1]
     hf = models["transformers"]
     runs = {"transformers": lambda k: hf.generate(prompt, max_new_tokens=k, do_sample=False, min_new_tokens=k)}
@@ -83,15 +85,17 @@ def measure(models: dict, prompt: torch.Tensor, decode: int, repeats: int) -> di
         if name != "transformers":
             runs[name] = lambda k, model=model: model.generate(prompt, k, stop_tokens=())
     times = {name: {"prefill": [], "total": []} for name in runs}
+    bandwidths = []
     with torch.no_grad():
         for run in runs.values():
             run(2)  # warm-up
         for _ in range(repeats):
+            bandwidths.append(read_bandwidth())
             for name, run in runs.items():
                 times[name]["prefill"].append(_seconds(lambda: run(1)))
                 times[name]["total"].append(_seconds(lambda: run(1 + decode)))
         tokens = {name: run(1 + decode)[:, n:] for name, run in runs.items()}
-    out = {}
+    out = {"read_bandwidth": max(bandwidths)}
     for name, t in times.items():
         prefill, total = statistics.median(t["prefill"]), statistics.median(t["total"])
         out[name] = {"prefill_s": prefill, "decode_s": total - prefill,
@@ -117,10 +121,10 @@ def main(argv=None) -> int:
     overrides = {"n_layers": args.layers} if args.layers else {}
     config = LlamaConfig.preset(args.preset, **overrides)
     dtype = DTYPES[args.dtype]
-    bandwidth = read_bandwidth()
     models = build_models(config, dtype)
     prompt = torch.randint(0, config.vocab_size, (args.batch, args.prompt), generator=torch.Generator().manual_seed(1))
     result = measure(models, prompt, args.decode, args.repeats)
+    bandwidth = result.pop("read_bandwidth")
     context = args.prompt + args.decode // 2  # mean context of the timed decode steps
     bytes_per_token = decode_bytes_per_token(config, context, dtype.itemsize, args.batch)
     floor_s = bytes_per_token / bandwidth
