@@ -65,6 +65,8 @@ class Contender:
     note: Optional[str] = None
     forward_only: bool = False
     """No backward pass here: left out of ``--backward`` runs. ``fn=None``: skipped (see note)."""
+    compiled: bool = False
+    """torch.compile'd code: dispatch modes cannot observe it, so its largest tensor is not measured."""
 
 
 def _sdpa_direct(pattern: Pattern) -> AttentionFn:

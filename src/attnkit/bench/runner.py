@@ -121,6 +121,10 @@ def _mib(n_bytes: Optional[int]) -> Optional[float]:
     return None if n_bytes is None else n_bytes / 2**20
 
 
+def _largest_mib(contender: Contender, call: Callable[[], object]) -> float:
+    return float("nan") if contender.compiled else largest_tensor_bytes(call) / 2**20
+
+
 def run_benchmark(
     workloads: Iterable[Workload],
     *,
@@ -149,6 +153,7 @@ def run_benchmark(
         for contender, call, t in zip(contenders, calls, seconds):
             if on_step:
                 on_step(f"{workload.case} N={workload.seq}: checking {contender.name}")
+            peak = _mib(peak_memory_bytes(call, q.device))  # before the dispatch-mode call below
             rows.append(
                 BenchRow(
                     case=workload.case,
@@ -159,9 +164,9 @@ def run_benchmark(
                     gflops=flops / t / 1e9,
                     vs_baseline=None if baseline_s is None else t / baseline_s,
                     max_abs_err=_max_error(contender, workload, q, k, v),
-                    largest_tensor_mib=largest_tensor_bytes(call) / 2**20,
+                    largest_tensor_mib=_largest_mib(contender, call),
                     note=contender.note or "",
-                    peak_mib=_mib(peak_memory_bytes(call, q.device)),
+                    peak_mib=peak,
                 )
             )
     return rows
