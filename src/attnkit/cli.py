@@ -26,6 +26,7 @@ import attnkit
 COMMAND_MODULES = [
     "attnkit.analysis.explain_command",
     "attnkit.bench.command",
+    "attnkit.analysis.patterns_command",
     "attnkit.distributed.command",
     "attnkit.analysis.arch_command",
     "attnkit.models.generate_command",

@@ -1,0 +1,82 @@
+"""``attnkit patterns``: show an attention pattern, its density and what computing it costs.
+
+``attnkit patterns strided --stride 4 -n 32 --out strided.png`` prints the 32 x 32 mask, its
+density, and at ``--at`` tokens (default 8192) the share of the square that a block mask of
+``--block`` (128) visits against the share attnkit's sparse plan computes; ``--out`` saves the mask
+as a PNG. ``attnkit patterns seed`` does this for the seed's variants (causal, sliding window,
+strided, fixed) and ``--out`` draws them side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+KINDS = ("causal", "window", "strided", "fixed", "seed")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "patterns",
+        help="show a sparse attention pattern, its density and the work to compute it",
+        description="Render a pattern in the terminal (and as a PNG), with its density and the share "
+        "of the square a block mask visits against what attnkit's sparse plan computes.",
+    )
+    parser.add_argument("kind", choices=KINDS, help="the pattern, or 'seed' for all four side by side")
+    parser.add_argument("-n", type=int, default=32, help="tokens shown (default 32)")
+    parser.add_argument("--window", type=int, default=8, help="sliding window size (default 8)")
+    parser.add_argument("--stride", type=int, default=4, help="stride l of strided/fixed (default 4)")
+    parser.add_argument("--summary", type=int, default=1, help="summary positions c of fixed (default 1)")
+    parser.add_argument("--at", type=int, default=8192, metavar="N", help="length for the cost shares (default 8192)")
+    parser.add_argument("--block", type=int, default=128, help="block mask block size (default 128)")
+    parser.add_argument("--out", type=Path, metavar="PNG", help="save the mask(s) as a PNG")
+    parser.set_defaults(func=run)
+
+
+def _patterns(args: argparse.Namespace) -> list[tuple[str, object]]:
+    from ..patterns import Causal, Fixed, SlidingWindow, Strided
+
+    made = {
+        "causal": ("causal", lambda: Causal()),
+        "window": (f"sliding window {args.window}", lambda: SlidingWindow(args.window)),
+        "strided": (f"strided, stride {args.stride}", lambda: Strided(args.stride)),
+        "fixed": (f"fixed, stride {args.stride}, summary {args.summary}", lambda: Fixed(args.stride, args.summary)),
+    }
+    kinds = ["causal", "window", "strided", "fixed"] if args.kind == "seed" else [args.kind]
+    return [(made[kind][0], made[kind][1]()) for kind in kinds]
+
+
+def _check(args: argparse.Namespace) -> None:
+    for name in ("at", "block"):
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name} must be positive, got {getattr(args, name)}")
+    if args.out is not None and not args.out.parent.exists():
+        raise FileNotFoundError(f"directory {args.out.parent} does not exist (for {args.out})")
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .pattern_view import block_costs, render, save_figure
+
+    _check(args)
+    named = _patterns(args)
+    console = Console()
+    table = Table(title=f"cost at N={args.at}: share of the N x N square computed")
+    for column in ("pattern", f"density (n={args.n})", "allowed", f"block mask ({args.block}x{args.block})",
+                   "blocks visited", "attnkit sparse plan"):
+        table.add_column(column, justify="left" if column == "pattern" else "right")
+    for title, pattern in named:
+        console.print(f"[bold]{title}[/bold]  {pattern!r}")
+        console.print(render(pattern, args.n), highlight=False)
+        costs = block_costs(pattern, args.at, args.block)
+        table.add_row(
+            title, f"{pattern.density(args.n):.1%}", f"{costs.allowed:.2%}", f"{costs.block_mask:.2%}",
+            f"{costs.blocks}/{costs.blocks_total}", f"{costs.sparse_plan:.2%}",
+        )
+    console.print(table)
+    if args.out is not None:
+        save_figure(named, args.n, args.out)
+        console.print(f"wrote {args.out}")
+    return 0
