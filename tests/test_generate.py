@@ -121,3 +121,16 @@ def test_generate_command_streams_and_reports_speed(tmp_path, capsys):
     captured = capsys.readouterr()
     assert captured.out.strip().startswith("w")
     assert "prefill: 3 tokens" in captured.err and "tokens/s" in captured.err
+
+
+def test_ragged_batch_with_a_sliding_window_layer_equals_single_runs():
+    from attnkit import SlidingWindow
+
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig.preset("tiny", layer_patterns=(SlidingWindow(6), None))).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5 if p.dim() == 2 else 1 + 0.2 * torch.randn_like(p))
+    prompts = [[3, 4, 5, 6, 7, 8, 9, 10, 11, 12], [13, 14, 15]]
+    batched = model.generate(prompts, 10, stop_tokens=())
+    assert batched == [model.generate([p], 10, stop_tokens=())[0] for p in prompts]
