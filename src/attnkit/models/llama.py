@@ -48,7 +48,8 @@ class Llama(nn.Module):
     """Llama 3 decoder-only language model.
 
     Modules: ``embed_tokens (vocab, C)``, ``layers[i]`` (``attn_norm``, ``attn.{q,k,v,o}_proj``,
-    ``mlp_norm``, ``mlp.{gate,up,down}_proj``), ``norm``, ``lm_head`` (absent when tied).
+    ``mlp_norm``, ``mlp.{gate,up,down}_proj``), ``norm``, ``lm_head`` (None when tied, until
+    :func:`~attnkit.models.cpu_pack.pack_for_cpu` gives it a packed copy of the embedding).
     The rotary tables are float32 whatever the weights' dtype.
     """
 
