@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from ..patterns import BlockSparse, Pattern, PerHead
 from .blockwise import merge_lse
 from .common import compute_dtype, kv_groups
-from .sparse_plan import UNIT_ROWS, SparsePlan, UnitGroup, plan_sparse
+from .sparse_plan import BACKWARD_BAND_ROWS, BAND_ROWS, UNIT_ROWS, SparsePlan, UnitGroup, plan_sparse
 
 _FUSED = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _FUSED_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
@@ -103,11 +103,32 @@ class _Layout:
             )
             view.add_(values) if accumulate else view.copy_(values)
             return
-        flat = values.flatten(1, 2).index_select(1, self.flat_valid)
+        if accumulate and self.arith is not None and self.all_valid and self.arith[1] > 0 and self.arith[2] == 1:
+            self._add_segments(target, values)
+            return
+        flat = values.flatten(1, 2)
+        if not self.all_valid:
+            flat = flat.index_select(1, self.flat_valid)
         if accumulate:
             target.index_add_(1, self.flat_index, flat.to(target.dtype))
         else:
             target.index_copy_(1, self.flat_index, flat.to(target.dtype))
+
+
+    def _add_segments(self, target: torch.Tensor, values: torch.Tensor) -> None:
+        """Add overlapping windows (units ``unit_step`` apart, consecutive items) as
+        ``ceil(M / unit_step)`` adds of non-overlapping strided views."""
+        start, unit_step, _ = self.arith
+        s0, s1 = target.stride(0), target.stride(1)
+        units, items = self.index.shape
+        for first in range(0, items, unit_step):
+            width = min(unit_step, items - first)
+            view = target.as_strided(
+                (target.shape[0], units, width, target.shape[2]),
+                (s0, unit_step * s1, s1, 1),
+                target.storage_offset() + (start + first) * s1,
+            )
+            view.add_(values[:, :, first : first + width])
 
 
 def _layouts(group: UnitGroup, plan: SparsePlan) -> tuple[_Layout, _Layout]:
@@ -222,13 +243,13 @@ def _fused_backward(q3, k3, v3, out3, lse3, d_out3, plan: SparsePlan, scale: flo
 
 class _FusedSparseAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, plan, scale):
+    def forward(ctx, q, k, v, plan, backward_plan, scale):
         batch, n_q_heads, n_q, dim = q.shape
         groups = kv_groups(q, k)
         q3, k3, v3 = q.reshape(-1, n_q, dim), k.reshape(-1, k.shape[2], dim), v.reshape(-1, k.shape[2], dim)
         out, lse = _fused_forward(q3, k3, v3, plan, scale, groups)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.plan, ctx.scale = plan, scale
+        ctx.plan, ctx.backward_plan, ctx.scale = plan, backward_plan, scale
         return out.view(batch, n_q_heads, n_q, dim), lse.view(batch, n_q_heads, n_q)
 
     @staticmethod
@@ -239,13 +260,14 @@ class _FusedSparseAttention(torch.autograd.Function):
                 leaves = [t.detach().requires_grad_() for t in (q, k, v)]
                 result = _portable(*leaves, ctx.plan, ctx.scale)
                 grads = torch.autograd.grad(result, leaves, (d_out, d_lse))
-            return (*grads, None, None)
+            return (*grads, None, None, None)
         dim, n_k = q.shape[-1], k.shape[2]
         d_q, d_k, d_v = _fused_backward(
             q.reshape(-1, q.shape[2], dim), k.reshape(-1, n_k, dim), v.reshape(-1, n_k, dim),
-            out, lse, d_out.reshape(out.shape), ctx.plan, ctx.scale, kv_groups(q, k),
+            out, lse, d_out.reshape(out.shape), ctx.backward_plan, ctx.scale, kv_groups(q, k),
         )
-        return d_q.view(q.shape).to(q.dtype), d_k.view(k.shape).to(k.dtype), d_v.view(v.shape).to(v.dtype), None, None
+        grads = d_q.view(q.shape).to(q.dtype), d_k.view(k.shape).to(k.dtype), d_v.view(v.shape).to(v.dtype)
+        return (*grads, None, None, None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,11 +387,17 @@ def head_runs(pattern: Pattern, n_q_heads: int, groups: int) -> list[tuple[int, 
     return runs
 
 
-def _run(q, k, v, plan: SparsePlan, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    fused = _FUSED is not None and q.device.type == "cpu" and v.shape[-1] == q.shape[-1]
-    if fused:
-        return _FusedSparseAttention.apply(q, k, v, plan, scale)
-    return _portable(q, k, v, plan, scale)
+def _run(q, k, v, pattern: Pattern, scale: float, unit_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    n_q, n_k, device = q.shape[2], k.shape[2], q.device
+    plan = plan_sparse(pattern, n_q, n_k, device, unit_rows, min(unit_rows, BAND_ROWS))
+    fused = _FUSED is not None and device.type == "cpu" and v.shape[-1] == q.shape[-1]
+    if not fused:
+        return _portable(q, k, v, plan, scale)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        backward_plan = plan_sparse(pattern, n_q, n_k, device, unit_rows, min(unit_rows, BACKWARD_BAND_ROWS))
+    else:
+        backward_plan = plan
+    return _FusedSparseAttention.apply(q, k, v, plan, backward_plan, scale)
 
 
 def sparse_kernel(
@@ -384,15 +412,14 @@ def sparse_kernel(
     """Exact attention by the sparse planner. Inputs validated: q ``(B, Hq, Nq, D)``,
     k ``(B, Hkv, Nk, D)``, v ``(B, Hkv, Nk, Dv)``. Returns ``(out (B, Hq, Nq, Dv), lse (B, Hq, Nq))``
     (lse float32 for float16/bfloat16 inputs). Differentiable in q, k, v through out and lse.
-    ``unit_rows`` sets the query block of the plan (see :func:`~.sparse_plan.plan_sparse`).
+    ``unit_rows`` bounds the query block of the plan's units (see :func:`~.sparse_plan.plan_sparse`);
+    the backward pass uses larger band units than the forward pass.
     """
-    n_q, n_k = q.shape[2], k.shape[2]
     groups = kv_groups(q, k)
     outs, lses = [], []
     for first, stop, head_pat in head_runs(pattern, q.shape[1], groups):
         kv = slice(first // groups, -(-stop // groups))
-        plan = plan_sparse(head_pat, n_q, n_k, q.device, unit_rows)
-        out, lse = _run(q[:, first:stop], k[:, kv], v[:, kv], plan, scale)
+        out, lse = _run(q[:, first:stop], k[:, kv], v[:, kv], head_pat, scale, unit_rows)
         outs.append(out)
         lses.append(lse)
     if len(outs) == 1:
@@ -404,7 +431,8 @@ def planned_pairs(pattern: Pattern, n_q: int, n_k: int, n_q_heads: int = 1) -> i
     """Score entries the sparse plan computes per batch, summed over ``n_q_heads`` query heads."""
     total = 0
     for first, stop, head_pat in head_runs(pattern, n_q_heads, 1):
-        total += (stop - first) * plan_sparse(head_pat, n_q, n_k, torch.device("cpu")).computed_pairs
+        plan = plan_sparse(head_pat, n_q, n_k, torch.device("cpu"), UNIT_ROWS, BAND_ROWS)  # the forward plan
+        total += (stop - first) * plan.computed_pairs
     return total
 
 

@@ -39,8 +39,12 @@ from ..patterns import BlockLocal, BlockSparse, Fixed, Pattern, Periodic, Stride
 UNIT_ROWS = 128
 """Query rows per unit of the summary and tile geometries."""
 BAND_ROWS = 32
-"""Query rows per unit of the band geometry: small blocks waste few keys at the band's edges
-(``(R + hi - lo) / (hi - lo + 1)`` computed per allowed); 32 measured fastest for windows of 128-256."""
+"""Query rows per unit of the band geometry in the forward pass: small blocks waste few keys at the
+band's edges (``(R + hi - lo) / (hi - lo + 1)`` computed per allowed); 32 measured fastest for
+windows of 128-256."""
+BACKWARD_BAND_ROWS = 128
+"""The same for the backward pass, where each unit's key gradients ``(C, D)`` are written out
+before they are summed: fewer, larger units write less."""
 _MASK_CHUNK = 1 << 22  # predicate evaluations at once while planning
 _BUCKET_FILL = 0.8  # a bucket of units keeps at least this share of its widest unit's keys
 
@@ -176,11 +180,11 @@ def _tile_geometry(pattern: Pattern, offset: int, n_q: int, n_k: int, rows: int,
     return _bucketed(q_pos, k_pos, nonempty.sum(1) * tile)
 
 
-def _geometry(pattern: Pattern, offset: int, n_q: int, n_k: int, rows: int) -> list[tuple]:
+def _geometry(pattern: Pattern, offset: int, n_q: int, n_k: int, rows: int, band_rows: int) -> list[tuple]:
     """Units ``(q_pos (U, R), k_pos (U, C))`` in absolute positions covering every allowed pair."""
     band = pattern.band()
     if band is not None and math.isfinite(band[0]) and math.isfinite(band[1]):
-        return _band_geometry(int(band[0]), int(band[1]), offset, n_q, n_k, min(rows, BAND_ROWS))
+        return _band_geometry(int(band[0]), int(band[1]), offset, n_q, n_k, band_rows)
     if isinstance(pattern, Periodic):
         return _periodic_geometry(pattern.stride, offset, n_q, n_k)
     if isinstance(pattern, BlockLocal):
@@ -226,11 +230,17 @@ def _unit_group(q_pos, k_pos, exact: Pattern, offset: int, n_q: int, n_k: int) -
 
 @functools.lru_cache(maxsize=16)
 def plan_sparse(
-    pattern: Pattern, n_q: int, n_k: int, device: torch.device, unit_rows: int = UNIT_ROWS
+    pattern: Pattern,
+    n_q: int,
+    n_k: int,
+    device: torch.device,
+    unit_rows: int = UNIT_ROWS,
+    band_rows: int = BAND_ROWS,
 ) -> SparsePlan:
     """The plan of one pattern without a head dimension for an ``n_q x n_k`` problem, cached.
-    ``unit_rows`` is the query block of the summary and tile geometries (the band geometry uses
-    ``min(unit_rows, BAND_ROWS)``).
+    ``unit_rows`` is the query block of the summary and tile geometries, ``band_rows`` that of
+    the band geometry. Any plan of a pattern computes the same function, so the backward pass
+    may use other unit sizes than the forward pass.
 
     Part ``p`` keeps only the pairs that no earlier part allows. A pattern that allows nothing
     gets one fully masked unit, so the result stays differentiable (zero gradients).
@@ -240,7 +250,7 @@ def plan_sparse(
     for piece in split_parts(pattern):
         exact = piece if earlier is None else Difference(piece, earlier)
         groups = []
-        for q_pos, k_pos in _geometry(piece, offset, n_q, n_k, unit_rows):
+        for q_pos, k_pos in _geometry(piece, offset, n_q, n_k, unit_rows, band_rows):
             group = _unit_group(q_pos, k_pos, exact, offset, n_q, n_k)
             if group is not None:
                 groups.append(group)
@@ -257,4 +267,4 @@ def plan_sparse(
     return SparsePlan(n_q, n_k, moved)
 
 
-__all__ = ["BAND_ROWS", "Difference", "SparsePlan", "UNIT_ROWS", "UnitGroup", "plan_sparse", "split_parts"]
+__all__ = ["BACKWARD_BAND_ROWS", "BAND_ROWS", "Difference", "SparsePlan", "UNIT_ROWS", "UnitGroup", "plan_sparse", "split_parts"]
