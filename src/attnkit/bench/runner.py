@@ -133,21 +133,29 @@ def run_benchmark(
     device: str = "cpu",
     on_step: Optional[Callable[[str], None]] = None,
 ) -> list[BenchRow]:
-    """Time every contender on every workload; ``on_step(description)`` reports progress
-    (once per workload for the interleaved timing, then once per contender for the checks)."""
-    rows = []
+    """Time every contender on every workload, then check each one's error and memory;
+    ``on_step(description)`` reports progress (once per workload for the interleaved timing,
+    then once per contender for the checks)."""
     mode = "fwd+bwd" if backward else "fwd"
+    timed = []
+    # Phase 1, timing only: the memory probe below changes how the process allocates (glibc is
+    # told to mmap large blocks), which would slow every later timed call that allocates.
     for workload in workloads:
         q, k, v = workload.inputs(device=device)
         every = [c for c in contenders_for(workload) if not (backward and c.forward_only)]
         contenders = [c for c in every if c.fn is not None]
-        for skipped in (c for c in every if c.fn is None):
-            rows.append(BenchRow(workload.case, workload.seq, skipped.name, mode, float("nan"), float("nan"),
-                                 None, float("nan"), float("nan"), note=f"skipped: {skipped.note}"))
+        skipped = [c for c in every if c.fn is None]
         calls = [_call(c, q, k, v, backward) for c in contenders]
         if on_step:
             on_step(f"{workload.case} N={workload.seq}: timing {len(calls)} contenders")
         seconds = time_interleaved(calls, repeats, q.device)
+        timed.append((workload, (q, k, v), contenders, skipped, calls, seconds))
+    rows = []
+    # Phase 2: errors, largest tensor and peak memory of every contender.
+    for workload, (q, k, v), contenders, skipped, calls, seconds in timed:
+        for contender in skipped:
+            rows.append(BenchRow(workload.case, workload.seq, contender.name, mode, float("nan"), float("nan"),
+                                 None, float("nan"), float("nan"), note=f"skipped: {contender.note}"))
         baseline_s = next((s for c, s in zip(contenders, seconds) if c.baseline), None)
         flops = workload.useful_flops * (3.5 if backward else 1.0)  # bwd ~ 2.5x the fwd matmuls
         for contender, call, t in zip(contenders, calls, seconds):
