@@ -165,3 +165,12 @@ def test_auto_sends_sparse_patterns_to_the_planner_and_dense_ones_to_sdpa():
     assert choose_backend(per_head, 8192, 8192, cpu, need_lse=False, n_q_heads=2) == "sparse"
     layout = torch.eye(64, dtype=torch.bool)
     assert choose_backend(BlockSparse(layout, 128), 8192, 8192, cpu, need_lse=False) == "sparse"
+
+
+@pytest.mark.parametrize("n_q, n_k", [(3, 3), (2, 1), (1, 4)])
+def test_nothing_allowed_with_any_alignment(n_q, n_k):
+    q = torch.randn(1, 1, n_q, 4, dtype=torch.float64)
+    k = torch.randn(1, 1, n_k, 4, dtype=torch.float64)
+    nothing = BlockSparse(torch.zeros(n_k, n_k, dtype=torch.bool), 1)
+    out, lse = attention(q, k, k, nothing, backend="sparse", return_lse=True)
+    assert torch.all(out == 0) and torch.all(lse == float("-inf"))

@@ -259,7 +259,8 @@ def plan_sparse(
         earlier = piece if earlier is None else Union(earlier, piece)
     if not parts:
         one = torch.full((1, 1), offset, dtype=torch.long)
-        parts.append((UnitGroup(one, one * 0, torch.ones(1, 1, 1, dtype=torch.bool), one < 0),))
+        nothing_seen = torch.zeros(1, 1, dtype=torch.bool)
+        parts.append((UnitGroup(one, one * 0, torch.ones(1, 1, 1, dtype=torch.bool), nothing_seen),))
     moved = tuple(
         tuple(UnitGroup(*(t.to(device) for t in (g.q_pos, g.k_pos, g.blocked, g.seen))) for g in part)
         for part in parts
