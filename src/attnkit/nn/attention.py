@@ -38,7 +38,7 @@ class MultiHeadAttention(nn.Module):
         rope: optional position hook ``rope(q, k, positions) -> (q, k)`` applied before attention.
         backend: attention backend (see :func:`attnkit.attention`).
 
-    Parameters: ``dim * D * (Hq + 2 * Hkv) + Hq * D * dim``, plus ``Hq * D * 2 + Hkv * D * 2 + dim``
+    Parameters: ``dim * D * (Hq + 2 * Hkv) + Hq * D * dim``, plus ``D * (Hq + 2 * Hkv) + dim``
     biases when ``bias=True``. Projections are named ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``.
     """
 
