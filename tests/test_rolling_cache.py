@@ -66,9 +66,14 @@ def test_make_rolling_cache_needs_a_window_pattern():
         MultiHeadAttention(16, 2, pattern=Causal()).make_rolling_cache(1)
 
 
-@pytest.mark.parametrize("name, args", [("batch", (0, 1, 4, 8)), ("window", (1, 1, -2, 8)), ("head_dim", (1, 1, 4, 1.5))])
-def test_bad_sizes_are_rejected(name, args):
-    with pytest.raises(ValueError, match=f"RollingKVCache: {name} must be a positive integer"):
+@pytest.mark.parametrize(
+    "name, args, error, message",
+    [("batch", (0, 1, 4, 8), ValueError, "must be a positive integer"),
+     ("window", (1, 1, -2, 8), ValueError, "must be a positive integer"),
+     ("head_dim", (1, 1, 4, 1.5), TypeError, "must be an int")],
+)
+def test_bad_sizes_are_rejected(name, args, error, message):
+    with pytest.raises(error, match=f"RollingKVCache: {name} {message}"):
         RollingKVCache(*args)
 
 

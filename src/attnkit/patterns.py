@@ -26,6 +26,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from .checks import positive_int
+
 Band = tuple[float, float]
 """An inclusive range ``(lo, hi)`` of allowed ``i - j``; either end may be infinite."""
 
@@ -40,14 +42,6 @@ def query_key_positions(
     q_pos = torch.arange(offset, offset + n_q, device=device)
     k_pos = torch.arange(n_k, device=device)
     return q_pos, k_pos
-
-
-def _check_positive_int(owner: str, name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{owner}: {name} must be an int, got {type(value).__name__} {value!r}")
-    if value <= 0:
-        raise ValueError(f"{owner}: {name} must be a positive integer, got {value}")
-    return value
 
 
 class Pattern:
@@ -74,8 +68,8 @@ class Pattern:
 
     def mask(self, n_q: int, n_k: int, *, device: Optional[torch.device | str] = None) -> torch.Tensor:
         """Dense BoolTensor ``[n_q, n_k]`` (``[n_heads, n_q, n_k]`` for per-head patterns)."""
-        _check_positive_int(type(self).__name__ + ".mask", "n_q", n_q)
-        _check_positive_int(type(self).__name__ + ".mask", "n_k", n_k)
+        positive_int(type(self).__name__ + ".mask", "n_q", n_q)
+        positive_int(type(self).__name__ + ".mask", "n_k", n_k)
         self.validate(n_q, n_k)
         q_pos, k_pos = query_key_positions(n_q, n_k, device)
         return self._full_shape(self.allows(q_pos[:, None], k_pos[None, :]), n_q, n_k)
@@ -95,9 +89,9 @@ class Pattern:
         each axis may be partial). Per-head patterns return ``[n_heads, ...]``.
         """
         owner = type(self).__name__ + ".block_layout"
-        _check_positive_int(owner, "n_q", n_q)
-        _check_positive_int(owner, "n_k", n_k)
-        _check_positive_int(owner, "block_size", block_size)
+        positive_int(owner, "n_q", n_q)
+        positive_int(owner, "n_k", n_k)
+        positive_int(owner, "block_size", block_size)
         self.validate(n_q, n_k)
         band = self.band()
         if band is not None:
@@ -131,7 +125,7 @@ class Pattern:
         The denominator is always the full square, so densities of causal and non-causal
         patterns compare directly; per-head patterns report the mean over heads.
         """
-        _check_positive_int(type(self).__name__ + ".density", "n", n)
+        positive_int(type(self).__name__ + ".density", "n", n)
         return self.count(n, n) / (n * n * (self.n_heads or 1))
 
     def __or__(self, other: "Pattern") -> "Pattern":
@@ -207,7 +201,7 @@ class SlidingWindow(Pattern):
     causal: bool = True
 
     def __post_init__(self) -> None:
-        _check_positive_int("SlidingWindow", "size", self.size)
+        positive_int("SlidingWindow", "size", self.size)
 
     def allows(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         return _band_allows(self.band(), i, j)
@@ -231,7 +225,7 @@ class Strided(Pattern):
     stride: int
 
     def __post_init__(self) -> None:
-        _check_positive_int("Strided", "stride", self.stride)
+        positive_int("Strided", "stride", self.stride)
 
     @property
     def parts(self) -> tuple["SlidingWindow", "Periodic"]:
@@ -250,7 +244,7 @@ class Periodic(Pattern):
     stride: int
 
     def __post_init__(self) -> None:
-        _check_positive_int("Periodic", "stride", self.stride)
+        positive_int("Periodic", "stride", self.stride)
 
     def allows(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         d = i - j
@@ -273,7 +267,7 @@ class Fixed(Pattern):
     summary: int
 
     def __post_init__(self) -> None:
-        _check_positive_int("Fixed", "stride", self.stride)
+        positive_int("Fixed", "stride", self.stride)
         _check_summary("Fixed", self.stride, self.summary)
 
     @property
@@ -293,7 +287,7 @@ class BlockLocal(Pattern):
     stride: int
 
     def __post_init__(self) -> None:
-        _check_positive_int("BlockLocal", "stride", self.stride)
+        positive_int("BlockLocal", "stride", self.stride)
 
     def allows(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         return (j <= i) & ((j // self.stride) == (i // self.stride))
@@ -308,7 +302,7 @@ class Summary(Pattern):
     summary: int
 
     def __post_init__(self) -> None:
-        _check_positive_int("Summary", "stride", self.stride)
+        positive_int("Summary", "stride", self.stride)
         _check_summary("Summary", self.stride, self.summary)
 
     def allows(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
@@ -316,7 +310,7 @@ class Summary(Pattern):
 
 
 def _check_summary(owner: str, stride: int, summary: object) -> None:
-    _check_positive_int(owner, "summary", summary)
+    positive_int(owner, "summary", summary)
     if summary > stride:
         raise ValueError(f"{owner}: summary must be at most stride ({stride}), got {summary}")
 
@@ -338,7 +332,7 @@ class BlockSparse(Pattern):
     n_heads: Optional[int] = field(init=False, default=None)
 
     def __post_init__(self) -> None:
-        _check_positive_int("BlockSparse", "block_size", self.block_size)
+        positive_int("BlockSparse", "block_size", self.block_size)
         layout = self.layout
         if not isinstance(layout, torch.Tensor):
             raise TypeError(f"BlockSparse: layout must be a torch.Tensor, got {type(layout).__name__}")

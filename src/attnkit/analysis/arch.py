@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from ..checks import positive_int
 from ..models.llama_config import LlamaConfig
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -91,8 +92,7 @@ def compute_shares(config: LlamaConfig, contexts=CONTEXTS) -> list[dict[str, flo
 
 
 def _check_positive(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"arch: {name} must be a positive integer, got {value!r}")
+    positive_int("arch", name, value)
 
 
 def report(config: LlamaConfig, *, context: int = 8192, batch: int = 1, contexts=CONTEXTS) -> dict:

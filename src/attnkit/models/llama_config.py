@@ -6,12 +6,12 @@ from dataclasses import dataclass, field, replace
 from typing import Optional
 
 from ..nn.rope import Llama3RopeScaling
+from ..checks import positive_int
 from ..patterns import Pattern
 
 
 def _positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"LlamaConfig: {name} must be a positive integer, got {value!r}")
+    positive_int("LlamaConfig", name, value)
 
 
 @dataclass(frozen=True)

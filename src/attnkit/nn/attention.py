@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checks import positive_int
 from ..functional import BACKENDS, attention
 from ..patterns import Pattern, as_pattern
 from .kv_cache import KVCache
@@ -19,9 +20,7 @@ their absolute ``positions`` ``(N,)`` or ``(B, N)``."""
 
 
 def _positive(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"MultiHeadAttention: {name} must be a positive integer, got {value!r}")
-    return value
+    return positive_int("MultiHeadAttention", name, value)
 
 
 class MultiHeadAttention(nn.Module):

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..checks import positive_int
+
 
 class KVCache(nn.Module):
     """Preallocated keys and values of one attention layer.
@@ -33,8 +35,7 @@ class KVCache(nn.Module):
     ) -> None:
         super().__init__()
         for name, value in (("batch", batch), ("n_kv_heads", n_kv_heads), ("max_len", max_len), ("head_dim", head_dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"KVCache: {name} must be a positive integer, got {value!r}")
+            positive_int("KVCache", name, value)
         shape = (batch, n_kv_heads, max_len, head_dim)
         self.register_buffer("keys", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("values", torch.zeros(shape, dtype=dtype, device=device), persistent=False)

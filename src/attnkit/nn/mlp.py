@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checks import positive_int
+
 
 class SwiGLU(nn.Module):
     """Gated feed-forward (Shazeer, 2020) with SiLU gate, no biases.
@@ -20,8 +22,7 @@ class SwiGLU(nn.Module):
     def __init__(self, dim: int, hidden_dim: int) -> None:
         super().__init__()
         for name, value in (("dim", dim), ("hidden_dim", hidden_dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"SwiGLU: {name} must be a positive integer, got {value!r}")
+            positive_int("SwiGLU", name, value)
         self.gate_proj = nn.Linear(dim, hidden_dim, bias=False)
         self.up_proj = nn.Linear(dim, hidden_dim, bias=False)
         self.down_proj = nn.Linear(hidden_dim, dim, bias=False)

@@ -15,6 +15,7 @@ import math
 import torch
 from torch import nn
 
+from ..checks import positive_int
 from ..patterns import Pattern
 
 
@@ -44,8 +45,7 @@ class RollingKVCache(nn.Module):
     ) -> None:
         super().__init__()
         for name, value in (("batch", batch), ("n_kv_heads", n_kv_heads), ("window", window), ("head_dim", head_dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"RollingKVCache: {name} must be a positive integer, got {value!r}")
+            positive_int("RollingKVCache", name, value)
         shape = (batch, n_kv_heads, window, head_dim)
         self.register_buffer("keys", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("values", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
