@@ -191,3 +191,6 @@ def test_auto_uses_sdpa_for_causal_and_sparse_for_a_narrow_window():
     assert choose_backend(Causal(), 4096, 4096, cpu, need_lse=False) == "dense"
     assert choose_backend(SlidingWindow(128), 4096, 4096, cpu, need_lse=False) == "sparse"
     assert choose_backend(SlidingWindow(4096), 4096, 4096, cpu, need_lse=False) == "dense"
+    # SDPA gives the LSE from its own call only when value and key widths agree: else no SDPA.
+    assert choose_backend(Causal(), 512, 512, cpu, need_lse=True, head_dim=64, value_dim=64) == "dense"
+    assert choose_backend(Causal(), 512, 512, cpu, need_lse=True, head_dim=64, value_dim=32) == "blockwise"

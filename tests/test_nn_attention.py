@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnkit import Causal, SlidingWindow, attention
+from attnkit import Causal, PerHead, Predicate, SlidingWindow, attention
 from attnkit.nn import KVCache, MultiHeadAttention
 
 
@@ -61,6 +61,26 @@ def test_cache_refuses_grad_mode_with_a_clear_error():
     with torch.no_grad():
         layer(torch.randn(1, 2, 16), cache=cache)
     assert cache.length == 2 and cache.keys.grad_fn is None
+
+
+def test_key_mask_hides_padding_keys_and_leaves_real_rows_alone():
+    torch.manual_seed(3)
+    no_self = Predicate(lambda i, j: j < i)  # excludes the diagonal: row 0 sees nothing
+    layer = MultiHeadAttention(16, 4, 2, pattern=no_self).double()
+    x = torch.randn(2, 6, 16, dtype=torch.float64)
+    everything = torch.ones(2, 6, dtype=torch.bool)
+    torch.testing.assert_close(layer(x, key_mask=everything), layer(x))
+    padded = everything.clone()
+    padded[1, :2] = False  # row 1 is left-padded by two tokens
+    out = layer(x, key_mask=padded)
+    torch.testing.assert_close(out[0], layer(x[:1])[0])
+    torch.testing.assert_close(out[1, 2:], layer(x[1:, 2:])[0], rtol=1e-10, atol=1e-10)
+    assert torch.isfinite(out).all()
+
+
+def test_per_head_pattern_must_match_the_head_count():
+    with pytest.raises(ValueError, match="per-head for 2 heads, but n_heads is 4"):
+        MultiHeadAttention(16, 4, pattern=PerHead([Causal(), Causal()]))
 
 
 def test_rope_hook_receives_absolute_positions_including_the_cache_offset():

@@ -95,6 +95,7 @@ def test_per_head_masks_stack_one_pattern_per_head():
         (lambda: Causal().block_layout(4, 4, 0), ValueError),
         (lambda: Causal().mask(0, 4), ValueError),
         (lambda: Predicate(lambda i, j: i - j).mask(3, 3), TypeError),
+        (lambda: Predicate(lambda i, j: torch.ones(5, 5, dtype=torch.bool)).mask(3, 3), TypeError),
     ],
 )
 def test_bad_pattern_arguments_raise_clear_errors(make, error):

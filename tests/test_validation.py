@@ -24,13 +24,14 @@ CASES = [
     ("dtype mix", (t(1, 2, 8, 4), t(1, 2, 8, 4, dtype=torch.float64), t(1, 2, 8, 4)), {}, TypeError, r"share one dtype"),
     ("int dtype", (torch.ones(1, 2, 8, 4, dtype=torch.int64),) * 3, {}, TypeError, r"q must be float16"),
     ("not tensor", ([1.0], t(1, 2, 8, 4), t(1, 2, 8, 4)), {}, TypeError, r"q must be a torch.Tensor, got list"),
-    ("empty seq", (t(1, 2, 0, 4), t(1, 2, 8, 4), t(1, 2, 8, 4)), {}, ValueError, r"q must have seq and head_dim >= 1"),
+    ("empty seq", (t(1, 2, 0, 4), t(1, 2, 8, 4), t(1, 2, 8, 4)), {}, ValueError, r"q must have heads, seq and head_dim >= 1"),
     ("backend", (t(1, 2, 8, 4),) * 3, {"backend": "flash"}, ValueError,
      re.escape(f"backend must be one of {', '.join(BACKENDS)}; got 'flash'")),
     ("pattern type", (t(1, 2, 8, 4),) * 3, {"pattern": "causal"}, TypeError, r"pattern must be an attnkit Pattern or None, got str"),
     ("per-head count", (t(1, 2, 8, 4),) * 3, {"pattern": PerHead([Causal()] * 3)}, ValueError, r"per-head for 3 heads, but q has 2 heads"),
-    ("scale", (t(1, 2, 8, 4),) * 3, {"scale": "big"}, TypeError, r"scale must be a finite real number"),
-    ("scale nan", (t(1, 2, 8, 4),) * 3, {"scale": float("nan")}, TypeError, r"scale must be a finite real number"),
+    ("scale", (t(1, 2, 8, 4),) * 3, {"scale": "big"}, TypeError, r"scale must be a real number or None, got str"),
+    ("scale nan", (t(1, 2, 8, 4),) * 3, {"scale": float("nan")}, ValueError, r"scale must be finite, got nan"),
+    ("no kv heads", (t(1, 2, 8, 4), t(1, 0, 8, 4), t(1, 0, 8, 4)), {}, ValueError, r"k must have heads, seq and head_dim >= 1"),
 ]
 
 

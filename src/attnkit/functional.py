@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from .kernels.blockwise import blockwise_kernel, plan_tiles, planned_pairs
-from .kernels.dense import dense_kernel
+from .kernels.dense import dense_kernel, fused_lse_available
 from .kernels.reference import reference_kernel
 from .kernels.sparse import head_runs, sparse_kernel
 from .kernels.sparse import planned_pairs as sparse_planned_pairs
@@ -40,8 +40,8 @@ def _check_inputs(q: object, k: object, v: object) -> None:
             )
         if t.dtype not in _FLOATS:
             raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
-        if t.shape[2] == 0 or t.shape[3] == 0:
-            raise ValueError(f"{name} must have seq and head_dim >= 1, got shape {tuple(t.shape)}")
+        if 0 in t.shape[1:]:
+            raise ValueError(f"{name} must have heads, seq and head_dim >= 1, got shape {tuple(t.shape)}")
     shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
     if not q.dtype == k.dtype == v.dtype:
         raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
@@ -62,8 +62,10 @@ def _check_inputs(q: object, k: object, v: object) -> None:
 def _check_scale(scale: object, head_dim: int) -> float:
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
-    if isinstance(scale, bool) or not isinstance(scale, Real) or not math.isfinite(scale):
-        raise TypeError(f"scale must be a finite real number or None, got {scale!r}")
+    if isinstance(scale, bool) or not isinstance(scale, Real):
+        raise TypeError(f"scale must be a real number or None, got {type(scale).__name__} {scale!r}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale!r}")
     return float(scale)
 
 
@@ -96,7 +98,15 @@ def _sparse_planned(pattern: Pattern, n_q_heads: int) -> bool:
 
 
 def choose_backend(
-    pattern: Pattern, n_q: int, n_k: int, device: torch.device, need_lse: bool, n_q_heads: int = 1
+    pattern: Pattern,
+    n_q: int,
+    n_k: int,
+    device: torch.device,
+    need_lse: bool,
+    n_q_heads: int = 1,
+    *,
+    head_dim: int = 64,
+    value_dim: int = 64,
 ) -> str:
     """The backend ``"auto"`` runs: the fastest exact plan for this pattern and these sizes.
 
@@ -104,15 +114,17 @@ def choose_backend(
     BlockSparse patterns, their parts and unions of these go to the sparse planner when its plan
     computes less than half of the square, else to SDPA with a mask. Other patterns go to the
     blockwise kernel when its tiles skip at least half of the square, else to SDPA with a mask.
-    Off CPU, a call that needs the LSE goes to the sparse or blockwise kernel, which produce it.
+    A call that needs the LSE where SDPA cannot return it from the same call (off CPU, or a value
+    width unlike the key width) goes to the sparse or blockwise kernel, which produce it anyway.
     """
+    lse_needs_kernel = need_lse and not fused_lse_available(device, head_dim, value_dim)
     if _sparse_planned(pattern, n_q_heads):
         sparse_pairs = sparse_planned_pairs(pattern, n_q, n_k, n_q_heads)
-        if (need_lse and device.type != "cpu") or sparse_pairs < _SPARSE_ENOUGH * n_q * n_k * n_q_heads:
+        if lse_needs_kernel or sparse_pairs < _SPARSE_ENOUGH * n_q * n_k * n_q_heads:
             return "sparse"
         return "dense"
     band = pattern.band() if pattern.n_heads is None else None
-    if need_lse and device.type != "cpu":
+    if lse_needs_kernel:
         return "blockwise"
     if band is not None and (band[1] == math.inf and band[0] in (0, -math.inf)):
         return "dense"
@@ -156,7 +168,10 @@ def attention(
     pattern.validate(q.shape[2], k.shape[2])
     backend = _check_backend(backend)
     if backend == "auto":
-        backend = choose_backend(pattern, q.shape[2], k.shape[2], q.device, return_lse, q.shape[1])
+        backend = choose_backend(
+            pattern, q.shape[2], k.shape[2], q.device, return_lse, q.shape[1],
+            head_dim=q.shape[-1], value_dim=v.shape[-1],
+        )
     if backend == "reference":
         out, lse, _ = reference_kernel(q, k, v, pattern, scale)
     elif backend == "dense":

@@ -395,7 +395,14 @@ class Predicate(Pattern):
                 f"Predicate: fn must return a bool tensor, got "
                 f"{getattr(result, 'dtype', type(result).__name__)}"
             )
-        return result.expand(torch.broadcast_shapes(i.shape, j.shape))
+        shape = torch.broadcast_shapes(i.shape, j.shape)
+        try:
+            return result.expand(shape)
+        except RuntimeError:
+            raise TypeError(
+                f"Predicate: fn must return a mask broadcastable to {tuple(shape)}, "
+                f"got shape {tuple(result.shape)}"
+            ) from None
 
 
 def _joint_heads(parts: Sequence[Pattern]) -> Optional[int]:

@@ -27,6 +27,12 @@ from .common import head_mask, kv_groups
 _CPU_FUSED_WITH_LSE = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
+def fused_lse_available(device: torch.device, head_dim: int, value_dim: int) -> bool:
+    """Whether this backend gets the LSE from the same fused call as the output (CPU, and value
+    width equal to key width); otherwise asking for the LSE costs a second, blockwise pass."""
+    return _CPU_FUSED_WITH_LSE is not None and device.type == "cpu" and value_dim == head_dim
+
+
 def sdpa_mask(
     pattern: Pattern, n_q: int, n_k: int, device: torch.device, scale: float = 1.0
 ) -> tuple[bool, Optional[torch.Tensor]]:
@@ -79,8 +85,7 @@ def dense_kernel(
     n_q, n_k = q.shape[2], k.shape[2]
     is_causal, mask = sdpa_mask(pattern, n_q, n_k, q.device, scale)
     gqa = kv_groups(q, k) > 1
-    fused_lse = _CPU_FUSED_WITH_LSE is not None and q.device.type == "cpu" and v.shape[-1] == q.shape[-1]
-    if need_lse and fused_lse:
+    if need_lse and fused_lse_available(q.device, q.shape[-1], v.shape[-1]):
         additive = None
         if mask is not None:
             additive = torch.zeros(mask.shape, dtype=q.dtype, device=q.device)

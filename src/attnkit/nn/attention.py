@@ -73,6 +73,11 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"MultiHeadAttention: backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
         self.dim, self.n_heads, self.n_kv_heads, self.head_dim = dim, n_heads, n_kv_heads, head_dim
         self.pattern = as_pattern(pattern)
+        if self.pattern.n_heads is not None and self.pattern.n_heads != n_heads:
+            raise ValueError(
+                f"MultiHeadAttention: pattern is per-head for {self.pattern.n_heads} heads, "
+                f"but n_heads is {n_heads}"
+            )
         self.rope = rope
         self.backend = backend
         self.q_proj = nn.Linear(dim, n_heads * head_dim, bias=bias)
@@ -165,10 +170,12 @@ class MultiHeadAttention(nn.Module):
         if self.pattern.n_heads is not None:
             raise ValueError("MultiHeadAttention: key_mask cannot be combined with a per-head pattern")
         allowed = self.pattern.mask(n_q, n_k, device=q.device) & key_mask[:, None, None, :]
-        # A padding query may see no real key; letting every query see its own position keeps
-        # its row finite (its output is never used) without touching the rows of real tokens.
-        own = torch.arange(n_q, device=q.device) + (n_k - n_q)
-        allowed[..., torch.arange(n_q, device=q.device), own] = True
-        return F.scaled_dot_product_attention(
+        # A row that may see no key (a padding query) is given its own position so that SDPA stays
+        # finite on every device, then zeroed, as every fully masked row in attnkit is.
+        empty = ~allowed.any(-1)  # (B, 1, Nq)
+        rows = torch.arange(n_q, device=q.device)
+        allowed[..., rows, (rows + n_k - n_q).clamp(min=0)] |= empty
+        out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=allowed, enable_gqa=self.n_heads != self.n_kv_heads
         )
+        return torch.where(empty.unsqueeze(-1), 0.0, out)
