@@ -413,23 +413,28 @@ def _joint_heads(parts: Sequence[Pattern]) -> Optional[int]:
 
 
 @dataclass(frozen=True)
-class Union(Pattern):
-    """Pairs allowed by either pattern (``a | b``)."""
+class _Combination(Pattern):
+    """Two patterns combined pair by pair; per-head parts must agree on the head count."""
 
     left: Pattern
     right: Pattern
     n_heads: Optional[int] = field(init=False, default=None)
 
     def __post_init__(self) -> None:
-        _check_pattern_args("Union", self.left, self.right)
+        _check_pattern_args(type(self).__name__, self.left, self.right)
         object.__setattr__(self, "n_heads", _joint_heads([self.left, self.right]))
-
-    def allows(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
-        return self.left.allows(i, j) | self.right.allows(i, j)
 
     def validate(self, n_q: int, n_k: int) -> None:
         self.left.validate(n_q, n_k)
         self.right.validate(n_q, n_k)
+
+
+@dataclass(frozen=True)
+class Union(_Combination):
+    """Pairs allowed by either pattern (``a | b``)."""
+
+    def allows(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        return self.left.allows(i, j) | self.right.allows(i, j)
 
     def band(self) -> Optional[Band]:
         a, b = self.left.band(), self.right.band()
@@ -442,23 +447,11 @@ class Union(Pattern):
 
 
 @dataclass(frozen=True)
-class Intersection(Pattern):
+class Intersection(_Combination):
     """Pairs allowed by both patterns (``a & b``)."""
-
-    left: Pattern
-    right: Pattern
-    n_heads: Optional[int] = field(init=False, default=None)
-
-    def __post_init__(self) -> None:
-        _check_pattern_args("Intersection", self.left, self.right)
-        object.__setattr__(self, "n_heads", _joint_heads([self.left, self.right]))
 
     def allows(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         return self.left.allows(i, j) & self.right.allows(i, j)
-
-    def validate(self, n_q: int, n_k: int) -> None:
-        self.left.validate(n_q, n_k)
-        self.right.validate(n_q, n_k)
 
     def band(self) -> Optional[Band]:
         a, b = self.left.band(), self.right.band()

@@ -16,6 +16,7 @@ import torch
 
 from ..kernels.sparse import planned_pairs
 from ..patterns import Pattern
+from .plots import _pyplot
 
 MAX_RENDER = 96  # wider renderings wrap in a terminal
 
@@ -58,17 +59,6 @@ def block_costs(pattern: Pattern, n: int, block: int = 128) -> BlockCosts:
         blocks=int(layout.sum()),
         blocks_total=layout.numel(),
     )
-
-
-def _pyplot():
-    try:
-        import matplotlib
-    except ImportError as exc:  # matplotlib is the optional "viz" extra
-        raise ImportError('pattern figures need matplotlib: pip install "attnkit[viz]"') from exc
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _draw(ax, pattern: Pattern, n: int, title: str) -> None:
