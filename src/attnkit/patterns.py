@@ -380,6 +380,7 @@ class Predicate(Pattern):
 
     This is FlexAttention's ``mask_mod`` idea without the batch and head arguments, e.g.
     ``Predicate(lambda i, j: (j <= i) & (j % 4 == 0))``. ``fn`` must be pure and elementwise.
+    Query positions start at ``Nk - Nq``: they are negative when queries outnumber keys.
     """
 
     fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
