@@ -6,6 +6,10 @@ first reorder ("pack") a weight into the blocked layout its matrix-vector kernel
 values and dtype are unchanged, only their order in memory differs. :func:`pack_for_cpu` swaps
 every linear layer (and the vocabulary head) of a model for such a packed copy.
 
+The packed layout pays off for a few rows at a time (decoding); for many rows (a prompt's prefill)
+the plain row-major product is faster, so each packed layer keeps a reference to its plain weight
+and uses it above ``DENSE_ROWS`` rows. Memory: the packed copy comes on top of the plain weights.
+
 The packed model is for inference only: no gradients, no ``state_dict`` round trip (save before
 packing). Packing needs a torch built with oneDNN (``torch.backends.mkldnn.is_available()``).
 """
@@ -13,14 +17,19 @@ packing). Packing needs a torch built with oneDNN (``torch.backends.mkldnn.is_av
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+DENSE_ROWS = 16
+"""Calls with more rows than this (prefill) use the plain weight; fewer (decoding) the packed one."""
 
 
 class PackedLinear(nn.Module):
     """``y = x @ W.T`` with ``W (out, in)`` held in oneDNN's packed layout; ``x (..., in)``.
 
     Args:
-        weight: the dense ``(out, in)`` float32 or bfloat16 CPU weight to pack (it is copied).
+        weight: the dense ``(out, in)`` float32 or bfloat16 CPU weight to pack (the packed copy is
+            new; the plain weight is kept by reference for calls of many rows).
         batch_hint: rows per call oneDNN optimises the layout for (1 = decoding).
     """
 
@@ -32,11 +41,14 @@ class PackedLinear(nn.Module):
                 f"{weight.dtype} {tuple(weight.shape)} on {weight.device}"
             )
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), batch_hint)
+        self.weight = weight.detach()
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, batch_hint)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != self.packed.dtype:
             raise ValueError(f"PackedLinear: x is {x.dtype} but the packed weight is {self.packed.dtype}")
+        if x.numel() > DENSE_ROWS * self.in_features:
+            return F.linear(x, self.weight)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
 
 
