@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from ..checks import positive_int
 from ..nn import MultiHeadAttention
 from .tokenizer import Tokenizer
 
@@ -40,7 +41,8 @@ class BertConfig:
     """Sizes of a BERT encoder; field names follow Hugging Face's ``config.json``.
 
     ``hidden_size`` must be a multiple of ``num_attention_heads`` (head width
-    ``hidden_size // num_attention_heads``). Raises ValueError naming the first bad field.
+    ``hidden_size // num_attention_heads``). Raises ValueError (TypeError for a non-integer size)
+    naming the first bad field.
     """
 
     vocab_size: int = 30522
@@ -56,8 +58,8 @@ class BertConfig:
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.type == "int" and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-                raise ValueError(f"BertConfig: {f.name} must be a positive integer, got {value!r}")
+            if f.type == "int":
+                positive_int("BertConfig", f.name, value)
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"BertConfig: hidden_size ({self.hidden_size}) must be a multiple of "
