@@ -19,6 +19,7 @@ explicit absolute positions (any int64 vectors), so a block of a larger problem,
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -88,8 +89,29 @@ def plan_tiles(
 
     Band patterns (Full, Causal, SlidingWindow) are planned in closed form; other patterns
     evaluate their predicate one query block at a time (``block_q x n_k`` booleans at most).
-    ``positions`` is ``(q_pos[n_q], k_pos[n_k])``, default bottom-right alignment.
+    ``positions`` is ``(q_pos[n_q], k_pos[n_k])``, default bottom-right alignment. Plans for the
+    default positions are cached (``auto`` plans before the kernel does, and every layer of a
+    model plans the same problem).
     """
+    if positions is None and _hashable(pattern):
+        return list(_default_plan(pattern, n_q, n_k, block_q, block_k))
+    return _plan(pattern, n_q, n_k, block_q, block_k, positions)
+
+
+def _hashable(pattern: Pattern) -> bool:
+    try:
+        hash(pattern)
+    except TypeError:  # a user's pattern class without __hash__ is planned every time
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=16)
+def _default_plan(pattern: Pattern, n_q: int, n_k: int, block_q: int, block_k: int) -> tuple[QueryBlock, ...]:
+    return tuple(_plan(pattern, n_q, n_k, block_q, block_k, None))
+
+
+def _plan(pattern, n_q, n_k, block_q, block_k, positions) -> list[QueryBlock]:
     band = pattern.band() if pattern.n_heads is None else None
     q_pos, k_pos = (p.cpu() for p in _positions(positions, n_q, n_k, None))
     k_starts = torch.arange(0, n_k, block_k)
@@ -242,8 +264,8 @@ def blockwise_kernel(
     ``positions = (q_pos (Nq,), k_pos (Nk,))`` sets the absolute positions the pattern sees
     (default: bottom-right alignment).
     """
-    positions = _positions(positions, q.shape[2], k.shape[2], q.device)
     blocks = plan_tiles(pattern, q.shape[2], k.shape[2], block_q, block_k, positions)
+    positions = _positions(positions, q.shape[2], k.shape[2], q.device)
     return _BlockwiseAttention.apply(q, k, v, pattern, scale, blocks, positions)
 
 
