@@ -15,6 +15,7 @@ def test_info_lists_versions_and_backends(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "torch" in out and "blockwise" in out
+    assert "native band_attention" in out
 
 
 def test_bench_writes_json_rows_and_a_plot(tmp_path, capsys):

@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 import torch
 
 import attnkit
+from attnkit.kernels.native import native_status
 
 # Modules whose ``register(subparsers)`` adds a subcommand, in the order ``--help`` lists them.
 COMMAND_MODULES = [
@@ -51,6 +52,8 @@ def _run_info(args: argparse.Namespace) -> int:
     table.add_row("backends", ", ".join(attnkit.BACKENDS))
     table.add_row("torch threads", str(torch.get_num_threads()))
     table.add_row("cpu capability", torch.backends.cpu.get_cpu_capability())
+    for name, status in native_status().items():
+        table.add_row(f"native {name}", status)
     if torch.cuda.is_available():
         names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         table.add_row("cuda devices", "; ".join(names))

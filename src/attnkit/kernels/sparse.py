@@ -7,7 +7,9 @@ strided views wherever their positions are evenly spaced (band blocks, residue c
 so most plans gather nothing; other units are gathered with ``index_select``. Parts are merged by
 their log-sum-exp. Cost and memory follow the pairs the units cover, never ``Nq x Nk``.
 
-Two executions of the same plan:
+Band patterns (sliding windows and their compositions) in float32 on the CPU go to the native band
+kernel of :mod:`~attnkit.kernels.band_native` when it is built; everything else runs a plan, with
+one of two executions:
 
 - on CPU (and when the value width equals the key width) each group is one call of torch's fused
   CPU flash-attention kernel, which never writes the scores to memory. The backward pass is
@@ -28,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..patterns import BlockSparse, Pattern, PerHead
+from .band_native import band_native_attention, band_native_supports
 from .blockwise import merge_lse
 from .common import compute_dtype, kv_groups
 from .sparse_plan import BACKWARD_BAND_ROWS, BAND_ROWS, UNIT_ROWS, SparsePlan, UnitGroup, plan_sparse
@@ -389,6 +392,9 @@ def head_runs(pattern: Pattern, n_q_heads: int, groups: int) -> list[tuple[int, 
 
 def _run(q, k, v, pattern: Pattern, scale: float, unit_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     n_q, n_k, device = q.shape[2], k.shape[2], q.device
+    band = pattern.band()
+    if band is not None and all(math.isfinite(edge) for edge in band) and band_native_supports(q, k, v):
+        return band_native_attention(q, k, v, band, scale)
     plan = plan_sparse(pattern, n_q, n_k, device, unit_rows, min(unit_rows, BAND_ROWS))
     fused = _FUSED is not None and device.type == "cpu" and v.shape[-1] == q.shape[-1]
     if not fused:

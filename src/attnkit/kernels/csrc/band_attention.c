@@ -1,0 +1,413 @@
+/* Exact band attention on the CPU in float32, forward and backward. Query i attends to the keys j
+ * with lo <= i - j <= hi, positions aligned bottom-right (i = row + nk - nq).
+ *
+ * Work is split into strips of query rows of one KV head (all of its `groups` query heads), and a
+ * strip into blocks of ROWS rows. A block needs only the keys its rows reach (hi - lo + ROWS of
+ * them), so the work follows the band, not nq x nk. A strip first copies its keys transposed,
+ * (D, keys), so that 16 keys form one vector. Per block, the forward pass computes
+ *   S = (q * scale * log2 e) K^T   (register blocks of ROWS x 32 scores),
+ *   pairs outside the band -> -inf, per row m = max S, P = 2^(S - m), l = sum P,
+ *   O = P V (register blocks of 4 rows x 64 columns), out = O / l, lse = (m + log2 l) ln 2,
+ * and the backward pass (FlashAttention's) recomputes P = 2^(S - lse log2 e), then
+ *   dP = dO V^T, dS = P (dP - delta) with delta = rowsum(dO * out) - dlse,
+ *   dV += P^T dO, dK += scale dS^T Q, dQ = scale dS K.
+ * The scores of a block live in per-thread buffers; nothing of size nq x nk is ever stored. Strips
+ * are at least hi - lo rows long, so the key ranges of even strips do not overlap, nor those of odd
+ * strips: the backward pass runs even strips, then odd strips, each adding into dK and dV without
+ * races and in a fixed order (deterministic). A row with no key gets out 0, lse -inf and no gradient.
+ * Vectors are GNU C vector extensions of 16 floats, so the compiler emits AVX-512, AVX2 or NEON code
+ * for the machine it builds on. Threads take strips from an atomic counter.
+ */
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef float vf __attribute__((vector_size(64)));
+typedef int32_t vi __attribute__((vector_size(64)));
+typedef float vf_unaligned __attribute__((vector_size(64), aligned(4)));
+
+enum { LANES = 16, ROWS = 8, COLS = 32, MIN_STRIP = 256, MAX_THREADS = 256 };
+static const float LOG2E = 1.4426950408889634f, LN2 = 0.6931471805599453f;
+
+static inline vf load(const float *p) { return *(const vf_unaligned *)p; }
+static inline void store(float *p, vf x) { *(vf_unaligned *)p = x; }
+static inline vf splat(float x) { return (vf){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
+static inline vf pick(vi keep, vf yes, vf no) { return (vf)(((vi)yes & keep) | ((vi)no & ~keep)); }
+static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+static inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+static inline int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
+
+/* 2^x for x <= 0 (x = -inf gives 0): x = n + f with f in [-1/2, 1/2], 2^f by its Taylor series to
+ * degree 7 (relative error below 1e-8), 2^n added to the exponent bits. Values under 2^-126 give 0. */
+static inline vf exp2_nonpositive(vf x) {
+    vi normal = (vi)(x >= splat(-126.0f));
+    x = pick(normal, x, splat(-126.0f));
+    const vf round_magic = splat(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer */
+    vf shifted = x + round_magic;
+    vf n = shifted - round_magic;
+    vf f = x - n;
+    vi n_int = (vi)shifted - (vi)round_magic;
+    vf p = splat(1.525273380405984e-05f);
+    p = p * f + 1.5403530393381608e-04f;
+    p = p * f + 1.3333558146428443e-03f;
+    p = p * f + 9.618129107628477e-03f;
+    p = p * f + 5.550410866482158e-02f;
+    p = p * f + 2.402265069591007e-01f;
+    p = p * f + 6.931471805599453e-01f;
+    p = p * f + 1.0f;
+    return (vf)(((vi)p + (n_int << 23)) & normal);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Register-blocked products. Row-major matrices with leading dimensions ld_*; n_cols keys. */
+
+#define ZERO2(r) vf acc##r##a = {0}, acc##r##b = {0};
+#define ZERO1(r) vf acc##r##a = {0};
+#define FMA2(r) { vf x = splat(a_col[r]); acc##r##a += x * b0; acc##r##b += x * b1; }
+#define FMA1(r) { acc##r##a += splat(a_col[r]) * b0; }
+#define STORE2(r) { store(s + (r) * ld_s + col, acc##r##a); store(s + (r) * ld_s + col + LANES, acc##r##b); }
+#define STORE1(r) { store(s + (r) * ld_s + col, acc##r##a); }
+#define EACH_ROW(M) M(0) M(1) M(2) M(3) M(4) M(5) M(6) M(7)
+
+/* s[r][col] = sum_c a_t[c][r] b_t[c][col] for ROWS rows and n_cols columns rounded up to LANES
+ * (b_t must be readable that far). a_t is (d, ROWS), b_t is (d, ld_b). */
+static void rows_times_columns(const float *a_t, const float *b_t, int64_t ld_b, int64_t d, int64_t n_cols,
+                               float *s, int64_t ld_s) {
+    int64_t col = 0;
+    for (; col + LANES < n_cols; col += COLS) { /* more than LANES columns left: a tile of COLS */
+        EACH_ROW(ZERO2)
+        for (int64_t c = 0; c < d; c++) {
+            const float *a_col = a_t + c * ROWS;
+            vf b0 = load(b_t + c * ld_b + col), b1 = load(b_t + c * ld_b + col + LANES);
+            EACH_ROW(FMA2)
+        }
+        EACH_ROW(STORE2)
+    }
+    for (; col < n_cols; col += LANES) {
+        EACH_ROW(ZERO1)
+        for (int64_t c = 0; c < d; c++) {
+            const float *a_col = a_t + c * ROWS;
+            vf b0 = load(b_t + c * ld_b + col);
+            EACH_ROW(FMA1)
+        }
+        EACH_ROW(STORE1)
+    }
+}
+
+/* o[r][0:64] = sum_j p[r][j] m[j][0:64] for 4 rows r. */
+static void weights_times_rows64(const float *p, int64_t ld_p, const float *m, int64_t ld_m, int64_t n_cols,
+                                 float *o, int64_t ld_o) {
+    vf a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
+    vf c0 = {0}, c1 = {0}, c2 = {0}, c3 = {0}, e0 = {0}, e1 = {0}, e2 = {0}, e3 = {0};
+    for (int64_t j = 0; j < n_cols; j++) {
+        const float *row = m + j * ld_m;
+        vf m0 = load(row), m1 = load(row + 16), m2 = load(row + 32), m3 = load(row + 48), x;
+        x = splat(p[j]);            a0 += x * m0; a1 += x * m1; a2 += x * m2; a3 += x * m3;
+        x = splat(p[ld_p + j]);     b0 += x * m0; b1 += x * m1; b2 += x * m2; b3 += x * m3;
+        x = splat(p[2 * ld_p + j]); c0 += x * m0; c1 += x * m1; c2 += x * m2; c3 += x * m3;
+        x = splat(p[3 * ld_p + j]); e0 += x * m0; e1 += x * m1; e2 += x * m2; e3 += x * m3;
+    }
+    store(o, a0); store(o + 16, a1); store(o + 32, a2); store(o + 48, a3);
+    o += ld_o; store(o, b0); store(o + 16, b1); store(o + 32, b2); store(o + 48, b3);
+    o += ld_o; store(o, c0); store(o + 16, c1); store(o + 32, c2); store(o + 48, c3);
+    o += ld_o; store(o, e0); store(o + 16, e1); store(o + 32, e2); store(o + 48, e3);
+}
+
+/* The same for 16 columns. */
+static void weights_times_rows16(const float *p, int64_t ld_p, const float *m, int64_t ld_m, int64_t n_cols,
+                                 float *o, int64_t ld_o) {
+    vf a = {0}, b = {0}, c = {0}, e = {0};
+    for (int64_t j = 0; j < n_cols; j++) {
+        vf row = load(m + j * ld_m);
+        a += splat(p[j]) * row; b += splat(p[ld_p + j]) * row;
+        c += splat(p[2 * ld_p + j]) * row; e += splat(p[3 * ld_p + j]) * row;
+    }
+    store(o, a); store(o + ld_o, b); store(o + 2 * ld_o, c); store(o + 3 * ld_o, e);
+}
+
+/* o (ROWS, d) = p (ROWS, n_cols) m (n_cols, d); d a multiple of LANES. */
+static void weights_times_matrix(const float *p, int64_t ld_p, const float *m, int64_t d, int64_t n_cols, float *o) {
+    for (int64_t r = 0; r < ROWS; r += 4) {
+        int64_t c = 0;
+        for (; c + 64 <= d; c += 64) weights_times_rows64(p + r * ld_p, ld_p, m + c, d, n_cols, o + r * d + c, d);
+        for (; c < d; c += LANES) weights_times_rows16(p + r * ld_p, ld_p, m + c, d, n_cols, o + r * d + c, d);
+    }
+}
+
+/* dst[j][:] += sum_r p[r][j] rows[r][:] for j < n_cols: ROWS rows (ROWS, d) of which `rows` are real. */
+static void add_transposed_product(const float *p, int64_t ld_p, const float *rows_m, int64_t rows, int64_t d,
+                                   int64_t n_cols, float *dst) {
+    int64_t j = 0;
+    for (; j + 4 <= n_cols; j += 4) {
+        for (int64_t c = 0; c < d; c += LANES) {
+            float *out = dst + j * d + c;
+            vf a = load(out), b = load(out + d), e = load(out + 2 * d), f = load(out + 3 * d);
+            for (int64_t r = 0; r < rows; r++) {
+                vf row = load(rows_m + r * d + c);
+                const float *w = p + r * ld_p + j;
+                a += splat(w[0]) * row; b += splat(w[1]) * row; e += splat(w[2]) * row; f += splat(w[3]) * row;
+            }
+            store(out, a); store(out + d, b); store(out + 2 * d, e); store(out + 3 * d, f);
+        }
+    }
+    for (; j < n_cols; j++)
+        for (int64_t c = 0; c < d; c += LANES) {
+            vf a = load(dst + j * d + c);
+            for (int64_t r = 0; r < rows; r++) a += splat(p[r * ld_p + j]) * load(rows_m + r * d + c);
+            store(dst + j * d + c, a);
+        }
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Jobs, strips and per-thread scratch. */
+
+typedef struct {
+    const float *q, *k, *v;       /* (bh, nq, d), (bh / groups, nk, d), (bh / groups, nk, d) */
+    float *out, *lse;             /* forward results (bh, nq, d), (bh, nq); read by the backward pass */
+    const float *d_out, *delta;   /* backward: (bh, nq, d), (bh, nq) */
+    float *d_q, *d_k, *d_v;       /* backward results; d_k and d_v start at zero */
+    int64_t bh, nq, nk, d, lo, hi, groups, strip_rows, strips, reach;
+    float scale;
+    int backward, parity;         /* backward: strips with index % 2 == parity (parity -1: all) */
+    int64_t next;                 /* the next strip to take, atomically */
+} Job;
+
+typedef struct {
+    float *keys_t, *values_t;     /* (d, ld_t): the strip's keys (and values) transposed */
+    float *s, *ds;                /* (ROWS, ld_s) */
+    float *a_t, *b_t, *o;         /* (d, ROWS), (d, ROWS), (ROWS, d) */
+    int64_t ld_t, ld_s;
+} Scratch;
+
+static float *grab(size_t floats) { return aligned_alloc(64, round_up((int64_t)(floats * sizeof(float)), 64)); }
+
+static int scratch_init(Scratch *w, const Job *job) {
+    w->ld_t = job->strip_rows + job->reach + COLS;
+    w->ld_s = round_up(min64(job->reach, job->nk) + COLS, LANES);
+    w->keys_t = grab(job->d * w->ld_t);
+    w->values_t = job->backward ? grab(job->d * w->ld_t) : NULL;
+    w->s = grab(ROWS * w->ld_s);
+    w->ds = job->backward ? grab(ROWS * w->ld_s) : NULL;
+    w->a_t = grab(job->d * ROWS);
+    w->b_t = grab(job->d * ROWS);
+    w->o = grab(job->d * ROWS);
+    return w->keys_t && w->s && w->a_t && w->b_t && w->o && (!job->backward || (w->values_t && w->ds));
+}
+
+static void scratch_free(Scratch *w) {
+    free(w->keys_t); free(w->values_t); free(w->s); free(w->ds); free(w->a_t); free(w->b_t); free(w->o);
+}
+
+/* dst (d, ld) = src rows [first, first + n) transposed, zero-padded to ld columns. */
+static void transpose_rows(const float *src, int64_t first, int64_t n, int64_t d, float *dst, int64_t ld) {
+    for (int64_t j0 = 0; j0 < n; j0 += 64) {
+        int64_t j1 = min64(j0 + 64, n);
+        for (int64_t c = 0; c < d; c++)
+            for (int64_t j = j0; j < j1; j++) dst[c * ld + j] = src[(first + j) * d + c];
+    }
+    for (int64_t c = 0; c < d; c++) memset(dst + c * ld + n, 0, (size_t)(ld - n) * sizeof(float));
+}
+
+/* a_t (d, ROWS) = rows [row0, row0 + rows) of m (., d) transposed and scaled; missing rows zero. */
+static void rows_transposed(const float *m, int64_t row0, int64_t rows, int64_t d, float scale, float *a_t) {
+    for (int64_t c = 0; c < d; c++)
+        for (int64_t r = 0; r < ROWS; r++) a_t[c * ROWS + r] = r < rows ? m[(row0 + r) * d + c] * scale : 0.0f;
+}
+
+/* Keys [first, last] (block columns) of a row are in the band; the others are set to -inf. */
+static void block_row_keys(const Job *job, int64_t pos, int64_t key0, int64_t n_cols, int64_t *first, int64_t *last) {
+    *first = max64(pos - job->hi - key0, 0);
+    *last = min64(pos - job->lo - key0, n_cols - 1);
+}
+
+static void mask_outside(float *s, int64_t first, int64_t last, int64_t n_cols) {
+    int64_t padded = round_up(n_cols, LANES);
+    if (first > last) first = padded, last = padded - 1;
+    for (int64_t j = 0; j < first; j++) s[j] = -INFINITY;
+    for (int64_t j = last + 1; j < padded; j++) s[j] = -INFINITY;
+}
+
+/* In place p = 2^(s - shift) over the padded row; returns sum p. */
+static float exp2_row(float *s, int64_t n_cols, float shift) {
+    vf total = {0}, by = splat(shift);
+    for (int64_t j = 0; j < round_up(n_cols, LANES); j += LANES) {
+        vf p = exp2_nonpositive(load(s + j) - by);
+        store(s + j, p);
+        total += p;
+    }
+    float sum = 0.0f;
+    for (int i = 0; i < LANES; i++) sum += total[i];
+    return sum;
+}
+
+static float row_max(const float *s, int64_t n_cols) {
+    vf high = splat(-INFINITY);
+    for (int64_t j = 0; j < round_up(n_cols, LANES); j += LANES) {
+        vf x = load(s + j);
+        high = pick((vi)(x > high), x, high);
+    }
+    float m = high[0];
+    for (int i = 1; i < LANES; i++) m = high[i] > m ? high[i] : m;
+    return m;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * One block of ROWS query rows of one query head; keys [key0, key0 + n_cols) are strip columns
+ * [col0, col0 + n_cols) of the transposed copies. */
+
+static void forward_block(const Job *job, const Scratch *w, int64_t head, int64_t row0, int64_t rows,
+                          int64_t key0, int64_t col0, int64_t n_cols) {
+    const int64_t d = job->d, pos0 = job->nk - job->nq + row0;
+    float *out = job->out + (head * job->nq + row0) * d, *lse = job->lse + head * job->nq + row0;
+    rows_transposed(job->q + head * job->nq * d, row0, rows, d, job->scale * LOG2E, w->a_t);
+    rows_times_columns(w->a_t, w->keys_t + col0, w->ld_t, d, n_cols, w->s, w->ld_s);
+    float high[ROWS], sum[ROWS];
+    for (int64_t r = 0; r < ROWS; r++) {
+        float *s = w->s + r * w->ld_s;
+        int64_t first = 1, last = 0;
+        if (r < rows) block_row_keys(job, pos0 + r, key0, n_cols, &first, &last);
+        mask_outside(s, first, last, n_cols);
+        high[r] = first <= last ? row_max(s, n_cols) : 0.0f;
+        sum[r] = exp2_row(s, n_cols, high[r]);
+    }
+    weights_times_matrix(w->s, w->ld_s, job->v + ((head / job->groups) * job->nk + key0) * d, d, n_cols, w->o);
+    for (int64_t r = 0; r < rows; r++) {
+        if (sum[r] == 0.0f) {
+            memset(out + r * d, 0, (size_t)d * sizeof(float));
+            lse[r] = -INFINITY;
+            continue;
+        }
+        float inverse = 1.0f / sum[r];
+        for (int64_t c = 0; c < d; c++) out[r * d + c] = w->o[r * d + c] * inverse;
+        lse[r] = (high[r] + log2f(sum[r])) * LN2;
+    }
+}
+
+static void backward_block(const Job *job, const Scratch *w, int64_t head, int64_t row0, int64_t rows,
+                           int64_t key0, int64_t col0, int64_t n_cols) {
+    const int64_t d = job->d, nq = job->nq, pos0 = job->nk - nq + row0, kv = head / job->groups;
+    const float *q = job->q + head * nq * d, *d_out = job->d_out + head * nq * d;
+    const float *lse = job->lse + head * nq + row0, *delta = job->delta + head * nq + row0;
+    rows_transposed(q, row0, rows, d, job->scale * LOG2E, w->a_t);
+    rows_times_columns(w->a_t, w->keys_t + col0, w->ld_t, d, n_cols, w->s, w->ld_s);
+    rows_transposed(d_out, row0, rows, d, 1.0f, w->b_t);
+    rows_times_columns(w->b_t, w->values_t + col0, w->ld_t, d, n_cols, w->ds, w->ld_s);
+    for (int64_t r = 0; r < ROWS; r++) {
+        float *p = w->s + r * w->ld_s, *ds = w->ds + r * w->ld_s;
+        int64_t first = 1, last = 0;
+        if (r < rows && lse[r] != -INFINITY) block_row_keys(job, pos0 + r, key0, n_cols, &first, &last);
+        mask_outside(p, first, last, n_cols);
+        exp2_row(p, n_cols, first <= last ? lse[r] * LOG2E : 0.0f);
+        vf row_delta = splat(r < rows ? delta[r] : 0.0f), scale = splat(job->scale);
+        for (int64_t j = 0; j < round_up(n_cols, LANES); j += LANES)
+            store(ds + j, load(p + j) * (load(ds + j) - row_delta) * scale);
+    }
+    /* dV += P^T dO, dK += dS^T Q (dS carries the scale), dQ = dS K. */
+    add_transposed_product(w->s, w->ld_s, d_out + row0 * d, rows, d, n_cols, job->d_v + (kv * job->nk + key0) * d);
+    add_transposed_product(w->ds, w->ld_s, q + row0 * d, rows, d, n_cols, job->d_k + (kv * job->nk + key0) * d);
+    weights_times_matrix(w->ds, w->ld_s, job->k + (kv * job->nk + key0) * d, d, n_cols, w->o);
+    memcpy(job->d_q + (head * nq + row0) * d, w->o, (size_t)(rows * d) * sizeof(float));
+}
+
+/* Strip `index` of one KV head: rows [row0, row1) of each of its query heads. */
+static void run_strip(const Job *job, const Scratch *w, int64_t index) {
+    const int64_t kv = index / job->strips, strip = index % job->strips, nk = job->nk, d = job->d;
+    const int64_t row0 = strip * job->strip_rows, row1 = min64(row0 + job->strip_rows, job->nq);
+    const int64_t offset = nk - job->nq;
+    const int64_t first_key = max64(row0 + offset - job->hi, 0), last_key = min64(row1 - 1 + offset - job->lo, nk - 1);
+    const int64_t n_keys = last_key - first_key + 1;
+    for (int64_t head = kv * job->groups; head < (kv + 1) * job->groups; head++) {
+        if (n_keys <= 0) { /* no row of this strip sees a key */
+            if (job->backward) {
+                memset(job->d_q + (head * job->nq + row0) * d, 0, (size_t)((row1 - row0) * d) * sizeof(float));
+            } else {
+                memset(job->out + (head * job->nq + row0) * d, 0, (size_t)((row1 - row0) * d) * sizeof(float));
+                for (int64_t r = row0; r < row1; r++) job->lse[head * job->nq + r] = -INFINITY;
+            }
+        }
+    }
+    if (n_keys <= 0) return;
+    transpose_rows(job->k + kv * nk * d, first_key, n_keys, d, w->keys_t, w->ld_t);
+    if (job->backward) transpose_rows(job->v + kv * nk * d, first_key, n_keys, d, w->values_t, w->ld_t);
+    for (int64_t head = kv * job->groups; head < (kv + 1) * job->groups; head++)
+        for (int64_t r0 = row0; r0 < row1; r0 += ROWS) {
+            const int64_t rows = min64(ROWS, row1 - r0), pos0 = r0 + offset;
+            const int64_t key0 = max64(pos0 - job->hi, first_key), key1 = min64(pos0 + rows - 1 - job->lo, last_key);
+            if (key0 > key1) {
+                if (job->backward) {
+                    memset(job->d_q + (head * job->nq + r0) * d, 0, (size_t)(rows * d) * sizeof(float));
+                } else {
+                    memset(job->out + (head * job->nq + r0) * d, 0, (size_t)(rows * d) * sizeof(float));
+                    for (int64_t r = 0; r < rows; r++) job->lse[head * job->nq + r0 + r] = -INFINITY;
+                }
+                continue;
+            }
+            if (job->backward)
+                backward_block(job, w, head, r0, rows, key0, key0 - first_key, key1 - key0 + 1);
+            else
+                forward_block(job, w, head, r0, rows, key0, key0 - first_key, key1 - key0 + 1);
+        }
+}
+
+static void *worker(void *arg) {
+    Job *job = arg;
+    Scratch w = {0};
+    if (scratch_init(&w, job)) {
+        const int64_t total = job->bh / job->groups * job->strips;
+        for (int64_t i; (i = __atomic_fetch_add(&job->next, 1, __ATOMIC_RELAXED)) < total;)
+            if (job->parity < 0 || (i % job->strips) % 2 == job->parity) run_strip(job, &w, i);
+    }
+    scratch_free(&w);
+    return NULL;
+}
+
+/* Runs the job on `threads` threads, this one included. A thread that cannot start or allocate
+ * its scratch takes no strip; the others take them all. Returns 0, or 2 when no thread could. */
+static int run_threads(Job *job, int threads) {
+    pthread_t ids[MAX_THREADS];
+    int started = 0;
+    job->next = 0;
+    threads = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
+    for (int t = 1; t < threads; t++)
+        if (pthread_create(&ids[started], NULL, worker, job) == 0) started++;
+    worker(job);
+    for (int t = 0; t < started; t++) pthread_join(ids[t], NULL);
+    return job->next >= job->bh / job->groups * job->strips ? 0 : 2;
+}
+
+static int check_and_plan(Job *job) {
+    if (job->d <= 0 || job->d % LANES != 0) return 1;
+    if (job->lo > job->hi) job->lo = job->hi + job->nk + job->nq + 1; /* empty band: no key anywhere */
+    job->reach = max64(min64(job->hi - job->lo + ROWS, job->nk + ROWS), 0);
+    job->strip_rows = round_up(max64(MIN_STRIP, min64(job->hi - job->lo, job->nq)), ROWS);
+    job->strips = (job->nq + job->strip_rows - 1) / job->strip_rows;
+    return 0;
+}
+
+/* Forward: fills out and lse. Returns 0, 1 when d is not a positive multiple of 16, 2 when
+ * scratch memory could not be allocated. */
+int band_attention_forward(const float *q, const float *k, const float *v, float *out, float *lse,
+                           int64_t bh, int64_t nq, int64_t nk, int64_t d, int64_t lo, int64_t hi,
+                           int64_t groups, float scale, int threads) {
+    Job job = {q, k, v, out, lse, NULL, NULL, NULL, NULL, NULL, bh, nq, nk, d, lo, hi, groups,
+               0, 0, 0, scale, 0, -1, 0};
+    int status = check_and_plan(&job);
+    return status ? status : run_threads(&job, threads);
+}
+
+/* Backward: d_k and d_v must be zero on entry; delta = rowsum(d_out * out) - d_lse. */
+int band_attention_backward(const float *q, const float *k, const float *v, const float *out_lse,
+                            const float *d_out, const float *delta, float *d_q, float *d_k, float *d_v,
+                            int64_t bh, int64_t nq, int64_t nk, int64_t d, int64_t lo, int64_t hi,
+                            int64_t groups, float scale, int threads) {
+    Job job = {q, k, v, NULL, (float *)out_lse, d_out, delta, d_q, d_k, d_v, bh, nq, nk, d, lo, hi, groups,
+               0, 0, 0, scale, 1, 0, 0};
+    int status = check_and_plan(&job);
+    for (int parity = 0; parity < 2 && status == 0; parity++) {
+        job.parity = parity;
+        status = run_threads(&job, threads);
+    }
+    return status;
+}
