@@ -7,7 +7,7 @@
  * (D, keys), so that 16 keys form one vector. Per block, the forward pass computes
  *   S = (q * scale * log2 e) K^T   (register blocks of ROWS x 32 scores),
  *   pairs outside the band -> -inf, per row m = max S, P = 2^(S - m), l = sum P,
- *   O = P V (register blocks of 4 rows x 64 columns), out = O / l, lse = (m + log2 l) ln 2,
+ *   O = P V (register blocks of ROWS rows x 32 columns), out = O / l, lse = (m + log2 l) ln 2,
  * and the backward pass (FlashAttention's) recomputes P = 2^(S - lse log2 e), then
  *   dP = dO V^T, dS = P (dP - delta) with delta = rowsum(dO * out) - dlse,
  *   dV += P^T dO, dK += scale dS^T Q, dQ = scale dS K.
@@ -96,43 +96,31 @@ static void rows_times_columns(const float *a_t, const float *b_t, int64_t ld_b,
     }
 }
 
-/* o[r][0:64] = sum_j p[r][j] m[j][0:64] for 4 rows r. */
-static void weights_times_rows64(const float *p, int64_t ld_p, const float *m, int64_t ld_m, int64_t n_cols,
-                                 float *o, int64_t ld_o) {
-    vf a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
-    vf c0 = {0}, c1 = {0}, c2 = {0}, c3 = {0}, e0 = {0}, e1 = {0}, e2 = {0}, e3 = {0};
-    for (int64_t j = 0; j < n_cols; j++) {
-        const float *row = m + j * ld_m;
-        vf m0 = load(row), m1 = load(row + 16), m2 = load(row + 32), m3 = load(row + 48), x;
-        x = splat(p[j]);            a0 += x * m0; a1 += x * m1; a2 += x * m2; a3 += x * m3;
-        x = splat(p[ld_p + j]);     b0 += x * m0; b1 += x * m1; b2 += x * m2; b3 += x * m3;
-        x = splat(p[2 * ld_p + j]); c0 += x * m0; c1 += x * m1; c2 += x * m2; c3 += x * m3;
-        x = splat(p[3 * ld_p + j]); e0 += x * m0; e1 += x * m1; e2 += x * m2; e3 += x * m3;
-    }
-    store(o, a0); store(o + 16, a1); store(o + 32, a2); store(o + 48, a3);
-    o += ld_o; store(o, b0); store(o + 16, b1); store(o + 32, b2); store(o + 48, b3);
-    o += ld_o; store(o, c0); store(o + 16, c1); store(o + 32, c2); store(o + 48, c3);
-    o += ld_o; store(o, e0); store(o + 16, e1); store(o + 32, e2); store(o + 48, e3);
-}
+#define WEIGHT2(r) { vf x = splat(p[(r) * ld_p + j]); acc##r##a += x * m0; acc##r##b += x * m1; }
+#define WEIGHT1(r) { acc##r##a += splat(p[(r) * ld_p + j]) * m0; }
+#define OUT2(r) { store(o + (r) * ld_o, acc##r##a); store(o + (r) * ld_o + LANES, acc##r##b); }
+#define OUT1(r) { store(o + (r) * ld_o, acc##r##a); }
 
-/* The same for 16 columns. */
-static void weights_times_rows16(const float *p, int64_t ld_p, const float *m, int64_t ld_m, int64_t n_cols,
-                                 float *o, int64_t ld_o) {
-    vf a = {0}, b = {0}, c = {0}, e = {0};
-    for (int64_t j = 0; j < n_cols; j++) {
-        vf row = load(m + j * ld_m);
-        a += splat(p[j]) * row; b += splat(p[ld_p + j]) * row;
-        c += splat(p[2 * ld_p + j]) * row; e += splat(p[3 * ld_p + j]) * row;
-    }
-    store(o, a); store(o + ld_o, b); store(o + 2 * ld_o, c); store(o + 3 * ld_o, e);
-}
-
-/* o (ROWS, d) = p (ROWS, n_cols) m (n_cols, d); d a multiple of LANES. */
+/* o (ROWS, d) = p (ROWS, n_cols) m (n_cols, d), d a multiple of LANES: register blocks of ROWS rows
+ * x 32 columns, so each row of m is read once per ROWS rows. */
 static void weights_times_matrix(const float *p, int64_t ld_p, const float *m, int64_t d, int64_t n_cols, float *o) {
-    for (int64_t r = 0; r < ROWS; r += 4) {
-        int64_t c = 0;
-        for (; c + 64 <= d; c += 64) weights_times_rows64(p + r * ld_p, ld_p, m + c, d, n_cols, o + r * d + c, d);
-        for (; c < d; c += LANES) weights_times_rows16(p + r * ld_p, ld_p, m + c, d, n_cols, o + r * d + c, d);
+    const int64_t ld_o = d;
+    int64_t c = 0;
+    for (; c + COLS <= d; c += COLS, o += COLS) {
+        EACH_ROW(ZERO2)
+        for (int64_t j = 0; j < n_cols; j++) {
+            vf m0 = load(m + j * d + c), m1 = load(m + j * d + c + LANES);
+            EACH_ROW(WEIGHT2)
+        }
+        EACH_ROW(OUT2)
+    }
+    for (; c < d; c += LANES, o += LANES) {
+        EACH_ROW(ZERO1)
+        for (int64_t j = 0; j < n_cols; j++) {
+            vf m0 = load(m + j * d + c);
+            EACH_ROW(WEIGHT1)
+        }
+        EACH_ROW(OUT1)
     }
 }
 
