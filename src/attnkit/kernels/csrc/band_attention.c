@@ -5,7 +5,7 @@
  * strip into blocks of ROWS rows. A block needs only the keys its rows reach (hi - lo + ROWS of
  * them), so the work follows the band, not nq x nk. A strip first copies its keys transposed,
  * (D, keys), so that 16 keys form one vector. Per block, the forward pass computes
- *   S = (q * scale * log2 e) K^T   (register blocks of ROWS x 32 scores),
+ *   S = q K^T scale log2 e   (register blocks of ROWS x 32 scores),
  *   pairs outside the band -> -inf, per row m = max S, P = 2^(S - m), l = sum P,
  *   O = P V (register blocks of ROWS rows x 32 columns), out = O / l, lse = (m + log2 l) ln 2,
  * and the backward pass (FlashAttention's) recomputes P = 2^(S - lse log2 e), then
@@ -65,21 +65,22 @@ static inline vf exp2_nonpositive(vf x) {
 
 #define ZERO2(r) vf acc##r##a = {0}, acc##r##b = {0};
 #define ZERO1(r) vf acc##r##a = {0};
-#define FMA2(r) { vf x = splat(a_col[r]); acc##r##a += x * b0; acc##r##b += x * b1; }
-#define FMA1(r) { acc##r##a += splat(a_col[r]) * b0; }
+#define ROW(r) const float *a##r = (r) < rows ? a + (r) * ld_a : zeros;
+#define FMA2(r) { vf x = splat(a##r[c]); acc##r##a += x * b0; acc##r##b += x * b1; }
+#define FMA1(r) { acc##r##a += splat(a##r[c]) * b0; }
 #define STORE2(r) { store(s + (r) * ld_s + col, acc##r##a); store(s + (r) * ld_s + col + LANES, acc##r##b); }
 #define STORE1(r) { store(s + (r) * ld_s + col, acc##r##a); }
 #define EACH_ROW(M) M(0) M(1) M(2) M(3) M(4) M(5) M(6) M(7)
 
-/* s[r][col] = sum_c a_t[c][r] b_t[c][col] for ROWS rows and n_cols columns rounded up to LANES
- * (b_t must be readable that far). a_t is (d, ROWS), b_t is (d, ld_b). */
-static void rows_times_columns(const float *a_t, const float *b_t, int64_t ld_b, int64_t d, int64_t n_cols,
-                               float *s, int64_t ld_s) {
+/* s[r][col] = sum_c a[r][c] b_t[c][col] for ROWS rows (the first `rows` of a (., ld_a), then rows
+ * of `zeros`) and n_cols columns rounded up to LANES (b_t (d, ld_b) must be readable that far). */
+static void rows_times_columns(const float *a, int64_t ld_a, int64_t rows, const float *zeros, const float *b_t,
+                               int64_t ld_b, int64_t d, int64_t n_cols, float *s, int64_t ld_s) {
+    EACH_ROW(ROW)
     int64_t col = 0;
     for (; col + LANES < n_cols; col += COLS) { /* more than LANES columns left: a tile of COLS */
         EACH_ROW(ZERO2)
         for (int64_t c = 0; c < d; c++) {
-            const float *a_col = a_t + c * ROWS;
             vf b0 = load(b_t + c * ld_b + col), b1 = load(b_t + c * ld_b + col + LANES);
             EACH_ROW(FMA2)
         }
@@ -88,7 +89,6 @@ static void rows_times_columns(const float *a_t, const float *b_t, int64_t ld_b,
     for (; col < n_cols; col += LANES) {
         EACH_ROW(ZERO1)
         for (int64_t c = 0; c < d; c++) {
-            const float *a_col = a_t + c * ROWS;
             vf b0 = load(b_t + c * ld_b + col);
             EACH_ROW(FMA1)
         }
@@ -165,7 +165,7 @@ typedef struct {
 typedef struct {
     float *keys_t, *values_t;     /* (d, ld_t): the strip's keys (and values) transposed */
     float *s, *ds;                /* (ROWS, ld_s) */
-    float *a_t, *b_t, *o;         /* (d, ROWS), (d, ROWS), (ROWS, d) */
+    float *zeros, *o;             /* (d), (ROWS, d) */
     int64_t ld_t, ld_s;
 } Scratch;
 
@@ -178,14 +178,14 @@ static int scratch_init(Scratch *w, const Job *job) {
     w->values_t = job->backward ? grab(job->d * w->ld_t) : NULL;
     w->s = grab(ROWS * w->ld_s);
     w->ds = job->backward ? grab(ROWS * w->ld_s) : NULL;
-    w->a_t = grab(job->d * ROWS);
-    w->b_t = grab(job->d * ROWS);
+    w->zeros = grab(job->d);
     w->o = grab(job->d * ROWS);
-    return w->keys_t && w->s && w->a_t && w->b_t && w->o && (!job->backward || (w->values_t && w->ds));
+    if (w->zeros) memset(w->zeros, 0, (size_t)job->d * sizeof(float));
+    return w->keys_t && w->s && w->zeros && w->o && (!job->backward || (w->values_t && w->ds));
 }
 
 static void scratch_free(Scratch *w) {
-    free(w->keys_t); free(w->values_t); free(w->s); free(w->ds); free(w->a_t); free(w->b_t); free(w->o);
+    free(w->keys_t); free(w->values_t); free(w->s); free(w->ds); free(w->zeros); free(w->o);
 }
 
 /* dst (d, ld) = src rows [first, first + n) transposed, zero-padded to ld columns. */
@@ -198,16 +198,16 @@ static void transpose_rows(const float *src, int64_t first, int64_t n, int64_t d
     for (int64_t c = 0; c < d; c++) memset(dst + c * ld + n, 0, (size_t)(ld - n) * sizeof(float));
 }
 
-/* a_t (d, ROWS) = rows [row0, row0 + rows) of m (., d) transposed and scaled; missing rows zero. */
-static void rows_transposed(const float *m, int64_t row0, int64_t rows, int64_t d, float scale, float *a_t) {
-    for (int64_t c = 0; c < d; c++)
-        for (int64_t r = 0; r < ROWS; r++) a_t[c * ROWS + r] = r < rows ? m[(row0 + r) * d + c] * scale : 0.0f;
-}
-
 /* Keys [first, last] (block columns) of a row are in the band; the others are set to -inf. */
 static void block_row_keys(const Job *job, int64_t pos, int64_t key0, int64_t n_cols, int64_t *first, int64_t *last) {
     *first = max64(pos - job->hi - key0, 0);
     *last = min64(pos - job->lo - key0, n_cols - 1);
+}
+
+/* In place s *= factor over the padded row (before masking: a zero factor must not meet -inf). */
+static void scale_row(float *s, int64_t n_cols, float factor) {
+    vf by = splat(factor);
+    for (int64_t j = 0; j < round_up(n_cols, LANES); j += LANES) store(s + j, load(s + j) * by);
 }
 
 static void mask_outside(float *s, int64_t first, int64_t last, int64_t n_cols) {
@@ -249,13 +249,14 @@ static void forward_block(const Job *job, const Scratch *w, int64_t head, int64_
                           int64_t key0, int64_t col0, int64_t n_cols) {
     const int64_t d = job->d, pos0 = job->nk - job->nq + row0;
     float *out = job->out + (head * job->nq + row0) * d, *lse = job->lse + head * job->nq + row0;
-    rows_transposed(job->q + head * job->nq * d, row0, rows, d, job->scale * LOG2E, w->a_t);
-    rows_times_columns(w->a_t, w->keys_t + col0, w->ld_t, d, n_cols, w->s, w->ld_s);
+    rows_times_columns(job->q + (head * job->nq + row0) * d, d, rows, w->zeros, w->keys_t + col0, w->ld_t, d,
+                       n_cols, w->s, w->ld_s);
     float high[ROWS], sum[ROWS];
     for (int64_t r = 0; r < ROWS; r++) {
         float *s = w->s + r * w->ld_s;
         int64_t first = 1, last = 0;
         if (r < rows) block_row_keys(job, pos0 + r, key0, n_cols, &first, &last);
+        scale_row(s, n_cols, job->scale * LOG2E);
         mask_outside(s, first, last, n_cols);
         high[r] = first <= last ? row_max(s, n_cols) : 0.0f;
         sum[r] = exp2_row(s, n_cols, high[r]);
@@ -278,14 +279,13 @@ static void backward_block(const Job *job, const Scratch *w, int64_t head, int64
     const int64_t d = job->d, nq = job->nq, pos0 = job->nk - nq + row0, kv = head / job->groups;
     const float *q = job->q + head * nq * d, *d_out = job->d_out + head * nq * d;
     const float *lse = job->lse + head * nq + row0, *delta = job->delta + head * nq + row0;
-    rows_transposed(q, row0, rows, d, job->scale * LOG2E, w->a_t);
-    rows_times_columns(w->a_t, w->keys_t + col0, w->ld_t, d, n_cols, w->s, w->ld_s);
-    rows_transposed(d_out, row0, rows, d, 1.0f, w->b_t);
-    rows_times_columns(w->b_t, w->values_t + col0, w->ld_t, d, n_cols, w->ds, w->ld_s);
+    rows_times_columns(q + row0 * d, d, rows, w->zeros, w->keys_t + col0, w->ld_t, d, n_cols, w->s, w->ld_s);
+    rows_times_columns(d_out + row0 * d, d, rows, w->zeros, w->values_t + col0, w->ld_t, d, n_cols, w->ds, w->ld_s);
     for (int64_t r = 0; r < ROWS; r++) {
         float *p = w->s + r * w->ld_s, *ds = w->ds + r * w->ld_s;
         int64_t first = 1, last = 0;
         if (r < rows && lse[r] != -INFINITY) block_row_keys(job, pos0 + r, key0, n_cols, &first, &last);
+        scale_row(p, n_cols, job->scale * LOG2E);
         mask_outside(p, first, last, n_cols);
         exp2_row(p, n_cols, first <= last ? lse[r] * LOG2E : 0.0f);
         vf row_delta = splat(r < rows ? delta[r] : 0.0f), scale = splat(job->scale);
