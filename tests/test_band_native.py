@@ -91,6 +91,13 @@ def test_long_window_over_many_strips_with_gqa():
 
 
 @needs_native
+def test_band_wider_than_a_strip():
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 1, 2000, 16, generator=gen) for _ in range(3))
+    _assert_matches_reference(q, k, v, -100, 850, 0.3, 1.0)
+
+
+@needs_native
 def test_rows_without_keys_give_zeros_minus_inf_and_zero_gradients():
     q, k, v = (torch.randn(1, 2, n, 16, requires_grad=True) for n in (40, 10, 10))
     out, lse = band_native_attention(q, k, v, (0, 3), 0.5)  # the first 27 queries come before every key

@@ -28,7 +28,7 @@ typedef float vf __attribute__((vector_size(64)));
 typedef int32_t vi __attribute__((vector_size(64)));
 typedef float vf_unaligned __attribute__((vector_size(64), aligned(4)));
 
-enum { LANES = 16, ROWS = 8, COLS = 32, MIN_STRIP = 256, MAX_THREADS = 256 };
+enum { LANES = 16, ROWS = 8, COLS = 32, SHORT_STRIP = 192, LONG_STRIP = 768, MAX_THREADS = 256 };
 static const float LOG2E = 1.4426950408889634f, LN2 = 0.6931471805599453f;
 
 static inline vf load(const float *p) { return *(const vf_unaligned *)p; }
@@ -204,17 +204,21 @@ static void block_row_keys(const Job *job, int64_t pos, int64_t key0, int64_t n_
     *last = min64(pos - job->lo - key0, n_cols - 1);
 }
 
-/* In place s *= factor over the padded row (before masking: a zero factor must not meet -inf). */
-static void scale_row(float *s, int64_t n_cols, float factor) {
-    vf by = splat(factor);
-    for (int64_t j = 0; j < round_up(n_cols, LANES); j += LANES) store(s + j, load(s + j) * by);
-}
-
-static void mask_outside(float *s, int64_t first, int64_t last, int64_t n_cols) {
-    int64_t padded = round_up(n_cols, LANES);
-    if (first > last) first = padded, last = padded - 1;
-    for (int64_t j = 0; j < first; j++) s[j] = -INFINITY;
-    for (int64_t j = last + 1; j < padded; j++) s[j] = -INFINITY;
+/* In place over the padded row: s *= factor, then -inf outside columns [first, last] (the scale comes
+ * first, so a zero factor never meets -inf). Returns the row's max (-inf when nothing is inside). */
+static float scale_and_mask_row(float *s, int64_t n_cols, float factor, int64_t first, int64_t last) {
+    const vf by = splat(factor), minus_inf = splat(-INFINITY);
+    const vi lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    vf high = minus_inf;
+    for (int64_t j = 0; j < round_up(n_cols, LANES); j += LANES) {
+        vi column = lane + (int32_t)j;
+        vf x = pick((column >= (int32_t)first) & (column <= (int32_t)last), load(s + j) * by, minus_inf);
+        store(s + j, x);
+        high = pick((vi)(x > high), x, high);
+    }
+    float m = high[0];
+    for (int i = 1; i < LANES; i++) m = high[i] > m ? high[i] : m;
+    return m;
 }
 
 /* In place p = 2^(s - shift) over the padded row; returns sum p. */
@@ -228,17 +232,6 @@ static float exp2_row(float *s, int64_t n_cols, float shift) {
     float sum = 0.0f;
     for (int i = 0; i < LANES; i++) sum += total[i];
     return sum;
-}
-
-static float row_max(const float *s, int64_t n_cols) {
-    vf high = splat(-INFINITY);
-    for (int64_t j = 0; j < round_up(n_cols, LANES); j += LANES) {
-        vf x = load(s + j);
-        high = pick((vi)(x > high), x, high);
-    }
-    float m = high[0];
-    for (int i = 1; i < LANES; i++) m = high[i] > m ? high[i] : m;
-    return m;
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -256,9 +249,8 @@ static void forward_block(const Job *job, const Scratch *w, int64_t head, int64_
         float *s = w->s + r * w->ld_s;
         int64_t first = 1, last = 0;
         if (r < rows) block_row_keys(job, pos0 + r, key0, n_cols, &first, &last);
-        scale_row(s, n_cols, job->scale * LOG2E);
-        mask_outside(s, first, last, n_cols);
-        high[r] = first <= last ? row_max(s, n_cols) : 0.0f;
+        high[r] = scale_and_mask_row(s, n_cols, job->scale * LOG2E, first, last);
+        if (high[r] == -INFINITY) high[r] = 0.0f; /* no key: every p is 2^-inf = 0 */
         sum[r] = exp2_row(s, n_cols, high[r]);
     }
     weights_times_matrix(w->s, w->ld_s, job->v + ((head / job->groups) * job->nk + key0) * d, d, n_cols, w->o);
@@ -285,8 +277,7 @@ static void backward_block(const Job *job, const Scratch *w, int64_t head, int64
         float *p = w->s + r * w->ld_s, *ds = w->ds + r * w->ld_s;
         int64_t first = 1, last = 0;
         if (r < rows && lse[r] != -INFINITY) block_row_keys(job, pos0 + r, key0, n_cols, &first, &last);
-        scale_row(p, n_cols, job->scale * LOG2E);
-        mask_outside(p, first, last, n_cols);
+        scale_and_mask_row(p, n_cols, job->scale * LOG2E, first, last);
         exp2_row(p, n_cols, first <= last ? lse[r] * LOG2E : 0.0f);
         vf row_delta = splat(r < rows ? delta[r] : 0.0f), scale = splat(job->scale);
         for (int64_t j = 0; j < round_up(n_cols, LANES); j += LANES)
@@ -365,11 +356,17 @@ static int run_threads(Job *job, int threads) {
     return job->next >= job->bh / job->groups * job->strips ? 0 : 2;
 }
 
-static int check_and_plan(Job *job) {
+/* Strips of LONG_STRIP rows keep the transposed key copies small (a strip copies its rows' keys and
+ * hi - lo more); shorter ones, down to SHORT_STRIP, give every thread several strips. A strip is
+ * never shorter than hi - lo: the backward pass relies on it. */
+static int check_and_plan(Job *job, int threads) {
     if (job->d <= 0 || job->d % LANES != 0) return 1;
     if (job->lo > job->hi) job->lo = job->hi + job->nk + job->nq + 1; /* empty band: no key anywhere */
     job->reach = max64(min64(job->hi - job->lo + ROWS, job->nk + ROWS), 0);
-    job->strip_rows = round_up(max64(MIN_STRIP, min64(job->hi - job->lo, job->nq)), ROWS);
+    const int64_t shortest = max64(SHORT_STRIP, min64(job->hi - job->lo, job->nq)), kv_heads = job->bh / job->groups;
+    int64_t rows = max64(LONG_STRIP, shortest);
+    while (rows / 2 >= shortest && kv_heads * ((job->nq + rows - 1) / rows) < 4 * (int64_t)threads) rows /= 2;
+    job->strip_rows = round_up(rows, ROWS);
     job->strips = (job->nq + job->strip_rows - 1) / job->strip_rows;
     return 0;
 }
@@ -381,7 +378,7 @@ int band_attention_forward(const float *q, const float *k, const float *v, float
                            int64_t groups, float scale, int threads) {
     Job job = {q, k, v, out, lse, NULL, NULL, NULL, NULL, NULL, bh, nq, nk, d, lo, hi, groups,
                0, 0, 0, scale, 0, -1, 0};
-    int status = check_and_plan(&job);
+    int status = check_and_plan(&job, threads);
     return status ? status : run_threads(&job, threads);
 }
 
@@ -392,7 +389,7 @@ int band_attention_backward(const float *q, const float *k, const float *v, cons
                             int64_t groups, float scale, int threads) {
     Job job = {q, k, v, NULL, (float *)out_lse, d_out, delta, d_q, d_k, d_v, bh, nq, nk, d, lo, hi, groups,
                0, 0, 0, scale, 1, 0, 0};
-    int status = check_and_plan(&job);
+    int status = check_and_plan(&job, threads);
     for (int parity = 0; parity < 2 && status == 0; parity++) {
         job.parity = parity;
         status = run_threads(&job, threads);
