@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -107,13 +110,72 @@ def test_rows_without_keys_give_zeros_minus_inf_and_zero_gradients():
 
 
 @needs_native
-def test_backward_is_deterministic():
-    q, k, v = (torch.randn(1, 2, 700, 32, requires_grad=True) for _ in range(3))
+@pytest.mark.parametrize("head_dim", [96, 128, 144, 256])
+def test_wide_heads(head_dim):
+    gen = torch.Generator().manual_seed(head_dim)
+    q, k, v = (torch.randn(1, 2, 90, head_dim, generator=gen) for _ in range(3))
+    _assert_matches_reference(q, k, v, -5, 20, head_dim**-0.5, 1.0)
+
+
+@needs_native
+def test_gradients_do_not_depend_on_the_thread_count():
+    """Ten backward strips of 200 rows, the shortest allowed for a band of width 200: neighbouring
+    strips share keys, strips two apart must not; a race would lose or reorder key gradients."""
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 1, 2000, 16, generator=gen, requires_grad=True) for _ in range(3))
+    weights = torch.randn(1, 1, 2000, 16, generator=gen)
     grads = []
-    for _ in range(2):
-        out, _ = band_native_attention(q, k, v, (0, 300), 0.2)
-        grads.append(torch.autograd.grad(out.square().sum(), (q, k, v)))
-    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 3, 3):
+            torch.set_num_threads(threads)
+            out, _ = band_native_attention(q, k, v, (0, 200), 0.3)
+            grads.append(torch.autograd.grad((out * weights).sum(), (q, k, v)))
+    finally:
+        torch.set_num_threads(previous)
+    for other in grads[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(grads[0], other))
+    _assert_matches_reference(q.detach(), k.detach(), v.detach(), 0, 200, 0.3, 1.0)
+
+
+@needs_native
+def test_nan_and_infinite_inputs_show_in_the_output():
+    q, k, v = (torch.randn(1, 1, 12, 16) for _ in range(3))
+    k[0, 0, 3, 0] = float("nan")
+    out, _ = band_native_attention(q, k, v, (0, 3), 0.25)
+    expected = reference_kernel(q.double(), k.double(), v.double(), SlidingWindow(4), 0.25)[0]
+    assert torch.equal(torch.isnan(out).any(-1), torch.isnan(expected).any(-1))
+    assert torch.isnan(out).any(-1)[0, 0, 3:7].all() and not torch.isnan(out[0, 0, 7:]).any()
+    q[0, 0, 9, 2] = float("inf")
+    out, lse = band_native_attention(q, k.nan_to_num(), v, (0, 3), 0.25)
+    assert torch.isnan(out[0, 0, 9]).all() and not torch.isfinite(lse[0, 0, 9])
+
+
+@needs_native
+def test_no_grad_and_a_loss_on_the_lse_alone():
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, 2, 60, 32, generator=gen) for _ in range(3))
+    with torch.no_grad():
+        out, lse = band_native_attention(q, k, v, (0, 9), 0.2)
+    expected_out, expected_lse = reference_kernel(q.double(), k.double(), v.double(), SlidingWindow(10), 0.2)[:2]
+    torch.testing.assert_close(out.double(), expected_out, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lse.double(), expected_lse, rtol=1e-5, atol=1e-5)
+    leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    expected = torch.autograd.grad(reference_kernel(*leaves, SlidingWindow(10), 0.2)[1].sum(), leaves[:2])
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    actual = torch.autograd.grad(band_native_attention(*leaves, (0, 9), 0.2)[1].sum(), leaves)
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a.double(), e, rtol=1e-4, atol=1e-5)
+    assert torch.all(actual[2] == 0)  # the LSE does not depend on v
+
+
+@needs_native
+def test_fractional_band_edges_keep_only_whole_offsets():
+    q, k, v = (torch.randn(1, 1, 20, 16) for _ in range(3))
+    out, lse = band_native_attention(q, k, v, (0.5, 3.7), 0.25)  # i - j in {1, 2, 3}
+    expected = reference_kernel(q.double(), k.double(), v.double(), _band(1, 3), 0.25)
+    torch.testing.assert_close(out.double(), expected[0], rtol=1e-5, atol=1e-6)
+    assert lse[0, 0, 0] == float("-inf")
 
 
 @needs_native
@@ -126,9 +188,15 @@ def test_sparse_backend_sends_float32_bands_to_the_native_kernel(monkeypatch):
 
     monkeypatch.setattr(sparse_module, "band_native_attention", spy)
     q, k, v = (torch.randn(1, 4, 100, 32) for _ in range(3))
-    attention(q, k, v, SlidingWindow(16), backend="sparse")
-    attention(q, k, v, SlidingWindow(16) & SlidingWindow(9, causal=False), backend="sparse")
-    attention(q, k, v, PerHead([SlidingWindow(4), SlidingWindow(4), Causal(), Causal()]), backend="sparse")
+    patterns = [
+        SlidingWindow(16),
+        SlidingWindow(16) & SlidingWindow(9, causal=False),
+        PerHead([SlidingWindow(4), SlidingWindow(4), Causal(), Causal()]),  # heads 0-1 native, 2-3 the plan
+    ]
+    for pattern in patterns:
+        expected = reference_kernel(q.double(), k.double(), v.double(), pattern, 0.25)[0]
+        actual = attention(q, k, v, pattern, scale=0.25, backend="sparse")
+        torch.testing.assert_close(actual.double(), expected, rtol=1e-5, atol=1e-6)
     assert calls == [(0, 15), (0, 8), (0, 3)]
     attention(q.double(), k.double(), v.double(), SlidingWindow(16), backend="sparse")  # float64: the plan
     attention(q[..., :8], k[..., :8], v[..., :8], SlidingWindow(16), backend="sparse")  # width 8: the plan
@@ -142,42 +210,112 @@ def test_supports_only_float32_cpu_and_widths_of_sixteen():
     assert not band_native_supports(q, q, torch.randn(1, 1, 4, 32))
 
 
+@pytest.mark.parametrize("change, message", [
+    (lambda q, k, v: (q.double(), k.double(), v.double()), "q must be a float32 CPU tensor"),
+    (lambda q, k, v: (q.half(), k, v), "q must be a float32 CPU tensor"),
+    (lambda q, k, v: (q[..., :8], k[..., :8], v[..., :8]), "multiple of 16"),
+    (lambda q, k, v: (q[:, :1], k, v), "Hq a multiple of Hkv"),
+    (lambda q, k, v: (q, k, v[:, :, :3]), "Hq a multiple of Hkv"),
+    (lambda q, k, v: (q[0], k[0], v[0]), "must be 4-D"),
+])
+def test_bad_inputs_are_rejected_with_the_reason(change, message):
+    q, k, v = torch.randn(1, 4, 6, 16), torch.randn(1, 2, 6, 16), torch.randn(1, 2, 6, 16)
+    with pytest.raises(ValueError, match=message):
+        band_native_attention(*change(q, k, v), (0, 2), 1.0)
+
+
 def test_infinite_band_is_rejected():
     q = torch.randn(1, 1, 4, 16)
-    with pytest.raises(ValueError, match="band must be finite"):
+    with pytest.raises(ValueError, match="band must be two finite numbers"):
         band_native_attention(q, q, q, (0, float("inf")), 1.0)
 
 
-def test_disabled_or_failed_builds_fall_back_with_a_reason(monkeypatch, tmp_path):
-    monkeypatch.setenv("ATTNKIT_CACHE_DIR", str(tmp_path))
-    try:
-        monkeypatch.setenv("ATTNKIT_NATIVE", "0")
+# ---------------------------------------------------------------------------------------------
+# Building, caching and falling back.
+
+has_compiler = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler here")
+
+
+@pytest.fixture
+def fresh_builds(monkeypatch, tmp_path):
+    """A private cache and temporary directory, and no remembered libraries, for one test."""
+    monkeypatch.setenv("ATTNKIT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(native.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    for name in ("ATTNKIT_NATIVE", "CC"):
+        monkeypatch.delenv(name, raising=False)
+    native.load_native.cache_clear()
+    yield tmp_path
+    native.load_native.cache_clear()
+
+
+@has_compiler
+def test_the_library_builds_where_a_compiler_exists(fresh_builds):
+    status = native.load_native("band_attention")
+    assert status.library is not None, status.message
+    assert [p.suffix for p in (fresh_builds / "cache").iterdir()] == [".so"]  # no temporary files left
+    assert native.native_status() == {"band_attention": status.message}
+
+
+def test_disabled_or_missing_compiler_falls_back_to_the_plan(fresh_builds, monkeypatch):
+    for value in ("0", "off"):
+        monkeypatch.setenv("ATTNKIT_NATIVE", value)
         native.load_native.cache_clear()
-        assert native.load_native("band_attention") == native.NativeLibrary(None, "disabled by ATTNKIT_NATIVE=0")
+        assert native.load_native("band_attention") == native.NativeLibrary(None, f"disabled by ATTNKIT_NATIVE={value}")
         assert not band_native_supports(*(torch.randn(1, 1, 4, 16) for _ in range(3)))
-        monkeypatch.setenv("ATTNKIT_NATIVE", "1")
-        monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
-        native.load_native.cache_clear()
-        status = native.load_native("band_attention")
-        assert status.library is None and "no-such-compiler" in status.message
-        q, k, v = (torch.randn(1, 2, 50, 16) for _ in range(3))  # the plan still runs
-        expected = reference_kernel(q.double(), k.double(), v.double(), SlidingWindow(5), 0.25)[0]
-        actual = attention(q, k, v, SlidingWindow(5), backend="sparse")
-        torch.testing.assert_close(actual.double(), expected, rtol=1e-5, atol=1e-6)
-    finally:
-        native.load_native.cache_clear()
+    monkeypatch.setenv("ATTNKIT_NATIVE", "1")
+    monkeypatch.setenv("CC", str(fresh_builds / "no-such-compiler"))
+    native.load_native.cache_clear()
+    status = native.load_native("band_attention")
+    assert status.library is None and "no-such-compiler" in status.message
+    with pytest.raises(RuntimeError, match="native library is unavailable"):
+        band_native_attention(*(torch.randn(1, 1, 4, 16) for _ in range(3)), (0, 2), 1.0)
+    q, k, v = (torch.randn(1, 2, 50, 16) for _ in range(3))  # the plan still runs
+    expected = reference_kernel(q.double(), k.double(), v.double(), SlidingWindow(5), 0.25)[0]
+    actual = attention(q, k, v, SlidingWindow(5), scale=0.25, backend="sparse")
+    torch.testing.assert_close(actual.double(), expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler here")
-def test_the_library_builds_where_a_compiler_exists(monkeypatch, tmp_path):
-    monkeypatch.setenv("ATTNKIT_CACHE_DIR", str(tmp_path))
-    monkeypatch.delenv("ATTNKIT_NATIVE", raising=False)
-    monkeypatch.delenv("CC", raising=False)
-    try:
-        native.load_native.cache_clear()
-        status = native.load_native("band_attention")
-        assert status.library is not None, status.message
-        assert [p.suffix for p in tmp_path.iterdir()] == [".so"]  # no temporary files left behind
-        assert native.native_status() == {"band_attention": status.message}
-    finally:
-        native.load_native.cache_clear()
+@has_compiler
+def test_an_unwritable_cache_directory_falls_back_to_a_private_temporary_one(fresh_builds, monkeypatch):
+    blocker = fresh_builds / "a-file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("ATTNKIT_CACHE_DIR", str(blocker / "cache"))
+    status = native.load_native("band_attention")
+    assert status.library is not None, status.message
+    private = fresh_builds / "tmp" / f"attnkit-{os.getuid()}"
+    assert str(private) in status.message and private.stat().st_mode & 0o777 == 0o700
+
+
+@has_compiler
+def test_a_temporary_directory_others_may_write_is_refused(fresh_builds, monkeypatch):
+    blocker = fresh_builds / "a-file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("ATTNKIT_CACHE_DIR", str(blocker / "cache"))
+    shared = fresh_builds / "tmp" / f"attnkit-{os.getuid()}"
+    shared.mkdir()
+    shared.chmod(0o777)
+    status = native.load_native("band_attention")
+    assert status.library is None and "not a private directory" in status.message
+
+
+@has_compiler
+def test_a_failed_build_is_remembered_not_repeated(fresh_builds, monkeypatch):
+    monkeypatch.setenv("CC", "false")  # runs, and fails every compilation
+    first = native.load_native("band_attention")
+    assert first.library is None and "failed" in first.message
+    native.load_native.cache_clear()
+    second = native.load_native("band_attention")
+    assert second.library is None and "an earlier build" in second.message
+    assert len(list((fresh_builds / "cache").glob("*.error"))) == 1
+
+
+@has_compiler
+def test_a_damaged_library_is_built_again(fresh_builds):
+    build = "from attnkit.kernels.native import load_native; assert load_native('band_attention').library"
+    subprocess.run([sys.executable, "-c", build], check=True, env=os.environ.copy())  # not loaded here
+    path = next((fresh_builds / "cache").glob("*.so"))
+    path.write_bytes(b"not a shared library")
+    status = native.load_native("band_attention")
+    assert status.library is not None, status.message
+    assert path.stat().st_size > 1000

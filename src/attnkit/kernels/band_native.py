@@ -25,7 +25,7 @@ from .native import load_native
 _LANES = 16
 _POINTER, _INT64 = ctypes.c_void_p, ctypes.c_int64
 _SIZES = [_INT64] * 7 + [ctypes.c_float, ctypes.c_int]  # bh, nq, nk, d, lo, hi, groups; scale, threads
-_ERRORS = {1: "head dimension is not a positive multiple of 16", 2: "could not allocate scratch memory"}
+_ERRORS = {1: "bad head dimension or head counts", 2: "could not allocate scratch memory"}
 
 
 def _library() -> Optional[ctypes.CDLL]:
@@ -39,12 +39,18 @@ def _library() -> Optional[ctypes.CDLL]:
 
 def band_native_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether the native kernel can run these inputs (it builds the library on first call)."""
-    return (
-        all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (q, k, v))
-        and q.shape[-1] == k.shape[-1] == v.shape[-1]
-        and q.shape[-1] % _LANES == 0
-        and _library() is not None
-    )
+    return _unsupported(q, k, v) is None and _library() is not None
+
+
+def _unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[str]:
+    """Why the kernel cannot take these (already shape-checked) inputs, or None."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.device.type != "cpu" or t.dtype != torch.float32:
+            return f"{name} must be a float32 CPU tensor, got {t.dtype} on {t.device}"
+    if not q.shape[-1] == k.shape[-1] == v.shape[-1] or q.shape[-1] % _LANES:
+        return f"q, k and v must share a head dimension that is a multiple of {_LANES}, got " \
+               f"{q.shape[-1]}, {k.shape[-1]}, {v.shape[-1]}"
+    return None
 
 
 def _sizes(q: torch.Tensor, k: torch.Tensor, band: tuple[float, float], scale: float) -> list:
@@ -52,7 +58,7 @@ def _sizes(q: torch.Tensor, k: torch.Tensor, band: tuple[float, float], scale: f
     n_k = k.shape[2]
     # Outside [1 - n_q, n_k - 1] no offset i - j occurs: clamping keeps the band's meaning (an
     # empty band stays empty) and the values inside int64.
-    lo, hi = (int(min(max(edge, -n_q - 1), n_k + 1)) for edge in band)
+    lo, hi = (int(min(max(edge, -n_q - 1), n_k + 1)) for edge in (math.ceil(band[0]), math.floor(band[1])))
     return [batch * n_q_heads, n_q, n_k, dim, lo, hi, kv_groups(q, k), scale, torch.get_num_threads()]
 
 
@@ -65,7 +71,7 @@ class _BandAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, band, scale):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        out = torch.empty_like(q)
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
         lse = torch.empty(q.shape[:-1], dtype=torch.float32)
         _check(_library().band_attention_forward(
             q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(), *_sizes(q, k, band, scale)
@@ -77,12 +83,13 @@ class _BandAttention(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_out, d_lse):
-        q, k, v, out, lse = ctx.saved_tensors
-        d_out = torch.zeros_like(out) if d_out is None else d_out.contiguous()
-        delta = (d_out * out).sum(-1)  # the row term of dS = P (dP - delta), less the LSE's gradient
-        if d_lse is not None:
-            delta = delta - torch.where(torch.isfinite(lse), d_lse, 0.0)
-        d_q, d_k, d_v = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        q, k, v, out, lse = ctx.saved_tensors  # autograd passes zeros for an unused output
+        d_out = d_out.contiguous()
+        # The row term of dS = P (dP - delta); rows without keys (lse = -inf) get no gradient.
+        delta = (d_out * out).sum(-1) - torch.where(lse == float("-inf"), 0.0, d_lse)
+        d_q, d_k, d_v = (torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+        d_k.zero_()
+        d_v.zero_()
         _check(_library().band_attention_backward(
             q.data_ptr(), k.data_ptr(), v.data_ptr(), lse.data_ptr(), d_out.data_ptr(), delta.contiguous().data_ptr(),
             d_q.data_ptr(), d_k.data_ptr(), d_v.data_ptr(), *_sizes(q, k, ctx.band, ctx.scale),
@@ -94,12 +101,26 @@ def band_native_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, band: tuple[float, float], scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention over the band ``band[0] <= i - j <= band[1]`` (finite bounds), bottom-right
-    aligned: q ``(B, Hq, Nq, D)``, k and v ``(B, Hkv, Nk, D)``, float32 on the CPU (see
-    :func:`band_native_supports`). Returns ``(out (B, Hq, Nq, D), lse (B, Hq, Nq))``; rows with no
-    key give zeros and ``-inf``. Differentiable in q, k, v through out and lse.
+    aligned: q ``(B, Hq, Nq, D)``, k and v ``(B, Hkv, Nk, D)`` with ``Hq`` a multiple of ``Hkv``,
+    float32 on the CPU, ``D`` a multiple of 16 (see :func:`band_native_supports`). Returns
+    ``(out (B, Hq, Nq, D), lse (B, Hq, Nq))``; rows with no key give zeros and ``-inf``.
+    Differentiable in q, k, v through out and lse. Raises ValueError for inputs it cannot take and
+    RuntimeError when the library is unavailable.
     """
-    if not all(math.isfinite(edge) for edge in band):
-        raise ValueError(f"band_native_attention: band must be finite, got {band}")
+    if len(band) != 2 or not all(math.isfinite(edge) for edge in band):
+        raise ValueError(f"band_native_attention: band must be two finite numbers, got {band}")
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"band_native_attention: q, k, v must be 4-D (B, H, N, D), got {q.dim()}, {k.dim()}, {v.dim()} dims")
+    if k.shape[:3] != v.shape[:3] or q.shape[0] != k.shape[0] or k.shape[1] < 1 or q.shape[1] % k.shape[1]:
+        raise ValueError(
+            "band_native_attention: expected q (B, Hq, Nq, D) and k, v (B, Hkv, Nk, D) with Hq a multiple "
+            f"of Hkv, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    problem = _unsupported(q, k, v)
+    if problem is not None:
+        raise ValueError(f"band_native_attention: {problem}")
+    if _library() is None:
+        raise RuntimeError(f"band_native_attention: the native library is unavailable ({load_native('band_attention').message})")
     return _BandAttention.apply(q, k, v, tuple(band), float(scale))
 
 

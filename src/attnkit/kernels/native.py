@@ -3,13 +3,15 @@
 Each ``kernels/csrc/NAME.c`` is built into a shared library the first time it is needed, with
 ``-O3 -march=native`` so that its vector code fits the CPU it runs on (without ``-march=native``
 when the compiler refuses it). Libraries are cached in ``$ATTNKIT_CACHE_DIR`` (default
-``~/.cache/attnkit``) under a name that hashes the source, the compiler, the flags and the CPU, so
-a rebuild happens only when one of them changes; concurrent builds (several processes of one job)
-each write their own file and rename it into place.
+``~/.cache/attnkit``; a private temporary directory when that one cannot be written) under a name
+that hashes the source, the compiler, the flags and the CPU, so a rebuild happens only when one of
+them changes; concurrent builds (several processes of one job) each write their own file and
+rename it into place.
 
-Without a C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang`` on the PATH), when the build fails,
-or with ``ATTNKIT_NATIVE=0``, a kernel is unavailable and attnkit runs the same computation with
-torch operations; :func:`native_status` says which and why (``attnkit info`` prints it).
+Without a C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang`` on the PATH), when the build
+fails (remembered in ``<library>.error``), or with ``ATTNKIT_NATIVE=0``, a kernel is unavailable
+and attnkit runs the same computation with torch operations; :func:`native_status` says which and
+why (``attnkit info`` prints it).
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
+import stat
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -49,14 +53,30 @@ def cache_dir() -> Path:
     return Path(base) / "attnkit"
 
 
-def _compiler() -> Optional[str]:
-    if os.environ.get("CC"):
-        return os.environ["CC"]
+def _compiler() -> Optional[list[str]]:
+    """The compiler command: ``$CC`` (which may hold a launcher, ``ccache gcc``), else the first of
+    ``cc``, ``gcc``, ``clang`` on the PATH."""
+    if os.environ.get("CC", "").strip():
+        return shlex.split(os.environ["CC"])
     for name in ("cc", "gcc", "clang"):
         found = shutil.which(name)
         if found:
-            return found
+            return [found]
     return None
+
+
+def _private_temp_dir() -> Path:
+    """A per-user directory in the system's temporary directory, created with mode 0700. One that
+    exists but belongs to another user, or that others may write, is refused (OSError): a library
+    planted there would run as this user."""
+    if not hasattr(os, "getuid"):
+        raise OSError("no per-user temporary directory on this system")
+    path = Path(tempfile.gettempdir()) / f"attnkit-{os.getuid()}"
+    path.mkdir(mode=0o700, exist_ok=True)
+    info = path.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o022:
+        raise OSError(f"{path} is not a private directory of this user")
+    return path
 
 
 def _cpu_identity() -> str:
@@ -74,7 +94,7 @@ def _cpu_identity() -> str:
     return "\n".join(identity)
 
 
-def _build(compiler: str, source: Path, target: Path) -> Optional[str]:
+def _build(compiler: list[str], source: Path, target: Path) -> Optional[str]:
     """Compile ``source`` to ``target``; None on success, else the compiler's first error line."""
     target.parent.mkdir(parents=True, exist_ok=True)
     error = "no output"
@@ -83,7 +103,7 @@ def _build(compiler: str, source: Path, target: Path) -> Optional[str]:
         os.close(handle)
         try:
             result = subprocess.run(
-                [compiler, *_FLAGS, *tuning, str(source), "-o", temporary, "-lm"],
+                [*compiler, *_FLAGS, *tuning, str(source), "-o", temporary, "-lm"],
                 capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S,
             )
             if result.returncode == 0:
@@ -99,37 +119,66 @@ def _build(compiler: str, source: Path, target: Path) -> Optional[str]:
     return error
 
 
+def _build_once(compiler: list[str], source: Path, target: Path) -> Optional[str]:
+    """None when ``target`` exists or was just built, else the error. A failure is remembered in
+    ``<target>.error``, so other processes do not repeat a failing build (delete it to retry)."""
+    failed = target.with_suffix(".error")
+    if target.exists():
+        return None
+    if failed.exists():
+        return f"{failed.read_text().strip()} (an earlier build; delete {failed} to retry)"
+    error = _build(compiler, source, target)
+    if error is not None:
+        failed.write_text(error + "\n")
+    return error
+
+
+def _disabled() -> bool:
+    return os.environ.get("ATTNKIT_NATIVE", "1").strip().lower() in {"0", "false", "no", "off"}
+
+
 @functools.lru_cache(maxsize=None)
 def load_native(name: str) -> NativeLibrary:
     """Build (once per source, compiler and CPU) and load ``kernels/csrc/<name>.c``."""
-    if os.environ.get("ATTNKIT_NATIVE", "1") == "0":
-        return NativeLibrary(None, "disabled by ATTNKIT_NATIVE=0")
+    if _disabled():
+        return NativeLibrary(None, f"disabled by ATTNKIT_NATIVE={os.environ['ATTNKIT_NATIVE']}")
     source = SOURCE_DIR / f"{name}.c"
     compiler = _compiler()
-    if compiler is None:
+    if not compiler:
         return NativeLibrary(None, "no C compiler found (set CC)")
     try:
-        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+        version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.SubprocessError) as failure:
-        return NativeLibrary(None, f"compiler {compiler} does not run: {failure}")
+        return NativeLibrary(None, f"compiler {' '.join(compiler)} does not run: {failure}")
     key = hashlib.sha256()
-    for part in (source.read_bytes(), compiler.encode(), version.encode(), " ".join(_FLAGS).encode(),
+    for part in (source.read_bytes(), " ".join(compiler).encode(), version.encode(), " ".join(_FLAGS).encode(),
                  _cpu_identity().encode()):
         key.update(part)
         key.update(b"\0")
-    target = cache_dir() / f"{name}-{key.hexdigest()[:16]}.so"
-    if not target.exists():
+    file_name = f"{name}-{key.hexdigest()[:16]}.so"
+    try:
+        target = cache_dir() / file_name
+        error = _build_once(compiler, source, target)
+    except OSError:  # the cache directory cannot be written: a private temporary one
         try:
-            error = _build(compiler, source, target)
-        except OSError as failure:  # an unwritable cache directory
+            target = _private_temp_dir() / file_name
+            error = _build_once(compiler, source, target)
+        except OSError as failure:
             error = str(failure)
-        if error is not None:
-            return NativeLibrary(None, f"build with {compiler} failed: {error}")
+    if error is not None:
+        return NativeLibrary(None, f"build with {' '.join(compiler)} failed: {error}")
     try:
         library = ctypes.CDLL(str(target))
-    except OSError as failure:
-        return NativeLibrary(None, f"cannot load {target}: {failure}")
-    return NativeLibrary(library, f"built with {Path(compiler).name}, cached in {target.parent}")
+    except OSError:  # a damaged file (an interrupted copy, say): build it again, once
+        try:
+            target.unlink()
+            error = _build(compiler, source, target)
+            library = None if error else ctypes.CDLL(str(target))
+        except OSError as failure:
+            error, library = str(failure), None
+        if library is None:
+            return NativeLibrary(None, f"cannot load {target}: {error}")
+    return NativeLibrary(library, f"built with {Path(compiler[-1]).name}, cached in {target.parent}")
 
 
 def native_status() -> dict[str, str]:

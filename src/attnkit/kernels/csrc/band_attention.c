@@ -11,10 +11,11 @@
  * and the backward pass (FlashAttention's) recomputes P = 2^(S - lse log2 e), then
  *   dP = dO V^T, dS = P (dP - delta) with delta = rowsum(dO * out) - dlse,
  *   dV += P^T dO, dK += scale dS^T Q, dQ = scale dS K.
- * The scores of a block live in per-thread buffers; nothing of size nq x nk is ever stored. Strips
- * are at least hi - lo rows long, so the key ranges of even strips do not overlap, nor those of odd
- * strips: the backward pass runs even strips, then odd strips, each adding into dK and dV without
- * races and in a fixed order (deterministic). A row with no key gets out 0, lse -inf and no gradient.
+ * The scores of a block live in per-thread buffers; nothing of size nq x nk is ever stored. Backward
+ * strips are at least hi - lo rows long, so the key ranges of even strips do not overlap, nor those
+ * of odd strips: the backward pass runs even strips, then odd strips, each adding into dK and dV
+ * without races and in a fixed order (deterministic, whatever the thread count). A row with no key
+ * gets out 0, lse -inf and no gradient; NaN or infinite inputs give NaN, as in the reference.
  * Vectors are GNU C vector extensions of 16 floats, so the compiler emits AVX-512, AVX2 or NEON code
  * for the machine it builds on. Threads take strips from an atomic counter.
  */
@@ -39,10 +40,11 @@ static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 static inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 static inline int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
 
-/* 2^x for x <= 0 (x = -inf gives 0): x = n + f with f in [-1/2, 1/2], 2^f by its Taylor series to
- * degree 7 (relative error below 1e-8), 2^n added to the exponent bits. Values under 2^-126 give 0. */
+/* 2^x for x <= 0: x = n + f with f in [-1/2, 1/2], 2^f by its Taylor series to degree 7 (relative
+ * error below 1e-8), 2^n added to the exponent bits. x under -126 (x = -inf) gives 0, and so does
+ * NaN: callers check rows for NaN themselves (see scale_and_mask_row and exp2_row). */
 static inline vf exp2_nonpositive(vf x) {
-    vi normal = (vi)(x >= splat(-126.0f));
+    const vi normal = (vi)(x >= splat(-126.0f));
     x = pick(normal, x, splat(-126.0f));
     const vf round_magic = splat(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer */
     vf shifted = x + round_magic;
@@ -205,26 +207,37 @@ static void block_row_keys(const Job *job, int64_t pos, int64_t key0, int64_t n_
 }
 
 /* In place over the padded row: s *= factor, then -inf outside columns [first, last] (the scale comes
- * first, so a zero factor never meets -inf). Returns the row's max (-inf when nothing is inside). */
+ * first, so a zero factor never meets -inf). Returns the row's max: -inf when nothing is inside,
+ * NaN when a score is NaN (a NaN or infinite input), so that the row's output becomes NaN. */
 static float scale_and_mask_row(float *s, int64_t n_cols, float factor, int64_t first, int64_t last) {
     const vf by = splat(factor), minus_inf = splat(-INFINITY);
     const vi lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
     vf high = minus_inf;
+    vi nan = {0};
     for (int64_t j = 0; j < round_up(n_cols, LANES); j += LANES) {
         vi column = lane + (int32_t)j;
         vf x = pick((column >= (int32_t)first) & (column <= (int32_t)last), load(s + j) * by, minus_inf);
         store(s + j, x);
         high = pick((vi)(x > high), x, high);
+        nan |= (vi)(x != x);
     }
     float m = high[0];
     for (int i = 1; i < LANES; i++) m = high[i] > m ? high[i] : m;
+    for (int i = 0; i < LANES; i++)
+        if (nan[i]) return NAN;
     return m;
 }
 
-/* In place p = 2^(s - shift) over the padded row; returns sum p. */
+/* In place p = 2^(s - shift) over the padded row; returns sum p. A NaN or +inf shift (a row with a
+ * NaN or infinite score, or such an LSE) makes the whole row NaN, as softmax would. */
 static float exp2_row(float *s, int64_t n_cols, float shift) {
+    const int64_t padded = round_up(n_cols, LANES);
+    if (!(shift < INFINITY)) {
+        for (int64_t j = 0; j < padded; j++) s[j] = NAN;
+        return NAN;
+    }
     vf total = {0}, by = splat(shift);
-    for (int64_t j = 0; j < round_up(n_cols, LANES); j += LANES) {
+    for (int64_t j = 0; j < padded; j += LANES) {
         vf p = exp2_nonpositive(load(s + j) - by);
         store(s + j, p);
         total += p;
@@ -356,22 +369,27 @@ static int run_threads(Job *job, int threads) {
     return job->next >= job->bh / job->groups * job->strips ? 0 : 2;
 }
 
-/* Strips of LONG_STRIP rows keep the transposed key copies small (a strip copies its rows' keys and
- * hi - lo more); shorter ones, down to SHORT_STRIP, give every thread several strips. A strip is
- * never shorter than hi - lo: the backward pass relies on it. */
+/* Forward strips: LONG_STRIP rows keep the transposed key copies few (a strip copies its rows' keys
+ * and hi - lo more); shorter ones, down to SHORT_STRIP, give every thread several strips. Backward
+ * strips are as short as allowed, at least hi - lo rows (the parity rounds rely on it), and do not
+ * depend on the thread count, so neither do the gradients (the order of the dK, dV sums). */
 static int check_and_plan(Job *job, int threads) {
-    if (job->d <= 0 || job->d % LANES != 0) return 1;
+    if (job->d <= 0 || job->d % LANES != 0 || job->groups < 1 || job->bh % job->groups) return 1;
     if (job->lo > job->hi) job->lo = job->hi + job->nk + job->nq + 1; /* empty band: no key anywhere */
     job->reach = max64(min64(job->hi - job->lo + ROWS, job->nk + ROWS), 0);
-    const int64_t shortest = max64(SHORT_STRIP, min64(job->hi - job->lo, job->nq)), kv_heads = job->bh / job->groups;
-    int64_t rows = max64(LONG_STRIP, shortest);
-    while (rows / 2 >= shortest && kv_heads * ((job->nq + rows - 1) / rows) < 4 * (int64_t)threads) rows /= 2;
+    const int64_t kv_heads = job->bh / job->groups;
+    int64_t rows = max64(SHORT_STRIP, min64(job->hi - job->lo, job->nq));
+    if (!job->backward) {
+        rows = LONG_STRIP;
+        while (rows / 2 >= SHORT_STRIP && kv_heads * ((job->nq + rows - 1) / rows) < 4 * (int64_t)threads) rows /= 2;
+    }
     job->strip_rows = round_up(rows, ROWS);
     job->strips = (job->nq + job->strip_rows - 1) / job->strip_rows;
     return 0;
 }
 
-/* Forward: fills out and lse. Returns 0, 1 when d is not a positive multiple of 16, 2 when
+/* Forward: fills out and lse. Returns 0; 1 when d is not a positive multiple of 16 or bh is not a
+ * multiple of groups; 2 when
  * scratch memory could not be allocated. */
 int band_attention_forward(const float *q, const float *k, const float *v, float *out, float *lse,
                            int64_t bh, int64_t nq, int64_t nk, int64_t d, int64_t lo, int64_t hi,
