@@ -15,6 +15,7 @@ from attnkit import Causal, PerHead, Predicate, SlidingWindow, attention
 from attnkit.kernels import native
 from attnkit.kernels import sparse as sparse_module
 from attnkit.kernels.band_native import band_native_attention, band_native_supports
+from attnkit.functional import choose_backend
 from attnkit.kernels.reference import reference_kernel
 
 needs_native = pytest.mark.skipif(
@@ -201,6 +202,18 @@ def test_sparse_backend_sends_float32_bands_to_the_native_kernel(monkeypatch):
     attention(q.double(), k.double(), v.double(), SlidingWindow(16), backend="sparse")  # float64: the plan
     attention(q[..., :8], k[..., :8], v[..., :8], SlidingWindow(16), backend="sparse")  # width 8: the plan
     assert len(calls) == 3
+
+
+@needs_native
+def test_auto_sends_every_float32_window_to_the_native_kernel():
+    cpu = torch.device("cpu")
+    for window in (128, 4096):  # a window as long as the sequence still beats masked SDPA
+        assert choose_backend(SlidingWindow(window), 4096, 4096, cpu, need_lse=False, native_band=True) == "sparse"
+    assert choose_backend(SlidingWindow(4096), 4096, 4096, cpu, need_lse=False) == "dense"
+    assert choose_backend(Causal(), 4096, 4096, cpu, need_lse=False, native_band=True) == "dense"
+    q, k, v = (torch.randn(1, 2, 64, 16) for _ in range(3))
+    expected = reference_kernel(q.double(), k.double(), v.double(), SlidingWindow(64), 0.25)[0]
+    torch.testing.assert_close(attention(q, k, v, SlidingWindow(64), scale=0.25).double(), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_supports_only_float32_cpu_and_widths_of_sixteen():

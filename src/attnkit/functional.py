@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 
+from .kernels.band_native import band_native_supports
 from .kernels.blockwise import blockwise_kernel, plan_tiles, planned_pairs
 from .kernels.dense import dense_kernel, fused_lse_available
 from .kernels.reference import reference_kernel
@@ -97,6 +98,12 @@ def _sparse_planned(pattern: Pattern, n_q_heads: int) -> bool:
     return all(planned(p) for _, _, p in head_runs(pattern, n_q_heads, 1))
 
 
+def _finite_bands(pattern: Pattern, n_q_heads: int) -> bool:
+    """Whether every head's pattern is a band with finite bounds (the native band kernel's work)."""
+    bands = [p.band() for _, _, p in head_runs(pattern, n_q_heads, 1)]
+    return all(band is not None and math.isfinite(band[0]) and math.isfinite(band[1]) for band in bands)
+
+
 def choose_backend(
     pattern: Pattern,
     n_q: int,
@@ -107,17 +114,24 @@ def choose_backend(
     *,
     head_dim: int = 64,
     value_dim: int = 64,
+    native_band: bool = False,
 ) -> str:
     """The backend ``"auto"`` runs: the fastest exact plan for this pattern and these sizes.
 
-    Full and causal problems go to SDPA (one fused call). Sliding windows, the Strided, Fixed and
-    BlockSparse patterns, their parts and unions of these go to the sparse planner when its plan
-    computes less than half of the square, else to SDPA with a mask. Other patterns go to the
+    Full and causal problems go to SDPA (one fused call). Sliding windows (finite bands) go to the
+    sparse backend whenever its native band kernel takes the inputs (``native_band``: float32 on
+    the CPU, see :func:`~attnkit.kernels.band_native.band_native_supports`); it beat masked SDPA at
+    every window and length measured, up to a window as long as the sequence. Otherwise sliding
+    windows, the Strided, Fixed and BlockSparse patterns, their parts and unions of these go to the
+    sparse planner when its plan computes less than half of the square, else to SDPA with a mask.
+    Other patterns go to the
     blockwise kernel when its tiles skip at least half of the square, else to SDPA with a mask.
     A call that needs the LSE where SDPA cannot return it from the same call (off CPU, or a value
     width unlike the key width) goes to the sparse or blockwise kernel, which produce it anyway.
     """
     lse_needs_kernel = need_lse and not fused_lse_available(device, head_dim, value_dim)
+    if native_band and _finite_bands(pattern, n_q_heads):
+        return "sparse"
     if _sparse_planned(pattern, n_q_heads):
         sparse_pairs = sparse_planned_pairs(pattern, n_q, n_k, n_q_heads)
         if lse_needs_kernel or sparse_pairs < _SPARSE_ENOUGH * n_q * n_k * n_q_heads:
@@ -171,6 +185,7 @@ def attention(
         backend = choose_backend(
             pattern, q.shape[2], k.shape[2], q.device, return_lse, q.shape[1],
             head_dim=q.shape[-1], value_dim=v.shape[-1],
+            native_band=_finite_bands(pattern, q.shape[1]) and band_native_supports(q, k, v),
         )
     if backend == "reference":
         out, lse, _ = reference_kernel(q, k, v, pattern, scale)
