@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from .kernels.band_native import band_native_supports
+from .kernels.band_native import band_native_supports, finite_band
 from .kernels.blockwise import blockwise_kernel, plan_tiles, planned_pairs
 from .kernels.dense import dense_kernel, fused_lse_available
 from .kernels.reference import reference_kernel
@@ -88,9 +88,8 @@ def _check_backend(backend: object) -> str:
 def _sparse_planned(pattern: Pattern, n_q_heads: int) -> bool:
     """Whether every head's pattern is a sparse pattern, a finite band, or a union of those."""
     def planned(p: Pattern) -> bool:
-        band = p.band()
-        if band is not None:
-            return math.isfinite(band[0]) and math.isfinite(band[1])
+        if p.band() is not None:
+            return finite_band(p) is not None
         if isinstance(p, _PLANNED):
             return True
         return isinstance(p, Union) and planned(p.left) and planned(p.right)
@@ -100,8 +99,7 @@ def _sparse_planned(pattern: Pattern, n_q_heads: int) -> bool:
 
 def _finite_bands(pattern: Pattern, n_q_heads: int) -> bool:
     """Whether every head's pattern is a band with finite bounds (the native band kernel's work)."""
-    bands = [p.band() for _, _, p in head_runs(pattern, n_q_heads, 1)]
-    return all(band is not None and math.isfinite(band[0]) and math.isfinite(band[1]) for band in bands)
+    return all(finite_band(p) is not None for _, _, p in head_runs(pattern, n_q_heads, 1))
 
 
 def choose_backend(
@@ -124,8 +122,8 @@ def choose_backend(
     every window and length measured, up to a window as long as the sequence. Otherwise sliding
     windows, the Strided, Fixed and BlockSparse patterns, their parts and unions of these go to the
     sparse planner when its plan computes less than half of the square, else to SDPA with a mask.
-    Other patterns go to the
-    blockwise kernel when its tiles skip at least half of the square, else to SDPA with a mask.
+    Other patterns go to the blockwise kernel when its tiles skip at least half of the square,
+    else to SDPA with a mask.
     A call that needs the LSE where SDPA cannot return it from the same call (off CPU, or a value
     width unlike the key width) goes to the sparse or blockwise kernel, which produce it anyway.
     """

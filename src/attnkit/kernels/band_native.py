@@ -19,6 +19,7 @@ from typing import Optional
 
 import torch
 
+from ..patterns import Pattern
 from .common import kv_groups
 from .native import load_native
 
@@ -35,6 +36,12 @@ def _library() -> Optional[ctypes.CDLL]:
         library.band_attention_backward.argtypes = [_POINTER] * 9 + _SIZES
         library._attnkit_typed = True
     return library
+
+
+def finite_band(pattern: Pattern) -> Optional[tuple[float, float]]:
+    """The pattern's band ``(lo, hi)`` when it has one with finite bounds (the kernel's work), else None."""
+    band = pattern.band()
+    return band if band is not None and math.isfinite(band[0]) and math.isfinite(band[1]) else None
 
 
 def band_native_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -71,7 +78,7 @@ class _BandAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, band, scale):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        out = torch.empty_like(q)
         lse = torch.empty(q.shape[:-1], dtype=torch.float32)
         _check(_library().band_attention_forward(
             q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(), *_sizes(q, k, band, scale)
@@ -83,15 +90,13 @@ class _BandAttention(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_out, d_lse):
-        q, k, v, out, lse = ctx.saved_tensors  # autograd passes zeros for an unused output
+        q, k, v, out, lse = ctx.saved_tensors  # contiguous; autograd passes zeros for an unused output
         d_out = d_out.contiguous()
         # The row term of dS = P (dP - delta); rows without keys (lse = -inf) get no gradient.
-        delta = (d_out * out).sum(-1) - torch.where(lse == float("-inf"), 0.0, d_lse)
-        d_q, d_k, d_v = (torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
-        d_k.zero_()
-        d_v.zero_()
+        delta = ((d_out * out).sum(-1) - torch.where(lse == float("-inf"), 0.0, d_lse)).contiguous()
+        d_q, d_k, d_v = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
         _check(_library().band_attention_backward(
-            q.data_ptr(), k.data_ptr(), v.data_ptr(), lse.data_ptr(), d_out.data_ptr(), delta.contiguous().data_ptr(),
+            q.data_ptr(), k.data_ptr(), v.data_ptr(), lse.data_ptr(), d_out.data_ptr(), delta.data_ptr(),
             d_q.data_ptr(), d_k.data_ptr(), d_v.data_ptr(), *_sizes(q, k, ctx.band, ctx.scale),
         ))
         return d_q, d_k, d_v, None, None
@@ -110,7 +115,9 @@ def band_native_attention(
     if len(band) != 2 or not all(math.isfinite(edge) for edge in band):
         raise ValueError(f"band_native_attention: band must be two finite numbers, got {band}")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"band_native_attention: q, k, v must be 4-D (B, H, N, D), got {q.dim()}, {k.dim()}, {v.dim()} dims")
+        raise ValueError(
+            f"band_native_attention: q, k, v must be 4-D (B, H, N, D), got {q.dim()}, {k.dim()}, {v.dim()} dims"
+        )
     if k.shape[:3] != v.shape[:3] or q.shape[0] != k.shape[0] or k.shape[1] < 1 or q.shape[1] % k.shape[1]:
         raise ValueError(
             "band_native_attention: expected q (B, Hq, Nq, D) and k, v (B, Hkv, Nk, D) with Hq a multiple "
@@ -120,8 +127,9 @@ def band_native_attention(
     if problem is not None:
         raise ValueError(f"band_native_attention: {problem}")
     if _library() is None:
-        raise RuntimeError(f"band_native_attention: the native library is unavailable ({load_native('band_attention').message})")
+        reason = load_native("band_attention").message
+        raise RuntimeError(f"band_native_attention: the native library is unavailable ({reason})")
     return _BandAttention.apply(q, k, v, tuple(band), float(scale))
 
 
-__all__ = ["band_native_attention", "band_native_supports"]
+__all__ = ["band_native_attention", "band_native_supports", "finite_band"]

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..patterns import BlockSparse, Pattern, PerHead
-from .band_native import band_native_attention, band_native_supports
+from .band_native import band_native_attention, band_native_supports, finite_band
 from .blockwise import merge_lse
 from .common import compute_dtype, kv_groups
 from .sparse_plan import BACKWARD_BAND_ROWS, BAND_ROWS, UNIT_ROWS, SparsePlan, UnitGroup, plan_sparse
@@ -392,8 +392,8 @@ def head_runs(pattern: Pattern, n_q_heads: int, groups: int) -> list[tuple[int, 
 
 def _run(q, k, v, pattern: Pattern, scale: float, unit_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     n_q, n_k, device = q.shape[2], k.shape[2], q.device
-    band = pattern.band()
-    if band is not None and all(math.isfinite(edge) for edge in band) and band_native_supports(q, k, v):
+    band = finite_band(pattern)
+    if band is not None and band_native_supports(q, k, v):
         return band_native_attention(q, k, v, band, scale)
     plan = plan_sparse(pattern, n_q, n_k, device, unit_rows, min(unit_rows, BAND_ROWS))
     fused = _FUSED is not None and device.type == "cpu" and v.shape[-1] == q.shape[-1]

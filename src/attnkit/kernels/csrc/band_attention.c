@@ -200,7 +200,7 @@ static void transpose_rows(const float *src, int64_t first, int64_t n, int64_t d
     for (int64_t c = 0; c < d; c++) memset(dst + c * ld + n, 0, (size_t)(ld - n) * sizeof(float));
 }
 
-/* Keys [first, last] (block columns) of a row are in the band; the others are set to -inf. */
+/* The block columns [first, last] hold the band's keys for the query at position pos. */
 static void block_row_keys(const Job *job, int64_t pos, int64_t key0, int64_t n_cols, int64_t *first, int64_t *last) {
     *first = max64(pos - job->hi - key0, 0);
     *last = min64(pos - job->lo - key0, n_cols - 1);
