@@ -6,15 +6,16 @@ import os
 import shutil
 import subprocess
 import sys
+from unittest import mock
 
 import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from attnkit import Causal, PerHead, Predicate, SlidingWindow, attention
+from attnkit import Causal, Fixed, PerHead, Predicate, SlidingWindow, Strided, attention
 from attnkit.kernels import native
 from attnkit.kernels import sparse as sparse_module
-from attnkit.kernels.band_native import band_native_attention, band_native_supports
+from attnkit.kernels.band_native import band_forward, band_native_attention, band_native_supports
 from attnkit.functional import choose_backend
 from attnkit.kernels.reference import reference_kernel
 
@@ -202,6 +203,39 @@ def test_sparse_backend_sends_float32_bands_to_the_native_kernel(monkeypatch):
     attention(q.double(), k.double(), v.double(), SlidingWindow(16), backend="sparse")  # float64: the plan
     attention(q[..., :8], k[..., :8], v[..., :8], SlidingWindow(16), backend="sparse")  # width 8: the plan
     assert len(calls) == 3
+
+
+@st.composite
+def plans_with_a_band_part(draw):
+    stride = draw(st.integers(1, 12))
+    return draw(st.sampled_from([
+        Strided(stride),
+        Strided(stride) | SlidingWindow(draw(st.integers(1, 40))),
+        SlidingWindow(draw(st.integers(1, 30))) | Fixed(stride, 1),
+        PerHead([*Strided(stride).parts, Strided(stride), Fixed(stride, 1)]),
+    ]))
+
+
+@needs_native
+@given(pattern=plans_with_a_band_part(), n=st.integers(1, 300), lse_weight=st.sampled_from([0.0, 1.0]),
+       seed=st.integers(0, 2**31 - 1))
+def test_band_parts_of_a_plan_run_natively_and_exactly(pattern, n, lse_weight, seed):
+    calls = []
+    spy = mock.patch.object(sparse_module, "band_forward", lambda *a: calls.append(a[3]) or band_forward(*a))
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, 4, n, 16, generator=gen)
+    k, v = (torch.randn(2, 2, n, 16, generator=gen) for _ in range(2))
+    expected = _outputs_and_grads(
+        lambda *t: reference_kernel(*t, pattern, 0.3)[:2], q.double(), k.double(), v.double(), lse_weight
+    )
+    with spy:
+        actual = _outputs_and_grads(
+            lambda *t: attention(*t, pattern, scale=0.3, backend="sparse", return_lse=True), q, k, v, lse_weight
+        )
+    for name, a, e in zip(["out", "lse", "dq", "dk", "dv"], actual, expected):
+        a, e = _finite(a.detach()).double(), _finite(e.detach())
+        assert float((a - e).abs().max()) <= 2e-5 * max(float(e.abs().max()), 1.0), name
+    assert calls, "the band part should run natively"
 
 
 @needs_native

@@ -20,7 +20,6 @@ from typing import Optional
 import torch
 
 from ..patterns import Pattern
-from .common import kv_groups
 from .native import load_native
 
 _LANES = 16
@@ -61,12 +60,14 @@ def _unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[
 
 
 def _sizes(q: torch.Tensor, k: torch.Tensor, band: tuple[float, float], scale: float) -> list:
-    batch, n_q_heads, n_q, dim = q.shape
-    n_k = k.shape[2]
+    """The C arguments after the pointers, for q ``(..., Hq, Nq, D)`` and k ``(..., Hkv, Nk, D)``
+    with the leading dimensions flattened or not (heads of one batch entry stay consecutive)."""
+    n_q, dim, n_k = q.shape[-2], q.shape[-1], k.shape[-2]
+    rows_q, rows_k = q.numel() // (n_q * dim) if q.numel() else 0, k.numel() // (n_k * dim) if k.numel() else 0
     # Outside [1 - n_q, n_k - 1] no offset i - j occurs: clamping keeps the band's meaning (an
     # empty band stays empty) and the values inside int64.
     lo, hi = (int(min(max(edge, -n_q - 1), n_k + 1)) for edge in (math.ceil(band[0]), math.floor(band[1])))
-    return [batch * n_q_heads, n_q, n_k, dim, lo, hi, kv_groups(q, k), scale, torch.get_num_threads()]
+    return [rows_q, n_q, n_k, dim, lo, hi, rows_q // max(rows_k, 1), scale, torch.get_num_threads()]
 
 
 def _check(status: int) -> None:
@@ -74,15 +75,34 @@ def _check(status: int) -> None:
         raise RuntimeError(f"native band attention: {_ERRORS.get(status, f'status {status}')}")
 
 
+def band_forward(q, k, v, band: tuple[float, float], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's forward pass, no autograd: contiguous q ``(..., Hq, Nq, D)``, k and v
+    ``(..., Hkv, Nk, D)`` (checked inputs) -> ``(out like q, lse (..., Hq, Nq))``."""
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[:-1], dtype=torch.float32)
+    _check(_library().band_attention_forward(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(), *_sizes(q, k, band, scale)
+    ))
+    return out, lse
+
+
+def band_backward(q, k, v, lse, d_out, delta, band: tuple[float, float], scale: float):
+    """The kernel's backward pass for contiguous inputs: given the LSE the probabilities are
+    normalised by (the final, merged one when this band is one part of a larger pattern) and
+    ``delta = rowsum(d_out * out) - d_lse``, returns this band's ``(dq, dk, dv)``."""
+    d_q, d_k, d_v = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    _check(_library().band_attention_backward(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), lse.data_ptr(), d_out.data_ptr(), delta.data_ptr(),
+        d_q.data_ptr(), d_k.data_ptr(), d_v.data_ptr(), *_sizes(q, k, band, scale),
+    ))
+    return d_q, d_k, d_v
+
+
 class _BandAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, band, scale):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        out = torch.empty_like(q)
-        lse = torch.empty(q.shape[:-1], dtype=torch.float32)
-        _check(_library().band_attention_forward(
-            q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(), *_sizes(q, k, band, scale)
-        ))
+        out, lse = band_forward(q, k, v, band, scale)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.band, ctx.scale = band, scale
         return out, lse
@@ -94,12 +114,7 @@ class _BandAttention(torch.autograd.Function):
         d_out = d_out.contiguous()
         # The row term of dS = P (dP - delta); rows without keys (lse = -inf) get no gradient.
         delta = ((d_out * out).sum(-1) - torch.where(lse == float("-inf"), 0.0, d_lse)).contiguous()
-        d_q, d_k, d_v = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        _check(_library().band_attention_backward(
-            q.data_ptr(), k.data_ptr(), v.data_ptr(), lse.data_ptr(), d_out.data_ptr(), delta.data_ptr(),
-            d_q.data_ptr(), d_k.data_ptr(), d_v.data_ptr(), *_sizes(q, k, ctx.band, ctx.scale),
-        ))
-        return d_q, d_k, d_v, None, None
+        return (*band_backward(q, k, v, lse, d_out, delta, ctx.band, ctx.scale), None, None)
 
 
 def band_native_attention(
@@ -132,4 +147,4 @@ def band_native_attention(
     return _BandAttention.apply(q, k, v, tuple(band), float(scale))
 
 
-__all__ = ["band_native_attention", "band_native_supports", "finite_band"]
+__all__ = ["band_backward", "band_forward", "band_native_attention", "band_native_supports", "finite_band"]

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..patterns import BlockSparse, Pattern, PerHead
-from .band_native import band_native_attention, band_native_supports, finite_band
+from .band_native import band_backward, band_forward, band_native_attention, band_native_supports, finite_band
 from .blockwise import merge_lse
 from .common import compute_dtype, kv_groups
 from .sparse_plan import BACKWARD_BAND_ROWS, BAND_ROWS, UNIT_ROWS, SparsePlan, UnitGroup, plan_sparse
@@ -199,49 +199,86 @@ def _part_buffers(q3, part, plan: SparsePlan, dim: int, dtype: torch.dtype):
     return out, lse
 
 
+def _native_bands(plan: SparsePlan, q3, k3, v3) -> list:
+    """Per part, the band the native kernel runs instead of the part's units, else None."""
+    bands = plan.bands or (None,) * len(plan.parts)
+    native = any(band is not None for band in bands) and band_native_supports(q3, k3, v3)
+    return [band if native else None for band in bands]
+
+
+def _fused_part(q3, k3, v3, part, plan: SparsePlan, scale: float, groups: int):
+    """One part's ``(out (B*Hq, Nq, D), lse (B*Hq, Nq, 1))`` from its groups of units."""
+    part_out, part_lse = _part_buffers(q3, part, plan, v3.shape[-1], compute_dtype(q3.dtype))
+    for group in part:
+        q_layout, k_layout = _layouts(group, plan)
+        mask = _additive_mask(group, groups, q3.dtype)
+        q_u = _stack_heads(q_layout.read(q3), groups)
+        out_u, lse_u = _FUSED(q_u, k_layout.read(k3), k_layout.read(v3), 0.0, False, attn_mask=mask, scale=scale)
+        seen = group.seen.unsqueeze(0).expand(groups, -1, -1).transpose(0, 1).flatten(1)  # (U, g*R)
+        lse_u = lse_u.to(part_lse.dtype).masked_fill(~seen, float("-inf"))
+        q_layout.write(part_out, _unstack_heads(out_u, groups), accumulate=False)
+        q_layout.write(part_lse, _unstack_heads(lse_u.unsqueeze(-1), groups), accumulate=False)
+    return part_out, part_lse
+
+
+def _fused_part_backward(q3, k3, v3, out3, lse3, d_out3, part, plan: SparsePlan, scale: float, groups: int, grads):
+    """Add one part's share of dq, dk, dv to ``grads``; ``lse3 (B*Hq, Nq, 1)`` is the merged LSE
+    with ``-inf`` replaced by 0 (those rows have p = 0)."""
+    d_q, d_k, d_v = grads
+    for group in part:
+        q_layout, k_layout = _layouts(group, plan)
+        mask = _additive_mask(group, groups, q3.dtype)
+        q_u, d_out_u, out_u = (_stack_heads(q_layout.read(t), groups) for t in (q3, d_out3, out3))
+        lse_u = _stack_heads(q_layout.read(lse3), groups).squeeze(-1).contiguous()
+        d_q_u, d_k_u, d_v_u = _FUSED_BACKWARD(
+            d_out_u, q_u, k_layout.read(k3), k_layout.read(v3), out_u, lse_u, 0.0, False,
+            attn_mask=mask, scale=scale,
+        )
+        q_layout.write(d_q, _unstack_heads(d_q_u, groups), accumulate=True)
+        k_layout.write(d_k, d_k_u, accumulate=True)
+        k_layout.write(d_v, d_v_u, accumulate=True)
+
+
+def _native_bands(plan: SparsePlan, q3, k3, v3) -> list:
+    """Per part, the band the native kernel runs instead of the part's units (Strided's local
+    band, say), else None."""
+    bands = plan.bands or (None,) * len(plan.parts)
+    native = any(band is not None for band in bands) and band_native_supports(q3, k3, v3)
+    return [band if native else None for band in bands]
+
+
 def _fused_forward(q3, k3, v3, plan: SparsePlan, scale: float, groups: int):
-    """``q3 (B*Hq, Nq, D)``, ``k3/v3 (B*Hkv, Nk, D)`` -> merged ``(out (B*Hq, Nq, D), lse (B*Hq, Nq))``."""
-    dtype = compute_dtype(q3.dtype)
+    """``q3 (B*Hq, Nq, D)``, ``k3/v3 (B*Hkv, Nk, D)`` (contiguous) -> merged
+    ``(out (B*Hq, Nq, D), lse (B*Hq, Nq))``."""
     out = lse = None
-    for part in plan.parts:
-        part_out, part_lse = _part_buffers(q3, part, plan, v3.shape[-1], dtype)
-        for group in part:
-            q_layout, k_layout = _layouts(group, plan)
-            mask = _additive_mask(group, groups, q3.dtype)
-            q_u = _stack_heads(q_layout.read(q3), groups)
-            out_u, lse_u = _FUSED(q_u, k_layout.read(k3), k_layout.read(v3), 0.0, False, attn_mask=mask, scale=scale)
-            seen = group.seen.unsqueeze(0).expand(groups, -1, -1).transpose(0, 1).flatten(1)  # (U, g*R)
-            lse_u = lse_u.to(dtype).masked_fill(~seen, float("-inf"))
-            q_layout.write(part_out, _unstack_heads(out_u, groups), accumulate=False)
-            q_layout.write(part_lse, _unstack_heads(lse_u.unsqueeze(-1), groups), accumulate=False)
-        if out is None:
-            out, lse = part_out, part_lse.squeeze(-1)
+    for part, band in zip(plan.parts, _native_bands(plan, q3, k3, v3)):
+        if band is not None:
+            part_out, part_lse = band_forward(q3, k3, v3, band, scale)
         else:
-            _merge_into(out, lse, part_out, part_lse.squeeze(-1))
+            part_out, part_lse = _fused_part(q3, k3, v3, part, plan, scale, groups)
+            part_lse = part_lse.squeeze(-1)
+        if out is None:
+            out, lse = part_out, part_lse
+        else:
+            _merge_into(out, lse, part_out, part_lse)
     return out, lse
 
 
 def _fused_backward(q3, k3, v3, out3, lse3, d_out3, plan: SparsePlan, scale: float, groups: int):
-    """dq, dk, dv of the merged attention: each group's backward sees the final out and LSE."""
+    """dq, dk, dv of the merged attention: each part's backward sees the final out and LSE."""
     dtype = compute_dtype(q3.dtype)
-    d_q = torch.zeros(q3.shape, dtype=dtype, device=q3.device)
-    d_k = torch.zeros(k3.shape, dtype=dtype, device=q3.device)
-    d_v = torch.zeros(v3.shape, dtype=dtype, device=q3.device)
-    lse3 = lse3.masked_fill(lse3 == float("-inf"), 0.0).unsqueeze(-1)  # such rows have p = 0
-    for part in plan.parts:
-        for group in part:
-            q_layout, k_layout = _layouts(group, plan)
-            mask = _additive_mask(group, groups, q3.dtype)
-            q_u, d_out_u, out_u = (_stack_heads(q_layout.read(t), groups) for t in (q3, d_out3, out3))
-            lse_u = _stack_heads(q_layout.read(lse3), groups).squeeze(-1).contiguous()
-            d_q_u, d_k_u, d_v_u = _FUSED_BACKWARD(
-                d_out_u, q_u, k_layout.read(k3), k_layout.read(v3), out_u, lse_u, 0.0, False,
-                attn_mask=mask, scale=scale,
-            )
-            q_layout.write(d_q, _unstack_heads(d_q_u, groups), accumulate=True)
-            k_layout.write(d_k, d_k_u, accumulate=True)
-            k_layout.write(d_v, d_v_u, accumulate=True)
-    return d_q, d_k, d_v
+    grads = tuple(torch.zeros(t.shape, dtype=dtype, device=q3.device) for t in (q3, k3, v3))
+    native_bands = _native_bands(plan, q3, k3, v3)
+    delta = (d_out3 * out3).sum(-1) if any(band is not None for band in native_bands) else None
+    lse_masked = lse3.masked_fill(lse3 == float("-inf"), 0.0).unsqueeze(-1)
+    for part, band in zip(plan.parts, native_bands):
+        if band is not None:
+            shares = band_backward(q3, k3, v3, lse3.contiguous(), d_out3.contiguous(), delta, band, scale)
+            for total, share in zip(grads, shares):
+                total.add_(share)
+        else:
+            _fused_part_backward(q3, k3, v3, out3, lse_masked, d_out3, part, plan, scale, groups, grads)
+    return grads
 
 
 class _FusedSparseAttention(torch.autograd.Function):
@@ -249,7 +286,7 @@ class _FusedSparseAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, plan, backward_plan, scale):
         batch, n_q_heads, n_q, dim = q.shape
         groups = kv_groups(q, k)
-        q3, k3, v3 = q.reshape(-1, n_q, dim), k.reshape(-1, k.shape[2], dim), v.reshape(-1, k.shape[2], dim)
+        q3, k3, v3 = (t.reshape(-1, t.shape[2], dim).contiguous() for t in (q, k, v))
         out, lse = _fused_forward(q3, k3, v3, plan, scale, groups)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.plan, ctx.backward_plan, ctx.scale = plan, backward_plan, scale
@@ -264,9 +301,9 @@ class _FusedSparseAttention(torch.autograd.Function):
                 result = _portable(*leaves, ctx.plan, ctx.scale)
                 grads = torch.autograd.grad(result, leaves, (d_out, d_lse))
             return (*grads, None, None, None)
-        dim, n_k = q.shape[-1], k.shape[2]
+        dim = q.shape[-1]
         d_q, d_k, d_v = _fused_backward(
-            q.reshape(-1, q.shape[2], dim), k.reshape(-1, n_k, dim), v.reshape(-1, n_k, dim),
+            *(t.reshape(-1, t.shape[2], dim).contiguous() for t in (q, k, v)),
             out, lse, d_out.reshape(out.shape), ctx.backward_plan, ctx.scale, kv_groups(q, k),
         )
         grads = d_q.view(q.shape).to(q.dtype), d_k.view(k.shape).to(k.dtype), d_v.view(v.shape).to(v.dtype)

@@ -35,6 +35,7 @@ from typing import Optional
 import torch
 
 from ..patterns import BlockLocal, BlockSparse, Fixed, Pattern, Periodic, Strided, Summary, Union
+from .band_native import finite_band
 
 UNIT_ROWS = 128
 """Query rows per unit of the summary and tile geometries."""
@@ -90,6 +91,9 @@ class SparsePlan:
     n_q: int
     n_k: int
     parts: tuple[tuple[UnitGroup, ...], ...]
+    bands: tuple[Optional[tuple[float, float]], ...] = ()
+    """Per part, its finite band when the part is exactly one (then the native band kernel may run
+    it instead of its units), else None."""
 
     @property
     def offset(self) -> int:
@@ -246,7 +250,7 @@ def plan_sparse(
     gets one fully masked unit, so the result stays differentiable (zero gradients).
     """
     offset = n_k - n_q
-    parts, earlier = [], None
+    parts, bands, earlier = [], [], None
     for piece in split_parts(pattern):
         exact = piece if earlier is None else Difference(piece, earlier)
         groups = []
@@ -256,6 +260,7 @@ def plan_sparse(
                 groups.append(group)
         if groups:
             parts.append(tuple(groups))
+            bands.append(finite_band(exact))  # a Difference has no band: only pure bands qualify
         earlier = piece if earlier is None else Union(earlier, piece)
     if not parts:
         one = torch.full((1, 1), offset, dtype=torch.long)
@@ -265,7 +270,7 @@ def plan_sparse(
         tuple(UnitGroup(*(t.to(device) for t in (g.q_pos, g.k_pos, g.blocked, g.seen))) for g in part)
         for part in parts
     )
-    return SparsePlan(n_q, n_k, moved)
+    return SparsePlan(n_q, n_k, moved, tuple(bands) + (None,) * (len(moved) - len(bands)))
 
 
 __all__ = ["BACKWARD_BAND_ROWS", "BAND_ROWS", "Difference", "SparsePlan", "UNIT_ROWS", "UnitGroup", "plan_sparse", "split_parts"]
