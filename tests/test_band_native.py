@@ -142,7 +142,9 @@ def test_gradients_do_not_depend_on_the_thread_count():
 
 @needs_native
 def test_nan_and_infinite_inputs_show_in_the_output():
-    q, k, v = (torch.randn(1, 1, 12, 16) for _ in range(3))
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 1, 12, 16, generator=gen) for _ in range(3))
+    k[..., 2] = k[..., 2].abs() + 0.1  # so that an infinite q[..., 2] makes +inf scores
     k[0, 0, 3, 0] = float("nan")
     out, _ = band_native_attention(q, k, v, (0, 3), 0.25)
     expected = reference_kernel(q.double(), k.double(), v.double(), SlidingWindow(4), 0.25)[0]
@@ -245,6 +247,9 @@ def test_auto_sends_every_float32_window_to_the_native_kernel():
         assert choose_backend(SlidingWindow(window), 4096, 4096, cpu, need_lse=False, native_band=True) == "sparse"
     assert choose_backend(SlidingWindow(4096), 4096, 4096, cpu, need_lse=False) == "dense"
     assert choose_backend(Causal(), 4096, 4096, cpu, need_lse=False, native_band=True) == "dense"
+    # decoding: one query against a window of most keys is one SDPA call; a short window is not
+    assert choose_backend(SlidingWindow(2048), 1, 2048, cpu, need_lse=False, native_band=True) == "dense"
+    assert choose_backend(SlidingWindow(256), 1, 4096, cpu, need_lse=False, native_band=True) == "sparse"
     q, k, v = (torch.randn(1, 2, 64, 16) for _ in range(3))
     expected = reference_kernel(q.double(), k.double(), v.double(), SlidingWindow(64), 0.25)[0]
     torch.testing.assert_close(attention(q, k, v, SlidingWindow(64), scale=0.25).double(), expected, rtol=1e-5, atol=1e-6)

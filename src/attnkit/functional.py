@@ -97,9 +97,21 @@ def _sparse_planned(pattern: Pattern, n_q_heads: int) -> bool:
     return all(planned(p) for _, _, p in head_runs(pattern, n_q_heads, 1))
 
 
+_NATIVE_MIN_QUERIES = 32
+
+
 def _finite_bands(pattern: Pattern, n_q_heads: int) -> bool:
     """Whether every head's pattern is a band with finite bounds (the native band kernel's work)."""
     return all(finite_band(p) is not None for _, _, p in head_runs(pattern, n_q_heads, 1))
+
+
+def _band_pairs(pattern: Pattern, n_q: int, n_k: int, n_q_heads: int) -> int:
+    """About the score entries the native band kernel computes: ``n_q`` times the band's width."""
+    total = 0
+    for first, stop, head_pattern in head_runs(pattern, n_q_heads, 1):
+        lo, hi = finite_band(head_pattern)
+        total += (stop - first) * n_q * int(min(max(hi - lo + 1, 0), n_k))
+    return total
 
 
 def choose_backend(
@@ -116,10 +128,12 @@ def choose_backend(
 ) -> str:
     """The backend ``"auto"`` runs: the fastest exact plan for this pattern and these sizes.
 
-    Full and causal problems go to SDPA (one fused call). Sliding windows (finite bands) go to the
-    sparse backend whenever its native band kernel takes the inputs (``native_band``: float32 on
-    the CPU, see :func:`~attnkit.kernels.band_native.band_native_supports`); it beat masked SDPA at
-    every window and length measured, up to a window as long as the sequence. Otherwise sliding
+    Full and causal problems go to SDPA (one fused call). Sliding windows (finite bands) of at least
+    32 queries go to the sparse backend whenever its native band kernel takes the inputs
+    (``native_band``: float32 on the CPU, see
+    :func:`~attnkit.kernels.band_native.band_native_supports`); it beat masked SDPA at every window
+    and length measured, up to a window as long as the sequence. With fewer queries (decoding) one
+    SDPA call costs less unless the window covers under half of the keys. Otherwise sliding
     windows, the Strided, Fixed and BlockSparse patterns, their parts and unions of these go to the
     sparse planner when its plan computes less than half of the square, else to SDPA with a mask.
     Other patterns go to the blockwise kernel when its tiles skip at least half of the square,
@@ -129,7 +143,10 @@ def choose_backend(
     """
     lse_needs_kernel = need_lse and not fused_lse_available(device, head_dim, value_dim)
     if native_band and _finite_bands(pattern, n_q_heads):
-        return "sparse"
+        native_pairs = _band_pairs(pattern, n_q, n_k, n_q_heads)
+        if n_q >= _NATIVE_MIN_QUERIES or native_pairs < _SPARSE_ENOUGH * n_q * n_k * n_q_heads:
+            return "sparse"
+        return "dense"
     if _sparse_planned(pattern, n_q_heads):
         sparse_pairs = sparse_planned_pairs(pattern, n_q, n_k, n_q_heads)
         if lse_needs_kernel or sparse_pairs < _SPARSE_ENOUGH * n_q * n_k * n_q_heads:

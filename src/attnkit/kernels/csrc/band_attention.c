@@ -29,7 +29,7 @@ typedef float vf __attribute__((vector_size(64)));
 typedef int32_t vi __attribute__((vector_size(64)));
 typedef float vf_unaligned __attribute__((vector_size(64), aligned(4)));
 
-enum { LANES = 16, ROWS = 8, COLS = 32, SHORT_STRIP = 192, LONG_STRIP = 768, MAX_THREADS = 256 };
+enum { LANES = 16, ROWS = 8, COLS = 32, SHORT_STRIP = 192, LONG_STRIP = 768, MAX_THREADS = 256, SMALL_WORK = 1 << 15, FEW_ROWS = 4 };
 static const float LOG2E = 1.4426950408889634f, LN2 = 0.6931471805599453f;
 
 static inline vf load(const float *p) { return *(const vf_unaligned *)p; }
@@ -98,15 +98,50 @@ static void rows_times_columns(const float *a, int64_t ld_a, int64_t rows, const
     }
 }
 
+/* s[r][j] = a[r] . b[j] for the first `rows` rows and j < n_cols, from the rows themselves: for
+ * strips of fewer than FEW_ROWS queries (decoding), where a transposed copy of the keys would cost
+ * more than the scores. */
+static void dot_rows(const float *a, int64_t rows, const float *b, int64_t d, int64_t n_cols, float *s, int64_t ld_s) {
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t j = 0; j < n_cols; j++) {
+            vf acc = {0};
+            for (int64_t c = 0; c < d; c += LANES) acc += load(a + r * d + c) * load(b + j * d + c);
+            float dot = 0.0f;
+            for (int i = 0; i < LANES; i++) dot += acc[i];
+            s[r * ld_s + j] = dot;
+        }
+}
+
+/* The block's scores: from the strip's transposed copy (b_t, first column of the block) or, when
+ * the strip has none (b_t NULL), from the rows b of the keys. */
+static void block_scores(const float *a, int64_t rows, const float *zeros, const float *b_t, int64_t ld_b,
+                         const float *b, int64_t d, int64_t n_cols, float *s, int64_t ld_s) {
+    if (b_t == NULL)
+        dot_rows(a, rows, b, d, n_cols, s, ld_s);
+    else
+        rows_times_columns(a, d, rows, zeros, b_t, ld_b, d, n_cols, s, ld_s);
+}
+
 #define WEIGHT2(r) { vf x = splat(p[(r) * ld_p + j]); acc##r##a += x * m0; acc##r##b += x * m1; }
 #define WEIGHT1(r) { acc##r##a += splat(p[(r) * ld_p + j]) * m0; }
 #define OUT2(r) { store(o + (r) * ld_o, acc##r##a); store(o + (r) * ld_o + LANES, acc##r##b); }
 #define OUT1(r) { store(o + (r) * ld_o, acc##r##a); }
 
 /* o (ROWS, d) = p (ROWS, n_cols) m (n_cols, d), d a multiple of LANES: register blocks of ROWS rows
- * x 32 columns, so each row of m is read once per ROWS rows. */
-static void weights_times_matrix(const float *p, int64_t ld_p, const float *m, int64_t d, int64_t n_cols, float *o) {
+ * x 32 columns, so each row of m is read once per ROWS rows. Blocks of fewer than FEW_ROWS real
+ * rows (decoding) compute only those, one row at a time. */
+static void weights_times_matrix(const float *p, int64_t ld_p, int64_t rows, const float *m, int64_t d,
+                                 int64_t n_cols, float *o) {
     const int64_t ld_o = d;
+    if (rows < FEW_ROWS) {
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t c = 0; c < d; c += LANES) {
+                vf acc = {0};
+                for (int64_t j = 0; j < n_cols; j++) acc += splat(p[r * ld_p + j]) * load(m + j * d + c);
+                store(o + r * ld_o + c, acc);
+            }
+        return;
+    }
     int64_t c = 0;
     for (; c + COLS <= d; c += COLS, o += COLS) {
         EACH_ROW(ZERO2)
@@ -174,7 +209,7 @@ typedef struct {
 static float *grab(size_t floats) { return aligned_alloc(64, round_up((int64_t)(floats * sizeof(float)), 64)); }
 
 static int scratch_init(Scratch *w, const Job *job) {
-    w->ld_t = job->strip_rows + job->reach + COLS;
+    w->ld_t = min64(job->strip_rows + job->reach, job->nk + ROWS) + COLS; /* >= a strip's keys + COLS */
     w->ld_s = round_up(min64(job->reach, job->nk) + COLS, LANES);
     w->keys_t = grab(job->d * w->ld_t);
     w->values_t = job->backward ? grab(job->d * w->ld_t) : NULL;
@@ -190,14 +225,15 @@ static void scratch_free(Scratch *w) {
     free(w->keys_t); free(w->values_t); free(w->s); free(w->ds); free(w->zeros); free(w->o);
 }
 
-/* dst (d, ld) = src rows [first, first + n) transposed, zero-padded to ld columns. */
+/* dst (d, ld) = src rows [first, first + n) transposed, zero-padded by up to COLS columns. */
 static void transpose_rows(const float *src, int64_t first, int64_t n, int64_t d, float *dst, int64_t ld) {
     for (int64_t j0 = 0; j0 < n; j0 += 64) {
         int64_t j1 = min64(j0 + 64, n);
         for (int64_t c = 0; c < d; c++)
             for (int64_t j = j0; j < j1; j++) dst[c * ld + j] = src[(first + j) * d + c];
     }
-    for (int64_t c = 0; c < d; c++) memset(dst + c * ld + n, 0, (size_t)(ld - n) * sizeof(float));
+    const int64_t padded = min64(ld, n + COLS); /* tiles read at most COLS - 1 columns past n */
+    for (int64_t c = 0; c < d; c++) memset(dst + c * ld + n, 0, (size_t)(padded - n) * sizeof(float));
 }
 
 /* The block columns [first, last] hold the band's keys for the query at position pos. */
@@ -249,14 +285,15 @@ static float exp2_row(float *s, int64_t n_cols, float shift) {
 
 /* ---------------------------------------------------------------------------------------------
  * One block of ROWS query rows of one query head; keys [key0, key0 + n_cols) are strip columns
- * [col0, col0 + n_cols) of the transposed copies. */
+ * [col0, col0 + n_cols) of the transposed copies (col0 -1: the strip has none). */
 
 static void forward_block(const Job *job, const Scratch *w, int64_t head, int64_t row0, int64_t rows,
                           int64_t key0, int64_t col0, int64_t n_cols) {
     const int64_t d = job->d, pos0 = job->nk - job->nq + row0;
     float *out = job->out + (head * job->nq + row0) * d, *lse = job->lse + head * job->nq + row0;
-    rows_times_columns(job->q + (head * job->nq + row0) * d, d, rows, w->zeros, w->keys_t + col0, w->ld_t, d,
-                       n_cols, w->s, w->ld_s);
+    const float *keys = job->k + ((head / job->groups) * job->nk + key0) * d;
+    block_scores(job->q + (head * job->nq + row0) * d, rows, w->zeros, col0 < 0 ? NULL : w->keys_t + col0, w->ld_t,
+                 keys, d, n_cols, w->s, w->ld_s);
     float high[ROWS], sum[ROWS];
     for (int64_t r = 0; r < ROWS; r++) {
         float *s = w->s + r * w->ld_s;
@@ -266,7 +303,7 @@ static void forward_block(const Job *job, const Scratch *w, int64_t head, int64_
         if (high[r] == -INFINITY) high[r] = 0.0f; /* no key: every p is 2^-inf = 0 */
         sum[r] = exp2_row(s, n_cols, high[r]);
     }
-    weights_times_matrix(w->s, w->ld_s, job->v + ((head / job->groups) * job->nk + key0) * d, d, n_cols, w->o);
+    weights_times_matrix(w->s, w->ld_s, rows, job->v + ((head / job->groups) * job->nk + key0) * d, d, n_cols, w->o);
     for (int64_t r = 0; r < rows; r++) {
         if (sum[r] == 0.0f) {
             memset(out + r * d, 0, (size_t)d * sizeof(float));
@@ -284,8 +321,11 @@ static void backward_block(const Job *job, const Scratch *w, int64_t head, int64
     const int64_t d = job->d, nq = job->nq, pos0 = job->nk - nq + row0, kv = head / job->groups;
     const float *q = job->q + head * nq * d, *d_out = job->d_out + head * nq * d;
     const float *lse = job->lse + head * nq + row0, *delta = job->delta + head * nq + row0;
-    rows_times_columns(q + row0 * d, d, rows, w->zeros, w->keys_t + col0, w->ld_t, d, n_cols, w->s, w->ld_s);
-    rows_times_columns(d_out + row0 * d, d, rows, w->zeros, w->values_t + col0, w->ld_t, d, n_cols, w->ds, w->ld_s);
+    const float *keys = job->k + (kv * job->nk + key0) * d, *values = job->v + (kv * job->nk + key0) * d;
+    block_scores(q + row0 * d, rows, w->zeros, col0 < 0 ? NULL : w->keys_t + col0, w->ld_t, keys, d, n_cols,
+                 w->s, w->ld_s);
+    block_scores(d_out + row0 * d, rows, w->zeros, col0 < 0 ? NULL : w->values_t + col0, w->ld_t, values, d,
+                 n_cols, w->ds, w->ld_s);
     for (int64_t r = 0; r < ROWS; r++) {
         float *p = w->s + r * w->ld_s, *ds = w->ds + r * w->ld_s;
         int64_t first = 1, last = 0;
@@ -299,7 +339,7 @@ static void backward_block(const Job *job, const Scratch *w, int64_t head, int64
     /* dV += P^T dO, dK += dS^T Q (dS carries the scale), dQ = dS K. */
     add_transposed_product(w->s, w->ld_s, d_out + row0 * d, rows, d, n_cols, job->d_v + (kv * job->nk + key0) * d);
     add_transposed_product(w->ds, w->ld_s, q + row0 * d, rows, d, n_cols, job->d_k + (kv * job->nk + key0) * d);
-    weights_times_matrix(w->ds, w->ld_s, job->k + (kv * job->nk + key0) * d, d, n_cols, w->o);
+    weights_times_matrix(w->ds, w->ld_s, rows, keys, d, n_cols, w->o);
     memcpy(job->d_q + (head * nq + row0) * d, w->o, (size_t)(rows * d) * sizeof(float));
 }
 
@@ -321,8 +361,9 @@ static void run_strip(const Job *job, const Scratch *w, int64_t index) {
         }
     }
     if (n_keys <= 0) return;
-    transpose_rows(job->k + kv * nk * d, first_key, n_keys, d, w->keys_t, w->ld_t);
-    if (job->backward) transpose_rows(job->v + kv * nk * d, first_key, n_keys, d, w->values_t, w->ld_t);
+    const int transposed = row1 - row0 >= FEW_ROWS; /* else blocks read the key rows themselves */
+    if (transposed) transpose_rows(job->k + kv * nk * d, first_key, n_keys, d, w->keys_t, w->ld_t);
+    if (transposed && job->backward) transpose_rows(job->v + kv * nk * d, first_key, n_keys, d, w->values_t, w->ld_t);
     for (int64_t head = kv * job->groups; head < (kv + 1) * job->groups; head++)
         for (int64_t r0 = row0; r0 < row1; r0 += ROWS) {
             const int64_t rows = min64(ROWS, row1 - r0), pos0 = r0 + offset;
@@ -336,10 +377,11 @@ static void run_strip(const Job *job, const Scratch *w, int64_t index) {
                 }
                 continue;
             }
+            const int64_t col0 = transposed ? key0 - first_key : -1;
             if (job->backward)
-                backward_block(job, w, head, r0, rows, key0, key0 - first_key, key1 - key0 + 1);
+                backward_block(job, w, head, r0, rows, key0, col0, key1 - key0 + 1);
             else
-                forward_block(job, w, head, r0, rows, key0, key0 - first_key, key1 - key0 + 1);
+                forward_block(job, w, head, r0, rows, key0, col0, key1 - key0 + 1);
         }
 }
 
@@ -383,9 +425,14 @@ static int check_and_plan(Job *job, int threads) {
         rows = LONG_STRIP;
         while (rows / 2 >= SHORT_STRIP && kv_heads * ((job->nq + rows - 1) / rows) < 4 * (int64_t)threads) rows /= 2;
     }
-    job->strip_rows = round_up(rows, ROWS);
+    job->strip_rows = round_up(min64(rows, job->nq), ROWS);
     job->strips = (job->nq + job->strip_rows - 1) / job->strip_rows;
     return 0;
+}
+
+/* Below this many scores a call takes about as long as starting a thread: run it on this one. */
+static int threads_for(const Job *job, int threads) {
+    return job->bh * job->nq * min64(job->reach, job->nk) < SMALL_WORK ? 1 : threads;
 }
 
 /* Forward: fills out and lse. Returns 0; 1 when d is not a positive multiple of 16 or bh is not a
@@ -397,7 +444,7 @@ int band_attention_forward(const float *q, const float *k, const float *v, float
     Job job = {q, k, v, out, lse, NULL, NULL, NULL, NULL, NULL, bh, nq, nk, d, lo, hi, groups,
                0, 0, 0, scale, 0, -1, 0};
     int status = check_and_plan(&job, threads);
-    return status ? status : run_threads(&job, threads);
+    return status ? status : run_threads(&job, threads_for(&job, threads));
 }
 
 /* Backward: d_k and d_v must be zero on entry; delta = rowsum(d_out * out) - d_lse. */
@@ -410,7 +457,7 @@ int band_attention_backward(const float *q, const float *k, const float *v, cons
     int status = check_and_plan(&job, threads);
     for (int parity = 0; parity < 2 && status == 0; parity++) {
         job.parity = parity;
-        status = run_threads(&job, threads);
+        status = run_threads(&job, threads_for(&job, threads));
     }
     return status;
 }
