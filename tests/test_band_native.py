@@ -96,6 +96,16 @@ def test_long_window_over_many_strips_with_gqa():
 
 
 @needs_native
+@pytest.mark.parametrize("n_q", [1, 2, 3, 4])
+def test_decoding_sized_calls(n_q):
+    """Under 4 queries a strip reads the key rows directly (no transposed copy)."""
+    gen = torch.Generator().manual_seed(n_q)
+    q = torch.randn(2, 6, n_q, 32, generator=gen)
+    k, v = (torch.randn(2, 2, 700, 32, generator=gen) for _ in range(2))
+    _assert_matches_reference(q, k, v, 0, 299, 0.2, 1.0)
+
+
+@needs_native
 def test_band_wider_than_a_strip():
     gen = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(1, 1, 2000, 16, generator=gen) for _ in range(3))
