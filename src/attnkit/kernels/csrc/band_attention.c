@@ -211,14 +211,15 @@ static float *grab(size_t floats) { return aligned_alloc(64, round_up((int64_t)(
 static int scratch_init(Scratch *w, const Job *job) {
     w->ld_t = min64(job->strip_rows + job->reach, job->nk + ROWS) + COLS; /* >= a strip's keys + COLS */
     w->ld_s = round_up(min64(job->reach, job->nk) + COLS, LANES);
-    w->keys_t = grab(job->d * w->ld_t);
-    w->values_t = job->backward ? grab(job->d * w->ld_t) : NULL;
+    const int copies = job->nq >= FEW_ROWS; /* with fewer queries no strip is transposed */
+    w->keys_t = copies ? grab(job->d * w->ld_t) : NULL;
+    w->values_t = copies && job->backward ? grab(job->d * w->ld_t) : NULL;
     w->s = grab(ROWS * w->ld_s);
     w->ds = job->backward ? grab(ROWS * w->ld_s) : NULL;
     w->zeros = grab(job->d);
     w->o = grab(job->d * ROWS);
     if (w->zeros) memset(w->zeros, 0, (size_t)job->d * sizeof(float));
-    return w->keys_t && w->s && w->zeros && w->o && (!job->backward || (w->values_t && w->ds));
+    return (w->keys_t || !copies) && w->s && w->zeros && w->o && (!job->backward || ((w->values_t || !copies) && w->ds));
 }
 
 static void scratch_free(Scratch *w) {
