@@ -4,7 +4,8 @@
  * Work is split into strips of query rows of one KV head (all of its `groups` query heads), and a
  * strip into blocks of ROWS rows. A block needs only the keys its rows reach (hi - lo + ROWS of
  * them), so the work follows the band, not nq x nk. A strip first copies its keys transposed,
- * (D, keys), so that 16 keys form one vector. Per block, the forward pass computes
+ * (D, keys), so that 16 keys form one vector (a strip of fewer than FEW_ROWS queries, a decoding
+ * step, reads the key rows directly instead). Per block, the forward pass computes
  *   S = q K^T scale log2 e   (register blocks of ROWS x 32 scores),
  *   pairs outside the band -> -inf, per row m = max S, P = 2^(S - m), l = sum P,
  *   O = P V (register blocks of ROWS rows x 32 columns), out = O / l, lse = (m + log2 l) ln 2,
@@ -29,7 +30,11 @@ typedef float vf __attribute__((vector_size(64)));
 typedef int32_t vi __attribute__((vector_size(64)));
 typedef float vf_unaligned __attribute__((vector_size(64), aligned(4)));
 
-enum { LANES = 16, ROWS = 8, COLS = 32, SHORT_STRIP = 192, LONG_STRIP = 768, MAX_THREADS = 256, SMALL_WORK = 1 << 15, FEW_ROWS = 4 };
+enum {
+    LANES = 16, ROWS = 8, COLS = 32, FEW_ROWS = 4,           /* vector, block and tile sizes */
+    SHORT_STRIP = 192, LONG_STRIP = 768, MAX_THREADS = 256,  /* strips and threads */
+    SMALL_WORK = 1 << 15                                     /* scores below which one thread runs */
+};
 static const float LOG2E = 1.4426950408889634f, LN2 = 0.6931471805599453f;
 
 static inline vf load(const float *p) { return *(const vf_unaligned *)p; }
@@ -437,8 +442,7 @@ static int threads_for(const Job *job, int threads) {
 }
 
 /* Forward: fills out and lse. Returns 0; 1 when d is not a positive multiple of 16 or bh is not a
- * multiple of groups; 2 when
- * scratch memory could not be allocated. */
+ * multiple of groups; 2 when scratch memory could not be allocated. */
 int band_attention_forward(const float *q, const float *k, const float *v, float *out, float *lse,
                            int64_t bh, int64_t nq, int64_t nk, int64_t d, int64_t lo, int64_t hi,
                            int64_t groups, float scale, int threads) {
