@@ -106,6 +106,26 @@ def test_decoding_sized_calls(n_q):
 
 
 @needs_native
+def test_a_last_strip_of_one_row_after_full_strips():
+    """193 queries: strips of 192 rows and then one of a single row, which reads key rows
+    directly while the strips before it used transposed copies."""
+    gen = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(1, 2, 193, 16, generator=gen) for _ in range(3))
+    _assert_matches_reference(q, k, v, 0, 99, 0.3, 1.0)
+
+
+@needs_native
+@pytest.mark.parametrize("pattern", [SlidingWindow(4), Strided(3)])
+def test_an_empty_batch(pattern):
+    q, k, v = (torch.randn(0, 2, 40, 16, requires_grad=True) for _ in range(3))
+    for backend in ("sparse", "auto"):
+        out, lse = attention(q, k, v, pattern, backend=backend, return_lse=True)
+        assert out.shape == (0, 2, 40, 16) and lse.shape == (0, 2, 40)
+        out.sum().backward()
+        assert q.grad.shape == q.shape
+
+
+@needs_native
 def test_band_wider_than_a_strip():
     gen = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(1, 1, 2000, 16, generator=gen) for _ in range(3))
@@ -229,13 +249,16 @@ def plans_with_a_band_part(draw):
 
 
 @needs_native
-@given(pattern=plans_with_a_band_part(), n=st.integers(1, 300), lse_weight=st.sampled_from([0.0, 1.0]),
-       seed=st.integers(0, 2**31 - 1))
-def test_band_parts_of_a_plan_run_natively_and_exactly(pattern, n, lse_weight, seed):
+@given(pattern=plans_with_a_band_part(), n=st.integers(1, 300), extra_queries=st.integers(-40, 40),
+       lse_weight=st.sampled_from([0.0, 1.0]), strided_q=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_band_parts_of_a_plan_run_natively_and_exactly(pattern, n, extra_queries, lse_weight, strided_q, seed):
     calls = []
     spy = mock.patch.object(sparse_module, "band_forward", lambda *a: calls.append(a[3]) or band_forward(*a))
     gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(2, 4, n, 16, generator=gen)
+    n_q = max(1, n + extra_queries)  # more queries than keys: early rows see nothing
+    q = torch.randn(2, 4, n_q, 16, generator=gen)
+    if strided_q:  # a non-contiguous view with the same values
+        q = q.transpose(-1, -2).contiguous().transpose(-1, -2)
     k, v = (torch.randn(2, 2, n, 16, generator=gen) for _ in range(2))
     expected = _outputs_and_grads(
         lambda *t: reference_kernel(*t, pattern, 0.3)[:2], q.double(), k.double(), v.double(), lse_weight
@@ -260,6 +283,10 @@ def test_auto_sends_every_float32_window_to_the_native_kernel():
     # decoding: one query against a window of most keys is one SDPA call; a short window is not
     assert choose_backend(SlidingWindow(2048), 1, 2048, cpu, need_lse=False, native_band=True) == "dense"
     assert choose_backend(SlidingWindow(256), 1, 4096, cpu, need_lse=False, native_band=True) == "sparse"
+    wide = SlidingWindow(1500, causal=False)  # the last query sees 1500 of 4096 keys
+    assert choose_backend(wide, 1, 4096, cpu, need_lse=False, native_band=True) == "sparse"
+    mixed = PerHead([SlidingWindow(4096), Causal()])  # not every head is a band: the plan's rule
+    assert choose_backend(mixed, 4096, 4096, cpu, need_lse=False, n_q_heads=2, native_band=True) == "dense"
     q, k, v = (torch.randn(1, 2, 64, 16) for _ in range(3))
     expected = reference_kernel(q.double(), k.double(), v.double(), SlidingWindow(64), 0.25)[0]
     torch.testing.assert_close(attention(q, k, v, SlidingWindow(64), scale=0.25).double(), expected, rtol=1e-5, atol=1e-6)

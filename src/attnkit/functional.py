@@ -106,11 +106,13 @@ def _finite_bands(pattern: Pattern, n_q_heads: int) -> bool:
 
 
 def _band_pairs(pattern: Pattern, n_q: int, n_k: int, n_q_heads: int) -> int:
-    """About the score entries the native band kernel computes: ``n_q`` times the band's width."""
+    """The allowed pairs of a band pattern, row by row (``lo <= i - j <= hi`` clipped to the keys):
+    about what the native band kernel computes. Called for few queries (decoding)."""
     total = 0
     for first, stop, head_pattern in head_runs(pattern, n_q_heads, 1):
         lo, hi = finite_band(head_pattern)
-        total += (stop - first) * n_q * int(min(max(hi - lo + 1, 0), n_k))
+        for i in range(n_k - n_q, n_k):
+            total += (stop - first) * max(0, min(i - lo, n_k - 1) - max(i - hi, 0) + 1)
     return total
 
 
@@ -143,10 +145,10 @@ def choose_backend(
     """
     lse_needs_kernel = need_lse and not fused_lse_available(device, head_dim, value_dim)
     if native_band and _finite_bands(pattern, n_q_heads):
-        native_pairs = _band_pairs(pattern, n_q, n_k, n_q_heads)
-        if n_q >= _NATIVE_MIN_QUERIES or native_pairs < _SPARSE_ENOUGH * n_q * n_k * n_q_heads:
+        if n_q >= _NATIVE_MIN_QUERIES or lse_needs_kernel:
             return "sparse"
-        return "dense"
+        allowed = _band_pairs(pattern, n_q, n_k, n_q_heads)
+        return "sparse" if allowed < _SPARSE_ENOUGH * n_q * n_k * n_q_heads else "dense"
     if _sparse_planned(pattern, n_q_heads):
         sparse_pairs = sparse_planned_pairs(pattern, n_q, n_k, n_q_heads)
         if lse_needs_kernel or sparse_pairs < _SPARSE_ENOUGH * n_q * n_k * n_q_heads:

@@ -80,6 +80,8 @@ def band_forward(q, k, v, band: tuple[float, float], scale: float) -> tuple[torc
     ``(..., Hkv, Nk, D)`` (checked inputs) -> ``(out like q, lse (..., Hq, Nq))``."""
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:-1], dtype=torch.float32)
+    if q.numel() == 0 or k.numel() == 0:  # an empty batch, or no keys: nothing to attend to
+        return out.zero_(), lse.fill_(float("-inf"))
     _check(_library().band_attention_forward(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(), *_sizes(q, k, band, scale)
     ))
@@ -91,6 +93,8 @@ def band_backward(q, k, v, lse, d_out, delta, band: tuple[float, float], scale: 
     normalised by (the final, merged one when this band is one part of a larger pattern) and
     ``delta = rowsum(d_out * out) - d_lse``, returns this band's ``(dq, dk, dv)``."""
     d_q, d_k, d_v = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    if q.numel() == 0 or k.numel() == 0:
+        return d_q.zero_(), d_k, d_v
     _check(_library().band_attention_backward(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), lse.data_ptr(), d_out.data_ptr(), delta.data_ptr(),
         d_q.data_ptr(), d_k.data_ptr(), d_v.data_ptr(), *_sizes(q, k, band, scale),

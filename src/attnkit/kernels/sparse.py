@@ -199,13 +199,6 @@ def _part_buffers(q3, part, plan: SparsePlan, dim: int, dtype: torch.dtype):
     return out, lse
 
 
-def _native_bands(plan: SparsePlan, q3, k3, v3) -> list:
-    """Per part, the band the native kernel runs instead of the part's units, else None."""
-    bands = plan.bands or (None,) * len(plan.parts)
-    native = any(band is not None for band in bands) and band_native_supports(q3, k3, v3)
-    return [band if native else None for band in bands]
-
-
 def _fused_part(q3, k3, v3, part, plan: SparsePlan, scale: float, groups: int):
     """One part's ``(out (B*Hq, Nq, D), lse (B*Hq, Nq, 1))`` from its groups of units."""
     part_out, part_lse = _part_buffers(q3, part, plan, v3.shape[-1], compute_dtype(q3.dtype))

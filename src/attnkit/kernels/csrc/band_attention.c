@@ -423,6 +423,10 @@ static int run_threads(Job *job, int threads) {
  * depend on the thread count, so neither do the gradients (the order of the dK, dV sums). */
 static int check_and_plan(Job *job, int threads) {
     if (job->d <= 0 || job->d % LANES != 0 || job->groups < 1 || job->bh % job->groups) return 1;
+    if (job->nq <= 0 || job->bh <= 0) { /* nothing to compute: no strips */
+        job->strip_rows = ROWS, job->strips = 0;
+        return 0;
+    }
     if (job->lo > job->hi) job->lo = job->hi + job->nk + job->nq + 1; /* empty band: no key anywhere */
     job->reach = max64(min64(job->hi - job->lo + ROWS, job->nk + ROWS), 0);
     const int64_t kv_heads = job->bh / job->groups;
