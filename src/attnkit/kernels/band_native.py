@@ -63,11 +63,11 @@ def _sizes(q: torch.Tensor, k: torch.Tensor, band: tuple[float, float], scale: f
     """The C arguments after the pointers, for q ``(..., Hq, Nq, D)`` and k ``(..., Hkv, Nk, D)``
     with the leading dimensions flattened or not (heads of one batch entry stay consecutive)."""
     n_q, dim, n_k = q.shape[-2], q.shape[-1], k.shape[-2]
-    rows_q, rows_k = q.numel() // (n_q * dim) if q.numel() else 0, k.numel() // (n_k * dim) if k.numel() else 0
+    rows_q, rows_k = q.numel() // (n_q * dim), k.numel() // (n_k * dim)  # callers skip empty inputs
     # Outside [1 - n_q, n_k - 1] no offset i - j occurs: clamping keeps the band's meaning (an
     # empty band stays empty) and the values inside int64.
     lo, hi = (int(min(max(edge, -n_q - 1), n_k + 1)) for edge in (math.ceil(band[0]), math.floor(band[1])))
-    return [rows_q, n_q, n_k, dim, lo, hi, rows_q // max(rows_k, 1), scale, torch.get_num_threads()]
+    return [rows_q, n_q, n_k, dim, lo, hi, rows_q // rows_k, scale, torch.get_num_threads()]
 
 
 def _check(status: int) -> None:
