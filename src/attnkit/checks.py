@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import operator
+
+import numpy
 
 
 def positive_int(owner: str, name: str, value: object) -> int:
@@ -20,3 +24,26 @@ def positive_int(owner: str, name: str, value: object) -> int:
     if number <= 0:
         raise ValueError(f"{owner}: {name} must be a positive integer, got {number}")
     return number
+
+
+def boolean(owner: str, name: str, value: object) -> bool:
+    """Return ``value`` as a bool when it is one (numpy booleans included).
+
+    Raises TypeError naming ``owner`` and ``name`` otherwise: a string such as ``"false"`` or an
+    integer is refused rather than read by truthiness.
+    """
+    if isinstance(value, (bool, numpy.bool_)):
+        return bool(value)
+    raise TypeError(f"{owner}: {name} must be True or False, got {type(value).__name__} {value!r}")
+
+
+def finite_real(owner: str, name: str, value: object) -> float:
+    """Return ``value`` as a float when it is a finite real number (numpy numbers included, bool not).
+
+    Raises TypeError naming ``owner`` and ``name`` for a non-number, ValueError for NaN or infinity.
+    """
+    if isinstance(value, (bool, numpy.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{owner}: {name} must be a number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{owner}: {name} must be finite, got {value!r}")
+    return float(value)

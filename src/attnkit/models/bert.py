@@ -12,7 +12,6 @@ holds sentences of one length (:func:`sentence_embeddings` runs one sentence at 
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -21,8 +20,9 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from ..checks import positive_int
+from ..checks import finite_real, positive_int
 from ..nn import MultiHeadAttention
+from .checkpoint import JsonFields, read_json, read_tensors, weight_files
 from .tokenizer import Tokenizer
 
 ACTIVATIONS = {
@@ -57,17 +57,17 @@ class BertConfig:
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            value = getattr(self, f.name)
             if f.type == "int":
-                positive_int("BertConfig", f.name, value)
+                object.__setattr__(self, f.name, positive_int("BertConfig", f.name, getattr(self, f.name)))
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"BertConfig: hidden_size ({self.hidden_size}) must be a multiple of "
                 f"num_attention_heads ({self.num_attention_heads})"
             )
-        if not (isinstance(self.layer_norm_eps, (int, float)) and self.layer_norm_eps > 0):
+        object.__setattr__(self, "layer_norm_eps", finite_real("BertConfig", "layer_norm_eps", self.layer_norm_eps))
+        if not self.layer_norm_eps > 0:
             raise ValueError(f"BertConfig: layer_norm_eps must be positive, got {self.layer_norm_eps!r}")
-        if self.hidden_act not in ACTIVATIONS:
+        if not isinstance(self.hidden_act, str) or self.hidden_act not in ACTIVATIONS:
             raise ValueError(
                 f"BertConfig: hidden_act {self.hidden_act!r} is not supported; use one of {', '.join(ACTIVATIONS)}"
             )
@@ -77,12 +77,22 @@ class BertConfig:
         return self.hidden_size // self.num_attention_heads
 
     @classmethod
-    def from_dict(cls, raw: dict) -> "BertConfig":
-        """The fields this encoder uses, from a Hugging Face BERT ``config.json`` dictionary."""
-        kind = raw.get("position_embedding_type", "absolute")
+    def from_dict(cls, raw: dict, source: str = "config.json") -> "BertConfig":
+        """The fields this encoder uses, from a Hugging Face BERT ``config.json`` dictionary.
+
+        Each is type-checked as JSON; ValueError naming ``source``, the field and the value
+        for a wrong type, a missing-but-required value or an unsupported setting.
+        """
+        config = JsonFields(raw, source)
+        kind = config.string("position_embedding_type", "absolute")
         if kind != "absolute":
-            raise ValueError(f"BertConfig: position_embedding_type {kind!r} is not supported (only 'absolute')")
-        return cls(**{f.name: raw[f.name] for f in fields(cls) if f.name in raw})
+            raise ValueError(f"{source}: position_embedding_type {kind!r} is not supported (only 'absolute')")
+        read = {"int": config.integer, "float": config.real, "str": config.string}
+        values = {f.name: read[f.type](f.name) for f in fields(cls) if f.name in config}
+        try:
+            return cls(**values)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{source}: {exc}") from None
 
 
 class BertEmbeddings(nn.Module):
@@ -148,20 +158,23 @@ class Bert(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> "Bert":
-        """Load a Hugging Face BERT checkpoint directory (``config.json`` + ``model.safetensors``).
+        """Load a Hugging Face BERT checkpoint directory (``config.json`` + ``model.safetensors``,
+        or shards listed by ``model.safetensors.index.json``), read as :mod:`.checkpoint` reads it.
 
         Accepts both bare encoders (``embeddings.*``, ``encoder.*``) and task models whose weights
         carry a ``bert.`` prefix; pooler and task heads are ignored. Raises FileNotFoundError for a
-        missing file, ValueError for a config this encoder cannot run or missing/misshapen weights.
+        missing file, ValueError naming the file for a config this encoder cannot run, a corrupt or
+        truncated weights file, or missing, misshapen or non-floating-point weights.
         """
-        from safetensors.torch import load_file
-
         path = Path(path)
-        model = cls(BertConfig.from_dict(read_config(path)))
-        weights_file = path / "model.safetensors"
-        if not weights_file.is_file():
-            raise FileNotFoundError(f"no model.safetensors in {path}")
-        model.load_hf_state_dict(load_file(str(weights_file)))
+        model = cls(BertConfig.from_dict(read_config(path), str(path / "config.json")))
+        files = weight_files(path)
+        wanted = [name for hf in _hf_names(model.config) for name in (hf, f"bert.{hf}") if name in files]
+        try:
+            model.load_hf_state_dict(read_tensors(files, wanted))
+        except ValueError as exc:
+            message = str(exc)
+            raise ValueError(message if message.startswith(str(path)) else f"{path}: {message}") from None
         return model.eval()
 
     def load_hf_state_dict(self, hf: dict[str, torch.Tensor]) -> None:
@@ -216,10 +229,7 @@ def read_config(path: Path) -> dict:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"model directory {path} has no config.json")
-    try:
-        return json.loads(config_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{config_file} is not valid JSON: {exc}") from None
+    return read_json(config_file)
 
 
 def default_model_dir() -> Path:

@@ -21,12 +21,11 @@ from typing import Optional
 import torch
 
 from ..nn.rope import Llama3RopeScaling
+from .checkpoint import INDEX_FILE, WEIGHTS_FILE, JsonFields, read_json, read_tensors, weight_files
 from .llama_config import LlamaConfig
 from .llama import Llama
 
 CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILE = "tokenizer.json"
 
 # attnkit name <-> Hugging Face name, per layer.
@@ -54,50 +53,65 @@ def hf_name(name: str) -> str:
     return _TOP_NAMES[name]
 
 
+def _rope_scaling(rope: Optional[JsonFields], source: str) -> Optional[Llama3RopeScaling]:
+    """The Llama 3.1 scaling of a ``rope_scaling`` / ``rope_parameters`` object (None: plain RoPE)."""
+    if rope is None:
+        return None
+    rope_type = rope.string("rope_type", None) or rope.string("type", "default")
+    if rope_type == "default":
+        return None
+    if rope_type != "llama3":
+        raise ValueError(f"{source}: rope type {rope_type!r} is not supported (default or llama3)")
+    values = dict(
+        factor=rope.real("factor"), low_freq_factor=rope.real("low_freq_factor"),
+        high_freq_factor=rope.real("high_freq_factor"),
+        original_max_position_embeddings=rope.integer("original_max_position_embeddings"),
+    )
+    try:
+        return Llama3RopeScaling(**values)
+    except ValueError as exc:
+        raise ValueError(f"{source}: {rope.prefix.rstrip('.')}: {exc}") from None
+
+
 def config_from_hf(hf: dict, source: str = CONFIG_FILE) -> LlamaConfig:
     """A :class:`LlamaConfig` from a parsed Hugging Face ``config.json`` (either rope form).
 
-    Raises ValueError naming ``source`` for another architecture, biases, a non-SiLU activation,
-    an unsupported rope type or a missing field.
+    Every field is type-checked as JSON (``"tie_word_embeddings": "false"`` is refused, not read
+    as true). Raises ValueError naming ``source`` and the field for another architecture, biases, a
+    non-SiLU activation, an unsupported rope type, a missing field or a value of the wrong type.
     """
+    fields = JsonFields(hf, source)
     architectures = hf.get("architectures") or ["LlamaForCausalLM"]
-    if "LlamaForCausalLM" not in architectures or hf.get("model_type", "llama") != "llama":
+    model_type = fields.string("model_type", "llama")
+    if not isinstance(architectures, list) or "LlamaForCausalLM" not in architectures or model_type != "llama":
         raise ValueError(
-            f"{source}: unsupported architecture {architectures} / model_type {hf.get('model_type')!r}; "
+            f"{source}: unsupported architecture {architectures} / model_type {model_type!r}; "
             "attnkit loads LlamaForCausalLM"
         )
     for flag in ("attention_bias", "mlp_bias"):
-        if hf.get(flag):
+        if fields.boolean(flag, False):
             raise ValueError(f"{source}: {flag}=true is not supported by attnkit's Llama")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported (Llama uses silu)")
-    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type == "llama3":
-        scaling = Llama3RopeScaling(
-            factor=float(rope["factor"]), low_freq_factor=float(rope["low_freq_factor"]),
-            high_freq_factor=float(rope["high_freq_factor"]),
-            original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
-        )
-    elif rope_type == "default":
-        scaling = None
-    else:
-        raise ValueError(f"{source}: rope type {rope_type!r} is not supported (default or llama3)")
-    eos = hf.get("eos_token_id")
-    eos = () if eos is None else tuple(eos) if isinstance(eos, list) else (eos,)
+    hidden_act = fields.string("hidden_act", "silu")
+    if hidden_act != "silu":
+        raise ValueError(f"{source}: hidden_act {hidden_act!r} is not supported (Llama uses silu)")
+    rope = fields.nested("rope_parameters") if "rope_parameters" in fields else fields.nested("rope_scaling")
+    theta = fields.real("rope_theta", 10000.0)
+    if rope is not None:
+        theta = rope.real("rope_theta", theta)
+    scaling = _rope_scaling(rope, source)
+    bos = fields.integer("bos_token_id", None)
+    eos = fields.integers("eos_token_id", [])
+    config = dict(
+        dim=fields.integer("hidden_size"), n_layers=fields.integer("num_hidden_layers"),
+        n_heads=fields.integer("num_attention_heads"), n_kv_heads=fields.integer("num_key_value_heads", None),
+        ffn_dim=fields.integer("intermediate_size"), vocab_size=fields.integer("vocab_size"),
+        head_dim=fields.integer("head_dim", None), norm_eps=fields.real("rms_norm_eps", 1e-6),
+        rope_theta=theta, rope_scaling=scaling,
+        max_position_embeddings=fields.integer("max_position_embeddings", 2048),
+        tie_embeddings=fields.boolean("tie_word_embeddings", False), bos_token_id=bos, eos_token_ids=tuple(eos),
+    )
     try:
-        return LlamaConfig(
-            dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=hf["num_attention_heads"],
-            n_kv_heads=hf.get("num_key_value_heads"), ffn_dim=hf["intermediate_size"],
-            vocab_size=hf["vocab_size"], head_dim=hf.get("head_dim"), norm_eps=hf.get("rms_norm_eps", 1e-6),
-            rope_theta=float(theta), rope_scaling=scaling,
-            max_position_embeddings=hf.get("max_position_embeddings", 2048),
-            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            bos_token_id=hf.get("bos_token_id"), eos_token_ids=eos,
-        )
-    except KeyError as exc:
-        raise ValueError(f"{source}: missing field {exc.args[0]!r}") from None
+        return LlamaConfig(**config)
     except (ValueError, TypeError) as exc:
         raise ValueError(f"{source}: {exc}") from None
 
@@ -131,66 +145,7 @@ def read_config(path: str | os.PathLike) -> LlamaConfig:
     file = path / CONFIG_FILE if path.is_dir() else path
     if not file.is_file():
         raise FileNotFoundError(f"{file}: no such config file")
-    try:
-        hf = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{file}: not valid JSON ({exc})") from None
-    if not isinstance(hf, dict):
-        raise ValueError(f"{file}: expected a JSON object")
-    return config_from_hf(hf, str(file))
-
-
-def _weight_files(directory: Path) -> dict[str, Path]:
-    """Tensor name -> file holding it, from the index or the single weights file."""
-    index = directory / INDEX_FILE
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise ValueError(f"{index}: not a valid safetensors index ({exc!r})") from None
-        files = {name: directory / file for name, file in weight_map.items()}
-        for file in set(files.values()):
-            if not file.is_file():
-                raise FileNotFoundError(f"{index}: lists shard {file.name}, which does not exist")
-        return files
-    single = directory / WEIGHTS_FILE
-    if not single.is_file():
-        raise FileNotFoundError(f"{directory}: neither {WEIGHTS_FILE} nor {INDEX_FILE} found")
-    from safetensors import safe_open
-
-    try:
-        with safe_open(single, framework="pt") as handle:
-            return {name: single for name in handle.keys()}
-    except Exception as exc:  # safetensors raises its own error type for bad headers
-        raise ValueError(f"{single}: not a valid safetensors file ({exc})") from None
-
-
-def _read_tensors(files: dict[str, Path], wanted: dict[str, torch.Size], dtype, device) -> dict[str, torch.Tensor]:
-    """Read each wanted tensor (HF name -> expected shape) from its file, cast and moved."""
-    from safetensors import safe_open
-
-    by_file: dict[Path, list[str]] = {}
-    for name in wanted:
-        by_file.setdefault(files[name], []).append(name)
-    out = {}
-    for file, names in by_file.items():
-        try:
-            with safe_open(file, framework="pt") as handle:
-                present = set(handle.keys())
-                for name in names:
-                    if name not in present:
-                        raise ValueError(f"{file}: tensor {name} is listed in the index but not in the file")
-                    tensor = handle.get_tensor(name)
-                    if tensor.shape != wanted[name]:
-                        raise ValueError(
-                            f"{file}: tensor {name} has shape {tuple(tensor.shape)}, expected {tuple(wanted[name])}"
-                        )
-                    out[name] = tensor.to(device=device, dtype=dtype or tensor.dtype)
-        except ValueError:
-            raise
-        except Exception as exc:  # truncated or corrupt file
-            raise ValueError(f"{file}: cannot read tensors ({exc})") from None
-    return out
+    return config_from_hf(read_json(file), str(file))
 
 
 def load_pretrained(
@@ -198,7 +153,8 @@ def load_pretrained(
 ) -> Llama:
     """Build a :class:`Llama` from a Hugging Face directory; weights keep the file's dtype unless
     ``dtype`` is given. Raises FileNotFoundError for missing files and ValueError naming the file
-    or tensor for missing, unexpected or mis-shaped tensors and unreadable files.
+    or tensor for missing, unexpected, mis-shaped or non-floating-point tensors, unreadable files,
+    and index entries that are not file names inside ``path``.
     """
     directory = Path(path)
     if not directory.is_dir():
@@ -209,7 +165,7 @@ def load_pretrained(
     state = model.state_dict()
     names = {hf_name(name): name for name in state}
     shapes = {hf_name(name): tensor.shape for name, tensor in state.items()}
-    files = _weight_files(directory)
+    files = weight_files(directory)
     missing = sorted(set(shapes) - set(files))
     if missing:
         raise ValueError(f"{directory}: missing tensors {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
@@ -219,7 +175,7 @@ def load_pretrained(
         raise ValueError(
             f"{directory}: unexpected tensors {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}"
         )
-    tensors = _read_tensors(files, shapes, dtype, torch.device(device))
+    tensors = read_tensors(files, shapes, shapes=shapes, dtype=dtype, device=torch.device(device))
     model.load_state_dict({names[hf]: tensor for hf, tensor in tensors.items()}, assign=True, strict=True)
     model.rope.reset_frequencies(device)
     return model.eval()

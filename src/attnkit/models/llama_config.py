@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
 from ..nn.rope import Llama3RopeScaling
-from ..checks import positive_int
+from ..checks import boolean, finite_real, positive_int
 from ..patterns import Pattern
-
-
-def _positive_int(name: str, value: object) -> None:
-    positive_int("LlamaConfig", name, value)
 
 
 @dataclass(frozen=True)
@@ -38,7 +35,8 @@ class LlamaConfig:
             mean causal); e.g. ``SlidingWindow(4096)`` on some layers.
     Derived: ``head_dim``, ``n_kv_heads`` (filled in on construction, so ``dataclasses.replace``
     keeps them: pass ``head_dim=None`` when changing ``dim``), ``kv_groups = n_heads // n_kv_heads``.
-    Raises ValueError naming the field for any inconsistent value.
+    Raises TypeError naming the field for a value of the wrong type (``tie_embeddings="false"``,
+    a float ``dim``), ValueError for any inconsistent value.
     """
 
     dim: int
@@ -58,11 +56,16 @@ class LlamaConfig:
     layer_patterns: Optional[tuple[Optional[Pattern], ...]] = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
+        # Each number is stored as a plain Python value, so a config built from numpy or GGUF
+        # numbers compares, prints and serialises like one built from literals.
         for name in ("dim", "n_layers", "n_heads", "ffn_dim", "vocab_size", "max_position_embeddings"):
-            _positive_int(name, getattr(self, name))
+            self._set(name, positive_int("LlamaConfig", name, getattr(self, name)))
         if self.n_kv_heads is None:
-            object.__setattr__(self, "n_kv_heads", self.n_heads)
-        _positive_int("n_kv_heads", self.n_kv_heads)
+            self._set("n_kv_heads", self.n_heads)
+        self._set("n_kv_heads", positive_int("LlamaConfig", "n_kv_heads", self.n_kv_heads))
+        for name in ("norm_eps", "rope_theta"):
+            self._set(name, finite_real("LlamaConfig", name, getattr(self, name)))
+        self._set("tie_embeddings", boolean("LlamaConfig", "tie_embeddings", self.tie_embeddings))
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"LlamaConfig: n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads})"
@@ -73,8 +76,8 @@ class LlamaConfig:
                     f"LlamaConfig: dim ({self.dim}) must be divisible by n_heads ({self.n_heads}) "
                     "unless head_dim is given"
                 )
-            object.__setattr__(self, "head_dim", self.dim // self.n_heads)
-        _positive_int("head_dim", self.head_dim)
+            self._set("head_dim", self.dim // self.n_heads)
+        self._set("head_dim", positive_int("LlamaConfig", "head_dim", self.head_dim))
         if self.head_dim % 2:
             raise ValueError(f"LlamaConfig: head_dim must be even for RoPE, got {self.head_dim}")
         if not self.norm_eps > 0:
@@ -85,12 +88,14 @@ class LlamaConfig:
             raise TypeError(
                 f"LlamaConfig: rope_scaling must be Llama3RopeScaling or None, got {type(self.rope_scaling).__name__}"
             )
-        object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
-        for name, ids in (("bos_token_id", [] if self.bos_token_id is None else [self.bos_token_id]),
-                          ("eos_token_ids", self.eos_token_ids)):
-            for token in ids:
-                if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < self.vocab_size:
-                    raise ValueError(f"LlamaConfig: {name} must be token ids below vocab_size, got {token!r}")
+        if isinstance(self.eos_token_ids, (str, bytes)) or not hasattr(self.eos_token_ids, "__iter__"):
+            raise TypeError(
+                f"LlamaConfig: eos_token_ids must be a sequence of token ids, got "
+                f"{type(self.eos_token_ids).__name__} {self.eos_token_ids!r}"
+            )
+        self._set("eos_token_ids", tuple(self._token_id("eos_token_ids", t) for t in self.eos_token_ids))
+        if self.bos_token_id is not None:
+            self._set("bos_token_id", self._token_id("bos_token_id", self.bos_token_id))
         if self.layer_patterns is not None:
             patterns = tuple(self.layer_patterns)
             if len(patterns) != self.n_layers:
@@ -100,7 +105,15 @@ class LlamaConfig:
             bad = [p for p in patterns if p is not None and not isinstance(p, Pattern)]
             if bad:
                 raise TypeError(f"LlamaConfig: layer_patterns entries must be Patterns or None, got {bad[0]!r}")
-            object.__setattr__(self, "layer_patterns", patterns)
+            self._set("layer_patterns", patterns)
+
+    def _set(self, name: str, value: object) -> None:
+        object.__setattr__(self, name, value)
+
+    def _token_id(self, name: str, token: object) -> int:
+        if isinstance(token, bool) or not isinstance(token, numbers.Integral) or not 0 <= token < self.vocab_size:
+            raise ValueError(f"LlamaConfig: {name} must be token ids below vocab_size, got {token!r}")
+        return int(token)
 
     @property
     def kv_groups(self) -> int:

@@ -12,7 +12,6 @@ never arbitrary pickled objects.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Optional
 import torch
 
 from ..nn.rope import Llama3RopeScaling
+from .checkpoint import JsonFields, read_json
 from .llama import Llama
 from .llama_config import LlamaConfig
 
@@ -55,6 +55,26 @@ def _attnkit_name(name: str) -> Optional[str]:
     return _TOP_NAMES.get(name)
 
 
+def _load_state(file: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a ``.pth`` file, read weights-only; ValueError naming the file and tensor
+    unless it holds a dict of floating-point tensors."""
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:
+        raise ValueError(f"{file}: cannot read it as a weights-only checkpoint ({exc})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{file}: expected a dict of tensors, got {type(state).__name__}")
+    for name, tensor in state.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"{file}: entry {name!r} is a {type(tensor).__name__}, not a tensor")
+        if not tensor.dtype.is_floating_point:
+            raise ValueError(
+                f"{file}: tensor {name} has dtype {str(tensor.dtype).removeprefix('torch.')}; "
+                "weights must be floating point"
+            )
+    return state
+
+
 def load_meta_checkpoint(
     path: str | os.PathLike,
     *,
@@ -67,29 +87,29 @@ def load_meta_checkpoint(
     32), so a scaled checkpoint needs ``rope_scaling``. It names no special tokens either: Llama 3's
     (bos 128000, eos 128001) are set for a 128256-token vocabulary, none otherwise. The output matrix is tied when the file has
     none or it equals the embedding. Raises FileNotFoundError for missing files and ValueError
-    naming the file or tensor for model-parallel shards, unknown, missing or mis-shaped tensors.
+    naming the file and field or tensor for a ``params.json`` that is not JSON or lacks a field or
+    has one of the wrong type, model-parallel shards, and unknown, missing, mis-shaped or
+    non-floating-point tensors.
     """
     directory = Path(path)
     params_file = directory / "params.json"
-    if not params_file.is_file():
-        raise FileNotFoundError(f"{params_file}: no such file")
-    params = json.loads(params_file.read_text())
+    params = JsonFields(read_json(params_file), params_file)
     shards = sorted(directory.glob("consolidated.*.pth"))
     if len(shards) != 1:
         raise ValueError(
             f"{directory}: expected one consolidated.00.pth, found {len(shards)} shards "
             "(merge model-parallel shards first)"
         )
-    if params.get("use_scaled_rope") and rope_scaling is None:
+    use_scaled_rope = params.boolean("use_scaled_rope", False)
+    if use_scaled_rope and rope_scaling is None:
         raise ValueError(
             f"{params_file}: use_scaled_rope is set; pass rope_scaling (factor 8 for Llama 3.1, 32 for 3.2)"
         )
-    try:
-        state = torch.load(shards[0], map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:
-        raise ValueError(f"{shards[0]}: cannot read it as a weights-only checkpoint ({exc})") from None
-    n_heads = params["n_heads"]
-    n_kv_heads = params.get("n_kv_heads", n_heads)
+    n_heads = params.integer("n_heads")
+    n_kv_heads = params.integer("n_kv_heads", n_heads)
+    sizes = dict(dim=params.integer("dim"), n_layers=params.integer("n_layers"),
+                 norm_eps=params.real("norm_eps", 1e-5), rope_theta=params.real("rope_theta", 500000.0))
+    state = _load_state(shards[0])
     embedding = state.get("tok_embeddings.weight")
     if embedding is None:
         raise ValueError(f"{shards[0]}: missing tensor tok_embeddings.weight")
@@ -98,15 +118,16 @@ def load_meta_checkpoint(
     w1 = state.get("layers.0.feed_forward.w1.weight")
     if w1 is None:
         raise ValueError(f"{shards[0]}: missing tensor layers.0.feed_forward.w1.weight")
-    config = LlamaConfig(
-        dim=params["dim"], n_layers=params["n_layers"], n_heads=n_heads, n_kv_heads=n_kv_heads,
-        ffn_dim=w1.shape[0], vocab_size=embedding.shape[0], norm_eps=params.get("norm_eps", 1e-5),
-        rope_theta=float(params.get("rope_theta", 500000.0)),
-        rope_scaling=rope_scaling if params.get("use_scaled_rope") else None, tie_embeddings=tied,
-        # params.json names no special tokens; Llama 3's are known for its 128256-token vocabulary.
-        bos_token_id=128000 if embedding.shape[0] == 128256 else None,
-        eos_token_ids=(128001,) if embedding.shape[0] == 128256 else (),
-    )
+    try:
+        config = LlamaConfig(
+            **sizes, n_heads=n_heads, n_kv_heads=n_kv_heads, ffn_dim=w1.shape[0], vocab_size=embedding.shape[0],
+            rope_scaling=rope_scaling if use_scaled_rope else None, tie_embeddings=tied,
+            # params.json names no special tokens; Llama 3's are known for its 128256-token vocabulary.
+            bos_token_id=128000 if embedding.shape[0] == 128256 else None,
+            eos_token_ids=(128001,) if embedding.shape[0] == 128256 else (),
+        )
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{params_file}: {exc}") from None
     converted = {}
     for name, tensor in state.items():
         target = _attnkit_name(name)

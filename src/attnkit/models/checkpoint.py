@@ -1,0 +1,232 @@
+"""Reading checkpoint files with errors that name the file, the field or the tensor.
+
+One reader for every model family: JSON configs (:func:`read_json`, :class:`JsonFields` for typed
+fields), and safetensors weights, either one ``model.safetensors`` or shards listed by
+``model.safetensors.index.json`` (:func:`weight_files`, :func:`read_tensors`). Nothing here knows
+a model: a loader asks for the names and shapes it needs.
+
+JSON types are strict: a boolean field takes ``true``/``false`` (not ``"false"``, which Python
+would read as true), an integer field takes an integer (not ``2048.0`` or ``"2048"``), a float
+field takes a finite number. ``null`` counts as absent where a field has a default.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Iterable, Mapping, Optional
+
+import torch
+
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+_REQUIRED = object()
+
+
+def describe(value: object) -> str:
+    """A JSON value as a user would recognise it in an error: ``"false" (a string)``."""
+    kind = {bool: "a boolean", str: "a string", list: "a list", dict: "an object", type(None): "null",
+            int: "an integer", float: "a number"}.get(type(value), type(value).__name__)
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    text = text if len(text) <= 60 else text[:57] + "..."
+    return "null" if value is None else f"{text} ({kind})"
+
+
+def read_json(file: Path) -> dict:
+    """The JSON object in ``file``; FileNotFoundError or ValueError naming the file."""
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no such file")
+    try:
+        raw = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{file}: not valid JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{file}: expected a JSON object, got {describe(raw)}")
+    return raw
+
+
+class JsonFields:
+    """Typed reads of the fields of one JSON object; every error names ``source`` and the field.
+
+    ``prefix`` names a nested object (``"rope_scaling."``) so its fields read as
+    ``rope_scaling.factor``. A missing field is a ValueError unless a default is given; a value of
+    the wrong type is a ValueError showing the value.
+    """
+
+    def __init__(self, raw: object, source: str | os.PathLike, prefix: str = "") -> None:
+        self.source, self.prefix = str(source), prefix
+        if not isinstance(raw, dict):
+            what = prefix.rstrip(".") or "the file"
+            raise ValueError(f"{self.source}: {what} must be a JSON object, got {describe(raw)}")
+        self.raw = raw
+
+    def __contains__(self, name: str) -> bool:
+        return self.raw.get(name) is not None
+
+    def _value(self, name: str, default: object) -> tuple[bool, object]:
+        """``(found, value)``: found is False when the default applies."""
+        value = self.raw.get(name)
+        if value is None and (default is not _REQUIRED or name not in self.raw):
+            if default is _REQUIRED:
+                raise ValueError(f"{self.source}: missing field {self.prefix + name!r}")
+            return False, default
+        return True, value
+
+    def _wrong(self, name: str, kind: str, value: object) -> ValueError:
+        return ValueError(f"{self.source}: {self.prefix}{name} must be {kind}, got {describe(value)}")
+
+    def integer(self, name: str, default: object = _REQUIRED) -> Optional[int]:
+        found, value = self._value(name, default)
+        if found and (isinstance(value, bool) or not isinstance(value, int)):
+            raise self._wrong(name, "an integer", value)
+        return value
+
+    def real(self, name: str, default: object = _REQUIRED) -> Optional[float]:
+        found, value = self._value(name, default)
+        if not found:
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise self._wrong(name, "a finite number", value)
+        return float(value)
+
+    def boolean(self, name: str, default: object = _REQUIRED) -> Optional[bool]:
+        found, value = self._value(name, default)
+        if found and not isinstance(value, bool):
+            raise self._wrong(name, "true or false", value)
+        return value
+
+    def string(self, name: str, default: object = _REQUIRED) -> Optional[str]:
+        found, value = self._value(name, default)
+        if found and not isinstance(value, str):
+            raise self._wrong(name, "a string", value)
+        return value
+
+    def integers(self, name: str, default: object = _REQUIRED) -> Optional[list[int]]:
+        """An integer or a list of integers, as a list (``eos_token_id`` takes either form)."""
+        found, value = self._value(name, default)
+        if not found:
+            return value
+        items = value if isinstance(value, list) else [value]
+        if any(isinstance(v, bool) or not isinstance(v, int) for v in items):
+            raise self._wrong(name, "an integer or a list of integers", value)
+        return items
+
+    def nested(self, name: str) -> Optional["JsonFields"]:
+        """The nested object ``name`` (None when absent or null)."""
+        value = self.raw.get(name)
+        return None if value is None else JsonFields(value, self.source, f"{self.prefix}{name}.")
+
+
+def _stays_inside(name: str) -> bool:
+    """Does the file name ``name``, taken relative to a directory, name a file inside it? Judged
+    on the name alone: the Hugging Face cache links shards to blobs elsewhere, which is fine."""
+    for path in (PurePosixPath(name), PureWindowsPath(name)):
+        if path.is_absolute() or path.drive or path.anchor:
+            return False
+    depth = 0
+    for part in PurePosixPath(name.replace("\\", "/")).parts:
+        depth += -1 if part == ".." else 0 if part == "." else 1
+        if depth < 0:
+            return False
+    return depth > 0
+
+
+def _index_files(index: Path) -> dict[str, Path]:
+    fields = JsonFields(read_json(index), index)
+    if "weight_map" not in fields:
+        raise ValueError(f"{index}: missing field 'weight_map'")
+    weight_map = fields.raw["weight_map"]
+    if not isinstance(weight_map, dict):
+        raise ValueError(
+            f"{index}: weight_map must be an object of tensor name -> shard file, got {describe(weight_map)}"
+        )
+    files = {}
+    for name, file in weight_map.items():
+        if not isinstance(file, str):
+            raise ValueError(f"{index}: weight_map[{name!r}] must be a shard file name, got {describe(file)}")
+        if not _stays_inside(file):
+            raise ValueError(
+                f"{index}: weight_map[{name!r}] is {file!r}, which is outside {index.parent}; "
+                "shard files must lie inside the checkpoint directory"
+            )
+        files[name] = index.parent / file
+    for file in set(files.values()):
+        if not file.is_file():
+            raise FileNotFoundError(f"{index}: lists shard {file.name}, which does not exist")
+    return files
+
+
+def weight_files(directory: Path) -> dict[str, Path]:
+    """Tensor name -> safetensors file holding it, from ``model.safetensors.index.json`` when the
+    directory has one, else from ``model.safetensors``.
+
+    Raises FileNotFoundError when neither exists or a listed shard is missing, ValueError naming the
+    file for an invalid index (wrong field types, a shard outside ``directory``) or an unreadable
+    safetensors header.
+    """
+    index = directory / INDEX_FILE
+    if index.is_file():
+        return _index_files(index)
+    single = directory / WEIGHTS_FILE
+    if not single.is_file():
+        raise FileNotFoundError(f"{directory}: neither {WEIGHTS_FILE} nor {INDEX_FILE} found")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(single, framework="pt") as handle:
+            return {name: single for name in handle.keys()}
+    except Exception as exc:  # safetensors raises its own error type for bad headers
+        raise ValueError(f"{single}: not a valid safetensors file ({exc})") from None
+
+
+def read_tensors(
+    files: Mapping[str, Path],
+    names: Iterable[str],
+    *,
+    shapes: Optional[Mapping[str, torch.Size]] = None,
+    dtype: Optional[torch.dtype] = None,
+    device: str | torch.device = "cpu",
+) -> dict[str, torch.Tensor]:
+    """Read tensors ``names`` from their files (``files`` as :func:`weight_files` gives it).
+
+    Each must be floating point and, when ``shapes`` names it, of that shape; it is cast to
+    ``dtype`` (None keeps the file's) and moved to ``device``. Raises ValueError naming the file
+    and tensor otherwise, or naming the file when it cannot be read (truncated, corrupt).
+    """
+    from safetensors import safe_open
+
+    by_file: dict[Path, list[str]] = {}
+    for name in names:
+        by_file.setdefault(files[name], []).append(name)
+    out = {}
+    for file, wanted in by_file.items():
+        try:
+            handle_context = safe_open(file, framework="pt")
+        except Exception as exc:  # safetensors raises its own error type for bad headers
+            raise ValueError(f"{file}: not a valid safetensors file ({exc})") from None
+        with handle_context as handle:
+            present = set(handle.keys())
+            for name in wanted:
+                if name not in present:
+                    raise ValueError(f"{file}: tensor {name} is listed in the index but not in the file")
+                try:
+                    tensor = handle.get_tensor(name)
+                except Exception as exc:  # truncated or corrupt data
+                    raise ValueError(f"{file}: cannot read tensor {name} ({exc})") from None
+                if not tensor.dtype.is_floating_point:
+                    raise ValueError(
+                        f"{file}: tensor {name} has dtype {str(tensor.dtype).removeprefix('torch.')}; "
+                        "weights must be floating point"
+                    )
+                if shapes is not None and name in shapes and tensor.shape != shapes[name]:
+                    raise ValueError(
+                        f"{file}: tensor {name} has shape {tuple(tensor.shape)}, expected {tuple(shapes[name])}"
+                    )
+                out[name] = tensor.to(device=device, dtype=dtype or tensor.dtype)
+    return out
