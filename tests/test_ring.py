@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import time
 
 import pytest
 import torch
 
-from attnkit import Causal, Full, Predicate, SlidingWindow, attention
+from attnkit import BlockSparse, Causal, Full, Predicate, SlidingWindow, attention
 from attnkit.patterns import Fixed, Strided
 from attnkit.distributed import (
     LAYOUTS,
@@ -28,6 +29,7 @@ from attnkit.distributed import (
     unshard,
 )
 from attnkit.distributed import ring as ring_module
+from attnkit.distributed.comm import RingComm
 from attnkit.distributed.launch import run_group
 from attnkit.kernels.blockwise import blockwise_kernel
 from attnkit.nn import MultiHeadAttention
@@ -103,18 +105,30 @@ def _run_cases(rank, world):
         torch.distributed.all_reduce(param.grad)
         grads[param_name] = param.grad
     results["layer"] = {"dx": x_shard.grad, "grads": grads}
-    results["errors"] = _bad_calls(rank)
+    results["errors"] = _bad_calls(rank, world)
     full = torch.randn(2, 3, N, 5, generator=torch.Generator().manual_seed(3))
     results["unshard"] = {layout: torch.equal(unshard(shard(full, layout), layout), full) for layout in LAYOUTS}
     return results
 
 
-def _bad_calls(rank):
-    """Calls that must fail on every rank with an error naming the problem."""
+def _every_third(i, j):
+    return (i - j) % 3 == 0
+
+
+def _bad_calls(rank, world):
+    """Calls that must fail on every rank with an error naming the problem (and two that must not)."""
     errors = {}
     shard_len = 6 if rank == 0 else 8  # ranks disagree on the shard length
+    qkv = [torch.randn(1, 2, 4, 4) for _ in range(3)]
+    period = 2 if rank == 0 else 3  # one lambda, another captured value on rank 0
     calls = {
         "mismatch": lambda: ring_attention(*(torch.randn(1, 2, shard_len, 4) for _ in range(3)), timeout=30),
+        "pattern": lambda: ring_attention(*qkv, Causal() if rank == 0 else SlidingWindow(4), timeout=30),
+        "predicate": lambda: ring_attention(*qkv, Predicate(lambda i, j: (i - j) % period == 0), timeout=30),
+        "scale": lambda: ring_attention(*qkv, scale=0.5 if rank == 0 else 0.25, timeout=30),
+        "same predicate": lambda: ring_attention(*qkv, Predicate(_every_third), timeout=30),
+        "same block layout": lambda: ring_attention(  # equal tensors, distinct objects
+            *qkv, BlockSparse(torch.ones(2 * world, 2 * world, dtype=torch.bool).tril(), 2), timeout=30),
         "unsplittable": lambda: ring_attention(*(torch.randn(1, 2, 5, 4) for _ in range(3)), layout="zigzag", timeout=30),
         "layout": lambda: ring_attention(*(torch.randn(1, 2, 4, 4) for _ in range(3)), layout="ring"),
         "gqa": lambda: ring_attention(torch.randn(1, 3, 4, 4), torch.randn(1, 2, 4, 4), torch.randn(1, 2, 4, 4)),
@@ -203,6 +217,18 @@ def test_bad_input_is_rejected_on_every_rank(ring_run):
         assert errors["layout"].startswith("ValueError: layout must be one of contiguous, zigzag, striped")
         assert errors["gqa"].startswith("ValueError: query heads (3) must be a multiple of key/value heads (2)")
         assert errors["timeout"].startswith("ValueError: timeout must be a positive number of seconds")
+        # Different patterns would run and give wrong gradients: refused on every rank instead.
+        other = "SlidingWindow(size=4, causal=True)" if rank == 0 else "Causal()"
+        mine = "Causal()" if rank == 0 else "SlidingWindow(size=4, causal=True)"
+        assert errors["pattern"] == (
+            f"ValueError: ring_attention: ranks pass different patterns: rank {rank} has {mine}, "
+            f"rank {1 if rank == 0 else 0} has {other}; every rank must pass the same pattern"
+        )
+        assert errors["predicate"].startswith("ValueError: ring_attention: ranks pass different patterns")
+        assert "Predicate(fn=<function _bad_calls.<locals>.<lambda>>)" in errors["predicate"]
+        assert errors["scale"].startswith("ValueError: ring_attention: shards differ across ranks")
+        assert errors["scale"].endswith("another scale")
+        assert errors["same predicate"] == "no error" and errors["same block layout"] == "no error"
 
 
 def test_blockwise_kernel_with_explicit_positions_matches_masked_softmax():
@@ -232,9 +258,8 @@ def test_blockwise_kernel_with_explicit_positions_matches_masked_softmax():
 
 
 def _dies_mid_ring(rank, world):
-    if rank == 1:  # joins, passes the shape check, then dies while computing its first step
-        die = Predicate(lambda i, j: os._exit(3))
-        ring_attention(*(torch.randn(1, 2, 8, 4) for _ in range(3)), die, layout="contiguous", timeout=5)
+    if rank == 1:  # joins, passes the agreement check, then dies while computing its first step
+        ring_module.blockwise_kernel = lambda *args, **kwargs: os._exit(3)
     start = time.monotonic()
     q, k, v = (torch.randn(1, 2, 8, 4, requires_grad=True) for _ in range(3))
     try:  # rank 1's first transfer may be through before it dies; then the backward's fails
@@ -242,6 +267,19 @@ def _dies_mid_ring(rank, world):
     except RuntimeError as exc:
         return {"seconds": time.monotonic() - start, "error": str(exc)}
     return {"seconds": time.monotonic() - start, "error": "no error"}
+
+
+def _posts_to_a_dead_peer(rank, world):
+    comm = RingComm(None, 5, None)
+    comm.wait(comm.exchange(torch.zeros(4), rank + 1, torch.empty(4), rank - 1, "warm-up"))
+    if rank == 1:
+        os._exit(3)
+    time.sleep(1.5)  # long enough for rank 0 to see the connection close
+    try:
+        comm.wait(comm.exchange(torch.zeros(4), rank + 1, torch.empty(4), rank - 1, "backward step 2 keys/values"))
+    except RuntimeError as exc:
+        return str(exc)
+    return "no error"
 
 
 def _never_calls(rank, world):
@@ -256,20 +294,35 @@ def _never_calls(rank, world):
     return {"seconds": time.monotonic() - start, "error": "no error"}
 
 
-def test_a_peer_that_dies_mid_ring_is_an_error_not_a_hang():
+def test_a_peer_that_dies_mid_ring_is_an_error_naming_rank_peer_and_phase():
     ranks = run_group(_dies_mid_ring, 2, deadline_s=60, group_timeout_s=30)
     assert not ranks[1].ok and "exited with code 3" in ranks[1].error
     result = ranks[0].value
-    assert result["error"].startswith("ring attention: rank 0 gave up on ")
-    assert "step 1" in result["error"] and "a peer died, hung or never joined" in result["error"]
+    assert re.match(r"ring attention: rank 0 (lost rank 1 during|could not start) (forward|backward) step 1 keys/values",
+                    result["error"]), result["error"]
+    assert "the peer died" in result["error"] or "a peer died" in result["error"]
+    assert "GLHF" not in result["error"]  # gloo's boilerplate is trimmed
     assert result["seconds"] < 5 + 3
+
+
+def test_a_closed_connection_at_posting_names_rank_peer_and_phase():
+    # Gloo raises at once when a message is posted on a closed connection; that error used to
+    # reach the caller bare ("Connection closed by peer"), without this rank, the peer or the phase.
+    ranks = run_group(_posts_to_a_dead_peer, 2, deadline_s=60, group_timeout_s=30)
+    message = ranks[0].value
+    assert message.startswith("ring attention: rank 0 ")
+    assert "backward step 2 keys/values (to rank 1, from rank 1)" in message and "peer died" in message
 
 
 def test_a_peer_that_never_calls_times_out_within_the_timeout():
     ranks = run_group(_never_calls, 2, deadline_s=60, group_timeout_s=30)
     result = ranks[0].value
-    assert result["error"].startswith("ring attention: rank 0 gave up on the shard shape check after 2 s")
+    assert result["error"].startswith("ring attention: rank 0 gave up on the agreement check "
+                                      "(shapes, dtype, layout, scale, pattern) (to rank 1, from rank 1) after 2 s")
     assert 2 <= result["seconds"] < 2 + 3
+    # Nothing is left pending after the timeout, so the process exits by itself (a collective left
+    # pending kept it alive until the 30 s group timeout, and run_group had to kill it).
+    assert ranks[0].exit_code == 0
 
 
 def test_a_peer_that_never_joins_fails_the_rendezvous_within_its_timeout():

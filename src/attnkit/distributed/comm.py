@@ -3,7 +3,12 @@
 Transfers are posted with ``torch.distributed.batch_isend_irecv`` and waited on later, so the
 caller computes while they are in flight (gloo moves them on its own threads, NCCL on its own
 stream). Every wait has a deadline: a peer that died or never arrives becomes a ``RuntimeError``
-naming the peers and the phase, never a hang.
+naming this rank, the peer and the phase, never a hang; a connection that closes (the peer
+died) says so at once instead of as gloo's bare "Connection closed by peer".
+
+Only point-to-point messages are used, the small all-gather included: a collective that times out
+stays pending on gloo's worker thread until the process group's own timeout, and keeps the process
+from exiting until then; a point-to-point wait leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -48,6 +53,14 @@ class Pending:
     works: list = field(default_factory=list)
     tensors: tuple = ()
     what: str = ""
+    peers: tuple = ()  # the peer of each work, in order
+
+
+def _gloo_reason(exc: BaseException) -> str:
+    """The useful part of a gloo/NCCL error: ``Connection closed by peer [127.0.0.1]:4321``."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = text.split("] ", 1)[1] if text.startswith("[") and "] " in text else text
+    return text.split(". This is typically", 1)[0]
 
 
 class RingComm:
@@ -69,35 +82,63 @@ class RingComm:
         return rank if self.group is None else dist.get_global_rank(self.group, rank)
 
     def exchange(self, send: torch.Tensor, to: int, recv: torch.Tensor, source: int, what: str) -> Pending:
-        """Post ``send`` to rank ``to`` and a receive into ``recv`` from rank ``source`` (group ranks)."""
+        """Post ``send`` to rank ``to`` and a receive into ``recv`` from rank ``source`` (group
+        ranks), counted in the stats. RuntimeError naming the peers and ``what`` when a
+        connection is already closed."""
+        if self.stats is not None:
+            self.stats.bytes_sent += send.numel() * send.element_size()
+        return self._post(send, to, recv, source, what)
+
+    def _post(self, send: torch.Tensor, to: int, recv: torch.Tensor, source: int, what: str) -> Pending:
+        to, source = to % self.size, source % self.size
         ops = [
             dist.P2POp(dist.isend, send, self._global(to), self.group),
             dist.P2POp(dist.irecv, recv, self._global(source), self.group),
         ]
-        if self.stats is not None:
-            self.stats.bytes_sent += send.numel() * send.element_size()
-        return Pending(dist.batch_isend_irecv(ops), (send, recv), f"{what} (to rank {to % self.size}, "
-                       f"from rank {source % self.size})")
+        described = f"{what} (to rank {to}, from rank {source})"
+        try:
+            works = dist.batch_isend_irecv(ops)
+        except RuntimeError as exc:
+            raise RuntimeError(
+                f"ring attention: rank {self.rank} could not start {described}: a connection is closed, "
+                f"a peer died ({_gloo_reason(exc)})"
+            ) from exc
+        peers = (to, source) if len(works) == 2 else ()
+        return Pending(works, (send, recv), described, peers)
 
     def wait(self, pending: Optional[Pending]) -> None:
-        """Block until ``pending`` completes; RuntimeError after the deadline."""
+        """Block until ``pending`` completes; RuntimeError naming this rank, the peer and the
+        phase after the deadline or when a connection closes."""
         if pending is None:
             return
         start = time.perf_counter()
-        for work in pending.works:
+        for i, work in enumerate(pending.works):
             try:
                 work.wait(self.timeout)
             except RuntimeError as exc:
+                peer = f"rank {pending.peers[i]}" if pending.peers else "a peer"
+                waited = time.perf_counter() - start
+                timed_out = "timed out" in str(exc).lower() or waited >= 0.9 * self.timeout.total_seconds()
+                if not timed_out:
+                    raise RuntimeError(
+                        f"ring attention: rank {self.rank} lost {peer} during {pending.what} after "
+                        f"{waited:.1f} s: the connection closed, the peer died ({_gloo_reason(exc)})"
+                    ) from exc
                 raise RuntimeError(
                     f"ring attention: rank {self.rank} gave up on {pending.what} after "
-                    f"{self.timeout.total_seconds():g} s: a peer died, hung or never joined ({exc})"
+                    f"{self.timeout.total_seconds():g} s waiting for {peer}: a peer died, hung or never "
+                    f"joined ({_gloo_reason(exc)})"
                 ) from exc
         if self.stats is not None:
             self.stats.wait_s += time.perf_counter() - start
 
     def all_gather_small(self, values: torch.Tensor, what: str) -> torch.Tensor:
-        """``(P, n)``: the small int64 vector ``values`` of every rank, with the deadline."""
-        gathered = [torch.empty_like(values) for _ in range(self.size)]
-        work = dist.all_gather(gathered, values, group=self.group, async_op=True)
-        self.wait(Pending([work], (values,), what))
+        """``(P, n)``: the small vector ``values`` of every rank (row ``r`` from rank ``r``), passed
+        around the ring point to point within the deadline; not counted in the stats."""
+        gathered = [values] * self.size
+        current = values
+        for step in range(1, self.size):
+            incoming = torch.empty_like(values)
+            self.wait(self._post(current, self.rank + 1, incoming, self.rank - 1, what))
+            gathered[(self.rank - step) % self.size] = current = incoming
         return torch.stack(gathered)

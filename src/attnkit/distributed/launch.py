@@ -14,7 +14,7 @@ import socket
 import time
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -30,12 +30,14 @@ def free_port() -> int:
 
 @dataclass
 class RankResult:
-    """What one rank's function returned (``ok``) or the one-line error it raised."""
+    """What one rank's function returned (``ok``) or the one-line error it raised, and the
+    process's exit code (negative: killed by that signal, as when it outlived the deadline)."""
 
     rank: int
     ok: bool
     value: Any = None
     error: str = ""
+    exit_code: Optional[int] = None
 
 
 def _convert(value: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
@@ -93,7 +95,7 @@ def run_group(
     group's own timeout (rendezvous included); ``deadline_s`` bounds the whole run. Ranks in
     ``absent`` are never started (to test a peer that never joins). ``threads`` per process
     defaults to the CPU count divided among the ranks. Returns one :class:`RankResult` per
-    started rank, in rank order.
+    started rank, in rank order; a process still alive 5 s after the last result is killed.
     """
     context = mp.get_context("spawn")
     results = context.Queue()
@@ -133,4 +135,6 @@ def run_group(
             if process.is_alive():
                 process.kill()
                 process.join()
+    for rank, result in collected.items():
+        result.exit_code = processes[rank].exitcode
     return [collected[r] for r in sorted(collected)]

@@ -30,8 +30,9 @@ from ..functional import _check_inputs, _check_pattern, _check_scale
 from ..kernels.blockwise import blockwise_grads, blockwise_kernel, merge_lse
 from ..kernels.common import compute_dtype
 from ..patterns import Pattern
+from .agreement import check_same_everywhere
 from .comm import DEFAULT_TIMEOUT_S, RingComm, RingStats
-from .layouts import LAYOUTS, check_layout, check_split, shard_positions
+from .layouts import check_layout, check_split, shard_positions
 from .schedule import RingSchedule, ring_schedule
 
 MESSAGE_BYTES = 64 * 2**20
@@ -217,26 +218,6 @@ class _RingAttention(torch.autograd.Function):
         return (*grads, None)
 
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _check_same_everywhere(comm: RingComm, q, k, v, layout: str, scale: float) -> None:
-    """Every rank must hold shards of one shape and dtype, in one layout, with one scale."""
-    mine = [*q.shape, *k.shape, v.shape[-1], _DTYPES.index(q.dtype), LAYOUTS.index(layout),
-            round(scale * 2**40)]
-    device = q.device if q.is_cuda else torch.device("cpu")
-    every = comm.all_gather_small(torch.tensor(mine, device=device), "the shard shape check").cpu()
-    differing = [r for r in range(comm.size) if not torch.equal(every[r], every[comm.rank])]
-    if differing:
-        other = every[differing[0]].tolist()
-        raise ValueError(
-            f"ring_attention: shards differ across ranks: rank {comm.rank} has q {tuple(q.shape)}, "
-            f"k {tuple(k.shape)}, {q.dtype}, layout {layout!r}, but rank {differing[0]} has "
-            f"q {tuple(other[:4])}, k {tuple(other[4:8])}, {_DTYPES[other[9]]}, "
-            f"layout {LAYOUTS[other[10]]!r}{'' if other[11] == mine[11] else ', another scale'}"
-        )
-
-
 def ring_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -270,8 +251,11 @@ def ring_attention(
     Raises:
         ValueError / TypeError: bad local input (as :func:`attnkit.attention`), an unknown layout,
             a shard length the layout cannot split (zigzag needs an even shard), or shards of
-            different shapes, dtypes, layouts or scales across ranks (raised on every rank).
-        RuntimeError: torch.distributed not initialised, or a peer that does not answer in time.
+            different shapes, dtypes, layouts, scales or patterns across ranks (raised on every
+            rank; see :mod:`.agreement`).
+        RuntimeError: torch.distributed not initialised, a peer that does not answer in time, or
+            a lost connection; the message names this rank, the peer and the phase (forward
+            step k, backward step k, ...).
     """
     _check_inputs(q, k, v)
     scale = _check_scale(scale, q.shape[-1])
@@ -279,7 +263,7 @@ def ring_attention(
     check_layout(layout)
     stats = _recording[-1] if _recording else None
     comm = RingComm(group, timeout, stats)
-    _check_same_everywhere(comm, q, k, v, layout, scale)
+    check_same_everywhere(comm, q, k, v, pattern, layout, scale)
     seq_len = q.shape[2] * comm.size
     check_split(seq_len, layout, comm.size)
     schedule = ring_schedule(pattern, layout, seq_len, comm.size)
