@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
+import uuid
 
 import pytest
 
@@ -65,3 +70,97 @@ def test_a_worker_that_times_out_is_a_one_line_error_not_a_hang():
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("attnkit: error: ")
+
+
+def test_every_ring_option_has_help_text():
+    from attnkit.cli import build_parser
+
+    subcommands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    ring = subcommands.choices["ring"]
+    options = [a for a in ring._actions if a.option_strings and a.dest != "help"]
+    assert {"--dtype", "--nproc", "--timeout"} <= {s for a in options for s in a.option_strings}
+    assert [a.option_strings for a in options if not a.help] == []
+
+
+_TORCHRUN_TAIL = """\
+torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+=======================================================
+attnkit.distributed.worker FAILED
+-------------------------------------------------------
+Failures:
+[1]:
+  time      : 2026-11-28_22:54:18
+  rank      : 0 (local_rank: 0)
+  exitcode  : -15 (pid: 13026)  (SIGTERM)
+  error_file: <N/A>
+-------------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  time      : 2026-11-28_22:54:18
+  rank      : 1 (local_rank: 1)
+  exitcode  : -9 (pid: 13027)  (SIGKILL)
+  error_file: <N/A>
+  traceback : Signal 9 (SIGKILL) received by PID 13027
+=======================================================
+"""
+
+
+def test_failure_names_the_rank_that_failed_first(tmp_path):
+    from attnkit.distributed.command import failure
+
+    assert str(failure(_TORCHRUN_TAIL, 1, str(tmp_path))) == "rank 1 was killed by signal SIGKILL without reporting an error"
+    (tmp_path / "rank0.txt").write_text("RuntimeError\nring attention: rank 0 lost rank 1 during forward step 1")
+    assert str(failure(_TORCHRUN_TAIL, 1, str(tmp_path))) == (
+        "rank 1 was killed by signal SIGKILL without reporting an error; "
+        "rank 0 then saw: ring attention: rank 0 lost rank 1 during forward step 1"
+    )
+    (tmp_path / "rank1.txt").write_text("ValueError\nbad shard")  # the first failure's own report wins
+    error = failure(_TORCHRUN_TAIL, 1, str(tmp_path))
+    assert isinstance(error, ValueError) and str(error) == "bad shard"
+    for name in ("rank0.txt", "rank1.txt"):
+        (tmp_path / name).unlink()
+    no_summary = "some output\nTraceback: worker crashed\n=======================================================\n"
+    assert str(failure(no_summary, 1, str(tmp_path))) == "torchrun failed: Traceback: worker crashed"
+
+
+def _workers(marker: str) -> dict[int, int]:
+    """rank -> pid of the torchrun workers whose environment carries ``marker``."""
+    found = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as handle:
+                environ = handle.read().split(b"\0")
+            with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                cmdline = handle.read()
+        except OSError:
+            continue
+        if marker.encode() in environ and b"attnkit.distributed.worker" in cmdline:
+            rank = [e for e in environ if e.startswith(b"RANK=")]
+            if rank:
+                found[int(rank[0][5:])] = int(pid)
+    return found
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="finds the workers through /proc")
+def test_a_killed_worker_is_named_not_torchruns_banner():
+    # Before: "torchrun failed: =====..." (the last line of torchrun's summary).
+    marker = f"ATTNKIT_TEST_MARK={uuid.uuid4().hex}"
+    env = {**os.environ, marker.split("=")[0]: marker.split("=")[1]}
+    command = [sys.executable, "-m", "attnkit.cli", "ring", "--nproc", "2", "--seq", "262144", "--heads", "2",
+               "--head-dim", "16", "--check", "no", "--timeout", "60"]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len(_workers(marker)) < 2 and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.2)
+        os.kill(_workers(marker)[1], signal.SIGKILL)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        for pid in _workers(marker).values():
+            os.kill(pid, signal.SIGKILL)
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 2
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("attnkit: error: ")
+    assert "rank 1 was killed by signal SIGKILL" in lines[0]

@@ -56,7 +56,7 @@ class Pending:
     peers: tuple = ()  # the peer of each work, in order
 
 
-def _gloo_reason(exc: BaseException) -> str:
+def gloo_reason(exc: BaseException) -> str:
     """The useful part of a gloo/NCCL error: ``Connection closed by peer [127.0.0.1]:4321``."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     text = text.split("] ", 1)[1] if text.startswith("[") and "] " in text else text
@@ -101,7 +101,7 @@ class RingComm:
         except RuntimeError as exc:
             raise RuntimeError(
                 f"ring attention: rank {self.rank} could not start {described}: a connection is closed, "
-                f"a peer died ({_gloo_reason(exc)})"
+                f"a peer died ({gloo_reason(exc)})"
             ) from exc
         peers = (to, source) if len(works) == 2 else ()
         return Pending(works, (send, recv), described, peers)
@@ -122,12 +122,12 @@ class RingComm:
                 if not timed_out:
                     raise RuntimeError(
                         f"ring attention: rank {self.rank} lost {peer} during {pending.what} after "
-                        f"{waited:.1f} s: the connection closed, the peer died ({_gloo_reason(exc)})"
+                        f"{waited:.1f} s: the connection closed, the peer died ({gloo_reason(exc)})"
                     ) from exc
                 raise RuntimeError(
                     f"ring attention: rank {self.rank} gave up on {pending.what} after "
                     f"{self.timeout.total_seconds():g} s waiting for {peer}: a peer died, hung or never "
-                    f"joined ({_gloo_reason(exc)})"
+                    f"joined ({gloo_reason(exc)})"
                 ) from exc
         if self.stats is not None:
             self.stats.wait_s += time.perf_counter() - start

@@ -6,8 +6,9 @@ worker runs :mod:`.worker`; rank 0 prints a table of per-rank time, compute load
 peak memory, and (when the full problem is small enough, or with ``--check``) the relative errors
 of out, dq, dk and dv against single-process float64 attention.
 
-Errors (a bad argument, a sequence the layout cannot split, a worker that fails or times out)
-end the command with one line and exit code 2, like every other subcommand.
+Errors (a bad argument, a sequence the layout cannot split, a worker that fails, dies or times
+out) end the command with one line and exit code 2, like every other subcommand; for a failed
+worker the line is the error of the rank that failed first (see :func:`failure`).
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 from dataclasses import asdict
+from typing import Optional
 
 from .comm import DEFAULT_TIMEOUT_S
 from .layouts import LAYOUTS, check_split
@@ -47,7 +50,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--pattern", default="causal",
                         help=f"{PATTERN_HELP} (default causal)")
     parser.add_argument("--layout", default="zigzag", choices=LAYOUTS, help="shard layout (default zigzag)")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "float64", "bfloat16", "float16"))
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float64", "bfloat16", "float16"),
+                        help="dtype of q, k, v and the gradients (default float32; the check compares "
+                        "with float64 either way)")
     parser.add_argument("--check", default="auto", choices=("auto", "yes", "no"),
                         help=f"compare with single-process attention (auto: N <= {CHECK_AUTO_LIMIT})")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
@@ -154,12 +159,54 @@ def print_report(case, result: dict, world: int) -> None:
         console.print(f"not checked against single-process attention (N > {CHECK_AUTO_LIMIT}; --check yes forces it)")
 
 
-def _first_error(error_dir: str) -> tuple[str, str]:
-    for name in sorted(os.listdir(error_dir)):
-        with open(os.path.join(error_dir, name)) as handle:
-            kind, _, message = handle.read().partition("\n")
-            return kind, message
-    return "", ""
+def _rank_errors(error_dir: str) -> dict[int, tuple[str, str]]:
+    """rank -> (exception type, first line) of every worker that reported an error."""
+    errors = {}
+    for name in os.listdir(error_dir):
+        match = re.fullmatch(r"rank(\d+)\.txt", name)
+        if match:
+            with open(os.path.join(error_dir, name)) as handle:
+                kind, _, message = handle.read().partition("\n")
+            errors[int(match[1])] = (kind, message)
+    return errors
+
+
+def _root_cause(stderr: str) -> Optional[tuple[int, int]]:
+    """(rank, exit code) of torchrun's "Root Cause (first observed failure)", if it printed one."""
+    _, found, section = stderr.partition("Root Cause")
+    rank, code = re.search(r"\brank\s*:\s*(\d+)", section), re.search(r"exitcode\s*:\s*(-?\d+)", section)
+    return (int(rank[1]), int(code[1])) if found and rank and code else None
+
+
+def _how_it_ended(code: int) -> str:
+    if code < 0:
+        try:
+            return f"was killed by signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def failure(stderr: str, returncode: int, error_dir: str) -> Exception:
+    """The one-line error of a failed launch: the error of the rank that failed first.
+
+    torchrun's summary names the first rank to fail; its own report wins when it wrote one. A rank
+    that died without a word (killed, out of memory, crashed) is named with its signal or exit code,
+    with what another rank saw as the consequence. Failing all that, the last line of stderr that
+    is not one of torchrun's ``====`` rules.
+    """
+    errors = _rank_errors(error_dir)
+    cause = _root_cause(stderr)
+    if cause is not None and cause[0] not in errors:
+        rank, code = cause
+        seen = next(iter(sorted(errors.items())), None)
+        consequence = f"; rank {seen[0]} then saw: {seen[1][1]}" if seen else ""
+        return RuntimeError(f"rank {rank} {_how_it_ended(code)} without reporting an error{consequence}")
+    if errors:
+        kind, message = errors[cause[0]] if cause is not None else errors[min(errors)]
+        return ValueError(message) if kind == "ValueError" else RuntimeError(f"{kind}: {message}")
+    lines = [line.strip() for line in stderr.splitlines() if line.strip().strip("=-")]
+    return RuntimeError(f"torchrun failed: {lines[-1] if lines else f'exit code {returncode}'}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -183,13 +230,7 @@ def run(args: argparse.Namespace) -> int:
             process.wait()
             raise
         if process.returncode != 0:
-            kind, message = _first_error(error_dir)
-            if kind == "ValueError":
-                raise ValueError(message)
-            if kind:
-                raise RuntimeError(f"{kind}: {message}")
-            last = stderr.strip().splitlines()[-1] if stderr.strip() else f"exit code {process.returncode}"
-            raise RuntimeError(f"torchrun failed: {last}")
+            raise failure(stderr, process.returncode, error_dir)
         return 0
     finally:
         shutil.rmtree(error_dir, ignore_errors=True)

@@ -13,15 +13,17 @@ import os
 import resource
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import timedelta
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
 
 from ..functional import attention
 from ..patterns import Pattern
+from .comm import gloo_reason
 from .layouts import assemble, shard_positions
 from .ring import record_ring_stats, ring_attention
 
@@ -117,13 +119,25 @@ def _check_against_single_process(case: RingCase, shards: dict, results: dict, w
     return _relative_errors(full, expected)
 
 
+@contextmanager
+def _phase(name: str) -> Iterator[None]:
+    """Name this rank and ``name`` in a collective's error (gloo's own says neither)."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if str(exc).startswith("ring attention:"):  # already names rank, peer and phase
+            raise
+        raise RuntimeError(f"rank {dist.get_rank()} failed during {name}: {gloo_reason(exc)}") from exc
+
+
 def run_rank(case: RingCase) -> dict:
     """Run the case on this rank of the initialised process group; rank 0 gets every report."""
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
     shards = _random_shard(case, rank, world, device)
     q, k, v = (shards[n] for n in ("q", "k", "v"))
-    dist.barrier()
+    with _phase("the start barrier"):
+        dist.barrier()
     with record_ring_stats() as stats:
         start = time.perf_counter()
         out = ring_attention(q, k, v, case.pattern, layout=case.layout, timeout=case.timeout)
@@ -139,11 +153,13 @@ def run_rank(case: RingCase) -> dict:
         stats.bytes_sent, peak,
     )
     reports = [None] * world
-    dist.all_gather_object(reports, asdict(report))
+    with _phase("gathering the reports"):
+        dist.all_gather_object(reports, asdict(report))
     errors = None
     if case.check:
         results = {"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
-        errors = _check_against_single_process(case, shards, results, world)
+        with _phase("the check against single-process attention"):
+            errors = _check_against_single_process(case, shards, results, world)
     return {"reports": reports, "errors": errors}
 
 
@@ -163,15 +179,20 @@ def main() -> int:
             if case.json_path:
                 with open(case.json_path, "w") as handle:
                     json.dump(result, handle, indent=2)
-        dist.barrier()
+        with _phase("the final barrier"):
+            dist.barrier()
         dist.destroy_process_group()
         return 0
     except Exception as exc:  # the launcher turns this file into its one-line error
         if case.error_dir:
             with open(os.path.join(case.error_dir, f"rank{rank}.txt"), "w") as handle:
                 handle.write(f"{type(exc).__name__}\n{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
-        print(f"attnkit ring: rank {rank}: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 2
+        print(f"attnkit ring: rank {rank}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        # Leave now: a gloo collective that failed on a dead or silent peer may still hold its
+        # worker thread until the group's timeout, and a normal exit (or destroy_process_group)
+        # would wait for it. Everything worth keeping is written and flushed.
+        sys.stdout.flush()
+        os._exit(2)
 
 
 if __name__ == "__main__":
