@@ -91,20 +91,21 @@ class RingComm:
 
     def _post(self, send: torch.Tensor, to: int, recv: torch.Tensor, source: int, what: str) -> Pending:
         to, source = to % self.size, source % self.size
-        ops = [
-            dist.P2POp(dist.isend, send, self._global(to), self.group),
-            dist.P2POp(dist.irecv, recv, self._global(source), self.group),
-        ]
-        described = f"{what} (to rank {to}, from rank {source})"
+        return self._batch([(send, to)], [(recv, source)], f"{what} (to rank {to}, from rank {source})")
+
+    def _batch(self, sends: list, recvs: list, what: str) -> Pending:
+        """Post ``(tensor, group rank)`` sends and receives as one batch."""
+        ops = [dist.P2POp(dist.isend, t, self._global(r), self.group) for t, r in sends]
+        ops += [dist.P2POp(dist.irecv, t, self._global(r), self.group) for t, r in recvs]
         try:
             works = dist.batch_isend_irecv(ops)
         except RuntimeError as exc:
             raise RuntimeError(
-                f"ring attention: rank {self.rank} could not start {described}: a connection is closed, "
+                f"ring attention: rank {self.rank} could not start {what}: a connection is closed, "
                 f"a peer died ({gloo_reason(exc)})"
             ) from exc
-        peers = (to, source) if len(works) == 2 else ()
-        return Pending(works, (send, recv), described, peers)
+        peers = tuple(r for _, r in sends + recvs) if len(works) == len(ops) else ()
+        return Pending(works, tuple(t for t, _ in sends + recvs), what, peers)
 
     def wait(self, pending: Optional[Pending]) -> None:
         """Block until ``pending`` completes; RuntimeError naming this rank, the peer and the
@@ -133,12 +134,11 @@ class RingComm:
             self.stats.wait_s += time.perf_counter() - start
 
     def all_gather_small(self, values: torch.Tensor, what: str) -> torch.Tensor:
-        """``(P, n)``: the small vector ``values`` of every rank (row ``r`` from rank ``r``), passed
-        around the ring point to point within the deadline; not counted in the stats."""
-        gathered = [values] * self.size
-        current = values
-        for step in range(1, self.size):
-            incoming = torch.empty_like(values)
-            self.wait(self._post(current, self.rank + 1, incoming, self.rank - 1, what))
-            gathered[(self.rank - step) % self.size] = current = incoming
+        """``(P, n)``: the small vector ``values`` of every rank (row ``r`` from rank ``r``), sent
+        point to point to every other rank in one batch, within the deadline; not counted in the
+        stats."""
+        gathered = [values if r == self.rank else torch.empty_like(values) for r in range(self.size)]
+        others = [r for r in range(self.size) if r != self.rank]
+        if others:
+            self.wait(self._batch([(values, r) for r in others], [(gathered[r], r) for r in others], what))
         return torch.stack(gathered)
