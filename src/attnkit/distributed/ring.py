@@ -12,6 +12,9 @@ the saved global LSE (nothing per step is stored), adds its share to the accumul
 KV shard is in flight, and passes it on; after the last step each accumulator is sent straight to
 the rank that owns those keys.
 
+Before any of that, every rank checks that all ranks pass the same problem (shard shapes, dtype,
+layout, scale, pattern): see :mod:`attnkit.distributed.agreement`.
+
 Steps that no rank needs (a sliding window over contiguous shards) are not run at all: see
 :mod:`attnkit.distributed.schedule`. Very long shards go round the ring one group of KV heads at a
 time (see :data:`MESSAGE_BYTES`), so the ring's own buffers stay small next to q, k, v and out.
