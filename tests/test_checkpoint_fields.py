@@ -17,7 +17,6 @@ import torch
 
 from attnkit.cli import main
 from attnkit.models.bert import Bert, BertConfig, default_model_dir
-from attnkit.models.hf import config_from_hf
 from attnkit.models.llama import Llama, LlamaConfig
 from attnkit.models.meta_checkpoint import load_meta_checkpoint
 

@@ -87,9 +87,6 @@ class RingComm:
         connection is already closed."""
         if self.stats is not None:
             self.stats.bytes_sent += send.numel() * send.element_size()
-        return self._post(send, to, recv, source, what)
-
-    def _post(self, send: torch.Tensor, to: int, recv: torch.Tensor, source: int, what: str) -> Pending:
         to, source = to % self.size, source % self.size
         return self._batch([(send, to)], [(recv, source)], f"{what} (to rank {to}, from rank {source})")
 
@@ -104,6 +101,7 @@ class RingComm:
                 f"ring attention: rank {self.rank} could not start {what}: a connection is closed, "
                 f"a peer died ({gloo_reason(exc)})"
             ) from exc
+        # gloo gives one work per message, so a failed wait names its peer; NCCL may coalesce them.
         peers = tuple(r for _, r in sends + recvs) if len(works) == len(ops) else ()
         return Pending(works, tuple(t for t, _ in sends + recvs), what, peers)
 
