@@ -258,7 +258,9 @@ def ring_attention(
             rank; see :mod:`.agreement`).
         RuntimeError: torch.distributed not initialised, a peer that does not answer in time, or
             a lost connection; the message names this rank, the peer and the phase (forward
-            step k, backward step k, ...).
+            step k, backward step k, ...). The group may then hold transfers that will never
+            complete: destroy it (``dist.destroy_process_group``, which returns at once, since the
+            ring leaves no collective pending) rather than use it again.
     """
     _check_inputs(q, k, v)
     scale = _check_scale(scale, q.shape[-1])
