@@ -148,7 +148,7 @@ def _index_files(index: Path) -> dict[str, Path]:
         )
     files = {}
     for name, file in weight_map.items():
-        if not isinstance(file, str):
+        if not isinstance(file, str) or not file.strip():
             raise ValueError(f"{index}: weight_map[{name!r}] must be a shard file name, got {describe(file)}")
         if not _stays_inside(file):
             raise ValueError(
