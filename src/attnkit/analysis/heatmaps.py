@@ -92,23 +92,46 @@ def plot_all_layers(
 
     Args:
         weights: one ``(H, N, N)`` tensor per layer.
-        labels: ``N`` token labels, shown on the first column's axes only.
+        labels: ``N`` token labels, on the first column's rows and the last row's columns (every
+            few tokens when the sentence is long, with their positions).
         path: the PNG to write.
-        chosen: ``(layer, head)`` to frame in red.
+        chosen: ``(layer, head)`` to frame in red; a note under the grid says what the frame is.
     Returns ``path``.
     """
+    fig = all_layers_figure(weights, labels, chosen=chosen)
+    fig.savefig(path, dpi=100)
+    _pyplot().close(fig)
+    return path
+
+
+_MAX_TICKS = 16
+
+
+def all_layers_figure(
+    weights: Sequence[torch.Tensor],
+    labels: Sequence[str],
+    *,
+    chosen: Optional[tuple[int, int]] = None,
+):
+    """The matplotlib figure :func:`plot_all_layers` writes (arguments as there)."""
     plt = _pyplot()
     n_layers, n_heads = len(weights), weights[0].shape[0]
     n = weights[0].shape[-1]
+    step = math.ceil(n / _MAX_TICKS)
+    ticks = list(range(0, n, step))
+    names = _plain(labels)
+    names = [names[i] if step == 1 else f"{i}:{names[i]}" for i in ticks]
+    label_inches = 0.075 * max(len(name) for name in names) + 0.3  # room for the rotated labels
     cell = 1.25
-    fig, axes = plt.subplots(n_layers, n_heads, figsize=(n_heads * cell + 1.0, n_layers * cell + 0.8),
-                             squeeze=False)
+    fig, axes = plt.subplots(n_layers, n_heads, squeeze=False, layout="constrained",
+                             figsize=(n_heads * cell + label_inches + 1.4, n_layers * cell + label_inches + 1.2))
     for li in range(n_layers):
         for h in range(n_heads):
             ax = axes[li][h]
-            ax.imshow(weights[li][h].float().numpy(), cmap=_CMAP, vmin=0.0, vmax=1.0)
-            ax.set_xticks([])
-            ax.set_yticks([])
+            image = ax.imshow(weights[li][h].float().numpy(), cmap=_CMAP, vmin=0.0, vmax=1.0)
+            ax.set_xticks(ticks, names if li == n_layers - 1 else [], rotation=90, fontsize=6)
+            ax.set_yticks(ticks, names if h == 0 else [], fontsize=6)
+            ax.tick_params(length=1.5, pad=1)
             if li == 0:
                 ax.set_title(f"head {h}", fontsize=8)
             if h == 0:
@@ -118,7 +141,11 @@ def plot_all_layers(
     sentence = " ".join(_plain(labels))
     sentence = sentence if len(sentence) <= 90 else sentence[:87] + "..."
     fig.suptitle(f"attention weights, every layer x head ({n} tokens: {sentence})", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    fig.colorbar(image, ax=axes, shrink=0.5, pad=0.01, label="attention weight (each row sums to 1)")
+    note = ("Each square is one head: row = the query token (the one looking), column = the key token "
+            "(the one looked at), in the order of the labels.")
+    if chosen is not None:
+        note += f" Red frame: the head explained in the text (layer {chosen[0]}, head {chosen[1]})."
+    fig.get_layout_engine().set(h_pad=0.04, w_pad=0.04)
+    fig.supxlabel(note, fontsize=8, color=_HIGHLIGHT if chosen is not None else "black")
+    return fig
