@@ -116,7 +116,8 @@ def test_no_concentrated_head_is_said_plainly():
     tokens = ex.Tokens(list(range(len(labels))), labels, [True] + [False] * 10 + [True], [(0, 0)] * 12)
     choice = ex.choose_head(_uniform_traces(len(labels), 3), tokens, 5)
     assert choice.reason.startswith("no head of any layer gives 25% of 'five''s attention to one other word")
-    assert "this one comes closest" in choice.reason and "spread thin (entropy 3.5" in choice.reason
+    assert "this one comes closest" in choice.reason
+    assert re.search(r"entropy 3\.5\d bits, as spread out as 12 equal weights", choice.reason), choice.reason
 
 
 @pytest.fixture(scope="module")
@@ -184,3 +185,12 @@ def test_all_layers_figure_has_labels_colour_bar_and_a_note_on_the_frame():
     fig = all_layers_figure([torch.softmax(torch.randn(2, 40, 40), -1)], long_labels)
     ticks = [t.get_text() for t in fig.axes[0].get_yticklabels()]
     assert ticks[:3] == ["0:w0", "3:w3", "6:w6"] and len(ticks) <= 16
+
+
+def test_a_single_token_is_said_to_attend_to_itself():
+    tokens = ex.Tokens([5], ["Hello"], [False], [(0, 5)])
+    one = torch.ones(1, 1, 1)
+    traces = [ex.LayerTrace(one, one, one, one, one.bool(), one, 1.0)]
+    choice = ex.choose_head(traces, tokens, 0)
+    assert (choice.layer, choice.head) == (0, 0)
+    assert choice.reason == "the text is a single token, which can only attend to itself"

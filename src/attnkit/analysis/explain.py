@@ -303,9 +303,10 @@ def _token_offset_heads(traces: Sequence[LayerTrace]) -> set[tuple[int, int]]:
         w[:, range(n), range(n)] = -1.0
         top = w.argmax(-1)  # (H, N)
         for offset in (-3, -2, -1, 1, 2, 3):
-            rows = torch.arange(max(0, -offset), min(n, n - offset))
-            if len(rows) < 3:
+            first, end = max(0, -offset), min(n, n - offset)  # rows that have a key at this offset
+            if end - first < 3:
                 continue
+            rows = torch.arange(first, end)
             hits = (top[:, rows] == rows + offset).float().mean(-1)  # (H,)
             at_offset = t.weights[:, rows, rows + offset].mean(-1)  # (H,)
             found |= {(li, h) for h in range(t.n_heads) if hits[h] >= 0.8 and at_offset[h] >= 0.3}
@@ -334,22 +335,23 @@ def _counted_keys(tokens: Tokens, token: int, causal: bool) -> _Counted:
     such words falls back to other tokens."""
     n, labels = len(tokens), tokens.labels
     why = {j: "a special token" for j in range(n) if tokens.special[j]}
-    if causal and n > 1 and not tokens.special[0]:
+    sink = causal and token != 0 and not tokens.special[0]
+    if sink:
         why[0] = "the first token, where causal models park spare attention"
     why[token] = "the token itself"
-    sink = ", the first token (where causal models park spare attention)" if 0 in why and causal else ""
+    sink_text = ", the first token (where causal models park spare attention)" if sink else ""
     punctuation = {j for j in range(n) if j not in why and not any(c.isalnum() for c in labels[j])}
     words = torch.tensor([j not in why and j not in punctuation for j in range(n)])
     if words.any():
         why.update({j: "punctuation" for j in punctuation})
-        return _Counted(words, "word", f"special tokens, punctuation, the token itself{sink}", why)
+        return _Counted(words, "word", f"special tokens, punctuation, the token itself{sink_text}", why)
     others = torch.tensor([j not in why for j in range(n)])
     if others.any():
-        return _Counted(others, "token", f"special tokens, the token itself{sink}", why)
+        return _Counted(others, "token", f"special tokens, the token itself{sink_text}", why)
     others = torch.tensor([j != token for j in range(n)])
     if others.any():
         return _Counted(others, "token", "the token itself", {token: "the token itself"})
-    return _Counted(torch.ones(n, dtype=torch.bool), "token", "nothing: it is the only token", {})
+    return _Counted(torch.ones(n, dtype=torch.bool), "token", "nothing", {})  # one token: itself
 
 
 def choose_head(
@@ -389,6 +391,8 @@ def choose_head(
         return float(row(c)[counted.keys].max())
 
     li, h = max(candidates, key=peak)
+    if len(tokens) == 1:
+        return HeadChoice(li, h, "the text is a single token, which can only attend to itself")
     found = _describe(row((li, h)), tokens, token, counted)
     if layer is not None and head is not None:
         return HeadChoice(li, h, f"given by --layer and --head; {found}")
@@ -424,4 +428,4 @@ def _describe(weights: torch.Tensor, tokens: Tokens, token: int, counted: _Count
     if heaviest in counted.why and float(weights[heaviest]) >= 0.5:
         return f"{text}; {float(weights[heaviest]):.0%} rests on {name(heaviest)}, {counted.why[heaviest]}"
     bits = float(entropy_bits(weights))
-    return f"{text}; the rest is spread thin (entropy {bits:.2f} bits, as if over {2 ** bits:.0f} tokens)"
+    return f"{text}; entropy {bits:.2f} bits, as spread out as {2 ** bits:.0f} equal weights"
