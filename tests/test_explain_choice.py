@@ -165,6 +165,10 @@ def test_sink_head_is_not_called_attention_to_other_words(sink_llama, capsys, tm
     assert "the first token (where causal models park spare attention) not counted" in head
     assert "to 'dog'" in head  # the one word 'chased' may look at besides the sink and itself
 
+    code, out, _ = _explain(capsys, tmp_path, SENTENCE, "--model", str(sink_llama), "--position", "0")
+    assert code == 0
+    assert "'The' can see no token but itself, so every head gives it all of its attention" in _head_line(out)
+
 
 def test_all_layers_figure_has_labels_colour_bar_and_a_note_on_the_frame():
     pytest.importorskip("matplotlib")
@@ -193,4 +197,4 @@ def test_a_single_token_is_said_to_attend_to_itself():
     traces = [ex.LayerTrace(one, one, one, one, one.bool(), one, 1.0)]
     choice = ex.choose_head(traces, tokens, 0)
     assert (choice.layer, choice.head) == (0, 0)
-    assert choice.reason == "the text is a single token, which can only attend to itself"
+    assert choice.reason == "'Hello' can see no token but itself, so every head gives it all of its attention"

@@ -328,11 +328,12 @@ class _Counted:
     why: dict[int, str]
 
 
-def _counted_keys(tokens: Tokens, token: int, causal: bool) -> _Counted:
-    """Other words: not the token itself, not a special token, not punctuation, and in a causal
-    model not the first token, on which such models park the attention they do not need (an
-    attention sink: it holds most of many heads' weight whatever the text). A sentence without
-    such words falls back to other tokens."""
+def _counted_keys(tokens: Tokens, token: int, causal: bool, visible: torch.Tensor) -> _Counted:
+    """Other words the token can see (``visible (N,)``, at least one key besides the token): not
+    the token itself, not a special token, not punctuation, and in a causal model not the first
+    token, on which such models park the attention they do not need (an attention sink: it holds
+    most of many heads' weight whatever the text). A sentence without such words falls back to
+    other tokens."""
     n, labels = len(tokens), tokens.labels
     why = {j: "a special token" for j in range(n) if tokens.special[j]}
     sink = causal and token != 0 and not tokens.special[0]
@@ -341,17 +342,15 @@ def _counted_keys(tokens: Tokens, token: int, causal: bool) -> _Counted:
     why[token] = "the token itself"
     sink_text = ", the first token (where causal models park spare attention)" if sink else ""
     punctuation = {j for j in range(n) if j not in why and not any(c.isalnum() for c in labels[j])}
-    words = torch.tensor([j not in why and j not in punctuation for j in range(n)])
+    words = torch.tensor([j not in why and j not in punctuation for j in range(n)]) & visible
     if words.any():
         why.update({j: "punctuation" for j in punctuation})
         return _Counted(words, "word", f"special tokens, punctuation, the token itself{sink_text}", why)
-    others = torch.tensor([j not in why for j in range(n)])
+    others = torch.tensor([j not in why for j in range(n)]) & visible
     if others.any():
         return _Counted(others, "token", f"special tokens, the token itself{sink_text}", why)
-    others = torch.tensor([j != token for j in range(n)])
-    if others.any():
-        return _Counted(others, "token", "the token itself", {token: "the token itself"})
-    return _Counted(torch.ones(n, dtype=torch.bool), "token", "nothing", {})  # one token: itself
+    others = torch.tensor([j != token for j in range(n)]) & visible
+    return _Counted(others, "token", "the token itself", {token: "the token itself"})
 
 
 def choose_head(
@@ -373,10 +372,15 @@ def choose_head(
     given. When no candidate gives one word :data:`CONCENTRATED` of the weight, the reason says
     so, and where the weight went instead.
     """
-    causal = not bool(traces[0].allowed.all())
-    counted = _counted_keys(tokens, token, causal)
     candidates = [(li, h) for li, t in enumerate(traces) for h in range(t.n_heads)
                   if (layer is None or li == layer) and (head is None or h == head)]
+    visible = torch.cat([t.allowed[:, token] for t in traces]).any(0)  # (N,) in any layer or head
+    visible[token] = False
+    if not visible.any():  # a single token, or the first token of a causal model
+        return HeadChoice(*candidates[0], f"'{tokens.labels[token]}' can see no token but itself, "
+                          "so every head gives it all of its attention")
+    causal = not bool(traces[0].allowed.all())
+    counted = _counted_keys(tokens, token, causal, visible)
     positional = fixed_offset_heads(traces, tokens)
     skipped = [c for c in candidates if c in positional]
     if len(skipped) < len(candidates):
@@ -391,8 +395,6 @@ def choose_head(
         return float(row(c)[counted.keys].max())
 
     li, h = max(candidates, key=peak)
-    if len(tokens) == 1:
-        return HeadChoice(li, h, "the text is a single token, which can only attend to itself")
     found = _describe(row((li, h)), tokens, token, counted)
     if layer is not None and head is not None:
         return HeadChoice(li, h, f"given by --layer and --head; {found}")
