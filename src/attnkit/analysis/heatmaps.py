@@ -121,16 +121,23 @@ def all_layers_figure(
     ticks = list(range(0, n, step))
     names = _plain(labels)
     names = [names[i] if step == 1 else f"{i}:{names[i]}" for i in ticks]
-    label_inches = 0.075 * max(len(name) for name in names) + 0.3  # room for the rotated labels
-    cell = 1.25
-    fig, axes = plt.subplots(n_layers, n_heads, squeeze=False, layout="constrained",
-                             figsize=(n_heads * cell + label_inches + 1.4, n_layers * cell + label_inches + 1.2))
+    # Margins in inches, laid out by hand: a layout engine over dozens of axes takes seconds.
+    cell, labels_in = 1.25, 0.075 * max(len(name) for name in names) + 0.15
+    left, right, top, bottom = labels_in + 0.45, 1.1, 0.55, labels_in + 0.45
+    width, height = n_heads * cell + left + right, n_layers * cell + top + bottom
+    fig, axes = plt.subplots(n_layers, n_heads, squeeze=False, figsize=(width, height))
+    fig.subplots_adjust(left=left / width, right=1 - right / width, bottom=bottom / height, top=1 - top / height,
+                        wspace=0.08, hspace=0.08)
     for li in range(n_layers):
         for h in range(n_heads):
             ax = axes[li][h]
             image = ax.imshow(weights[li][h].float().numpy(), cmap=_CMAP, vmin=0.0, vmax=1.0)
-            ax.set_xticks(ticks, names if li == n_layers - 1 else [], rotation=90, fontsize=6)
-            ax.set_yticks(ticks, names if h == 0 else [], fontsize=6)
+            ax.set_xticks(ticks if li == n_layers - 1 else [])
+            ax.set_yticks(ticks if h == 0 else [])
+            if li == n_layers - 1:
+                ax.set_xticklabels(names, rotation=90, fontsize=6)
+            if h == 0:
+                ax.set_yticklabels(names, fontsize=6)
             ax.tick_params(length=1.5, pad=1)
             if li == 0:
                 ax.set_title(f"head {h}", fontsize=8)
@@ -140,12 +147,14 @@ def all_layers_figure(
                 _frame(ax, _HIGHLIGHT, 2.5)
     sentence = " ".join(_plain(labels))
     sentence = sentence if len(sentence) <= 90 else sentence[:87] + "..."
-    fig.suptitle(f"attention weights, every layer x head ({n} tokens: {sentence})", fontsize=9)
-    fig.colorbar(image, ax=axes, shrink=0.5, pad=0.01, label="attention weight (each row sums to 1)")
+    fig.suptitle(f"attention weights, every layer x head ({n} tokens: {sentence})", fontsize=9,
+                 y=1 - 0.15 / height)
+    bar = fig.add_axes((1 - 0.8 / width, bottom / height, 0.15 / width, 1 - (top + bottom) / height))
+    fig.colorbar(image, cax=bar, label="attention weight (each row sums to 1)")
     note = ("Each square is one head: row = the query token (the one looking), column = the key token "
             "(the one looked at), in the order of the labels.")
     if chosen is not None:
         note += f" Red frame: the head explained in the text (layer {chosen[0]}, head {chosen[1]})."
-    fig.get_layout_engine().set(h_pad=0.04, w_pad=0.04)
-    fig.supxlabel(note, fontsize=8, color=_HIGHLIGHT if chosen is not None else "black")
+    fig.text(0.5, 0.12 / height, note, ha="center", va="bottom", fontsize=8,
+             color=_HIGHLIGHT if chosen is not None else "black")
     return fig
