@@ -72,7 +72,7 @@ def test_choose_head_prefers_content_heads(minilm):
     assert {(0, 2), (1, 8), (2, 11)} <= ex.fixed_offset_heads(traces, tokens)  # previous / next-token heads
     choice = ex.choose_head(traces, tokens, 3)
     assert (choice.layer, choice.head) == (5, 11)
-    assert "'chased' gives 79% of its attention to other words ('dog' 55%)" in choice.reason
+    assert "'chased' gives 55% of its attention to 'dog' (79% to other words in all)" in choice.reason
     assert "fixed-offset heads skipped: L0H2, L1H8, L2H11" in choice.reason
     in_layer = ex.choose_head(traces, tokens, 3, layer=2)
     assert in_layer.layer == 2 and "any other head of layer 2" in in_layer.reason

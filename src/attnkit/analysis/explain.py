@@ -136,29 +136,63 @@ def find_token(tokens: Tokens, sentence: str, wanted: Optional[str]) -> tuple[in
 
     ``wanted=None`` picks the middle word of the sentence. Otherwise the first token whose label
     equals ``wanted`` (case-insensitive, ``##`` ignored) is used, else the first token of a whole
-    word of the sentence equal to it. Raises ValueError naming ``--token`` and the closest tokens.
+    word of the sentence equal to it; ``WORD:K`` asks for the K-th occurrence (from 1), so
+    ``the:2`` is the second "the". Raises ValueError naming ``--token`` and the closest tokens,
+    or how often the word occurs when K is too large.
     """
     words = [i for i in range(len(tokens)) if not tokens.special[i]]
     if not words:
         raise ValueError("the sentence has no word tokens; give a few words, e.g. \"The dog chased the ball\"")
     if wanted is None:
         index = words[len(words) // 2]
-        return index, "the middle word (choose another with --token)"
-    key = wanted.strip().lower().removeprefix("##")
-    plain = [label.removeprefix("##").lower() for label in tokens.labels]
-    matches = [i for i in range(len(tokens)) if plain[i] == key]
+        return index, "the middle word (choose another with --token or --position)"
+    matches = _occurrences(tokens, sentence, wanted)
+    occurrence = _OCCURRENCE.match(wanted.strip())
+    if not matches and occurrence:
+        word, nth = occurrence["word"], int(occurrence["nth"])
+        matches = _occurrences(tokens, sentence, word)
+        if matches and not 1 <= nth <= len(matches):
+            raise ValueError(
+                f"--token {wanted!r}: {word!r} occurs {len(matches)} time{'s' if len(matches) > 1 else ''} "
+                f"(position {', '.join(map(str, matches))}); use {word}:1 to {word}:{len(matches)}")
+        if matches:
+            return matches[nth - 1], f"--token (occurrence {nth} of {len(matches)})"
+        wanted = word
     if not matches:
-        for m in re.finditer(rf"(?<!\w){re.escape(wanted.strip())}(?!\w)", sentence, flags=re.IGNORECASE):
-            matches += [i for i in words if tokens.offsets[i][0] == m.start()]
-    if not matches:
-        close = difflib.get_close_matches(key, [plain[i] for i in words], n=3, cutoff=0.4)
+        key = wanted.strip().lower().removeprefix("##")
+        plain = [tokens.labels[i].removeprefix("##").lower() for i in words]
+        close = difflib.get_close_matches(key, plain, n=3, cutoff=0.4)
         hint = "closest: " + ", ".join(f"'{c}'" for c in dict.fromkeys(close)) if close else (
             "tokens: " + " ".join(tokens.labels[i] for i in words))
         raise ValueError(f"--token {wanted!r} is not in the sentence; {hint}")
     if len(matches) > 1:
         others = ", ".join(str(i) for i in matches[1:])
-        return matches[0], f"--token (first of {len(matches)}; also at position {others})"
+        word = wanted.strip()
+        return matches[0], (f"--token (first of {len(matches)}; also at position {others}: "
+                            f"--token {word}:2 or --position {matches[1]} picks the next)")
     return matches[0], "--token"
+
+
+_OCCURRENCE = re.compile(r"^(?P<word>.+):(?P<nth>\d+)$")
+
+
+def _occurrences(tokens: Tokens, sentence: str, wanted: str) -> list[int]:
+    """Positions of the tokens that are ``wanted``: equal labels, else the first token of each
+    whole-word match in the sentence (a word split into pieces)."""
+    key = wanted.strip().lower().removeprefix("##")
+    matches = [i for i, label in enumerate(tokens.labels) if label.removeprefix("##").lower() == key]
+    if not matches and wanted.strip():
+        for m in re.finditer(rf"(?<!\w){re.escape(wanted.strip())}(?!\w)", sentence, flags=re.IGNORECASE):
+            matches += [i for i in range(len(tokens)) if not tokens.special[i] and tokens.offsets[i][0] == m.start()]
+    return matches
+
+
+def token_at(tokens: Tokens, position: int) -> tuple[int, str]:
+    """``position`` (as numbered on the ``tokens:`` line) when the sentence has it, else ValueError."""
+    if not 0 <= position < len(tokens):
+        raise ValueError(f"--position {position} is out of range: the sentence has {len(tokens)} tokens, "
+                         f"numbered 0 to {len(tokens) - 1}")
+    return position, "--position"
 
 
 @torch.no_grad()
@@ -231,12 +265,18 @@ def entropy_bits(weights: torch.Tensor) -> torch.Tensor:
 def fixed_offset_heads(traces: Sequence[LayerTrace], tokens: Tokens) -> set[tuple[int, int]]:
     """(layer, head) pairs that look a fixed distance away, whatever the words.
 
-    A head counts as positional when, for at least 80% of the sentence's word tokens (three or
-    more), the key it weighs most apart from itself and the special tokens (where many heads
-    rest) sits at one and the same offset (for example every token's previous token), with an
-    average weight of at least 0.3 there (near-uniform heads do not count). Such heads say
-    where, not what.
+    Two tests, either suffices. Among the sentence's word tokens (three or more): for at least
+    80% of them the key weighed most apart from itself and the special tokens (where many heads
+    rest) sits at one and the same offset, with an average weight of at least 0.3 there. Among
+    all tokens (so that it also holds in a sentence of three words, "!!!"): for at least 80% of
+    the rows that have a key at some offset within 3, the key weighed most apart from the token
+    itself is that one, again with an average weight of at least 0.3. Near-uniform heads never
+    qualify. Such heads say where, not what.
     """
+    return _word_offset_heads(traces, tokens) | _token_offset_heads(traces)
+
+
+def _word_offset_heads(traces: Sequence[LayerTrace], tokens: Tokens) -> set[tuple[int, int]]:
     words = [i for i in range(len(tokens)) if not tokens.special[i]]
     if len(words) < 3 or len(tokens) < 2:
         return set()
@@ -255,6 +295,64 @@ def fixed_offset_heads(traces: Sequence[LayerTrace], tokens: Tokens) -> set[tupl
     return found
 
 
+def _token_offset_heads(traces: Sequence[LayerTrace]) -> set[tuple[int, int]]:
+    found = set()
+    for li, t in enumerate(traces):
+        n = t.weights.shape[-1]
+        w = t.weights.clone()  # (H, N, N)
+        w[:, range(n), range(n)] = -1.0
+        top = w.argmax(-1)  # (H, N)
+        for offset in (-3, -2, -1, 1, 2, 3):
+            first, end = max(0, -offset), min(n, n - offset)  # rows that have a key at this offset
+            if end - first < 3:
+                continue
+            rows = torch.arange(first, end)
+            hits = (top[:, rows] == rows + offset).float().mean(-1)  # (H,)
+            at_offset = t.weights[:, rows, rows + offset].mean(-1)  # (H,)
+            found |= {(li, h) for h in range(t.n_heads) if hits[h] >= 0.8 and at_offset[h] >= 0.3}
+    return found
+
+
+CONCENTRATED = 0.25
+"""A head looks at a word when it gives that one word at least this share of the token's attention."""
+
+
+@dataclass(frozen=True)
+class _Counted:
+    """The keys whose weight counts for the choice: ``keys (N,)`` bool, the ``noun`` for them,
+    what is left out (for the reason) and why each left-out key was left out."""
+
+    keys: torch.Tensor
+    noun: str
+    left_out: str
+    why: dict[int, str]
+
+
+def _counted_keys(tokens: Tokens, token: int, causal: bool, visible: torch.Tensor) -> _Counted:
+    """Other words the token can see (``visible (N,)``, at least one key besides the token): not
+    the token itself, not a special token, not punctuation, and in a causal model not the first
+    token, on which such models park the attention they do not need (an attention sink: it holds
+    most of many heads' weight whatever the text). A sentence without such words falls back to
+    other tokens."""
+    n, labels = len(tokens), tokens.labels
+    why = {j: "a special token" for j in range(n) if tokens.special[j]}
+    sink = causal and token != 0 and not tokens.special[0]
+    if sink:
+        why[0] = "the first token, where causal models park spare attention"
+    why[token] = "the token itself"
+    sink_text = ", the first token (where causal models park spare attention)" if sink else ""
+    punctuation = {j for j in range(n) if j not in why and not any(c.isalnum() for c in labels[j])}
+    words = torch.tensor([j not in why and j not in punctuation for j in range(n)]) & visible
+    if words.any():
+        why.update({j: "punctuation" for j in punctuation})
+        return _Counted(words, "word", f"special tokens, punctuation, the token itself{sink_text}", why)
+    others = torch.tensor([j not in why for j in range(n)]) & visible
+    if others.any():
+        return _Counted(others, "token", f"special tokens, the token itself{sink_text}", why)
+    others = torch.tensor([j != token for j in range(n)]) & visible
+    return _Counted(others, "token", "the token itself", {token: "the token itself"})
+
+
 def choose_head(
     traces: Sequence[LayerTrace],
     tokens: Tokens,
@@ -262,21 +360,27 @@ def choose_head(
     layer: Optional[int] = None,
     head: Optional[int] = None,
 ) -> HeadChoice:
-    """The head where ``token``'s attention is most concentrated on the other words.
+    """The head where ``token``'s attention is most concentrated on one other word.
 
-    The score is the weight on words other than the token itself and the special tokens
-    ([CLS], [SEP], BOS), where many heads park their attention. Fixed-offset heads
-    (:func:`fixed_offset_heads`) are passed over when another candidate exists. Candidates are
-    every (layer, head), restricted to ``layer`` and/or ``head`` when given.
+    A head's score is the largest weight ``token`` gives to a single other word: the token
+    itself, special tokens ([CLS], [SEP], BOS), punctuation and, in a causal model, the first
+    token (the attention sink) are not counted, since many heads park their attention there
+    whatever the text. Ranking by one word's weight rather than the total on other words keeps
+    near-uniform heads out: spread over a long sentence, they give every word a little.
+    Fixed-offset heads (:func:`fixed_offset_heads`) are passed over when another candidate
+    exists. Candidates are every (layer, head), restricted to ``layer`` and/or ``head`` when
+    given. When no candidate gives one word :data:`CONCENTRATED` of the weight, the reason says
+    so, and where the weight went instead.
     """
-    n = len(tokens)
-    others = torch.tensor([j != token and not tokens.special[j] for j in range(n)])
-    noun = "other words"
-    if not others.any():  # a one-word sentence: the specials are all there is to look at
-        noun = "other tokens"
-        others = torch.tensor([j != token for j in range(n)]) if n > 1 else torch.ones(n, dtype=torch.bool)
     candidates = [(li, h) for li, t in enumerate(traces) for h in range(t.n_heads)
                   if (layer is None or li == layer) and (head is None or h == head)]
+    visible = torch.cat([t.allowed[:, token] for t in traces]).any(0)  # (N,) in any layer or head
+    visible[token] = False
+    if not visible.any():  # a single token, or the first token of a causal model
+        return HeadChoice(*candidates[0], f"'{tokens.labels[token]}' can see no token but itself, "
+                          "so every head gives it all of its attention")
+    causal = not bool(traces[0].allowed.all())
+    counted = _counted_keys(tokens, token, causal, visible)
     positional = fixed_offset_heads(traces, tokens)
     skipped = [c for c in candidates if c in positional]
     if len(skipped) < len(candidates):
@@ -284,20 +388,46 @@ def choose_head(
     else:
         skipped = []
 
-    def mass(c: tuple[int, int]) -> float:
-        return float(traces[c[0]].weights[c[1], token][others].sum())
+    def row(c: tuple[int, int]) -> torch.Tensor:
+        return traces[c[0]].weights[c[1], token]
 
-    li, h = max(candidates, key=mass)
-    row = traces[li].weights[h, token].masked_fill(~others, -1.0)
-    top = int(row.argmax())
-    label = tokens.labels
-    found = f"'{label[token]}' gives {mass((li, h)):.0%} of its attention to {noun} ('{label[top]}' {float(row[top]):.0%})"
+    def peak(c: tuple[int, int]) -> float:
+        return float(row(c)[counted.keys].max())
+
+    li, h = max(candidates, key=peak)
+    found = _describe(row((li, h)), tokens, token, counted)
     if layer is not None and head is not None:
         return HeadChoice(li, h, f"given by --layer and --head; {found}")
     where = f"any other head of layer {layer}" if layer is not None else (
         f"head {head} of any other layer" if head is not None else "any other head")
-    reason = f"{found}, more than {where} does (special tokens and the token itself not counted)"
+    scope = f"layer {layer}" if layer is not None else (f"head {head} of any layer" if head is not None else "any layer")
+    if peak((li, h)) >= CONCENTRATED:
+        reason = f"{found}, more than {where} gives one other {counted.noun} ({counted.left_out} not counted)"
+    else:
+        reason = (f"no head of {scope} gives {CONCENTRATED:.0%} of '{tokens.labels[token]}''s attention to one "
+                  f"other {counted.noun} ({counted.left_out} not counted); this one comes closest: {found}")
     if skipped:
         names = ", ".join(f"L{a}H{b}" for a, b in skipped[:4]) + (", ..." if len(skipped) > 4 else "")
         reason += f"; fixed-offset heads skipped: {names}"
     return HeadChoice(li, h, reason)
+
+
+def _describe(weights: torch.Tensor, tokens: Tokens, token: int, counted: _Counted) -> str:
+    """One true sentence about a head's ``weights (N,)`` for ``token``: the counted key it weighs
+    most, the total on counted keys, and where the weight went when it is not concentrated."""
+    labels = tokens.labels
+
+    def name(j: int) -> str:
+        return f"'{labels[j]}'" + (f" at position {j}" if labels.count(labels[j]) > 1 else "")
+
+    masked = weights.masked_fill(~counted.keys, -1.0)
+    top = int(masked.argmax())
+    text = (f"'{labels[token]}' gives {float(weights[top]):.0%} of its attention to {name(top)} "
+            f"({float(weights[counted.keys].sum()):.0%} to other {counted.noun}s in all)")
+    if float(weights[top]) >= CONCENTRATED:
+        return text
+    heaviest = int(weights.argmax())
+    if heaviest in counted.why and float(weights[heaviest]) >= 0.5:
+        return f"{text}; {float(weights[heaviest]):.0%} rests on {name(heaviest)}, {counted.why[heaviest]}"
+    bits = float(entropy_bits(weights))
+    return f"{text}; entropy {bits:.2f} bits, as spread out as {2 ** bits:.0f} equal weights"

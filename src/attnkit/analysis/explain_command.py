@@ -24,7 +24,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "layer, and PNG heatmaps. Layers and heads are numbered from 0.",
     )
     parser.add_argument("sentence", help='the text to run through the model, e.g. "The dog chased the ball"')
-    parser.add_argument("--token", help="the word whose attention to explain (default: the middle word)")
+    parser.add_argument("--token", metavar="WORD[:K]",
+                        help="the word whose attention to explain; WORD:K for its K-th occurrence, "
+                        "e.g. the:2 (default: the middle word)")
+    parser.add_argument("--position", type=int, metavar="I",
+                        help="the token to explain by its position on the printed tokens: line, from 0")
     parser.add_argument("--layer", type=int, help="layer to explain (default: chosen automatically)")
     parser.add_argument("--head", type=int, help="head to explain (default: chosen automatically)")
     parser.add_argument("--model", type=Path, metavar="DIR",
@@ -58,10 +62,13 @@ def run(args: argparse.Namespace) -> int:
     n_layers, n_heads = ex.layer_and_head_counts(config)
     _check_index("--layer", args.layer, n_layers, "layers")
     _check_index("--head", args.head, n_heads, "heads per layer")
+    if args.token is not None and args.position is not None:
+        raise ValueError("give --token or --position, not both")
     if args.out.exists() and not args.out.is_dir():
         raise ValueError(f"--out {args.out} exists and is not a directory")
     tokens = Tokenizer(model_dir)(sentence)
-    token, how = ex.find_token(tokens, sentence, args.token)
+    token, how = (ex.token_at(tokens, args.position) if args.position is not None
+                  else ex.find_token(tokens, sentence, args.token))
 
     model, _ = ex.load_model(model_dir)
     traces = ex.trace(model, tokens.ids)

@@ -92,23 +92,53 @@ def plot_all_layers(
 
     Args:
         weights: one ``(H, N, N)`` tensor per layer.
-        labels: ``N`` token labels, shown on the first column's axes only.
+        labels: ``N`` token labels, on the first column's rows and the last row's columns (every
+            few tokens when the sentence is long, with their positions).
         path: the PNG to write.
-        chosen: ``(layer, head)`` to frame in red.
+        chosen: ``(layer, head)`` to frame in red; a note under the grid says what the frame is.
     Returns ``path``.
     """
+    fig = all_layers_figure(weights, labels, chosen=chosen)
+    fig.savefig(path, dpi=100)
+    _pyplot().close(fig)
+    return path
+
+
+_MAX_TICKS = 16
+
+
+def all_layers_figure(
+    weights: Sequence[torch.Tensor],
+    labels: Sequence[str],
+    *,
+    chosen: Optional[tuple[int, int]] = None,
+):
+    """The matplotlib figure :func:`plot_all_layers` writes (arguments as there)."""
     plt = _pyplot()
     n_layers, n_heads = len(weights), weights[0].shape[0]
     n = weights[0].shape[-1]
-    cell = 1.25
-    fig, axes = plt.subplots(n_layers, n_heads, figsize=(n_heads * cell + 1.0, n_layers * cell + 0.8),
-                             squeeze=False)
+    step = math.ceil(n / _MAX_TICKS)
+    ticks = list(range(0, n, step))
+    names = _plain(labels)
+    names = [names[i] if step == 1 else f"{i}:{names[i]}" for i in ticks]
+    # Margins in inches, laid out by hand: a layout engine over dozens of axes takes seconds.
+    cell, labels_in = 1.25, 0.075 * max(len(name) for name in names) + 0.15
+    left, right, top, bottom = labels_in + 0.45, 1.1, 0.55, labels_in + 0.45
+    width, height = n_heads * cell + left + right, n_layers * cell + top + bottom
+    fig, axes = plt.subplots(n_layers, n_heads, squeeze=False, figsize=(width, height))
+    fig.subplots_adjust(left=left / width, right=1 - right / width, bottom=bottom / height, top=1 - top / height,
+                        wspace=0.08, hspace=0.08)
     for li in range(n_layers):
         for h in range(n_heads):
             ax = axes[li][h]
-            ax.imshow(weights[li][h].float().numpy(), cmap=_CMAP, vmin=0.0, vmax=1.0)
-            ax.set_xticks([])
-            ax.set_yticks([])
+            image = ax.imshow(weights[li][h].float().numpy(), cmap=_CMAP, vmin=0.0, vmax=1.0)
+            ax.set_xticks(ticks if li == n_layers - 1 else [])
+            ax.set_yticks(ticks if h == 0 else [])
+            if li == n_layers - 1:
+                ax.set_xticklabels(names, rotation=90, fontsize=6)
+            if h == 0:
+                ax.set_yticklabels(names, fontsize=6)
+            ax.tick_params(length=1.5, pad=1)
             if li == 0:
                 ax.set_title(f"head {h}", fontsize=8)
             if h == 0:
@@ -117,8 +147,14 @@ def plot_all_layers(
                 _frame(ax, _HIGHLIGHT, 2.5)
     sentence = " ".join(_plain(labels))
     sentence = sentence if len(sentence) <= 90 else sentence[:87] + "..."
-    fig.suptitle(f"attention weights, every layer x head ({n} tokens: {sentence})", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    fig.suptitle(f"attention weights, every layer x head ({n} tokens: {sentence})", fontsize=9,
+                 y=1 - 0.15 / height)
+    bar = fig.add_axes((1 - 0.8 / width, bottom / height, 0.15 / width, 1 - (top + bottom) / height))
+    fig.colorbar(image, cax=bar, label="attention weight (each row sums to 1)")
+    note = ("Each square is one head: row = the query token (the one looking), column = the key token "
+            "(the one looked at), in the order of the labels.")
+    if chosen is not None:
+        note += f" Red frame: the head explained in the text (layer {chosen[0]}, head {chosen[1]})."
+    fig.text(0.5, 0.12 / height, note, ha="center", va="bottom", fontsize=8,
+             color=_HIGHLIGHT if chosen is not None else "black")
+    return fig

@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
+import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable, Iterator
+
+from rich.markup import escape
 
 from .cases import CASE_SETS, DEFAULT_SEQS, QUICK_SEQS
+from .sparse_cases import QUICK_SPARSE_SEQS, SPARSE_CASE_SETS
+
+_COLUMNS = ("case", "N", "contender", "median ms", "GFLOP/s", "ratio", "max |err|", "largest MiB", "peak MiB", "note")
+_LEFT = ("case", "contender", "note")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -23,7 +33,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seq", type=int, action="append", metavar="N",
                         help=f"sequence length (repeatable; default: {', '.join(map(str, DEFAULT_SEQS))})")
     parser.add_argument("--quick", action="store_true",
-                        help=f"short run: N={', '.join(map(str, QUICK_SEQS))} and 3 repeats")
+                        help=f"short run: 3 repeats at N={', '.join(map(str, QUICK_SEQS))} (causal) or "
+                        f"N={', '.join(map(str, QUICK_SPARSE_SEQS))} (sparse cases)")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per contender (default 5)")
     parser.add_argument("--backward", action="store_true", help="time forward + backward")
     parser.add_argument("--device", default="cpu", help="torch device to run on (default cpu)")
@@ -32,9 +43,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def _check(args: argparse.Namespace) -> tuple[list[str], tuple[int, ...], int]:
-    seqs = tuple(args.seq) if args.seq else (QUICK_SEQS if args.quick else DEFAULT_SEQS)
-    bad = [n for n in seqs if n <= 0]
+def _check(args: argparse.Namespace) -> tuple[list[str], dict[str, tuple[int, ...]], int]:
+    """The cases, the lengths to run each at, and the repeats; ValueError on a bad argument."""
+    cases = args.case or ["causal"]
+    if args.seq:
+        seqs = {case: tuple(args.seq) for case in cases}
+    elif args.quick:
+        seqs = {case: QUICK_SPARSE_SEQS if case in SPARSE_CASE_SETS else QUICK_SEQS for case in cases}
+    else:
+        seqs = {case: DEFAULT_SEQS for case in cases}
+    bad = [n for n in args.seq or () if n <= 0]
     if bad:
         raise ValueError(f"--seq must be positive, got {bad[0]}")
     repeats = args.repeats if args.repeats is not None else (3 if args.quick else 5)
@@ -51,31 +69,25 @@ def _check(args: argparse.Namespace) -> tuple[list[str], tuple[int, ...], int]:
     for path in (args.json, args.plot):
         if path is not None and not path.parent.exists():
             raise FileNotFoundError(f"directory {path.parent} does not exist (for {path})")
-    return args.case or ["causal"], seqs, repeats
+    return cases, seqs, repeats
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
     from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .cases import contenders_for
-    from .runner import run_benchmark
+    from .runner import count_steps, run_benchmark
 
     cases, seqs, repeats = _check(args)
-    workloads = [w for case in cases for w in CASE_SETS[case](seqs)]
+    workloads = [w for case in cases for w in CASE_SETS[case](seqs[case])]
     console = Console()
-    total = sum(len(contenders_for(w)) + 1 for w in workloads)
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=console, transient=True) as progress:
-        task = progress.add_task("benchmark", total=total)
-
-        def step(description: str) -> None:
-            progress.update(task, description=description)
-            progress.advance(task)
-
+    with _progress(count_steps(workloads, backward=args.backward)) as step:
         rows = run_benchmark(workloads, repeats=repeats, backward=args.backward, device=args.device, on_step=step)
-    console.print(_table(rows, torch.get_num_threads()))
+    title = f"attnkit bench ({rows[0].mode}, {torch.get_num_threads()} threads; ratio = time / torch sdpa)"
+    if console.is_terminal:
+        console.print(_table(rows, title))
+    else:  # piped or redirected: no width to fit, so no column is cut short
+        print(_plain_table(rows, title))
     if args.json:
         meta = {
             "command": "attnkit " + " ".join(args.argv),
@@ -87,24 +99,68 @@ def run(args: argparse.Namespace) -> int:
             "device": args.device,
         }
         args.json.write_text(json.dumps({"meta": meta, "rows": [r.as_dict() for r in rows]}, indent=2))
-        console.print(f"wrote {args.json}")
+        print(f"wrote {args.json}")
     if args.plot:
         from ..analysis.plots import plot_bench
 
         plot_bench(rows, args.plot)
-        console.print(f"wrote {args.plot}")
+        print(f"wrote {args.plot}")
     return 0
 
 
-def _table(rows, threads: int):
+@contextlib.contextmanager
+def _progress(total: int) -> Iterator[Callable[[str], None]]:
+    """A ``step(description)`` callback that shows progress on stderr: a live bar on a terminal,
+    else one line per step with the elapsed time (so a redirected run is never silent)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        start, done = time.perf_counter(), 0
+
+        def line(description: str) -> None:
+            nonlocal done
+            done += 1
+            print(f"[{done}/{total} {time.perf_counter() - start:6.1f} s] {description}", file=sys.stderr, flush=True)
+
+        yield line
+        return
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console, transient=True) as progress:
+        task = progress.add_task("benchmark", total=total)
+
+        def step(description: str) -> None:
+            progress.update(task, description=escape(description))
+            progress.advance(task)
+
+        yield step
+
+
+def _cells(r) -> list[str]:
+    ratio = "" if r.vs_baseline is None else f"{r.vs_baseline:.2f}x"
+    return [r.case, str(r.seq), r.contender, f"{r.median_ms:.2f}", f"{r.gflops:.1f}", ratio, f"{r.max_abs_err:.1e}",
+            f"{r.largest_tensor_mib:.1f}", "" if r.peak_mib is None else f"{r.peak_mib:.1f}", r.note]
+
+
+def _table(rows, title: str):
     from rich.table import Table
 
-    table = Table(title=f"attnkit bench ({rows[0].mode}, {threads} threads; ratio = time / torch sdpa)")
-    for name in ("case", "N", "contender", "median ms", "GFLOP/s", "ratio", "max |err|", "largest MiB", "peak MiB", "note"):
-        table.add_column(name, justify="left" if name in ("case", "contender", "note") else "right")
+    table = Table(title=title)
+    for name in _COLUMNS:
+        table.add_column(name, justify="left" if name in _LEFT else "right")
     for r in rows:
-        ratio = "" if r.vs_baseline is None else f"{r.vs_baseline:.2f}x"
-        table.add_row(r.case, str(r.seq), r.contender, f"{r.median_ms:.2f}", f"{r.gflops:.1f}", ratio,
-                      f"{r.max_abs_err:.1e}", f"{r.largest_tensor_mib:.1f}",
-                      "" if r.peak_mib is None else f"{r.peak_mib:.1f}", r.note)
+        table.add_row(*(escape(cell) for cell in _cells(r)))  # notes hold text like "attnkit[bench]"
     return table
+
+
+def _plain_table(rows, title: str) -> str:
+    """The rows as aligned plain text, every cell whole, for output that is not a terminal."""
+    cells = [list(_COLUMNS)] + [_cells(r) for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(_COLUMNS))]
+
+    def line(row: list[str]) -> str:
+        return "  ".join(c.ljust(w) if name in _LEFT else c.rjust(w)
+                         for name, c, w in zip(_COLUMNS, row, widths)).rstrip()
+
+    return "\n".join([title, line(cells[0]), "  ".join("-" * w for w in widths)] + [line(row) for row in cells[1:]])

@@ -29,6 +29,8 @@ from ..patterns import BlockSparse, Fixed, Pattern, SlidingWindow, Strided
 from .cases import AttentionFn, Contender, Workload, _attnkit, _sdpa_direct
 
 FLEX_BLOCK = 128
+QUICK_SPARSE_SEQS = (512,)
+"""``--quick`` runs each sparse case at one length: every workload compiles FlexAttention anew."""
 
 
 def window_case(seqs: tuple[int, ...]) -> list[Workload]:
@@ -74,23 +76,39 @@ def _mask_mod(pattern: Pattern, offset: int):
     return lambda b, h, q_idx, kv_idx: pattern.allows(q_idx + offset, kv_idx)
 
 
+# Below this many (query, key) pairs the block mask is built eagerly from the dense predicate
+# (16 MiB of booleans at most), which is far quicker than compiling the builder.
+_EAGER_BLOCK_MASK_PAIRS = 2**24
+
+
+@functools.cache
+def _compiled_flex():
+    """``torch.compile(flex_attention)``, made once per process and shared by every workload.
+
+    Dynamo still compiles one graph per pattern and shape (each ``mask_mod`` is traced into the
+    kernel), but the wrapper, its caches and the import are not repeated per contender list.
+    """
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
 def _flex(pattern: Pattern) -> tuple[Optional[AttentionFn], Optional[str]]:
     try:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        from torch.nn.attention.flex_attention import create_block_mask
     except ImportError:
         return None, "FlexAttention is not in this torch"
-    compiled = torch.compile(flex_attention, dynamic=False)
 
     @functools.lru_cache(maxsize=4)
     def block_mask(n_q: int, n_k: int, device: torch.device):
         return create_block_mask(
             _mask_mod(pattern, n_k - n_q), None, None, n_q, n_k, device=str(device), BLOCK_SIZE=FLEX_BLOCK,
-            _compile=True,
+            _compile=n_q * n_k > _EAGER_BLOCK_MASK_PAIRS,
         )
 
     def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         mask = block_mask(q.shape[2], k.shape[2], q.device)
-        return compiled(q, k, v, block_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+        return _compiled_flex()(q, k, v, block_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
 
     return run, None
 
