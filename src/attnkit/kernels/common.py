@@ -26,3 +26,68 @@ def head_mask(pattern: Pattern, n_q: int, n_k: int, device: torch.device, groups
     if pattern.n_heads is None:
         return allowed
     return allowed.unflatten(0, (pattern.n_heads // groups, groups))
+
+
+# ---------------------------------------------------------------------------------------------
+# The visibility rule: a row's output depends only on the keys and values it may see.
+#
+# Kernels compute some pairs they then discard (SDPA's P @ V runs over every key, tiles and units
+# cover blocks), and 0 * NaN = NaN, so a NaN or inf at a position a row may not see can still
+# reach it. Checking the inputs on every call would cost a pass over K and V (as much as a
+# decoding step); checking the output costs a pass over ``out`` only, and a result with no
+# non-finite number was not poisoned. Only then are the inputs inspected and the call rerun.
+
+_SEEN_ELEMENTS = 1 << 22  # (row, bad key) pairs evaluated at once by rows_seeing
+
+
+def all_finite(out: torch.Tensor) -> bool:
+    """Whether ``out`` holds no NaN or inf: one sum (NaN and inf survive it), and only when the
+    sum is not finite (then perhaps an overflow of large values) an element-wise check."""
+    total = out.sum(dtype=compute_dtype(out.dtype))
+    return bool(torch.isfinite(total)) or bool(torch.isfinite(out).all())
+
+
+def nonfinite_keys(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``(B, Hkv, Nk)`` bool: key positions whose key or value holds a NaN or inf."""
+    return ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1))
+
+
+def rows_seeing(pattern: Pattern, bad: torch.Tensor, n_q_heads: int, n_q: int) -> torch.Tensor:
+    """``(B, Hq, Nq)`` bool: query rows that may see at least one key marked in ``bad
+    (B, Hkv, Nk)``. Evaluates the pattern on the marked columns only, a block of rows at a time."""
+    n_k = bad.shape[-1]
+    cols = bad.flatten(0, 1).any(0).nonzero().flatten()
+    marked = bad[..., cols].to(torch.float32).repeat_interleave(n_q_heads // bad.shape[1], dim=1)
+    marked = marked.unsqueeze(-1)  # (B, Hq, J, 1)
+    offset = n_k - n_q
+    q_pos = torch.arange(offset, offset + n_q, device=bad.device)
+    rows = max(1, _SEEN_ELEMENTS // max(1, len(cols)))
+    counts = []
+    for start in range(0, n_q, rows):
+        allowed = pattern.rows_mask(q_pos[start : start + rows], cols).to(torch.float32)  # ([Hq,] r, J)
+        counts.append(torch.matmul(allowed, marked).squeeze(-1))  # (B, Hq, r)
+    return torch.cat(counts, dim=-1) > 0
+
+
+def keep_visible(result: tuple, rerun, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern) -> tuple:
+    """Enforce the visibility rule on a kernel's ``result``: a tuple whose entries are None or
+    tensors ``(B, Hq, Nq, ...)`` (out, lse, weights); ``rerun`` returns the same entries. When ``result[0]`` is not finite and some
+    key or value is, ``rerun(k, v)`` computes the result with those entries set to zero, and
+    each row takes that clean result unless it may see a non-finite entry; those rows keep
+    their own (non-finite) values, detached, so no NaN flows back into other rows' gradients."""
+    if all_finite(result[0]):
+        return result
+    bad = nonfinite_keys(k, v)
+    if not bool(bad.any()):
+        return result
+    zero = torch.zeros((), dtype=k.dtype, device=k.device)
+    clean = rerun(torch.where(torch.isfinite(k), k, zero), torch.where(torch.isfinite(v), v, zero))
+    sees = rows_seeing(pattern, bad, q.shape[1], q.shape[2])
+    merged = []
+    for own, fixed in zip(result, clean):
+        if own is None or fixed is None:  # an LSE nobody asked for
+            merged.append(None)
+            continue
+        rows = sees.view(*sees.shape, *([1] * (own.dim() - 3)))
+        merged.append(torch.where(rows, own.detach(), fixed))
+    return tuple(merged)
