@@ -43,7 +43,7 @@ _SEEN_ELEMENTS = 1 << 22  # (row, bad key) pairs evaluated at once by rows_seein
 def all_finite(out: torch.Tensor) -> bool:
     """Whether ``out`` holds no NaN or inf: one sum (NaN and inf survive it), and only when the
     sum is not finite (then perhaps an overflow of large values) an element-wise check."""
-    total = out.sum(dtype=compute_dtype(out.dtype))
+    total = out.detach().sum(dtype=compute_dtype(out.dtype))
     return bool(torch.isfinite(total)) or bool(torch.isfinite(out).all())
 
 

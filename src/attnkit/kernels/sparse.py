@@ -17,7 +17,13 @@ one of two executions:
   contributes exactly its share of dq, dk, dv with no extra pass for the LSE merge. A gradient that
   arrives through the returned LSE is handled by recomputing through the portable path;
 - elsewhere the portable path: per chunk of units, explicit matmuls and an exp2 softmax,
-  differentiated by autograd (only per-unit probabilities are saved).
+  differentiated by autograd (only per-unit probabilities are saved). It keeps each part's row
+  maximum and log-sum apart and merges relative to the largest maximum, with scores taken
+  relative to each head's first key, so parts with huge tied scores merge exactly.
+
+The fused path merges the parts' LSEs, whose last bit is a relative error of ``|lse| * eps`` in
+the part weights; when that exceeds ``_MERGE_ERROR`` (float32 scores above about 32, rare) the
+call is rerun on the portable path.
 """
 
 from __future__ import annotations
