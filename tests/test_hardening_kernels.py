@@ -20,6 +20,7 @@ from attnkit import (
 )
 from attnkit.functional import choose_backend
 from attnkit.kernels import dense as dense_module
+from attnkit.kernels.common import all_finite
 from attnkit.patterns import BlockLocal, Periodic, Summary
 from strategies import arrange
 
@@ -256,3 +257,15 @@ def test_reference_weights_follow_the_rule():
     _, weights = reference_attention(q, *bad, Causal())
     _, clean_weights = reference_attention(q, k, v, Causal())
     torch.testing.assert_close(weights[:, :, :20], clean_weights[:, :, :20])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_the_finiteness_check_finds_every_nan_and_inf(dtype):
+    out = torch.randn(2, 3, 50, 8).to(dtype)
+    assert all_finite(out) and all_finite(out.transpose(2, 3)) and all_finite(out[..., ::2])
+    largest = torch.full((100,), torch.finfo(dtype).max, dtype=dtype)
+    assert all_finite(largest)  # a sum that overflows is not a NaN
+    for value in (float("nan"), float("inf"), float("-inf")):
+        bad = out.clone()
+        bad[1, 2, 30, 5] = value
+        assert not all_finite(bad) and not all_finite(bad.transpose(2, 3))

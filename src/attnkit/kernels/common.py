@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..patterns import Pattern
@@ -38,13 +39,27 @@ def head_mask(pattern: Pattern, n_q: int, n_k: int, device: torch.device, groups
 # non-finite number was not poisoned. Only then are the inputs inspected and the call rerun.
 
 _SEEN_ELEMENTS = 1 << 22  # (row, bad key) pairs evaluated at once by rows_seeing
+_HALF_EXPONENT = {torch.float16: 0x7C00, torch.bfloat16: 0x7F80}
 
 
 def all_finite(out: torch.Tensor) -> bool:
-    """Whether ``out`` holds no NaN or inf: one sum (NaN and inf survive it), and only when the
-    sum is not finite (then perhaps an overflow of large values) an element-wise check."""
-    total = out.detach().sum(dtype=compute_dtype(out.dtype))
-    return bool(torch.isfinite(total)) or bool(torch.isfinite(out).all())
+    """Whether ``out`` holds no NaN or inf.
+
+    On the CPU numpy does it in the calling thread: a torch reduction over a large tensor wakes
+    the intra-op thread pool, which on a busy machine costs more than the pass itself. One sum
+    (NaN and inf survive it) decides, unless it is not finite (perhaps an overflow of large
+    values): then an element-wise check. Half types are read as bits (numpy lacks bfloat16, and
+    a float16 sum would overflow): NaN and inf are the values whose exponent bits are all ones.
+    """
+    out = out.detach()
+    if out.device.type != "cpu":
+        return bool(torch.isfinite(out.sum(dtype=compute_dtype(out.dtype)))) or bool(torch.isfinite(out).all())
+    if out.dtype in _HALF_EXPONENT:
+        exponent = _HALF_EXPONENT[out.dtype]
+        return not bool(((out.view(torch.int16).numpy() & exponent) == exponent).any())
+    values = out.numpy()
+    with np.errstate(over="ignore", invalid="ignore"):
+        return bool(np.isfinite(values.sum())) or bool(np.isfinite(values).all())
 
 
 def nonfinite_keys(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

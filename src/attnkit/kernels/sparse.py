@@ -32,6 +32,7 @@ from typing import Iterator, Optional
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -418,8 +419,13 @@ def _merge_imprecise(plan: SparsePlan, lse: torch.Tensor) -> bool:
     last bit outweighs ``_MERGE_ERROR`` (float32 scores above about 32)."""
     if len(plan.parts) < 2 or lse.numel() == 0:
         return False
-    finite = lse.detach().masked_fill(lse.detach() == float("-inf"), 0.0)
-    return bool(finite.abs().amax() * torch.finfo(lse.dtype).eps > _MERGE_ERROR)
+    lse = lse.detach()
+    if lse.device.type == "cpu":  # numpy: no thread pool for a pass over (B, H, Nq)
+        values = lse.numpy()
+        largest = float(np.abs(values[values != -np.inf]).max(initial=0.0))
+    else:
+        largest = float(lse.masked_fill(lse == float("-inf"), 0.0).abs().amax())
+    return largest * torch.finfo(lse.dtype).eps > _MERGE_ERROR
 
 
 # ---------------------------------------------------------------------------------------------
