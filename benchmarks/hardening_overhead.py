@@ -4,6 +4,10 @@ check) slow anything down? Times attnkit calls against a direct SDPA call in the
 Run once per version of attnkit and compare the ratios (the machine may be loaded):
     PYTHONPATH=src python benchmarks/hardening_overhead.py --label new
 Prints one JSON line per case: median milliseconds of attnkit and of its SDPA peer, and their ratio.
+
+``--checks`` instead times the two per-call checks directly: each case runs alternately with the
+checks and with them replaced by no-ops, on one thread, in CPU time (steadier than wall time on
+a shared machine).
 """
 
 from __future__ import annotations
@@ -58,10 +62,41 @@ def _cases():
            lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), 3)
 
 
+def _checks_on_and_off(repeats: dict[str, int]) -> None:
+    import attnkit.functional as functional
+    import attnkit.kernels.sparse as sparse
+
+    real = functional.keep_visible, sparse._merge_imprecise
+    noop = (lambda result, rerun, q, k, v, pattern: result), (lambda plan, lse: False)
+    torch.set_num_threads(1)
+    for name, run, _, _ in _cases():
+        if "bwd" in name or "dense" in name:
+            continue
+        times = {True: [], False: []}
+        run()
+        for i in range(repeats.get(name.split(" N")[0], 5)):
+            for on in (True, False) if i % 2 else (False, True):
+                functional.keep_visible, sparse._merge_imprecise = real if on else noop
+                start = time.process_time()
+                with torch.no_grad():
+                    run()
+                times[on].append(1e3 * (time.process_time() - start))
+        functional.keep_visible, sparse._merge_imprecise = real
+        with_checks, without = statistics.median(times[True]), statistics.median(times[False])
+        print(json.dumps({"case": name, "with_checks_ms": round(with_checks, 3), "without_ms": round(without, 3),
+                          "overhead": round(with_checks / without - 1, 4)}), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--label", required=True, help="name of the attnkit version under test")
+    parser.add_argument("--label", help="name of the attnkit version under test")
+    parser.add_argument("--checks", action="store_true", help="time the per-call checks on and off")
     args = parser.parse_args()
+    if args.checks:
+        _checks_on_and_off({"auto causal": 21, "auto decode Nq=1": 401, "sparse Strided(128)": 11})
+        return
+    if args.label is None:
+        parser.error("--label is required unless --checks is given")
     for name, run, peer, repeats in _cases():
         with torch.no_grad() if "bwd" not in name else torch.enable_grad():
             ours, sdpa = _median_ms(run, repeats), _median_ms(peer, repeats)
