@@ -278,3 +278,11 @@ def test_the_finiteness_check_finds_every_nan_and_inf(dtype):
         bad = out.clone()
         bad[1, 2, 30, 5] = value
         assert not all_finite(bad) and not all_finite(bad.transpose(2, 3))
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_rows_that_see_every_key_need_no_check_and_see_the_nan(backend):
+    # Full attention, and one causal decoding query: every key is visible, so a NaN reaches all.
+    q, _, (k, v) = _poisoned("v", 20)
+    assert torch.isnan(attention(q, k, v, Full(), backend=backend)[1, 2:]).any(-1).all()
+    assert torch.isnan(attention(q[:, :, -1:], k, v, Causal(), backend=backend)[1, 2:]).any(-1).all()

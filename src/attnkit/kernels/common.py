@@ -62,6 +62,13 @@ def all_finite(out: torch.Tensor) -> bool:
         return bool(np.isfinite(values.sum())) or bool(np.isfinite(values).all())
 
 
+def _sees_every_key(pattern: Pattern, n_q: int, n_k: int) -> bool:
+    """Whether every row may see every key: the band covers every offset ``i - j`` in
+    ``[1 - n_q, n_k - 1]`` (bottom-right alignment)."""
+    band = pattern.band() if pattern.n_heads is None else None
+    return band is not None and band[0] <= 1 - n_q and band[1] >= n_k - 1
+
+
 def nonfinite_keys(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``(B, Hkv, Nk)`` bool: key positions whose key or value holds a NaN or inf."""
     return ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1))
@@ -89,8 +96,9 @@ def keep_visible(result: tuple, rerun, q: torch.Tensor, k: torch.Tensor, v: torc
     tensors ``(B, Hq, Nq, ...)`` (out, lse, weights); ``rerun`` returns the same entries. When ``result[0]`` is not finite and some
     key or value is, ``rerun(k, v)`` computes the result with those entries set to zero, and
     each row takes that clean result unless it may see a non-finite entry; those rows keep
-    their own (non-finite) values, detached, so no NaN flows back into other rows' gradients."""
-    if all_finite(result[0]):
+    their own (non-finite) values, detached, so no NaN flows back into other rows' gradients.
+    A pattern that hides no key from any row (Full; Causal for one decoding query) needs no check."""
+    if _sees_every_key(pattern, q.shape[2], k.shape[2]) or all_finite(result[0]):
         return result
     bad = nonfinite_keys(k, v)
     if not bool(bad.any()):
