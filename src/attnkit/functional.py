@@ -151,7 +151,8 @@ def choose_backend(
     A call that needs the LSE where SDPA cannot return it from the same call (off CPU, or a value
     width unlike the key width) goes to the sparse or blockwise kernel, which produce it anyway.
     Dense is never chosen when its mask would not fit in memory (see
-    :func:`~attnkit.kernels.dense.dense_fits`): the sparse or blockwise kernel runs instead.
+    :func:`~attnkit.kernels.dense.dense_fits`; ``dtype`` and ``scale`` are the call's, which size
+    that mask): the sparse or blockwise kernel runs instead.
     """
     choice = _fastest(pattern, n_q, n_k, device, need_lse, n_q_heads, head_dim, value_dim, native_band)
     if choice == "dense" and not dense_fits(pattern, n_q, n_k, device, dtype, scale):
