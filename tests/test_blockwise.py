@@ -15,11 +15,16 @@ from strategies import problems
 
 @given(problem=problems(max_len=120), block_q=st.integers(1, 40), block_k=st.integers(1, 40))
 def test_many_small_tiles_equal_the_reference(problem, block_q, block_k):
+    # Inputs in the problem's memory layouts (transposed, sliced, stride-0 ...); the reference
+    # gets contiguous copies.
     leaves = [t.clone().requires_grad_() for t in (problem.q, problem.k, problem.v)]
     scale = problem.q.shape[-1] ** -0.5
-    out, lse = blockwise_kernel(*leaves, problem.pattern, scale, block_q=block_q, block_k=block_k)
+    out, lse = blockwise_kernel(
+        *problem.arranged(*leaves), problem.pattern, scale, block_q=block_q, block_k=block_k
+    )
     ref_leaves = [t.clone().requires_grad_() for t in (problem.q, problem.k, problem.v)]
-    ref_out, ref_lse, _ = reference_kernel(*ref_leaves, problem.pattern, scale)
+    ref_inputs = [t.contiguous() for t in problem.arranged(*ref_leaves)]
+    ref_out, ref_lse, _ = reference_kernel(*ref_inputs, problem.pattern, scale)
     torch.testing.assert_close(out, ref_out, rtol=1e-9, atol=1e-10)
     assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
     torch.testing.assert_close(lse[torch.isfinite(lse)], ref_lse[torch.isfinite(ref_lse)])

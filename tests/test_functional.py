@@ -13,10 +13,15 @@ from strategies import Problem, problems
 BACKENDS = ["dense", "blockwise", "auto"]
 
 
-def _run(problem: Problem, backend: str, dtype=torch.float64, scale=None):
-    """(out, lse, dq, dk, dv) of one backend, with a loss that also reaches the LSE."""
+def _run(problem: Problem, backend: str, dtype=torch.float64, scale=None, contiguous=False):
+    """(out, lse, dq, dk, dv) of one backend, with a loss that also reaches the LSE. The inputs
+    are views in the problem's layouts (``contiguous``: copies of those views); gradients are
+    taken with respect to the tensors the views are made from."""
     leaves = [t.detach().to(dtype).requires_grad_() for t in (problem.q, problem.k, problem.v)]
-    out, lse = attention(*leaves, problem.pattern, backend=backend, return_lse=True, scale=scale)
+    inputs = problem.arranged(*leaves)
+    if contiguous:
+        inputs = [t.contiguous() for t in inputs]
+    out, lse = attention(*inputs, problem.pattern, backend=backend, return_lse=True, scale=scale)
     gen = torch.Generator().manual_seed(1)
     w_out = torch.randn(out.shape, generator=gen, dtype=torch.float64)
     w_lse = torch.randn(lse.shape, generator=gen, dtype=torch.float64)
@@ -30,7 +35,7 @@ def _rounded(problem: Problem, dtype: torch.dtype) -> Problem:
     """The same problem with inputs representable in ``dtype`` (still stored as float64), so the
     comparison measures the kernel's arithmetic, not the rounding of its inputs."""
     q, k, v = (t.to(dtype).double() for t in (problem.q, problem.k, problem.v))
-    return Problem(q, k, v, problem.pattern)
+    return Problem(q, k, v, problem.pattern, problem.layouts)
 
 
 def _norm_rel(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -46,7 +51,8 @@ NAMES = ("out", "lse", "dq", "dk", "dv")
 @pytest.mark.parametrize("backend", BACKENDS)
 @given(problem=problems())
 def test_backend_equals_reference_in_float64(backend, problem):
-    expected = _run(problem, "reference")
+    # Any memory layout (transposed, sliced, stride-0 ...) against contiguous copies.
+    expected = _run(problem, "reference", contiguous=True)
     actual = _run(problem, backend)
     for name, a, e in zip(NAMES, actual, expected):
         assert a.shape == e.shape, name
@@ -61,7 +67,7 @@ def test_backend_equals_reference_in_float64(backend, problem):
 @given(problem=problems(max_len=150))
 def test_float32_within_1e5_relative_of_float64(backend, problem):
     problem = _rounded(problem, torch.float32)
-    expected = _run(problem, "reference")
+    expected = _run(problem, "reference", contiguous=True)
     actual = _run(problem, backend, dtype=torch.float32)
     assert actual[0].dtype == torch.float32 and actual[1].dtype == torch.float32
     for name, a, e in zip(NAMES, actual, expected):
@@ -72,7 +78,7 @@ def test_float32_within_1e5_relative_of_float64(backend, problem):
 @given(problem=problems(max_len=120, max_head_dim=64))
 def test_bfloat16_within_2e2_relative_with_float32_statistics(backend, problem):
     problem = _rounded(problem, torch.bfloat16)
-    expected = _run(problem, "reference")
+    expected = _run(problem, "reference", contiguous=True)
     actual = _run(problem, backend, dtype=torch.bfloat16)
     assert actual[0].dtype == torch.bfloat16
     assert actual[1].dtype == torch.float32, "LSE of half inputs must be float32"

@@ -23,6 +23,7 @@ from attnkit.kernels.reference import reference_kernel
 from attnkit.kernels.sparse import planned_pairs, sparse_kernel
 from attnkit.kernels.sparse_plan import plan_sparse
 from attnkit.patterns import BlockLocal, Periodic, Summary
+from strategies import LAYOUTS, arrange
 
 
 @st.composite
@@ -70,16 +71,20 @@ def sparse_problems(draw):
     q = torch.randn(batch, n_q_heads, n_q, head_dim, generator=gen, dtype=torch.float64)
     k = torch.randn(batch, n_kv_heads, n_k, head_dim, generator=gen, dtype=torch.float64)
     v = torch.randn(batch, n_kv_heads, n_k, value_dim, generator=gen, dtype=torch.float64)
-    return q, k, v, pattern, draw(st.sampled_from([4, 8, 16, 128])), draw(st.booleans())
+    layouts = tuple(draw(st.sampled_from(LAYOUTS)) for _ in range(3))
+    return q, k, v, pattern, draw(st.sampled_from([4, 8, 16, 128])), draw(st.booleans()), layouts
 
 
 def _finite(lse: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(lse), lse, 0.0)
 
 
-def _outputs_and_grads(run, q, k, v, lse_weight):
+def _outputs_and_grads(run, q, k, v, lse_weight, layouts=("contiguous",) * 3, contiguous=False):
+    """Outputs and gradients of ``run`` on views of ``q, k, v`` in ``layouts`` (``contiguous``:
+    on copies of those views), gradients with respect to the tensors the views are made from."""
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    out, lse = run(*leaves)
+    inputs = [arrange(t, layout) for t, layout in zip(leaves, layouts)]
+    out, lse = run(*(t.contiguous() for t in inputs) if contiguous else inputs)
     gen = torch.Generator().manual_seed(1)
     loss = (out * torch.randn(out.shape, generator=gen, dtype=out.dtype)).sum()
     loss = loss + lse_weight * (_finite(lse) * torch.randn(lse.shape, generator=gen, dtype=lse.dtype)).sum()
@@ -89,12 +94,12 @@ def _outputs_and_grads(run, q, k, v, lse_weight):
 
 @given(problem=sparse_problems())
 def test_sparse_plan_is_exact_forward_and_backward(problem):
-    q, k, v, pattern, unit_rows, lse_gradient = problem
+    q, k, v, pattern, unit_rows, lse_gradient, layouts = problem
     expected = _outputs_and_grads(
-        lambda *t: reference_kernel(*t, pattern, 0.37)[:2], q, k, v, float(lse_gradient)
+        lambda *t: reference_kernel(*t, pattern, 0.37)[:2], q, k, v, float(lse_gradient), layouts, True
     )
     actual = _outputs_and_grads(
-        lambda *t: sparse_kernel(*t, pattern, 0.37, unit_rows=unit_rows), q, k, v, float(lse_gradient)
+        lambda *t: sparse_kernel(*t, pattern, 0.37, unit_rows=unit_rows), q, k, v, float(lse_gradient), layouts
     )
     assert torch.equal(torch.isinf(actual[1]), torch.isinf(expected[1])), "rows without keys"
     for name, a, e in zip(["out", "lse", "dq", "dk", "dv"], actual, expected):

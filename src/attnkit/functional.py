@@ -5,6 +5,11 @@ heads and ``k``/``v`` have ``Hkv`` heads with ``Hq % Hkv == 0`` (query head ``h`
 ``h // (Hq // Hkv)``); query row ``r`` sits at absolute position ``r + Nk - Nq``; the scale defaults
 to ``1 / sqrt(head_dim)``; fully masked query rows return zeros and LSE ``-inf``; softmax statistics
 and the LSE are float32 for float16/bfloat16 inputs.
+
+Non-finite inputs follow one rule in every backend: **a row's output depends only on the keys and
+values it may see.** A NaN or inf at a position the pattern hides from a row never reaches that
+row (nor its gradients); a row that may see one gets whatever its own arithmetic gives (NaN, or
+inf) and passes no gradient back.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ import torch
 
 from .kernels.band_native import band_native_supports, finite_band
 from .kernels.blockwise import blockwise_kernel, plan_tiles, planned_pairs
-from .kernels.dense import dense_kernel, fused_lse_available
+from .kernels.common import keep_visible
+from .kernels.dense import dense_fits, dense_kernel, fused_lse_available
 from .kernels.reference import reference_kernel
 from .kernels.sparse import head_runs, sparse_kernel
 from .kernels.sparse import planned_pairs as sparse_planned_pairs
@@ -127,6 +133,8 @@ def choose_backend(
     head_dim: int = 64,
     value_dim: int = 64,
     native_band: bool = False,
+    dtype: torch.dtype = torch.float32,
+    scale: float = 1.0,
 ) -> str:
     """The backend ``"auto"`` runs: the fastest exact plan for this pattern and these sizes.
 
@@ -142,7 +150,17 @@ def choose_backend(
     else to SDPA with a mask.
     A call that needs the LSE where SDPA cannot return it from the same call (off CPU, or a value
     width unlike the key width) goes to the sparse or blockwise kernel, which produce it anyway.
+    Dense is never chosen when its mask would not fit in memory (see
+    :func:`~attnkit.kernels.dense.dense_fits`; ``dtype`` and ``scale`` are the call's, which size
+    that mask): the sparse or blockwise kernel runs instead.
     """
+    choice = _fastest(pattern, n_q, n_k, device, need_lse, n_q_heads, head_dim, value_dim, native_band)
+    if choice == "dense" and not dense_fits(pattern, n_q, n_k, device, dtype, scale):
+        return "sparse" if _sparse_planned(pattern, n_q_heads) else "blockwise"
+    return choice
+
+
+def _fastest(pattern, n_q, n_k, device, need_lse, n_q_heads, head_dim, value_dim, native_band) -> str:
     lse_needs_kernel = need_lse and not fused_lse_available(device, head_dim, value_dim)
     if native_band and _finite_bands(pattern, n_q_heads):
         if n_q >= _NATIVE_MIN_QUERIES or lse_needs_kernel:
@@ -191,7 +209,12 @@ def attention(
     Raises:
         TypeError: a non-tensor or non-float input, mixed dtypes, a non-pattern, a bad scale.
         ValueError: rank not 4, batch/head_dim/seq mismatch, ``Hq % Hkv != 0``, mixed devices,
-            a per-head pattern whose head count differs from ``Hq``, an unknown backend.
+            a per-head pattern whose head count differs from ``Hq``, an unknown backend,
+            ``backend="dense"`` for a pattern whose mask would take more than a quarter of the
+            free memory (the message names the backends that run it without one).
+
+    A NaN or inf in a key or value reaches only the rows that may see it (see the module
+    docstring); the check costs one sum over ``out`` and reruns the call only when it fails.
     """
     _check_inputs(q, k, v)
     scale = _check_scale(scale, q.shape[-1])
@@ -203,6 +226,7 @@ def attention(
             pattern, q.shape[2], k.shape[2], q.device, return_lse, q.shape[1],
             head_dim=q.shape[-1], value_dim=v.shape[-1],
             native_band=_finite_bands(pattern, q.shape[1]) and band_native_supports(q, k, v),
+            dtype=q.dtype, scale=scale,
         )
     if backend == "reference":
         out, lse, _ = reference_kernel(q, k, v, pattern, scale)
@@ -212,6 +236,12 @@ def attention(
         out, lse = sparse_kernel(q, k, v, pattern, scale)
     else:
         out, lse = blockwise_kernel(q, k, v, pattern, scale)
+
+    def rerun(k_clean: torch.Tensor, v_clean: torch.Tensor) -> tuple:
+        result = attention(q, k_clean, v_clean, pattern, scale=scale, backend=backend, return_lse=return_lse)
+        return result if return_lse else (result, None)
+
+    out, lse = keep_visible((out, lse), rerun, q, k, v, pattern)
     return (out, lse) if return_lse else out
 
 
@@ -233,5 +263,6 @@ def reference_attention(
     scale = _check_scale(scale, q.shape[-1])
     pattern = _check_pattern(pattern, q.shape[1])
     pattern.validate(q.shape[2], k.shape[2])
-    out, _, weights = reference_kernel(q, k, v, pattern, scale)
+    result = reference_kernel(q, k, v, pattern, scale)
+    out, _, weights = keep_visible(result, lambda k_, v_: reference_kernel(q, k_, v_, pattern, scale), q, k, v, pattern)
     return out, weights

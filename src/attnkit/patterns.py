@@ -32,6 +32,7 @@ Band = tuple[float, float]
 """An inclusive range ``(lo, hi)`` of allowed ``i - j``; either end may be infinite."""
 
 _ROW_CHUNK = 256  # query rows evaluated at once when a pattern has no closed form
+_MASK_ELEMENTS = 1 << 22  # pairs evaluated at once when a dense mask is built
 
 
 def query_key_positions(
@@ -72,7 +73,14 @@ class Pattern:
         positive_int(type(self).__name__ + ".mask", "n_k", n_k)
         self.validate(n_q, n_k)
         q_pos, k_pos = query_key_positions(n_q, n_k, device)
-        return self._full_shape(self.allows(q_pos[:, None], k_pos[None, :]), n_q, n_k)
+        shape = (n_q, n_k) if self.n_heads is None else (self.n_heads, n_q, n_k)
+        allowed = torch.empty(shape, dtype=torch.bool, device=device)
+        # A block of rows at a time, so whatever a predicate computes on the way (positions,
+        # differences) is at most _MASK_ELEMENTS entries, never n_q x n_k.
+        rows = max(1, _MASK_ELEMENTS // n_k)
+        for start in range(0, n_q, rows):
+            allowed[..., start : start + rows, :] = self.allows(q_pos[start : start + rows, None], k_pos[None, :])
+        return allowed
 
     def rows_mask(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
         """Mask of the given position vectors: ``[len(q_pos), len(k_pos)]`` (per-head: leading H)."""
@@ -157,14 +165,23 @@ def _band_block_layout(band: Band, n_q: int, n_k: int, block_size: int) -> torch
 
 
 def _band_allows(band: Band, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+    # lo <= i - j <= hi as j <= i - lo and j >= i - hi: the shifts are taken of the index
+    # vectors, so the only broadcast result is the boolean one (no int64 i - j table).
     lo, hi = band
-    d = i - j
-    allowed = torch.ones_like(d, dtype=torch.bool)
+    allowed = None
     if math.isfinite(lo):
-        allowed = allowed & (d >= lo)
+        allowed = j <= i - _offset(math.ceil(lo))
     if math.isfinite(hi):
-        allowed = allowed & (d <= hi)
+        reach = j >= i - _offset(math.floor(hi))
+        allowed = reach if allowed is None else allowed.logical_and_(reach)
+    if allowed is None:
+        return torch.ones(torch.broadcast_shapes(i.shape, j.shape), dtype=torch.bool, device=i.device)
     return allowed
+
+
+def _offset(edge: int) -> int:
+    """A band edge clamped into int64 range (an edge beyond any position means the same)."""
+    return max(-(2**62), min(edge, 2**62))
 
 
 @dataclass(frozen=True)
@@ -232,8 +249,9 @@ class Strided(Pattern):
         return (SlidingWindow(self.stride + 1), Periodic(self.stride))
 
     def allows(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
-        d = i - j
-        return (d >= 0) & ((d <= self.stride) | (d % self.stride == 0))
+        # (i - j) % stride == 0 as equal residues: no int64 i - j table is broadcast.
+        same_residue = (i % self.stride) == (j % self.stride)
+        return (j <= i) & ((j >= i - self.stride) | same_residue)
 
 
 @dataclass(frozen=True)
@@ -247,8 +265,7 @@ class Periodic(Pattern):
         positive_int("Periodic", "stride", self.stride)
 
     def allows(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
-        d = i - j
-        return (d >= 0) & (d % self.stride == 0)
+        return (j <= i) & ((i % self.stride) == (j % self.stride))
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..patterns import Pattern
@@ -26,3 +27,90 @@ def head_mask(pattern: Pattern, n_q: int, n_k: int, device: torch.device, groups
     if pattern.n_heads is None:
         return allowed
     return allowed.unflatten(0, (pattern.n_heads // groups, groups))
+
+
+# ---------------------------------------------------------------------------------------------
+# The visibility rule: a row's output depends only on the keys and values it may see.
+#
+# Kernels compute some pairs they then discard (SDPA's P @ V runs over every key, tiles and units
+# cover blocks), and 0 * NaN = NaN, so a NaN or inf at a position a row may not see can still
+# reach it. Checking the inputs on every call would cost a pass over K and V (as much as a
+# decoding step); checking the output costs a pass over ``out`` only, and a result with no
+# non-finite number was not poisoned. Only then are the inputs inspected and the call rerun.
+
+_SEEN_ELEMENTS = 1 << 22  # (row, bad key) pairs evaluated at once by rows_seeing
+_HALF_EXPONENT = {torch.float16: 0x7C00, torch.bfloat16: 0x7F80}
+
+
+def all_finite(out: torch.Tensor) -> bool:
+    """Whether ``out`` holds no NaN or inf.
+
+    On the CPU numpy does it in the calling thread: a torch reduction over a large tensor wakes
+    the intra-op thread pool, which on a busy machine costs more than the pass itself. One sum
+    (NaN and inf survive it) decides, unless it is not finite (perhaps an overflow of large
+    values): then an element-wise check. Half types are read as bits (numpy lacks bfloat16, and
+    a float16 sum would overflow): NaN and inf are the values whose exponent bits are all ones.
+    """
+    out = out.detach()
+    if out.device.type != "cpu":
+        return bool(torch.isfinite(out.sum(dtype=compute_dtype(out.dtype)))) or bool(torch.isfinite(out).all())
+    if out.dtype in _HALF_EXPONENT:
+        exponent = _HALF_EXPONENT[out.dtype]
+        return not bool(((out.view(torch.int16).numpy() & exponent) == exponent).any())
+    values = out.numpy()
+    with np.errstate(over="ignore", invalid="ignore"):
+        return bool(np.isfinite(values.sum())) or bool(np.isfinite(values).all())
+
+
+def _sees_every_key(pattern: Pattern, n_q: int, n_k: int) -> bool:
+    """Whether every row may see every key: the band covers every offset ``i - j`` in
+    ``[1 - n_q, n_k - 1]`` (bottom-right alignment)."""
+    band = pattern.band() if pattern.n_heads is None else None
+    return band is not None and band[0] <= 1 - n_q and band[1] >= n_k - 1
+
+
+def nonfinite_keys(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``(B, Hkv, Nk)`` bool: key positions whose key or value holds a NaN or inf."""
+    return ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1))
+
+
+def rows_seeing(pattern: Pattern, bad: torch.Tensor, n_q_heads: int, n_q: int) -> torch.Tensor:
+    """``(B, Hq, Nq)`` bool: query rows that may see at least one key marked in ``bad
+    (B, Hkv, Nk)``. Evaluates the pattern on the marked columns only, a block of rows at a time."""
+    n_k = bad.shape[-1]
+    cols = bad.flatten(0, 1).any(0).nonzero().flatten()
+    marked = bad[..., cols].to(torch.float32).repeat_interleave(n_q_heads // bad.shape[1], dim=1)
+    marked = marked.unsqueeze(-1)  # (B, Hq, J, 1)
+    offset = n_k - n_q
+    q_pos = torch.arange(offset, offset + n_q, device=bad.device)
+    rows = max(1, _SEEN_ELEMENTS // max(1, len(cols)))
+    counts = []
+    for start in range(0, n_q, rows):
+        allowed = pattern.rows_mask(q_pos[start : start + rows], cols).to(torch.float32)  # ([Hq,] r, J)
+        counts.append(torch.matmul(allowed, marked).squeeze(-1))  # (B, Hq, r)
+    return torch.cat(counts, dim=-1) > 0
+
+
+def keep_visible(result: tuple, rerun, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern) -> tuple:
+    """Enforce the visibility rule on a kernel's ``result``: a tuple whose entries are None or
+    tensors ``(B, Hq, Nq, ...)`` (out, lse, weights); ``rerun`` returns the same entries. When ``result[0]`` is not finite and some
+    key or value is, ``rerun(k, v)`` computes the result with those entries set to zero, and
+    each row takes that clean result unless it may see a non-finite entry; those rows keep
+    their own (non-finite) values, detached, so no NaN flows back into other rows' gradients.
+    A pattern that hides no key from any row (Full; Causal for one decoding query) needs no check."""
+    if _sees_every_key(pattern, q.shape[2], k.shape[2]) or all_finite(result[0]):
+        return result
+    bad = nonfinite_keys(k, v)
+    if not bool(bad.any()):
+        return result
+    zero = torch.zeros((), dtype=k.dtype, device=k.device)
+    clean = rerun(torch.where(torch.isfinite(k), k, zero), torch.where(torch.isfinite(v), v, zero))
+    sees = rows_seeing(pattern, bad, q.shape[1], q.shape[2])
+    merged = []
+    for own, fixed in zip(result, clean):
+        if own is None or fixed is None:  # an LSE nobody asked for
+            merged.append(None)
+            continue
+        rows = sees.view(*sees.shape, *([1] * (own.dim() - 3)))
+        merged.append(torch.where(rows, own.detach(), fixed))
+    return tuple(merged)

@@ -9,12 +9,19 @@ When the LSE is asked for on CPU, torch's fused CPU kernel (an internal ATen op 
 surrogate adds the exact LSE gradient: ``d lse_i / d q_i = scale * (P K)_i`` and
 ``d lse_i / d k_j = scale * p_ij q_i``, both computed by one more SDPA call that uses K as the values.
 Elsewhere (other devices, or a value width that differs from the key width, which that op
-rejects) the LSE comes from the blockwise kernel.
+rejects) the LSE comes from the blockwise kernel. That op reads its inputs as if their last
+dimension were unit-stride, so views that are not (a transposed or sliced head dimension) are
+copied first.
+
+A mask costs ``Nq x Nk`` bytes plus the same number of elements in the inputs' dtype (SDPA, and
+the fused op, add a float copy of it). :func:`check_dense_fits` refuses a mask larger than a
+quarter of the free memory, naming the backends that run the pattern without one.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import torch
@@ -33,11 +40,12 @@ def fused_lse_available(device: torch.device, head_dim: int, value_dim: int) -> 
     return _CPU_FUSED_WITH_LSE is not None and device.type == "cpu" and value_dim == head_dim
 
 
-def sdpa_mask(
-    pattern: Pattern, n_q: int, n_k: int, device: torch.device, scale: float = 1.0
-) -> tuple[bool, Optional[torch.Tensor]]:
-    """``(is_causal, mask)`` for SDPA: no mask for Full or a square causal problem, else a bool
-    mask ``(Nq, Nk)`` or ``(1, Hq, Nq, Nk)`` with True = may attend.
+MASK_CHECKED_ABOVE = 1 << 26
+"""Bytes of mask below which no free-memory check is made (every machine has this much)."""
+
+
+def _mask_free(pattern: Pattern, n_q: int, n_k: int, scale: float) -> Optional[bool]:
+    """``is_causal`` when SDPA runs this problem without a mask, None when it needs one.
 
     torch's ``is_causal`` CPU kernel returns NaN for ``scale <= 0``, so such calls get a mask.
     """
@@ -46,9 +54,74 @@ def sdpa_mask(
         lo, hi = band
         # i - j ranges over [1 - n_q, n_k - 1] under bottom-right alignment.
         if lo <= 1 - n_q and hi >= n_k - 1:
-            return False, None
+            return False
         if band == (0, math.inf) and n_q == n_k and scale > 0:
-            return True, None
+            return True
+    return None
+
+
+def free_memory(device: torch.device) -> Optional[int]:
+    """Bytes free on ``device`` (CPU: the kernel's ``MemAvailable``, else free pages), or None
+    when unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def dense_mask_bytes(pattern: Pattern, n_q: int, n_k: int, dtype: torch.dtype, scale: float = 1.0) -> int:
+    """Bytes of the masks this backend builds for the problem: the bool mask and its float copy."""
+    if _mask_free(pattern, n_q, n_k, scale) is not None:
+        return 0
+    return (pattern.n_heads or 1) * n_q * n_k * (1 + torch.empty((), dtype=dtype).element_size())
+
+
+def dense_fits(
+    pattern: Pattern, n_q: int, n_k: int, device: torch.device, dtype: torch.dtype, scale: float = 1.0
+) -> bool:
+    """Whether the dense backend's mask stays within a quarter of the free memory."""
+    needed = dense_mask_bytes(pattern, n_q, n_k, dtype, scale)
+    if needed <= MASK_CHECKED_ABOVE:
+        return True
+    free = free_memory(device)
+    return free is None or needed <= free // 4
+
+
+def check_dense_fits(
+    pattern: Pattern, n_q: int, n_k: int, device: torch.device, dtype: torch.dtype, scale: float = 1.0
+) -> None:
+    """Raise ValueError when the dense backend's mask would exceed a quarter of the free memory."""
+    if dense_fits(pattern, n_q, n_k, device, dtype, scale):
+        return
+    needed = dense_mask_bytes(pattern, n_q, n_k, dtype, scale)
+    free = free_memory(device) or 0
+    raise ValueError(
+        f"backend 'dense' needs a {needed / 2**30:.2f} GiB mask for {pattern!r} with Nq={n_q}, Nk={n_k} "
+        f"on {device} (more than a quarter of the {free / 2**30:.2f} GiB free); use backend='sparse' "
+        "or backend='blockwise', which never build an Nq x Nk mask"
+    )
+
+
+def sdpa_mask(
+    pattern: Pattern, n_q: int, n_k: int, device: torch.device, scale: float = 1.0
+) -> tuple[bool, Optional[torch.Tensor]]:
+    """``(is_causal, mask)`` for SDPA: no mask for Full or a square causal problem, else a bool
+    mask ``(Nq, Nk)`` or ``(1, Hq, Nq, Nk)`` with True = may attend.
+    """
+    is_causal = _mask_free(pattern, n_q, n_k, scale)
+    if is_causal is not None:
+        return is_causal, None
     mask = head_mask(pattern, n_q, n_k, device, groups=1)
     return False, mask.reshape(1, -1, n_q, n_k) if pattern.n_heads else mask
 
@@ -81,11 +154,14 @@ def dense_kernel(
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Attention through SDPA. Inputs validated: q ``(B, Hq, Nq, D)``, k ``(B, Hkv, Nk, D)``,
     v ``(B, Hkv, Nk, Dv)``. Returns ``(out, lse or None)``; fully masked rows give zeros and -inf.
+    Raises ValueError when the mask would not fit (see :func:`check_dense_fits`).
     """
     n_q, n_k = q.shape[2], k.shape[2]
+    check_dense_fits(pattern, n_q, n_k, q.device, q.dtype, scale)
     is_causal, mask = sdpa_mask(pattern, n_q, n_k, q.device, scale)
     gqa = kv_groups(q, k) > 1
     if need_lse and fused_lse_available(q.device, q.shape[-1], v.shape[-1]):
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         additive = None
         if mask is not None:
             additive = torch.zeros(mask.shape, dtype=q.dtype, device=q.device)

@@ -17,7 +17,13 @@ one of two executions:
   contributes exactly its share of dq, dk, dv with no extra pass for the LSE merge. A gradient that
   arrives through the returned LSE is handled by recomputing through the portable path;
 - elsewhere the portable path: per chunk of units, explicit matmuls and an exp2 softmax,
-  differentiated by autograd (only per-unit probabilities are saved).
+  differentiated by autograd (only per-unit probabilities are saved). It keeps each part's row
+  maximum and log-sum apart and merges relative to the largest maximum, with scores taken
+  relative to each head's first key, so parts with huge tied scores merge exactly.
+
+The fused path merges the parts' LSEs, whose last bit is a relative error of ``|lse| * eps`` in
+the part weights; when that exceeds ``_MERGE_ERROR`` (float32 scores above about 32, rare) the
+call is rerun on the portable path.
 """
 
 from __future__ import annotations
@@ -26,12 +32,12 @@ from typing import Iterator, Optional
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..patterns import BlockSparse, Pattern, PerHead
 from .band_native import band_backward, band_forward, band_native_attention, band_native_supports, finite_band
-from .blockwise import merge_lse
 from .common import compute_dtype, kv_groups
 from .sparse_plan import BACKWARD_BAND_ROWS, BAND_ROWS, UNIT_ROWS, SparsePlan, UnitGroup, plan_sparse
 
@@ -106,7 +112,10 @@ class _Layout:
             )
             view.add_(values) if accumulate else view.copy_(values)
             return
-        if accumulate and self.arith is not None and self.all_valid and self.arith[1] > 0 and self.arith[2] == 1:
+        if (
+            accumulate and self.arith is not None and self.all_valid and self.arith[1] > 0
+            and self.arith[2] == 1 and target.is_contiguous()
+        ):
             self._add_segments(target, values)
             return
         flat = values.flatten(1, 2)
@@ -321,8 +330,9 @@ def _chunks(x: torch.Tensor, index: torch.Tensor, chunk: int) -> Iterator[torch.
 
 
 def _portable_group(q_flat, k, v, group: UnitGroup, plan: SparsePlan, groups: int):
-    """One group: ``(out (B, Hkv, U*g*R, Dv), lse2 (B, Hkv, U*g*R), destination rows)``;
-    ``q_flat (B, Hkv, g*Nq, D)`` is pre-scaled by ``scale * log2(e)`` (base-2 scores)."""
+    """One group: ``(out (B, Hkv, U*g*R, Dv), row_max, log_sum, destination rows)``, the row
+    statistics ``(B, Hkv, U*g*R)`` in base 2 (``row_max`` -inf on rows that saw no key, where
+    ``log_sum`` is 0); ``q_flat (B, Hkv, g*Nq, D)`` is pre-scaled by ``scale * log2(e)``."""
     n_q = plan.n_q
     units, rows_per_unit = group.q_pos.shape
     n_cols = group.k_pos.shape[1]
@@ -335,21 +345,40 @@ def _portable_group(q_flat, k, v, group: UnitGroup, plan: SparsePlan, groups: in
     batch, kv_heads = k.shape[:2]
     chunk = max(1, CHUNK_SCORES // (batch * kv_heads * groups * rows_per_unit * n_cols))
     blocked = group.blocked.unsqueeze(1)  # (U or 1, 1, R, C)
-    outs, lses = [], []
+    outs, maxes, log_sums = [], [], []
     inputs = zip(_chunks(q_flat, safe_rows.flatten(1), chunk), _chunks(k, k_index, chunk), _chunks(v, k_index, chunk))
     for start, (q_u, k_u, v_u) in zip(range(0, units, chunk), inputs):
         scores = torch.matmul(q_u, k_u.transpose(-1, -2))  # (B, Hkv, u, g*R, C)
         unit_blocked = blocked if blocked.shape[0] == 1 else blocked[start : start + chunk]
         scores.view(*scores.shape[:3], groups, rows_per_unit, n_cols).masked_fill_(unit_blocked, float("-inf"))
         row_max = scores.detach().amax(-1, keepdim=True)
-        row_max = row_max.masked_fill(row_max == float("-inf"), 0.0)
-        probs = scores.sub_(row_max).exp2_()
+        unseen = row_max == float("-inf")
+        probs = scores.sub_(row_max.masked_fill(unseen, 0.0)).exp2_()
         row_sum = probs.sum(-1)
-        seen = row_sum > 0
-        safe_sum = torch.where(seen, row_sum, 1.0)
+        safe_sum = torch.where(row_sum > 0, row_sum, 1.0)
         outs.append(torch.matmul(probs, v_u) / safe_sum.unsqueeze(-1))
-        lses.append(torch.where(seen, row_max.squeeze(-1) + torch.log2(safe_sum), float("-inf")))
-    return torch.cat(outs, dim=2).flatten(2, 3), torch.cat(lses, dim=2).flatten(2, 3), dest
+        maxes.append(row_max.squeeze(-1))
+        log_sums.append(torch.log2(safe_sum))
+    parts = (torch.cat(t, dim=2).flatten(2, 3) for t in (outs, maxes, log_sums))
+    return (*parts, dest)
+
+
+def _merge_by_maxima(outs, maxes, log_sums) -> tuple[torch.Tensor, torch.Tensor]:
+    """The LSE merge of parts given as (row max, log2 of the sum below it) pairs in base 2:
+    ``(out, lse2)``. Weights ``2^(max_i - max + log_sum_i)`` are taken relative to the largest
+    maximum and never pass through a rounded LSE, so parts that share their maximum keep their
+    exact proportions however large the scores (a float32 LSE of 4e8 has no bits left for the
+    log of the sum)."""
+    if len(outs) == 1:
+        return outs[0], torch.where(maxes[0] == float("-inf"), maxes[0], maxes[0] + log_sums[0])
+    top = torch.stack(maxes).amax(0)
+    top = top.masked_fill(top == float("-inf"), 0.0)
+    weights = [torch.exp2(m - top + s) for m, s in zip(maxes, log_sums)]  # 0 where a part saw nothing
+    total = sum(weights)
+    seen = total > 0
+    safe = torch.where(seen, total, 1.0)
+    out = sum((w / safe).unsqueeze(-1) * o for w, o in zip(weights, outs))
+    return out, torch.where(seen, top + torch.log2(safe), float("-inf"))
 
 
 def _portable(q, k, v, plan: SparsePlan, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -357,19 +386,46 @@ def _portable(q, k, v, plan: SparsePlan, scale: float) -> tuple[torch.Tensor, to
     batch, n_q_heads, n_q, _ = q.shape
     kv_heads, groups = k.shape[1], kv_groups(q, k)
     q_flat = (q.to(dtype) * (scale * _LOG2E)).reshape(batch, kv_heads, groups * n_q, q.shape[-1])
-    k, v = k.to(dtype), v.to(dtype)
-    outs, lses = [], []
+    # Scores relative to each head's first key: softmax ignores a per-row constant, and keys that
+    # share a large component (equal keys, at the extreme) then give small scores whose rounding
+    # no longer depends on how each unit's matmul orders its sums; the constant returns in the LSE.
+    k_ref = k[:, :, :1].to(dtype)
+    row_offset = (q_flat * k_ref).sum(-1).reshape(batch, n_q_heads, n_q)
+    k, v = k.to(dtype) - k_ref, v.to(dtype)
+    outs, maxes, log_sums = [], [], []
     for part in plan.parts:
         out = q_flat.new_zeros(batch, kv_heads, groups * n_q + 1, v.shape[-1])  # last row: padding
-        lse = q_flat.new_full((batch, kv_heads, groups * n_q + 1), float("-inf"))
+        row_max = q_flat.new_full((batch, kv_heads, groups * n_q + 1), float("-inf"))
+        log_sum = q_flat.new_zeros((batch, kv_heads, groups * n_q + 1))
         for group in part:
-            group_out, group_lse, dest = _portable_group(q_flat, k, v, group, plan, groups)
+            group_out, group_max, group_log_sum, dest = _portable_group(q_flat, k, v, group, plan, groups)
             out = out.index_copy(2, dest, group_out)
-            lse = lse.index_copy(2, dest, group_lse)
+            row_max = row_max.index_copy(2, dest, group_max)
+            log_sum = log_sum.index_copy(2, dest, group_log_sum)
         outs.append(out[:, :, :-1].reshape(batch, n_q_heads, n_q, -1))
-        lses.append(lse[:, :, :-1].reshape(batch, n_q_heads, n_q) / _LOG2E)
-    out, lse = (outs[0], lses[0]) if len(outs) == 1 else merge_lse(outs, lses)
-    return out.to(q.dtype), lse
+        maxes.append(row_max[:, :, :-1].reshape(batch, n_q_heads, n_q))
+        log_sums.append(log_sum[:, :, :-1].reshape(batch, n_q_heads, n_q))
+    out, lse2 = _merge_by_maxima(outs, maxes, log_sums)
+    return out.to(q.dtype), (lse2 + row_offset) / _LOG2E
+
+
+_MERGE_ERROR = 2.0**-18
+"""Largest relative error of the part weights the fused path may make by merging rounded LSEs
+(``|lse| * eps`` of the LSE's dtype): beyond it the portable path merges by row maxima."""
+
+
+def _merge_imprecise(plan: SparsePlan, lse: torch.Tensor) -> bool:
+    """Whether merging the parts' rounded LSEs lost precision: the LSEs are so large that their
+    last bit outweighs ``_MERGE_ERROR`` (float32 scores above about 32)."""
+    if len(plan.parts) < 2 or lse.numel() == 0:
+        return False
+    lse = lse.detach()
+    if lse.device.type == "cpu":  # numpy: no thread pool for a pass over (B, H, Nq)
+        values = lse.numpy()
+        largest = float(np.abs(values[values != -np.inf]).max(initial=0.0))
+    else:
+        largest = float(lse.masked_fill(lse == float("-inf"), 0.0).abs().amax())
+    return largest * torch.finfo(lse.dtype).eps > _MERGE_ERROR
 
 
 # ---------------------------------------------------------------------------------------------
@@ -433,7 +489,10 @@ def _run(q, k, v, pattern: Pattern, scale: float, unit_rows: int) -> tuple[torch
         backward_plan = plan_sparse(pattern, n_q, n_k, device, unit_rows, min(unit_rows, BACKWARD_BAND_ROWS))
     else:
         backward_plan = plan
-    return _FusedSparseAttention.apply(q, k, v, plan, backward_plan, scale)
+    out, lse = _FusedSparseAttention.apply(q, k, v, plan, backward_plan, scale)
+    if _merge_imprecise(plan, lse):  # rare (huge scores): rerun, merging by exact row maxima
+        return _portable(q, k, v, plan, scale)
+    return out, lse
 
 
 def sparse_kernel(
