@@ -91,14 +91,25 @@ def rows_seeing(pattern: Pattern, bad: torch.Tensor, n_q_heads: int, n_q: int) -
     return torch.cat(counts, dim=-1) > 0
 
 
+def _host_read_forbidden(q: torch.Tensor) -> bool:
+    """Whether reading a tensor's value on the host is impossible now (compiling, graph capture)."""
+    if torch.compiler.is_compiling():
+        return True
+    return q.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def keep_visible(result: tuple, rerun, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern) -> tuple:
     """Enforce the visibility rule on a kernel's ``result``: a tuple whose entries are None or
     tensors ``(B, Hq, Nq, ...)`` (out, lse, weights); ``rerun`` returns the same entries. When ``result[0]`` is not finite and some
     key or value is, ``rerun(k, v)`` computes the result with those entries set to zero, and
     each row takes that clean result unless it may see a non-finite entry; those rows keep
     their own (non-finite) values, detached, so no NaN flows back into other rows' gradients.
-    A pattern that hides no key from any row (Full; Causal for one decoding query) needs no check."""
-    if _sees_every_key(pattern, q.shape[2], k.shape[2]) or all_finite(result[0]):
+    A pattern that hides no key from any row (Full; Causal for one decoding query) needs no check.
+    Nor is it made while ``torch.compile`` traces or a CUDA graph is captured: reading the result
+    on the host would break the graph or the capture (those callers get the kernel's result)."""
+    if _sees_every_key(pattern, q.shape[2], k.shape[2]) or _host_read_forbidden(q):
+        return result
+    if all_finite(result[0]):
         return result
     bad = nonfinite_keys(k, v)
     if not bool(bad.any()):
