@@ -311,7 +311,25 @@ def test_a_closed_connection_at_posting_names_rank_peer_and_phase():
     ranks = run_group(_posts_to_a_dead_peer, 2, deadline_s=60, group_timeout_s=30)
     message = ranks[0].value
     assert message.startswith("ring attention: rank 0 ")
-    assert "backward step 2 keys/values (to rank 1, from rank 1)" in message and "peer died" in message
+    assert "backward step 2 keys/values (to rank 1, from rank 1)" in message
+    # The closed-connection wording, not the timeout's ("a peer died, hung or never joined").
+    assert re.search(r"(a connection is closed, a peer died|the connection closed, the peer died) \(.*[Cc]onnection",
+                     message), message
+
+
+def test_a_transfer_the_backend_refuses_is_not_blamed_on_a_peer(monkeypatch):
+    # Before: every RuntimeError at posting read "a connection is closed, a peer died", bad usage too.
+    def refuse(ops):
+        raise RuntimeError("input tensor has to be contiguous")  # gloo's words for a transposed tensor
+
+    monkeypatch.setattr(torch.distributed, "batch_isend_irecv", refuse)
+    monkeypatch.setattr(torch.distributed, "P2POp", lambda *args: args)  # no process group here
+    comm = object.__new__(RingComm)
+    comm.group, comm.rank, comm.size, comm.stats = None, 0, 2, None
+    with pytest.raises(RuntimeError) as info:
+        comm.exchange(torch.zeros(4, 4).t(), 1, torch.empty(16), 1, "forward step 1 keys/values")
+    assert str(info.value) == ("ring attention: rank 0 could not start forward step 1 keys/values "
+                               "(to rank 1, from rank 1): input tensor has to be contiguous")
 
 
 def test_a_peer_that_never_calls_times_out_within_the_timeout():
