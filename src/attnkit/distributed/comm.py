@@ -69,9 +69,10 @@ _LOST_CONNECTION = (
 )
 
 
-def is_lost_connection(exc: BaseException) -> bool:
-    """Whether a gloo/NCCL error says a connection to a peer is gone (rather than bad usage)."""
-    text = str(exc).lower()
+def is_lost_connection(error: BaseException | str) -> bool:
+    """Whether a gloo/NCCL error (or its text) says a connection to a peer is gone (rather than
+    bad usage)."""
+    text = str(error).lower()
     return any(marker in text for marker in _LOST_CONNECTION)
 
 
