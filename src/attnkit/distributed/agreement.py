@@ -95,8 +95,8 @@ def _structure(value: object, depth: int = 0) -> str:
     depth += 1
     if isinstance(value, types.BuiltinFunctionType) and not isinstance(value.__self__, (types.ModuleType, type(None))):
         return f"builtin {value.__qualname__} of {_structure(value.__self__, depth)}"  # e.g. a tensor's method
-    if isinstance(value, Pattern) and dataclasses.is_dataclass(value):
-        parts = [f"{f.name}={_structure(getattr(value, f.name), depth)}" for f in dataclasses.fields(value) if f.init]
+    if isinstance(value, Pattern) and dataclasses.is_dataclass(value):  # a finite tree: no depth spent
+        parts = [f"{f.name}={_structure(getattr(value, f.name), depth - 1)}" for f in dataclasses.fields(value) if f.init]
         return f"{type(value).__name__}({', '.join(parts)})"
     if isinstance(value, torch.Tensor):
         return _tensor_digest(value)
