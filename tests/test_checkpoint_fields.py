@@ -80,7 +80,8 @@ def test_a_number_beyond_float_range_names_file_and_field(tmp_path, field):
     # A JSON integer such as 1e400 written out in full: float() of it used to raise a bare OverflowError.
     path, _ = _saved(tmp_path)
     _edit_json(path / "config.json", **{field: 10**400})
-    with pytest.raises(ValueError, match=rf"config\.json: {field} must be a finite number, got 1000.*\.\.\. \(an integer\)"):
+    message = rf"config\.json: {field} must be a finite number, got 1000.*\.\.\. \(an integer\)"
+    with pytest.raises(ValueError, match=message):
         Llama.from_pretrained(path)
 
 

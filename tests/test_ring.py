@@ -242,13 +242,14 @@ def test_bad_input_is_rejected_on_every_rank(ring_run):
         assert errors["scale"].endswith("another scale")
         assert errors["same predicate"] == "no error" and errors["same block layout"] == "no error"
         assert errors["window off by one"].startswith("ValueError: ring_attention: ranks pass different patterns")
+        heard_from_rank_1 = "ValueError: ring_attention: rank 1 cannot take part: "
         bad_layout = f"ValueError: BlockSparse: layout of shape ({world}, {world}) with block_size 2 does not match"
         if rank == 0:  # the one valid rank hears what went wrong on rank 1 (before: it lost rank 1)
-            assert errors["layout on some ranks"].startswith(f"ValueError: ring_attention: rank 1 cannot take part: {bad_layout}")
+            assert errors["layout on some ranks"].startswith(f"{heard_from_rank_1}{bad_layout}")
         else:
             assert errors["layout on some ranks"].startswith(bad_layout)
         nan_scale = "ValueError: scale must be finite, got nan"
-        assert errors["scale on rank 1"] == (nan_scale if rank == 1 else f"ValueError: ring_attention: rank 1 cannot take part: {nan_scale}")
+        assert errors["scale on rank 1"] == (nan_scale if rank == 1 else f"{heard_from_rank_1}{nan_scale}")
 
 
 class _Window:
@@ -272,8 +273,8 @@ def test_fingerprint_sees_values_captured_by_a_predicate():
     for w in (100, 1000, 3000):
         assert pattern_fingerprint(_window(w), n) != pattern_fingerprint(_window(w + 1), n), w
         assert pattern_fingerprint(_window(w), n) == pattern_fingerprint(_window(w), n)
-    assert pattern_fingerprint(Predicate(_Window(1000).allows), n) != pattern_fingerprint(Predicate(_Window(2000).allows), n)
-    assert pattern_fingerprint(Predicate(_Window(1000).allows), n) == pattern_fingerprint(Predicate(_Window(1000).allows), n)
+    bound = [pattern_fingerprint(Predicate(_Window(w).allows), n) for w in (1000, 2000, 1000)]
+    assert bound[0] != bound[1] and bound[0] == bound[2]
     by_default = [Predicate(lambda i, j, w=w: (j <= i) & (i - j < w)) for w in (500, 501)]
     assert pattern_fingerprint(by_default[0], n) != pattern_fingerprint(by_default[1], n)
     partials = [Predicate(functools.partial(_window_rule, w=w)) for w in (700, 701)]

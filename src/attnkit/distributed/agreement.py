@@ -96,7 +96,8 @@ def _structure(value: object, depth: int = 0) -> str:
     if isinstance(value, types.BuiltinFunctionType) and not isinstance(value.__self__, (types.ModuleType, type(None))):
         return f"builtin {value.__qualname__} of {_structure(value.__self__, depth)}"  # e.g. a tensor's method
     if isinstance(value, Pattern) and dataclasses.is_dataclass(value):  # a finite tree: no depth spent
-        parts = [f"{f.name}={_structure(getattr(value, f.name), depth - 1)}" for f in dataclasses.fields(value) if f.init]
+        fields = [f for f in dataclasses.fields(value) if f.init]
+        parts = [f"{f.name}={_structure(getattr(value, f.name), depth - 1)}" for f in fields]
         return f"{type(value).__name__}({', '.join(parts)})"
     if isinstance(value, torch.Tensor):
         return _tensor_digest(value)
@@ -106,13 +107,15 @@ def _structure(value: object, depth: int = 0) -> str:
         items = [_structure(item, depth) for item in value]
         return "(" + ", ".join(sorted(items) if isinstance(value, (set, frozenset)) else items) + ")"
     if isinstance(value, dict):
-        return "{" + ", ".join(sorted(f"{_structure(k, depth)}: {_structure(v, depth)}" for k, v in value.items())) + "}"
+        items = sorted(f"{_structure(k, depth)}: {_structure(v, depth)}" for k, v in value.items())
+        return "{" + ", ".join(items) + "}"
     if isinstance(value, types.FunctionType):
         return _function(value, depth)
     if isinstance(value, types.MethodType):
         return f"method {_structure(value.__func__, depth)} of {_structure(value.__self__, depth)}"
     if isinstance(value, functools.partial):
-        return f"partial({_structure(value.func, depth)}, {_structure(value.args, depth)}, {_structure(value.keywords, depth)})"
+        parts = (_structure(part, depth) for part in (value.func, value.args, value.keywords))
+        return f"partial({', '.join(parts)})"
     if isinstance(value, types.CodeType):
         return _code(value, depth)
     if isinstance(value, (type, types.ModuleType, types.BuiltinFunctionType)):
@@ -135,7 +138,8 @@ def _probe(pattern: Pattern, seq_len: int, device: torch.device) -> bytes:
     j = torch.cat([far, near])
     powers = [1 << p for p in range(seq_len.bit_length())]
     distances = torch.tensor(sorted({d + e for d in powers for e in (-1, 0, 1) if 0 <= d + e < seq_len}))
-    for anchor in (torch.full_like(distances, seq_len - 1), torch.randint(0, seq_len, distances.shape, generator=generator)):
+    last, anywhere = torch.full_like(distances, seq_len - 1), torch.randint(0, seq_len, distances.shape, generator=generator)
+    for anchor in (last, anywhere):
         later, earlier = anchor.clamp(min=distances), anchor.clamp(min=distances) - distances
         i, j = torch.cat([i, later, earlier]), torch.cat([j, earlier, later])
     allowed = pattern.allows(i.to(device), j.to(device))

@@ -200,7 +200,8 @@ def check_floating(file: Path, name: str, tensor: torch.Tensor) -> None:
     """ValueError naming ``file``, the tensor and its dtype unless ``tensor`` is floating point."""
     if not tensor.dtype.is_floating_point:
         raise ValueError(
-            f"{file}: tensor {name} has dtype {str(tensor.dtype).removeprefix('torch.')}; weights must be floating point"
+            f"{file}: tensor {name} has dtype {str(tensor.dtype).removeprefix('torch.')}; "
+            "weights must be floating point"
         )
 
 
