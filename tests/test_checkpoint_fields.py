@@ -75,6 +75,32 @@ def test_config_field_of_the_wrong_type_names_file_field_and_value(tmp_path, fie
         Llama.from_pretrained(path)
 
 
+@pytest.mark.parametrize("field", ["rope_theta", "rms_norm_eps"])
+def test_a_number_beyond_float_range_names_file_and_field(tmp_path, field):
+    # A JSON integer such as 1e400 written out in full: float() of it used to raise a bare OverflowError.
+    path, _ = _saved(tmp_path)
+    _edit_json(path / "config.json", **{field: 10**400})
+    message = rf"config\.json: {field} must be a finite number, got 1000.*\.\.\. \(an integer\)"
+    with pytest.raises(ValueError, match=message):
+        Llama.from_pretrained(path)
+
+
+def test_an_integer_too_long_to_read_names_the_file(tmp_path):
+    # Python refuses to convert integers of over 4300 digits; json.loads raised that as a plain ValueError.
+    path, _ = _saved(tmp_path)
+    _edit_json(path / "config.json", rope_theta="HUGE")
+    (path / "config.json").write_text((path / "config.json").read_text().replace('"HUGE"', "1" + "0" * 5000))
+    with pytest.raises(ValueError, match=r"config\.json: cannot read it as JSON \(Exceeds the limit"):
+        Llama.from_pretrained(path)
+
+
+def test_llama_config_constructor_refuses_an_integer_beyond_float_range():
+    with pytest.raises(ValueError, match=r"LlamaConfig: rope_theta must be finite, got 1000.*\.\.\.$"):
+        LlamaConfig.preset("tiny", rope_theta=10**400)
+    with pytest.raises(ValueError, match=r"LlamaConfig: norm_eps must be finite, got an integer of 16610 bits"):
+        LlamaConfig.preset("tiny", norm_eps=10**5000)
+
+
 @pytest.mark.parametrize(
     "rope_scaling, message",
     [

@@ -8,6 +8,7 @@ deadline, so a hang fails the test instead of stalling the suite.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -29,6 +30,7 @@ from attnkit.distributed import (
     unshard,
 )
 from attnkit.distributed import ring as ring_module
+from attnkit.distributed.agreement import pattern_fingerprint
 from attnkit.distributed.comm import RingComm
 from attnkit.distributed.launch import run_group
 from attnkit.kernels.blockwise import blockwise_kernel
@@ -115,6 +117,10 @@ def _every_third(i, j):
     return (i - j) % 3 == 0
 
 
+def _window(w):
+    return Predicate(lambda i, j: (j <= i) & (i - j < w))
+
+
 def _bad_calls(rank, world):
     """Calls that must fail on every rank with an error naming the problem (and two that must not)."""
     errors = {}
@@ -129,6 +135,12 @@ def _bad_calls(rank, world):
         "same predicate": lambda: ring_attention(*qkv, Predicate(_every_third), timeout=30),
         "same block layout": lambda: ring_attention(  # equal tensors, distinct objects
             *qkv, BlockSparse(torch.ones(2 * world, 2 * world, dtype=torch.bool).tril(), 2), timeout=30),
+        # Invalid on some ranks only: the valid ranks must raise too, not wait for the others.
+        "layout on some ranks": lambda: ring_attention(
+            *qkv, BlockSparse(torch.ones(2 * world if rank == 0 else world, 2 * world if rank == 0 else world,
+                                         dtype=torch.bool).tril(), 2), timeout=30),
+        "scale on rank 1": lambda: ring_attention(*qkv, scale=float("nan") if rank == 1 else 0.5, timeout=30),
+        "window off by one": lambda: ring_attention(*qkv, _window(3 if rank == 0 else 4), timeout=30),
         "unsplittable": lambda: ring_attention(*(torch.randn(1, 2, 5, 4) for _ in range(3)), layout="zigzag", timeout=30),
         "layout": lambda: ring_attention(*(torch.randn(1, 2, 4, 4) for _ in range(3)), layout="ring"),
         "gqa": lambda: ring_attention(torch.randn(1, 3, 4, 4), torch.randn(1, 2, 4, 4), torch.randn(1, 2, 4, 4)),
@@ -229,6 +241,71 @@ def test_bad_input_is_rejected_on_every_rank(ring_run):
         assert errors["scale"].startswith("ValueError: ring_attention: shards differ across ranks")
         assert errors["scale"].endswith("another scale")
         assert errors["same predicate"] == "no error" and errors["same block layout"] == "no error"
+        assert errors["window off by one"].startswith("ValueError: ring_attention: ranks pass different patterns")
+        heard_from_rank_1 = "ValueError: ring_attention: rank 1 cannot take part: "
+        bad_layout = f"ValueError: BlockSparse: layout of shape ({world}, {world}) with block_size 2 does not match"
+        if rank == 0:  # the one valid rank hears what went wrong on rank 1 (before: it lost rank 1)
+            assert errors["layout on some ranks"].startswith(f"{heard_from_rank_1}{bad_layout}")
+        else:
+            assert errors["layout on some ranks"].startswith(bad_layout)
+        nan_scale = "ValueError: scale must be finite, got nan"
+        assert errors["scale on rank 1"] == (nan_scale if rank == 1 else f"{heard_from_rank_1}{nan_scale}")
+
+
+class _Window:
+    def __init__(self, w):
+        self.w = w
+
+    def allows(self, i, j):
+        return (j <= i) & (i - j < self.w)
+
+
+_GLOBAL_WINDOW = {"w": 1024}
+
+
+def _global_window(i, j):  # reads a global: out of the structure's reach, seen only by sampling
+    return (j <= i) & (i - j < _GLOBAL_WINDOW["w"])
+
+
+def test_fingerprint_sees_values_captured_by_a_predicate():
+    # Before: functions hashed as module + name only, and the sample missed w vs w + 1 at this length.
+    n = 32768
+    for w in (100, 1000, 3000):
+        assert pattern_fingerprint(_window(w), n) != pattern_fingerprint(_window(w + 1), n), w
+        assert pattern_fingerprint(_window(w), n) == pattern_fingerprint(_window(w), n)
+    bound = [pattern_fingerprint(Predicate(_Window(w).allows), n) for w in (1000, 2000, 1000)]
+    assert bound[0] != bound[1] and bound[0] == bound[2]
+    by_default = [Predicate(lambda i, j, w=w: (j <= i) & (i - j < w)) for w in (500, 501)]
+    assert pattern_fingerprint(by_default[0], n) != pattern_fingerprint(by_default[1], n)
+    partials = [Predicate(functools.partial(_window_rule, w=w)) for w in (700, 701)]
+    assert pattern_fingerprint(partials[0], n) != pattern_fingerprint(partials[1], n)
+
+
+def _window_rule(i, j, w):
+    return (j <= i) & (i - j < w)
+
+
+def test_fingerprint_samples_distances_on_a_log_scale(monkeypatch):
+    n = 32768
+    before = pattern_fingerprint(Predicate(_global_window), n)
+    monkeypatch.setitem(_GLOBAL_WINDOW, "w", 1025)  # differs only at distance 1024
+    assert pattern_fingerprint(Predicate(_global_window), n) != before
+
+
+def test_fingerprint_hashes_a_block_layout_once_per_version():
+    import gc
+
+    from attnkit.distributed import agreement
+
+    pattern = BlockSparse(torch.ones(4, 8, 8, dtype=torch.bool).tril(), 2)
+    first = pattern_fingerprint(pattern, 16)
+    assert id(pattern.layout) in agreement._digests  # the next call reuses the hash
+    pattern.layout[0, 0, 1] = True  # an in-place change moves the version counter
+    assert pattern_fingerprint(pattern, 16) != first
+    key = id(pattern.layout)
+    del pattern
+    gc.collect()
+    assert key not in agreement._digests
 
 
 def test_blockwise_kernel_with_explicit_positions_matches_masked_softmax():
@@ -311,7 +388,25 @@ def test_a_closed_connection_at_posting_names_rank_peer_and_phase():
     ranks = run_group(_posts_to_a_dead_peer, 2, deadline_s=60, group_timeout_s=30)
     message = ranks[0].value
     assert message.startswith("ring attention: rank 0 ")
-    assert "backward step 2 keys/values (to rank 1, from rank 1)" in message and "peer died" in message
+    assert "backward step 2 keys/values (to rank 1, from rank 1)" in message
+    # The closed-connection wording, not the timeout's ("a peer died, hung or never joined").
+    assert re.search(r"(a connection is closed, a peer died|the connection closed, the peer died) \(.*[Cc]onnection",
+                     message), message
+
+
+def test_a_transfer_the_backend_refuses_is_not_blamed_on_a_peer(monkeypatch):
+    # Before: every RuntimeError at posting read "a connection is closed, a peer died", bad usage too.
+    def refuse(ops):
+        raise RuntimeError("input tensor has to be contiguous")  # gloo's words for a transposed tensor
+
+    monkeypatch.setattr(torch.distributed, "batch_isend_irecv", refuse)
+    monkeypatch.setattr(torch.distributed, "P2POp", lambda *args: args)  # no process group here
+    comm = object.__new__(RingComm)
+    comm.group, comm.rank, comm.size, comm.stats = None, 0, 2, None
+    with pytest.raises(RuntimeError) as info:
+        comm.exchange(torch.zeros(4, 4).t(), 1, torch.empty(16), 1, "forward step 1 keys/values")
+    assert str(info.value) == ("ring attention: rank 0 could not start forward step 1 keys/values "
+                               "(to rank 1, from rank 1): input tensor has to be contiguous")
 
 
 def test_a_peer_that_never_calls_times_out_within_the_timeout():

@@ -105,6 +105,31 @@ Root Cause (first observed failure):
 """
 
 
+_ROOT_CAUSE_RANK_0 = _TORCHRUN_TAIL.replace("rank      : 1 (local_rank: 1)\n  exitcode  : -9", "rank      : 0 (local_rank: 0)\n  exitcode  : 2")
+
+
+def test_failure_prefers_a_rank_own_error_to_what_the_others_saw(tmp_path):
+    # torchrun's timestamps are whole seconds, so its root cause is mostly rank 0, which only saw
+    # rank 1 leave; before, that consequence was the reported error instead of rank 1's own.
+    from attnkit.distributed.command import failure
+
+    assert "rank      : 0 (local_rank: 0)\n  exitcode  : 2" in _ROOT_CAUSE_RANK_0
+    lost = ("ring attention: rank 0 lost rank 1 during forward step 1 keys/values (to rank 1, from rank 1) "
+            "after 0.0 s: the connection closed, the peer died (Connection closed by peer [127.0.0.1]:4321)")
+    (tmp_path / "rank0.txt").write_text(f"RuntimeError\n{lost}\n1795906458.25")
+    (tmp_path / "rank1.txt").write_text("ValueError\nscale must be finite, got nan\n1795906458.5")
+    error = failure(_ROOT_CAUSE_RANK_0, 1, str(tmp_path))
+    assert isinstance(error, ValueError) and str(error) == "scale must be finite, got nan"
+    # Two ranks with errors of their own: the one written first.
+    (tmp_path / "rank0.txt").write_text("RuntimeError\nout of memory\n1795906458.75")
+    assert str(failure(_ROOT_CAUSE_RANK_0, 1, str(tmp_path))) == "scale must be finite, got nan"
+    # Only consequences: the first one written; a wait that timed out is one too.
+    (tmp_path / "rank0.txt").write_text(f"RuntimeError\n{lost}\n1795906458.75")
+    (tmp_path / "rank1.txt").write_text("RuntimeError\nrank 1 failed during the start barrier: Timed out\n1795906458.5")
+    assert str(failure(_ROOT_CAUSE_RANK_0, 1, str(tmp_path))) == (
+        "RuntimeError: rank 1 failed during the start barrier: Timed out")
+
+
 def test_failure_names_the_rank_that_failed_first(tmp_path):
     from attnkit.distributed.command import failure
 

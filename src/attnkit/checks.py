@@ -44,6 +44,19 @@ def finite_real(owner: str, name: str, value: object) -> float:
     """
     if isinstance(value, (bool, numpy.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{owner}: {name} must be a number, got {type(value).__name__} {value!r}")
-    if not math.isfinite(value):
-        raise ValueError(f"{owner}: {name} must be finite, got {value!r}")
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond float range (10**400) is not finite as a float
+        number = math.inf
+    if not math.isfinite(number):
+        raise ValueError(f"{owner}: {name} must be finite, got {_short(value)}")
+    return number
+
+
+def _short(value: object) -> str:
+    """``repr(value)``, cut short: a huge integer would otherwise fill the whole error."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int of more than 4300 digits has no repr
+        return f"an integer of {value.bit_length()} bits"
+    return text if len(text) <= 60 else f"{text[:57]}..."

@@ -1,21 +1,35 @@
-"""The check that every rank of a ring call passes the same problem: one tiny exchange per call.
+"""The check that every rank of a ring call passes the same, valid problem: one tiny exchange per call.
 
 Ranks that disagree (another shard length, dtype, layout, scale or pattern) would run and return
-wrong results without any error, so each call first passes a fingerprint of its settings around
-the ring and every rank compares them; all ranks see the same table, so all raise together. Only
-when they differ is a second exchange made, carrying each rank's pattern as text for the message.
+wrong results without any error, so each call first sends every other rank a fingerprint of its
+settings (14 integers, point to point) and every rank compares the table; all ranks see the same
+table, so all raise together. A rank whose own arguments are invalid (a bad scale, a pattern made
+for another length) still takes part, with a marker in place of its fingerprint, so that the
+others raise as well instead of losing it. Only when something is wrong is a second exchange made,
+carrying each rank's error or pattern as text for the message.
 
-A pattern's fingerprint is a hash of its structure (class and fields, tensors by content,
-functions by module and qualified name) and of what it allows on a fixed sample of position
-pairs, so two ``Predicate`` s built from the same lambda with different captured values differ too.
+A pattern's fingerprint hashes its structure and what it allows on a sample of position pairs.
+The structure is its class and fields, tensors by content, and functions by their code (bytecode,
+constants, names used) together with their defaults and the values they captured (closure cells,
+a bound method's object, a ``functools.partial``'s arguments), recursively; so two ``Predicate`` s
+made by one lambda with different captured values differ. The sample holds random pairs, pairs near
+the diagonal, and pairs at distances 1, 2, 4, ... N (and one either side of each) in both
+directions. A callable whose state is out of reach of all this (a global it reads, a C extension)
+is told apart only by that sample: best effort.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import re
+import struct
+import types
+import weakref
+from typing import Optional
 
+import numpy
 import torch
 
 from ..patterns import Pattern
@@ -24,33 +38,111 @@ from .layouts import LAYOUTS
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _PROBE_PAIRS = 256
-_TEXT_BYTES = 160  # pattern text carried for the error message
+_TEXT_BYTES = 400  # pattern or error text carried for the message
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+_DEPTH = 8  # how deep captured values are followed (and where a reference cycle stops)
+_OK, _INVALID = 0, 1
+
+# id(tensor) -> (weak reference, version key, digest): hashing a large block layout on every call
+# would copy it each time; the version counter moves with every in-place change.
+_digests: dict[int, tuple[weakref.ref, tuple, str]] = {}
 
 
-def _structure(value: object) -> str:
+def _forget(key: int, ref: weakref.ref) -> None:
+    if _digests.get(key, (None,))[0] is ref:
+        del _digests[key]
+
+
+def _tensor_digest(tensor: torch.Tensor) -> str:
+    """``tensor(shape):dtype:hash`` of the contents, cached per tensor object and version."""
+    cacheable = not tensor.is_inference()  # inference tensors keep no version counter
+    if cacheable:
+        version = (tensor._version, tensor.data_ptr(), tensor.shape, tensor.stride(), tensor.dtype, tensor.device)
+        cached = _digests.get(id(tensor))
+        if cached is not None and cached[0]() is tensor and cached[1] == version:
+            return cached[2]
+    data = tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+    digest = f"tensor{tuple(tensor.shape)}:{tensor.dtype}:{hashlib.blake2b(data, digest_size=8).hexdigest()}"
+    if cacheable:
+        key = id(tensor)
+        _digests[key] = (weakref.ref(tensor, lambda ref: _forget(key, ref)), version, digest)
+    return digest
+
+
+def _code(code: types.CodeType, depth: int) -> str:
+    consts = ", ".join(_structure(c, depth) for c in code.co_consts)
+    return f"code({code.co_code.hex()}; {consts}; {','.join(code.co_names)})"
+
+
+def _function(fn: types.FunctionType, depth: int) -> str:
+    cells = []
+    for cell in fn.__closure__ or ():
+        try:
+            cells.append(_structure(cell.cell_contents, depth))
+        except ValueError:  # a cell not yet assigned
+            cells.append("<empty>")
+    return (
+        f"{fn.__module__}.{fn.__qualname__}[{_code(fn.__code__, depth)}; "
+        f"defaults {_structure(fn.__defaults__, depth)}; kwdefaults {_structure(fn.__kwdefaults__, depth)}; "
+        f"captured ({', '.join(cells)})]"
+    )
+
+
+def _structure(value: object, depth: int = 0) -> str:
     """Text that is equal on every process for equal values (no memory addresses, no truncation)."""
-    if isinstance(value, Pattern) and dataclasses.is_dataclass(value):
-        parts = [f"{f.name}={_structure(getattr(value, f.name))}" for f in dataclasses.fields(value) if f.init]
+    if depth > _DEPTH:
+        return "..."
+    depth += 1
+    if isinstance(value, types.BuiltinFunctionType) and not isinstance(value.__self__, (types.ModuleType, type(None))):
+        return f"builtin {value.__qualname__} of {_structure(value.__self__, depth)}"  # e.g. a tensor's method
+    if isinstance(value, Pattern) and dataclasses.is_dataclass(value):  # a finite tree: no depth spent
+        fields = [f for f in dataclasses.fields(value) if f.init]
+        parts = [f"{f.name}={_structure(getattr(value, f.name), depth - 1)}" for f in fields]
         return f"{type(value).__name__}({', '.join(parts)})"
     if isinstance(value, torch.Tensor):
-        data = value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
-        return f"tensor{tuple(value.shape)}:{value.dtype}:{hashlib.blake2b(data, digest_size=8).hexdigest()}"
-    if isinstance(value, (tuple, list)):
-        return "(" + ", ".join(_structure(item) for item in value) + ")"
-    if callable(value) and hasattr(value, "__qualname__"):
-        return f"{getattr(value, '__module__', '?')}.{value.__qualname__}"
+        return _tensor_digest(value)
+    if isinstance(value, numpy.ndarray):
+        return _tensor_digest(torch.from_numpy(numpy.ascontiguousarray(value)))
+    if isinstance(value, (tuple, list, set, frozenset)):
+        items = [_structure(item, depth) for item in value]
+        return "(" + ", ".join(sorted(items) if isinstance(value, (set, frozenset)) else items) + ")"
+    if isinstance(value, dict):
+        items = sorted(f"{_structure(k, depth)}: {_structure(v, depth)}" for k, v in value.items())
+        return "{" + ", ".join(items) + "}"
+    if isinstance(value, types.FunctionType):
+        return _function(value, depth)
+    if isinstance(value, types.MethodType):
+        return f"method {_structure(value.__func__, depth)} of {_structure(value.__self__, depth)}"
+    if isinstance(value, functools.partial):
+        parts = (_structure(part, depth) for part in (value.func, value.args, value.keywords))
+        return f"partial({', '.join(parts)})"
+    if isinstance(value, types.CodeType):
+        return _code(value, depth)
+    if isinstance(value, (type, types.ModuleType, types.BuiltinFunctionType)):
+        return f"{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', value.__name__)}"
+    if not isinstance(value, (int, float, complex, str, bytes)) and hasattr(value, "__dict__"):
+        kind = type(value)  # an object with state, e.g. a callable object or a method's owner
+        return f"{kind.__module__}.{kind.__qualname__}({_structure(vars(value), depth)})"
     return _ADDRESS.sub("", repr(value))
 
 
 def _probe(pattern: Pattern, seq_len: int, device: torch.device) -> bytes:
-    """What ``pattern`` allows on a fixed sample of pairs: random ones and ones near the diagonal."""
+    """What ``pattern`` allows on a fixed sample of pairs: random ones, ones near the diagonal, and
+    ones at distances 1, 2, 4, ... (and one either side) both ways, so that a window or a stride
+    that differs by one is seen at any length."""
     generator = torch.Generator().manual_seed(0)
     half = _PROBE_PAIRS // 2
     i = torch.randint(0, seq_len, (_PROBE_PAIRS,), generator=generator)
     far = torch.randint(0, seq_len, (half,), generator=generator)
     near = (i[half:] - torch.randint(-8, 64, (half,), generator=generator)).clamp(0, seq_len - 1)
-    allowed = pattern.allows(i.to(device), torch.cat([far, near]).to(device))
+    j = torch.cat([far, near])
+    powers = [1 << p for p in range(seq_len.bit_length())]
+    distances = torch.tensor(sorted({d + e for d in powers for e in (-1, 0, 1) if 0 <= d + e < seq_len}))
+    last, anywhere = torch.full_like(distances, seq_len - 1), torch.randint(0, seq_len, distances.shape, generator=generator)
+    for anchor in (last, anywhere):
+        later, earlier = anchor.clamp(min=distances), anchor.clamp(min=distances) - distances
+        i, j = torch.cat([i, later, earlier]), torch.cat([j, earlier, later])
+    allowed = pattern.allows(i.to(device), j.to(device))
     return allowed.cpu().contiguous().numpy().tobytes()
 
 
@@ -61,29 +153,55 @@ def pattern_fingerprint(pattern: Pattern, seq_len: int, device: torch.device = t
     return int.from_bytes(digest, "little", signed=True)
 
 
-def _text_tensor(text: str) -> torch.Tensor:
+def _text_tensor(text: str, device: torch.device) -> torch.Tensor:
     data = text.encode()[:_TEXT_BYTES].ljust(_TEXT_BYTES, b"\0")
-    return torch.tensor(list(data), dtype=torch.int64)
+    return torch.tensor(list(data), dtype=torch.uint8, device=device)
 
 
 def _text(row: torch.Tensor) -> str:
     return bytes(row.tolist()).rstrip(b"\0").decode(errors="replace")
 
 
-def check_same_everywhere(comm: RingComm, q, k, v, pattern: Pattern, layout: str, scale: float) -> None:
-    """Raise ValueError on every rank unless all ranks hold shards of one shape and dtype, in one
-    layout, with one scale and one pattern. Costs 13 int64 values passed around the ring."""
-    seq_len = q.shape[2] * comm.size
-    device = q.device if q.is_cuda else torch.device("cpu")  # NCCL moves CUDA tensors only
-    mine = [*q.shape, *k.shape, v.shape[-1], _DTYPES.index(q.dtype), LAYOUTS.index(layout),
-            round(scale * 2**40), pattern_fingerprint(pattern, seq_len, q.device)]
+def _float_bits(value: float) -> int:
+    """The float64 bit pattern of ``value`` as an int64: exact, and no overflow for any scale."""
+    return struct.unpack("<q", struct.pack("<d", value))[0]
+
+
+def check_same_everywhere(
+    comm: RingComm, q, k, v, pattern, layout, scale, problem: Optional[Exception] = None
+) -> None:
+    """Raise on every rank unless every rank's arguments are valid and all ranks hold shards of one
+    shape and dtype, in one layout, with one scale and one pattern. Costs 14 int64 values sent to
+    every other rank.
+
+    ``problem`` is the error this rank's own checks of its arguments raised, if any: this rank then
+    raises it, and every other rank a ValueError naming this rank and its error. Otherwise the
+    arguments are the checked ones (``pattern`` a Pattern, ``scale`` a float). A pattern that fails
+    its fingerprint here (its ``allows`` raises) counts as such a problem too.
+    """
+    device = q.device if isinstance(q, torch.Tensor) and q.is_cuda else torch.device("cpu")  # NCCL: CUDA only
+    mine = [_INVALID] + [0] * 13
+    if problem is None:
+        try:
+            pattern.validate(q.shape[2] * comm.size, q.shape[2] * comm.size)
+            mine = [_OK, *q.shape, *k.shape, v.shape[-1], _DTYPES.index(q.dtype), LAYOUTS.index(layout),
+                    _float_bits(scale), pattern_fingerprint(pattern, q.shape[2] * comm.size, q.device)]
+        except Exception as exc:  # a user Predicate may raise anything; the other ranks must still hear
+            problem = exc
     what = "the agreement check (shapes, dtype, layout, scale, pattern)"
     every = comm.all_gather_small(torch.tensor(mine, device=device), what).cpu()
+    # Every rank holds the same table, so every rank takes the same branch (and the same exchanges).
+    if bool((every[:, 0] == _INVALID).any()):
+        text = "" if problem is None else f"{type(problem).__name__}: {problem}"
+        texts = comm.all_gather_small(_text_tensor(text, device), "the error exchange").cpu()
+        if problem is not None:
+            raise problem
+        r = next(r for r in range(comm.size) if every[r, 0] == _INVALID)
+        raise ValueError(f"ring_attention: rank {r} cannot take part: {_text(texts[r])}")
     if bool((every == every[0]).all()):
         return
-    # Every rank holds the same table, so every rank takes the same branch (and the same exchanges).
     if bool((every[:, :-1] == every[0, :-1]).all()):
-        text = _text_tensor(_ADDRESS.sub("", repr(pattern))).to(device)
+        text = _text_tensor(_ADDRESS.sub("", repr(pattern)), device)
         texts = comm.all_gather_small(text, "the pattern comparison").cpu()
         r = next(r for r in range(comm.size) if every[r, -1] != every[comm.rank, -1])
         raise ValueError(
@@ -96,6 +214,6 @@ def check_same_everywhere(comm: RingComm, q, k, v, pattern: Pattern, layout: str
     raise ValueError(
         f"ring_attention: shards differ across ranks: rank {comm.rank} has q {tuple(q.shape)}, "
         f"k {tuple(k.shape)}, {q.dtype}, layout {layout!r}, but rank {r} has "
-        f"q {tuple(other[:4])}, k {tuple(other[4:8])}, {_DTYPES[other[9]]}, "
-        f"layout {LAYOUTS[other[10]]!r}{'' if other[11] == mine[11] else ', another scale'}"
+        f"q {tuple(other[1:5])}, k {tuple(other[5:9])}, {_DTYPES[other[10]]}, "
+        f"layout {LAYOUTS[other[11]]!r}{'' if other[12] == mine[12] else ', another scale'}"
     )

@@ -63,6 +63,19 @@ def gloo_reason(exc: BaseException) -> str:
     return text.split(". This is typically", 1)[0]
 
 
+_LOST_CONNECTION = (
+    "connection closed", "closed by peer", "connection reset", "broken pipe", "connection refused",
+    "remote process exited", "ncclremoteerror", "ncclsystemerror", "communicator was aborted",
+)
+
+
+def is_lost_connection(error: BaseException | str) -> bool:
+    """Whether a gloo/NCCL error (or its text) says a connection to a peer is gone (rather than
+    bad usage)."""
+    text = str(error).lower()
+    return any(marker in text for marker in _LOST_CONNECTION)
+
+
 class RingComm:
     """The ring's view of a process group: its rank, size, neighbours and deadline."""
 
@@ -84,7 +97,7 @@ class RingComm:
     def exchange(self, send: torch.Tensor, to: int, recv: torch.Tensor, source: int, what: str) -> Pending:
         """Post ``send`` to rank ``to`` and a receive into ``recv`` from rank ``source`` (group
         ranks), counted in the stats. RuntimeError naming the peers and ``what`` when a
-        connection is already closed."""
+        connection is already closed or the backend refuses a tensor."""
         if self.stats is not None:
             self.stats.bytes_sent += send.numel() * send.element_size()
         to, source = to % self.size, source % self.size
@@ -97,10 +110,13 @@ class RingComm:
         try:
             works = dist.batch_isend_irecv(ops)
         except RuntimeError as exc:
-            raise RuntimeError(
-                f"ring attention: rank {self.rank} could not start {what}: a connection is closed, "
-                f"a peer died ({gloo_reason(exc)})"
-            ) from exc
+            if is_lost_connection(exc):
+                raise RuntimeError(
+                    f"ring attention: rank {self.rank} could not start {what}: a connection is closed, "
+                    f"a peer died ({gloo_reason(exc)})"
+                ) from exc
+            # Anything else is this rank's own doing (a tensor the backend cannot send), not a peer's.
+            raise RuntimeError(f"ring attention: rank {self.rank} could not start {what}: {gloo_reason(exc)}") from exc
         # gloo gives one work per message, so a failed wait names its peer; NCCL may coalesce them.
         peers = tuple(r for _, r in sends + recvs) if len(works) == len(ops) else ()
         return Pending(works, tuple(t for t, _ in sends + recvs), what, peers)

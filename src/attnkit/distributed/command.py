@@ -25,7 +25,7 @@ import tempfile
 from dataclasses import asdict
 from typing import Optional
 
-from .comm import DEFAULT_TIMEOUT_S
+from .comm import DEFAULT_TIMEOUT_S, is_lost_connection
 from .layouts import LAYOUTS, check_split
 
 CHECK_AUTO_LIMIT = 16384
@@ -159,16 +159,30 @@ def print_report(case, result: dict, world: int) -> None:
         console.print(f"not checked against single-process attention (N > {CHECK_AUTO_LIMIT}; --check yes forces it)")
 
 
-def _rank_errors(error_dir: str) -> dict[int, tuple[str, str]]:
-    """rank -> (exception type, first line) of every worker that reported an error."""
+def _rank_errors(error_dir: str) -> dict[int, tuple[str, str, float]]:
+    """rank -> (exception type, first line, time.time() when written) of every worker that
+    reported an error (the time is infinite when the file has none)."""
     errors = {}
     for name in os.listdir(error_dir):
         match = re.fullmatch(r"rank(\d+)\.txt", name)
         if match:
             with open(os.path.join(error_dir, name)) as handle:
-                kind, _, message = handle.read().partition("\n")
-            errors[int(match[1])] = (kind, message)
+                kind, message, stamp = (handle.read().split("\n", 2) + ["", ""])[:3]
+            try:
+                when = float(stamp)
+            except ValueError:
+                when = float("inf")
+            errors[int(match[1])] = (kind, message, when)
     return errors
+
+
+_CONSEQUENCE = re.compile(r"\blost rank \d+|\bgave up on\b|\bpeer died\b|\btimed out\b", re.IGNORECASE)
+
+
+def _is_consequence(message: str) -> bool:
+    """Whether a rank's error only says that another rank went away: a lost connection or a wait
+    that timed out, which follow from some other rank's failure rather than cause one."""
+    return bool(_CONSEQUENCE.search(message)) or is_lost_connection(message)
 
 
 def _root_cause(stderr: str) -> Optional[tuple[int, int]]:
@@ -188,22 +202,26 @@ def _how_it_ended(code: int) -> str:
 
 
 def failure(stderr: str, returncode: int, error_dir: str) -> Exception:
-    """The one-line error of a failed launch: the error of the rank that failed first.
+    """The one-line error of a failed launch, the cause rather than its consequences.
 
-    torchrun's summary names the first rank to fail; its own report wins when it wrote one. A rank
-    that died without a word (killed, out of memory, crashed) is named with its signal or exit code,
-    with what another rank saw as the consequence. Failing all that, the last line of stderr that
-    is not one of torchrun's ``====`` rules.
+    A rank's own error (bad input, a crash of its own) wins over what other ranks saw as a
+    consequence (a lost connection, a timeout), the earliest first by the time each rank wrote
+    it. Failing that, torchrun's root cause (its timestamps are whole seconds, so it mostly names
+    rank 0 and is used only here): a rank that died without a word (killed, out of memory) is named
+    with its signal or exit code and what another rank saw. Then the earliest consequence; then
+    the last line of stderr that is not one of torchrun's ``====`` rules.
     """
     errors = _rank_errors(error_dir)
+    own = {rank: error for rank, error in errors.items() if not _is_consequence(error[1])}
     cause = _root_cause(stderr)
-    if cause is not None and cause[0] not in errors:
+    if not own and cause is not None and cause[0] not in errors:
         rank, code = cause
-        seen = next(iter(sorted(errors.items())), None)
+        seen = min(errors.items(), key=lambda item: (item[1][2], item[0]), default=None)
         consequence = f"; rank {seen[0]} then saw: {seen[1][1]}" if seen else ""
         return RuntimeError(f"rank {rank} {_how_it_ended(code)} without reporting an error{consequence}")
     if errors:
-        kind, message = errors[cause[0]] if cause is not None else errors[min(errors)]
+        first = min(own or errors, key=lambda rank: ((own or errors)[rank][2], rank))
+        kind, message, _ = errors[first]
         return ValueError(message) if kind == "ValueError" else RuntimeError(f"{kind}: {message}")
     lines = [line.strip() for line in stderr.splitlines() if line.strip().strip("=-")]
     return RuntimeError(f"torchrun failed: {lines[-1] if lines else f'exit code {returncode}'}")

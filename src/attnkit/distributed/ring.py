@@ -253,22 +253,27 @@ def ring_attention(
         ``out (B, Hq, N/P, Dv)``, or ``(out, lse)``. Differentiable in q, k and v.
     Raises:
         ValueError / TypeError: bad local input (as :func:`attnkit.attention`), an unknown layout,
-            a shard length the layout cannot split (zigzag needs an even shard), or shards of
-            different shapes, dtypes, layouts, scales or patterns across ranks (raised on every
-            rank; see :mod:`.agreement`).
+            a pattern that does not fit the sequence, a shard length the layout cannot split
+            (zigzag needs an even shard), or shards of different shapes, dtypes, layouts, scales
+            or patterns across ranks. Raised on every rank (see :mod:`.agreement`): the rank at
+            fault raises its own error, the others a ValueError naming that rank and its error.
         RuntimeError: torch.distributed not initialised, a peer that does not answer in time, or
             a lost connection; the message names this rank, the peer and the phase (forward
             step k, backward step k, ...). The group may then hold transfers that will never
             complete: destroy it (``dist.destroy_process_group``, which returns at once, since the
             ring leaves no collective pending) rather than use it again.
     """
-    _check_inputs(q, k, v)
-    scale = _check_scale(scale, q.shape[-1])
-    pattern = _check_pattern(pattern, q.shape[1])
-    check_layout(layout)
     stats = _recording[-1] if _recording else None
     comm = RingComm(group, timeout, stats)
-    check_same_everywhere(comm, q, k, v, pattern, layout, scale)
+    problem = None
+    try:
+        _check_inputs(q, k, v)
+        scale = _check_scale(scale, q.shape[-1])
+        pattern = _check_pattern(pattern, q.shape[1])
+        check_layout(layout)
+    except (TypeError, ValueError) as exc:  # raised on every rank by the agreement check
+        problem = exc
+    check_same_everywhere(comm, q, k, v, pattern, layout, scale, problem)
     seq_len = q.shape[2] * comm.size
     check_split(seq_len, layout, comm.size)
     schedule = ring_schedule(pattern, layout, seq_len, comm.size)

@@ -186,7 +186,8 @@ def main() -> int:
     except Exception as exc:  # the launcher turns this file into its one-line error
         if case.error_dir:
             with open(os.path.join(case.error_dir, f"rank{rank}.txt"), "w") as handle:
-                handle.write(f"{type(exc).__name__}\n{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
+                first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                handle.write(f"{type(exc).__name__}\n{first_line}\n{time.time()!r}")
         print(f"attnkit ring: rank {rank}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         # Leave now: a gloo collective that failed on a dead or silent peer may still hold its
         # worker thread until the group's timeout, and a normal exit (or destroy_process_group)

@@ -33,7 +33,10 @@ def describe(value: object) -> str:
     try:
         text = json.dumps(value)
     except (TypeError, ValueError):
-        text = repr(value)
+        try:
+            text = repr(value)
+        except ValueError:  # an int of more than 4300 digits has no text form
+            text = f"{value.bit_length()} bits long"
     text = text if len(text) <= 60 else text[:57] + "..."
     return "null" if value is None else f"{text} ({kind})"
 
@@ -46,6 +49,8 @@ def read_json(file: Path) -> dict:
         raw = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{file}: not valid JSON ({exc})") from None
+    except ValueError as exc:  # an integer too long to convert (over 4300 digits)
+        raise ValueError(f"{file}: cannot read it as JSON ({exc})") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{file}: expected a JSON object, got {describe(raw)}")
     return raw
@@ -91,9 +96,15 @@ class JsonFields:
         found, value = self._value(name, default)
         if not found:
             return value
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise self._wrong(name, "a finite number", value)
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond float range (1e400 written out in full)
+            number = math.inf
+        if not math.isfinite(number):
+            raise self._wrong(name, "a finite number", value)
+        return number
 
     def boolean(self, name: str, default: object = _REQUIRED) -> Optional[bool]:
         found, value = self._value(name, default)
@@ -185,6 +196,15 @@ def weight_files(directory: Path) -> dict[str, Path]:
         raise ValueError(f"{single}: not a valid safetensors file ({exc})") from None
 
 
+def check_floating(file: Path, name: str, tensor: torch.Tensor) -> None:
+    """ValueError naming ``file``, the tensor and its dtype unless ``tensor`` is floating point."""
+    if not tensor.dtype.is_floating_point:
+        raise ValueError(
+            f"{file}: tensor {name} has dtype {str(tensor.dtype).removeprefix('torch.')}; "
+            "weights must be floating point"
+        )
+
+
 def read_tensors(
     files: Mapping[str, Path],
     names: Iterable[str],
@@ -219,11 +239,7 @@ def read_tensors(
                     tensor = handle.get_tensor(name)
                 except Exception as exc:  # truncated or corrupt data
                     raise ValueError(f"{file}: cannot read tensor {name} ({exc})") from None
-                if not tensor.dtype.is_floating_point:
-                    raise ValueError(
-                        f"{file}: tensor {name} has dtype {str(tensor.dtype).removeprefix('torch.')}; "
-                        "weights must be floating point"
-                    )
+                check_floating(file, name, tensor)
                 if shapes is not None and name in shapes and tensor.shape != shapes[name]:
                     raise ValueError(
                         f"{file}: tensor {name} has shape {tuple(tensor.shape)}, expected {tuple(shapes[name])}"

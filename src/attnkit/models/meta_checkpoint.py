@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from ..nn.rope import Llama3RopeScaling
-from .checkpoint import JsonFields, read_json
+from .checkpoint import JsonFields, check_floating, read_json
 from .llama import Llama
 from .llama_config import LlamaConfig
 
@@ -67,11 +67,7 @@ def _load_state(file: Path) -> dict[str, torch.Tensor]:
     for name, tensor in state.items():
         if not isinstance(tensor, torch.Tensor):
             raise ValueError(f"{file}: entry {name!r} is a {type(tensor).__name__}, not a tensor")
-        if not tensor.dtype.is_floating_point:
-            raise ValueError(
-                f"{file}: tensor {name} has dtype {str(tensor.dtype).removeprefix('torch.')}; "
-                "weights must be floating point"
-            )
+        check_floating(file, name, tensor)
     return state
 
 
