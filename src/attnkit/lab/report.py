@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def _bytes(n: float) -> str:
-    return f"{n / 1024:,.2f} KiB" if n >= 1024 else f"{n:,.0f} B"
+    return f"{n / 1024:,.2f} KiB" if n >= 1024 else f"{n:,.1f} B"
 
 
 def tables(result: dict) -> list:
@@ -22,20 +22,19 @@ def tables(result: dict) -> list:
         context = first["cost"]["context"]
         dtype_bytes = first["cost"]["kv_dtype_bytes"]
         better = "higher" if metric == "accuracy" else "lower"
-        table = Table(title=f"{task_name}: validation {metric} ({better} is better) over "
-                            f"{len(first['runs'])} seeds, against cost")
-        for column in ("variant", "kv heads", "params", f"KV B/token (dense, {8 * dtype_bytes}-bit)",
-                       f"KV B/token kept @ {context:,}", f"val {metric} mean ± std", "[min, max]",
-                       "train tok/s", f"decode tok/s @ {context:,}"):
+        table = Table(title=f"{task_name}: validation {metric} ({better} is better), {len(first['runs'])} seeds",
+                      caption=f"KV B/tok: dense cache, {8 * dtype_bytes}-bit; kept: what the layer patterns can "
+                              f"still read at context {context:,}; decode tok/s at that context, batch 1")
+        for column in ("variant", "KV heads", "params", "KV B/tok", "kept", f"{metric} mean", "± std",
+                       "min..max", "train tok/s", "decode tok/s"):
             table.add_column(column, justify="left" if column == "variant" else "right")
+        fmt = "{:.3f}" if metric == "accuracy" else "{:.4f}"
         for name, v in entry["variants"].items():
             s, c = v["summary"], v["cost"]
-            fmt = "{:.3f}" if metric == "accuracy" else "{:.4f}"
             table.add_row(
                 name, str(v["n_kv_heads"]), f"{c['parameters']:,}", _bytes(c["kv_bytes_per_token"]),
-                _bytes(c["kv_bytes_per_token_at_context"]),
-                f"{fmt.format(s['mean'])} ± {fmt.format(s['std'])}",
-                f"[{fmt.format(s['min'])}, {fmt.format(s['max'])}]",
+                _bytes(c["kv_bytes_per_token_at_context"]), fmt.format(s["mean"]), fmt.format(s["std"]),
+                f"{fmt.format(s['min'])}..{fmt.format(s['max'])}",
                 f"{s['train_tokens_per_s']:,.0f}", f"{c['decode_tokens_per_s']:,.1f}",
             )
         out.append(table)
@@ -88,6 +87,10 @@ def plot_quality_vs_tokens(result: dict, path: Path) -> None:
             ax.plot(tokens, mean, color=f"C{index % 10}", label=name)
             ax.fill_between(tokens, [min(values) for values in per_point], [max(values) for values in per_point],
                             color=f"C{index % 10}", alpha=0.12)
+        if metric == "loss":  # the first evaluation (untrained, ~ln vocab) would flatten every curve
+            curves = [[p["loss"] for p in v["runs"][0]["history"]] for v in entry["variants"].values()]
+            if all(len(c) > 2 for c in curves):
+                ax.set_ylim(min(min(c) for c in curves) * 0.98, max(c[1] for c in curves) * 1.02)
         ax.set_xlabel("training tokens")
         ax.set_ylabel(f"validation {metric}")
         ax.set_title(f"{task_name}: learning curves")

@@ -62,9 +62,12 @@ def kept_keys(pattern: Optional[Pattern], context: int) -> int:
     ``context``; ``SlidingWindow(w)`` keeps ``w - 1``; a periodic pattern keeps its residues.
     (Counted from the pattern itself; queries more than ``context`` ahead are not looked at.)"""
     pattern = pattern or Causal()
-    i = torch.arange(context, 2 * context)[:, None]
     j = torch.arange(context)[None, :]
-    return int(pattern.allows(i, j).any(0).sum())
+    needed = torch.zeros(context, dtype=torch.bool)
+    for start in range(context, 2 * context, 256):  # row chunks keep long contexts in memory
+        i = torch.arange(start, min(start + 256, 2 * context))[:, None]
+        needed |= pattern.allows(i, j).any(0)
+    return int(needed.sum())
 
 
 def cost(config: LlamaConfig, context: int, dtype_bytes: int = 2) -> dict:
