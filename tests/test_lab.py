@@ -211,6 +211,7 @@ def test_lab_command_end_to_end_on_a_tiny_preset(tmp_path, monkeypatch, capsys):
     out = tmp_path / "lab"
     assert main(["lab", "--quick", "--device", "cpu", "--out", str(out), "--variants", "MHA,MQA,Window(4)"]) == 0
     result = json.loads((out / "lab.json").read_text())
+    assert result["command"] == f"attnkit lab --quick --device cpu --out {out} --variants MHA,MQA,Window(4)"
     assert set(result["tasks"]) == {"mqar", "stdlib-bytes"}
     mqar = result["tasks"]["mqar"]["variants"]
     assert list(mqar) == ["MHA", "MQA", "Window(4)"] and len(mqar["MQA"]["runs"]) == 2

@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
         progress.advance(overall)
     result = {
         "preset": preset.name,
-        "command": "attnkit lab " + " ".join(getattr(args, "argv", [])),
+        "command": " ".join(["attnkit", *getattr(args, "argv", ["lab"])]),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {"device": device, "cpu": f"{platform.machine()} {platform.processor()}".strip(),
                     "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
