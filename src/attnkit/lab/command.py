@@ -65,6 +65,10 @@ def run(args: argparse.Namespace) -> int:
     from .presets import PRESETS
     from .report import plot_quality_vs_kv, plot_quality_vs_tokens, tables
 
+    try:
+        import matplotlib  # noqa: F401  (checked before hours of training, used by the plots)
+    except ImportError:
+        raise ValueError("attnkit lab writes PNG plots and needs matplotlib (the 'viz' extra)") from None
     preset = PRESETS[args.preset]
     device = _device(args.device)
     n_seeds = preset.seeds if args.seeds is None else args.seeds

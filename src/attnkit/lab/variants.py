@@ -62,11 +62,16 @@ def kept_keys(pattern: Optional[Pattern], context: int) -> int:
     ``context``; ``SlidingWindow(w)`` keeps ``w - 1``; a periodic pattern keeps its residues.
     (Counted from the pattern itself; queries more than ``context`` ahead are not looked at.)"""
     pattern = pattern or Causal()
+    band = pattern.band() if pattern.n_heads is None else None
+    if band is not None and band[0] >= 0 and band[1] != float("inf"):
+        return min(int(band[1]), context)  # keys with context - j <= the band's reach
     j = torch.arange(context)[None, :]
     needed = torch.zeros(context, dtype=torch.bool)
     for start in range(context, 2 * context, 256):  # row chunks keep long contexts in memory
         i = torch.arange(start, min(start + 256, 2 * context))[:, None]
         needed |= pattern.allows(i, j).any(0)
+        if bool(needed.all()):
+            break
     return int(needed.sum())
 
 
