@@ -412,3 +412,11 @@ def band_backward(part: BandPart, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         scale * _LOG2E, scale, **common,
     )
     return dq, dk, dv
+
+
+def key_tiles(part: BandPart, n_q: int, n_k: int) -> int:
+    """Key tiles the widest query block of a decode-sized call (``n_q`` small) walks."""
+    geo = _geometry(part, n_q, n_k)
+    _, bn, _, _ = block_sizes(16, 16, backward=False)
+    span = min(geo.hi - geo.lo + 1 + n_q, geo.key_slots)
+    return triton.cdiv(max(span, 1), bn)
