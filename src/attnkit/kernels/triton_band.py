@@ -53,6 +53,13 @@ class BandPart:
 
 
 @triton.jit
+def _dot(a, b, PRECISION: tl.constexpr):
+    if PRECISION == "upcast":  # the interpreter's bfloat16 dot is wrong; bf16 products are exact in float32
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
 def _query_coords(a, base, offset, n_q, step, r, ubase, period, width, own, KEYS: tl.constexpr):
     """Positions, rows, validity and band coordinate ``u`` of the logical query indices ``a``."""
     i = base + r + step * a
@@ -116,7 +123,7 @@ def _band_fwd(
     step, base, ubase, period, width, own, n_summary, segment, scale2,
     D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, KEYS: tl.constexpr, SEGMENTED: tl.constexpr,
-    SPLITS: tl.constexpr, IEEE: tl.constexpr,
+    SPLITS: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -152,7 +159,7 @@ def _band_fwd(
         j = _key_positions(b, r, step, period, width, KEYS)
         valid_k = b < n_keys
         kt = tl.load(k_base + j[None, :] * skn + d[:, None], mask=valid_k[None, :] & (d < D)[:, None], other=0.0)
-        s = tl.dot(q, kt, input_precision=IEEE) * scale2
+        s = _dot(q, kt, PRECISION) * scale2
         if (t < t_full) | (t >= t_stop):
             s = tl.where(_band_mask(u, b, i, j, n_keys, lo, hi, segment, SEGMENTED), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -161,7 +168,7 @@ def _band_fwd(
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         vt = tl.load(v_base + j[:, None] * svn + dv[None, :], mask=valid_k[:, None] & (dv < DV)[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=IEEE)
+        acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, PRECISION)
         m_i = m_new
 
     seen = l_i > 0.0
@@ -179,7 +186,7 @@ def _band_bwd_dq(
     n_heads, group, n_q, n_k, offset, lo, hi,
     step, base, ubase, period, width, own, n_summary, segment, scale2, scale,
     D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, KEYS: tl.constexpr, SEGMENTED: tl.constexpr, IEEE: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, KEYS: tl.constexpr, SEGMENTED: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -216,12 +223,12 @@ def _band_bwd_dq(
         valid_k = b < n_keys
         kk = tl.load(k_base + j[:, None] * skn + d[None, :], mask=valid_k[:, None] & (d < D)[None, :], other=0.0)
         vt = tl.load(v_base + j[None, :] * svn + dv[:, None], mask=valid_k[None, :] & (dv < DV)[:, None], other=0.0)
-        p = tl.math.exp2(tl.dot(q, tl.trans(kk), input_precision=IEEE) * scale2 - lse2[:, None])
+        p = tl.math.exp2(_dot(q, tl.trans(kk), PRECISION) * scale2 - lse2[:, None])
         if (t < t_full) | (t >= t_stop):
             p = tl.where(_band_mask(u, b, i, j, n_keys, lo, hi, segment, SEGMENTED), p, 0.0)
-        dp = tl.dot(do, vt, input_precision=IEEE)
+        dp = _dot(do, vt, PRECISION)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(kk.dtype), kk, input_precision=IEEE)
+        dq += _dot(ds.to(kk.dtype), kk, PRECISION)
     tl.store(DQ + stat[:, None] * D + d[None, :], dq * scale, mask=valid_q[:, None] & (d < D)[None, :])
 
 
@@ -232,7 +239,7 @@ def _band_bwd_dkdv(
     n_heads, n_kv_heads, group, n_q, n_k, offset, lo, hi,
     step, base, ubase, period, width, own, n_summary, segment, n_lattice, scale2, scale,
     D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, KEYS: tl.constexpr, SEGMENTED: tl.constexpr, IEEE: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, KEYS: tl.constexpr, SEGMENTED: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
@@ -284,7 +291,7 @@ def _band_bwd_dkdv(
             lse2 = tl.load(LSE + stat_base + row, mask=valid_q, other=float("inf")) * 1.4426950408889634
             lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)
             delta = tl.load(DELTA + stat_base + row, mask=valid_q, other=0.0)
-            pt = tl.math.exp2(tl.dot(kk, tl.trans(qq), input_precision=IEEE) * scale2 - lse2[None, :])
+            pt = tl.math.exp2(_dot(kk, tl.trans(qq), PRECISION) * scale2 - lse2[None, :])
             u_min = tl.min(tl.where(valid_q, u, _BIG), 0)
             u_max = tl.max(tl.where(valid_q, u, -_BIG), 0)
             full = full_keys & (u_min - (b0 + BN - 1) >= lo) & (u_max - b0 <= hi)
@@ -292,10 +299,10 @@ def _band_bwd_dkdv(
                 pt = tl.where(tl.trans(_band_mask(u, b, i, j, n_keys, lo, hi, segment, SEGMENTED)), pt, 0.0)
             elif not full:
                 pt = tl.where(tl.trans(_band_mask(u, b, i, j, n_keys, lo, hi, segment, SEGMENTED)), pt, 0.0)
-            dvv += tl.dot(pt.to(do.dtype), do, input_precision=IEEE)
-            dpt = tl.dot(vv, tl.trans(do), input_precision=IEEE)
+            dvv += _dot(pt.to(do.dtype), do, PRECISION)
+            dpt = _dot(vv, tl.trans(do), PRECISION)
             dst = pt * (dpt - delta[None, :])
-            dk += tl.dot(dst.to(qq.dtype), qq, input_precision=IEEE)
+            dk += _dot(dst.to(qq.dtype), qq, PRECISION)
     slot = (batch * n_kv_heads + kv_head).to(tl.int64) * n_k + j
     tl.store(DK + slot[:, None] * D + d[None, :], dk * scale, mask=valid_k[:, None] & (d < D)[None, :])
     tl.store(DV_OUT + slot[:, None] * DV + dv[None, :], dvv, mask=valid_k[:, None] & (dv < DV)[None, :])
@@ -359,7 +366,9 @@ def _pow2(n: int) -> int:
 
 
 def _precision(q: torch.Tensor) -> str:
-    # float32 inputs stay float32 on the tensor cores' slow path: TF32 would break exactness.
+    if q.dtype == torch.bfloat16 and interpreting():
+        return "upcast"
+    # float32 inputs take the exact float32 path: TF32 would round the inputs to 10 mantissa bits.
     return "ieee" if q.dtype == torch.float32 else "tf32"
 
 
@@ -382,7 +391,7 @@ def band_forward(part: BandPart, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         batch, n_heads, n_heads // n_kv, n_q, n_k, n_k - n_q, *geo.args(part), scale * _LOG2E,
         D=head_dim, DV=value_dim, BD=_pow2(head_dim), BDV=_pow2(value_dim), BM=bm, BN=bn,
         KEYS=int(part.keys == "summary"), SEGMENTED=part.segment > 0, SPLITS=splits,
-        IEEE=_precision(q), num_warps=warps, num_stages=stages,
+        PRECISION=_precision(q), num_warps=warps, num_stages=stages,
     )
     return out, lse
 
@@ -399,7 +408,7 @@ def band_backward(part: BandPart, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     dk = torch.zeros(batch, n_kv, n_k, head_dim, device=q.device, dtype=torch.float32)
     dv = torch.zeros(batch, n_kv, n_k, value_dim, device=q.device, dtype=torch.float32)
     common = dict(D=head_dim, DV=value_dim, BD=_pow2(head_dim), BDV=_pow2(value_dim), BM=bm, BN=bn,
-                  KEYS=int(part.keys == "summary"), SEGMENTED=part.segment > 0, IEEE=_precision(q),
+                  KEYS=int(part.keys == "summary"), SEGMENTED=part.segment > 0, PRECISION=_precision(q),
                   num_warps=warps, num_stages=stages)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3])
     _band_bwd_dq[(triton.cdiv(geo.n_lattice, bm), batch * n_heads, geo.residues)](

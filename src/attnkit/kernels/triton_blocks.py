@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ..patterns import BlockSparse, Intersection, Pattern, Union
-from .triton_band import _pow2, _precision, block_sizes
+from .triton_band import _dot, _pow2, _precision, block_sizes
 
 _LOG2E = math.log2(math.e)
 _EVAL_CHUNK = 1 << 22  # predicate evaluations at once while classifying blocks
@@ -125,7 +125,7 @@ def _blocks_fwd(
     Q, K, V, O, LSE, KV_INDEX, KV_MASK, KV_COUNT, MASKS,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
     n_heads, group, n_q, n_k, max_kv, scale2,
-    D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BLK: tl.constexpr, IEEE: tl.constexpr,
+    D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BLK: tl.constexpr, PRECISION: tl.constexpr,
 ):
     qb = tl.program_id(0)
     bh = tl.program_id(1)
@@ -150,7 +150,7 @@ def _blocks_fwd(
         col = kb * BLK + local
         valid_k = col < n_k
         kt = tl.load(k_base + col[None, :] * skn + d[:, None], mask=valid_k[None, :] & (d < D)[:, None], other=0.0)
-        s = tl.dot(q, kt, input_precision=IEEE) * scale2
+        s = _dot(q, kt, PRECISION) * scale2
         if mask_id >= 0:
             ok = tl.load(MASKS + mask_id.to(tl.int64) * BLK * BLK + local[:, None] * BLK + local[None, :])
             s = tl.where(ok != 0, s, float("-inf"))
@@ -160,7 +160,7 @@ def _blocks_fwd(
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         vt = tl.load(v_base + col[:, None] * svn + dv[None, :], mask=valid_k[:, None] & (dv < DV)[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=IEEE)
+        acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, PRECISION)
         m_i = m_new
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -175,7 +175,7 @@ def _blocks_bwd_dq(
     Q, K, V, DO, LSE, DELTA, DQ, KV_INDEX, KV_MASK, KV_COUNT, MASKS,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
     n_heads, group, n_q, n_k, max_kv, scale2, scale,
-    D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BLK: tl.constexpr, IEEE: tl.constexpr,
+    D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BLK: tl.constexpr, PRECISION: tl.constexpr,
 ):
     qb = tl.program_id(0)
     bh = tl.program_id(1)
@@ -205,12 +205,12 @@ def _blocks_bwd_dq(
         valid_k = col < n_k
         kk = tl.load(k_base + col[:, None] * skn + d[None, :], mask=valid_k[:, None] & (d < D)[None, :], other=0.0)
         vt = tl.load(v_base + col[None, :] * svn + dv[:, None], mask=valid_k[None, :] & (dv < DV)[:, None], other=0.0)
-        p = tl.math.exp2(tl.dot(q, tl.trans(kk), input_precision=IEEE) * scale2 - lse2[:, None])
+        p = tl.math.exp2(_dot(q, tl.trans(kk), PRECISION) * scale2 - lse2[:, None])
         if mask_id >= 0:
             ok = tl.load(MASKS + mask_id.to(tl.int64) * BLK * BLK + local[:, None] * BLK + local[None, :])
             p = tl.where(ok != 0, p, 0.0)
-        ds = p * (tl.dot(do, vt, input_precision=IEEE) - delta[:, None])
-        dq += tl.dot(ds.to(kk.dtype), kk, input_precision=IEEE)
+        ds = p * (_dot(do, vt, PRECISION) - delta[:, None])
+        dq += _dot(ds.to(kk.dtype), kk, PRECISION)
     tl.store(DQ + stat[:, None] * D + d[None, :], dq * scale, mask=valid_q[:, None] & (d < D)[None, :])
 
 
@@ -219,7 +219,7 @@ def _blocks_bwd_dkdv(
     Q, K, V, DO, LSE, DELTA, DK, DV_OUT, Q_INDEX, Q_MASK, Q_COUNT, MASKS,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
     n_heads, n_kv_heads, group, n_q, n_k, max_q, scale2, scale,
-    D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BLK: tl.constexpr, IEEE: tl.constexpr,
+    D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BLK: tl.constexpr, PRECISION: tl.constexpr,
 ):
     kb = tl.program_id(0)
     bh = tl.program_id(1)
@@ -252,13 +252,13 @@ def _blocks_bwd_dkdv(
             lse2 = tl.load(LSE + stat_base + row, mask=valid_q, other=float("inf")) * 1.4426950408889634
             lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)
             delta = tl.load(DELTA + stat_base + row, mask=valid_q, other=0.0)
-            pt = tl.math.exp2(tl.dot(kk, tl.trans(qq), input_precision=IEEE) * scale2 - lse2[None, :])
+            pt = tl.math.exp2(_dot(kk, tl.trans(qq), PRECISION) * scale2 - lse2[None, :])
             if mask_id >= 0:  # the table holds [query, key]: read it transposed
                 ok = tl.load(MASKS + mask_id.to(tl.int64) * BLK * BLK + local[None, :] * BLK + local[:, None])
                 pt = tl.where(ok != 0, pt, 0.0)
-            dvv += tl.dot(pt.to(do.dtype), do, input_precision=IEEE)
-            dst = pt * (tl.dot(vv, tl.trans(do), input_precision=IEEE) - delta[None, :])
-            dk += tl.dot(dst.to(qq.dtype), qq, input_precision=IEEE)
+            dvv += _dot(pt.to(do.dtype), do, PRECISION)
+            dst = pt * (_dot(vv, tl.trans(do), PRECISION) - delta[None, :])
+            dk += _dot(dst.to(qq.dtype), qq, PRECISION)
     slot = (batch * n_kv_heads + kv_head).to(tl.int64) * n_k + col
     tl.store(DK + slot[:, None] * D + d[None, :], dk * scale, mask=valid_k[:, None] & (d < D)[None, :])
     tl.store(DV_OUT + slot[:, None] * DV + dv[None, :], dvv, mask=valid_k[:, None] & (dv < DV)[None, :])
@@ -290,7 +290,7 @@ def blocks_forward(part: BlocksPart, q: torch.Tensor, k: torch.Tensor, v: torch.
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
         n_heads, n_heads // n_kv, n_q, n_k, lists.kv_index.shape[1], scale * _LOG2E,
         D=head_dim, DV=value_dim, BD=_pow2(head_dim), BDV=_pow2(value_dim), BLK=lists.blk,
-        IEEE=_precision(q), num_warps=warps, num_stages=stages,
+        PRECISION=_precision(q), num_warps=warps, num_stages=stages,
     )
     return out, lse
 
@@ -307,7 +307,7 @@ def blocks_backward(part: BlocksPart, q: torch.Tensor, k: torch.Tensor, v: torch
     dk = torch.empty(batch, n_kv, n_k, head_dim, device=q.device, dtype=torch.float32)
     dv = torch.empty(batch, n_kv, n_k, value_dim, device=q.device, dtype=torch.float32)
     common = dict(D=head_dim, DV=value_dim, BD=_pow2(head_dim), BDV=_pow2(value_dim), BLK=lists.blk,
-                  IEEE=_precision(q), num_warps=warps, num_stages=stages)
+                  PRECISION=_precision(q), num_warps=warps, num_stages=stages)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3])
     _blocks_bwd_dq[(len(lists.kv_count), batch * n_heads)](
         q, k, v, grad_out, lse, delta, dq, lists.kv_index, lists.kv_mask, lists.kv_count, lists.masks, *strides,
