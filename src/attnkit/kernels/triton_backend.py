@@ -55,6 +55,17 @@ def triton_available(device: Optional[torch.device] = None) -> Optional[str]:
     return None
 
 
+def triton_status() -> str:
+    """One line for ``attnkit info``: whether the GPU kernels can run here, and why not."""
+    reason = triton_available()
+    if reason is None or _interpreting():
+        from importlib.metadata import version
+
+        where = "CUDA" if reason is None else "CPU interpreter (TRITON_INTERPRET=1)"
+        return f"available: triton {version('triton')} on {where}"
+    return f"unavailable: {reason}"
+
+
 def kernel_parts(pattern: Pattern) -> tuple:
     """The disjoint parts of a pattern without a head dimension: band parts where the pattern's
     facts give them, else one block-list part."""
@@ -215,4 +226,7 @@ def triton_kernel(
     return torch.cat(outs, 1), torch.cat(lses, 1)
 
 
-__all__ = ["DECODE_QUERIES", "kernel_parts", "triton_available", "triton_kernel", "triton_preferred", "triton_unsupported"]
+__all__ = [
+    "DECODE_QUERIES", "kernel_parts", "triton_available", "triton_kernel", "triton_preferred", "triton_status",
+    "triton_unsupported",
+]
