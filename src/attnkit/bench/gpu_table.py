@@ -74,6 +74,8 @@ def _plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     modes = sorted({r["mode"] for r in rows})
+    names = list(dict.fromkeys(r["contender"] for r in rows))
+    colour = {name: plt.get_cmap("tab10")(n % 10) for n, name in enumerate(names)}  # one colour per contender
     fig, axes = plt.subplots(len(modes), 1, figsize=(12, 4.5 * len(modes)), squeeze=False)
     for ax, mode in zip(axes[:, 0], modes):
         timed = [r for r in rows if r["mode"] == mode and r["median_ms"] == r["median_ms"]]
@@ -83,7 +85,7 @@ def _plot(rows: list[dict], path: Path) -> None:
         for c, name in enumerate(contenders):
             values = {f"{r['case']} N={r['seq']}": r["median_ms"] for r in timed if r["contender"] == name}
             xs = [i + c * width for i, case in enumerate(cases) if case in values]
-            ax.bar(xs, [values[case] for case in cases if case in values], width, label=name)
+            ax.bar(xs, [values[case] for case in cases if case in values], width, label=name, color=colour[name])
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))], cases, rotation=20, ha="right")
         ax.set_yscale("log")
         ax.set_ylabel("median ms (log)")

@@ -34,7 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
-_BIG = 1 << 29  # stands for an infinite band edge in int32 arithmetic (sums of two stay in range)
+_BIG_EDGE = 1 << 29  # stands for an infinite band edge in int32 arithmetic (sums of two stay in range)
+_BIG = tl.constexpr(_BIG_EDGE)
 _LOG2E = math.log2(math.e)
 
 
@@ -55,8 +56,10 @@ class BandPart:
 @triton.jit
 def _dot(a, b, PRECISION: tl.constexpr):
     if PRECISION == "upcast":  # the interpreter's bfloat16 dot is wrong; bf16 products are exact in float32
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b, input_precision=PRECISION)
+        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        c = tl.dot(a, b, input_precision=PRECISION)
+    return c
 
 
 @triton.jit
@@ -78,15 +81,19 @@ def _query_coords(a, base, offset, n_q, step, r, ubase, period, width, own, KEYS
 @triton.jit
 def _key_positions(b, r, step, period, width, KEYS: tl.constexpr):
     if KEYS == 0:
-        return r + step * b
-    return (b // width) * period + (period - width) + b % width
+        j = r + step * b
+    else:
+        j = (b // width) * period + (period - width) + b % width
+    return j
 
 
 @triton.jit
 def _key_count(n_k, r, step, n_summary, KEYS: tl.constexpr):
     if KEYS == 0:
-        return (n_k - r + step - 1) // step
-    return n_summary
+        count = (n_k - r + step - 1) // step
+    else:
+        count = n_summary
+    return count
 
 
 @triton.jit
@@ -95,6 +102,16 @@ def _band_mask(u, b, i, j, n_keys, lo, hi, segment, SEGMENTED: tl.constexpr):
     ok = (d >= lo) & (d <= hi) & (b < n_keys)[None, :]
     if SEGMENTED:
         ok = ok & ((tl.maximum(i, 0) // segment)[:, None] == (j // segment)[None, :])
+    return ok
+
+
+@triton.jit
+def _band_mask_t(u, b, i, j, n_keys, lo, hi, segment, SEGMENTED: tl.constexpr):
+    """:func:`_band_mask` laid out ``(keys, queries)`` for the dK/dV pass."""
+    d = u[None, :] - b[:, None]
+    ok = (d >= lo) & (d <= hi) & (b < n_keys)[:, None]
+    if SEGMENTED:
+        ok = ok & ((tl.maximum(i, 0) // segment)[None, :] == (j // segment)[:, None])
     return ok
 
 
@@ -296,9 +313,9 @@ def _band_bwd_dkdv(
             u_max = tl.max(tl.where(valid_q, u, -_BIG), 0)
             full = full_keys & (u_min - (b0 + BN - 1) >= lo) & (u_max - b0 <= hi)
             if SEGMENTED:
-                pt = tl.where(tl.trans(_band_mask(u, b, i, j, n_keys, lo, hi, segment, SEGMENTED)), pt, 0.0)
+                pt = tl.where(_band_mask_t(u, b, i, j, n_keys, lo, hi, segment, SEGMENTED), pt, 0.0)
             elif not full:
-                pt = tl.where(tl.trans(_band_mask(u, b, i, j, n_keys, lo, hi, segment, SEGMENTED)), pt, 0.0)
+                pt = tl.where(_band_mask_t(u, b, i, j, n_keys, lo, hi, segment, SEGMENTED), pt, 0.0)
             dvv += _dot(pt.to(do.dtype), do, PRECISION)
             dpt = _dot(vv, tl.trans(do), PRECISION)
             dst = pt * (dpt - delta[None, :])
@@ -309,7 +326,7 @@ def _band_bwd_dkdv(
 
 
 def _edge(x: float) -> int:
-    return max(-_BIG, min(_BIG, int(x))) if math.isfinite(x) else (_BIG if x > 0 else -_BIG)
+    return max(-_BIG_EDGE, min(_BIG_EDGE, int(x))) if math.isfinite(x) else (_BIG_EDGE if x > 0 else -_BIG_EDGE)
 
 
 def interpreting() -> bool:
