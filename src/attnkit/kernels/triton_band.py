@@ -367,12 +367,14 @@ def _geometry(part: BandPart, n_q: int, n_k: int) -> _Geometry:
     return _Geometry(lo, hi, step, base, base // step, n_lattice, 0, step, -(-n_k // step))
 
 
-def block_sizes(head_dim: int, value_dim: int, backward: bool) -> tuple[int, int, int, int]:
+def block_sizes(head_dim: int, value_dim: int, backward: bool, element_size: int = 2) -> tuple[int, int, int, int]:
     """``(BM, BN, num_warps, num_stages)``: small tiles in the interpreter (more edge cases per
-    test and less numpy work), FlashAttention-like tiles on a GPU, halved for head dims over 128."""
+    test and less numpy work), FlashAttention-like tiles on a GPU, halved when a row holds more
+    than 256 bytes (head dims over 128 in half precision, over 64 in float32) so the tiles fit
+    in shared memory."""
     if interpreting():
         return 16, 16, 1, 1
-    wide = max(head_dim, value_dim) > 128
+    wide = max(head_dim, value_dim) * element_size > 256
     if backward:
         return (32, 32, 4, 1) if wide else (64, 64, 4, 2)
     return (64, 32, 4, 2) if wide else (128, 64, 8, 3)
@@ -398,7 +400,7 @@ def band_forward(part: BandPart, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     batch, n_heads, n_q, head_dim = q.shape
     n_kv, n_k, value_dim = k.shape[1], k.shape[2], v.shape[-1]
     geo = _geometry(part, n_q, n_k)
-    bm, bn, warps, stages = block_sizes(head_dim, value_dim, backward=False)
+    bm, bn, warps, stages = block_sizes(head_dim, value_dim, False, q.element_size())
     bm = block_m or bm
     out = torch.empty(splits, batch, n_heads, n_q, value_dim, device=q.device, dtype=out_dtype)
     lse = torch.empty(splits, batch, n_heads, n_q, device=q.device, dtype=torch.float32)
@@ -420,7 +422,7 @@ def band_backward(part: BandPart, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     batch, n_heads, n_q, head_dim = q.shape
     n_kv, n_k, value_dim = k.shape[1], k.shape[2], v.shape[-1]
     geo = _geometry(part, n_q, n_k)
-    bm, bn, warps, stages = block_sizes(head_dim, value_dim, backward=True)
+    bm, bn, warps, stages = block_sizes(head_dim, value_dim, True, q.element_size())
     dq = torch.empty(batch, n_heads, n_q, head_dim, device=q.device, dtype=torch.float32)
     dk = torch.zeros(batch, n_kv, n_k, head_dim, device=q.device, dtype=torch.float32)
     dv = torch.zeros(batch, n_kv, n_k, value_dim, device=q.device, dtype=torch.float32)

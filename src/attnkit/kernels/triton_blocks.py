@@ -270,9 +270,9 @@ class BlocksPart:
 
     pattern: Pattern
 
-    def lists(self, n_q: int, n_k: int, head_dim: int, value_dim: int, device: torch.device) -> BlockList:
-        blk, _, _, _ = block_sizes(head_dim, value_dim, backward=True)
-        return block_list(self.pattern, n_q, n_k, blk, device)
+    def lists(self, q: torch.Tensor, n_k: int, value_dim: int) -> BlockList:
+        blk, _, _, _ = block_sizes(q.shape[-1], value_dim, True, q.element_size())
+        return block_list(self.pattern, q.shape[2], n_k, blk, q.device)
 
 
 def blocks_forward(part: BlocksPart, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -281,8 +281,8 @@ def blocks_forward(part: BlocksPart, q: torch.Tensor, k: torch.Tensor, v: torch.
     :func:`~attnkit.kernels.triton_band.band_forward` with one share)."""
     batch, n_heads, n_q, head_dim = q.shape
     n_kv, n_k, value_dim = k.shape[1], k.shape[2], v.shape[-1]
-    lists = part.lists(n_q, n_k, head_dim, value_dim, q.device)
-    _, _, warps, stages = block_sizes(head_dim, value_dim, backward=True)
+    lists = part.lists(q, n_k, value_dim)
+    _, _, warps, stages = block_sizes(head_dim, value_dim, True, q.element_size())
     out = torch.empty(1, batch, n_heads, n_q, value_dim, device=q.device, dtype=out_dtype)
     lse = torch.empty(1, batch, n_heads, n_q, device=q.device, dtype=torch.float32)
     _blocks_fwd[(len(lists.kv_count), batch * n_heads)](
@@ -301,8 +301,8 @@ def blocks_backward(part: BlocksPart, q: torch.Tensor, k: torch.Tensor, v: torch
     :func:`~attnkit.kernels.triton_band.band_backward`)."""
     batch, n_heads, n_q, head_dim = q.shape
     n_kv, n_k, value_dim = k.shape[1], k.shape[2], v.shape[-1]
-    lists = part.lists(n_q, n_k, head_dim, value_dim, q.device)
-    _, _, warps, stages = block_sizes(head_dim, value_dim, backward=True)
+    lists = part.lists(q, n_k, value_dim)
+    _, _, warps, stages = block_sizes(head_dim, value_dim, True, q.element_size())
     dq = torch.empty(batch, n_heads, n_q, head_dim, device=q.device, dtype=torch.float32)
     dk = torch.empty(batch, n_kv, n_k, head_dim, device=q.device, dtype=torch.float32)
     dv = torch.empty(batch, n_kv, n_k, value_dim, device=q.device, dtype=torch.float32)
