@@ -133,6 +133,50 @@ def _key_range(u_min, u_max, i_min, n_keys, lo, hi, segment, SEGMENTED: tl.const
 
 
 @triton.jit
+def _fwd_tile(acc, m_i, l_i, q, k_base, v_base, b0, u, i, n_keys, lo, hi, segment, r, step, period, width,
+              skn, svn, scale2, D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+              BN: tl.constexpr, KEYS: tl.constexpr, SEGMENTED: tl.constexpr, MASKED: tl.constexpr,
+              PRECISION: tl.constexpr):
+    """One key tile of the forward pass: online-softmax update of ``acc, m_i, l_i``."""
+    d = tl.arange(0, BD)
+    dv = tl.arange(0, BDV)
+    b = b0 + tl.arange(0, BN)
+    j = _key_positions(b, r, step, period, width, KEYS)
+    valid_k = b < n_keys
+    kt = tl.load(k_base + j[None, :] * skn + d[:, None], mask=valid_k[None, :] & (d < D)[:, None], other=0.0)
+    s = _dot(q, kt, PRECISION) * scale2
+    if MASKED:
+        s = tl.where(_band_mask(u, b, i, j, n_keys, lo, hi, segment, SEGMENTED), s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    vt = tl.load(v_base + j[:, None] * svn + dv[None, :], mask=valid_k[:, None] & (dv < DV)[None, :], other=0.0)
+    acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, PRECISION)
+    return acc, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, b0, u, i, n_keys, lo, hi, segment, r, step, period, width,
+             skn, svn, scale2, D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+             BN: tl.constexpr, KEYS: tl.constexpr, SEGMENTED: tl.constexpr, MASKED: tl.constexpr,
+             PRECISION: tl.constexpr):
+    """One key tile of the dQ pass."""
+    d = tl.arange(0, BD)
+    dv = tl.arange(0, BDV)
+    b = b0 + tl.arange(0, BN)
+    j = _key_positions(b, r, step, period, width, KEYS)
+    valid_k = b < n_keys
+    kk = tl.load(k_base + j[:, None] * skn + d[None, :], mask=valid_k[:, None] & (d < D)[None, :], other=0.0)
+    vt = tl.load(v_base + j[None, :] * svn + dv[:, None], mask=valid_k[None, :] & (dv < DV)[:, None], other=0.0)
+    p = tl.math.exp2(_dot(q, tl.trans(kk), PRECISION) * scale2 - lse2[:, None])
+    if MASKED:
+        p = tl.where(_band_mask(u, b, i, j, n_keys, lo, hi, segment, SEGMENTED), p, 0.0)
+    ds = p * (_dot(do, vt, PRECISION) - delta[:, None])
+    return dq + _dot(ds.to(kk.dtype), kk, PRECISION)
+
+
+@triton.jit
 def _band_fwd(
     Q, K, V, O, LSE,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
@@ -171,22 +215,20 @@ def _band_fwd(
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, BDV], tl.float32)
-    for t in range(t0, t1):
-        b = b_start + t * BN + tl.arange(0, BN)
-        j = _key_positions(b, r, step, period, width, KEYS)
-        valid_k = b < n_keys
-        kt = tl.load(k_base + j[None, :] * skn + d[:, None], mask=valid_k[None, :] & (d < D)[:, None], other=0.0)
-        s = _dot(q, kt, PRECISION) * scale2
-        if (t < t_full) | (t >= t_stop):
-            s = tl.where(_band_mask(u, b, i, j, n_keys, lo, hi, segment, SEGMENTED), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        vt = tl.load(v_base + j[:, None] * svn + dv[None, :], mask=valid_k[:, None] & (dv < DV)[None, :], other=0.0)
-        acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, PRECISION)
-        m_i = m_new
+    # Three loops (masked edge, unmasked interior, masked edge) keep the interior loop free of
+    # branches, so the compiler can pipeline its loads.
+    for t in range(t0, tl.minimum(t_full, t1)):
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, b_start + t * BN, u, i, n_keys, lo, hi, segment,
+                                  r, step, period, width, skn, svn, scale2, D, DV, BD, BDV, BN, KEYS, SEGMENTED,
+                                  True, PRECISION)
+    for t in range(tl.maximum(t_full, t0), tl.minimum(t_stop, t1)):
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, b_start + t * BN, u, i, n_keys, lo, hi, segment,
+                                  r, step, period, width, skn, svn, scale2, D, DV, BD, BDV, BN, KEYS, SEGMENTED,
+                                  False, PRECISION)
+    for t in range(tl.maximum(tl.maximum(t_full, t_stop), t0), t1):
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, b_start + t * BN, u, i, n_keys, lo, hi, segment,
+                                  r, step, period, width, skn, svn, scale2, D, DV, BD, BDV, BN, KEYS, SEGMENTED,
+                                  True, PRECISION)
 
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -234,18 +276,15 @@ def _band_bwd_dq(
     v_base = V + batch.to(tl.int64) * svb + kv_head.to(tl.int64) * svh
 
     dq = tl.zeros([BM, BD], tl.float32)
-    for t in range(0, n_tiles):
-        b = b_start + t * BN + tl.arange(0, BN)
-        j = _key_positions(b, r, step, period, width, KEYS)
-        valid_k = b < n_keys
-        kk = tl.load(k_base + j[:, None] * skn + d[None, :], mask=valid_k[:, None] & (d < D)[None, :], other=0.0)
-        vt = tl.load(v_base + j[None, :] * svn + dv[:, None], mask=valid_k[None, :] & (dv < DV)[:, None], other=0.0)
-        p = tl.math.exp2(_dot(q, tl.trans(kk), PRECISION) * scale2 - lse2[:, None])
-        if (t < t_full) | (t >= t_stop):
-            p = tl.where(_band_mask(u, b, i, j, n_keys, lo, hi, segment, SEGMENTED), p, 0.0)
-        dp = _dot(do, vt, PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += _dot(ds.to(kk.dtype), kk, PRECISION)
+    for t in range(0, tl.minimum(t_full, n_tiles)):
+        dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, b_start + t * BN, u, i, n_keys, lo, hi, segment, r, step,
+                      period, width, skn, svn, scale2, D, DV, BD, BDV, BN, KEYS, SEGMENTED, True, PRECISION)
+    for t in range(t_full, tl.minimum(t_stop, n_tiles)):
+        dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, b_start + t * BN, u, i, n_keys, lo, hi, segment, r, step,
+                      period, width, skn, svn, scale2, D, DV, BD, BDV, BN, KEYS, SEGMENTED, False, PRECISION)
+    for t in range(tl.maximum(t_full, t_stop), n_tiles):
+        dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, b_start + t * BN, u, i, n_keys, lo, hi, segment, r, step,
+                      period, width, skn, svn, scale2, D, DV, BD, BDV, BN, KEYS, SEGMENTED, True, PRECISION)
     tl.store(DQ + stat[:, None] * D + d[None, :], dq * scale, mask=valid_q[:, None] & (d < D)[None, :])
 
 
