@@ -161,3 +161,19 @@ def test_cpu_without_interpreter_is_a_clear_error(monkeypatch):
 def test_package_import_does_not_import_triton():
     code = "import sys, attnkit, attnkit.functional; assert 'triton' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+
+
+def test_block_lists_do_not_depend_on_the_evaluation_chunk(monkeypatch):
+    import attnkit.kernels.triton_blocks as blocks
+
+    pattern = Predicate(lambda i, j: (j <= i) & ((i - j) % 5 != 1))
+    whole = block_list(pattern, 45, 50, 16, torch.device("cpu"))
+    block_list.cache_clear()
+    monkeypatch.setattr(blocks, "_EVAL_CHUNK", 16 * 16)  # one block per chunk
+    chunked = block_list(pattern, 45, 50, 16, torch.device("cpu"))
+    block_list.cache_clear()
+    for name in ("kv_index", "kv_count", "q_index", "q_count"):
+        assert torch.equal(getattr(whole, name), getattr(chunked, name))
+    for a, b in ((whole.kv_mask, chunked.kv_mask), (whole.q_mask, chunked.q_mask)):
+        assert torch.equal(a == -1, b == -1)
+        assert torch.equal(whole.masks[a.clamp(min=0)], chunked.masks[b.clamp(min=0)])

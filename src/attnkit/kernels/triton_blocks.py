@@ -88,23 +88,33 @@ def block_list(pattern: Pattern, n_q: int, n_k: int, blk: int, device: torch.dev
     qb, kb = layout.nonzero(as_tuple=True)
     local = torch.arange(blk)
     q_rows, k_cols = qb[:, None] * blk + local, kb[:, None] * blk + local  # (P, blk)
-    allowed = []
+    # Per chunk of blocks: drop empty ones, mark full ones, keep only the distinct partial masks.
     step = max(1, _EVAL_CHUNK // (blk * blk))
+    kept, ids, distinct = [], [], []
+    n_distinct = 0
     for s in range(0, len(qb), step):
         rows, cols = q_rows[s : s + step], k_cols[s : s + step]
         # padding rows/columns are clamped into range for the predicate, then masked out
         ok = pattern.allows((rows + offset).clamp(max=n_k - 1)[:, :, None], cols.clamp(max=n_k - 1)[:, None, :])
-        allowed.append(ok & (rows < n_q)[:, :, None] & (cols < n_k)[:, None, :])
-    allowed = torch.cat(allowed) if allowed else torch.zeros(0, blk, blk, dtype=torch.bool)
-    nonempty = allowed.flatten(1).any(1)
-    full = allowed.flatten(1).all(1)
-    qb, kb, allowed, full = qb[nonempty], kb[nonempty], allowed[nonempty], full[nonempty]
-    mask_id = torch.full((len(qb),), -1, dtype=torch.long)
+        ok = (ok & (rows < n_q)[:, :, None] & (cols < n_k)[:, None, :]).flatten(1)
+        nonempty, full = ok.any(1), ok.all(1)
+        chunk_ids = torch.full((len(ok),), -1, dtype=torch.long)
+        partial = nonempty & ~full
+        if bool(partial.any()):
+            masks, inverse = torch.unique(ok[partial], dim=0, return_inverse=True)
+            chunk_ids[partial] = inverse + n_distinct
+            distinct.append(masks)
+            n_distinct += len(masks)
+        kept.append(s + nonempty.nonzero().flatten())
+        ids.append(chunk_ids[nonempty])
+    keep = torch.cat(kept) if kept else torch.zeros(0, dtype=torch.long)
+    qb, kb = qb[keep], kb[keep]
+    mask_id = torch.cat(ids) if ids else torch.zeros(0, dtype=torch.long)
     masks = torch.zeros(1, blk, blk, dtype=torch.int8)
-    if bool((~full).any()):
-        distinct, inverse = torch.unique(allowed[~full].flatten(1), dim=0, return_inverse=True)
-        mask_id[~full] = inverse
-        masks = distinct.view(-1, blk, blk).to(torch.int8)
+    if distinct:  # chunks may share masks: one table without duplicates
+        table, inverse = torch.unique(torch.cat(distinct), dim=0, return_inverse=True)
+        mask_id = torch.where(mask_id >= 0, inverse[mask_id.clamp(min=0)], mask_id)
+        masks = table.view(-1, blk, blk).to(torch.int8)
     nqb, nkb = -(-n_q // blk), -(-n_k // blk)
     by_q = [[] for _ in range(nqb)]
     by_k = [[] for _ in range(nkb)]
