@@ -19,7 +19,7 @@ if [ "${DRY:-0}" = "1" ]; then
 fi
 python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.__version__, torch.cuda.get_device_name(0))" || exit 1
 python3 -m attnkit.cli info 2>&1 | tee "$out/info.txt"
-timeout 90 python3 benchmarks/gpu/check_exact.py --json "$out/check_exact.json" 2>&1 | tee "$out/check_exact.log"
+timeout 100 python3 benchmarks/gpu/check_exact.py --json "$out/check_exact.json" 2>&1 | tee "$out/check_exact.log"
 echo "check_exact exit status: ${PIPESTATUS[0]}"
-timeout 250 python3 -m attnkit.bench.gpu_table --out "$out" --budget 200 2>&1 | tee "$out/gpu_table.log"
+timeout 240 python3 -m attnkit.bench.gpu_table --out "$out" --budget 190 2>&1 | tee "$out/gpu_table.log"
 echo "gpu_table exit status: ${PIPESTATUS[0]}"
