@@ -177,3 +177,12 @@ def test_block_lists_do_not_depend_on_the_evaluation_chunk(monkeypatch):
     for a, b in ((whole.kv_mask, chunked.kv_mask), (whole.q_mask, chunked.q_mask)):
         assert torch.equal(a == -1, b == -1)
         assert torch.equal(whole.masks[a.clamp(min=0)], chunked.masks[b.clamp(min=0)])
+
+
+@pytest.mark.slow
+def test_every_kernel_compiles_for_sm90():
+    """Triton's real compiler (not the interpreter) on every tile configuration: minutes on a CPU."""
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "gpu", "compile_check.py")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "TRITON_INTERPRET": "0"}
+    result = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

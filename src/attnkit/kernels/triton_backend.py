@@ -22,6 +22,7 @@ to 256. Triton is imported only when a kernel first runs.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 from typing import Optional, Sequence
@@ -43,9 +44,14 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+@functools.lru_cache(maxsize=1)
+def _installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def triton_available(device: Optional[torch.device] = None) -> Optional[str]:
     """None when the Triton kernels can run on ``device`` (default: CUDA), else why not."""
-    if importlib.util.find_spec("triton") is None:
+    if not _installed():
         return "the triton package is not installed"
     on_cpu = device is not None and device.type == "cpu"
     if on_cpu and not _interpreting():
