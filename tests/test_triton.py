@@ -186,3 +186,9 @@ def test_every_kernel_compiles_for_sm90():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "TRITON_INTERPRET": "0"}
     result = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def test_empty_batch():
+    q = torch.randn(0, 2, 5, 16, device=DEVICE, requires_grad=True)
+    out, lse = attention(q, q, q, SlidingWindow(3), backend="triton", return_lse=True)
+    assert out.shape == (0, 2, 5, 16) and lse.shape == (0, 2, 5)

@@ -205,7 +205,8 @@ def triton_kernel(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of validated inputs by the Triton kernels: ``(out (B, Hq, Nq, Dv), lse (B, Hq, Nq))``,
     lse float32 natural log. Differentiable in q, k, v (and through lse). Every pattern runs;
-    inputs the kernels do not take (float64, head dims over 256) run the sparse backend.
+    inputs the kernels do not take (float64, head dims over 256, an empty batch) run the sparse
+    backend.
 
     Raises:
         ValueError: Triton cannot run here at all (not installed, no CUDA device, or CPU tensors
@@ -214,7 +215,7 @@ def triton_kernel(
     reason = triton_available(q.device)
     if reason is not None:
         raise ValueError(f"backend 'triton' cannot run: {reason}")
-    if triton_unsupported(q, k, v) is not None:
+    if triton_unsupported(q, k, v) is not None or q.shape[0] == 0:  # an empty grid cannot be launched
         from .sparse import sparse_kernel
 
         return sparse_kernel(q, k, v, pattern, scale)
