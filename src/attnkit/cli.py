@@ -22,6 +22,7 @@ import torch
 
 import attnkit
 from attnkit.kernels.native import native_status
+from attnkit.kernels.triton_backend import triton_status
 
 # Modules whose ``register(subparsers)`` adds a subcommand, in the order ``--help`` lists them.
 COMMAND_MODULES = [
@@ -55,6 +56,7 @@ def _run_info(args: argparse.Namespace) -> int:
     table.add_row("cpu capability", torch.backends.cpu.get_cpu_capability())
     for name, status in native_status().items():
         table.add_row(f"native {name}", status)
+    table.add_row("GPU kernels (triton)", triton_status())
     if torch.cuda.is_available():
         names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         table.add_row("cuda devices", "; ".join(names))

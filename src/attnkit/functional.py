@@ -27,9 +27,10 @@ from .kernels.dense import dense_fits, dense_kernel, fused_lse_available
 from .kernels.reference import reference_kernel
 from .kernels.sparse import head_runs, sparse_kernel
 from .kernels.sparse import planned_pairs as sparse_planned_pairs
+from .kernels.triton_backend import triton_kernel, triton_preferred
 from .patterns import BlockLocal, BlockSparse, Fixed, Pattern, Periodic, Strided, Summary, Union, as_pattern
 
-BACKENDS = ("auto", "reference", "dense", "blockwise", "sparse")
+BACKENDS = ("auto", "reference", "dense", "blockwise", "sparse", "triton")
 """Accepted values of ``backend``. Every one runs every pattern and is differentiable."""
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -201,7 +202,8 @@ def attention(
         scale: multiplier of ``q @ k^T``; default ``1 / sqrt(D)``.
         backend: ``"auto"`` (fastest exact choice), ``"reference"`` (explicit two-step math),
             ``"dense"`` (torch SDPA), ``"blockwise"`` (tiled online softmax, skips empty tiles),
-            ``"sparse"`` (the sparse planner: work in proportion to the allowed pairs).
+            ``"sparse"`` (the sparse planner: work in proportion to the allowed pairs),
+            ``"triton"`` (Triton GPU kernels; CPU tensors under ``TRITON_INTERPRET=1``).
         return_lse: also return the log-sum-exp of the allowed scaled scores.
     Returns:
         ``out (B, Hq, Nq, Dv)`` in q's dtype, or ``(out, lse)`` with lse ``(B, Hq, Nq)`` (float32
@@ -221,6 +223,8 @@ def attention(
     pattern = _check_pattern(pattern, q.shape[1])
     pattern.validate(q.shape[2], k.shape[2])
     backend = _check_backend(backend)
+    if backend == "auto" and triton_preferred(q, k, v, pattern):
+        backend = "triton"
     if backend == "auto":
         backend = choose_backend(
             pattern, q.shape[2], k.shape[2], q.device, return_lse, q.shape[1],
@@ -234,6 +238,8 @@ def attention(
         out, lse = dense_kernel(q, k, v, pattern, scale, need_lse=return_lse)
     elif backend == "sparse":
         out, lse = sparse_kernel(q, k, v, pattern, scale)
+    elif backend == "triton":
+        out, lse = triton_kernel(q, k, v, pattern, scale)
     else:
         out, lse = blockwise_kernel(q, k, v, pattern, scale)
 

@@ -93,6 +93,8 @@ def contenders_for(workload: Workload) -> list[Contender]:
     """Every implementation that can run ``workload``, the SDPA baseline first."""
     if workload.case in SPARSE_CASE_SETS:
         return sparse_contenders(workload)
+    if workload.case in GPU_CASE_SETS:
+        return gpu_contenders(workload)
     pattern = workload.pattern
     found = [Contender("torch sdpa", _sdpa_direct(pattern), baseline=True)]
     for backend in ("auto", "dense", "blockwise"):
@@ -108,8 +110,10 @@ def causal_case(seqs: tuple[int, ...]) -> list[Workload]:
 
 
 from .sparse_cases import SPARSE_CASE_SETS, sparse_contenders  # noqa: E402  (they build on the above)
+from .gpu_cases import GPU_CASE_SETS, gpu_contenders  # noqa: E402
 
 CASE_SETS: dict[str, Callable[[tuple[int, ...]], list[Workload]]] = {
     "causal": causal_case,
     **SPARSE_CASE_SETS,
+    **GPU_CASE_SETS,
 }

@@ -1,0 +1,489 @@
+"""Triton kernels for attention whose allowed keys form a band on a lattice: forward and backward.
+
+One geometry covers sliding windows, Strided's two parts and Fixed's two parts. Each query row and
+each key get a *logical* index:
+
+- ``keys="lattice"``: with a lattice step ``S`` (1 for ordinary bands), residue ``r = pos % S``
+  runs as its own sequence: query ``i = base + r + S*a`` has coordinate ``u = base // S + a`` and
+  key ``j = r + S*b`` has index ``b`` (``base`` is the largest multiple of ``S`` at or below the
+  first query position);
+- ``keys="summary"``: the keys are Fixed's summary columns, the last ``width`` positions of every
+  block of ``period``; key ``b`` sits at ``(b // width) * period + period - width + b % width``
+  and query ``i`` has ``u`` = the number of summary keys it may see minus one (those of earlier
+  blocks, plus those of its own block up to ``i`` when ``own``).
+
+A pair is allowed when ``lo <= u - b <= hi`` and, with a ``segment``, when both positions lie in
+the same block of ``segment`` (BlockLocal). Each query block walks exactly the key blocks its
+band reaches; only blocks cut by an edge of the band evaluate the element mask (from the formula
+above, nothing precomputed). Softmax runs online in float32 with exp2; the backward pass is
+FlashAttention-2's: probabilities recomputed from the saved LSE, one pass for dK/dV (each program
+owns one key block and loops over the query heads of its KV group: GQA without repeating K/V and
+without atomics) and one for dQ.
+
+Tensors: ``q (B, Hq, Nq, D)``, ``k (B, Hkv, Nk, D)``, ``v (B, Hkv, Nk, Dv)`` with unit stride on the
+last axis (other strides are free); outputs are allocated contiguous. Query row ``r`` sits at
+position ``r + Nk - Nq``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+_BIG_EDGE = 1 << 29  # stands for an infinite band edge in int32 arithmetic (sums of two stay in range)
+_BIG = tl.constexpr(_BIG_EDGE)
+_LOG2E = math.log2(math.e)
+
+
+@dataclass(frozen=True)
+class BandPart:
+    """One band geometry (see the module docstring). ``lo``/``hi`` may be +-inf."""
+
+    lo: float
+    hi: float
+    step: int = 1
+    keys: str = "lattice"
+    period: int = 1
+    width: int = 1
+    own: bool = False
+    segment: int = 0
+
+
+@triton.jit
+def _dot(a, b, PRECISION: tl.constexpr):
+    if PRECISION == "upcast":  # the interpreter's bfloat16 dot is wrong; bf16 products are exact in float32
+        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        c = tl.dot(a, b, input_precision=PRECISION)
+    return c
+
+
+@triton.jit
+def _query_coords(a, base, offset, n_q, step, r, ubase, period, width, own, KEYS: tl.constexpr):
+    """Positions, rows, validity and band coordinate ``u`` of the logical query indices ``a``."""
+    i = base + r + step * a
+    row = i - offset
+    valid = (row >= 0) & (row < n_q)
+    if KEYS == 0:
+        u = ubase + a
+    else:
+        ic = tl.maximum(i, 0)
+        in_block = ic % period - (period - width) + 1
+        u = (ic // period) * width + own * tl.maximum(in_block, 0) - 1
+        u = tl.where(i >= 0, u, -1)
+    return i, row, valid, u
+
+
+@triton.jit
+def _key_positions(b, r, step, period, width, KEYS: tl.constexpr):
+    if KEYS == 0:
+        j = r + step * b
+    else:
+        j = (b // width) * period + (period - width) + b % width
+    return j
+
+
+@triton.jit
+def _key_count(n_k, r, step, n_summary, KEYS: tl.constexpr):
+    if KEYS == 0:
+        count = (n_k - r + step - 1) // step
+    else:
+        count = n_summary
+    return count
+
+
+@triton.jit
+def _band_mask(u, b, i, j, n_keys, lo, hi, segment, SEGMENTED: tl.constexpr):
+    d = u[:, None] - b[None, :]
+    ok = (d >= lo) & (d <= hi) & (b < n_keys)[None, :]
+    if SEGMENTED:
+        ok = ok & ((tl.maximum(i, 0) // segment)[:, None] == (j // segment)[None, :])
+    return ok
+
+
+@triton.jit
+def _band_mask_t(u, b, i, j, n_keys, lo, hi, segment, SEGMENTED: tl.constexpr):
+    """:func:`_band_mask` laid out ``(keys, queries)`` for the dK/dV pass."""
+    d = u[None, :] - b[:, None]
+    ok = (d >= lo) & (d <= hi) & (b < n_keys)[:, None]
+    if SEGMENTED:
+        ok = ok & ((tl.maximum(i, 0) // segment)[None, :] == (j // segment)[:, None])
+    return ok
+
+
+@triton.jit
+def _key_range(u_min, u_max, i_min, n_keys, lo, hi, segment, SEGMENTED: tl.constexpr, BN: tl.constexpr):
+    """Key blocks ``b_start + t*BN`` (``t < n_tiles``) a query block reaches; tiles in
+    ``[t_full, t_stop)`` need no element mask."""
+    b_start = tl.maximum(u_min - hi, 0)
+    if SEGMENTED:
+        b_start = tl.maximum(b_start, (tl.maximum(i_min, 0) // segment) * segment)
+    b_end = tl.minimum(u_max - lo + 1, n_keys)
+    n_tiles = tl.maximum(b_end - b_start + BN - 1, 0) // BN
+    t_full = tl.maximum(u_max - hi - b_start + BN - 1, 0) // BN
+    x = tl.minimum(u_min - lo, n_keys - 1) - BN + 1 - b_start
+    t_stop = tl.where(x >= 0, x // BN + 1, 0)
+    if SEGMENTED:
+        t_stop = t_full
+    return b_start, n_tiles, t_full, t_stop
+
+
+@triton.jit
+def _fwd_tile(acc, m_i, l_i, q, k_base, v_base, b0, u, i, n_keys, lo, hi, segment, r, step, period, width,
+              skn, svn, scale2, D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+              BN: tl.constexpr, KEYS: tl.constexpr, SEGMENTED: tl.constexpr, MASKED: tl.constexpr,
+              PRECISION: tl.constexpr):
+    """One key tile of the forward pass: online-softmax update of ``acc, m_i, l_i``."""
+    d = tl.arange(0, BD)
+    dv = tl.arange(0, BDV)
+    b = b0 + tl.arange(0, BN)
+    j = _key_positions(b, r, step, period, width, KEYS)
+    valid_k = b < n_keys
+    kt = tl.load(k_base + j[None, :] * skn + d[:, None], mask=valid_k[None, :] & (d < D)[:, None], other=0.0)
+    s = _dot(q, kt, PRECISION) * scale2
+    if MASKED:
+        s = tl.where(_band_mask(u, b, i, j, n_keys, lo, hi, segment, SEGMENTED), s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    vt = tl.load(v_base + j[:, None] * svn + dv[None, :], mask=valid_k[:, None] & (dv < DV)[None, :], other=0.0)
+    acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, PRECISION)
+    return acc, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, b0, u, i, n_keys, lo, hi, segment, r, step, period, width,
+             skn, svn, scale2, D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+             BN: tl.constexpr, KEYS: tl.constexpr, SEGMENTED: tl.constexpr, MASKED: tl.constexpr,
+             PRECISION: tl.constexpr):
+    """One key tile of the dQ pass."""
+    d = tl.arange(0, BD)
+    dv = tl.arange(0, BDV)
+    b = b0 + tl.arange(0, BN)
+    j = _key_positions(b, r, step, period, width, KEYS)
+    valid_k = b < n_keys
+    kk = tl.load(k_base + j[:, None] * skn + d[None, :], mask=valid_k[:, None] & (d < D)[None, :], other=0.0)
+    vt = tl.load(v_base + j[None, :] * svn + dv[:, None], mask=valid_k[None, :] & (dv < DV)[:, None], other=0.0)
+    p = tl.math.exp2(_dot(q, tl.trans(kk), PRECISION) * scale2 - lse2[:, None])
+    if MASKED:
+        p = tl.where(_band_mask(u, b, i, j, n_keys, lo, hi, segment, SEGMENTED), p, 0.0)
+    ds = p * (_dot(do, vt, PRECISION) - delta[:, None])
+    return dq + _dot(ds.to(kk.dtype), kk, PRECISION)
+
+
+@triton.jit
+def _band_fwd(
+    Q, K, V, O, LSE,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
+    n_batch, n_heads, group, n_q, n_k, offset, lo, hi,
+    step, base, ubase, period, width, own, n_summary, segment, scale2,
+    D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, KEYS: tl.constexpr, SEGMENTED: tl.constexpr,
+    SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    r = tl.program_id(2) // SPLITS
+    split = tl.program_id(2) % SPLITS
+    batch = bh // n_heads
+    head = bh % n_heads
+    kv_head = head // group
+
+    a = pid_m * BM + tl.arange(0, BM)
+    i, row, valid_q, u = _query_coords(a, base, offset, n_q, step, r, ubase, period, width, own, KEYS)
+    n_keys = _key_count(n_k, r, step, n_summary, KEYS)
+    u_min = tl.min(tl.where(valid_q, u, _BIG), 0)
+    u_max = tl.max(tl.where(valid_q, u, -_BIG), 0)
+    i_min = tl.min(tl.where(valid_q, i, _BIG), 0)
+    b_start, n_tiles, t_full, t_stop = _key_range(u_min, u_max, i_min, n_keys, lo, hi, segment, SEGMENTED, BN)
+    per_split = (n_tiles + SPLITS - 1) // SPLITS
+    t0 = split * per_split
+    t1 = tl.minimum(t0 + per_split, n_tiles)
+
+    d = tl.arange(0, BD)
+    dv = tl.arange(0, BDV)
+    q_ptrs = Q + batch.to(tl.int64) * sqb + head.to(tl.int64) * sqh + row[:, None] * sqn + d[None, :]
+    q = tl.load(q_ptrs, mask=valid_q[:, None] & (d < D)[None, :], other=0.0)
+    k_base = K + batch.to(tl.int64) * skb + kv_head.to(tl.int64) * skh
+    v_base = V + batch.to(tl.int64) * svb + kv_head.to(tl.int64) * svh
+
+    m_i = tl.full([BM], float("-inf"), tl.float32)
+    l_i = tl.zeros([BM], tl.float32)
+    acc = tl.zeros([BM, BDV], tl.float32)
+    # Three loops (masked edge, unmasked interior, masked edge) keep the interior loop free of
+    # branches, so the compiler can pipeline its loads.
+    for t in range(t0, tl.minimum(t_full, t1)):
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, b_start + t * BN, u, i, n_keys, lo, hi, segment,
+                                  r, step, period, width, skn, svn, scale2, D, DV, BD, BDV, BN, KEYS, SEGMENTED,
+                                  True, PRECISION)
+    for t in range(tl.maximum(t_full, t0), tl.minimum(t_stop, t1)):
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, b_start + t * BN, u, i, n_keys, lo, hi, segment,
+                                  r, step, period, width, skn, svn, scale2, D, DV, BD, BDV, BN, KEYS, SEGMENTED,
+                                  False, PRECISION)
+    for t in range(tl.maximum(tl.maximum(t_full, t_stop), t0), t1):
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, b_start + t * BN, u, i, n_keys, lo, hi, segment,
+                                  r, step, period, width, skn, svn, scale2, D, DV, BD, BDV, BN, KEYS, SEGMENTED,
+                                  True, PRECISION)
+
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+    slot = ((split * n_batch + batch) * n_heads + head).to(tl.int64) * n_q + row
+    tl.store(O + slot[:, None] * DV + dv[None, :], out.to(O.dtype.element_ty), mask=valid_q[:, None] & (dv < DV)[None, :])
+    tl.store(LSE + slot, lse, mask=valid_q)
+
+
+@triton.jit
+def _band_bwd_dq(
+    Q, K, V, DO, LSE, DELTA, DQ,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
+    n_heads, group, n_q, n_k, offset, lo, hi,
+    step, base, ubase, period, width, own, n_summary, segment, scale2, scale,
+    D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, KEYS: tl.constexpr, SEGMENTED: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    r = tl.program_id(2)
+    batch = bh // n_heads
+    head = bh % n_heads
+    kv_head = head // group
+
+    a = pid_m * BM + tl.arange(0, BM)
+    i, row, valid_q, u = _query_coords(a, base, offset, n_q, step, r, ubase, period, width, own, KEYS)
+    n_keys = _key_count(n_k, r, step, n_summary, KEYS)
+    u_min = tl.min(tl.where(valid_q, u, _BIG), 0)
+    u_max = tl.max(tl.where(valid_q, u, -_BIG), 0)
+    i_min = tl.min(tl.where(valid_q, i, _BIG), 0)
+    b_start, n_tiles, t_full, t_stop = _key_range(u_min, u_max, i_min, n_keys, lo, hi, segment, SEGMENTED, BN)
+
+    d = tl.arange(0, BD)
+    dv = tl.arange(0, BDV)
+    q = tl.load(Q + batch.to(tl.int64) * sqb + head.to(tl.int64) * sqh + row[:, None] * sqn + d[None, :],
+                mask=valid_q[:, None] & (d < D)[None, :], other=0.0)
+    do = tl.load(DO + batch.to(tl.int64) * sdb + head.to(tl.int64) * sdh + row[:, None] * sdn + dv[None, :],
+                 mask=valid_q[:, None] & (dv < DV)[None, :], other=0.0)
+    stat = (batch * n_heads + head).to(tl.int64) * n_q + row
+    lse2 = tl.load(LSE + stat, mask=valid_q, other=float("inf")) * 1.4426950408889634
+    lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)  # rows with no key: p = 0
+    delta = tl.load(DELTA + stat, mask=valid_q, other=0.0)
+    k_base = K + batch.to(tl.int64) * skb + kv_head.to(tl.int64) * skh
+    v_base = V + batch.to(tl.int64) * svb + kv_head.to(tl.int64) * svh
+
+    dq = tl.zeros([BM, BD], tl.float32)
+    for t in range(0, tl.minimum(t_full, n_tiles)):
+        dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, b_start + t * BN, u, i, n_keys, lo, hi, segment, r, step,
+                      period, width, skn, svn, scale2, D, DV, BD, BDV, BN, KEYS, SEGMENTED, True, PRECISION)
+    for t in range(t_full, tl.minimum(t_stop, n_tiles)):
+        dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, b_start + t * BN, u, i, n_keys, lo, hi, segment, r, step,
+                      period, width, skn, svn, scale2, D, DV, BD, BDV, BN, KEYS, SEGMENTED, False, PRECISION)
+    for t in range(tl.maximum(t_full, t_stop), n_tiles):
+        dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, b_start + t * BN, u, i, n_keys, lo, hi, segment, r, step,
+                      period, width, skn, svn, scale2, D, DV, BD, BDV, BN, KEYS, SEGMENTED, True, PRECISION)
+    tl.store(DQ + stat[:, None] * D + d[None, :], dq * scale, mask=valid_q[:, None] & (d < D)[None, :])
+
+
+@triton.jit
+def _band_bwd_dkdv(
+    Q, K, V, DO, LSE, DELTA, DK, DV_OUT,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
+    n_heads, n_kv_heads, group, n_q, n_k, offset, lo, hi,
+    step, base, ubase, period, width, own, n_summary, segment, n_lattice, scale2, scale,
+    D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, KEYS: tl.constexpr, SEGMENTED: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    r = tl.program_id(2)
+    batch = bh // n_kv_heads
+    kv_head = bh % n_kv_heads
+
+    n_keys = _key_count(n_k, r, step, n_summary, KEYS)
+    b0 = pid_n * BN
+    b = b0 + tl.arange(0, BN)
+    valid_k = b < n_keys
+    j = _key_positions(b, r, step, period, width, KEYS)
+    b_last = tl.minimum(b0 + BN, n_keys) - 1
+    # Logical query indices whose band reaches these keys (u is increasing in a).
+    if KEYS == 0:
+        a_start = tl.maximum(b0 + lo - ubase, 0)
+        a_end = tl.minimum(b_last + hi - ubase + 1, n_lattice)
+    else:
+        first = b0 + lo  # smallest u that reaches key b0 (lo >= 0 for summary keys)
+        if own:
+            i_first = (first // width) * period + (period - width) + first % width
+        else:
+            i_first = ((first + width) // width) * period
+        a_start = tl.maximum(i_first - base, 0)
+        a_end = n_lattice  # summary parts have no upper band edge
+    if SEGMENTED:
+        j_last = r + step * b_last
+        a_end = tl.minimum(a_end, ((j_last // segment + 1) * segment - base - r + step - 1) // step)
+
+    d = tl.arange(0, BD)
+    dv = tl.arange(0, BDV)
+    kk = tl.load(K + batch.to(tl.int64) * skb + kv_head.to(tl.int64) * skh + j[:, None] * skn + d[None, :],
+                 mask=valid_k[:, None] & (d < D)[None, :], other=0.0)
+    vv = tl.load(V + batch.to(tl.int64) * svb + kv_head.to(tl.int64) * svh + j[:, None] * svn + dv[None, :],
+                 mask=valid_k[:, None] & (dv < DV)[None, :], other=0.0)
+    dk = tl.zeros([BN, BD], tl.float32)
+    dvv = tl.zeros([BN, BDV], tl.float32)
+    full_keys = b0 + BN <= n_keys
+    for g in range(0, group):
+        head = kv_head * group + g
+        q_base = Q + batch.to(tl.int64) * sqb + head.to(tl.int64) * sqh
+        do_base = DO + batch.to(tl.int64) * sdb + head.to(tl.int64) * sdh
+        stat_base = (batch * n_heads + head).to(tl.int64) * n_q
+        for a0 in range(a_start, a_end, BM):
+            a = a0 + tl.arange(0, BM)
+            i, row, valid_q, u = _query_coords(a, base, offset, n_q, step, r, ubase, period, width, own, KEYS)
+            qq = tl.load(q_base + row[:, None] * sqn + d[None, :], mask=valid_q[:, None] & (d < D)[None, :], other=0.0)
+            do = tl.load(do_base + row[:, None] * sdn + dv[None, :], mask=valid_q[:, None] & (dv < DV)[None, :], other=0.0)
+            lse2 = tl.load(LSE + stat_base + row, mask=valid_q, other=float("inf")) * 1.4426950408889634
+            lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)
+            delta = tl.load(DELTA + stat_base + row, mask=valid_q, other=0.0)
+            pt = tl.math.exp2(_dot(kk, tl.trans(qq), PRECISION) * scale2 - lse2[None, :])
+            u_min = tl.min(tl.where(valid_q, u, _BIG), 0)
+            u_max = tl.max(tl.where(valid_q, u, -_BIG), 0)
+            full = full_keys & (u_min - (b0 + BN - 1) >= lo) & (u_max - b0 <= hi)
+            if SEGMENTED:
+                pt = tl.where(_band_mask_t(u, b, i, j, n_keys, lo, hi, segment, SEGMENTED), pt, 0.0)
+            elif not full:
+                pt = tl.where(_band_mask_t(u, b, i, j, n_keys, lo, hi, segment, SEGMENTED), pt, 0.0)
+            dvv += _dot(pt.to(do.dtype), do, PRECISION)
+            dpt = _dot(vv, tl.trans(do), PRECISION)
+            dst = pt * (dpt - delta[None, :])
+            dk += _dot(dst.to(qq.dtype), qq, PRECISION)
+    slot = (batch * n_kv_heads + kv_head).to(tl.int64) * n_k + j
+    tl.store(DK + slot[:, None] * D + d[None, :], dk * scale, mask=valid_k[:, None] & (d < D)[None, :])
+    tl.store(DV_OUT + slot[:, None] * DV + dv[None, :], dvv, mask=valid_k[:, None] & (dv < DV)[None, :])
+
+
+def _edge(x: float) -> int:
+    return max(-_BIG_EDGE, min(_BIG_EDGE, int(x))) if math.isfinite(x) else (_BIG_EDGE if x > 0 else -_BIG_EDGE)
+
+
+def interpreting() -> bool:
+    """Whether Triton runs its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    """Launch arguments of one part for one ``n_q x n_k`` problem."""
+
+    lo: int
+    hi: int
+    step: int
+    base: int
+    ubase: int
+    n_lattice: int
+    n_summary: int
+    residues: int
+    key_slots: int  # logical keys per residue (the dK/dV grid)
+
+    def args(self, part: BandPart) -> tuple:
+        return (self.lo, self.hi, self.step, self.base, self.ubase, part.period, part.width,
+                int(part.own), self.n_summary, max(part.segment, 1))
+
+
+def _geometry(part: BandPart, n_q: int, n_k: int) -> _Geometry:
+    offset = n_k - n_q
+    lo, hi = _edge(part.lo), _edge(part.hi)
+    if part.keys == "summary":
+        n_summary = (n_k // part.period) * part.width + max(0, n_k % part.period - (part.period - part.width))
+        return _Geometry(lo, hi, 1, offset, 0, n_q, n_summary, 1, n_summary)
+    step = part.step
+    base = (offset // step) * step
+    n_lattice = -(-(offset + n_q - base) // step)
+    return _Geometry(lo, hi, step, base, base // step, n_lattice, 0, step, -(-n_k // step))
+
+
+def block_sizes(head_dim: int, value_dim: int, backward: bool, element_size: int = 2) -> tuple[int, int, int, int]:
+    """``(BM, BN, num_warps, num_stages)``: small tiles in the interpreter (more edge cases per
+    test and less numpy work), FlashAttention-like tiles on a GPU, halved when a row holds more
+    than 256 bytes (head dims over 128 in half precision, over 64 in float32) so the tiles fit
+    in shared memory."""
+    if interpreting():
+        return 16, 16, 1, 1
+    wide = max(head_dim, value_dim) * element_size > 256
+    if backward:
+        return (32, 32, 4, 1) if wide else (64, 64, 4, 2)
+    return (64, 32, 4, 2) if wide else (128, 64, 8, 3)
+
+
+def _pow2(n: int) -> int:
+    return max(16, 1 << (n - 1).bit_length())
+
+
+def _precision(q: torch.Tensor) -> str:
+    if q.dtype == torch.bfloat16 and interpreting():
+        return "upcast"
+    # float32 inputs take the exact float32 path: TF32 would round the inputs to 10 mantissa bits.
+    return "ieee" if q.dtype == torch.float32 else "tf32"
+
+
+def band_forward(part: BandPart, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                 out_dtype: torch.dtype, splits: int = 1, block_m: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run one part forward. Returns ``out (splits, B, Hq, Nq, Dv)`` in ``out_dtype`` and
+    ``lse (splits, B, Hq, Nq)`` float32 (natural log; ``-inf`` where a row saw no key). With
+    ``splits > 1`` every program takes one share of a query block's key blocks (flash-decoding);
+    the caller merges the shares by their LSE. ``block_m`` overrides the query tile."""
+    batch, n_heads, n_q, head_dim = q.shape
+    n_kv, n_k, value_dim = k.shape[1], k.shape[2], v.shape[-1]
+    geo = _geometry(part, n_q, n_k)
+    bm, bn, warps, stages = block_sizes(head_dim, value_dim, False, q.element_size())
+    bm = block_m or bm
+    out = torch.empty(splits, batch, n_heads, n_q, value_dim, device=q.device, dtype=out_dtype)
+    lse = torch.empty(splits, batch, n_heads, n_q, device=q.device, dtype=torch.float32)
+    grid = (triton.cdiv(geo.n_lattice, bm), batch * n_heads, geo.residues * splits)
+    _band_fwd[grid](
+        q, k, v, out, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+        batch, n_heads, n_heads // n_kv, n_q, n_k, n_k - n_q, *geo.args(part), scale * _LOG2E,
+        D=head_dim, DV=value_dim, BD=_pow2(head_dim), BDV=_pow2(value_dim), BM=bm, BN=bn,
+        KEYS=int(part.keys == "summary"), SEGMENTED=part.segment > 0, SPLITS=splits,
+        PRECISION=_precision(q), num_warps=warps, num_stages=stages,
+    )
+    return out, lse
+
+
+def band_backward(part: BandPart, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor,
+                  lse: torch.Tensor, delta: torch.Tensor, scale: float) -> tuple[torch.Tensor, ...]:
+    """Gradients of one part given the *final* ``lse`` and ``delta = rowsum(dO * O) - dLSE``
+    (both ``(B, Hq, Nq)`` float32 contiguous): ``(dq, dk, dv)`` in float32, contiguous."""
+    batch, n_heads, n_q, head_dim = q.shape
+    n_kv, n_k, value_dim = k.shape[1], k.shape[2], v.shape[-1]
+    geo = _geometry(part, n_q, n_k)
+    bm, bn, warps, stages = block_sizes(head_dim, value_dim, True, q.element_size())
+    dq = torch.empty(batch, n_heads, n_q, head_dim, device=q.device, dtype=torch.float32)
+    dk = torch.zeros(batch, n_kv, n_k, head_dim, device=q.device, dtype=torch.float32)
+    dv = torch.zeros(batch, n_kv, n_k, value_dim, device=q.device, dtype=torch.float32)
+    common = dict(D=head_dim, DV=value_dim, BD=_pow2(head_dim), BDV=_pow2(value_dim), BM=bm, BN=bn,
+                  KEYS=int(part.keys == "summary"), SEGMENTED=part.segment > 0, PRECISION=_precision(q),
+                  num_warps=warps, num_stages=stages)
+    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3])
+    _band_bwd_dq[(triton.cdiv(geo.n_lattice, bm), batch * n_heads, geo.residues)](
+        q, k, v, grad_out, lse, delta, dq, *strides,
+        n_heads, n_heads // n_kv, n_q, n_k, n_k - n_q, *geo.args(part), scale * _LOG2E, scale, **common,
+    )
+    _band_bwd_dkdv[(triton.cdiv(geo.key_slots, bn), batch * n_kv, geo.residues)](
+        q, k, v, grad_out, lse, delta, dk, dv, *strides,
+        n_heads, n_kv, n_heads // n_kv, n_q, n_k, n_k - n_q, *geo.args(part), geo.n_lattice,
+        scale * _LOG2E, scale, **common,
+    )
+    return dq, dk, dv
+
+
+def key_tiles(part: BandPart, n_q: int, n_k: int) -> int:
+    """Key tiles the widest query block of a decode-sized call (``n_q`` small) walks."""
+    geo = _geometry(part, n_q, n_k)
+    _, bn, _, _ = block_sizes(16, 16, backward=False)
+    span = min(geo.hi - geo.lo + 1 + n_q, geo.key_slots)
+    return triton.cdiv(max(span, 1), bn)
