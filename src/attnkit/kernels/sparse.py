@@ -392,9 +392,9 @@ def _shared_key(k: torch.Tensor) -> torch.Tensor:
     LSE. Shifting keys that do not share it would add the rounding of ``q . k_ref`` to every
     score (an outlier first key, like an attention sink, would spoil rows that never see it), and
     a NaN or inf in it would reach every row: such heads are not shifted."""
-    k_ref = k[:, :, :1]
-    spread = (k - k_ref).detach().abs().amax((2, 3), keepdim=True)
-    largest = k.detach().abs().amax((2, 3), keepdim=True)
+    k_ref, values = k[:, :, :1], k.detach()
+    spread = (values - values[:, :, :1]).abs().amax((2, 3), keepdim=True)
+    largest = values.abs().amax((2, 3), keepdim=True)
     shared = torch.isfinite(spread) & (spread * 8 <= largest)  # False where NaN
     return torch.where(shared, k_ref, torch.zeros((), dtype=k.dtype, device=k.device))
 
