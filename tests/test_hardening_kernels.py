@@ -286,3 +286,121 @@ def test_rows_that_see_every_key_need_no_check_and_see_the_nan(backend):
     q, _, (k, v) = _poisoned("v", 20)
     assert torch.isnan(attention(q, k, v, Full(), backend=backend)[1, 2:]).any(-1).all()
     assert torch.isnan(attention(q[:, :, -1:], k, v, Causal(), backend=backend)[1, 2:]).any(-1).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Review fixes: the portable path's key shift, keyless rows' LSE gradients, -inf scores in the
+# backward pass, meta tensors, free CUDA memory and the merge threshold.
+
+
+def _outlier_first_key(n: int, value_dim: int, magnitude: float):
+    gen = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(1, 2, n, 16, generator=gen) for _ in range(2))
+    v = torch.randn(1, 2, n, value_dim, generator=gen)
+    k[:, :, 0] *= magnitude  # an attention-sink-like key
+    return q, k, v
+
+
+@pytest.mark.parametrize("backend", ["sparse", "auto"])
+@pytest.mark.parametrize("pattern, n, value_dim, magnitude", [
+    (SlidingWindow(8), 64, 8, 1e4),  # the portable path directly (Dv != D)
+    (Strided(8), 256, 16, 1e3),  # the fused path, rerun on the portable path (|lse| > 128)
+])
+def test_an_outlier_first_key_spoils_no_row_that_cannot_see_it(backend, pattern, n, value_dim, magnitude):
+    q, k, v = _outlier_first_key(n, value_dim, magnitude)
+    out, lse = attention(q, k, v, pattern, backend=backend, return_lse=True)
+    ref_out, ref_lse = attention(q.double(), k.double(), v.double(), pattern, backend="reference", return_lse=True)
+    blind = ~pattern.mask(n, n)[:, 0]
+    assert _rel(out[:, :, blind], ref_out[:, :, blind]) < 1e-6
+    assert _rel(lse[:, :, blind], ref_lse[:, :, blind]) < 1e-6
+
+
+def test_a_nan_first_key_reaches_only_the_rows_that_see_it_inside_the_sparse_kernel():
+    from attnkit.kernels.sparse import sparse_kernel
+
+    q, k, v = _outlier_first_key(64, 8, 1.0)
+    bad_k = k.clone()
+    bad_k[0, 1, 0, 2] = float("nan")
+    pattern = SlidingWindow(8)
+    out, lse = sparse_kernel(q, bad_k, v, pattern, 0.25)  # no visibility repair: the kernel's own
+    expected_out, expected_lse = sparse_kernel(q, k, v, pattern, 0.25)
+    blind = ~pattern.mask(64, 64)[:, 0]
+    torch.testing.assert_close(out[:, :, blind], expected_out[:, :, blind])
+    torch.testing.assert_close(lse[:, :, blind], expected_lse[:, :, blind])
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_rows_that_see_no_key_pass_no_lse_gradient(backend):
+    gen = torch.Generator().manual_seed(1)
+    base = [torch.randn(1, 2, n, d, generator=gen, dtype=torch.float64) for n, d in ((12, 8), (5, 8), (5, 6))]
+    leaves = [t.clone().requires_grad_() for t in base]
+    _, lse = attention(*leaves, Causal(), backend=backend, return_lse=True)
+    ref_leaves = [t.clone().requires_grad_() for t in base]
+    _, ref_lse = attention(*ref_leaves, Causal(), backend="reference", return_lse=True)
+    assert torch.isinf(lse[:, :, :7]).all()  # rows 0-6 sit before the first key
+    grads = torch.autograd.grad(lse, leaves, torch.ones_like(lse), allow_unused=True)
+    ref_grads = torch.autograd.grad(ref_lse, ref_leaves, torch.ones_like(ref_lse), allow_unused=True)
+    assert (grads[0][:, :, :7] == 0).all()
+    for g, r in zip(grads[:2], ref_grads[:2]):
+        torch.testing.assert_close(g, r)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("pattern", [Causal(), Strided(4)])
+def test_a_key_whose_scores_are_minus_inf_spoils_no_gradient_of_rows_that_cannot_see_it(backend, pattern):
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 2, 8, 8, generator=gen)
+    q[..., 0] = q[..., 0].abs()
+    k, v = (torch.randn(1, 1, 8, 8, generator=gen) for _ in range(2))
+    bad_k = k.clone()
+    bad_k[0, 0, 5, 0] = float("-inf")  # every score with key 5 is -inf: out stays finite
+    leaves = [t.clone().requires_grad_() for t in (q, bad_k, v)]
+    attention(*leaves, pattern, backend=backend).sum().backward()
+    blind = ~pattern.mask(8, 8)[:, 5]
+    clean = [t.clone().requires_grad_() for t in (q, k, v)]
+    attention(*clean, pattern, backend=backend)[:, :, blind].sum().backward()
+    for leaf, expected in zip(leaves, clean):
+        assert torch.isfinite(leaf.grad).all()
+        torch.testing.assert_close(leaf.grad, expected.grad)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_meta_tensors_give_shapes(backend):
+    q = torch.empty(1, 4, 16, 8, device="meta")
+    k, v = torch.empty(1, 2, 16, 8, device="meta"), torch.empty(1, 2, 16, 6, device="meta")
+    out, lse = attention(q, k, v, SlidingWindow(4), backend=backend, return_lse=True)
+    assert out.is_meta and out.shape == (1, 4, 16, 6) and lse.shape == (1, 4, 16)
+
+
+def test_fake_tensors_pass_the_visibility_check():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q = torch.empty(1, 2, 16, 8)
+        out, weights = reference_attention(q, q, q, Strided(4))
+    assert out.shape == (1, 2, 16, 8) and weights.shape == (1, 2, 16, 16)
+
+
+def test_cuda_free_memory_counts_the_allocators_unused_blocks(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (1000, 10_000))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 700)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 200)
+    assert dense_module.free_memory(torch.device("cuda")) == 1500
+
+
+def test_ordinary_scores_keep_the_fused_merge(monkeypatch):
+    from attnkit.kernels import sparse as sparse_module
+
+    reruns = []
+    portable = sparse_module._portable
+    monkeypatch.setattr(sparse_module, "_portable", lambda *args: reruns.append(1) or portable(*args))
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 96, 16, generator=gen) * s for s in (4, 4, 1))
+    out, lse = attention(q, k, v, Strided(8), backend="sparse", return_lse=True)
+    assert 32 < float(lse.abs().max()) < 128 and not reruns
+    ref_out, ref_lse = attention(q.double(), k.double(), v.double(), Strided(8), backend="reference", return_lse=True)
+    assert _rel(out, ref_out) < 1e-5 and _rel(lse, ref_lse) < 1e-6
+    tied = torch.full((1, 2, 41, 16), 10.0)  # lse about 400: merged by row maxima
+    out = attention(tied, tied, v[:, :, :41], Strided(8), backend="sparse")
+    assert len(reruns) == 1
+    assert _rel(out, reference_attention(tied.double(), tied.double(), v[:, :, :41].double(), Strided(8))[0]) < 1e-6

@@ -216,7 +216,8 @@ def attention(
             free memory (the message names the backends that run it without one).
 
     A NaN or inf in a key or value reaches only the rows that may see it (see the module
-    docstring); the check costs one sum over ``out`` and reruns the call only when it fails.
+    docstring); the check costs one sum over ``out`` (plus one over ``k`` and ``v`` when
+    autograd will differentiate the call) and reruns the call only when it fails.
     """
     _check_inputs(q, k, v)
     scale = _check_scale(scale, q.shape[-1])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from ..patterns import Pattern
 
@@ -92,10 +93,16 @@ def rows_seeing(pattern: Pattern, bad: torch.Tensor, n_q_heads: int, n_q: int) -
 
 
 def _host_read_forbidden(q: torch.Tensor) -> bool:
-    """Whether reading a tensor's value on the host is impossible now (compiling, graph capture)."""
-    if torch.compiler.is_compiling():
+    """Whether reading a tensor's value on the host is impossible now (compiling, graph capture)
+    or meaningless (meta and fake tensors carry no values)."""
+    if torch.compiler.is_compiling() or q.is_meta or is_fake(q):
         return True
     return q.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _differentiated(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether autograd will differentiate the call."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
 
 
 def keep_visible(result: tuple, rerun, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern) -> tuple:
@@ -104,12 +111,20 @@ def keep_visible(result: tuple, rerun, q: torch.Tensor, k: torch.Tensor, v: torc
     key or value is, ``rerun(k, v)`` computes the result with those entries set to zero, and
     each row takes that clean result unless it may see a non-finite entry; those rows keep
     their own (non-finite) values, detached, so no NaN flows back into other rows' gradients.
+    When autograd will differentiate the call, a non-finite ``k`` or ``v`` takes the same path
+    even if ``result[0]`` is finite (a key whose scores are -inf poisons the gradients only).
     A pattern that hides no key from any row (Full; Causal for one decoding query) needs no check.
     Nor is it made while ``torch.compile`` traces or a CUDA graph is captured: reading the result
-    on the host would break the graph or the capture (those callers get the kernel's result)."""
+    on the host would break the graph or the capture (those callers get the kernel's result); nor
+    for meta or fake tensors, which hold no values."""
     if _sees_every_key(pattern, q.shape[2], k.shape[2]) or _host_read_forbidden(q):
         return result
-    if all_finite(result[0]):
+    # A non-finite key can leave ``out`` finite (a score of -inf) yet poison the gradients of
+    # every row (0 * inf in the backward pass): when autograd will run, K and V are read too.
+    poisoned = not all_finite(result[0])
+    if not poisoned and _differentiated(q, k, v):
+        poisoned = not (all_finite(k) and all_finite(v))
+    if not poisoned:
         return result
     bad = nonfinite_keys(k, v)
     if not bool(bad.any()):

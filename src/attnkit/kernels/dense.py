@@ -61,10 +61,11 @@ def _mask_free(pattern: Pattern, n_q: int, n_k: int, scale: float) -> Optional[b
 
 
 def free_memory(device: torch.device) -> Optional[int]:
-    """Bytes free on ``device`` (CPU: the kernel's ``MemAvailable``, else free pages), or None
-    when unknown."""
+    """Bytes free on ``device`` (CPU: the kernel's ``MemAvailable``, else free pages; CUDA: the
+    driver's free memory plus the blocks PyTorch's allocator holds unused), or None when unknown."""
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + cached
     if device.type != "cpu":
         return None
     try:
@@ -175,7 +176,7 @@ def dense_kernel(
         lse = blockwise_kernel(q, k, v, pattern, scale)[1] if need_lse else None
     if mask is not None:
         row_has_key = mask.any(-1)
-        if not bool(row_has_key.all()):
+        if q.is_meta or not bool(row_has_key.all()):  # meta tensors hold no values to read
             out = torch.where(row_has_key.unsqueeze(-1), out, 0.0)
             if lse is not None:
                 lse = torch.where(row_has_key, lse, float("-inf"))

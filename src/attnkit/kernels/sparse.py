@@ -19,10 +19,11 @@ one of two executions:
 - elsewhere the portable path: per chunk of units, explicit matmuls and an exp2 softmax,
   differentiated by autograd (only per-unit probabilities are saved). It keeps each part's row
   maximum and log-sum apart and merges relative to the largest maximum, with scores taken
-  relative to each head's first key, so parts with huge tied scores merge exactly.
+  relative to each head's first key where all keys share it, so parts with huge tied scores
+  merge exactly.
 
 The fused path merges the parts' LSEs, whose last bit is a relative error of ``|lse| * eps`` in
-the part weights; when that exceeds ``_MERGE_ERROR`` (float32 scores above about 32, rare) the
+the part weights; when that exceeds ``_MERGE_ERROR`` (float32 LSEs above 128, rare) the
 call is rerun on the portable path.
 """
 
@@ -381,17 +382,32 @@ def _merge_by_maxima(outs, maxes, log_sums) -> tuple[torch.Tensor, torch.Tensor]
     return out, torch.where(seen, top + torch.log2(safe), float("-inf"))
 
 
+def _shared_key(k: torch.Tensor) -> torch.Tensor:
+    """``(B, Hkv, 1, D)``: each head's first key where the keys share it as a large component (no
+    entry of any key differs from it by more than an eighth of the largest entry), else zeros.
+
+    Softmax ignores a per-row constant, so scores may be taken relative to this key: keys that
+    share a large component (equal keys, at the extreme) then give small scores whose rounding no
+    longer depends on how each unit's matmul orders its sums, and the constant returns in the
+    LSE. Shifting keys that do not share it would add the rounding of ``q . k_ref`` to every
+    score (an outlier first key, like an attention sink, would spoil rows that never see it), and
+    a NaN or inf in it would reach every row: such heads are not shifted."""
+    k_ref, values = k[:, :, :1], k.detach()
+    spread = (values - values[:, :, :1]).abs().amax((2, 3), keepdim=True)
+    largest = values.abs().amax((2, 3), keepdim=True)
+    shared = torch.isfinite(spread) & (spread * 8 <= largest)  # False where NaN
+    return torch.where(shared, k_ref, torch.zeros((), dtype=k.dtype, device=k.device))
+
+
 def _portable(q, k, v, plan: SparsePlan, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     dtype = compute_dtype(q.dtype)
     batch, n_q_heads, n_q, _ = q.shape
     kv_heads, groups = k.shape[1], kv_groups(q, k)
     q_flat = (q.to(dtype) * (scale * _LOG2E)).reshape(batch, kv_heads, groups * n_q, q.shape[-1])
-    # Scores relative to each head's first key: softmax ignores a per-row constant, and keys that
-    # share a large component (equal keys, at the extreme) then give small scores whose rounding
-    # no longer depends on how each unit's matmul orders its sums; the constant returns in the LSE.
-    k_ref = k[:, :, :1].to(dtype)
+    k, v = k.to(dtype), v.to(dtype)
+    k_ref = _shared_key(k)
     row_offset = (q_flat * k_ref).sum(-1).reshape(batch, n_q_heads, n_q)
-    k, v = k.to(dtype) - k_ref, v.to(dtype)
+    k = k - k_ref
     outs, maxes, log_sums = [], [], []
     for part in plan.parts:
         out = q_flat.new_zeros(batch, kv_heads, groups * n_q + 1, v.shape[-1])  # last row: padding
@@ -406,17 +422,22 @@ def _portable(q, k, v, plan: SparsePlan, scale: float) -> tuple[torch.Tensor, to
         maxes.append(row_max[:, :, :-1].reshape(batch, n_q_heads, n_q))
         log_sums.append(log_sum[:, :, :-1].reshape(batch, n_q_heads, n_q))
     out, lse2 = _merge_by_maxima(outs, maxes, log_sums)
-    return out.to(q.dtype), (lse2 + row_offset) / _LOG2E
+    # A row that saw no key keeps LSE -inf, and no gradient of it reaches q or k through the offset.
+    unseen = lse2 == float("-inf")
+    lse2 = torch.where(unseen, lse2, lse2 + row_offset.masked_fill(unseen, 0.0))
+    return out.to(q.dtype), lse2 / _LOG2E
 
 
-_MERGE_ERROR = 2.0**-18
+_MERGE_ERROR = 2.0**-16
 """Largest relative error of the part weights the fused path may make by merging rounded LSEs
-(``|lse| * eps`` of the LSE's dtype): beyond it the portable path merges by row maxima."""
+(``|lse| * eps`` of the LSE's dtype, 1.5e-5): beyond it the portable path merges by row maxima.
+In float32 that is ``|lse| > 128``, above the LSEs of ordinary attention, so the rerun (a second
+forward pass, and autograd's backward instead of the fused one) stays rare."""
 
 
 def _merge_imprecise(plan: SparsePlan, lse: torch.Tensor) -> bool:
     """Whether merging the parts' rounded LSEs lost precision: the LSEs are so large that their
-    last bit outweighs ``_MERGE_ERROR`` (float32 scores above about 32)."""
+    last bit outweighs ``_MERGE_ERROR`` (float32 LSEs above 128)."""
     if len(plan.parts) < 2 or lse.numel() == 0:
         return False
     lse = lse.detach()
