@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -22,7 +23,9 @@ pytest.importorskip("triton")
 from attnkit import BlockSparse, Causal, Fixed, PerHead, Predicate, SlidingWindow, Strided, attention  # noqa: E402
 from attnkit.kernels.reference import reference_kernel  # noqa: E402
 from attnkit.kernels.triton_backend import (  # noqa: E402
+    MAX_SPLITS,
     _part_splits,
+    _splits,
     kernel_parts,
     triton_available,
     triton_preferred,
@@ -118,6 +121,17 @@ def test_decoding_splits_keys_and_merges(pattern):
     q, k = torch.zeros(1, 4, 3, 16), torch.zeros(1, 2, 90, 16)
     assert max(_part_splits(part, q, k) for part in kernel_parts(pattern)) > 1
     _check(pattern, 3, 90)
+
+
+def test_split_counts_are_few_powers_of_two(monkeypatch):
+    # The split count is a compile-time constant: a growing decode cache must not compile a new
+    # kernel per length, so only powers of two (capped) may come out.
+    q = torch.zeros(1, 1, 1, 16)
+    counts = {_part_splits(part, q, torch.zeros(1, 1, n, 16)) for n in range(1, 1200, 7) for part in kernel_parts(Causal())}
+    assert counts == {1, 2, 4, 8, 16}
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=132))
+    big = {_splits(1, tiles, 1, torch.device("cuda")) for tiles in range(1, 3000)}
+    assert max(big) == MAX_SPLITS and all(n & (n - 1) == 0 for n in big) and len(big) == 7
 
 
 def test_parts_come_from_pattern_facts():
