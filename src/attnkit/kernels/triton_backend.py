@@ -15,9 +15,10 @@ of :mod:`attnkit.patterns`), never from evaluating it on the ``Nq x Nk`` square:
   :mod:`~attnkit.kernels.triton_blocks`, which walks a per-query-block list of key blocks.
 
 Decode-sized calls (up to 16 queries) split each query block's keys across programs and merge the
-shares by LSE (flash-decoding). Inputs: float16, bfloat16 or float32 (float32 with TF32 off: the
-tensor cores' exact float32 path) on CUDA, or on the CPU under ``TRITON_INTERPRET=1``; head dims up
-to 256. Triton is imported only when a kernel first runs.
+shares by LSE (flash-decoding). Inputs: float16, bfloat16 (the fast path: tensor cores, float32
+accumulation) or float32 (IEEE float32 FMA, not tensor cores: exact but several times slower,
+since TF32 would round the inputs to 10 mantissa bits) on CUDA, or on the CPU under
+``TRITON_INTERPRET=1``; head dims up to 256. Triton is imported only when a kernel first runs.
 """
 
 from __future__ import annotations

@@ -427,7 +427,8 @@ def _pow2(n: int) -> int:
 def _precision(q: torch.Tensor) -> str:
     if q.dtype == torch.bfloat16 and interpreting():
         return "upcast"
-    # float32 inputs take the exact float32 path: TF32 would round the inputs to 10 mantissa bits.
+    # float32 inputs take IEEE float32 FMA (no tensor cores: exact, slower); TF32 would round the
+    # inputs to 10 mantissa bits. float16/bfloat16 products are exact on tensor cores.
     return "ieee" if q.dtype == torch.float32 else "tf32"
 
 
