@@ -1,7 +1,7 @@
 """The Triton backend against float64 reference attention: out, LSE, dq, dk, dv, every pattern family.
 
-Without a GPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, set here before
-the kernels are first imported) on CPU tensors, through the public ``attention(backend="triton")``.
+Without a GPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, set by
+``tests/conftest.py`` before the kernels are first imported) on CPU tensors, through the public ``attention(backend="triton")``.
 Sizes are small and odd so every edge of the kernels' blocks (16 x 16 in the interpreter) is hit:
 partial first/last blocks, ``Nq != Nk`` both ways, rows with no key, GQA groups.
 """
@@ -11,18 +11,22 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    pytest.skip("no CUDA device and TRITON_INTERPRET is off: the Triton kernels cannot run here",
+                allow_module_level=True)
 pytest.importorskip("triton")
 
 from attnkit import BlockSparse, Causal, Fixed, PerHead, Predicate, SlidingWindow, Strided, attention  # noqa: E402
 from attnkit.kernels.reference import reference_kernel  # noqa: E402
 from attnkit.kernels.triton_backend import (  # noqa: E402
+    MAX_SPLITS,
     _part_splits,
+    _splits,
     kernel_parts,
     triton_available,
     triton_preferred,
@@ -118,6 +122,17 @@ def test_decoding_splits_keys_and_merges(pattern):
     q, k = torch.zeros(1, 4, 3, 16), torch.zeros(1, 2, 90, 16)
     assert max(_part_splits(part, q, k) for part in kernel_parts(pattern)) > 1
     _check(pattern, 3, 90)
+
+
+def test_split_counts_are_few_powers_of_two(monkeypatch):
+    # The split count is a compile-time constant: a growing decode cache must not compile a new
+    # kernel per length, so only powers of two (capped) may come out.
+    q = torch.zeros(1, 1, 1, 16)
+    counts = {_part_splits(part, q, torch.zeros(1, 1, n, 16)) for n in range(1, 1200, 7) for part in kernel_parts(Causal())}
+    assert counts == {1, 2, 4, 8, 16}
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=132))
+    big = {_splits(1, tiles, 1, torch.device("cuda")) for tiles in range(1, 3000)}
+    assert max(big) == MAX_SPLITS and all(n & (n - 1) == 0 for n in big) and len(big) == 7
 
 
 def test_parts_come_from_pattern_facts():

@@ -85,8 +85,8 @@ def main() -> int:
                 result = {"case": case[0], "dtype": str(dtype), "ok": False, "error": f"{type(exc).__name__}: {exc}"}
             results.append(result)
             print(json.dumps(result), flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+            if args.json:  # rewritten after every case: a run cut short by a timeout keeps what it measured
+                args.json.write_text(json.dumps(results, indent=2))
     failed = [r for r in results if not r["ok"]]
     print(f"{len(results) - len(failed)}/{len(results)} exact within tolerance")
     return 1 if failed else 0

@@ -134,9 +134,12 @@ def run(out: Path, device: str, tiny: bool, budget: float, repeats: int, only: O
                 if device == "cuda":
                     torch.cuda.empty_cache()
                 continue
-        console.print(_table(rows, torch.get_num_threads()))
         result["rows"].extend(r.as_dict() for r in rows)
         (out / "gpu_table.json").write_text(json.dumps(result, indent=2))  # partial results survive a kill
+        try:
+            console.print(_table(rows, label))
+        except Exception as exc:  # a display problem must not cost the measured rows
+            console.print(f"[red]could not show the table for {label}: {type(exc).__name__}: {exc}")
     result["meta"]["seconds"] = round(time.monotonic() - start, 1)
     (out / "gpu_table.json").write_text(json.dumps(result, indent=2))
     if result["rows"]:

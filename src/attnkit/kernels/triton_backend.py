@@ -15,13 +15,15 @@ of :mod:`attnkit.patterns`), never from evaluating it on the ``Nq x Nk`` square:
   :mod:`~attnkit.kernels.triton_blocks`, which walks a per-query-block list of key blocks.
 
 Decode-sized calls (up to 16 queries) split each query block's keys across programs and merge the
-shares by LSE (flash-decoding). Inputs: float16, bfloat16 or float32 (float32 with TF32 off: the
-tensor cores' exact float32 path) on CUDA, or on the CPU under ``TRITON_INTERPRET=1``; head dims up
-to 256. Triton is imported only when a kernel first runs.
+shares by LSE (flash-decoding). Inputs: float16, bfloat16 (the fast path: tensor cores, float32
+accumulation) or float32 (IEEE float32 FMA, not tensor cores: exact but several times slower,
+since TF32 would round the inputs to 10 mantissa bits) on CUDA, or on the CPU under
+``TRITON_INTERPRET=1``; head dims up to 256. Triton is imported only when a kernel first runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import math
@@ -124,12 +126,20 @@ def triton_preferred(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern:
     return q.is_cuda and not _full_or_causal(pattern) and triton_unsupported(q, k, v) is None
 
 
+MAX_SPLITS = 64
+
+
 def _splits(n_q: int, key_tiles: int, programs: int, device: torch.device) -> int:
-    """Key shares per query block: enough programs to fill the device, at least 2 tiles each."""
+    """Key shares per query block: enough programs to fill the device, at least 2 tiles each.
+
+    A power of two at most ``MAX_SPLITS``: the count is a compile-time constant of the kernel, and
+    during decode the key count grows every step, so any other value would compile a new kernel
+    at nearly every cache length; this way at most seven variants ever compile."""
     if n_q > DECODE_QUERIES:
         return 1
     slots = 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 16
-    return max(1, min(slots // max(programs, 1), key_tiles // 2))
+    wanted = max(1, min(slots // max(programs, 1), key_tiles // 2, MAX_SPLITS))
+    return 1 << (wanted.bit_length() - 1)
 
 
 def _merge(outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,7 +205,8 @@ class _TritonAttention(torch.autograd.Function):
         delta = (grad_out.float() * out.float()).sum(-1)
         if grad_lse is not None:  # d lse / d s = p: folds into the same ds = p * (dp - delta)
             delta = delta - grad_lse.float()
-        grads = [_part_backward(part, q, k, v, grad_out, lse, delta.contiguous(), ctx.scale) for part in ctx.parts]
+        with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+            grads = [_part_backward(part, q, k, v, grad_out, lse, delta.contiguous(), ctx.scale) for part in ctx.parts]
         dq, dk, dv = (sum(g[n] for g in grads) for n in range(3))
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
 
@@ -223,11 +234,14 @@ def triton_kernel(
     plans = [kernel_parts(p) for _, _, p in runs]
     group = q.shape[1] // k.shape[1]
     outs, lses = [], []
-    for (first, stop, _), parts in zip(runs, plans):
-        kv = slice(first // group, -(-stop // group))
-        out, lse = _TritonAttention.apply(q[:, first:stop], k[:, kv], v[:, kv], parts, scale)
-        outs.append(out)
-        lses.append(lse)
+    # Triton launches on the current CUDA device, not the tensors' one: tensors on cuda:1 while
+    # cuda:0 is current would be read from the wrong device.
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        for (first, stop, _), parts in zip(runs, plans):
+            kv = slice(first // group, -(-stop // group))
+            out, lse = _TritonAttention.apply(q[:, first:stop], k[:, kv], v[:, kv], parts, scale)
+            outs.append(out)
+            lses.append(lse)
     if len(outs) == 1:
         return outs[0], lses[0]
     return torch.cat(outs, 1), torch.cat(lses, 1)

@@ -22,7 +22,8 @@ without atomics) and one for dQ.
 
 Tensors: ``q (B, Hq, Nq, D)``, ``k (B, Hkv, Nk, D)``, ``v (B, Hkv, Nk, Dv)`` with unit stride on the
 last axis (other strides are free); outputs are allocated contiguous. Query row ``r`` sits at
-position ``r + Nk - Nq``.
+position ``r + Nk - Nq``. Row and key indices are widened to int64 before they meet a stride:
+``row * stride`` passes 2**31 at long sequences with large strides, and int32 would wrap.
 """
 
 from __future__ import annotations
@@ -143,7 +144,7 @@ def _fwd_tile(acc, m_i, l_i, q, k_base, v_base, b0, u, i, n_keys, lo, hi, segmen
     b = b0 + tl.arange(0, BN)
     j = _key_positions(b, r, step, period, width, KEYS)
     valid_k = b < n_keys
-    kt = tl.load(k_base + j[None, :] * skn + d[:, None], mask=valid_k[None, :] & (d < D)[:, None], other=0.0)
+    kt = tl.load(k_base + j.to(tl.int64)[None, :] * skn + d[:, None], mask=valid_k[None, :] & (d < D)[:, None], other=0.0)
     s = _dot(q, kt, PRECISION) * scale2
     if MASKED:
         s = tl.where(_band_mask(u, b, i, j, n_keys, lo, hi, segment, SEGMENTED), s, float("-inf"))
@@ -151,7 +152,7 @@ def _fwd_tile(acc, m_i, l_i, q, k_base, v_base, b0, u, i, n_keys, lo, hi, segmen
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.math.exp2(s - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
-    vt = tl.load(v_base + j[:, None] * svn + dv[None, :], mask=valid_k[:, None] & (dv < DV)[None, :], other=0.0)
+    vt = tl.load(v_base + j.to(tl.int64)[:, None] * svn + dv[None, :], mask=valid_k[:, None] & (dv < DV)[None, :], other=0.0)
     acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, PRECISION)
     return acc, m_new, l_i * alpha + tl.sum(p, 1)
 
@@ -167,8 +168,8 @@ def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, b0, u, i, n_keys, lo, hi, s
     b = b0 + tl.arange(0, BN)
     j = _key_positions(b, r, step, period, width, KEYS)
     valid_k = b < n_keys
-    kk = tl.load(k_base + j[:, None] * skn + d[None, :], mask=valid_k[:, None] & (d < D)[None, :], other=0.0)
-    vt = tl.load(v_base + j[None, :] * svn + dv[:, None], mask=valid_k[None, :] & (dv < DV)[:, None], other=0.0)
+    kk = tl.load(k_base + j.to(tl.int64)[:, None] * skn + d[None, :], mask=valid_k[:, None] & (d < D)[None, :], other=0.0)
+    vt = tl.load(v_base + j.to(tl.int64)[None, :] * svn + dv[:, None], mask=valid_k[None, :] & (dv < DV)[:, None], other=0.0)
     p = tl.math.exp2(_dot(q, tl.trans(kk), PRECISION) * scale2 - lse2[:, None])
     if MASKED:
         p = tl.where(_band_mask(u, b, i, j, n_keys, lo, hi, segment, SEGMENTED), p, 0.0)
@@ -207,7 +208,7 @@ def _band_fwd(
 
     d = tl.arange(0, BD)
     dv = tl.arange(0, BDV)
-    q_ptrs = Q + batch.to(tl.int64) * sqb + head.to(tl.int64) * sqh + row[:, None] * sqn + d[None, :]
+    q_ptrs = Q + batch.to(tl.int64) * sqb + head.to(tl.int64) * sqh + row.to(tl.int64)[:, None] * sqn + d[None, :]
     q = tl.load(q_ptrs, mask=valid_q[:, None] & (d < D)[None, :], other=0.0)
     k_base = K + batch.to(tl.int64) * skb + kv_head.to(tl.int64) * skh
     v_base = V + batch.to(tl.int64) * svb + kv_head.to(tl.int64) * svh
@@ -264,9 +265,9 @@ def _band_bwd_dq(
 
     d = tl.arange(0, BD)
     dv = tl.arange(0, BDV)
-    q = tl.load(Q + batch.to(tl.int64) * sqb + head.to(tl.int64) * sqh + row[:, None] * sqn + d[None, :],
+    q = tl.load(Q + batch.to(tl.int64) * sqb + head.to(tl.int64) * sqh + row.to(tl.int64)[:, None] * sqn + d[None, :],
                 mask=valid_q[:, None] & (d < D)[None, :], other=0.0)
-    do = tl.load(DO + batch.to(tl.int64) * sdb + head.to(tl.int64) * sdh + row[:, None] * sdn + dv[None, :],
+    do = tl.load(DO + batch.to(tl.int64) * sdb + head.to(tl.int64) * sdh + row.to(tl.int64)[:, None] * sdn + dv[None, :],
                  mask=valid_q[:, None] & (dv < DV)[None, :], other=0.0)
     stat = (batch * n_heads + head).to(tl.int64) * n_q + row
     lse2 = tl.load(LSE + stat, mask=valid_q, other=float("inf")) * 1.4426950408889634
@@ -327,9 +328,9 @@ def _band_bwd_dkdv(
 
     d = tl.arange(0, BD)
     dv = tl.arange(0, BDV)
-    kk = tl.load(K + batch.to(tl.int64) * skb + kv_head.to(tl.int64) * skh + j[:, None] * skn + d[None, :],
+    kk = tl.load(K + batch.to(tl.int64) * skb + kv_head.to(tl.int64) * skh + j.to(tl.int64)[:, None] * skn + d[None, :],
                  mask=valid_k[:, None] & (d < D)[None, :], other=0.0)
-    vv = tl.load(V + batch.to(tl.int64) * svb + kv_head.to(tl.int64) * svh + j[:, None] * svn + dv[None, :],
+    vv = tl.load(V + batch.to(tl.int64) * svb + kv_head.to(tl.int64) * svh + j.to(tl.int64)[:, None] * svn + dv[None, :],
                  mask=valid_k[:, None] & (dv < DV)[None, :], other=0.0)
     dk = tl.zeros([BN, BD], tl.float32)
     dvv = tl.zeros([BN, BDV], tl.float32)
@@ -342,8 +343,8 @@ def _band_bwd_dkdv(
         for a0 in range(a_start, a_end, BM):
             a = a0 + tl.arange(0, BM)
             i, row, valid_q, u = _query_coords(a, base, offset, n_q, step, r, ubase, period, width, own, KEYS)
-            qq = tl.load(q_base + row[:, None] * sqn + d[None, :], mask=valid_q[:, None] & (d < D)[None, :], other=0.0)
-            do = tl.load(do_base + row[:, None] * sdn + dv[None, :], mask=valid_q[:, None] & (dv < DV)[None, :], other=0.0)
+            qq = tl.load(q_base + row.to(tl.int64)[:, None] * sqn + d[None, :], mask=valid_q[:, None] & (d < D)[None, :], other=0.0)
+            do = tl.load(do_base + row.to(tl.int64)[:, None] * sdn + dv[None, :], mask=valid_q[:, None] & (dv < DV)[None, :], other=0.0)
             lse2 = tl.load(LSE + stat_base + row, mask=valid_q, other=float("inf")) * 1.4426950408889634
             lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)
             delta = tl.load(DELTA + stat_base + row, mask=valid_q, other=0.0)
@@ -426,7 +427,8 @@ def _pow2(n: int) -> int:
 def _precision(q: torch.Tensor) -> str:
     if q.dtype == torch.bfloat16 and interpreting():
         return "upcast"
-    # float32 inputs take the exact float32 path: TF32 would round the inputs to 10 mantissa bits.
+    # float32 inputs take IEEE float32 FMA (no tensor cores: exact, slower); TF32 would round the
+    # inputs to 10 mantissa bits. float16/bfloat16 products are exact on tensor cores.
     return "ieee" if q.dtype == torch.float32 else "tf32"
 
 

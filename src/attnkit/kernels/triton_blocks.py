@@ -6,7 +6,8 @@ query rows, which blocks of ``blk`` keys hold an allowed pair and whether the bl
 small table of distinct ``blk x blk`` masks evaluated once from the pattern's predicate on that
 block alone (``BlockSparse`` layouts aligned to the kernel blocks have none). The transposed lists
 drive the dK/dV pass, so the backward pass, like the forward, touches only the listed blocks and
-uses no atomics. Softmax statistics are float32 with exp2, as in :mod:`~attnkit.kernels.triton_band`.
+uses no atomics. Softmax statistics are float32 with exp2, and row and key indices are widened to
+int64 before they meet a stride, as in :mod:`~attnkit.kernels.triton_band`.
 
 Lists are built from the pattern's block layout (``BlockSparse``: pooled from its layout; unions
 and intersections: combined from their sides; other patterns: :meth:`Pattern.block_layout`) and
@@ -147,7 +148,7 @@ def _blocks_fwd(
     d = tl.arange(0, BD)
     dv = tl.arange(0, BDV)
     local = tl.arange(0, BLK)
-    q = tl.load(Q + batch.to(tl.int64) * sqb + head.to(tl.int64) * sqh + row[:, None] * sqn + d[None, :],
+    q = tl.load(Q + batch.to(tl.int64) * sqb + head.to(tl.int64) * sqh + row.to(tl.int64)[:, None] * sqn + d[None, :],
                 mask=valid_q[:, None] & (d < D)[None, :], other=0.0)
     k_base = K + batch.to(tl.int64) * skb + kv_head.to(tl.int64) * skh
     v_base = V + batch.to(tl.int64) * svb + kv_head.to(tl.int64) * svh
@@ -159,7 +160,7 @@ def _blocks_fwd(
         mask_id = tl.load(KV_MASK + qb * max_kv + t)
         col = kb * BLK + local
         valid_k = col < n_k
-        kt = tl.load(k_base + col[None, :] * skn + d[:, None], mask=valid_k[None, :] & (d < D)[:, None], other=0.0)
+        kt = tl.load(k_base + col.to(tl.int64)[None, :] * skn + d[:, None], mask=valid_k[None, :] & (d < D)[:, None], other=0.0)
         s = _dot(q, kt, PRECISION) * scale2
         if mask_id >= 0:
             ok = tl.load(MASKS + mask_id.to(tl.int64) * BLK * BLK + local[:, None] * BLK + local[None, :])
@@ -169,7 +170,7 @@ def _blocks_fwd(
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        vt = tl.load(v_base + col[:, None] * svn + dv[None, :], mask=valid_k[:, None] & (dv < DV)[None, :], other=0.0)
+        vt = tl.load(v_base + col.to(tl.int64)[:, None] * svn + dv[None, :], mask=valid_k[:, None] & (dv < DV)[None, :], other=0.0)
         acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, PRECISION)
         m_i = m_new
     seen = l_i > 0.0
@@ -197,9 +198,9 @@ def _blocks_bwd_dq(
     d = tl.arange(0, BD)
     dv = tl.arange(0, BDV)
     local = tl.arange(0, BLK)
-    q = tl.load(Q + batch.to(tl.int64) * sqb + head.to(tl.int64) * sqh + row[:, None] * sqn + d[None, :],
+    q = tl.load(Q + batch.to(tl.int64) * sqb + head.to(tl.int64) * sqh + row.to(tl.int64)[:, None] * sqn + d[None, :],
                 mask=valid_q[:, None] & (d < D)[None, :], other=0.0)
-    do = tl.load(DO + batch.to(tl.int64) * sdb + head.to(tl.int64) * sdh + row[:, None] * sdn + dv[None, :],
+    do = tl.load(DO + batch.to(tl.int64) * sdb + head.to(tl.int64) * sdh + row.to(tl.int64)[:, None] * sdn + dv[None, :],
                  mask=valid_q[:, None] & (dv < DV)[None, :], other=0.0)
     stat = (batch * n_heads + head).to(tl.int64) * n_q + row
     lse2 = tl.load(LSE + stat, mask=valid_q, other=float("inf")) * 1.4426950408889634
@@ -213,8 +214,8 @@ def _blocks_bwd_dq(
         mask_id = tl.load(KV_MASK + qb * max_kv + t)
         col = kb * BLK + local
         valid_k = col < n_k
-        kk = tl.load(k_base + col[:, None] * skn + d[None, :], mask=valid_k[:, None] & (d < D)[None, :], other=0.0)
-        vt = tl.load(v_base + col[None, :] * svn + dv[:, None], mask=valid_k[None, :] & (dv < DV)[:, None], other=0.0)
+        kk = tl.load(k_base + col.to(tl.int64)[:, None] * skn + d[None, :], mask=valid_k[:, None] & (d < D)[None, :], other=0.0)
+        vt = tl.load(v_base + col.to(tl.int64)[None, :] * svn + dv[:, None], mask=valid_k[None, :] & (dv < DV)[:, None], other=0.0)
         p = tl.math.exp2(_dot(q, tl.trans(kk), PRECISION) * scale2 - lse2[:, None])
         if mask_id >= 0:
             ok = tl.load(MASKS + mask_id.to(tl.int64) * BLK * BLK + local[:, None] * BLK + local[None, :])
@@ -240,9 +241,9 @@ def _blocks_bwd_dkdv(
     valid_k = col < n_k
     d = tl.arange(0, BD)
     dv = tl.arange(0, BDV)
-    kk = tl.load(K + batch.to(tl.int64) * skb + kv_head.to(tl.int64) * skh + col[:, None] * skn + d[None, :],
+    kk = tl.load(K + batch.to(tl.int64) * skb + kv_head.to(tl.int64) * skh + col.to(tl.int64)[:, None] * skn + d[None, :],
                  mask=valid_k[:, None] & (d < D)[None, :], other=0.0)
-    vv = tl.load(V + batch.to(tl.int64) * svb + kv_head.to(tl.int64) * svh + col[:, None] * svn + dv[None, :],
+    vv = tl.load(V + batch.to(tl.int64) * svb + kv_head.to(tl.int64) * svh + col.to(tl.int64)[:, None] * svn + dv[None, :],
                  mask=valid_k[:, None] & (dv < DV)[None, :], other=0.0)
     dk = tl.zeros([BLK, BD], tl.float32)
     dvv = tl.zeros([BLK, BDV], tl.float32)
@@ -257,8 +258,8 @@ def _blocks_bwd_dkdv(
             mask_id = tl.load(Q_MASK + kb * max_q + t)
             row = qb * BLK + local
             valid_q = row < n_q
-            qq = tl.load(q_base + row[:, None] * sqn + d[None, :], mask=valid_q[:, None] & (d < D)[None, :], other=0.0)
-            do = tl.load(do_base + row[:, None] * sdn + dv[None, :], mask=valid_q[:, None] & (dv < DV)[None, :], other=0.0)
+            qq = tl.load(q_base + row.to(tl.int64)[:, None] * sqn + d[None, :], mask=valid_q[:, None] & (d < D)[None, :], other=0.0)
+            do = tl.load(do_base + row.to(tl.int64)[:, None] * sdn + dv[None, :], mask=valid_q[:, None] & (dv < DV)[None, :], other=0.0)
             lse2 = tl.load(LSE + stat_base + row, mask=valid_q, other=float("inf")) * 1.4426950408889634
             lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)
             delta = tl.load(DELTA + stat_base + row, mask=valid_q, other=0.0)
