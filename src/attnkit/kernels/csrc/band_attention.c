@@ -4,11 +4,11 @@
  * Work is split into strips of query rows of one KV head (all of its `groups` query heads), and a
  * strip into blocks of ROWS rows. A block needs only the keys its rows reach (hi - lo + ROWS of
  * them), so the work follows the band, not nq x nk. A strip first copies its keys transposed,
- * (D, keys), so that 16 keys form one vector (a strip of fewer than FEW_ROWS queries, a decoding
+ * (D, keys), so that LANES keys form one vector (a strip of fewer than FEW_ROWS queries, a decoding
  * step, reads the key rows directly instead). Per block, the forward pass computes
- *   S = q K^T scale log2 e   (register blocks of ROWS x 32 scores),
+ *   S = q K^T scale log2 e   (register blocks of ROWS x COLS scores),
  *   pairs outside the band -> -inf, per row m = max S, P = 2^(S - m), l = sum P,
- *   O = P V (register blocks of ROWS rows x 32 columns), out = O / l, lse = (m + log2 l) ln 2,
+ *   O = P V (register blocks of ROWS rows x COLS columns), out = O / l, lse = (m + log2 l) ln 2,
  * and the backward pass (FlashAttention's) recomputes P = 2^(S - lse log2 e), then
  *   dP = dO V^T, dS = P (dP - delta) with delta = rowsum(dO * out) - dlse,
  *   dV += P^T dO, dK += scale dS^T Q, dQ = scale dS K.
@@ -17,8 +17,9 @@
  * of odd strips: the backward pass runs even strips, then odd strips, each adding into dK and dV
  * without races and in a fixed order (deterministic, whatever the thread count). A row with no key
  * gets out 0, lse -inf and no gradient; NaN or infinite inputs give NaN, as in the reference.
- * Vectors are GNU C vector extensions of 16 floats, so the compiler emits AVX-512, AVX2 or NEON code
- * for the machine it builds on. Threads take strips from an atomic counter.
+ * Vectors are GNU C vector extensions as wide as the instruction set the file is compiled for, and the
+ * register blocks (ROWS rows x two vectors of accumulators) fit its register file; see "Vector
+ * width" below. Threads take strips from an atomic counter.
  */
 #include <math.h>
 #include <pthread.h>
@@ -26,20 +27,50 @@
 #include <stdlib.h>
 #include <string.h>
 
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
-typedef float vf_unaligned __attribute__((vector_size(64), aligned(4)));
+/* Vector width: LANES floats per vector, the width of the machine's registers, so that no operation
+ * is split in two and no accumulator spills. A register block holds ROWS x 2 vectors of
+ * accumulators, plus 2 vectors of the other operand and one broadcast:
+ *   AVX-512 (32 zmm): 16 lanes, 8 rows  -> 16 + 3 registers;
+ *   AVX2 + FMA (16 ymm): 8 lanes, 6 rows -> 12 + 3 (8 rows would need 19 and spill);
+ *   AArch64 NEON (32 q registers): 4 lanes, 8 rows;
+ *   anything else (SSE2's 16 xmm, or scalar code where there are no vectors): 4 lanes, 6 rows. */
+#if defined(__AVX512F__)
+#define LANES 16
+#define ROWS 8
+#define ISA_PATH "avx512: 16-float vectors, 8x32 register blocks"
+#elif defined(__AVX2__) && defined(__FMA__)
+#define LANES 8
+#define ROWS 6
+#define ISA_PATH "avx2: 8-float vectors, 6x16 register blocks"
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+#define LANES 4
+#define ROWS 8
+#define ISA_PATH "neon: 4-float vectors, 8x8 register blocks"
+#else
+#define LANES 4
+#define ROWS 6
+#define ISA_PATH "generic: 4-float vectors, 6x8 register blocks"
+#endif
+
+typedef float vf __attribute__((vector_size(LANES * 4)));
+typedef int32_t vi __attribute__((vector_size(LANES * 4)));
+typedef float vf_unaligned __attribute__((vector_size(LANES * 4), aligned(4)));
+typedef int32_t vi_unaligned __attribute__((vector_size(LANES * 4), aligned(4)));
 
 enum {
-    LANES = 16, ROWS = 8, COLS = 32, FEW_ROWS = 4,           /* vector, block and tile sizes */
+    COLS = 2 * LANES, FEW_ROWS = 4,                          /* tile width; decoding-sized strips */
     SHORT_STRIP = 192, LONG_STRIP = 768, MAX_THREADS = 256,  /* strips and threads */
     SMALL_WORK = 1 << 15                                     /* scores below which one thread runs */
 };
 static const float LOG2E = 1.4426950408889634f, LN2 = 0.6931471805599453f;
+static const int32_t LANE_INDEX[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+
+/* Which of the paths above this build took (for attnkit info). */
+const char *band_attention_isa(void) { return ISA_PATH; }
 
 static inline vf load(const float *p) { return *(const vf_unaligned *)p; }
 static inline void store(float *p, vf x) { *(vf_unaligned *)p = x; }
-static inline vf splat(float x) { return (vf){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
+static inline vf splat(float x) { return x - (vf){0}; } /* x - 0 keeps -0 and NaN as they are */
 static inline vf pick(vi keep, vf yes, vf no) { return (vf)(((vi)yes & keep) | ((vi)no & ~keep)); }
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 static inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
@@ -77,7 +108,11 @@ static inline vf exp2_nonpositive(vf x) {
 #define FMA1(r) { acc##r##a += splat(a##r[c]) * b0; }
 #define STORE2(r) { store(s + (r) * ld_s + col, acc##r##a); store(s + (r) * ld_s + col + LANES, acc##r##b); }
 #define STORE1(r) { store(s + (r) * ld_s + col, acc##r##a); }
+#if ROWS == 8
 #define EACH_ROW(M) M(0) M(1) M(2) M(3) M(4) M(5) M(6) M(7)
+#else
+#define EACH_ROW(M) M(0) M(1) M(2) M(3) M(4) M(5)
+#endif
 
 /* s[r][col] = sum_c a[r][c] b_t[c][col] for ROWS rows (the first `rows` of a (., ld_a), then rows
  * of `zeros`) and n_cols columns rounded up to LANES (b_t (d, ld_b) must be readable that far). */
@@ -133,7 +168,7 @@ static void block_scores(const float *a, int64_t rows, const float *zeros, const
 #define OUT1(r) { store(o + (r) * ld_o, acc##r##a); }
 
 /* o (ROWS, d) = p (ROWS, n_cols) m (n_cols, d), d a multiple of LANES: register blocks of ROWS rows
- * x 32 columns, so each row of m is read once per ROWS rows. Blocks of fewer than FEW_ROWS real
+ * x COLS columns, so each row of m is read once per ROWS rows. Blocks of fewer than FEW_ROWS real
  * rows (decoding) compute only those, one row at a time. */
 static void weights_times_matrix(const float *p, int64_t ld_p, int64_t rows, const float *m, int64_t d,
                                  int64_t n_cols, float *o) {
@@ -253,7 +288,7 @@ static void block_row_keys(const Job *job, int64_t pos, int64_t key0, int64_t n_
  * NaN when a score is NaN (a NaN or infinite input), so that the row's output becomes NaN. */
 static float scale_and_mask_row(float *s, int64_t n_cols, float factor, int64_t first, int64_t last) {
     const vf by = splat(factor), minus_inf = splat(-INFINITY);
-    const vi lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    const vi lane = *(const vi_unaligned *)LANE_INDEX;
     vf high = minus_inf;
     vi nan = {0};
     for (int64_t j = 0; j < round_up(n_cols, LANES); j += LANES) {
@@ -422,7 +457,7 @@ static int run_threads(Job *job, int threads) {
  * strips are as short as allowed, at least hi - lo rows (the parity rounds rely on it), and do not
  * depend on the thread count, so neither do the gradients (the order of the dK, dV sums). */
 static int check_and_plan(Job *job, int threads) {
-    if (job->d <= 0 || job->d % LANES != 0 || job->groups < 1 || job->bh % job->groups) return 1;
+    if (job->d <= 0 || job->d % 16 != 0 || job->groups < 1 || job->bh % job->groups) return 1;
     if (job->nq <= 0 || job->bh <= 0) { /* nothing to compute: no strips */
         job->strip_rows = ROWS, job->strips = 0;
         return 0;
