@@ -159,11 +159,11 @@ def test_an_isa_the_cpu_lacks_is_refused_not_run(fresh_builds, monkeypatch):
 @x86_with_avx2
 def test_each_isa_build_takes_its_own_vector_path_and_library(fresh_builds):
     builds = {isa: native.load_native("band_attention", isa) for isa in ("auto", "avx2", "generic")}
-    assert builds["avx2"].isa.startswith("avx2:") and builds["generic"].isa.startswith("generic:")
-    expected_auto = "avx512:" if not native._missing_cpu_features("avx512") else "avx2:"
+    assert builds["avx2"].isa.startswith("avx2 (") and builds["generic"].isa.startswith("generic (")
+    expected_auto = "avx512 (" if not native._missing_cpu_features("avx512") else "avx2 ("
     assert builds["auto"].isa.startswith(expected_auto)
     assert len({build.path for build in builds.values()}) == 3
-    assert "avx2: 8-float vectors" in builds["avx2"].message
+    assert "avx2 (8-float vectors, 6x16 register blocks); built with" in builds["avx2"].message
 
 
 # ---------------------------------------------------------------------------------------------

@@ -218,8 +218,9 @@ def _calibration_key(library_path: str) -> str:
 
 
 def _decide(library_path: str, isa: str) -> BandDecision:
-    if isa.split(":")[0] in KNOWN_FAST:
-        return BandDecision(True, f"native kernel (the {isa.split(':')[0]} path is known fast)")
+    path = isa.split(" ")[0]
+    if path in KNOWN_FAST:
+        return BandDecision(True, f"native kernel (the {path} path is known fast)")
     if library_path in _decisions:
         return _decisions[library_path]
     record_path = library_path + ".choice.json"

@@ -64,7 +64,8 @@ class NativeLibrary:
     library: Optional[ctypes.CDLL]
     message: str
     isa: str = ""
-    """The instruction-set path the library was compiled for (its ``<name>_isa()``), "" if none."""
+    """The vector path the library was compiled for, as its ``<name>_isa()`` says (``"avx2 (8-float
+    vectors, 6x16 register blocks)"``), "" if it has none."""
     path: Optional[Path] = None
 
 
@@ -248,7 +249,7 @@ def _load(name: str, isa: str) -> NativeLibrary:
         return NativeLibrary(None, f"cannot load {target}: {failure}")
     path_name = _isa_path(library, name)
     where = f"built with {Path(compiler[-1]).name} (ATTNKIT_NATIVE_ISA={isa}), cached in {target.parent}"
-    return NativeLibrary(library, f"{path_name} path, {where}" if path_name else where, path_name, target)
+    return NativeLibrary(library, f"{path_name}; {where}" if path_name else where, path_name, target)
 
 
 def _isa_path(library: ctypes.CDLL, name: str) -> str:

@@ -37,19 +37,19 @@
 #if defined(__AVX512F__)
 #define LANES 16
 #define ROWS 8
-#define ISA_PATH "avx512: 16-float vectors, 8x32 register blocks"
+#define ISA_PATH "avx512 (16-float vectors, 8x32 register blocks)"
 #elif defined(__AVX2__) && defined(__FMA__)
 #define LANES 8
 #define ROWS 6
-#define ISA_PATH "avx2: 8-float vectors, 6x16 register blocks"
+#define ISA_PATH "avx2 (8-float vectors, 6x16 register blocks)"
 #elif defined(__ARM_NEON) && defined(__aarch64__)
 #define LANES 4
 #define ROWS 8
-#define ISA_PATH "neon: 4-float vectors, 8x8 register blocks"
+#define ISA_PATH "neon (4-float vectors, 8x8 register blocks)"
 #else
 #define LANES 4
 #define ROWS 6
-#define ISA_PATH "generic: 4-float vectors, 6x8 register blocks"
+#define ISA_PATH "generic (4-float vectors, 6x8 register blocks)"
 #endif
 
 typedef float vf __attribute__((vector_size(LANES * 4)));
