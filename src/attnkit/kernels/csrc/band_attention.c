@@ -283,44 +283,74 @@ static void block_row_keys(const Job *job, int64_t pos, int64_t key0, int64_t n_
     *last = min64(pos - job->lo - key0, n_cols - 1);
 }
 
+/* s[j, j + LANES) *= by, then -inf outside columns [first, last]; the lane-by-lane mask only where
+ * the vector reaches past an edge of the band (most vectors lie inside). Returns the new values. */
+static inline vf masked_scores(float *s, int64_t j, vf by, int64_t first, int64_t last) {
+    vf x = load(s + j) * by;
+    if (j < first || j + LANES - 1 > last) {
+        const vi column = *(const vi_unaligned *)LANE_INDEX + (int32_t)j;
+        x = pick((column >= (int32_t)first) & (column <= (int32_t)last), x, splat(-INFINITY));
+    }
+    store(s + j, x);
+    return x;
+}
+
 /* In place over the padded row: s *= factor, then -inf outside columns [first, last] (the scale comes
  * first, so a zero factor never meets -inf). Returns the row's max: -inf when nothing is inside,
- * NaN when a score is NaN (a NaN or infinite input), so that the row's output becomes NaN. */
+ * NaN when a score is NaN (a NaN or infinite input), so that the row's output becomes NaN. Two
+ * vectors per step, each with its own running max: one chain of compare-and-select per vector
+ * would make the loop wait on its latency. */
 static float scale_and_mask_row(float *s, int64_t n_cols, float factor, int64_t first, int64_t last) {
-    const vf by = splat(factor), minus_inf = splat(-INFINITY);
-    const vi lane = *(const vi_unaligned *)LANE_INDEX;
-    vf high = minus_inf;
+    const vf by = splat(factor);
+    const int64_t padded = round_up(n_cols, LANES);
+    vf high0 = splat(-INFINITY), high1 = high0;
     vi nan = {0};
-    for (int64_t j = 0; j < round_up(n_cols, LANES); j += LANES) {
-        vi column = lane + (int32_t)j;
-        vf x = pick((column >= (int32_t)first) & (column <= (int32_t)last), load(s + j) * by, minus_inf);
-        store(s + j, x);
-        high = pick((vi)(x > high), x, high);
-        nan |= (vi)(x != x);
+    int64_t j = 0;
+    for (; j + 2 * LANES <= padded; j += 2 * LANES) {
+        vf x0 = masked_scores(s, j, by, first, last), x1 = masked_scores(s, j + LANES, by, first, last);
+        high0 = pick((vi)(x0 > high0), x0, high0);
+        high1 = pick((vi)(x1 > high1), x1, high1);
+        nan |= (vi)(x0 != x0) | (vi)(x1 != x1);
     }
-    float m = high[0];
-    for (int i = 1; i < LANES; i++) m = high[i] > m ? high[i] : m;
+    if (j < padded) {
+        vf x0 = masked_scores(s, j, by, first, last);
+        high0 = pick((vi)(x0 > high0), x0, high0);
+        nan |= (vi)(x0 != x0);
+    }
+    high0 = pick((vi)(high1 > high0), high1, high0);
+    float m = high0[0];
+    for (int i = 1; i < LANES; i++) m = high0[i] > m ? high0[i] : m;
     for (int i = 0; i < LANES; i++)
         if (nan[i]) return NAN;
     return m;
 }
 
 /* In place p = 2^(s - shift) over the padded row; returns sum p. A NaN or +inf shift (a row with a
- * NaN or infinite score, or such an LSE) makes the whole row NaN, as softmax would. */
+ * NaN or infinite score, or such an LSE) makes the whole row NaN, as softmax would. Two running
+ * sums, for the same reason as the two maxima above. */
 static float exp2_row(float *s, int64_t n_cols, float shift) {
     const int64_t padded = round_up(n_cols, LANES);
     if (!(shift < INFINITY)) {
         for (int64_t j = 0; j < padded; j++) s[j] = NAN;
         return NAN;
     }
-    vf total = {0}, by = splat(shift);
-    for (int64_t j = 0; j < padded; j += LANES) {
-        vf p = exp2_nonpositive(load(s + j) - by);
-        store(s + j, p);
-        total += p;
+    vf total0 = {0}, total1 = {0}, by = splat(shift);
+    int64_t j = 0;
+    for (; j + 2 * LANES <= padded; j += 2 * LANES) {
+        vf p0 = exp2_nonpositive(load(s + j) - by), p1 = exp2_nonpositive(load(s + j + LANES) - by);
+        store(s + j, p0);
+        store(s + j + LANES, p1);
+        total0 += p0;
+        total1 += p1;
     }
+    if (j < padded) {
+        vf p0 = exp2_nonpositive(load(s + j) - by);
+        store(s + j, p0);
+        total0 += p0;
+    }
+    total0 += total1;
     float sum = 0.0f;
-    for (int i = 0; i < LANES; i++) sum += total[i];
+    for (int i = 0; i < LANES; i++) sum += total0[i];
     return sum;
 }
 
