@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from attnkit import SlidingWindow, attention
-from attnkit.kernels import band_native, native
+from attnkit.kernels import band_native, native, sparse
 from attnkit.kernels.band_native import band_native_attention, band_native_supports
 from attnkit.kernels.reference import reference_kernel
 
@@ -174,11 +174,11 @@ def _fake_timings(monkeypatch, native_ms: float, planner_ms: float) -> list:
     """Calibration measures these instead of timing anything; returns the list of paths measured."""
     measured = []
 
-    def fake(run, repeats):
-        measured.append(band_native._forced_path)
-        return native_ms if band_native._forced_path == "native" else planner_ms
+    def fake(runs, repeats):
+        measured.extend(runs)
+        return {"native": native_ms, "planner": planner_ms}
 
-    monkeypatch.setattr(band_native, "_median_ms", fake)
+    monkeypatch.setattr(band_native, "_best_ms", fake)
     return measured
 
 
@@ -207,6 +207,8 @@ def test_other_paths_take_the_faster_of_a_cached_calibration(fresh_builds, monke
     assert usage.startswith("native kernel" if expected else "the planner") and "calibrated" in usage
     monkeypatch.setattr(band_native, "_decisions", {})  # another process: reads the record
     assert band_native_supports(q, k, v) is expected and len(measured) == 4
+    if not expected:  # the planner runs the window
+        monkeypatch.setattr(sparse, "band_native_attention", lambda *args: pytest.fail("the kernel ran"))
     expected_out = reference_kernel(q.double(), k.double(), v.double(), SlidingWindow(7), 0.3)[0]
     for backend in ("auto", "sparse"):  # exact either way
         out = attention(q, k, v, SlidingWindow(7), scale=0.3, backend=backend)
@@ -223,6 +225,28 @@ def test_a_calibration_for_another_library_or_cpu_is_not_reused(fresh_builds, mo
     record = json.loads(record_path.read_text())
     record_path.write_text(json.dumps({**record, "key": record["key"].replace("x", "y", 1) + "0"}))
     monkeypatch.setattr(band_native, "_decisions", {})
-    monkeypatch.setattr(band_native, "_median_ms", lambda run, repeats: 1.0 if band_native._forced_path == "native"
-                        else 2.0)
+    monkeypatch.setattr(band_native, "_best_ms", lambda runs, repeats: {"native": 1.0, "planner": 2.0})
     assert band_native.band_decision().native and len(measured) == 4  # measured again, and decided again
+
+
+@has_compiler
+def test_a_real_calibration_times_both_paths_and_keeps_the_faster(fresh_builds, monkeypatch):
+    monkeypatch.setattr(band_native, "KNOWN_FAST", ())
+    monkeypatch.setattr(band_native, "_CALIBRATION_SEQ", 300)
+    monkeypatch.setattr(band_native, "_CALIBRATION_REPEATS", 1)
+    decision = band_native.band_decision()
+    ratios = [native_ms / planner_ms for native_ms, planner_ms in (decision.window_ms, decision.strided_ms)]
+    assert all(ratio > 0 for ratio in ratios)
+    assert decision.native == (ratios[0] * ratios[1] <= 1.0) and "calibrated here" in decision.reason
+
+
+@has_compiler
+def test_a_failed_calibration_keeps_the_planner(fresh_builds, monkeypatch):
+    monkeypatch.setattr(band_native, "KNOWN_FAST", ())
+
+    def broken():
+        raise RuntimeError("native band attention: could not allocate scratch memory")
+
+    monkeypatch.setattr(band_native, "_calibrate", broken)
+    decision = band_native.band_decision()
+    assert not decision.native and "calibration failed: native band attention" in decision.reason

@@ -21,11 +21,10 @@ import ctypes
 import json
 import math
 import os
-import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -170,15 +169,15 @@ def band_native_attention(
 KNOWN_FAST = ("avx512", "avx2")
 """Vector paths measured faster than the planner for windows and Strided's band (benchmarks/RESULTS.md,
 "The native band kernel on every ISA"); other paths (generic, NEON) are calibrated."""
-_CALIBRATION_SEQ, _CALIBRATION_HEADS, _CALIBRATION_REPEATS = 1024, 2, 3
+_CALIBRATION_SEQ, _CALIBRATION_HEADS, _CALIBRATION_REPEATS = 1024, 2, 5
 _forced_path: Optional[str] = None
 _decisions: dict[str, "BandDecision"] = {}  # by library path: decided in this process
 
 
 @dataclass(frozen=True)
 class BandDecision:
-    """Whether bands run the native kernel (else the planner), and why. For a calibration, the
-    median forward milliseconds of each path on a window and on Strided (native runs its band part)."""
+    """Whether bands run the native kernel (else the planner), and why. For a calibration, the best
+    forward milliseconds of each path on a window and on Strided (native runs its band part)."""
 
     native: bool
     reason: str
@@ -235,7 +234,10 @@ def _decide(library_path: str, isa: str) -> BandDecision:
             return decision
     except (OSError, ValueError, KeyError, TypeError):
         pass  # none yet, or unreadable: calibrate again
-    decision = _calibrate()
+    try:
+        decision = _calibrate()
+    except (RuntimeError, OSError, ValueError) as failure:  # keep the exact path known to run
+        decision = BandDecision(False, f"the planner (the calibration failed: {failure})")
     _decisions[library_path] = decision
     try:
         handle, temporary = tempfile.mkstemp(dir=os.path.dirname(record_path), suffix=".tmp")
@@ -247,32 +249,38 @@ def _decide(library_path: str, isa: str) -> BandDecision:
     return decision
 
 
-def _median_ms(run, repeats: int) -> float:
-    run()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def _best_ms(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """The fastest of ``repeats`` timed calls of each run, in milliseconds, the runs taking turns
+    after a warm-up each: on a busy machine the fastest call is the one least disturbed."""
+    for run in runs.values():
         run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    best = {name: math.inf for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            best[name] = min(best[name], (time.perf_counter() - start) * 1e3)
+    return best
 
 
 def _calibrate() -> BandDecision:
-    """Times both paths, taking turns, on SlidingWindow(256) and Strided(128) at N=1024, 2 heads,
-    D=64 (forward; the backward passes scale alike)."""
+    """Times both paths on SlidingWindow(256) and Strided(128) at N=1024, 2 heads, D=64 (forward;
+    the backward passes scale alike)."""
     from ..functional import attention  # here: functional imports this module
+
+    def on(path: str, pattern: Pattern) -> Callable[[], object]:
+        def run():
+            with forced_band_path(path):
+                return attention(q, k, v, pattern, backend="sparse")
+        return run
 
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, _CALIBRATION_HEADS, _CALIBRATION_SEQ, 64, generator=gen) for _ in range(3))
     measured = []
     with torch.no_grad():
         for pattern in (SlidingWindow(256), Strided(128)):
-            times = {}
-            for path in ("native", "planner"):
-                with forced_band_path(path):
-                    times[path] = _median_ms(lambda: attention(q, k, v, pattern, backend="sparse"),
-                                             _CALIBRATION_REPEATS)
-            measured.append((times["native"], times["planner"]))
+            best = _best_ms({path: on(path, pattern) for path in ("native", "planner")}, _CALIBRATION_REPEATS)
+            measured.append((best["native"], best["planner"]))
     ratio = math.sqrt(math.prod(native / planner for native, planner in measured))
     winner = "native kernel" if ratio <= 1.0 else "the planner"
     reason = (f"{winner} (calibrated here: native / planner {ratio:.2f}; window {measured[0][0]:.1f} / "
