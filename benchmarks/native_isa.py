@@ -8,7 +8,9 @@ mask (forward only; it has no CPU backward). Contenders take turns (round-robin,
 and the table gives medians; ``--backward`` times forward + backward of the attnkit paths too.
 ``--torch-isa avx2`` sets ``ATEN_CPU_CAPABILITY`` so that torch's own kernels (the planner's fused
 attention) and FlexAttention's generated code use AVX2 as well: on an AVX-512 machine, the AVX2 build
-against peers that also use AVX2, as on an AVX2-only CPU. Writes JSON too.
+against peers that also use AVX2, as on an AVX2-only CPU. ``--cpu-time`` runs everything on one
+thread and times the thread's CPU time, which other processes on a shared machine change least.
+Writes JSON too.
 
     flock /tmp/attnkit-bench.lock python benchmarks/native_isa.py --isa avx2 --torch-isa avx2
 """
@@ -34,6 +36,9 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--backward", action="store_true", help="also forward + backward of the attnkit paths")
     parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compile takes minutes)")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="one thread, timed by the CPU time of this thread: what other processes on a "
+                             "shared machine change least")
     parser.add_argument("--json", default="benchmarks/results/native_isa.json")
     return parser.parse_args()
 
@@ -46,16 +51,20 @@ def _cpu_model() -> str:
         return platform.processor() or platform.machine()
 
 
-def _medians(calls: dict, repeats: int) -> dict[str, float]:
-    """Median milliseconds of each call, the calls taking turns after one warm-up each."""
+def _medians(calls: dict, repeats: int, clock=time.perf_counter) -> dict[str, float]:
+    """Median milliseconds of each call, the calls taking turns after one warm-up each; each round
+    starts one contender later, so that none always runs right after the same other one (the call
+    after FlexAttention's measured up to 15% slower when it was always the same one)."""
     times = {name: [] for name in calls}
     for call in calls.values():
         call()
-    for _ in range(repeats):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            call()
-            times[name].append(time.perf_counter() - start)
+    order = list(calls)
+    for round_index in range(repeats):
+        shift = round_index % len(order)
+        for name in order[shift:] + order[:shift]:
+            start = clock()
+            calls[name]()
+            times[name].append(clock() - start)
     return {name: statistics.median(values) * 1e3 for name, values in times.items()}
 
 
@@ -71,6 +80,8 @@ def main() -> None:
     from attnkit.kernels.band_native import band_decision, forced_band_path
     from attnkit.kernels.native import load_native
 
+    if args.cpu_time:  # every contender then runs on this thread: its CPU time is the call's
+        torch.set_num_threads(1)
     built = load_native("band_attention")
     if built.library is None:
         raise SystemExit(f"native_isa: no kernel for ATTNKIT_NATIVE_ISA={args.isa}: {built.message}")
@@ -78,7 +89,7 @@ def main() -> None:
     meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpu": _cpu_model(),
             "threads": torch.get_num_threads(), "torch": torch.__version__,
             "torch_isa": torch.backends.cpu.get_cpu_capability(), "kernel_isa": built.isa,
-            "auto": decision.reason}
+            "auto": decision.reason, "clock": "thread CPU time" if args.cpu_time else "wall"}
     print("\n".join(f"{key}: {value}" for key, value in meta.items()))
     patterns = {"window": SlidingWindow(256), "strided": Strided(128)}
     rows = []
@@ -104,7 +115,7 @@ def main() -> None:
                 if flex is not None and not backward:
                     calls["flex"] = lambda: flex(q.detach(), k.detach(), v.detach())
                 with torch.set_grad_enabled(backward):
-                    medians = _medians(calls, args.repeats)
+                    medians = _medians(calls, args.repeats, time.thread_time if args.cpu_time else time.perf_counter)
                 fastest = min(medians["native"], medians["planner"])
                 ratios = {"auto / faster exact path": medians["auto"] / fastest}
                 if "flex" in medians:

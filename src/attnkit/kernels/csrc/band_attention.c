@@ -21,6 +21,9 @@
  * register blocks (ROWS rows x two vectors of accumulators) fit its register file; see "Vector
  * width" below. Threads take strips from an atomic counter.
  */
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
@@ -266,9 +269,39 @@ static void scratch_free(Scratch *w) {
     free(w->keys_t); free(w->values_t); free(w->s); free(w->ds); free(w->zeros); free(w->o);
 }
 
-/* dst (d, ld) = src rows [first, first + n) transposed, zero-padded by up to COLS columns. */
+#if defined(__AVX2__)
+/* dst[c * ld + i] = src[i * d + c] for an 8 x 8 block: eight rows in, eight columns out, in registers. */
+static inline void transpose8x8(const float *src, int64_t d, float *dst, int64_t ld) {
+    __m256 r0 = _mm256_loadu_ps(src), r1 = _mm256_loadu_ps(src + d), r2 = _mm256_loadu_ps(src + 2 * d),
+           r3 = _mm256_loadu_ps(src + 3 * d), r4 = _mm256_loadu_ps(src + 4 * d), r5 = _mm256_loadu_ps(src + 5 * d),
+           r6 = _mm256_loadu_ps(src + 6 * d), r7 = _mm256_loadu_ps(src + 7 * d);
+    __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1), t2 = _mm256_unpacklo_ps(r2, r3),
+           t3 = _mm256_unpackhi_ps(r2, r3), t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5),
+           t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+    __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE),
+           s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE),
+           s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE),
+           s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+    _mm256_storeu_ps(dst, _mm256_permute2f128_ps(s0, s4, 0x20));
+    _mm256_storeu_ps(dst + ld, _mm256_permute2f128_ps(s1, s5, 0x20));
+    _mm256_storeu_ps(dst + 2 * ld, _mm256_permute2f128_ps(s2, s6, 0x20));
+    _mm256_storeu_ps(dst + 3 * ld, _mm256_permute2f128_ps(s3, s7, 0x20));
+    _mm256_storeu_ps(dst + 4 * ld, _mm256_permute2f128_ps(s0, s4, 0x31));
+    _mm256_storeu_ps(dst + 5 * ld, _mm256_permute2f128_ps(s1, s5, 0x31));
+    _mm256_storeu_ps(dst + 6 * ld, _mm256_permute2f128_ps(s2, s6, 0x31));
+    _mm256_storeu_ps(dst + 7 * ld, _mm256_permute2f128_ps(s3, s7, 0x31));
+}
+#endif
+
+/* dst (d, ld) = src rows [first, first + n) transposed, zero-padded by up to COLS columns. With AVX2,
+ * blocks of 8 x 8 in registers (d is a multiple of 16); the scalar loop does the rest. */
 static void transpose_rows(const float *src, int64_t first, int64_t n, int64_t d, float *dst, int64_t ld) {
-    for (int64_t j0 = 0; j0 < n; j0 += 64) {
+    int64_t done = 0;
+#if defined(__AVX2__)
+    for (; done + 8 <= n; done += 8)
+        for (int64_t c = 0; c < d; c += 8) transpose8x8(src + (first + done) * d + c, d, dst + c * ld + done, ld);
+#endif
+    for (int64_t j0 = done; j0 < n; j0 += 64) {
         int64_t j1 = min64(j0 + 64, n);
         for (int64_t c = 0; c < d; c++)
             for (int64_t j = j0; j < j1; j++) dst[c * ld + j] = src[(first + j) * d + c];
