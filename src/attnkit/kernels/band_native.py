@@ -169,7 +169,7 @@ def band_native_attention(
 KNOWN_FAST = ("avx512", "avx2")
 """Vector paths measured faster than the planner for windows and Strided's band (benchmarks/RESULTS.md,
 "The native band kernel on every ISA"); other paths (generic, NEON) are calibrated."""
-_CALIBRATION_SEQ, _CALIBRATION_HEADS, _CALIBRATION_REPEATS = 1024, 2, 5
+_CALIBRATION_SEQ, _CALIBRATION_HEADS, _CALIBRATION_REPEATS, _CALIBRATION_BUDGET_S = 1024, 2, 5, 0.05
 _forced_path: Optional[str] = None
 _decisions: dict[str, "BandDecision"] = {}  # by library path: decided in this process
 
@@ -201,8 +201,8 @@ def forced_band_path(path: str) -> Iterator[None]:
 
 def band_decision() -> BandDecision:
     """The decision for the library ``$ATTNKIT_NATIVE_ISA`` selects: native for a known-fast vector
-    path, else the faster of the two in a calibration of tens of milliseconds, run once and cached next
-    to the library (keyed by the CPU and the library's checksum). Native is the answer only when the
+    path, else the faster of the two in a calibration (tens of milliseconds on a quiet machine, more
+    on a loaded one), run once and cached next to the library (keyed by the CPU and the library's checksum). Native is the answer only when the
     kernel is not slower overall (geometric mean of its time ratios on a window and on Strided)."""
     built = load_native("band_attention")
     if built.library is None:
@@ -250,16 +250,20 @@ def _decide(library_path: str, isa: str) -> BandDecision:
 
 
 def _best_ms(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """The fastest of ``repeats`` timed calls of each run, in milliseconds, the runs taking turns
-    after a warm-up each: on a busy machine the fastest call is the one least disturbed."""
+    """The fastest of up to ``repeats`` timed calls of each run, in milliseconds, the runs taking
+    turns after a warm-up each: on a busy machine the fastest call is the one least disturbed. Rounds
+    stop early once they took _CALIBRATION_BUDGET_S (a loaded machine makes every call slow)."""
     for run in runs.values():
         run()
     best = {name: math.inf for name in runs}
+    started = time.perf_counter()
     for _ in range(repeats):
         for name, run in runs.items():
             start = time.perf_counter()
             run()
             best[name] = min(best[name], (time.perf_counter() - start) * 1e3)
+        if time.perf_counter() - started > _CALIBRATION_BUDGET_S:
+            break
     return best
 
 
