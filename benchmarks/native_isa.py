@@ -22,6 +22,7 @@ import contextlib
 import json
 import os
 import platform
+import random
 import statistics
 import time
 from datetime import datetime, timezone
@@ -52,16 +53,17 @@ def _cpu_model() -> str:
 
 
 def _medians(calls: dict, repeats: int, clock=time.perf_counter) -> dict[str, float]:
-    """Median milliseconds of each call, the calls taking turns after one warm-up each; each round
-    starts one contender later, so that none always runs right after the same other one (the call
-    after FlexAttention's measured up to 15% slower when it was always the same one)."""
+    """Median milliseconds of each call, the calls taking turns after one warm-up each, in an order
+    shuffled each round (seeded), so that none always runs right after the same other one: the call
+    after FlexAttention's measured up to 15% slower when it was always the same one."""
     times = {name: [] for name in calls}
     for call in calls.values():
         call()
-    order = list(calls)
-    for round_index in range(repeats):
-        shift = round_index % len(order)
-        for name in order[shift:] + order[:shift]:
+    shuffler = random.Random(0)
+    for _ in range(repeats):
+        order = list(calls)
+        shuffler.shuffle(order)
+        for name in order:
             start = clock()
             calls[name]()
             times[name].append(clock() - start)
