@@ -201,8 +201,9 @@ def test_other_paths_take_the_faster_of_a_cached_calibration(fresh_builds, monke
     assert band_native_supports(q, k, v) is expected
     assert sorted(measured) == ["native", "native", "planner", "planner"]  # a window and Strided
     library = native.load_native("band_attention").path
-    record = json.loads((library.parent / (library.name + ".choice.json")).read_text())
+    record = json.loads((library.parent / (library.name + f".choice-{torch.get_num_threads()}.json")).read_text())
     assert record["native"] is expected and native.cpu_identity() in record["key"]
+    assert record["key"].endswith(f"threads {torch.get_num_threads()}")
     usage = native.native_status()["band_attention use"]
     assert usage.startswith("native kernel" if expected else "the planner") and "calibrated" in usage
     monkeypatch.setattr(band_native, "_decisions", {})  # another process: reads the record
@@ -221,7 +222,7 @@ def test_a_calibration_for_another_library_or_cpu_is_not_reused(fresh_builds, mo
     measured = _fake_timings(monkeypatch, 2.0, 1.0)
     assert not band_native.band_decision().native
     library = native.load_native("band_attention").path
-    record_path = library.parent / (library.name + ".choice.json")
+    record_path = library.parent / (library.name + f".choice-{torch.get_num_threads()}.json")
     record = json.loads(record_path.read_text())
     record_path.write_text(json.dumps({**record, "key": record["key"].replace("x", "y", 1) + "0"}))
     monkeypatch.setattr(band_native, "_decisions", {})

@@ -171,7 +171,7 @@ KNOWN_FAST = ("avx512", "avx2")
 "The native band kernel on every ISA"); other paths (generic, NEON) are calibrated."""
 _CALIBRATION_SEQ, _CALIBRATION_HEADS, _CALIBRATION_REPEATS, _CALIBRATION_BUDGET_S = 1024, 2, 5, 0.05
 _forced_path: Optional[str] = None
-_decisions: dict[str, "BandDecision"] = {}  # by library path: decided in this process
+_decisions: dict[str, "BandDecision"] = {}  # by calibration key: decided in this process
 
 
 @dataclass(frozen=True)
@@ -202,8 +202,9 @@ def forced_band_path(path: str) -> Iterator[None]:
 def band_decision() -> BandDecision:
     """The decision for the library ``$ATTNKIT_NATIVE_ISA`` selects: native for a known-fast vector
     path, else the faster of the two in a calibration (tens of milliseconds on a quiet machine, more
-    on a loaded one), run once and cached next to the library (keyed by the CPU and the library's checksum). Native is the answer only when the
-    kernel is not slower overall (geometric mean of its time ratios on a window and on Strided)."""
+    on a loaded one), run once and cached next to the library, keyed by the CPU, the library's
+    checksum and the thread count. Native is the answer only when the kernel is not slower overall
+    (geometric mean of its time ratios on a window and on Strided)."""
     built = load_native("band_attention")
     if built.library is None:
         return BandDecision(False, f"the planner (no native library: {built.message})")
@@ -211,26 +212,28 @@ def band_decision() -> BandDecision:
 
 
 def _calibration_key(library_path: str) -> str:
+    """The CPU, the library's checksum and the thread count (the planner's torch kernels and the
+    native kernel's threads do not scale alike)."""
     with open(library_path + ".sum", encoding="utf-8") as record:
         checksum = record.read().strip()
-    return f"{cpu_identity()}\n{checksum}"
+    return f"{cpu_identity()}\n{checksum}\nthreads {torch.get_num_threads()}"
 
 
 def _decide(library_path: str, isa: str) -> BandDecision:
     path = isa.split(" ")[0]
     if path in KNOWN_FAST:
         return BandDecision(True, f"native kernel (the {path} path is known fast)")
-    if library_path in _decisions:
-        return _decisions[library_path]
-    record_path = library_path + ".choice.json"
     key = _calibration_key(library_path)
+    if key in _decisions:
+        return _decisions[key]
+    record_path = library_path + f".choice-{torch.get_num_threads()}.json"
     try:
         with open(record_path, encoding="utf-8") as record:
             stored = json.load(record)
         if stored.get("key") == key:
             decision = BandDecision(stored["native"], stored["reason"], tuple(stored["window_ms"]),
                                     tuple(stored["strided_ms"]))
-            _decisions[library_path] = decision
+            _decisions[key] = decision
             return decision
     except (OSError, ValueError, KeyError, TypeError):
         pass  # none yet, or unreadable: calibrate again
@@ -238,7 +241,7 @@ def _decide(library_path: str, isa: str) -> BandDecision:
         decision = _calibrate()
     except (RuntimeError, OSError, ValueError) as failure:  # keep the exact path known to run
         decision = BandDecision(False, f"the planner (the calibration failed: {failure})")
-    _decisions[library_path] = decision
+    _decisions[key] = decision
     try:
         handle, temporary = tempfile.mkstemp(dir=os.path.dirname(record_path), suffix=".tmp")
         with os.fdopen(handle, "w", encoding="utf-8") as record:
