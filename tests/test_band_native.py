@@ -3,7 +3,6 @@ instruction-set build this machine runs (ATTNKIT_NATIVE_ISA), and its dispatch."
 
 from __future__ import annotations
 
-import os
 from unittest import mock
 
 import pytest

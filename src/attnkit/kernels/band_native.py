@@ -171,7 +171,7 @@ KNOWN_FAST = ("avx512", "avx2")
 "The native band kernel on every ISA"); other paths (generic, NEON) are calibrated."""
 _CALIBRATION_SEQ, _CALIBRATION_HEADS, _CALIBRATION_REPEATS, _CALIBRATION_BUDGET_S = 1024, 2, 5, 0.05
 _forced_path: Optional[str] = None
-_decisions: dict[str, "BandDecision"] = {}  # by calibration key: decided in this process
+_decisions: dict[str, "BandDecision"] = {}  # by record path (library and threads): decided in this process
 
 
 @dataclass(frozen=True)
@@ -223,17 +223,17 @@ def _decide(library_path: str, isa: str) -> BandDecision:
     path = isa.split(" ")[0]
     if path in KNOWN_FAST:
         return BandDecision(True, f"native kernel (the {path} path is known fast)")
-    key = _calibration_key(library_path)
-    if key in _decisions:
-        return _decisions[key]
     record_path = library_path + f".choice-{torch.get_num_threads()}.json"
+    if record_path in _decisions:
+        return _decisions[record_path]
+    key = _calibration_key(library_path)
     try:
         with open(record_path, encoding="utf-8") as record:
             stored = json.load(record)
         if stored.get("key") == key:
             decision = BandDecision(stored["native"], stored["reason"], tuple(stored["window_ms"]),
                                     tuple(stored["strided_ms"]))
-            _decisions[key] = decision
+            _decisions[record_path] = decision
             return decision
     except (OSError, ValueError, KeyError, TypeError):
         pass  # none yet, or unreadable: calibrate again
@@ -241,7 +241,7 @@ def _decide(library_path: str, isa: str) -> BandDecision:
         decision = _calibrate()
     except (RuntimeError, OSError, ValueError) as failure:  # keep the exact path known to run
         decision = BandDecision(False, f"the planner (the calibration failed: {failure})")
-    _decisions[key] = decision
+    _decisions[record_path] = decision
     try:
         handle, temporary = tempfile.mkstemp(dir=os.path.dirname(record_path), suffix=".tmp")
         with os.fdopen(handle, "w", encoding="utf-8") as record:
