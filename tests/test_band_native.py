@@ -1,21 +1,19 @@
-"""The native band kernel against float64 reference_attention: out, LSE, dq, dk, dv; its build and dispatch."""
+"""The native band kernel against float64 reference_attention: out, LSE, dq, dk, dv, for every
+instruction-set build this machine runs (ATTNKIT_NATIVE_ISA), and its dispatch."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
 from unittest import mock
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from attnkit import Causal, Fixed, PerHead, Predicate, SlidingWindow, Strided, attention
 from attnkit.kernels import native
+from attnkit.kernels import band_native as band_native_module
 from attnkit.kernels import sparse as sparse_module
-from attnkit.kernels.band_native import band_forward, band_native_attention, band_native_supports
+from attnkit.kernels.band_native import band_forward, band_native_attention, band_native_supports, forced_band_path
 from attnkit.functional import choose_backend
 from attnkit.kernels.reference import reference_kernel
 
@@ -23,6 +21,38 @@ needs_native = pytest.mark.skipif(
     native.load_native("band_attention").library is None,
     reason="native band kernel unavailable: " + native.load_native("band_attention").message,
 )
+OTHER_ISAS = ("avx2", "generic")  # besides the default (-march=native) build
+
+
+def _isa_params(isas: tuple[str, ...]) -> list:
+    """One parameter per build, skipped where this machine cannot build or run it."""
+    params = []
+    for isa in isas:
+        built = native.load_native("band_attention", isa)
+        params.append(pytest.param(isa, marks=pytest.mark.skipif(built.library is None, reason=built.message)))
+    return params
+
+
+def _use_build(isa: str, monkeypatch):
+    """Bands take the kernel of the ``isa`` build wherever it can run them (no calibration)."""
+    monkeypatch.setenv("ATTNKIT_NATIVE_ISA", isa)
+    with forced_band_path("native"):
+        yield isa
+
+
+@pytest.fixture(params=_isa_params(("auto", *OTHER_ISAS)))
+def isa(request, monkeypatch):
+    """Every build: ``auto`` (-march=native) and the others this machine runs."""
+    yield from _use_build(request.param, monkeypatch)
+
+
+@pytest.fixture(params=_isa_params(OTHER_ISAS))
+def other_isa(request, monkeypatch):
+    yield from _use_build(request.param, monkeypatch)
+
+
+# The fixture only selects a build: nothing to reset between hypothesis examples.
+few_examples = settings(max_examples=8, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 def _finite(lse: torch.Tensor) -> torch.Tensor:
@@ -75,9 +105,7 @@ def band_problems(draw):
     return q, k, v, lo, hi, draw(st.sampled_from([0.05, 0.25, 1.0])), draw(st.sampled_from([0.0, 1.0]))
 
 
-@needs_native
-@given(problem=band_problems(), threads=st.integers(1, 3))
-def test_native_band_is_exact_forward_and_backward(problem, threads):
+def _check_on_threads(problem, threads: int) -> None:
     q, k, v, lo, hi, scale, lse_weight = problem
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -88,16 +116,27 @@ def test_native_band_is_exact_forward_and_backward(problem, threads):
 
 
 @needs_native
-def test_long_window_over_many_strips_with_gqa():
+@given(problem=band_problems(), threads=st.integers(1, 3))
+def test_native_band_is_exact_forward_and_backward(problem, threads):
+    _check_on_threads(problem, threads)
+
+
+@few_examples
+@given(problem=band_problems(), threads=st.integers(1, 3))
+def test_every_isa_build_is_exact_forward_and_backward(other_isa, problem, threads):
+    """The AVX2 and generic builds (narrower vectors, other register blocks) on fewer examples."""
+    _check_on_threads(problem, threads)
+
+
+def test_long_window_over_many_strips_with_gqa(isa):
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(1, 4, 1100, 64, generator=gen)
     k, v = (torch.randn(1, 2, 1100, 64, generator=gen) for _ in range(2))
     _assert_matches_reference(q, k, v, 0, 299, 0.125, 1.0)
 
 
-@needs_native
-@pytest.mark.parametrize("n_q", [1, 2, 3, 4])
-def test_decoding_sized_calls(n_q):
+@pytest.mark.parametrize("n_q", [1, 3, 4])
+def test_decoding_sized_calls(n_q, isa):
     """Under 4 queries a strip reads the key rows directly (no transposed copy)."""
     gen = torch.Generator().manual_seed(n_q)
     q = torch.randn(2, 6, n_q, 32, generator=gen)
@@ -105,8 +144,7 @@ def test_decoding_sized_calls(n_q):
     _assert_matches_reference(q, k, v, 0, 299, 0.2, 1.0)
 
 
-@needs_native
-def test_a_last_strip_of_one_row_after_full_strips():
+def test_a_last_strip_of_one_row_after_full_strips(isa):
     """193 queries: strips of 192 rows and then one of a single row, which reads key rows
     directly while the strips before it used transposed copies."""
     gen = torch.Generator().manual_seed(6)
@@ -125,15 +163,13 @@ def test_an_empty_batch(pattern):
         assert q.grad.shape == q.shape
 
 
-@needs_native
-def test_band_wider_than_a_strip():
+def test_band_wider_than_a_strip(isa):
     gen = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(1, 1, 2000, 16, generator=gen) for _ in range(3))
     _assert_matches_reference(q, k, v, -100, 850, 0.3, 1.0)
 
 
-@needs_native
-def test_rows_without_keys_give_zeros_minus_inf_and_zero_gradients():
+def test_rows_without_keys_give_zeros_minus_inf_and_zero_gradients(isa):
     q, k, v = (torch.randn(1, 2, n, 16, requires_grad=True) for n in (40, 10, 10))
     out, lse = band_native_attention(q, k, v, (0, 3), 0.5)  # the first 27 queries come before every key
     assert torch.all(out[:, :, :27] == 0) and torch.all(lse[:, :, :27] == float("-inf"))
@@ -141,16 +177,14 @@ def test_rows_without_keys_give_zeros_minus_inf_and_zero_gradients():
     assert torch.all(q.grad[:, :, :27] == 0) and torch.any(q.grad[:, :, 27:] != 0)
 
 
-@needs_native
-@pytest.mark.parametrize("head_dim", [96, 128, 144, 256])
-def test_wide_heads(head_dim):
+@pytest.mark.parametrize("head_dim", [96, 144, 256])
+def test_wide_heads(head_dim, isa):
     gen = torch.Generator().manual_seed(head_dim)
     q, k, v = (torch.randn(1, 2, 90, head_dim, generator=gen) for _ in range(3))
     _assert_matches_reference(q, k, v, -5, 20, head_dim**-0.5, 1.0)
 
 
-@needs_native
-def test_gradients_do_not_depend_on_the_thread_count():
+def test_gradients_do_not_depend_on_the_thread_count(isa):
     """Ten backward strips of 200 rows, the shortest allowed for a band of width 200: neighbouring
     strips share keys, strips two apart must not; a race would lose or reorder key gradients."""
     gen = torch.Generator().manual_seed(3)
@@ -170,8 +204,7 @@ def test_gradients_do_not_depend_on_the_thread_count():
     _assert_matches_reference(q.detach(), k.detach(), v.detach(), 0, 200, 0.3, 1.0)
 
 
-@needs_native
-def test_nan_and_infinite_inputs_show_in_the_output():
+def test_nan_and_infinite_inputs_show_in_the_output(isa):
     gen = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(1, 1, 12, 16, generator=gen) for _ in range(3))
     k[..., 2] = k[..., 2].abs() + 0.1  # so that an infinite q[..., 2] makes +inf scores
@@ -185,8 +218,7 @@ def test_nan_and_infinite_inputs_show_in_the_output():
     assert torch.isnan(out[0, 0, 9]).all() and not torch.isfinite(lse[0, 0, 9])
 
 
-@needs_native
-def test_no_grad_and_a_loss_on_the_lse_alone():
+def test_no_grad_and_a_loss_on_the_lse_alone(isa):
     gen = torch.Generator().manual_seed(4)
     q, k, v = (torch.randn(2, 2, 60, 32, generator=gen) for _ in range(3))
     with torch.no_grad():
@@ -203,8 +235,7 @@ def test_no_grad_and_a_loss_on_the_lse_alone():
     assert torch.all(actual[2] == 0)  # the LSE does not depend on v
 
 
-@needs_native
-def test_fractional_band_edges_keep_only_whole_offsets():
+def test_fractional_band_edges_keep_only_whole_offsets(isa):
     q, k, v = (torch.randn(1, 1, 20, 16) for _ in range(3))
     out, lse = band_native_attention(q, k, v, (0.5, 3.7), 0.25)  # i - j in {1, 2, 3}
     expected = reference_kernel(q.double(), k.double(), v.double(), _band(1, 3), 0.25)
@@ -221,6 +252,7 @@ def test_sparse_backend_sends_float32_bands_to_the_native_kernel(monkeypatch):
         return band_native_attention(*args)
 
     monkeypatch.setattr(sparse_module, "band_native_attention", spy)
+    monkeypatch.setattr(band_native_module, "_forced_path", "native")  # whatever this CPU decided
     q, k, v = (torch.randn(1, 4, 100, 32) for _ in range(3))
     patterns = [
         SlidingWindow(16),
@@ -248,10 +280,10 @@ def plans_with_a_band_part(draw):
     ]))
 
 
-@needs_native
+@few_examples
 @given(pattern=plans_with_a_band_part(), n=st.integers(1, 300), extra_queries=st.integers(-40, 40),
        lse_weight=st.sampled_from([0.0, 1.0]), strided_q=st.booleans(), seed=st.integers(0, 2**31 - 1))
-def test_band_parts_of_a_plan_run_natively_and_exactly(pattern, n, extra_queries, lse_weight, strided_q, seed):
+def test_band_parts_of_a_plan_run_natively_and_exactly(isa, pattern, n, extra_queries, lse_weight, strided_q, seed):
     calls = []
     spy = mock.patch.object(sparse_module, "band_forward", lambda *a: calls.append(a[3]) or band_forward(*a))
     gen = torch.Generator().manual_seed(seed)
@@ -317,94 +349,3 @@ def test_infinite_band_is_rejected():
     q = torch.randn(1, 1, 4, 16)
     with pytest.raises(ValueError, match="band must be two finite numbers"):
         band_native_attention(q, q, q, (0, float("inf")), 1.0)
-
-
-# ---------------------------------------------------------------------------------------------
-# Building, caching and falling back.
-
-has_compiler = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler here")
-
-
-@pytest.fixture
-def fresh_builds(monkeypatch, tmp_path):
-    """A private cache and temporary directory, and no remembered libraries, for one test."""
-    monkeypatch.setenv("ATTNKIT_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(native.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
-    (tmp_path / "tmp").mkdir()
-    for name in ("ATTNKIT_NATIVE", "CC"):
-        monkeypatch.delenv(name, raising=False)
-    native.load_native.cache_clear()
-    yield tmp_path
-    native.load_native.cache_clear()
-
-
-@has_compiler
-def test_the_library_builds_where_a_compiler_exists(fresh_builds):
-    status = native.load_native("band_attention")
-    assert status.library is not None, status.message
-    assert [p.suffix for p in (fresh_builds / "cache").iterdir()] == [".so"]  # no temporary files left
-    assert native.native_status() == {"band_attention": status.message}
-
-
-def test_disabled_or_missing_compiler_falls_back_to_the_plan(fresh_builds, monkeypatch):
-    for value in ("0", "off"):
-        monkeypatch.setenv("ATTNKIT_NATIVE", value)
-        native.load_native.cache_clear()
-        assert native.load_native("band_attention") == native.NativeLibrary(None, f"disabled by ATTNKIT_NATIVE={value}")
-        assert not band_native_supports(*(torch.randn(1, 1, 4, 16) for _ in range(3)))
-    monkeypatch.setenv("ATTNKIT_NATIVE", "1")
-    monkeypatch.setenv("CC", str(fresh_builds / "no-such-compiler"))
-    native.load_native.cache_clear()
-    status = native.load_native("band_attention")
-    assert status.library is None and "no-such-compiler" in status.message
-    with pytest.raises(RuntimeError, match="native library is unavailable"):
-        band_native_attention(*(torch.randn(1, 1, 4, 16) for _ in range(3)), (0, 2), 1.0)
-    q, k, v = (torch.randn(1, 2, 50, 16) for _ in range(3))  # the plan still runs
-    expected = reference_kernel(q.double(), k.double(), v.double(), SlidingWindow(5), 0.25)[0]
-    actual = attention(q, k, v, SlidingWindow(5), scale=0.25, backend="sparse")
-    torch.testing.assert_close(actual.double(), expected, rtol=1e-5, atol=1e-6)
-
-
-@has_compiler
-def test_an_unwritable_cache_directory_falls_back_to_a_private_temporary_one(fresh_builds, monkeypatch):
-    blocker = fresh_builds / "a-file"
-    blocker.write_text("not a directory")
-    monkeypatch.setenv("ATTNKIT_CACHE_DIR", str(blocker / "cache"))
-    status = native.load_native("band_attention")
-    assert status.library is not None, status.message
-    private = fresh_builds / "tmp" / f"attnkit-{os.getuid()}"
-    assert str(private) in status.message and private.stat().st_mode & 0o777 == 0o700
-
-
-@has_compiler
-def test_a_temporary_directory_others_may_write_is_refused(fresh_builds, monkeypatch):
-    blocker = fresh_builds / "a-file"
-    blocker.write_text("not a directory")
-    monkeypatch.setenv("ATTNKIT_CACHE_DIR", str(blocker / "cache"))
-    shared = fresh_builds / "tmp" / f"attnkit-{os.getuid()}"
-    shared.mkdir()
-    shared.chmod(0o777)
-    status = native.load_native("band_attention")
-    assert status.library is None and "not a private directory" in status.message
-
-
-@has_compiler
-def test_a_failed_build_is_remembered_not_repeated(fresh_builds, monkeypatch):
-    monkeypatch.setenv("CC", "false")  # runs, and fails every compilation
-    first = native.load_native("band_attention")
-    assert first.library is None and "failed" in first.message
-    native.load_native.cache_clear()
-    second = native.load_native("band_attention")
-    assert second.library is None and "an earlier build" in second.message
-    assert len(list((fresh_builds / "cache").glob("*.error"))) == 1
-
-
-@has_compiler
-def test_a_damaged_library_is_built_again(fresh_builds):
-    build = "from attnkit.kernels.native import load_native; assert load_native('band_attention').library"
-    subprocess.run([sys.executable, "-c", build], check=True, env=os.environ.copy())  # not loaded here
-    path = next((fresh_builds / "cache").glob("*.so"))
-    path.write_bytes(b"not a shared library")
-    status = native.load_native("band_attention")
-    assert status.library is not None, status.message
-    assert path.stat().st_size > 1000

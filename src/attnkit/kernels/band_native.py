@@ -1,26 +1,35 @@
 """Band attention by the native CPU kernel ``csrc/band_attention.c``, forward and backward.
 
 For a band pattern (``lo <= i - j <= hi``: sliding windows and their compositions) the kernel walks
-blocks of 8 query rows, each over exactly the keys its rows reach, with register-blocked products
-and an exp2 softmax in float32; its backward pass is FlashAttention's (recompute the probabilities
-from the LSE; dK and dV summed in a fixed order). Work and memory follow the band: the largest
-buffers are the inputs, the outputs and per-thread scratch of a few hundred keys.
+blocks of a few query rows (8 with AVX-512), each over exactly the keys its rows reach, with
+register-blocked products sized for the instruction set it was compiled for and an exp2 softmax in
+float32; its backward pass is FlashAttention's (recompute the probabilities from the LSE; dK and dV
+summed in a fixed order). Work and memory follow the band: the largest buffers are the inputs, the
+outputs and per-thread scratch of a few hundred keys.
 
-:func:`band_native_supports` says when it applies: float32 CPU tensors, equal key and value widths
-that are multiples of 16, and a built library (see :mod:`~attnkit.kernels.native`). The sparse
-backend calls it for band patterns and falls back to its own plan otherwise.
+:func:`band_native_supports` says when it runs: float32 CPU tensors, equal key and value widths
+that are multiples of 16, a built library (see :mod:`~attnkit.kernels.native`), and a kernel that is
+not slower than the planner on this machine (:func:`band_decision`). The sparse backend and ``auto``
+call it for windows and for the band parts of plans (Strided's local band) and run the planner
+otherwise.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import json
 import math
-from typing import Optional
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterator, Optional
 
 import torch
 
-from ..patterns import Pattern
-from .native import load_native
+from ..patterns import Pattern, SlidingWindow, Strided
+from .native import add_status_note, cpu_identity, load_native
 
 _LANES = 16
 _POINTER, _INT64 = ctypes.c_void_p, ctypes.c_int64
@@ -44,8 +53,11 @@ def finite_band(pattern: Pattern) -> Optional[tuple[float, float]]:
 
 
 def band_native_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether the native kernel can run these inputs (it builds the library on first call)."""
-    return _unsupported(q, k, v) is None and _library() is not None
+    """Whether the native kernel runs these inputs: it can take them and it is not slower than the
+    planner here (see :func:`band_decision`). Builds the library, and calibrates, on first call."""
+    if _unsupported(q, k, v) is not None or _library() is None:
+        return False
+    return _forced_path == "native" if _forced_path else band_decision().native
 
 
 def _unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[str]:
@@ -151,4 +163,140 @@ def band_native_attention(
     return _BandAttention.apply(q, k, v, tuple(band), float(scale))
 
 
-__all__ = ["band_backward", "band_forward", "band_native_attention", "band_native_supports", "finite_band"]
+# ---------------------------------------------------------------------------------------------
+# Native kernel or planner: known for the vector paths measured, else calibrated once per machine.
+
+KNOWN_FAST = ("avx512", "avx2")
+"""Vector paths measured faster than the planner for windows and Strided's band (benchmarks/RESULTS.md,
+"The native band kernel on every ISA"); other paths (generic, NEON) are calibrated."""
+_CALIBRATION_SEQ, _CALIBRATION_HEADS, _CALIBRATION_REPEATS, _CALIBRATION_BUDGET_S = 1024, 2, 5, 0.05
+_forced_path: Optional[str] = None
+_decisions: dict[str, "BandDecision"] = {}  # by record path (library and threads): decided in this process
+
+
+@dataclass(frozen=True)
+class BandDecision:
+    """Whether bands run the native kernel (else the planner), and why. For a calibration, the best
+    forward milliseconds of each path on a window and on Strided (native runs its band part)."""
+
+    native: bool
+    reason: str
+    window_ms: tuple[float, float] = (0.0, 0.0)  # (native, planner)
+    strided_ms: tuple[float, float] = (0.0, 0.0)
+
+
+@contextlib.contextmanager
+def forced_band_path(path: str) -> Iterator[None]:
+    """Within the block, bands take ``path`` (``"native"`` or ``"planner"``) wherever the kernel can
+    run them, whatever :func:`band_decision` says: for calibration and benchmarks. Not thread-safe."""
+    global _forced_path
+    if path not in ("native", "planner"):
+        raise ValueError(f"forced_band_path: path must be 'native' or 'planner', got {path!r}")
+    previous, _forced_path = _forced_path, path
+    try:
+        yield
+    finally:
+        _forced_path = previous
+
+
+def band_decision() -> BandDecision:
+    """The decision for the library ``$ATTNKIT_NATIVE_ISA`` selects: native for a known-fast vector
+    path, else the faster of the two in a calibration (tens of milliseconds on a quiet machine, more
+    on a loaded one), run once and cached next to the library, keyed by the CPU, the library's
+    checksum and the thread count. Native is the answer only when the kernel is not slower overall
+    (geometric mean of its time ratios on a window and on Strided)."""
+    built = load_native("band_attention")
+    if built.library is None:
+        return BandDecision(False, f"the planner (no native library: {built.message})")
+    return _decide(str(built.path), built.isa)
+
+
+def _calibration_key(library_path: str) -> str:
+    """The CPU, the library's checksum and the thread count (the planner's torch kernels and the
+    native kernel's threads do not scale alike)."""
+    with open(library_path + ".sum", encoding="utf-8") as record:
+        checksum = record.read().strip()
+    return f"{cpu_identity()}\n{checksum}\nthreads {torch.get_num_threads()}"
+
+
+def _decide(library_path: str, isa: str) -> BandDecision:
+    path = isa.split(" ")[0]
+    if path in KNOWN_FAST:
+        return BandDecision(True, f"native kernel (the {path} path is known fast)")
+    record_path = library_path + f".choice-{torch.get_num_threads()}.json"
+    if record_path in _decisions:
+        return _decisions[record_path]
+    key = _calibration_key(library_path)
+    try:
+        with open(record_path, encoding="utf-8") as record:
+            stored = json.load(record)
+        if stored.get("key") == key:
+            decision = BandDecision(stored["native"], stored["reason"], tuple(stored["window_ms"]),
+                                    tuple(stored["strided_ms"]))
+            _decisions[record_path] = decision
+            return decision
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # none yet, or unreadable: calibrate again
+    try:
+        decision = _calibrate()
+    except (RuntimeError, OSError, ValueError) as failure:  # keep the exact path known to run
+        decision = BandDecision(False, f"the planner (the calibration failed: {failure})")
+    _decisions[record_path] = decision
+    try:
+        handle, temporary = tempfile.mkstemp(dir=os.path.dirname(record_path), suffix=".tmp")
+        with os.fdopen(handle, "w", encoding="utf-8") as record:
+            json.dump({"key": key, **asdict(decision)}, record)
+        os.replace(temporary, record_path)
+    except OSError:
+        pass  # a read-only cache: decide again in the next process
+    return decision
+
+
+def _best_ms(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """The fastest of up to ``repeats`` timed calls of each run, in milliseconds, the runs taking
+    turns after a warm-up each: on a busy machine the fastest call is the one least disturbed. Rounds
+    stop early once they took _CALIBRATION_BUDGET_S (a loaded machine makes every call slow)."""
+    for run in runs.values():
+        run()
+    best = {name: math.inf for name in runs}
+    started = time.perf_counter()
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            best[name] = min(best[name], (time.perf_counter() - start) * 1e3)
+        if time.perf_counter() - started > _CALIBRATION_BUDGET_S:
+            break
+    return best
+
+
+def _calibrate() -> BandDecision:
+    """Times both paths on SlidingWindow(256) and Strided(128) at N=1024, 2 heads, D=64 (forward;
+    the backward passes scale alike)."""
+    from ..functional import attention  # here: functional imports this module
+
+    def on(path: str, pattern: Pattern) -> Callable[[], object]:
+        def run():
+            with forced_band_path(path):
+                return attention(q, k, v, pattern, backend="sparse")
+        return run
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, _CALIBRATION_HEADS, _CALIBRATION_SEQ, 64, generator=gen) for _ in range(3))
+    measured = []
+    with torch.no_grad():
+        for pattern in (SlidingWindow(256), Strided(128)):
+            best = _best_ms({path: on(path, pattern) for path in ("native", "planner")}, _CALIBRATION_REPEATS)
+            measured.append((best["native"], best["planner"]))
+    ratio = math.sqrt(math.prod(native / planner for native, planner in measured))
+    winner = "native kernel" if ratio <= 1.0 else "the planner"
+    reason = (f"{winner} (calibrated here: native / planner {ratio:.2f}; window {measured[0][0]:.1f} / "
+              f"{measured[0][1]:.1f} ms, strided {measured[1][0]:.1f} / {measured[1][1]:.1f} ms)")
+    return BandDecision(ratio <= 1.0, reason, measured[0], measured[1])
+
+
+add_status_note("band_attention", lambda: band_decision().reason)
+
+
+__all__ = ["BandDecision", "KNOWN_FAST", "band_backward", "band_decision", "band_forward", "band_native_attention",
+           "band_native_supports", "finite_band", "forced_band_path"]

@@ -4,11 +4,11 @@
  * Work is split into strips of query rows of one KV head (all of its `groups` query heads), and a
  * strip into blocks of ROWS rows. A block needs only the keys its rows reach (hi - lo + ROWS of
  * them), so the work follows the band, not nq x nk. A strip first copies its keys transposed,
- * (D, keys), so that 16 keys form one vector (a strip of fewer than FEW_ROWS queries, a decoding
+ * (D, keys), so that LANES keys form one vector (a strip of fewer than FEW_ROWS queries, a decoding
  * step, reads the key rows directly instead). Per block, the forward pass computes
- *   S = q K^T scale log2 e   (register blocks of ROWS x 32 scores),
+ *   S = q K^T scale log2 e   (register blocks of ROWS x COLS scores),
  *   pairs outside the band -> -inf, per row m = max S, P = 2^(S - m), l = sum P,
- *   O = P V (register blocks of ROWS rows x 32 columns), out = O / l, lse = (m + log2 l) ln 2,
+ *   O = P V (register blocks of ROWS rows x COLS columns), out = O / l, lse = (m + log2 l) ln 2,
  * and the backward pass (FlashAttention's) recomputes P = 2^(S - lse log2 e), then
  *   dP = dO V^T, dS = P (dP - delta) with delta = rowsum(dO * out) - dlse,
  *   dV += P^T dO, dK += scale dS^T Q, dQ = scale dS K.
@@ -17,29 +17,63 @@
  * of odd strips: the backward pass runs even strips, then odd strips, each adding into dK and dV
  * without races and in a fixed order (deterministic, whatever the thread count). A row with no key
  * gets out 0, lse -inf and no gradient; NaN or infinite inputs give NaN, as in the reference.
- * Vectors are GNU C vector extensions of 16 floats, so the compiler emits AVX-512, AVX2 or NEON code
- * for the machine it builds on. Threads take strips from an atomic counter.
+ * Vectors are GNU C vector extensions as wide as the instruction set the file is compiled for, and the
+ * register blocks (ROWS rows x two vectors of accumulators) fit its register file; see "Vector
+ * width" below. Threads take strips from an atomic counter.
  */
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
-typedef float vf_unaligned __attribute__((vector_size(64), aligned(4)));
+/* Vector width: LANES floats per vector, the width of the machine's registers, so that no operation
+ * is split in two and no accumulator spills. A register block holds ROWS x 2 vectors of
+ * accumulators, plus 2 vectors of the other operand and one broadcast:
+ *   AVX-512 (32 zmm): 16 lanes, 8 rows  -> 16 + 3 registers;
+ *   AVX2 + FMA (16 ymm): 8 lanes, 6 rows -> 12 + 3 (8 rows would need 19 and spill);
+ *   AArch64 NEON (32 q registers): 4 lanes, 8 rows;
+ *   anything else (SSE2's 16 xmm, or scalar code where there are no vectors): 4 lanes, 6 rows. */
+#if defined(__AVX512F__)
+#define LANES 16
+#define ROWS 8
+#define ISA_PATH "avx512 (16-float vectors, 8x32 register blocks)"
+#elif defined(__AVX2__) && defined(__FMA__)
+#define LANES 8
+#define ROWS 6
+#define ISA_PATH "avx2 (8-float vectors, 6x16 register blocks)"
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+#define LANES 4
+#define ROWS 8
+#define ISA_PATH "neon (4-float vectors, 8x8 register blocks)"
+#else
+#define LANES 4
+#define ROWS 6
+#define ISA_PATH "generic (4-float vectors, 6x8 register blocks)"
+#endif
+
+typedef float vf __attribute__((vector_size(LANES * 4)));
+typedef int32_t vi __attribute__((vector_size(LANES * 4)));
+typedef float vf_unaligned __attribute__((vector_size(LANES * 4), aligned(4)));
+typedef int32_t vi_unaligned __attribute__((vector_size(LANES * 4), aligned(4)));
 
 enum {
-    LANES = 16, ROWS = 8, COLS = 32, FEW_ROWS = 4,           /* vector, block and tile sizes */
+    COLS = 2 * LANES, FEW_ROWS = 4,                          /* tile width; decoding-sized strips */
     SHORT_STRIP = 192, LONG_STRIP = 768, MAX_THREADS = 256,  /* strips and threads */
     SMALL_WORK = 1 << 15                                     /* scores below which one thread runs */
 };
 static const float LOG2E = 1.4426950408889634f, LN2 = 0.6931471805599453f;
+static const int32_t LANE_INDEX[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+
+/* Which of the paths above this build took (for attnkit info). */
+const char *band_attention_isa(void) { return ISA_PATH; }
 
 static inline vf load(const float *p) { return *(const vf_unaligned *)p; }
 static inline void store(float *p, vf x) { *(vf_unaligned *)p = x; }
-static inline vf splat(float x) { return (vf){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
+static inline vf splat(float x) { return x - (vf){0}; } /* x - 0 keeps -0 and NaN as they are */
 static inline vf pick(vi keep, vf yes, vf no) { return (vf)(((vi)yes & keep) | ((vi)no & ~keep)); }
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 static inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
@@ -77,7 +111,11 @@ static inline vf exp2_nonpositive(vf x) {
 #define FMA1(r) { acc##r##a += splat(a##r[c]) * b0; }
 #define STORE2(r) { store(s + (r) * ld_s + col, acc##r##a); store(s + (r) * ld_s + col + LANES, acc##r##b); }
 #define STORE1(r) { store(s + (r) * ld_s + col, acc##r##a); }
+#if ROWS == 8
 #define EACH_ROW(M) M(0) M(1) M(2) M(3) M(4) M(5) M(6) M(7)
+#else
+#define EACH_ROW(M) M(0) M(1) M(2) M(3) M(4) M(5)
+#endif
 
 /* s[r][col] = sum_c a[r][c] b_t[c][col] for ROWS rows (the first `rows` of a (., ld_a), then rows
  * of `zeros`) and n_cols columns rounded up to LANES (b_t (d, ld_b) must be readable that far). */
@@ -133,7 +171,7 @@ static void block_scores(const float *a, int64_t rows, const float *zeros, const
 #define OUT1(r) { store(o + (r) * ld_o, acc##r##a); }
 
 /* o (ROWS, d) = p (ROWS, n_cols) m (n_cols, d), d a multiple of LANES: register blocks of ROWS rows
- * x 32 columns, so each row of m is read once per ROWS rows. Blocks of fewer than FEW_ROWS real
+ * x COLS columns, so each row of m is read once per ROWS rows. Blocks of fewer than FEW_ROWS real
  * rows (decoding) compute only those, one row at a time. */
 static void weights_times_matrix(const float *p, int64_t ld_p, int64_t rows, const float *m, int64_t d,
                                  int64_t n_cols, float *o) {
@@ -231,9 +269,39 @@ static void scratch_free(Scratch *w) {
     free(w->keys_t); free(w->values_t); free(w->s); free(w->ds); free(w->zeros); free(w->o);
 }
 
-/* dst (d, ld) = src rows [first, first + n) transposed, zero-padded by up to COLS columns. */
+#if defined(__AVX2__)
+/* dst[c * ld + i] = src[i * d + c] for an 8 x 8 block: eight rows in, eight columns out, in registers. */
+static inline void transpose8x8(const float *src, int64_t d, float *dst, int64_t ld) {
+    __m256 r0 = _mm256_loadu_ps(src), r1 = _mm256_loadu_ps(src + d), r2 = _mm256_loadu_ps(src + 2 * d),
+           r3 = _mm256_loadu_ps(src + 3 * d), r4 = _mm256_loadu_ps(src + 4 * d), r5 = _mm256_loadu_ps(src + 5 * d),
+           r6 = _mm256_loadu_ps(src + 6 * d), r7 = _mm256_loadu_ps(src + 7 * d);
+    __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1), t2 = _mm256_unpacklo_ps(r2, r3),
+           t3 = _mm256_unpackhi_ps(r2, r3), t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5),
+           t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+    __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE),
+           s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE),
+           s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE),
+           s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+    _mm256_storeu_ps(dst, _mm256_permute2f128_ps(s0, s4, 0x20));
+    _mm256_storeu_ps(dst + ld, _mm256_permute2f128_ps(s1, s5, 0x20));
+    _mm256_storeu_ps(dst + 2 * ld, _mm256_permute2f128_ps(s2, s6, 0x20));
+    _mm256_storeu_ps(dst + 3 * ld, _mm256_permute2f128_ps(s3, s7, 0x20));
+    _mm256_storeu_ps(dst + 4 * ld, _mm256_permute2f128_ps(s0, s4, 0x31));
+    _mm256_storeu_ps(dst + 5 * ld, _mm256_permute2f128_ps(s1, s5, 0x31));
+    _mm256_storeu_ps(dst + 6 * ld, _mm256_permute2f128_ps(s2, s6, 0x31));
+    _mm256_storeu_ps(dst + 7 * ld, _mm256_permute2f128_ps(s3, s7, 0x31));
+}
+#endif
+
+/* dst (d, ld) = src rows [first, first + n) transposed, zero-padded by up to COLS columns. With AVX2,
+ * blocks of 8 x 8 in registers (d is a multiple of 16); the scalar loop does the rest. */
 static void transpose_rows(const float *src, int64_t first, int64_t n, int64_t d, float *dst, int64_t ld) {
-    for (int64_t j0 = 0; j0 < n; j0 += 64) {
+    int64_t done = 0;
+#if defined(__AVX2__)
+    for (; done + 8 <= n; done += 8)
+        for (int64_t c = 0; c < d; c += 8) transpose8x8(src + (first + done) * d + c, d, dst + c * ld + done, ld);
+#endif
+    for (int64_t j0 = done; j0 < n; j0 += 64) {
         int64_t j1 = min64(j0 + 64, n);
         for (int64_t c = 0; c < d; c++)
             for (int64_t j = j0; j < j1; j++) dst[c * ld + j] = src[(first + j) * d + c];
@@ -248,44 +316,74 @@ static void block_row_keys(const Job *job, int64_t pos, int64_t key0, int64_t n_
     *last = min64(pos - job->lo - key0, n_cols - 1);
 }
 
+/* s[j, j + LANES) *= by, then -inf outside columns [first, last]; the lane-by-lane mask only where
+ * the vector reaches past an edge of the band (most vectors lie inside). Returns the new values. */
+static inline vf masked_scores(float *s, int64_t j, vf by, int64_t first, int64_t last) {
+    vf x = load(s + j) * by;
+    if (j < first || j + LANES - 1 > last) {
+        const vi column = *(const vi_unaligned *)LANE_INDEX + (int32_t)j;
+        x = pick((column >= (int32_t)first) & (column <= (int32_t)last), x, splat(-INFINITY));
+    }
+    store(s + j, x);
+    return x;
+}
+
 /* In place over the padded row: s *= factor, then -inf outside columns [first, last] (the scale comes
  * first, so a zero factor never meets -inf). Returns the row's max: -inf when nothing is inside,
- * NaN when a score is NaN (a NaN or infinite input), so that the row's output becomes NaN. */
+ * NaN when a score is NaN (a NaN or infinite input), so that the row's output becomes NaN. Two
+ * vectors per step, each with its own running max: one chain of compare-and-select per vector
+ * would make the loop wait on its latency. */
 static float scale_and_mask_row(float *s, int64_t n_cols, float factor, int64_t first, int64_t last) {
-    const vf by = splat(factor), minus_inf = splat(-INFINITY);
-    const vi lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-    vf high = minus_inf;
+    const vf by = splat(factor);
+    const int64_t padded = round_up(n_cols, LANES);
+    vf high0 = splat(-INFINITY), high1 = high0;
     vi nan = {0};
-    for (int64_t j = 0; j < round_up(n_cols, LANES); j += LANES) {
-        vi column = lane + (int32_t)j;
-        vf x = pick((column >= (int32_t)first) & (column <= (int32_t)last), load(s + j) * by, minus_inf);
-        store(s + j, x);
-        high = pick((vi)(x > high), x, high);
-        nan |= (vi)(x != x);
+    int64_t j = 0;
+    for (; j + 2 * LANES <= padded; j += 2 * LANES) {
+        vf x0 = masked_scores(s, j, by, first, last), x1 = masked_scores(s, j + LANES, by, first, last);
+        high0 = pick((vi)(x0 > high0), x0, high0);
+        high1 = pick((vi)(x1 > high1), x1, high1);
+        nan |= (vi)(x0 != x0) | (vi)(x1 != x1);
     }
-    float m = high[0];
-    for (int i = 1; i < LANES; i++) m = high[i] > m ? high[i] : m;
+    if (j < padded) {
+        vf x0 = masked_scores(s, j, by, first, last);
+        high0 = pick((vi)(x0 > high0), x0, high0);
+        nan |= (vi)(x0 != x0);
+    }
+    high0 = pick((vi)(high1 > high0), high1, high0);
+    float m = high0[0];
+    for (int i = 1; i < LANES; i++) m = high0[i] > m ? high0[i] : m;
     for (int i = 0; i < LANES; i++)
         if (nan[i]) return NAN;
     return m;
 }
 
 /* In place p = 2^(s - shift) over the padded row; returns sum p. A NaN or +inf shift (a row with a
- * NaN or infinite score, or such an LSE) makes the whole row NaN, as softmax would. */
+ * NaN or infinite score, or such an LSE) makes the whole row NaN, as softmax would. Two running
+ * sums, for the same reason as the two maxima above. */
 static float exp2_row(float *s, int64_t n_cols, float shift) {
     const int64_t padded = round_up(n_cols, LANES);
     if (!(shift < INFINITY)) {
         for (int64_t j = 0; j < padded; j++) s[j] = NAN;
         return NAN;
     }
-    vf total = {0}, by = splat(shift);
-    for (int64_t j = 0; j < padded; j += LANES) {
-        vf p = exp2_nonpositive(load(s + j) - by);
-        store(s + j, p);
-        total += p;
+    vf total0 = {0}, total1 = {0}, by = splat(shift);
+    int64_t j = 0;
+    for (; j + 2 * LANES <= padded; j += 2 * LANES) {
+        vf p0 = exp2_nonpositive(load(s + j) - by), p1 = exp2_nonpositive(load(s + j + LANES) - by);
+        store(s + j, p0);
+        store(s + j + LANES, p1);
+        total0 += p0;
+        total1 += p1;
     }
+    if (j < padded) {
+        vf p0 = exp2_nonpositive(load(s + j) - by);
+        store(s + j, p0);
+        total0 += p0;
+    }
+    total0 += total1;
     float sum = 0.0f;
-    for (int i = 0; i < LANES; i++) sum += total[i];
+    for (int i = 0; i < LANES; i++) sum += total0[i];
     return sum;
 }
 
@@ -422,7 +520,7 @@ static int run_threads(Job *job, int threads) {
  * strips are as short as allowed, at least hi - lo rows (the parity rounds rely on it), and do not
  * depend on the thread count, so neither do the gradients (the order of the dK, dV sums). */
 static int check_and_plan(Job *job, int threads) {
-    if (job->d <= 0 || job->d % LANES != 0 || job->groups < 1 || job->bh % job->groups) return 1;
+    if (job->d <= 0 || job->d % 16 != 0 || job->groups < 1 || job->bh % job->groups) return 1;
     if (job->nq <= 0 || job->bh <= 0) { /* nothing to compute: no strips */
         job->strip_rows = ROWS, job->strips = 0;
         return 0;
