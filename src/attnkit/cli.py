@@ -31,6 +31,7 @@ COMMAND_MODULES = [
     "attnkit.distributed.command",
     "attnkit.analysis.arch_command",
     "attnkit.models.generate_command",
+    "attnkit.models.chat_command",
 ]
 
 
