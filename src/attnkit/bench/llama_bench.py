@@ -155,7 +155,8 @@ def _run(name: str, model, prompt: torch.Tensor, new: int):
 
 def measure(models: dict, prompt: torch.Tensor, decode: int, repeats: int) -> dict:
     """Prefill and decode tokens/s of each model, how many leading greedy tokens each agrees on with
-    transformers, and the best read bandwidth seen between repeats (the floor's denominator)."""
+    transformers, each attnkit variant's largest logit difference from plain attnkit (relative to
+    the largest logit), and the best read bandwidth seen between repeats (the floor's denominator)."""
     if decode < 1 or repeats < 1:
         raise ValueError(f"measure: decode and repeats must be >= 1, got {decode} and {repeats}")
     times = {name: {"prefill": [], "decode": []} for name in models}
@@ -174,6 +175,11 @@ def measure(models: dict, prompt: torch.Tensor, decode: int, repeats: int) -> di
         prefill, decode_s = statistics.median(t["prefill"]), statistics.median(t["decode"])
         out[name] = {"prefill_s": prefill, "decode_s": decode_s, "prefill_tok_s": prompt.numel() / prefill,
                      "decode_tok_s": decode * prompt.shape[0] / decode_s}
+    with torch.no_grad():  # how far each attnkit variant's logits are from plain attnkit's, same dtype
+        plain = models["attnkit"](prompt, last_only=True).float()
+        out["logits_error"] = {name: float((model(prompt, last_only=True).float() - plain).abs().max()
+                                           / plain.abs().max())
+                               for name, model in models.items() if name.startswith("attnkit ")}
     reference = tokens["transformers"].cpu()
     out["greedy_tokens_agreeing"] = {
         name: (t.cpu() == reference).cumprod(-1).sum(-1).tolist() for name, t in tokens.items()
@@ -255,6 +261,8 @@ def main(argv=None) -> int:
         print(f"{name:16}{r['prefill_tok_s']:14.1f}{r['prefill_tok_s'] / t['prefill_tok_s']:6.2f}x"
               f"{r['decode_tok_s']:14.2f}{r['decode_tok_s'] / t['decode_tok_s']:6.2f}x"
               f"{100 * r['decode_floor_share']:9.0f}%  {result['greedy_tokens_agreeing'][name]}")
+    for name, error in result["logits_error"].items():
+        print(f"{name}: last-position logits differ from attnkit's by {error:.2e} of their largest magnitude")
     print(f"bandwidth floor ({args.dtype}): {bytes_per_token['attnkit'] / 1e9:.3f} GB read per decoded token / "
           f"{bandwidth / 1e9:.1f} GB/s -> {floor_tok_s:.2f} tok/s")
     if args.json:
