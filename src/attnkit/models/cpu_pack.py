@@ -16,6 +16,9 @@ packing). Packing needs a torch built with oneDNN (``torch.backends.mkldnn.is_av
 
 from __future__ import annotations
 
+import warnings
+from typing import Callable, Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -57,12 +60,36 @@ def is_packed(model: nn.Module) -> bool:
     return any(isinstance(m, PackedLinear) for m in model.modules())
 
 
-def pack_for_cpu(model: nn.Module) -> nn.Module:
+def packed_dtype_supported(dtype: torch.dtype) -> bool:
+    """Whether oneDNN can pack ``dtype`` weights on this CPU. float32 packs everywhere oneDNN runs;
+    bfloat16 needs AVX-512 (avx512bw) or AVX-NE-CONVERT, so it is tried on a small weight."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    if dtype == torch.float32:
+        return True
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=dtype), 1)
+    except RuntimeError:
+        return False
+    return True
+
+
+def pack_for_cpu(model: nn.Module, *, note: Optional[Callable[[str], None]] = None) -> nn.Module:
     """Replace, in place, each bias-free ``nn.Linear`` of a Llama ``model`` by a
     :class:`PackedLinear`; a tied model gets a packed copy of its embedding as ``lm_head``.
-    Returns ``model``. Raises RuntimeError without oneDNN, ValueError off the CPU."""
+    Returns ``model``.
+
+    When this CPU cannot pack the model's dtype (bfloat16 without AVX-512 or AVX-NE-CONVERT) the
+    model is left with its plain weights, which compute the same values, and ``note`` (default:
+    ``warnings.warn``) is told why. Raises RuntimeError without oneDNN."""
     if not torch.backends.mkldnn.is_available():
         raise RuntimeError("pack_for_cpu: this torch build has no oneDNN (mkldnn) support")
+    dtype = model.embed_tokens.weight.dtype
+    if not packed_dtype_supported(dtype):
+        message = (f"this CPU cannot pack {dtype} weights for oneDNN (it needs avx512bw or avx_ne_convert); "
+                   "using the plain weights")
+        (note or (lambda m: warnings.warn(m, RuntimeWarning, stacklevel=3)))(message)
+        return model
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear) and child.bias is None:

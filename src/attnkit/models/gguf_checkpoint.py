@@ -1,0 +1,280 @@
+"""GGUF checkpoints (llama.cpp's single-file format) for :class:`~attnkit.models.llama.Llama`.
+
+The file is read and its tensors dequantized by the ``gguf`` package (written by llama.cpp's
+authors); this module maps what it reads onto attnkit's model:
+
+- the config comes from the ``llama.*`` metadata (layers, heads, KV heads, widths, vocabulary,
+  RMSNorm epsilon, RoPE base, context length) and the tokenizer's special token ids; the head is
+  tied when the file has no ``output.weight``;
+- Llama 3 RoPE scaling is stored by llama.cpp's converter as a ``rope_freqs`` tensor of per-pair
+  divisors, not as metadata; the :class:`Llama3RopeScaling` that produces exactly those divisors
+  is recovered from it (and checked);
+- llama.cpp's converter reorders the rows of ``attn_q`` and ``attn_k`` so that each head's RoPE
+  pairs are adjacent (its rotation pairs neighbouring features; Hugging Face's pairs the two
+  halves); :func:`unpermute_rows` puts them back.
+
+Supported tensor types: :data:`SUPPORTED_TYPES`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ..nn.rope import Llama3RopeScaling, rope_frequencies
+from .llama import Llama
+from .llama_config import LlamaConfig
+
+GGUF_MAGIC = b"GGUF"
+
+SUPPORTED_TYPE_NAMES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
+                        "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+"""GGML tensor types this loader dequantizes (through ``gguf.quants.dequantize``)."""
+
+# GGUF tensor name (per block, after "blk.N.") -> attnkit parameter name (after "layers.N.").
+_LAYER_NAMES = {
+    "attn_norm.weight": "attn_norm.weight",
+    "attn_q.weight": "attn.q_proj.weight",
+    "attn_k.weight": "attn.k_proj.weight",
+    "attn_v.weight": "attn.v_proj.weight",
+    "attn_output.weight": "attn.o_proj.weight",
+    "ffn_norm.weight": "mlp_norm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_TOP_NAMES = {"token_embd.weight": "embed_tokens.weight", "output_norm.weight": "norm.weight",
+              "output.weight": "lm_head.weight"}
+_ROPE_FREQS = "rope_freqs.weight"
+
+
+def is_gguf(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names a GGUF file (by its ``.gguf`` suffix; the content is checked on reading)."""
+    return Path(path).suffix.lower() == ".gguf"
+
+
+def attnkit_name(gguf_name: str) -> Optional[str]:
+    """The attnkit parameter name of a GGUF tensor name, or None when it has none."""
+    if gguf_name in _TOP_NAMES:
+        return _TOP_NAMES[gguf_name]
+    parts = gguf_name.split(".", 2)
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_NAMES:
+        return f"layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}"
+    return None
+
+
+def unpermute_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's Q/K row order: ``(n_heads * D, in)`` with each head's rows ordered
+    ``0, D/2, 1, D/2 + 1, ...`` back to ``0, 1, ..., D - 1`` (Hugging Face's half-split RoPE)."""
+    rows = weight.shape[0]
+    return weight.reshape(n_heads, rows // n_heads // 2, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+
+
+def permute_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """llama.cpp's converter order (the inverse of :func:`unpermute_rows`); used to write GGUF files."""
+    rows = weight.shape[0]
+    return weight.reshape(n_heads, 2, rows // n_heads // 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+
+
+def open_gguf(path: str | os.PathLike):
+    """A ``gguf.GGUFReader`` over ``path``. Raises FileNotFoundError for a missing file and
+    ValueError naming the file when it is not GGUF, is truncated or otherwise unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file {path} does not exist")
+    with open(path, "rb") as handle:
+        magic = handle.read(4)
+    if magic != GGUF_MAGIC:
+        raise ValueError(f"{path}: not a GGUF file (it starts with {magic!r}, not {GGUF_MAGIC!r})")
+    try:
+        import gguf
+    except ImportError:
+        raise ImportError('reading GGUF files needs the gguf package: pip install -e ".[llama]"') from None
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as exc:  # the reader raises ValueError, IndexError, ... on a damaged header
+        raise ValueError(f"{path}: unreadable GGUF file, truncated or damaged ({type(exc).__name__}: {exc})") from None
+    for tensor in reader.tensors:
+        if tensor.data.nbytes != tensor.n_bytes:
+            raise ValueError(
+                f"{path}: truncated GGUF file: tensor {tensor.name} needs {tensor.n_bytes} bytes, "
+                f"the file holds {tensor.data.nbytes}"
+            )
+    return reader
+
+
+def metadata(reader, path: str | os.PathLike, key: str, default=None, *, required: bool = False):
+    """The value of metadata ``key`` (a Python scalar, string or list), ``default`` when absent;
+    ValueError naming the file and key when ``required`` and absent."""
+    field = reader.fields.get(key)
+    if field is None:
+        if required:
+            raise ValueError(f"{path}: GGUF metadata lacks {key}")
+        return default
+    return field.contents()
+
+
+def _int(reader, path, key: str, default=None, *, required: bool = False) -> Optional[int]:
+    value = metadata(reader, path, key, default, required=required)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{path}: GGUF metadata {key} must be an integer, got {value!r}")
+    return value
+
+
+def _float(reader, path, key: str, default: float) -> float:
+    value = metadata(reader, path, key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{path}: GGUF metadata {key} must be a number, got {value!r}")
+    # GGUF stores float32: 1e-5 reads back as 9.99999974e-06; keep the shortest decimal that
+    # rounds to the same float32, which is the value the model's authors wrote.
+    return float(str(np.float32(value)))
+
+
+def _rope_scaling_from_freqs(divisors: torch.Tensor, head_dim: int, theta: float, original: int,
+                             path) -> Optional[Llama3RopeScaling]:
+    """The Llama 3 scaling whose frequency divisors are ``divisors (head_dim / 2,)``.
+
+    Between its two cut-offs the scaling blends the kept and the divided frequency with a weight
+    linear in ``1 / wavelength``; fitting that line on the blended pairs gives the two cut-off
+    factors. The result is checked against the divisors; ValueError naming the file if it fails.
+    """
+    divisors = divisors.double()
+    factor = float(divisors.max())
+    if factor == 1.0 and bool((divisors == 1).all()):
+        return None
+    inv_freq = rope_frequencies(head_dim, theta, None)
+    low, high = 1.0, 4.0
+    blend = (1 / divisors - 1 / factor) / (1 - 1 / factor)  # 1 = kept, 0 = divided by factor
+    inner = (blend > 1e-6) & (blend < 1 - 1e-6)
+    if int(inner.sum()) >= 2:
+        # blend = original / wavelen / (high - low) - low / (high - low)
+        x = (inv_freq / (2 * math.pi))[inner]
+        slope, intercept = torch.linalg.lstsq(torch.stack([x, torch.ones_like(x)], 1), blend[inner, None]).solution[:, 0]
+        width = original / float(slope)
+        low = -float(intercept) * width
+        high = low + width
+    try:
+        scaling = Llama3RopeScaling(factor=factor, low_freq_factor=low, high_freq_factor=high,
+                                    original_max_position_embeddings=original)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {_ROPE_FREQS} is not a Llama 3 RoPE scaling ({exc})") from None
+    implied = inv_freq / rope_frequencies(head_dim, theta, scaling)
+    if not torch.allclose(implied, divisors, rtol=1e-5, atol=0):
+        raise ValueError(f"{path}: {_ROPE_FREQS} is not a Llama 3 RoPE scaling that attnkit can represent")
+    return scaling
+
+
+def config_from_gguf(reader, path: str | os.PathLike) -> LlamaConfig:
+    """A :class:`LlamaConfig` from a GGUF file's metadata (and its ``rope_freqs`` tensor, if any).
+
+    Raises ValueError naming the file for another architecture, an unsupported RoPE variant
+    (linear or YaRN scaling, partial rotary dimensions) or missing and mistyped keys.
+    """
+    arch = metadata(reader, path, "general.architecture", required=True)
+    if arch != "llama":
+        raise ValueError(f"{path}: unsupported architecture {arch!r}; attnkit loads GGUF files of architecture 'llama'")
+
+    def key(name: str) -> str:
+        return f"llama.{name}"
+
+    dim = _int(reader, path, key("embedding_length"), required=True)
+    n_heads = _int(reader, path, key("attention.head_count"), required=True)
+    head_dim = _int(reader, path, key("attention.key_length"), dim // n_heads if n_heads else None)
+    value_dim = _int(reader, path, key("attention.value_length"), head_dim)
+    rope_dims = _int(reader, path, key("rope.dimension_count"), head_dim)
+    if value_dim != head_dim or rope_dims != head_dim:
+        raise ValueError(
+            f"{path}: key/value/rotary widths {head_dim}/{value_dim}/{rope_dims} differ; attnkit's Llama needs them equal"
+        )
+    scaling_type = metadata(reader, path, key("rope.scaling.type"), "none")
+    if scaling_type not in ("none", "llama3"):
+        raise ValueError(f"{path}: {key('rope.scaling.type')} {scaling_type!r} is not supported (none, or Llama 3 rope_freqs)")
+    theta = _float(reader, path, key("rope.freq_base"), 10000.0)
+    tokens = metadata(reader, path, "tokenizer.ggml.tokens")
+    vocab = _int(reader, path, key("vocab_size"), len(tokens) if tokens is not None else None)
+    if vocab is None:
+        raise ValueError(f"{path}: GGUF metadata has neither {key('vocab_size')} nor tokenizer.ggml.tokens")
+    names = {t.name: t for t in reader.tensors}
+    scaling = None
+    if _ROPE_FREQS in names:
+        original = _int(reader, path, key("rope.scaling.original_context_length"), 8192)
+        divisors = torch.from_numpy(_dequantize(names[_ROPE_FREQS], path)).reshape(-1)
+        if divisors.numel() != head_dim // 2:
+            raise ValueError(f"{path}: {_ROPE_FREQS} has {divisors.numel()} entries, expected {head_dim // 2}")
+        scaling = _rope_scaling_from_freqs(divisors, head_dim, theta, original, path)
+    bos = _int(reader, path, "tokenizer.ggml.bos_token_id")
+    eos = [_int(reader, path, f"tokenizer.ggml.{name}_token_id") for name in ("eos", "eot")]
+    try:
+        return LlamaConfig(
+            dim=dim, n_layers=_int(reader, path, key("block_count"), required=True), n_heads=n_heads,
+            n_kv_heads=_int(reader, path, key("attention.head_count_kv"), n_heads),
+            ffn_dim=_int(reader, path, key("feed_forward_length"), required=True), vocab_size=vocab,
+            head_dim=head_dim, norm_eps=_float(reader, path, key("attention.layer_norm_rms_epsilon"), 1e-5),
+            rope_theta=theta, rope_scaling=scaling,
+            max_position_embeddings=_int(reader, path, key("context_length"), 2048),
+            tie_embeddings="output.weight" not in names, bos_token_id=bos,
+            eos_token_ids=tuple(dict.fromkeys(t for t in eos if t is not None)),
+        )
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{path}: {exc}") from None
+
+
+def _dequantize(tensor, path):
+    """float32 numpy array ``(rows, in)`` of one GGUF tensor (GGUF lists dims innermost first)."""
+    from gguf import quants
+
+    kind = tensor.tensor_type.name
+    if kind not in SUPPORTED_TYPE_NAMES:
+        raise ValueError(
+            f"{path}: tensor {tensor.name} has type {kind}, which attnkit does not load "
+            f"(supported: {', '.join(SUPPORTED_TYPE_NAMES)})"
+        )
+    # F32 data comes back as a read-only view of the memory-mapped file; torch wants it writable.
+    values = np.require(quants.dequantize(tensor.data, tensor.tensor_type), requirements="W")
+    return values.reshape(tuple(reversed([int(d) for d in tensor.shape])))
+
+
+def load_gguf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
+              device: str | torch.device = "cpu") -> Llama:
+    """A :class:`Llama` (eval mode) from a Llama-architecture GGUF file, weights dequantized to
+    ``dtype`` (float32 by default: quantized types have no torch dtype of their own).
+
+    Raises FileNotFoundError for a missing file; ValueError naming the file for a non-GGUF or
+    truncated file, another architecture, an unsupported tensor type, and missing, unexpected or
+    mis-shaped tensors.
+    """
+    reader = open_gguf(path)
+    config = config_from_gguf(reader, path)
+    with torch.device("meta"):
+        model = Llama(config)
+    shapes = {name: tensor.shape for name, tensor in model.state_dict().items()}
+    state = {}
+    for tensor in reader.tensors:
+        if tensor.name == _ROPE_FREQS:
+            continue
+        name = attnkit_name(tensor.name)
+        if name is None or name not in shapes:
+            raise ValueError(f"{path}: unexpected tensor {tensor.name} for a {config.n_layers}-layer Llama")
+        weight = torch.from_numpy(_dequantize(tensor, path))
+        if weight.shape != shapes[name]:
+            raise ValueError(
+                f"{path}: tensor {tensor.name} has shape {tuple(weight.shape)}, expected {tuple(shapes[name])}"
+            )
+        if name.endswith("attn.q_proj.weight"):
+            weight = unpermute_rows(weight, config.n_heads)
+        elif name.endswith("attn.k_proj.weight"):
+            weight = unpermute_rows(weight, config.n_kv_heads)
+        state[name] = weight.to(device=device, dtype=dtype)
+    missing = sorted(set(shapes) - set(state))
+    if missing:
+        raise ValueError(f"{path}: missing tensors {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    model.load_state_dict(state, assign=True, strict=True)
+    model.rope.reset_frequencies(device)
+    return model.eval()

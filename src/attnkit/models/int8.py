@@ -1,0 +1,94 @@
+"""Weight-only int8 quantization of a Llama's linear layers (CPU and CUDA).
+
+Each weight ``W (out, in)`` becomes int8 values ``Q`` and one scale per output channel,
+``s[o] = max_i |W[o, i]| / 127``, ``Q = round(W / s)``; ``y = (x @ Q.T) * s``. Activations stay in
+the model's dtype. Decoding one token reads every weight once, so int8 halves the bytes read
+against bfloat16 (a quarter against float32) and decode speed follows on a memory-bound machine.
+
+The product runs in ``torch.ops.aten._weight_int8pack_mm`` (int8 weights dequantized inside the
+kernel, one pass over them) where torch has it for the device and dtype, else as a dequantize
+then ``linear``. The vocabulary head is quantized too (for a tied model, a quantized copy of the
+embedding; the embedding lookup itself stays in the model's dtype).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cpu_pack import DENSE_ROWS
+
+
+def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(int8 (out, in), float32 scales (out,))`` with ``weight ≈ q * scales[:, None]``; an
+    all-zero row gets scale 1 (its values are 0 either way)."""
+    w = weight.detach().float()
+    scales = w.abs().amax(dim=1) / 127
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+    q = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scales
+
+
+class Int8Linear(nn.Module):
+    """``y = x @ W.T`` with ``W`` stored as int8 rows and per-output-channel scales;
+    ``x (..., in)`` in float32, bfloat16 or float16, ``y (..., out)`` in ``x``'s dtype.
+
+    Args:
+        weight: the ``(out, in)`` weight to quantize (any float dtype and device).
+    """
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        if weight.dim() != 2 or not weight.is_floating_point():
+            raise ValueError(f"Int8Linear: weight must be a 2-D float tensor, got {weight.dtype} {tuple(weight.shape)}")
+        self.out_features, self.in_features = weight.shape
+        q, scales = quantize_rows(weight)
+        self.register_buffer("weight_int8", q)
+        self.register_buffer("scales", scales)
+        self._fused: dict[tuple, bool] = {}
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight the layer multiplies by, ``(out, in)`` in ``dtype``."""
+        return (self.weight_int8.float() * self.scales[:, None]).to(dtype)
+
+    def _fused_ok(self, x: torch.Tensor) -> bool:
+        # The fused kernel exists for some devices and dtypes only; try it once per kind of input.
+        key = (x.device.type, x.dtype)
+        if key not in self._fused:
+            try:
+                torch.ops.aten._weight_int8pack_mm(x[:1], self.weight_int8, self.scales.to(x.dtype))
+                self._fused[key] = True
+            except (RuntimeError, NotImplementedError):
+                self._fused[key] = False
+        return self._fused[key]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"Int8Linear: x has {x.shape[-1]} features, the layer takes {self.in_features}")
+        rows = x.reshape(-1, self.in_features)
+        # Many rows (a prefill) are compute-bound: one dequantized matrix product is faster there.
+        if rows.shape[0] <= DENSE_ROWS and self._fused_ok(rows):
+            out = torch.ops.aten._weight_int8pack_mm(rows.contiguous(), self.weight_int8, self.scales.to(x.dtype))
+        else:
+            out = F.linear(rows, self.weight_int8.to(x.dtype)) * self.scales.to(x.dtype)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+def is_int8(model: nn.Module) -> bool:
+    """Whether :func:`quantize_int8` has quantized ``model``."""
+    return any(isinstance(m, Int8Linear) for m in model.modules())
+
+
+@torch.no_grad()
+def quantize_int8(model: nn.Module) -> nn.Module:
+    """Replace, in place, each bias-free ``nn.Linear`` of a Llama ``model`` by an
+    :class:`Int8Linear`; a tied model gets an int8 copy of its embedding as ``lm_head``. Returns
+    ``model`` (inference only; save it before quantizing)."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear) and child.bias is None:
+                setattr(module, name, Int8Linear(child.weight))
+    if model.lm_head is None:
+        model.lm_head = Int8Linear(model.embed_tokens.weight)
+    return model
