@@ -32,11 +32,8 @@ COMMAND_MODULES = [
     "attnkit.distributed.command",
     "attnkit.analysis.arch_command",
     "attnkit.models.generate_command",
-<<<<<<< HEAD
-    "attnkit.lab.command",
-=======
     "attnkit.models.chat_command",
->>>>>>> gguf
+    "attnkit.lab.command",
 ]
 
 
