@@ -252,7 +252,6 @@ def test_sparse_backend_sends_float32_bands_to_the_native_kernel(monkeypatch):
         return band_native_attention(*args)
 
     monkeypatch.setattr(sparse_module, "band_native_attention", spy)
-    monkeypatch.setattr(band_native_module, "_forced_path", "native")  # whatever this CPU decided
     q, k, v = (torch.randn(1, 4, 100, 32) for _ in range(3))
     patterns = [
         SlidingWindow(16),
@@ -261,7 +260,8 @@ def test_sparse_backend_sends_float32_bands_to_the_native_kernel(monkeypatch):
     ]
     for pattern in patterns:
         expected = reference_kernel(q.double(), k.double(), v.double(), pattern, 0.25)[0]
-        actual = attention(q, k, v, pattern, scale=0.25, backend="sparse")
+        with forced_band_path("native"):  # whatever this CPU decided
+            actual = attention(q, k, v, pattern, scale=0.25, backend="sparse")
         torch.testing.assert_close(actual.double(), expected, rtol=1e-5, atol=1e-6)
     assert calls == [(0, 15), (0, 8), (0, 3)]
     attention(q.double(), k.double(), v.double(), SlidingWindow(16), backend="sparse")  # float64: the plan

@@ -251,3 +251,49 @@ def test_a_failed_calibration_keeps_the_planner(fresh_builds, monkeypatch):
     monkeypatch.setattr(band_native, "_calibrate", broken)
     decision = band_native.band_decision()
     assert not decision.native and "calibration failed: native band attention" in decision.reason
+
+
+@has_compiler
+@pytest.mark.parametrize("content", ["[]", '"x"', "null", '{"native": "false"}', "{broken"])
+def test_a_damaged_calibration_record_is_measured_again_not_trusted(fresh_builds, monkeypatch, content):
+    monkeypatch.setattr(band_native, "KNOWN_FAST", ())
+    measured = _fake_timings(monkeypatch, 2.0, 1.0)
+    assert not band_native.band_decision().native
+    library = native.load_native("band_attention").path
+    record_path = library.parent / (library.name + f".choice-{torch.get_num_threads()}.json")
+    if content.startswith("{\"native\""):  # the right key, a string where a boolean belongs
+        record = json.loads(record_path.read_text())
+        content = json.dumps({**record, "native": "false"})
+    record_path.write_text(content)
+    monkeypatch.setattr(band_native, "_decisions", {})
+    decision = band_native.band_decision()
+    assert decision.native is False and len(measured) == 8  # calibrated again (4 timings each), not an error
+    q, k, v = (torch.randn(1, 2, 40, 16) for _ in range(3))
+    assert band_native_supports(q, k, v) is False
+
+
+@has_compiler
+def test_concurrent_first_decisions_calibrate_once_and_force_nothing_afterwards(fresh_builds, monkeypatch):
+    import threading
+
+    monkeypatch.setattr(band_native, "KNOWN_FAST", ())
+    calls = []
+
+    def slow_best(runs, repeats):
+        calls.append(1)
+        for run in runs.values():  # runs under a forced path in this thread only
+            run()
+        return {"native": 2.0, "planner": 1.0}
+
+    monkeypatch.setattr(band_native, "_best_ms", slow_best)
+    decisions = []
+    threads = [threading.Thread(target=lambda: decisions.append(band_native.band_decision())) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(calls) == 2  # one calibration (a window and Strided), not one per thread
+    assert all(decision.native is False for decision in decisions)
+    assert getattr(band_native._forced, "path", None) is None
+    q, k, v = (torch.randn(1, 2, 40, 16) for _ in range(3))
+    assert band_native_supports(q, k, v) is False  # nothing left forcing the kernel

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterator, Optional
@@ -57,7 +58,8 @@ def band_native_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> b
     planner here (see :func:`band_decision`). Builds the library, and calibrates, on first call."""
     if _unsupported(q, k, v) is not None or _library() is None:
         return False
-    return _forced_path == "native" if _forced_path else band_decision().native
+    forced = getattr(_forced, "path", None)
+    return forced == "native" if forced else band_decision().native
 
 
 def _unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[str]:
@@ -170,7 +172,8 @@ KNOWN_FAST = ("avx512", "avx2")
 """Vector paths measured faster than the planner for windows and Strided's band (benchmarks/RESULTS.md,
 "The native band kernel on every ISA"); other paths (generic, NEON) are calibrated."""
 _CALIBRATION_SEQ, _CALIBRATION_HEADS, _CALIBRATION_REPEATS, _CALIBRATION_BUDGET_S = 1024, 2, 5, 0.05
-_forced_path: Optional[str] = None
+_forced = threading.local()  # .path: the path forced_band_path set in this thread, if any
+_deciding = threading.RLock()  # one calibration at a time: concurrent ones would time each other
 _decisions: dict[str, "BandDecision"] = {}  # by record path (library and threads): decided in this process
 
 
@@ -188,15 +191,15 @@ class BandDecision:
 @contextlib.contextmanager
 def forced_band_path(path: str) -> Iterator[None]:
     """Within the block, bands take ``path`` (``"native"`` or ``"planner"``) wherever the kernel can
-    run them, whatever :func:`band_decision` says: for calibration and benchmarks. Not thread-safe."""
-    global _forced_path
+    run them, whatever :func:`band_decision` says: for calibration and benchmarks. It applies to
+    the calling thread only."""
     if path not in ("native", "planner"):
         raise ValueError(f"forced_band_path: path must be 'native' or 'planner', got {path!r}")
-    previous, _forced_path = _forced_path, path
+    previous, _forced.path = getattr(_forced, "path", None), path
     try:
         yield
     finally:
-        _forced_path = previous
+        _forced.path = previous
 
 
 def band_decision() -> BandDecision:
@@ -214,8 +217,11 @@ def band_decision() -> BandDecision:
 def _calibration_key(library_path: str) -> str:
     """The CPU, the library's checksum and the thread count (the planner's torch kernels and the
     native kernel's threads do not scale alike)."""
-    with open(library_path + ".sum", encoding="utf-8") as record:
-        checksum = record.read().strip()
+    try:
+        with open(library_path + ".sum", encoding="utf-8") as record:
+            checksum = record.read().strip()
+    except OSError:  # the cache was cleaned under this process: a key no record matches
+        checksum = "unknown"
     return f"{cpu_identity()}\n{checksum}\nthreads {torch.get_num_threads()}"
 
 
@@ -224,24 +230,37 @@ def _decide(library_path: str, isa: str) -> BandDecision:
     if path in KNOWN_FAST:
         return BandDecision(True, f"native kernel (the {path} path is known fast)")
     record_path = library_path + f".choice-{torch.get_num_threads()}.json"
-    if record_path in _decisions:
+    with _deciding:
+        if record_path not in _decisions:
+            _decisions[record_path] = _stored_or_calibrated(library_path, record_path)
         return _decisions[record_path]
-    key = _calibration_key(library_path)
+
+
+def _stored_decision(record_path: str, key: str) -> Optional[BandDecision]:
+    """The decision recorded for ``key``, or None when there is none or the record is damaged."""
     try:
         with open(record_path, encoding="utf-8") as record:
             stored = json.load(record)
-        if stored.get("key") == key:
-            decision = BandDecision(stored["native"], stored["reason"], tuple(stored["window_ms"]),
-                                    tuple(stored["strided_ms"]))
-            _decisions[record_path] = decision
-            return decision
-    except (OSError, ValueError, KeyError, TypeError):
-        pass  # none yet, or unreadable: calibrate again
+    except (OSError, ValueError):
+        return None
+    if not isinstance(stored, dict) or stored.get("key") != key or type(stored.get("native")) is not bool:
+        return None
+    try:
+        window, strided = (tuple(float(ms) for ms in stored[name]) for name in ("window_ms", "strided_ms"))
+        return BandDecision(stored["native"], str(stored["reason"]), window, strided)
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _stored_or_calibrated(library_path: str, record_path: str) -> BandDecision:
+    key = _calibration_key(library_path)
+    stored = _stored_decision(record_path, key)
+    if stored is not None:
+        return stored
     try:
         decision = _calibrate()
     except (RuntimeError, OSError, ValueError) as failure:  # keep the exact path known to run
         decision = BandDecision(False, f"the planner (the calibration failed: {failure})")
-    _decisions[record_path] = decision
     try:
         handle, temporary = tempfile.mkstemp(dir=os.path.dirname(record_path), suffix=".tmp")
         with os.fdopen(handle, "w", encoding="utf-8") as record:
