@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from gguf_files import CHAT_TEMPLATE, T, gguf, tiny_config, tiny_model, write_gguf
+from gguf_files import CHAT_TEMPLATE, SPACED_CONTROL, T, gguf, tiny_config, tiny_model, vocabulary, write_gguf
 from attnkit.models.gguf_checkpoint import load_gguf, open_gguf, config_from_gguf
 from attnkit.models.gguf_tokenizer import chat_template_from_gguf, tokenizer_from_gguf
 from attnkit.models.hf import hf_name
@@ -180,3 +180,18 @@ def test_tokenizer_ids_equal_transformers(tmp_path, model, pre, add_bos):
     ids = theirs.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
     ids = ids["input_ids"] if hasattr(ids, "keys") else ids
     assert ours.encode(text, add_special_tokens=False).ids == list(ids)
+
+
+def test_control_token_with_a_space_maps_to_its_id(tmp_path, model):
+    """A control token whose text has a character outside the byte alphabet stays whole, both in
+    text and in what a chat template writes, and decodes back to its text."""
+    path = write_gguf(tmp_path / "m.gguf", model, T.F16, metadata={
+        "tokenizer.chat_template": "{% for m in messages %}" + SPACED_CONTROL + "{{ m['content'] }}{% endfor %}"})
+    reader = open_gguf(path)
+    ours = tokenizer_from_gguf(reader, path)
+    token_id = vocabulary()[0].index(SPACED_CONTROL)
+    prompt = chat_template_from_gguf(reader, path).render([{"role": "user", "content": " the"}])
+    ids = ours.encode(prompt, add_special_tokens=False).ids
+    assert ids[0] == token_id and len(ids) == 2
+    assert ours.decode(ids, skip_special_tokens=False) == prompt
+    assert ours.decode(ids) == " the"
