@@ -109,6 +109,9 @@ def test_llama3_rope_freqs_tensor_becomes_rope_scaling(tmp_path):
     divisors = (rope_frequencies(64, 10000.0, None) / rope_frequencies(64, 10000.0, scaling)).float()
     path = write_gguf(tmp_path / "m.gguf", model, T.F32, rope_freqs=divisors)
     loaded = load_gguf(path)
+    stated = write_gguf(tmp_path / "stated.gguf", model, T.F32, rope_freqs=divisors,
+                        metadata={"llama.rope.scaling.original_context_length": 64})
+    assert load_gguf(stated).config.rope_scaling == scaling  # the fitted values, rounded back to 1.0 and 4.0
     torch.testing.assert_close(loaded.rope.inv_freq, model.rope.inv_freq, rtol=1e-6, atol=0)
     tokens = torch.randint(0, model.config.vocab_size, (1, 200), generator=torch.Generator().manual_seed(2))
     plain = tiny_model(tiny_config())  # the same weights without the scaling
