@@ -15,7 +15,6 @@ from attnkit.models.hf import hf_name
 from attnkit.nn.rope import Llama3RopeScaling, rope_frequencies
 
 transformers = pytest.importorskip("transformers")
-pytest.importorskip("accelerate")  # transformers needs it to load a GGUF file
 
 LISTED_TYPES = [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q4_K, T.Q5_K, T.Q6_K]
 
@@ -37,6 +36,8 @@ def model():
 
 
 def _hf_model(path):
+    # transformers refuses to load a GGUF model without accelerate (its tokenizer needs none).
+    pytest.importorskip("accelerate", reason="transformers needs accelerate to load a GGUF model")
     return transformers.AutoModelForCausalLM.from_pretrained(
         path.parent, gguf_file=path.name, dtype=torch.float32).eval()
 
