@@ -27,6 +27,7 @@ MERGES = ["Ġ t", "h e", "Ġt he", "i n", "Ġ a", "e r", "o n", "Ġ s", "a t", "
           "in g", "Ġ c", "Ġ 1", "1 2", "Ġ (", "d e", "de f", "Ġ Ġ", "ĠĠ ĠĠ", "Ċ Ċ", "Ã ©"]
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 USER_DEFINED = ["<think>"]
+SPACED_CONTROL = "<|tool call|>"  # a control token with a character outside the byte alphabet
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
@@ -34,10 +35,12 @@ CHAT_TEMPLATE = (
 
 
 def vocabulary() -> tuple[list[str], list[int]]:
-    """Specials, the 256 byte letters, the merged tokens and a user-defined token, with types."""
+    """Specials, the 256 byte letters, the merged tokens, a user-defined token and a control token
+    with a space in it, with types."""
     alphabet = _byte_alphabet()
-    tokens = SPECIALS + [alphabet[b] for b in range(256)] + ["".join(m.split(" ")) for m in MERGES] + USER_DEFINED
-    types = [3] * len(SPECIALS) + [1] * (256 + len(MERGES)) + [4] * len(USER_DEFINED)
+    tokens = (SPECIALS + [alphabet[b] for b in range(256)] + ["".join(m.split(" ")) for m in MERGES] + USER_DEFINED
+              + [SPACED_CONTROL])
+    types = [3] * len(SPECIALS) + [1] * (256 + len(MERGES)) + [4] * len(USER_DEFINED) + [3]
     return tokens, types
 
 

@@ -230,3 +230,60 @@ def test_pack_for_cpu_falls_back_when_the_cpu_cannot_pack(monkeypatch):
     assert not cpu_pack.is_packed(model) and "using the plain weights" in notes[0]
     with pytest.warns(RuntimeWarning, match="cannot pack"):
         cpu_pack.pack_for_cpu(model)
+
+
+class _ByteTokenizer:
+    """Token i is byte i; decoding replaces an incomplete UTF-8 character with U+FFFD."""
+
+    def __init__(self) -> None:
+        self.decoded_tokens = 0
+
+    def decode(self, ids):
+        self.decoded_tokens += len(ids)
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+def test_text_stream_holds_back_split_characters_and_finish_writes_the_rest():
+    import io
+
+    from attnkit.models.generate_command import TextStream
+
+    text = "héllo 🤖 日本 \ufffd"
+    tokenizer, out = _ByteTokenizer(), io.StringIO()
+    stream = TextStream(tokenizer, out)
+    data = text.encode("utf-8")
+    for i, byte in enumerate(data):
+        stream.add(byte)
+        shown = out.getvalue()
+        assert "\ufffd" not in shown  # nothing incomplete is written, nor the text's own trailing U+FFFD
+        assert text.startswith(shown) and len(data[:i + 1].decode("utf-8", errors="ignore")) - len(shown) <= 1
+    assert out.getvalue() == text[:-1]
+    stream.finish()
+    assert out.getvalue() == text
+    stream.add(0xF0)  # half an emoji at the end of the answer
+    stream.finish()
+    assert out.getvalue() == text + "\ufffd"
+    # each token decodes a short window, not the whole answer
+    tokenizer.decoded_tokens = 0
+    for _ in range(200):
+        stream.add(ord("a"))
+    assert out.getvalue().endswith("a" * 200) and tokenizer.decoded_tokens < 200 * 8
+
+
+@pytest.mark.parametrize("options,message", [
+    (["--max-new-tokens", "-1"], "--max-new-tokens must be >= 0, got -1"),
+    (["--temperature", "nan"], "--temperature must be a finite number >= 0"),
+    (["--temperature", "-1"], "--temperature must be a finite number >= 0"),
+    (["--top-k", "0"], "--top-k must be a positive integer"),
+    (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
+    (["--seed", "-3"], "--seed must be an integer in [0, 2**64)"),
+    (["--stop-token", "-1"], "--stop-token must be a token id >= 0"),
+])
+@pytest.mark.parametrize("command", [["generate", "--prompt", "hi"], ["chat"]])
+def test_bad_options_are_named_before_a_model_loads(tmp_path, capsys, command, options, message):
+    from attnkit.cli import main
+
+    # The model path does not exist: the option is checked first, so its error is the one shown.
+    assert main([*command, "--model", str(tmp_path / "missing.gguf"), *options]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "missing.gguf" not in err

@@ -8,14 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from gguf_files import CHAT_TEMPLATE, T, gguf, tiny_config, tiny_model, write_gguf
+from gguf_files import CHAT_TEMPLATE, SPACED_CONTROL, T, gguf, tiny_config, tiny_model, vocabulary, write_gguf
 from attnkit.models.gguf_checkpoint import load_gguf, open_gguf, config_from_gguf
 from attnkit.models.gguf_tokenizer import chat_template_from_gguf, tokenizer_from_gguf
 from attnkit.models.hf import hf_name
 from attnkit.nn.rope import Llama3RopeScaling, rope_frequencies
 
 transformers = pytest.importorskip("transformers")
-pytest.importorskip("accelerate")  # transformers needs it to load a GGUF file
 
 LISTED_TYPES = [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q4_K, T.Q5_K, T.Q6_K]
 
@@ -37,6 +36,8 @@ def model():
 
 
 def _hf_model(path):
+    # transformers refuses to load a GGUF model without accelerate (its tokenizer needs none).
+    pytest.importorskip("accelerate", reason="transformers needs accelerate to load a GGUF model")
     return transformers.AutoModelForCausalLM.from_pretrained(
         path.parent, gguf_file=path.name, dtype=torch.float32).eval()
 
@@ -109,6 +110,9 @@ def test_llama3_rope_freqs_tensor_becomes_rope_scaling(tmp_path):
     divisors = (rope_frequencies(64, 10000.0, None) / rope_frequencies(64, 10000.0, scaling)).float()
     path = write_gguf(tmp_path / "m.gguf", model, T.F32, rope_freqs=divisors)
     loaded = load_gguf(path)
+    stated = write_gguf(tmp_path / "stated.gguf", model, T.F32, rope_freqs=divisors,
+                        metadata={"llama.rope.scaling.original_context_length": 64})
+    assert load_gguf(stated).config.rope_scaling == scaling  # the fitted values, rounded back to 1.0 and 4.0
     torch.testing.assert_close(loaded.rope.inv_freq, model.rope.inv_freq, rtol=1e-6, atol=0)
     tokens = torch.randint(0, model.config.vocab_size, (1, 200), generator=torch.Generator().manual_seed(2))
     plain = tiny_model(tiny_config())  # the same weights without the scaling
@@ -180,3 +184,18 @@ def test_tokenizer_ids_equal_transformers(tmp_path, model, pre, add_bos):
     ids = theirs.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
     ids = ids["input_ids"] if hasattr(ids, "keys") else ids
     assert ours.encode(text, add_special_tokens=False).ids == list(ids)
+
+
+def test_control_token_with_a_space_maps_to_its_id(tmp_path, model):
+    """A control token whose text has a character outside the byte alphabet stays whole, both in
+    text and in what a chat template writes, and decodes back to its text."""
+    path = write_gguf(tmp_path / "m.gguf", model, T.F16, metadata={
+        "tokenizer.chat_template": "{% for m in messages %}" + SPACED_CONTROL + "{{ m['content'] }}{% endfor %}"})
+    reader = open_gguf(path)
+    ours = tokenizer_from_gguf(reader, path)
+    token_id = vocabulary()[0].index(SPACED_CONTROL)
+    prompt = chat_template_from_gguf(reader, path).render([{"role": "user", "content": " the"}])
+    ids = ours.encode(prompt, add_special_tokens=False).ids
+    assert ids[0] == token_id and len(ids) == 2
+    assert ours.decode(ids, skip_special_tokens=False) == prompt
+    assert ours.decode(ids) == " the"

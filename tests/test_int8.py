@@ -3,6 +3,11 @@ quantized Llama close to the float one, the CLI flag, and the benchmark's own ti
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -32,6 +37,29 @@ def test_product_equals_the_dequantized_weight(dtype, rows):
     assert layer(x).dtype == dtype and layer(x).shape == (2, rows, 48)
     layer._fused = {(x.device.type, x.dtype): False}  # the fallback path for few rows too
     torch.testing.assert_close(layer(x).double(), expected, rtol=tol, atol=tol * float(expected.abs().max()))
+
+
+def test_widths_off_a_multiple_of_16_in_bfloat16_run_and_are_right():
+    """torch 2.13's fused CPU kernel kills the process for bfloat16 with several rows and a width
+    that is not a multiple of 16; the layer must keep such widths off it. Run in a child process
+    so a crash fails this test instead of ending the session."""
+    script = textwrap.dedent("""
+        import torch
+        from attnkit.models.int8 import Int8Linear
+        torch.manual_seed(0)
+        for width in (33, 40):
+            layer = Int8Linear(torch.randn(40, width))
+            for rows in range(1, 17):
+                x = torch.randn(rows, width).bfloat16()
+                expected = x.double() @ layer.dequantized(torch.float64).T
+                torch.testing.assert_close(layer(x).double(), expected, rtol=3e-2,
+                                           atol=3e-2 * float(expected.abs().max()))
+        print("ok")
+    """)
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={"PYTHONPATH": src, "OMP_NUM_THREADS": "1", "PATH": ""})
+    assert done.returncode == 0 and done.stdout.strip() == "ok", (done.returncode, done.stderr[-2000:])
 
 
 def test_quantized_llama_stays_close_and_generates():

@@ -5,6 +5,7 @@ report the prefill and decode speeds that were actually timed."""
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from typing import Optional
@@ -51,9 +52,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+def check_model_options(args: argparse.Namespace) -> None:
+    """Raise ValueError naming the first sampling option out of range, before a model loads."""
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if not 0 <= args.temperature < math.inf:
+        raise ValueError(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    if args.top_k is not None and args.top_k <= 0:
+        raise ValueError(f"--top-k must be a positive integer, got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.seed is not None and not 0 <= args.seed < 2**64:
+        raise ValueError(f"--seed must be an integer in [0, 2**64), got {args.seed}")
+    if args.stop_token is not None and min(args.stop_token) < 0:
+        raise ValueError(f"--stop-token must be a token id >= 0, got {min(args.stop_token)}")
+
+
 def load(args: argparse.Namespace):
-    """``(model, TextTokenizer, model path)`` for the parsed options; the model packed for the CPU
-    or quantized to int8 as asked."""
+    """``(model, TextTokenizer, model path)`` for the parsed options (checked first); the model
+    packed for the CPU or quantized to int8 as asked."""
+    check_model_options(args)
     import torch
 
     from .cpu_pack import pack_for_cpu
@@ -73,21 +91,39 @@ def load(args: argparse.Namespace):
 
 
 class TextStream:
-    """Writes decoded text as tokens arrive, holding back an incomplete UTF-8 character."""
+    """Writes decoded text as tokens arrive, holding back an incomplete UTF-8 character.
+
+    Each token decodes a short window, ``ids[prefix:]``: the tokens since the last write plus the
+    ones before them that were already shown, whose text is cut off again. The context keeps
+    decoders that treat a first token specially (a leading space) right, and keeps the cost per
+    token independent of the length of the answer.
+    """
 
     def __init__(self, tokenizer, out=None) -> None:
         self.tokenizer, self.out = tokenizer, out or sys.stdout
         self.ids: list[int] = []
-        self.shown = ""
+        self.prefix = self.read = 0  # ids[prefix:read] are shown, ids[read:] are not yet
+
+    def _unshown(self) -> str:
+        shown = self.tokenizer.decode(self.ids[self.prefix:self.read])
+        return self.tokenizer.decode(self.ids[self.prefix:])[len(shown):]
 
     def add(self, token: int) -> None:
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):  # a multi-byte character split across tokens: wait for the rest
+        text = self._unshown()
+        if not text or text.endswith("\ufffd"):  # a multi-byte character split across tokens: wait for the rest
             return
-        self.out.write(text[len(self.shown):])
+        self.out.write(text)
         self.out.flush()
-        self.shown = text
+        self.prefix, self.read = self.read, len(self.ids)
+
+    def finish(self) -> None:
+        """Write what is still held back (an incomplete character shows as U+FFFD)."""
+        text = self._unshown()
+        if text:
+            self.out.write(text)
+            self.out.flush()
+        self.prefix = self.read = len(self.ids)
 
 
 def stream_answer(model, tokenizer, ids: list[int], args: argparse.Namespace,
@@ -110,6 +146,7 @@ def stream_answer(model, tokenizer, ids: list[int], args: argparse.Namespace,
         new.append(token)
         if token not in stops:
             printer.add(token)
+    printer.finish()
     decode_s = time.perf_counter() - first if first is not None else 0.0
     return new, prefill_s, decode_s
 

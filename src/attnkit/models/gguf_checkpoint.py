@@ -165,10 +165,18 @@ def _rope_scaling_from_freqs(divisors: torch.Tensor, head_dim: int, theta: float
                                     original_max_position_embeddings=original)
     except ValueError as exc:
         raise ValueError(f"{path}: {_ROPE_FREQS} is not a Llama 3 RoPE scaling ({exc})") from None
-    implied = inv_freq / rope_frequencies(head_dim, theta, scaling)
-    if not torch.allclose(implied, divisors, rtol=1e-5, atol=0):
+    if not _scaling_fits(scaling, divisors, inv_freq, head_dim, theta):
         raise ValueError(f"{path}: {_ROPE_FREQS} is not a Llama 3 RoPE scaling that attnkit can represent")
-    return scaling
+    # The fit carries float32 noise (1.0000000130); 6 significant digits give back the values
+    # the model's authors chose, kept only if they still reproduce the divisors.
+    rounded = Llama3RopeScaling(factor=float(f"{factor:.6g}"), low_freq_factor=float(f"{low:.6g}"),
+                                high_freq_factor=float(f"{high:.6g}"), original_max_position_embeddings=original)
+    return rounded if _scaling_fits(rounded, divisors, inv_freq, head_dim, theta) else scaling
+
+
+def _scaling_fits(scaling: Llama3RopeScaling, divisors: torch.Tensor, inv_freq: torch.Tensor, head_dim: int,
+                  theta: float) -> bool:
+    return torch.allclose(inv_freq / rope_frequencies(head_dim, theta, scaling), divisors, rtol=1e-5, atol=0)
 
 
 def config_from_gguf(reader, path: str | os.PathLike) -> LlamaConfig:

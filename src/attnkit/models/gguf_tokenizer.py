@@ -101,6 +101,9 @@ def tokenizer_from_gguf(reader, path: str | os.PathLike):
         token if set(token) <= letters else "".join(alphabet[b] for b in token.encode("utf-8")): i
         for i, token in enumerate(tokens)
     }
+    # A control token keeps its own text too, so a template that writes it out maps to its id.
+    control = [t for t, kind in zip(tokens, types) if kind == CONTROL]
+    vocab.update({t: i for i, (t, kind) in enumerate(zip(tokens, types)) if kind == CONTROL and t not in vocab})
     tokenizer = Tokenizer(models.BPE(vocab, [tuple(m.split(" ", 1)) for m in merges], fuse_unk=False))
     pre = metadata(reader, path, "tokenizer.ggml.pre")
     if pre in _LLAMA3_PRE:
@@ -111,9 +114,7 @@ def tokenizer_from_gguf(reader, path: str | os.PathLike):
     else:
         tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    control = [AddedToken(t, normalized=False, special=True)
-               for t, kind in zip(tokens, types) if kind == CONTROL and set(t) <= letters]
-    tokenizer.add_special_tokens(control)
+    tokenizer.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in control])
     tokenizer.add_tokens([AddedToken(t, normalized=False, special=False)
                           for t, kind in zip(tokens, types) if kind == USER_DEFINED and t in vocab])
     template, specials = [], []

@@ -53,11 +53,16 @@ class Int8Linear(nn.Module):
         return (self.weight_int8.float() * self.scales[:, None]).to(dtype)
 
     def _fused_ok(self, x: torch.Tensor) -> bool:
-        # The fused kernel exists for some devices and dtypes only; try it once per kind of input.
+        # The fused kernel exists for some devices and dtypes only; try it once per kind of input,
+        # with more than one row. torch 2.13's CPU kernel crashes the process (no exception) for
+        # bfloat16 with several rows when in_features is not a multiple of 16, so such widths
+        # never reach it, in any dtype.
+        if self.in_features % 16:
+            return False
         key = (x.device.type, x.dtype)
         if key not in self._fused:
             try:
-                torch.ops.aten._weight_int8pack_mm(x[:1], self.weight_int8, self.scales.to(x.dtype))
+                torch.ops.aten._weight_int8pack_mm(x[:2].contiguous(), self.weight_int8, self.scales.to(x.dtype))
                 self._fused[key] = True
             except (RuntimeError, NotImplementedError):
                 self._fused[key] = False
