@@ -35,8 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_tiles import dot, dq_step, dkdv_step, head_base, load_cols, load_rows, row_stats, softmax_step
-from .triton_tiles import store_forward, store_rows
+from .triton_tiles import dkdv_step, dot, dq_inputs, dq_step, head_base, load_cols, load_rows, query_heads, row_stats
+from .triton_tiles import softmax_step, store_forward, store_rows
 
 _BIG_EDGE = 1 << 29  # stands for an infinite band edge in int32 arithmetic (sums of two stay in range)
 _BIG = tl.constexpr(_BIG_EDGE)
@@ -80,6 +80,13 @@ def _key_positions(b, r, step, period, width, KEYS: tl.constexpr):
     else:
         j = (b // width) * period + (period - width) + b % width
     return j
+
+
+@triton.jit
+def _key_tile(b0, r, step, period, width, n_keys, BN: tl.constexpr, KEYS: tl.constexpr):
+    """Logical indices ``b``, positions ``j`` and validity of the key tile starting at ``b0``."""
+    b = b0 + tl.arange(0, BN)
+    return b, _key_positions(b, r, step, period, width, KEYS), b < n_keys
 
 
 @triton.jit
@@ -137,14 +144,25 @@ def _key_range(u_min, u_max, i_min, n_keys, lo, hi, segment, SEGMENTED: tl.const
 
 
 @triton.jit
+def _query_block(pid_m, r, base, offset, n_q, n_k, step, ubase, period, width, own, n_summary, lo, hi, segment,
+                 BM: tl.constexpr, BN: tl.constexpr, KEYS: tl.constexpr, SEGMENTED: tl.constexpr):
+    """Query block ``pid_m`` of residue ``r``: its :func:`_query_coords`, the key count, and the key
+    tiles it walks (:func:`_key_range`)."""
+    a = pid_m * BM + tl.arange(0, BM)
+    i, row, valid_q, u = _query_coords(a, base, offset, n_q, step, r, ubase, period, width, own, KEYS)
+    n_keys = _key_count(n_k, r, step, n_summary, KEYS)
+    u_min, u_max, i_min = _query_span(u, i, valid_q)
+    b_start, n_tiles, t_full, t_stop = _key_range(u_min, u_max, i_min, n_keys, lo, hi, segment, SEGMENTED, BN)
+    return i, row, valid_q, u, n_keys, b_start, n_tiles, t_full, t_stop
+
+
+@triton.jit
 def _fwd_tile(acc, m_i, l_i, q, k_base, v_base, b0, u, i, n_keys, lo, hi, segment, r, step, period, width,
               skn, svn, scale2, D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
               BN: tl.constexpr, KEYS: tl.constexpr, SEGMENTED: tl.constexpr, MASKED: tl.constexpr,
               PRECISION: tl.constexpr):
     """One key tile of the forward pass: online-softmax update of ``acc, m_i, l_i``."""
-    b = b0 + tl.arange(0, BN)
-    j = _key_positions(b, r, step, period, width, KEYS)
-    valid_k = b < n_keys
+    b, j, valid_k = _key_tile(b0, r, step, period, width, n_keys, BN, KEYS)
     s = dot(q, load_cols(k_base, j, skn, valid_k, D, BD), PRECISION) * scale2
     if MASKED:
         s = tl.where(_band_mask(u, b, i, j, n_keys, lo, hi, segment, SEGMENTED), s, float("-inf"))
@@ -157,9 +175,7 @@ def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, b0, u, i, n_keys, lo, hi, s
              BN: tl.constexpr, KEYS: tl.constexpr, SEGMENTED: tl.constexpr, MASKED: tl.constexpr,
              PRECISION: tl.constexpr):
     """One key tile of the dQ pass."""
-    b = b0 + tl.arange(0, BN)
-    j = _key_positions(b, r, step, period, width, KEYS)
-    valid_k = b < n_keys
+    b, j, valid_k = _key_tile(b0, r, step, period, width, n_keys, BN, KEYS)
     kk = load_rows(k_base, j, skn, valid_k, D, BD)
     vt = load_cols(v_base, j, svn, valid_k, DV, BDV)
     p = tl.math.exp2(dot(q, tl.trans(kk), PRECISION) * scale2 - lse2[:, None])
@@ -182,22 +198,17 @@ def _band_fwd(
     bh = tl.program_id(1)
     r = tl.program_id(2) // SPLITS
     split = tl.program_id(2) % SPLITS
-    batch = bh // n_heads
-    head = bh % n_heads
-    kv_head = head // group
+    batch, head, kv_head = query_heads(bh, n_heads, group)
 
-    a = pid_m * BM + tl.arange(0, BM)
-    i, row, valid_q, u = _query_coords(a, base, offset, n_q, step, r, ubase, period, width, own, KEYS)
-    n_keys = _key_count(n_k, r, step, n_summary, KEYS)
-    u_min, u_max, i_min = _query_span(u, i, valid_q)
-    b_start, n_tiles, t_full, t_stop = _key_range(u_min, u_max, i_min, n_keys, lo, hi, segment, SEGMENTED, BN)
+    i, row, valid_q, u, n_keys, b_start, n_tiles, t_full, t_stop = _query_block(
+        pid_m, r, base, offset, n_q, n_k, step, ubase, period, width, own, n_summary, lo, hi, segment,
+        BM, BN, KEYS, SEGMENTED)
     per_split = (n_tiles + SPLITS - 1) // SPLITS
     t0 = split * per_split
     t1 = tl.minimum(t0 + per_split, n_tiles)
 
     q = load_rows(head_base(Q, batch, head, sqb, sqh), row, sqn, valid_q, D, BD)
-    k_base = head_base(K, batch, kv_head, skb, skh)
-    v_base = head_base(V, batch, kv_head, svb, svh)
+    k_base, v_base = head_base(K, batch, kv_head, skb, skh), head_base(V, batch, kv_head, svb, svh)
 
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
@@ -233,22 +244,15 @@ def _band_bwd_dq(
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     r = tl.program_id(2)
-    batch = bh // n_heads
-    head = bh % n_heads
-    kv_head = head // group
+    batch, head, kv_head = query_heads(bh, n_heads, group)
 
-    a = pid_m * BM + tl.arange(0, BM)
-    i, row, valid_q, u = _query_coords(a, base, offset, n_q, step, r, ubase, period, width, own, KEYS)
-    n_keys = _key_count(n_k, r, step, n_summary, KEYS)
-    u_min, u_max, i_min = _query_span(u, i, valid_q)
-    b_start, n_tiles, t_full, t_stop = _key_range(u_min, u_max, i_min, n_keys, lo, hi, segment, SEGMENTED, BN)
+    i, row, valid_q, u, n_keys, b_start, n_tiles, t_full, t_stop = _query_block(
+        pid_m, r, base, offset, n_q, n_k, step, ubase, period, width, own, n_summary, lo, hi, segment,
+        BM, BN, KEYS, SEGMENTED)
 
-    q = load_rows(head_base(Q, batch, head, sqb, sqh), row, sqn, valid_q, D, BD)
-    do = load_rows(head_base(DO, batch, head, sdb, sdh), row, sdn, valid_q, DV, BDV)
-    stat = (batch * n_heads + head).to(tl.int64) * n_q + row
-    lse2, delta = row_stats(LSE, DELTA, stat, valid_q)
-    k_base = head_base(K, batch, kv_head, skb, skh)
-    v_base = head_base(V, batch, kv_head, svb, svh)
+    q, do, stat, lse2, delta = dq_inputs(Q, DO, LSE, DELTA, batch, head, row, valid_q, sqb, sqh, sqn, sdb, sdh, sdn,
+                                         n_heads, n_q, D, DV, BD, BDV)
+    k_base, v_base = head_base(K, batch, kv_head, skb, skh), head_base(V, batch, kv_head, svb, svh)
 
     dq = tl.zeros([BM, BD], tl.float32)
     for t in range(0, tl.minimum(t_full, n_tiles)):

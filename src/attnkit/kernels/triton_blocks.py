@@ -26,8 +26,8 @@ import triton.language as tl
 
 from ..patterns import BlockSparse, Intersection, Pattern, Union
 from .triton_band import _pow2, _precision, block_sizes
-from .triton_tiles import dot, dq_step, dkdv_step, head_base, load_cols, load_rows, row_stats, softmax_step
-from .triton_tiles import store_forward, store_rows
+from .triton_tiles import dkdv_step, dot, dq_inputs, dq_step, head_base, load_cols, load_rows, query_heads, row_stats
+from .triton_tiles import softmax_step, store_forward, store_rows
 
 _LOG2E = math.log2(math.e)
 _EVAL_CHUNK = 1 << 22  # predicate evaluations at once while classifying blocks
@@ -145,6 +145,15 @@ def _mask_tile(MASKS, mask_id, BLK: tl.constexpr, TRANSPOSED: tl.constexpr):
 
 
 @triton.jit
+def _listed_block(INDEX, MASK, owner, max_listed, t, limit, BLK: tl.constexpr):
+    """Entry ``t`` of block ``owner``'s list: ``(mask_id, indices, valid)`` of the listed block."""
+    block = tl.load(INDEX + owner * max_listed + t)
+    mask_id = tl.load(MASK + owner * max_listed + t)
+    idx = block * BLK + tl.arange(0, BLK)
+    return mask_id, idx, idx < limit
+
+
+@triton.jit
 def _blocks_fwd(
     Q, K, V, O, LSE, KV_INDEX, KV_MASK, KV_COUNT, MASKS,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
@@ -153,23 +162,16 @@ def _blocks_fwd(
 ):
     qb = tl.program_id(0)
     bh = tl.program_id(1)
-    batch = bh // n_heads
-    head = bh % n_heads
-    kv_head = head // group
-    local = tl.arange(0, BLK)
-    row = qb * BLK + local
+    batch, head, kv_head = query_heads(bh, n_heads, group)
+    row = qb * BLK + tl.arange(0, BLK)
     valid_q = row < n_q
     q = load_rows(head_base(Q, batch, head, sqb, sqh), row, sqn, valid_q, D, BD)
-    k_base = head_base(K, batch, kv_head, skb, skh)
-    v_base = head_base(V, batch, kv_head, svb, svh)
+    k_base, v_base = head_base(K, batch, kv_head, skb, skh), head_base(V, batch, kv_head, svb, svh)
     m_i = tl.full([BLK], float("-inf"), tl.float32)
     l_i = tl.zeros([BLK], tl.float32)
     acc = tl.zeros([BLK, BDV], tl.float32)
     for t in range(0, tl.load(KV_COUNT + qb)):
-        kb = tl.load(KV_INDEX + qb * max_kv + t)
-        mask_id = tl.load(KV_MASK + qb * max_kv + t)
-        col = kb * BLK + local
-        valid_k = col < n_k
+        mask_id, col, valid_k = _listed_block(KV_INDEX, KV_MASK, qb, max_kv, t, n_k, BLK)
         s = dot(q, load_cols(k_base, col, skn, valid_k, D, BD), PRECISION) * scale2
         if mask_id >= 0:
             s = tl.where(_mask_tile(MASKS, mask_id, BLK, False) != 0, s, float("-inf"))
@@ -186,24 +188,15 @@ def _blocks_bwd_dq(
 ):
     qb = tl.program_id(0)
     bh = tl.program_id(1)
-    batch = bh // n_heads
-    head = bh % n_heads
-    kv_head = head // group
-    local = tl.arange(0, BLK)
-    row = qb * BLK + local
+    batch, head, kv_head = query_heads(bh, n_heads, group)
+    row = qb * BLK + tl.arange(0, BLK)
     valid_q = row < n_q
-    q = load_rows(head_base(Q, batch, head, sqb, sqh), row, sqn, valid_q, D, BD)
-    do = load_rows(head_base(DO, batch, head, sdb, sdh), row, sdn, valid_q, DV, BDV)
-    stat = (batch * n_heads + head).to(tl.int64) * n_q + row
-    lse2, delta = row_stats(LSE, DELTA, stat, valid_q)
-    k_base = head_base(K, batch, kv_head, skb, skh)
-    v_base = head_base(V, batch, kv_head, svb, svh)
+    q, do, stat, lse2, delta = dq_inputs(Q, DO, LSE, DELTA, batch, head, row, valid_q, sqb, sqh, sqn, sdb, sdh, sdn,
+                                         n_heads, n_q, D, DV, BD, BDV)
+    k_base, v_base = head_base(K, batch, kv_head, skb, skh), head_base(V, batch, kv_head, svb, svh)
     dq = tl.zeros([BLK, BD], tl.float32)
     for t in range(0, tl.load(KV_COUNT + qb)):
-        kb = tl.load(KV_INDEX + qb * max_kv + t)
-        mask_id = tl.load(KV_MASK + qb * max_kv + t)
-        col = kb * BLK + local
-        valid_k = col < n_k
+        mask_id, col, valid_k = _listed_block(KV_INDEX, KV_MASK, qb, max_kv, t, n_k, BLK)
         kk = load_rows(k_base, col, skn, valid_k, D, BD)
         p = tl.math.exp2(dot(q, tl.trans(kk), PRECISION) * scale2 - lse2[:, None])
         if mask_id >= 0:
@@ -223,8 +216,7 @@ def _blocks_bwd_dkdv(
     bh = tl.program_id(1)
     batch = bh // n_kv_heads
     kv_head = bh % n_kv_heads
-    local = tl.arange(0, BLK)
-    col = kb * BLK + local
+    col = kb * BLK + tl.arange(0, BLK)
     valid_k = col < n_k
     kk = load_rows(head_base(K, batch, kv_head, skb, skh), col, skn, valid_k, D, BD)
     vv = load_rows(head_base(V, batch, kv_head, svb, svh), col, svn, valid_k, DV, BDV)
@@ -237,10 +229,7 @@ def _blocks_bwd_dkdv(
         do_base = head_base(DO, batch, head, sdb, sdh)
         stat_base = (batch * n_heads + head).to(tl.int64) * n_q
         for t in range(0, count):
-            qb = tl.load(Q_INDEX + kb * max_q + t)
-            mask_id = tl.load(Q_MASK + kb * max_q + t)
-            row = qb * BLK + local
-            valid_q = row < n_q
+            mask_id, row, valid_q = _listed_block(Q_INDEX, Q_MASK, kb, max_q, t, n_q, BLK)
             qq = load_rows(q_base, row, sqn, valid_q, D, BD)
             do = load_rows(do_base, row, sdn, valid_q, DV, BDV)
             lse2, delta = row_stats(LSE, DELTA, stat_base + row, valid_q)

@@ -24,6 +24,13 @@ def dot(a, b, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def query_heads(bh, n_heads, group):
+    """``(batch, head, kv_head)`` of program axis ``bh`` over ``batch * n_heads`` (``group`` query heads per KV head)."""
+    head = bh % n_heads
+    return bh // n_heads, head, head // group
+
+
+@triton.jit
 def head_base(PTR, batch, head, stride_b, stride_h):
     """Pointer to ``PTR[batch, head]`` (int64 offsets)."""
     return PTR + batch.to(tl.int64) * stride_b + head.to(tl.int64) * stride_h
@@ -43,6 +50,18 @@ def load_cols(base, idx, stride, valid, N: tl.constexpr, BW: tl.constexpr):
     c = tl.arange(0, BW)
     return tl.load(base + idx.to(tl.int64)[None, :] * stride + c[:, None], mask=valid[None, :] & (c < N)[:, None],
                    other=0.0)
+
+
+@triton.jit
+def dq_inputs(Q, DO, LSE, DELTA, batch, head, row, valid_q, sqb, sqh, sqn, sdb, sdh, sdn, n_heads, n_q,
+              D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr):
+    """What the dQ pass holds for one query tile: ``q, do``, the flat statistics offsets ``stat`` and
+    :func:`row_stats` there."""
+    q = load_rows(head_base(Q, batch, head, sqb, sqh), row, sqn, valid_q, D, BD)
+    do = load_rows(head_base(DO, batch, head, sdb, sdh), row, sdn, valid_q, DV, BDV)
+    stat = (batch * n_heads + head).to(tl.int64) * n_q + row
+    lse2, delta = row_stats(LSE, DELTA, stat, valid_q)
+    return q, do, stat, lse2, delta
 
 
 @triton.jit
