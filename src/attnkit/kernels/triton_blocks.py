@@ -198,10 +198,11 @@ def _blocks_bwd_dq(
     for t in range(0, tl.load(KV_COUNT + qb)):
         mask_id, col, valid_k = _listed_block(KV_INDEX, KV_MASK, qb, max_kv, t, n_k, BLK)
         kk = load_rows(k_base, col, skn, valid_k, D, BD)
+        vt = load_cols(v_base, col, svn, valid_k, DV, BDV)
         p = tl.math.exp2(dot(q, tl.trans(kk), PRECISION) * scale2 - lse2[:, None])
         if mask_id >= 0:
             p = tl.where(_mask_tile(MASKS, mask_id, BLK, False) != 0, p, 0.0)
-        dq = dq_step(dq, p, do, load_cols(v_base, col, svn, valid_k, DV, BDV), kk, delta, PRECISION)
+        dq = dq_step(dq, p, do, vt, kk, delta, PRECISION)
     store_rows(DQ, stat, dq * scale, valid_q, D, BD)
 
 

@@ -16,6 +16,7 @@ _LOG2E = tl.constexpr(1.4426950408889634)  # natural-log LSE to base 2 and back
 
 @triton.jit
 def dot(a, b, PRECISION: tl.constexpr):
+    """``a @ b`` accumulated in float32 at ``PRECISION`` ("ieee", "tf32", or "upcast" for the interpreter)."""
     if PRECISION == "upcast":  # the interpreter's bfloat16 dot is wrong; bf16 products are exact in float32
         c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     else:
