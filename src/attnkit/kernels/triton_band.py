@@ -35,6 +35,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_tiles import dkdv_step, dot, dq_inputs, dq_step, head_base, load_cols, load_rows, query_heads, row_stats
+from .triton_tiles import softmax_step, store_forward, store_rows
+
 _BIG_EDGE = 1 << 29  # stands for an infinite band edge in int32 arithmetic (sums of two stay in range)
 _BIG = tl.constexpr(_BIG_EDGE)
 _LOG2E = math.log2(math.e)
@@ -52,15 +55,6 @@ class BandPart:
     width: int = 1
     own: bool = False
     segment: int = 0
-
-
-@triton.jit
-def _dot(a, b, PRECISION: tl.constexpr):
-    if PRECISION == "upcast":  # the interpreter's bfloat16 dot is wrong; bf16 products are exact in float32
-        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        c = tl.dot(a, b, input_precision=PRECISION)
-    return c
 
 
 @triton.jit
@@ -86,6 +80,13 @@ def _key_positions(b, r, step, period, width, KEYS: tl.constexpr):
     else:
         j = (b // width) * period + (period - width) + b % width
     return j
+
+
+@triton.jit
+def _key_tile(b0, r, step, period, width, n_keys, BN: tl.constexpr, KEYS: tl.constexpr):
+    """Logical indices ``b``, positions ``j`` and validity of the key tile starting at ``b0``."""
+    b = b0 + tl.arange(0, BN)
+    return b, _key_positions(b, r, step, period, width, KEYS), b < n_keys
 
 
 @triton.jit
@@ -117,6 +118,15 @@ def _band_mask_t(u, b, i, j, n_keys, lo, hi, segment, SEGMENTED: tl.constexpr):
 
 
 @triton.jit
+def _query_span(u, i, valid_q):
+    """Smallest and largest band coordinate, and smallest position, of the valid queries of a tile."""
+    u_min = tl.min(tl.where(valid_q, u, _BIG), 0)
+    u_max = tl.max(tl.where(valid_q, u, -_BIG), 0)
+    i_min = tl.min(tl.where(valid_q, i, _BIG), 0)
+    return u_min, u_max, i_min
+
+
+@triton.jit
 def _key_range(u_min, u_max, i_min, n_keys, lo, hi, segment, SEGMENTED: tl.constexpr, BN: tl.constexpr):
     """Key blocks ``b_start + t*BN`` (``t < n_tiles``) a query block reaches; tiles in
     ``[t_full, t_stop)`` need no element mask."""
@@ -134,27 +144,29 @@ def _key_range(u_min, u_max, i_min, n_keys, lo, hi, segment, SEGMENTED: tl.const
 
 
 @triton.jit
+def _query_block(pid_m, r, base, offset, n_q, n_k, step, ubase, period, width, own, n_summary, lo, hi, segment,
+                 BM: tl.constexpr, BN: tl.constexpr, KEYS: tl.constexpr, SEGMENTED: tl.constexpr):
+    """Query block ``pid_m`` of residue ``r``: its :func:`_query_coords`, the key count, and the key
+    tiles it walks (:func:`_key_range`)."""
+    a = pid_m * BM + tl.arange(0, BM)
+    i, row, valid_q, u = _query_coords(a, base, offset, n_q, step, r, ubase, period, width, own, KEYS)
+    n_keys = _key_count(n_k, r, step, n_summary, KEYS)
+    u_min, u_max, i_min = _query_span(u, i, valid_q)
+    b_start, n_tiles, t_full, t_stop = _key_range(u_min, u_max, i_min, n_keys, lo, hi, segment, SEGMENTED, BN)
+    return i, row, valid_q, u, n_keys, b_start, n_tiles, t_full, t_stop
+
+
+@triton.jit
 def _fwd_tile(acc, m_i, l_i, q, k_base, v_base, b0, u, i, n_keys, lo, hi, segment, r, step, period, width,
               skn, svn, scale2, D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
               BN: tl.constexpr, KEYS: tl.constexpr, SEGMENTED: tl.constexpr, MASKED: tl.constexpr,
               PRECISION: tl.constexpr):
     """One key tile of the forward pass: online-softmax update of ``acc, m_i, l_i``."""
-    d = tl.arange(0, BD)
-    dv = tl.arange(0, BDV)
-    b = b0 + tl.arange(0, BN)
-    j = _key_positions(b, r, step, period, width, KEYS)
-    valid_k = b < n_keys
-    kt = tl.load(k_base + j.to(tl.int64)[None, :] * skn + d[:, None], mask=valid_k[None, :] & (d < D)[:, None], other=0.0)
-    s = _dot(q, kt, PRECISION) * scale2
+    b, j, valid_k = _key_tile(b0, r, step, period, width, n_keys, BN, KEYS)
+    s = dot(q, load_cols(k_base, j, skn, valid_k, D, BD), PRECISION) * scale2
     if MASKED:
         s = tl.where(_band_mask(u, b, i, j, n_keys, lo, hi, segment, SEGMENTED), s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s - m_safe[:, None])
-    alpha = tl.math.exp2(m_i - m_safe)
-    vt = tl.load(v_base + j.to(tl.int64)[:, None] * svn + dv[None, :], mask=valid_k[:, None] & (dv < DV)[None, :], other=0.0)
-    acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, PRECISION)
-    return acc, m_new, l_i * alpha + tl.sum(p, 1)
+    return softmax_step(acc, m_i, l_i, s, load_rows(v_base, j, svn, valid_k, DV, BDV), PRECISION)
 
 
 @triton.jit
@@ -163,18 +175,13 @@ def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, b0, u, i, n_keys, lo, hi, s
              BN: tl.constexpr, KEYS: tl.constexpr, SEGMENTED: tl.constexpr, MASKED: tl.constexpr,
              PRECISION: tl.constexpr):
     """One key tile of the dQ pass."""
-    d = tl.arange(0, BD)
-    dv = tl.arange(0, BDV)
-    b = b0 + tl.arange(0, BN)
-    j = _key_positions(b, r, step, period, width, KEYS)
-    valid_k = b < n_keys
-    kk = tl.load(k_base + j.to(tl.int64)[:, None] * skn + d[None, :], mask=valid_k[:, None] & (d < D)[None, :], other=0.0)
-    vt = tl.load(v_base + j.to(tl.int64)[None, :] * svn + dv[:, None], mask=valid_k[None, :] & (dv < DV)[:, None], other=0.0)
-    p = tl.math.exp2(_dot(q, tl.trans(kk), PRECISION) * scale2 - lse2[:, None])
+    b, j, valid_k = _key_tile(b0, r, step, period, width, n_keys, BN, KEYS)
+    kk = load_rows(k_base, j, skn, valid_k, D, BD)
+    vt = load_cols(v_base, j, svn, valid_k, DV, BDV)
+    p = tl.math.exp2(dot(q, tl.trans(kk), PRECISION) * scale2 - lse2[:, None])
     if MASKED:
         p = tl.where(_band_mask(u, b, i, j, n_keys, lo, hi, segment, SEGMENTED), p, 0.0)
-    ds = p * (_dot(do, vt, PRECISION) - delta[:, None])
-    return dq + _dot(ds.to(kk.dtype), kk, PRECISION)
+    return dq_step(dq, p, do, vt, kk, delta, PRECISION)
 
 
 @triton.jit
@@ -191,27 +198,17 @@ def _band_fwd(
     bh = tl.program_id(1)
     r = tl.program_id(2) // SPLITS
     split = tl.program_id(2) % SPLITS
-    batch = bh // n_heads
-    head = bh % n_heads
-    kv_head = head // group
+    batch, head, kv_head = query_heads(bh, n_heads, group)
 
-    a = pid_m * BM + tl.arange(0, BM)
-    i, row, valid_q, u = _query_coords(a, base, offset, n_q, step, r, ubase, period, width, own, KEYS)
-    n_keys = _key_count(n_k, r, step, n_summary, KEYS)
-    u_min = tl.min(tl.where(valid_q, u, _BIG), 0)
-    u_max = tl.max(tl.where(valid_q, u, -_BIG), 0)
-    i_min = tl.min(tl.where(valid_q, i, _BIG), 0)
-    b_start, n_tiles, t_full, t_stop = _key_range(u_min, u_max, i_min, n_keys, lo, hi, segment, SEGMENTED, BN)
+    i, row, valid_q, u, n_keys, b_start, n_tiles, t_full, t_stop = _query_block(
+        pid_m, r, base, offset, n_q, n_k, step, ubase, period, width, own, n_summary, lo, hi, segment,
+        BM, BN, KEYS, SEGMENTED)
     per_split = (n_tiles + SPLITS - 1) // SPLITS
     t0 = split * per_split
     t1 = tl.minimum(t0 + per_split, n_tiles)
 
-    d = tl.arange(0, BD)
-    dv = tl.arange(0, BDV)
-    q_ptrs = Q + batch.to(tl.int64) * sqb + head.to(tl.int64) * sqh + row.to(tl.int64)[:, None] * sqn + d[None, :]
-    q = tl.load(q_ptrs, mask=valid_q[:, None] & (d < D)[None, :], other=0.0)
-    k_base = K + batch.to(tl.int64) * skb + kv_head.to(tl.int64) * skh
-    v_base = V + batch.to(tl.int64) * svb + kv_head.to(tl.int64) * svh
+    q = load_rows(head_base(Q, batch, head, sqb, sqh), row, sqn, valid_q, D, BD)
+    k_base, v_base = head_base(K, batch, kv_head, skb, skh), head_base(V, batch, kv_head, svb, svh)
 
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
@@ -231,12 +228,8 @@ def _band_fwd(
                                   r, step, period, width, skn, svn, scale2, D, DV, BD, BDV, BN, KEYS, SEGMENTED,
                                   True, PRECISION)
 
-    seen = l_i > 0.0
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
     slot = ((split * n_batch + batch) * n_heads + head).to(tl.int64) * n_q + row
-    tl.store(O + slot[:, None] * DV + dv[None, :], out.to(O.dtype.element_ty), mask=valid_q[:, None] & (dv < DV)[None, :])
-    tl.store(LSE + slot, lse, mask=valid_q)
+    store_forward(O, LSE, slot, acc, m_i, l_i, valid_q, DV, BDV)
 
 
 @triton.jit
@@ -251,30 +244,15 @@ def _band_bwd_dq(
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     r = tl.program_id(2)
-    batch = bh // n_heads
-    head = bh % n_heads
-    kv_head = head // group
+    batch, head, kv_head = query_heads(bh, n_heads, group)
 
-    a = pid_m * BM + tl.arange(0, BM)
-    i, row, valid_q, u = _query_coords(a, base, offset, n_q, step, r, ubase, period, width, own, KEYS)
-    n_keys = _key_count(n_k, r, step, n_summary, KEYS)
-    u_min = tl.min(tl.where(valid_q, u, _BIG), 0)
-    u_max = tl.max(tl.where(valid_q, u, -_BIG), 0)
-    i_min = tl.min(tl.where(valid_q, i, _BIG), 0)
-    b_start, n_tiles, t_full, t_stop = _key_range(u_min, u_max, i_min, n_keys, lo, hi, segment, SEGMENTED, BN)
+    i, row, valid_q, u, n_keys, b_start, n_tiles, t_full, t_stop = _query_block(
+        pid_m, r, base, offset, n_q, n_k, step, ubase, period, width, own, n_summary, lo, hi, segment,
+        BM, BN, KEYS, SEGMENTED)
 
-    d = tl.arange(0, BD)
-    dv = tl.arange(0, BDV)
-    q = tl.load(Q + batch.to(tl.int64) * sqb + head.to(tl.int64) * sqh + row.to(tl.int64)[:, None] * sqn + d[None, :],
-                mask=valid_q[:, None] & (d < D)[None, :], other=0.0)
-    do = tl.load(DO + batch.to(tl.int64) * sdb + head.to(tl.int64) * sdh + row.to(tl.int64)[:, None] * sdn + dv[None, :],
-                 mask=valid_q[:, None] & (dv < DV)[None, :], other=0.0)
-    stat = (batch * n_heads + head).to(tl.int64) * n_q + row
-    lse2 = tl.load(LSE + stat, mask=valid_q, other=float("inf")) * 1.4426950408889634
-    lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)  # rows with no key: p = 0
-    delta = tl.load(DELTA + stat, mask=valid_q, other=0.0)
-    k_base = K + batch.to(tl.int64) * skb + kv_head.to(tl.int64) * skh
-    v_base = V + batch.to(tl.int64) * svb + kv_head.to(tl.int64) * svh
+    q, do, stat, lse2, delta = dq_inputs(Q, DO, LSE, DELTA, batch, head, row, valid_q, sqb, sqh, sqn, sdb, sdh, sdn,
+                                         n_heads, n_q, D, DV, BD, BDV)
+    k_base, v_base = head_base(K, batch, kv_head, skb, skh), head_base(V, batch, kv_head, svb, svh)
 
     dq = tl.zeros([BM, BD], tl.float32)
     for t in range(0, tl.minimum(t_full, n_tiles)):
@@ -286,7 +264,7 @@ def _band_bwd_dq(
     for t in range(tl.maximum(t_full, t_stop), n_tiles):
         dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, b_start + t * BN, u, i, n_keys, lo, hi, segment, r, step,
                       period, width, skn, svn, scale2, D, DV, BD, BDV, BN, KEYS, SEGMENTED, True, PRECISION)
-    tl.store(DQ + stat[:, None] * D + d[None, :], dq * scale, mask=valid_q[:, None] & (d < D)[None, :])
+    store_rows(DQ, stat, dq * scale, valid_q, D, BD)
 
 
 @triton.jit
@@ -326,43 +304,33 @@ def _band_bwd_dkdv(
         j_last = r + step * b_last
         a_end = tl.minimum(a_end, ((j_last // segment + 1) * segment - base - r + step - 1) // step)
 
-    d = tl.arange(0, BD)
-    dv = tl.arange(0, BDV)
-    kk = tl.load(K + batch.to(tl.int64) * skb + kv_head.to(tl.int64) * skh + j.to(tl.int64)[:, None] * skn + d[None, :],
-                 mask=valid_k[:, None] & (d < D)[None, :], other=0.0)
-    vv = tl.load(V + batch.to(tl.int64) * svb + kv_head.to(tl.int64) * svh + j.to(tl.int64)[:, None] * svn + dv[None, :],
-                 mask=valid_k[:, None] & (dv < DV)[None, :], other=0.0)
+    kk = load_rows(head_base(K, batch, kv_head, skb, skh), j, skn, valid_k, D, BD)
+    vv = load_rows(head_base(V, batch, kv_head, svb, svh), j, svn, valid_k, DV, BDV)
     dk = tl.zeros([BN, BD], tl.float32)
     dvv = tl.zeros([BN, BDV], tl.float32)
     full_keys = b0 + BN <= n_keys
     for g in range(0, group):
         head = kv_head * group + g
-        q_base = Q + batch.to(tl.int64) * sqb + head.to(tl.int64) * sqh
-        do_base = DO + batch.to(tl.int64) * sdb + head.to(tl.int64) * sdh
+        q_base = head_base(Q, batch, head, sqb, sqh)
+        do_base = head_base(DO, batch, head, sdb, sdh)
         stat_base = (batch * n_heads + head).to(tl.int64) * n_q
         for a0 in range(a_start, a_end, BM):
             a = a0 + tl.arange(0, BM)
             i, row, valid_q, u = _query_coords(a, base, offset, n_q, step, r, ubase, period, width, own, KEYS)
-            qq = tl.load(q_base + row.to(tl.int64)[:, None] * sqn + d[None, :], mask=valid_q[:, None] & (d < D)[None, :], other=0.0)
-            do = tl.load(do_base + row.to(tl.int64)[:, None] * sdn + dv[None, :], mask=valid_q[:, None] & (dv < DV)[None, :], other=0.0)
-            lse2 = tl.load(LSE + stat_base + row, mask=valid_q, other=float("inf")) * 1.4426950408889634
-            lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)
-            delta = tl.load(DELTA + stat_base + row, mask=valid_q, other=0.0)
-            pt = tl.math.exp2(_dot(kk, tl.trans(qq), PRECISION) * scale2 - lse2[None, :])
-            u_min = tl.min(tl.where(valid_q, u, _BIG), 0)
-            u_max = tl.max(tl.where(valid_q, u, -_BIG), 0)
+            qq = load_rows(q_base, row, sqn, valid_q, D, BD)
+            do = load_rows(do_base, row, sdn, valid_q, DV, BDV)
+            lse2, delta = row_stats(LSE, DELTA, stat_base + row, valid_q)
+            pt = tl.math.exp2(dot(kk, tl.trans(qq), PRECISION) * scale2 - lse2[None, :])
+            u_min, u_max, _ = _query_span(u, i, valid_q)
             full = full_keys & (u_min - (b0 + BN - 1) >= lo) & (u_max - b0 <= hi)
             if SEGMENTED:
                 pt = tl.where(_band_mask_t(u, b, i, j, n_keys, lo, hi, segment, SEGMENTED), pt, 0.0)
             elif not full:
                 pt = tl.where(_band_mask_t(u, b, i, j, n_keys, lo, hi, segment, SEGMENTED), pt, 0.0)
-            dvv += _dot(pt.to(do.dtype), do, PRECISION)
-            dpt = _dot(vv, tl.trans(do), PRECISION)
-            dst = pt * (dpt - delta[None, :])
-            dk += _dot(dst.to(qq.dtype), qq, PRECISION)
+            dk, dvv = dkdv_step(dk, dvv, pt, qq, do, vv, delta, PRECISION)
     slot = (batch * n_kv_heads + kv_head).to(tl.int64) * n_k + j
-    tl.store(DK + slot[:, None] * D + d[None, :], dk * scale, mask=valid_k[:, None] & (d < D)[None, :])
-    tl.store(DV_OUT + slot[:, None] * DV + dv[None, :], dvv, mask=valid_k[:, None] & (dv < DV)[None, :])
+    store_rows(DK, slot, dk * scale, valid_k, D, BD)
+    store_rows(DV_OUT, slot, dvv, valid_k, DV, BDV)
 
 
 def _edge(x: float) -> int:

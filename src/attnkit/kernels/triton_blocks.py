@@ -25,7 +25,9 @@ import triton
 import triton.language as tl
 
 from ..patterns import BlockSparse, Intersection, Pattern, Union
-from .triton_band import _dot, _pow2, _precision, block_sizes
+from .triton_band import _pow2, _precision, block_sizes
+from .triton_tiles import dkdv_step, dot, dq_inputs, dq_step, head_base, load_cols, load_rows, query_heads, row_stats
+from .triton_tiles import softmax_step, store_forward, store_rows
 
 _LOG2E = math.log2(math.e)
 _EVAL_CHUNK = 1 << 22  # predicate evaluations at once while classifying blocks
@@ -132,6 +134,26 @@ def block_list(pattern: Pattern, n_q: int, n_k: int, blk: int, device: torch.dev
 
 
 @triton.jit
+def _mask_tile(MASKS, mask_id, BLK: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """The ``(BLK, BLK)`` element mask ``mask_id`` (the table holds ``[query, key]``), nonzero where allowed."""
+    local = tl.arange(0, BLK)
+    if TRANSPOSED:
+        ok = tl.load(MASKS + mask_id.to(tl.int64) * BLK * BLK + local[None, :] * BLK + local[:, None])
+    else:
+        ok = tl.load(MASKS + mask_id.to(tl.int64) * BLK * BLK + local[:, None] * BLK + local[None, :])
+    return ok
+
+
+@triton.jit
+def _listed_block(INDEX, MASK, owner, max_listed, t, limit, BLK: tl.constexpr):
+    """Entry ``t`` of block ``owner``'s list: ``(mask_id, indices, valid)`` of the listed block."""
+    block = tl.load(INDEX + owner * max_listed + t)
+    mask_id = tl.load(MASK + owner * max_listed + t)
+    idx = block * BLK + tl.arange(0, BLK)
+    return mask_id, idx, idx < limit
+
+
+@triton.jit
 def _blocks_fwd(
     Q, K, V, O, LSE, KV_INDEX, KV_MASK, KV_COUNT, MASKS,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
@@ -140,45 +162,21 @@ def _blocks_fwd(
 ):
     qb = tl.program_id(0)
     bh = tl.program_id(1)
-    batch = bh // n_heads
-    head = bh % n_heads
-    kv_head = head // group
+    batch, head, kv_head = query_heads(bh, n_heads, group)
     row = qb * BLK + tl.arange(0, BLK)
     valid_q = row < n_q
-    d = tl.arange(0, BD)
-    dv = tl.arange(0, BDV)
-    local = tl.arange(0, BLK)
-    q = tl.load(Q + batch.to(tl.int64) * sqb + head.to(tl.int64) * sqh + row.to(tl.int64)[:, None] * sqn + d[None, :],
-                mask=valid_q[:, None] & (d < D)[None, :], other=0.0)
-    k_base = K + batch.to(tl.int64) * skb + kv_head.to(tl.int64) * skh
-    v_base = V + batch.to(tl.int64) * svb + kv_head.to(tl.int64) * svh
+    q = load_rows(head_base(Q, batch, head, sqb, sqh), row, sqn, valid_q, D, BD)
+    k_base, v_base = head_base(K, batch, kv_head, skb, skh), head_base(V, batch, kv_head, svb, svh)
     m_i = tl.full([BLK], float("-inf"), tl.float32)
     l_i = tl.zeros([BLK], tl.float32)
     acc = tl.zeros([BLK, BDV], tl.float32)
     for t in range(0, tl.load(KV_COUNT + qb)):
-        kb = tl.load(KV_INDEX + qb * max_kv + t)
-        mask_id = tl.load(KV_MASK + qb * max_kv + t)
-        col = kb * BLK + local
-        valid_k = col < n_k
-        kt = tl.load(k_base + col.to(tl.int64)[None, :] * skn + d[:, None], mask=valid_k[None, :] & (d < D)[:, None], other=0.0)
-        s = _dot(q, kt, PRECISION) * scale2
+        mask_id, col, valid_k = _listed_block(KV_INDEX, KV_MASK, qb, max_kv, t, n_k, BLK)
+        s = dot(q, load_cols(k_base, col, skn, valid_k, D, BD), PRECISION) * scale2
         if mask_id >= 0:
-            ok = tl.load(MASKS + mask_id.to(tl.int64) * BLK * BLK + local[:, None] * BLK + local[None, :])
-            s = tl.where(ok != 0, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        vt = tl.load(v_base + col.to(tl.int64)[:, None] * svn + dv[None, :], mask=valid_k[:, None] & (dv < DV)[None, :], other=0.0)
-        acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, PRECISION)
-        m_i = m_new
-    seen = l_i > 0.0
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
-    slot = (batch * n_heads + head).to(tl.int64) * n_q + row
-    tl.store(O + slot[:, None] * DV + dv[None, :], out.to(O.dtype.element_ty), mask=valid_q[:, None] & (dv < DV)[None, :])
-    tl.store(LSE + slot, lse, mask=valid_q)
+            s = tl.where(_mask_tile(MASKS, mask_id, BLK, False) != 0, s, float("-inf"))
+        acc, m_i, l_i = softmax_step(acc, m_i, l_i, s, load_rows(v_base, col, svn, valid_k, DV, BDV), PRECISION)
+    store_forward(O, LSE, (batch * n_heads + head).to(tl.int64) * n_q + row, acc, m_i, l_i, valid_q, DV, BDV)
 
 
 @triton.jit
@@ -190,39 +188,22 @@ def _blocks_bwd_dq(
 ):
     qb = tl.program_id(0)
     bh = tl.program_id(1)
-    batch = bh // n_heads
-    head = bh % n_heads
-    kv_head = head // group
+    batch, head, kv_head = query_heads(bh, n_heads, group)
     row = qb * BLK + tl.arange(0, BLK)
     valid_q = row < n_q
-    d = tl.arange(0, BD)
-    dv = tl.arange(0, BDV)
-    local = tl.arange(0, BLK)
-    q = tl.load(Q + batch.to(tl.int64) * sqb + head.to(tl.int64) * sqh + row.to(tl.int64)[:, None] * sqn + d[None, :],
-                mask=valid_q[:, None] & (d < D)[None, :], other=0.0)
-    do = tl.load(DO + batch.to(tl.int64) * sdb + head.to(tl.int64) * sdh + row.to(tl.int64)[:, None] * sdn + dv[None, :],
-                 mask=valid_q[:, None] & (dv < DV)[None, :], other=0.0)
-    stat = (batch * n_heads + head).to(tl.int64) * n_q + row
-    lse2 = tl.load(LSE + stat, mask=valid_q, other=float("inf")) * 1.4426950408889634
-    lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)  # rows with no key: p = 0
-    delta = tl.load(DELTA + stat, mask=valid_q, other=0.0)
-    k_base = K + batch.to(tl.int64) * skb + kv_head.to(tl.int64) * skh
-    v_base = V + batch.to(tl.int64) * svb + kv_head.to(tl.int64) * svh
+    q, do, stat, lse2, delta = dq_inputs(Q, DO, LSE, DELTA, batch, head, row, valid_q, sqb, sqh, sqn, sdb, sdh, sdn,
+                                         n_heads, n_q, D, DV, BD, BDV)
+    k_base, v_base = head_base(K, batch, kv_head, skb, skh), head_base(V, batch, kv_head, svb, svh)
     dq = tl.zeros([BLK, BD], tl.float32)
     for t in range(0, tl.load(KV_COUNT + qb)):
-        kb = tl.load(KV_INDEX + qb * max_kv + t)
-        mask_id = tl.load(KV_MASK + qb * max_kv + t)
-        col = kb * BLK + local
-        valid_k = col < n_k
-        kk = tl.load(k_base + col.to(tl.int64)[:, None] * skn + d[None, :], mask=valid_k[:, None] & (d < D)[None, :], other=0.0)
-        vt = tl.load(v_base + col.to(tl.int64)[None, :] * svn + dv[:, None], mask=valid_k[None, :] & (dv < DV)[:, None], other=0.0)
-        p = tl.math.exp2(_dot(q, tl.trans(kk), PRECISION) * scale2 - lse2[:, None])
+        mask_id, col, valid_k = _listed_block(KV_INDEX, KV_MASK, qb, max_kv, t, n_k, BLK)
+        kk = load_rows(k_base, col, skn, valid_k, D, BD)
+        vt = load_cols(v_base, col, svn, valid_k, DV, BDV)
+        p = tl.math.exp2(dot(q, tl.trans(kk), PRECISION) * scale2 - lse2[:, None])
         if mask_id >= 0:
-            ok = tl.load(MASKS + mask_id.to(tl.int64) * BLK * BLK + local[:, None] * BLK + local[None, :])
-            p = tl.where(ok != 0, p, 0.0)
-        ds = p * (_dot(do, vt, PRECISION) - delta[:, None])
-        dq += _dot(ds.to(kk.dtype), kk, PRECISION)
-    tl.store(DQ + stat[:, None] * D + d[None, :], dq * scale, mask=valid_q[:, None] & (d < D)[None, :])
+            p = tl.where(_mask_tile(MASKS, mask_id, BLK, False) != 0, p, 0.0)
+        dq = dq_step(dq, p, do, vt, kk, delta, PRECISION)
+    store_rows(DQ, stat, dq * scale, valid_q, D, BD)
 
 
 @triton.jit
@@ -236,43 +217,30 @@ def _blocks_bwd_dkdv(
     bh = tl.program_id(1)
     batch = bh // n_kv_heads
     kv_head = bh % n_kv_heads
-    local = tl.arange(0, BLK)
-    col = kb * BLK + local
+    col = kb * BLK + tl.arange(0, BLK)
     valid_k = col < n_k
-    d = tl.arange(0, BD)
-    dv = tl.arange(0, BDV)
-    kk = tl.load(K + batch.to(tl.int64) * skb + kv_head.to(tl.int64) * skh + col.to(tl.int64)[:, None] * skn + d[None, :],
-                 mask=valid_k[:, None] & (d < D)[None, :], other=0.0)
-    vv = tl.load(V + batch.to(tl.int64) * svb + kv_head.to(tl.int64) * svh + col.to(tl.int64)[:, None] * svn + dv[None, :],
-                 mask=valid_k[:, None] & (dv < DV)[None, :], other=0.0)
+    kk = load_rows(head_base(K, batch, kv_head, skb, skh), col, skn, valid_k, D, BD)
+    vv = load_rows(head_base(V, batch, kv_head, svb, svh), col, svn, valid_k, DV, BDV)
     dk = tl.zeros([BLK, BD], tl.float32)
     dvv = tl.zeros([BLK, BDV], tl.float32)
     count = tl.load(Q_COUNT + kb)
     for g in range(0, group):
         head = kv_head * group + g
-        q_base = Q + batch.to(tl.int64) * sqb + head.to(tl.int64) * sqh
-        do_base = DO + batch.to(tl.int64) * sdb + head.to(tl.int64) * sdh
+        q_base = head_base(Q, batch, head, sqb, sqh)
+        do_base = head_base(DO, batch, head, sdb, sdh)
         stat_base = (batch * n_heads + head).to(tl.int64) * n_q
         for t in range(0, count):
-            qb = tl.load(Q_INDEX + kb * max_q + t)
-            mask_id = tl.load(Q_MASK + kb * max_q + t)
-            row = qb * BLK + local
-            valid_q = row < n_q
-            qq = tl.load(q_base + row.to(tl.int64)[:, None] * sqn + d[None, :], mask=valid_q[:, None] & (d < D)[None, :], other=0.0)
-            do = tl.load(do_base + row.to(tl.int64)[:, None] * sdn + dv[None, :], mask=valid_q[:, None] & (dv < DV)[None, :], other=0.0)
-            lse2 = tl.load(LSE + stat_base + row, mask=valid_q, other=float("inf")) * 1.4426950408889634
-            lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)
-            delta = tl.load(DELTA + stat_base + row, mask=valid_q, other=0.0)
-            pt = tl.math.exp2(_dot(kk, tl.trans(qq), PRECISION) * scale2 - lse2[None, :])
-            if mask_id >= 0:  # the table holds [query, key]: read it transposed
-                ok = tl.load(MASKS + mask_id.to(tl.int64) * BLK * BLK + local[None, :] * BLK + local[:, None])
-                pt = tl.where(ok != 0, pt, 0.0)
-            dvv += _dot(pt.to(do.dtype), do, PRECISION)
-            dst = pt * (_dot(vv, tl.trans(do), PRECISION) - delta[None, :])
-            dk += _dot(dst.to(qq.dtype), qq, PRECISION)
+            mask_id, row, valid_q = _listed_block(Q_INDEX, Q_MASK, kb, max_q, t, n_q, BLK)
+            qq = load_rows(q_base, row, sqn, valid_q, D, BD)
+            do = load_rows(do_base, row, sdn, valid_q, DV, BDV)
+            lse2, delta = row_stats(LSE, DELTA, stat_base + row, valid_q)
+            pt = tl.math.exp2(dot(kk, tl.trans(qq), PRECISION) * scale2 - lse2[None, :])
+            if mask_id >= 0:
+                pt = tl.where(_mask_tile(MASKS, mask_id, BLK, True) != 0, pt, 0.0)
+            dk, dvv = dkdv_step(dk, dvv, pt, qq, do, vv, delta, PRECISION)
     slot = (batch * n_kv_heads + kv_head).to(tl.int64) * n_k + col
-    tl.store(DK + slot[:, None] * D + d[None, :], dk * scale, mask=valid_k[:, None] & (d < D)[None, :])
-    tl.store(DV_OUT + slot[:, None] * DV + dv[None, :], dvv, mask=valid_k[:, None] & (dv < DV)[None, :])
+    store_rows(DK, slot, dk * scale, valid_k, D, BD)
+    store_rows(DV_OUT, slot, dvv, valid_k, DV, BDV)
 
 
 @dataclass(frozen=True, eq=False)

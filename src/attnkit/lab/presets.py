@@ -49,6 +49,17 @@ class Preset:
     cpu_threads: Optional[int] = None  # None: torch's default
 
 
+def _gpu_tasks(mqar: MQAR, mqar_run: tuple[int, int, int, int], text: StdlibText, text_run: tuple[int, int, int, int],
+               lr: float, warmup: int, checkpoint_every: int) -> tuple:
+    """The two tasks of a GPU preset, which share the optimiser schedule and checkpoint interval;
+    each ``*_run`` is ``(steps, batch_size, eval_every, eval_sequences)``."""
+    return tuple(
+        (task, TrainSettings(steps=steps, batch_size=batch, lr=lr, warmup=warmup, eval_every=eval_every,
+                             eval_sequences=eval_sequences, checkpoint_every=checkpoint_every))
+        for task, (steps, batch, eval_every, eval_sequences) in ((mqar, mqar_run), (text, text_run))
+    )
+
+
 PRESETS: dict[str, Preset] = {
     "quick": Preset(
         "quick", ModelShape(dim=64, n_layers=2, n_heads=8, ffn_dim=128), window=8, stride=8, summary=2, seeds=3,
@@ -64,26 +75,16 @@ PRESETS: dict[str, Preset] = {
     ),
     "small": Preset(
         "small", ModelShape(dim=128, n_layers=4, n_heads=8, ffn_dim=384), window=32, stride=16, summary=4, seeds=3,
-        tasks=(
-            (MQAR(seq_len=128, n_pairs=16, n_keys=64, n_values=64),
-             TrainSettings(steps=3000, batch_size=64, lr=3e-3, warmup=100, eval_every=250, eval_sequences=512,
-                           checkpoint_every=500)),
-            (StdlibText(seq_len=256, max_bytes=8_000_000),
-             TrainSettings(steps=2000, batch_size=32, lr=3e-3, warmup=100, eval_every=200, eval_sequences=256,
-                           checkpoint_every=500)),
-        ),
+        tasks=_gpu_tasks(MQAR(seq_len=128, n_pairs=16, n_keys=64, n_values=64), (3000, 64, 250, 512),
+                         StdlibText(seq_len=256, max_bytes=8_000_000), (2000, 32, 200, 256),
+                         lr=3e-3, warmup=100, checkpoint_every=500),
         decode_context=4096, decode_tokens=64,
     ),
     "medium": Preset(
         "medium", ModelShape(dim=256, n_layers=6, n_heads=8, ffn_dim=768), window=64, stride=32, summary=8, seeds=3,
-        tasks=(
-            (MQAR(seq_len=256, n_pairs=32, n_keys=128, n_values=128),
-             TrainSettings(steps=6000, batch_size=64, lr=2e-3, warmup=200, eval_every=500, eval_sequences=1024,
-                           checkpoint_every=1000)),
-            (StdlibText(seq_len=512, max_bytes=30_000_000),
-             TrainSettings(steps=5000, batch_size=32, lr=2e-3, warmup=200, eval_every=500, eval_sequences=512,
-                           checkpoint_every=1000)),
-        ),
+        tasks=_gpu_tasks(MQAR(seq_len=256, n_pairs=32, n_keys=128, n_values=128), (6000, 64, 500, 1024),
+                         StdlibText(seq_len=512, max_bytes=30_000_000), (5000, 32, 500, 512),
+                         lr=2e-3, warmup=200, checkpoint_every=1000),
         decode_context=16384, decode_tokens=64,
     ),
 }

@@ -41,9 +41,8 @@ def tables(result: dict) -> list:
     return out
 
 
-def plot_quality_vs_kv(result: dict, path: Path) -> None:
-    """Final validation quality (mean, error bar = std over seeds) against KV bytes per token kept
-    at the decode context, one panel per task."""
+def _task_panels(result: dict):
+    """A figure with one panel per task: ``(fig, [(ax, task_name, entry), ...])`` (matplotlib Agg)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -51,34 +50,47 @@ def plot_quality_vs_kv(result: dict, path: Path) -> None:
 
     tasks = result["tasks"]
     fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 4.8), squeeze=False)
-    for ax, (task_name, entry) in zip(axes[0], tasks.items()):
-        for index, (name, v) in enumerate(entry["variants"].items()):
-            x = v["cost"]["kv_bytes_per_token_at_context"]
-            ax.errorbar(x, v["summary"]["mean"], yerr=v["summary"]["std"], fmt="o", capsize=4,
-                        color=f"C{index % 10}", label=name)
-        ax.set_xscale("log")
-        ax.set_xlabel(f"KV-cache bytes per token kept at context {next(iter(entry['variants'].values()))['cost']['context']:,}")
-        ax.set_ylabel(f"validation {entry['metric']}")
-        ax.set_title(f"{task_name}: quality vs KV cache")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(f"attnkit lab ({result['preset']}): mean ± std over seeds")
+    return fig, [(ax, name, entry) for ax, (name, entry) in zip(axes[0], tasks.items())]
+
+
+def _finish_panel(ax, xlabel: str, ylabel: str, title: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def _save(fig, title: str, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+def plot_quality_vs_kv(result: dict, path: Path) -> None:
+    """Final validation quality (mean, error bar = std over seeds) against KV bytes per token kept
+    at the decode context, one panel per task."""
+    fig, panels = _task_panels(result)
+    for ax, task_name, entry in panels:
+        for index, (name, v) in enumerate(entry["variants"].items()):
+            x = v["cost"]["kv_bytes_per_token_at_context"]
+            ax.errorbar(x, v["summary"]["mean"], yerr=v["summary"]["std"], fmt="o", capsize=4,
+                        color=f"C{index % 10}", label=name)
+        ax.set_xscale("log")
+        context = next(iter(entry["variants"].values()))["cost"]["context"]
+        _finish_panel(ax, f"KV-cache bytes per token kept at context {context:,}", f"validation {entry['metric']}",
+                      f"{task_name}: quality vs KV cache")
+    _save(fig, f"attnkit lab ({result['preset']}): mean ± std over seeds", path)
+
+
 def plot_quality_vs_tokens(result: dict, path: Path) -> None:
     """Validation quality against training tokens seen, one line per variant (mean over seeds,
     shaded min..max), one panel per task."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tasks = result["tasks"]
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 4.8), squeeze=False)
-    for ax, (task_name, entry) in zip(axes[0], tasks.items()):
+    fig, panels = _task_panels(result)
+    for ax, task_name, entry in panels:
         metric = entry["metric"]
         for index, (name, v) in enumerate(entry["variants"].items()):
             tokens = [p["tokens"] for p in v["runs"][0]["history"]]
@@ -91,12 +103,5 @@ def plot_quality_vs_tokens(result: dict, path: Path) -> None:
             curves = [[p["loss"] for p in v["runs"][0]["history"]] for v in entry["variants"].values()]
             if all(len(c) > 2 for c in curves):
                 ax.set_ylim(min(min(c) for c in curves) * 0.98, max(c[1] for c in curves) * 1.02)
-        ax.set_xlabel("training tokens")
-        ax.set_ylabel(f"validation {metric}")
-        ax.set_title(f"{task_name}: learning curves")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(f"attnkit lab ({result['preset']}): mean over seeds, shaded min..max")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        _finish_panel(ax, "training tokens", f"validation {metric}", f"{task_name}: learning curves")
+    _save(fig, f"attnkit lab ({result['preset']}): mean over seeds, shaded min..max", path)
