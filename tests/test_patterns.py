@@ -133,3 +133,16 @@ def test_a_block_layout_for_another_length_is_rejected(backend):
         attention(q, q, q, pattern, backend=backend)
     with pytest.raises(ValueError, match="needs 2 x 2 blocks"):
         pattern.mask(20, 20)
+
+
+def test_allows_compiles_as_a_flexattention_mask_mod():
+    """`attnkit bench` hands `pattern.allows` to compiled FlexAttention as its mask_mod: inductor
+    lowers it as a pointwise subgraph, where an in-place op (a buffer) cannot be created."""
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+    pattern = SlidingWindow(24) | Strided(16) | Fixed(16, 2)
+    n = 128
+    block_mask = flex.create_block_mask(lambda b, h, i, j: pattern.allows(i, j), None, None, n, n, device="cpu")
+    q, k, v = (torch.randn(1, 2, n, 16) for _ in range(3))
+    out = torch.compile(flex.flex_attention)(q, k, v, block_mask=block_mask)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=pattern.mask(n, n))
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)

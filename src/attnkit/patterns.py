@@ -173,7 +173,7 @@ def _band_allows(band: Band, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         allowed = j <= i - _offset(math.ceil(lo))
     if math.isfinite(hi):
         reach = j >= i - _offset(math.floor(hi))
-        allowed = reach if allowed is None else allowed.logical_and_(reach)
+        allowed = reach if allowed is None else allowed & reach  # not in place: FlexAttention compiles this
     if allowed is None:
         return torch.ones(torch.broadcast_shapes(i.shape, j.shape), dtype=torch.bool, device=i.device)
     return allowed
