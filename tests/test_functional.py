@@ -89,9 +89,10 @@ def test_bfloat16_within_2e2_relative_with_float32_statistics(backend, problem):
     # products, and bfloat16's 8-bit mantissa alone leaves them a few percent off; such shapes
     # are checked in float32 and float64 above, here only their forward values.
     checked = NAMES if min(problem.k.shape[2], problem.q.shape[3]) >= 4 else NAMES[:2]
+    tolerance = 4e-2 if "expanded" in problem.layouts else 2e-2  # see the float32 test
     for name, a, e in zip(NAMES, actual, expected):
         if name in checked:
-            assert _norm_rel(a, e) <= 2e-2, f"{name} ({backend}) {problem.describe()}"
+            assert _norm_rel(a, e) <= tolerance, f"{name} ({backend}) {problem.describe()}"
 
 
 @pytest.mark.parametrize("backend", BACKENDS + ["reference"])
