@@ -90,10 +90,16 @@ def pack_for_cpu(model: nn.Module, *, note: Optional[Callable[[str], None]] = No
                    "using the plain weights")
         (note or (lambda m: warnings.warn(m, RuntimeWarning, stacklevel=3)))(message)
         return model
+    return replace_linears(model, PackedLinear)
+
+
+def replace_linears(model: nn.Module, make: Callable[[torch.Tensor], nn.Module]) -> nn.Module:
+    """Replace, in place, each bias-free ``nn.Linear`` of a Llama ``model`` by ``make(weight)``;
+    a tied model gets ``make(embedding weight)`` as its ``lm_head``. Returns ``model``."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear) and child.bias is None:
-                setattr(module, name, PackedLinear(child.weight))
+                setattr(module, name, make(child.weight))
     if model.lm_head is None:
-        model.lm_head = PackedLinear(model.embed_tokens.weight)
+        model.lm_head = make(model.embed_tokens.weight)
     return model

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cpu_pack import DENSE_ROWS
+from .cpu_pack import DENSE_ROWS, replace_linears
 
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,10 +90,4 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     """Replace, in place, each bias-free ``nn.Linear`` of a Llama ``model`` by an
     :class:`Int8Linear`; a tied model gets an int8 copy of its embedding as ``lm_head``. Returns
     ``model`` (inference only; save it before quantizing)."""
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear) and child.bias is None:
-                setattr(module, name, Int8Linear(child.weight))
-    if model.lm_head is None:
-        model.lm_head = Int8Linear(model.embed_tokens.weight)
-    return model
+    return replace_linears(model, Int8Linear)
