@@ -76,13 +76,11 @@ def test_main_refuses_cuda_without_a_device(tmp_path):
 
 
 def test_display_failure_keeps_the_json(tmp_path, monkeypatch):
-    from attnkit.bench import command
-
     def broken(rows, title):
         raise ValueError("cannot render")
 
     monkeypatch.setattr(runner, "run_benchmark", lambda workloads, **kw: [_row(workloads[0].case, "fwd")])
-    monkeypatch.setattr(command, "_table", broken)
+    monkeypatch.setattr(gpu_table, "rich_table", broken)
     result = gpu_table.run(tmp_path, "cpu", tiny=True, budget=1e9, repeats=1, only=["gpu-window"])
     assert len(result["rows"]) == 2 and not result["failures"]
     assert len(json.loads((tmp_path / "gpu_table.json").read_text())["rows"]) == 2

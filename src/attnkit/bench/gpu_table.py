@@ -25,6 +25,12 @@ from typing import Optional, Sequence
 
 import torch
 
+from . import runner
+from .cases import CASE_SETS
+from .gpu_cases import GPU_SHAPE
+from .runner import time_interleaved
+from .table import rich_table
+
 SECTIONS: tuple[tuple[str, tuple[int, ...], bool], ...] = (
     ("gpu-window", (8192, 32768), False),
     ("gpu-window", (8192, 32768), True),
@@ -45,8 +51,6 @@ _TINY_SEQS = (256, 512)
 
 
 def _workloads(case: str, seqs: tuple[int, ...], tiny: bool) -> list:
-    from .cases import CASE_SETS
-
     if tiny:
         seqs = tuple(sorted({min(n, _TINY_SEQS[-1]) for n in seqs} | {_TINY_SEQS[0]}))
     found = CASE_SETS[case](seqs)
@@ -58,9 +62,6 @@ def _workloads(case: str, seqs: tuple[int, ...], tiny: bool) -> list:
 
 def _window_read_ms(seq: int, window: int, tiny: bool, device: torch.device, repeats: int) -> float:
     """Median time of reading a decoding step's K and V window once (a copy: read + write)."""
-    from .gpu_cases import GPU_SHAPE
-    from .runner import time_interleaved
-
     shape = _TINY if tiny else GPU_SHAPE
     size = (shape["batch"], shape["kv_heads"], min(window, seq), shape["head_dim"])
     k, v = (torch.randn(size, device=device).to(shape["dtype"]) for _ in range(2))
@@ -100,9 +101,6 @@ def run(out: Path, device: str, tiny: bool, budget: float, repeats: int, only: O
     """Run the sections; returns (and writes) ``{"meta", "rows", "failures", "skipped", "decode_read_ms"}``."""
     from rich.console import Console
 
-    from .command import _table
-    from .runner import run_benchmark
-
     console = Console(width=170)  # the table has ten columns; log files are not terminals
     start = time.monotonic()
     result = {
@@ -123,7 +121,7 @@ def run(out: Path, device: str, tiny: bool, budget: float, repeats: int, only: O
         with console.status(f"[{number}/{len(sections)}] {label}"):
             try:
                 workloads = _workloads(case, seqs, tiny)
-                rows = run_benchmark(workloads, repeats=repeats, backward=backward, device=device)
+                rows = runner.run_benchmark(workloads, repeats=repeats, backward=backward, device=device)
                 if case == "gpu-decode":
                     for w in workloads:
                         result["decode_read_ms"][str(w.seq)] = _window_read_ms(w.seq, w.pattern.size, tiny, torch.device(device), repeats)
@@ -137,7 +135,7 @@ def run(out: Path, device: str, tiny: bool, budget: float, repeats: int, only: O
         result["rows"].extend(r.as_dict() for r in rows)
         (out / "gpu_table.json").write_text(json.dumps(result, indent=2))  # partial results survive a kill
         try:
-            console.print(_table(rows, label))
+            console.print(rich_table(rows, label))
         except Exception as exc:  # a display problem must not cost the measured rows
             console.print(f"[red]could not show the table for {label}: {type(exc).__name__}: {exc}")
     result["meta"]["seconds"] = round(time.monotonic() - start, 1)
