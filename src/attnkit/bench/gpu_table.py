@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+from rich.console import Console
 
 from . import runner
 from .cases import CASE_SETS
@@ -69,7 +70,7 @@ def _window_read_ms(seq: int, window: int, tiny: bool, device: torch.device, rep
 
 
 def _plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
+    import matplotlib  # lazy: matplotlib is an optional extra, needed only for the PNG
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -99,8 +100,6 @@ def _plot(rows: list[dict], path: Path) -> None:
 
 def run(out: Path, device: str, tiny: bool, budget: float, repeats: int, only: Optional[Sequence[str]]) -> dict:
     """Run the sections; returns (and writes) ``{"meta", "rows", "failures", "skipped", "decode_read_ms"}``."""
-    from rich.console import Console
-
     console = Console(width=170)  # the table has ten columns; log files are not terminals
     start = time.monotonic()
     result = {
