@@ -49,7 +49,6 @@ def _size(n: float, unit: str = "B") -> str:
 
 
 def _tables(name: str, r: dict):
-
     params = Table(title=f"{name}: parameters")
     params.add_column("component")
     params.add_column("parameters", justify="right")
@@ -82,7 +81,6 @@ def _tables(name: str, r: dict):
 
 
 def run(args: argparse.Namespace) -> int:
-
     config = load_config(args.model)
     for path in (Path(args.json) if args.json and args.json != "-" else None, args.plot):
         if path is not None and not path.parent.exists():

@@ -74,7 +74,6 @@ def _check(args: argparse.Namespace) -> tuple[list[str], dict[str, tuple[int, ..
 
 
 def run(args: argparse.Namespace) -> int:
-
     cases, seqs, repeats = _check(args)
     workloads = [w for case in cases for w in CASE_SETS[case](seqs[case])]
     console = Console()
@@ -107,7 +106,6 @@ def run(args: argparse.Namespace) -> int:
 def _progress(total: int) -> Iterator[Callable[[str], None]]:
     """A ``step(description)`` callback that shows progress on stderr: a live bar on a terminal,
     else one line per step with the elapsed time (so a redirected run is never silent)."""
-
     console = Console(stderr=True)
     if not console.is_terminal:
         start, done = time.perf_counter(), 0

@@ -20,7 +20,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-
     table = Table(title="attnkit info", show_header=False)
     table.add_column("what", style="bold")
     table.add_column("value")

@@ -61,7 +61,6 @@ def _split(value):
 
 
 def run(args: argparse.Namespace) -> int:
-
     try:
         import matplotlib  # noqa: F401  (checked before hours of training, used by the plots)
     except ImportError:

@@ -61,7 +61,6 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-
     _check(args)
     named = _patterns(args)
     console = Console()
