@@ -89,3 +89,17 @@ def test_flex_is_compiled_once_and_small_block_masks_are_not_compiled(monkeypatc
     for pattern in (SlidingWindow(8), Strided(4)):
         peers.flex(pattern)[0](q, q, q)
     assert compiled_flags == [False, False] and [c["block_mask"] for c in calls] == ["mask", "mask"]
+
+
+def test_attnkit_contenders_come_from_the_backend_registry(monkeypatch):
+    from attnkit import Causal, SlidingWindow
+    from attnkit.bench import contenders
+    from attnkit.bench.cases import contenders_for
+    from attnkit.bench.workload import Workload
+
+    monkeypatch.setattr(contenders, "BACKENDS", ("auto", "reference", "dense", "blockwise", "sparse", "triton", "new"))
+    causal = [c.name for c in contenders_for(Workload("causal", Causal(), 64))]
+    assert causal == ["torch sdpa", "attnkit auto", "attnkit dense", "attnkit blockwise", "attnkit new",
+                      "attnkit reference"]
+    window = [c.name for c in contenders_for(Workload("window", SlidingWindow(8), 64))]
+    assert window[:5] == ["torch sdpa (masked)", "attnkit auto", "attnkit blockwise", "attnkit sparse", "attnkit new"]

@@ -85,7 +85,7 @@ def test_every_ring_option_has_help_text():
 _TORCHRUN_TAIL = """\
 torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
 =======================================================
-attnkit.distributed.worker FAILED
+attnkit.cli.ring_worker FAILED
 -------------------------------------------------------
 Failures:
 [1]:
