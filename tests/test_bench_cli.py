@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from attnkit.bench import peers
+from attnkit.bench import peers, sparse_cases
 from attnkit.cli import bench as command
 from attnkit.cli import build_parser, main
 
@@ -17,7 +17,7 @@ from attnkit.cli import build_parser, main
 def no_peers(monkeypatch):
     """local-attention not installed, FlexAttention left out (compiling it takes many seconds)."""
     monkeypatch.setitem(sys.modules, "local_attention", None)
-    monkeypatch.setattr(peers, "flex", lambda pattern: (None, "left out by this test"))
+    monkeypatch.setattr(sparse_cases, "flex", lambda pattern: (None, "left out by this test"))
 
 
 def test_install_hint_keeps_its_extra_in_the_terminal_table(no_peers, monkeypatch, capsys):

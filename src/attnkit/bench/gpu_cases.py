@@ -24,8 +24,8 @@ import torch
 
 from ..kernels.triton_backend import triton_available
 from ..patterns import BlockSparse, Causal, Fixed, SlidingWindow, Strided
-from . import peers
 from .contenders import Contender, attnkit_backend, backends_to_time, sdpa_direct
+from .peers import flex
 from .sparse_cases import bigbird_layout
 from .workload import Workload
 
@@ -77,8 +77,8 @@ def gpu_contenders(workload: Workload) -> list[Contender]:
     pattern = workload.pattern
     sdpa = "torch sdpa" if isinstance(pattern, Causal) else "torch sdpa (masked)"
     found = [Contender(sdpa, sdpa_direct(pattern), baseline=True)]
-    flex, note = peers.flex(pattern)
-    found.append(Contender("flex (compiled)", flex, note=note, compiled=True,
+    flex_fn, note = flex(pattern)
+    found.append(Contender("flex (compiled)", flex_fn, note=note, compiled=True,
                            forward_only=not torch.cuda.is_available()))
     for backend in backends_to_time(LEFT_OUT):
         found.append(_attnkit_contender(workload, backend))

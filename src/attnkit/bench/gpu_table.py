@@ -26,10 +26,9 @@ from typing import Optional, Sequence
 import torch
 from rich.console import Console
 
-from . import runner
 from .cases import CASE_SETS
 from .gpu_cases import GPU_SHAPE
-from .runner import time_interleaved
+from .runner import run_benchmark, time_interleaved
 from .table import rich_table
 
 SECTIONS: tuple[tuple[str, tuple[int, ...], bool], ...] = (
@@ -120,7 +119,7 @@ def run(out: Path, device: str, tiny: bool, budget: float, repeats: int, only: O
         with console.status(f"[{number}/{len(sections)}] {label}"):
             try:
                 workloads = _workloads(case, seqs, tiny)
-                rows = runner.run_benchmark(workloads, repeats=repeats, backward=backward, device=device)
+                rows = run_benchmark(workloads, repeats=repeats, backward=backward, device=device)
                 if case == "gpu-decode":
                     for w in workloads:
                         result["decode_read_ms"][str(w.seq)] = _window_read_ms(w.seq, w.pattern.size, tiny, torch.device(device), repeats)

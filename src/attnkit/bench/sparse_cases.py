@@ -19,8 +19,8 @@ from typing import Callable
 import torch
 
 from ..patterns import BlockSparse, Fixed, SlidingWindow, Strided
-from . import peers
 from .contenders import Contender, attnkit_backend, backends_to_time, sdpa_direct
+from .peers import flex, local_attention
 from .workload import Workload
 
 QUICK_SPARSE_SEQS = (512,)
@@ -75,11 +75,11 @@ def sparse_contenders(workload: Workload) -> list[Contender]:
     found = [Contender("torch sdpa (masked)", sdpa_direct(pattern), baseline=True)]
     for backend in backends_to_time(LEFT_OUT):
         found.append(Contender(f"attnkit {backend}", attnkit_backend(pattern, backend)))
-    flex, note = peers.flex(pattern)
-    found.append(Contender("flex (compiled)", flex, note=note or "inference only on CPU", forward_only=True,
+    flex_fn, note = flex(pattern)
+    found.append(Contender("flex (compiled)", flex_fn, note=note or "inference only on CPU", forward_only=True,
                            compiled=True))
     band = pattern.band()
     if isinstance(pattern, SlidingWindow) and pattern.causal and band is not None:
-        local, note = peers.local_attention(pattern)
+        local, note = local_attention(pattern)
         found.append(Contender("local-attention", local, note=note or f"window_size={pattern.size - 1}, look_backward=1, exact"))
     return found
