@@ -26,7 +26,7 @@ from datetime import datetime, timezone
 
 import torch
 
-from ..analysis.arch import decode_bytes_per_token, kv_bytes_per_token, prefill_flops_per_token
+from ..analysis.llama_costs import decode_bytes_per_token, kv_bytes_per_token, prefill_flops_per_token
 from ..models.cpu_pack import pack_for_cpu, packed_dtype_supported
 from ..models.generate import stream
 from ..models.hf import config_to_hf, hf_name

@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from ..analysis.arch import kv_bytes_per_token, parameters
+from ..analysis.llama_costs import kv_bytes_per_token, parameters
 from ..models.llama_config import LlamaConfig
 from ..patterns import Causal, Fixed, Pattern, SlidingWindow, Strided
 

@@ -1,10 +1,10 @@
-"""Architecture calculator: parameter components, KV-cache bytes, FLOPs, the ``arch`` command."""
+"""Llama cost arithmetic (parameter components, KV-cache bytes, FLOPs) and the ``arch`` command."""
 
 import json
 
 import pytest
 
-from attnkit.analysis.arch import (
+from attnkit.analysis.llama_costs import (
     compute_shares,
     decode_flops_per_token,
     kv_bytes_per_token,
