@@ -57,9 +57,11 @@ class Pattern:
         when the pattern has no planned decomposition (the planner would fall back to gathering
         tiles, which the blockwise kernel does as well).
 
-        A band with finite bounds is one piece: ``(self,)``. Subclasses with a structure of their
-        own answer for it (:class:`Strided` and :class:`Fixed` their two parts, a :class:`Union`
-        the parts of both sides).
+        A band with finite bounds is one piece: ``(self,)``; so are the patterns the planner has a
+        geometry for (Periodic, BlockLocal, Summary, BlockSparse). :class:`Strided` and
+        :class:`Fixed` give their two parts, a :class:`Union` the parts of both sides when both
+        have some. Full, Causal, Predicate and PerHead have none (per-head patterns are planned
+        head by head).
         """
         return (self,) if finite_band(self) is not None else None
 
