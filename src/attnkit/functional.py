@@ -20,22 +20,21 @@ from typing import Optional
 
 import torch
 
-from .kernels.band_native import band_native_supports, finite_band
+from .kernels.band_native import band_native_supports
 from .kernels.blockwise import blockwise_kernel, plan_tiles, planned_pairs
 from .kernels.common import keep_visible
 from .kernels.dense import dense_fits, dense_kernel, fused_lse_available
 from .kernels.reference import reference_kernel
-from .kernels.sparse import head_runs, sparse_kernel
+from .kernels.sparse import sparse_kernel
 from .kernels.sparse import planned_pairs as sparse_planned_pairs
 from .kernels.triton_backend import triton_kernel, triton_preferred
-from .patterns import BlockLocal, BlockSparse, Fixed, Pattern, Periodic, Strided, Summary, Union, as_pattern
+from .patterns import Pattern, as_pattern, finite_band, head_runs
 
 BACKENDS = ("auto", "reference", "dense", "blockwise", "sparse", "triton")
 """Accepted values of ``backend``. Every one runs every pattern and is differentiable."""
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _SPARSE_ENOUGH = 0.5  # auto prefers blockwise when its tiles cover less than this share of the square
-_PLANNED = (Strided, Fixed, Periodic, BlockLocal, Summary, BlockSparse)  # patterns the sparse planner is for
 
 
 def _check_inputs(q: object, k: object, v: object) -> None:
@@ -93,15 +92,8 @@ def _check_backend(backend: object) -> str:
 
 
 def _sparse_planned(pattern: Pattern, n_q_heads: int) -> bool:
-    """Whether every head's pattern is a sparse pattern, a finite band, or a union of those."""
-    def planned(p: Pattern) -> bool:
-        if p.band() is not None:
-            return finite_band(p) is not None
-        if isinstance(p, _PLANNED):
-            return True
-        return isinstance(p, Union) and planned(p.left) and planned(p.right)
-
-    return all(planned(p) for _, _, p in head_runs(pattern, n_q_heads, 1))
+    """Whether every head's pattern has a planned decomposition (see ``Pattern.parts``)."""
+    return all(p.parts is not None for _, _, p in head_runs(pattern, n_q_heads, 1))
 
 
 _NATIVE_MIN_QUERIES = 32
