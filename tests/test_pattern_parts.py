@@ -121,3 +121,13 @@ def test_planner_splits_by_parts_and_keeps_unplanned_patterns_whole():
     assert split_parts(causal) == [causal]
     difference = Difference(Strided(4), Causal())
     assert difference.parts is None and split_parts(difference) == [difference]
+
+
+def test_planner_splits_a_union_by_its_sides_when_one_side_has_no_parts():
+    # Predicate | Strided has no planned decomposition (auto does not plan it), but a forced
+    # sparse call must still give Strided's parts their own geometry rather than tiling the union.
+    sink = Predicate(_diagonal)
+    union = sink | Strided(4)
+    assert union.parts is None
+    assert split_parts(union) == [sink, SlidingWindow(5), Periodic(4)]
+    assert split_parts(Causal() | Fixed(4, 1)) == [Causal(), BlockLocal(4), Summary(4, 1)]

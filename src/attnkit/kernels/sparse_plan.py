@@ -3,8 +3,9 @@
 A plan is a list of *parts*, exact sub-attentions over disjoint key sets whose results are merged
 by their log-sum-exp. The parts are the pattern's own ``.parts`` (see
 :attr:`~attnkit.patterns.Pattern.parts`: ``Strided`` and ``Fixed`` give their two parts, a union
-``a | b`` the parts of ``a`` followed by those of ``b``), each with the pairs of the earlier parts
-masked out, so no key is counted twice; a pattern without parts is one part. Each part is a few
+``a | b`` the parts of ``a`` followed by those of ``b``, also when only one side has parts), each
+with the pairs of the earlier parts masked out, so no key is counted twice; any other pattern
+without parts is one part. Each part is a few
 groups of units: a unit is ``R`` query positions that see the same ``C`` key positions, and a group
 runs as one batched attention call. Geometries:
 
@@ -189,9 +190,14 @@ def _geometry(pattern: Pattern, offset: int, n_q: int, n_k: int, rows: int, band
 
 
 def split_parts(pattern: Pattern) -> list[Pattern]:
-    """The pieces the planner gives a geometry of their own (the pattern's ``.parts``, or the
-    pattern itself when it has no planned decomposition); their union is ``pattern``."""
-    return list(pattern.parts or (pattern,))
+    """The pieces the planner gives a geometry of their own; their union is ``pattern``. A
+    pattern's ``.parts`` when it has them; a union whose side has none (``Predicate | Strided``)
+    is still split by its sides, so the planned side keeps its geometry; else the pattern itself."""
+    if pattern.parts is not None:
+        return list(pattern.parts)
+    if isinstance(pattern, Union):
+        return split_parts(pattern.left) + split_parts(pattern.right)
+    return [pattern]
 
 
 def _unit_group(q_pos, k_pos, exact: Pattern, offset: int, n_q: int, n_k: int) -> Optional[UnitGroup]:

@@ -57,11 +57,12 @@ class Pattern:
         when the pattern has no planned decomposition (the planner would fall back to gathering
         tiles, which the blockwise kernel does as well).
 
-        A band with finite bounds is one piece: ``(self,)``; so are the patterns the planner has a
-        geometry for (Periodic, BlockLocal, Summary, BlockSparse). :class:`Strided` and
-        :class:`Fixed` give their two parts, a :class:`Union` the parts of both sides when both
-        have some. Full, Causal, Predicate and PerHead have none (per-head patterns are planned
-        head by head).
+        By default a pattern whose band has finite bounds is one piece, ``(self,)``, and any
+        other has none; so are the patterns the planner has a geometry for (Periodic, BlockLocal,
+        Summary, BlockSparse). :class:`Strided` and :class:`Fixed` give their two parts, a
+        :class:`Union` the parts of both sides when both have some. Full, Causal and Predicate
+        have none. For per-head patterns the answer is not used: they are planned head by head
+        (:func:`~attnkit.patterns.head_runs` first).
         """
         return (self,) if finite_band(self) is not None else None
 

@@ -44,6 +44,7 @@ class PerHead(Pattern):
         for pattern in self.patterns:
             pattern.validate(n_q, n_k)
 
+
 @dataclass(frozen=True, eq=False)
 class Difference(Pattern):
     """Pairs of ``keep`` that ``drop`` does not allow: how a union is split into disjoint parts."""
