@@ -25,8 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def load_config(model: str):
     """A preset by name, or the config of a Hugging Face directory or config.json path."""
-    from ..models.hf import read_config
-    from ..models.llama_config import PRESETS, LlamaConfig
+    from ..models.llama import PRESETS, LlamaConfig
+    from ..models.llama.hf_checkpoint import read_config
 
     if model in PRESETS:
         return LlamaConfig.preset(model)
