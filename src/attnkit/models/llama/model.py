@@ -29,7 +29,7 @@ from ...nn.norm import RMSNorm
 from ...nn.rope import RotaryEmbedding
 from ...patterns import Causal
 from ..cpu_pack import is_packed
-from ..generate import generate
+from ..generate import generate as generate_tokens
 from . import hf_checkpoint
 from .config import LlamaConfig
 
@@ -132,22 +132,9 @@ class Llama(nn.Module):
         # lm_head is None for a tied model, unless pack_for_cpu gave it a packed copy.
         return self.lm_head(x) if self.lm_head is not None else nn.functional.linear(x, self.embed_tokens.weight)
 
-    @torch.no_grad()
-    def generate(
-        self,
-        tokens,
-        max_new_tokens: int,
-        *,
-        temperature: float = 0.0,
-        top_k: Optional[int] = None,
-        top_p: Optional[float] = None,
-        seed: Optional[int] = None,
-        stop_tokens: Optional[Sequence[int]] = None,
-        on_token=None,
-    ):
-        """Continue ``tokens`` by up to ``max_new_tokens``; see :func:`attnkit.models.generate.generate`."""
-        return generate(self, tokens, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                        seed=seed, stop_tokens=stop_tokens, on_token=on_token)
+    generate = generate_tokens
+    """``model.generate(tokens, max_new_tokens, *, temperature=0.0, top_k=None, top_p=None, seed=None,
+    stop_tokens=None, on_token=None)``: :func:`attnkit.models.generate.generate` on this model."""
 
     @classmethod
     def from_state(cls, config: LlamaConfig, state: Mapping[str, torch.Tensor],
