@@ -11,6 +11,15 @@ import sys
 import time
 from typing import Optional
 
+import torch
+
+from .cpu_pack import pack_for_cpu
+from .generate import stream
+from .int8 import quantize_int8
+from .llama import default_model
+from .registry import identify_causal
+from .tokenizer import load_text_tokenizer
+
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     """Options shared by ``generate`` and ``chat``: the model, sampling and weight format."""
@@ -73,15 +82,6 @@ def load(args: argparse.Namespace):
     """``(model, TextTokenizer, model path)`` for the parsed options (checked first); the model
     packed for the CPU or quantized to int8 as asked."""
     check_model_options(args)
-    # Deferred: the CLI imports every command module to build its parser, which must not load torch.
-    import torch
-
-    from .cpu_pack import pack_for_cpu
-    from .int8 import quantize_int8
-    from .llama import default_model
-    from .registry import identify_causal
-    from .tokenizer import load_text_tokenizer
-
     path = default_model() if args.model is None else args.model
     tokenizer = load_text_tokenizer(path)
     checkpoint = identify_causal(path)
@@ -134,8 +134,6 @@ def stream_answer(model, tokenizer, ids: list[int], args: argparse.Namespace,
                   stop_tokens: Optional[list[int]]) -> tuple[list[int], Optional[float], float]:
     """Stream the continuation of ``ids`` to stdout: ``(new ids, prefill seconds or None when
     nothing ran, seconds from the first token to the last)``. Stop tokens are not printed."""
-    from .generate import stream  # deferred: see load()
-
     printer = TextStream(tokenizer)
     stops = set(model.config.eos_token_ids if stop_tokens is None else stop_tokens)
     start = time.perf_counter()
