@@ -134,7 +134,7 @@ def test_llama_trace_is_causal_and_step2_matches(tiny_llama):
     tokens = Tokenizer(tiny_llama)(SENTENCE)
     assert tokens.labels == ["<s>", "The", "dog", "chased", "the", "ball"] and tokens.special[0]
     traces = ex.trace(model, tokens.ids)
-    assert len(traces) == checkpoint.layout()[0] == 2
+    assert len(traces) == checkpoint.layers_and_heads()[0] == 2
     assert traces[0].k.shape[0] == 2 and traces[0].kv_head(3) == 1  # GQA: 4 query heads, 2 kv heads
     upper = torch.triu(torch.ones(6, 6, dtype=torch.bool), diagonal=1)
     for t in traces:

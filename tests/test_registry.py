@@ -28,7 +28,7 @@ def tiny_dir(tmp_path_factory):
 def test_hugging_face_llama_is_recognised_by_model_type_and_loads(tiny_dir):
     checkpoint = identify(tiny_dir)
     assert (checkpoint.family.name, checkpoint.format, checkpoint.family.causal) == ("llama", "hf", True)
-    assert checkpoint.layout() == (2, 4)
+    assert checkpoint.layers_and_heads() == (2, 4)
     model = checkpoint.load(dtype=torch.float64)
     reference = Llama.from_pretrained(tiny_dir, dtype=torch.float64)
     tokens = torch.tensor([[1, 5, 9, 200]])
@@ -41,7 +41,7 @@ def test_bert_is_an_encoder_that_generate_refuses(tmp_path):
                                                       "num_attention_heads": 4}))
     checkpoint = identify(tmp_path)
     assert (checkpoint.family.name, checkpoint.format, checkpoint.family.causal) == ("bert", "hf", False)
-    assert checkpoint.layout() == (3, 4)
+    assert checkpoint.layers_and_heads() == (3, 4)
     with pytest.raises(ValueError, match="holds a bert encoder, which cannot generate text; give a llama checkpoint"):
         identify_causal(tmp_path)
 
@@ -76,7 +76,7 @@ def test_gguf_files_are_recognised_by_architecture(tmp_path):
     model = tiny_model(tiny_config())
     checkpoint = identify(write_gguf(tmp_path / "tiny.gguf", model, T.F32))
     assert (checkpoint.family.name, checkpoint.format) == ("llama", "gguf")
-    assert checkpoint.layout() == (model.config.n_layers, model.config.n_heads)
+    assert checkpoint.layers_and_heads() == (model.config.n_layers, model.config.n_heads)
     other = write_gguf(tmp_path / "other.gguf", model, T.F32, arch="qwen2")
     with pytest.raises(ValueError, match="other.gguf: unsupported architecture 'qwen2'; attnkit loads GGUF files "
                                          "of architecture llama"):
@@ -97,7 +97,7 @@ def test_meta_params_directory_is_a_llama(tmp_path):
     torch.save({k: v.detach() for k, v in state.items()}, tmp_path / "consolidated.00.pth")
     (tmp_path / "params.json").write_text(json.dumps({"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2}))
     checkpoint = identify(tmp_path)
-    assert (checkpoint.family.name, checkpoint.format, checkpoint.layout()) == ("llama", "meta", (2, 4))
+    assert (checkpoint.family.name, checkpoint.format, checkpoint.layers_and_heads()) == ("llama", "meta", (2, 4))
     tokens = torch.tensor([[3, 1, 4, 1, 5]])
     with torch.no_grad():
         assert torch.equal(checkpoint.load()(tokens), load_meta_checkpoint(tmp_path)(tokens))
@@ -106,7 +106,7 @@ def test_meta_params_directory_is_a_llama(tmp_path):
 def test_a_new_family_is_one_registry_entry(tmp_path, monkeypatch):
     loaded = []
     toy = Family("toy", causal=True, loaders={"hf": lambda path, dtype, device: loaded.append(path) or "model"},
-                 layout=lambda path, fmt: (1, 1), model_types=("toy",))
+                 layers_and_heads=lambda path, fmt: (1, 1), model_types=("toy",))
     monkeypatch.setattr(registry, "FAMILIES", (*registry.FAMILIES, toy))
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "toy"}))
     checkpoint = identify_causal(tmp_path)

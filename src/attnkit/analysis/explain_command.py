@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"the sentence is empty; give a few words, e.g. {DEFAULT_SENTENCE_HINT}")
     model_dir = args.model if args.model is not None else default_model_dir()
     checkpoint = identify(model_dir)
-    n_layers, n_heads = checkpoint.layout()
+    n_layers, n_heads = checkpoint.layers_and_heads()
     _check_index("--layer", args.layer, n_layers, "layers")
     _check_index("--head", args.head, n_heads, "heads per layer")
     if args.token is not None and args.position is not None:

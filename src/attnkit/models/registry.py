@@ -35,13 +35,13 @@ class Family:
 
     ``loaders`` maps each checkpoint format the family reads (``"hf"``, ``"gguf"``, ``"meta"``, as
     :func:`~attnkit.models.checkpoint.checkpoint_format` names them) to its :data:`Loader`;
-    ``layout(path, format) -> (layers, heads per layer)`` reads only the config.
+    ``layers_and_heads(path, format) -> (layers, heads per layer)`` reads only the config.
     """
 
     name: str
     causal: bool
     loaders: Mapping[str, Loader]
-    layout: Callable[[Path, str], tuple[int, int]]
+    layers_and_heads: Callable[[Path, str], tuple[int, int]]
     model_types: tuple[str, ...] = ()
     gguf_architectures: tuple[str, ...] = ()
 
@@ -52,9 +52,10 @@ class Family:
 
 
 FAMILIES: tuple[Family, ...] = (
-    Family("bert", causal=False, loaders=bert.LOADERS, layout=bert.layout, model_types=("bert",)),
-    Family("llama", causal=True, loaders=llama.LOADERS, layout=llama.layout, model_types=("llama",),
-           gguf_architectures=("llama",)),
+    Family("bert", causal=False, loaders=bert.LOADERS, layers_and_heads=bert.layers_and_heads,
+           model_types=("bert",)),
+    Family("llama", causal=True, loaders=llama.LOADERS, layers_and_heads=llama.layers_and_heads,
+           model_types=("llama",), gguf_architectures=("llama",)),
 )
 
 
@@ -66,9 +67,9 @@ class Checkpoint:
     format: str
     family: Family
 
-    def layout(self) -> tuple[int, int]:
+    def layers_and_heads(self) -> tuple[int, int]:
         """``(layers, heads per layer)``, read without loading weights."""
-        return self.family.layout(self.path, self.format)
+        return self.family.layers_and_heads(self.path, self.format)
 
     def load(self, *, dtype: Optional[torch.dtype] = None, device: str | torch.device = "cpu") -> nn.Module:
         """The model (eval mode), in ``dtype`` when given (else as stored; GGUF: float32)."""

@@ -1,4 +1,4 @@
-"""Where a BERT encoder comes from: the loader and layout reader the model registry calls."""
+"""Where a BERT encoder comes from: the loader and the layer and head counts that the model registry asks for."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ def load_bert(path: Path, dtype: Optional[torch.dtype] = None, device: str | tor
     return Bert.from_pretrained(path).to(device=device, dtype=dtype)
 
 
-def layout(path: Path, fmt: str) -> tuple[int, int]:
+def layers_and_heads(path: Path, fmt: str) -> tuple[int, int]:
     """``(layers, heads per layer)`` of a Hugging Face BERT directory, read from its ``config.json``."""
     config = read_config(path)
     return config.num_hidden_layers, config.num_attention_heads

@@ -65,7 +65,7 @@ LOADERS: dict[str, Callable[[Path, Optional[torch.dtype], str | torch.device], L
 unless ``dtype`` is given (GGUF: float32)."""
 
 
-def layout(path: Path, fmt: str) -> tuple[int, int]:
+def layers_and_heads(path: Path, fmt: str) -> tuple[int, int]:
     """``(layers, query heads per layer)`` of a checkpoint in ``fmt``, read without its weights."""
     if fmt == "gguf":
         config = config_from_gguf(open_gguf(path), path)
