@@ -12,7 +12,7 @@ import torch
 
 import attnkit.models as models
 from attnkit.models import Llama, LlamaConfig, registry
-from attnkit.models.generate import generate
+from attnkit.models.generate import CausalLM, generate
 from attnkit.models.llama.meta_checkpoint import load_meta_checkpoint
 from attnkit.models.registry import Family, identify, identify_causal
 
@@ -119,6 +119,7 @@ def test_a_new_family_is_one_registry_entry(tmp_path, monkeypatch):
 def test_generation_passes_every_position_itself():
     """Positions come from generate() only: each forward call gets them, none is left to the caches."""
     model = Llama(LlamaConfig.preset("tiny")).eval()
+    assert isinstance(model, CausalLM) and not isinstance(models.Bert(models.BertConfig()), CausalLM)
     seen = []
     forward = model.forward
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from numbers import Real
-from typing import Iterable, Iterator, Optional, Protocol, Sequence
+from typing import Iterable, Iterator, Optional, Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -36,6 +36,7 @@ class DecoderConfig(Protocol):
         """The tokens that end a row when ``stop_tokens`` is not given."""
 
 
+@runtime_checkable
 class CausalLM(Protocol):
     """What :func:`generate` and :func:`stream` need of a model.
 
