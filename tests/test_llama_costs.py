@@ -58,7 +58,7 @@ def test_arch_command_json_and_plot(tmp_path, capsys):
 
 
 def test_arch_command_reads_config_json(tmp_path, capsys):
-    from attnkit.models.hf import config_to_hf
+    from attnkit.models.llama.hf_checkpoint import config_to_hf
 
     (tmp_path / "config.json").write_text(json.dumps(config_to_hf(LlamaConfig.preset("llama3.2-3b"))))
     assert main(["arch", str(tmp_path / "config.json"), "--json", "-"]) == 0

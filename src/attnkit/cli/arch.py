@@ -12,8 +12,8 @@ from rich.table import Table
 
 from ..analysis.arch_plot import plot_compute_shares
 from ..analysis.llama_costs import report
-from ..models.hf import read_config
-from ..models.llama_config import PRESETS, LlamaConfig
+from ..models.llama import PRESETS, LlamaConfig
+from ..models.llama.hf_checkpoint import read_config
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
