@@ -21,15 +21,14 @@ from typing import Optional, Sequence
 import attnkit
 
 # Modules whose ``register(subparsers)`` adds a subcommand, in the order ``--help`` lists them.
-# explain, generate and chat still live beside the models they drive.
 COMMAND_MODULES = [
-    "attnkit.analysis.explain_command",
+    "attnkit.cli.explain",
     "attnkit.cli.bench",
     "attnkit.cli.patterns",
     "attnkit.cli.ring",
     "attnkit.cli.arch",
-    "attnkit.models.generate_command",
-    "attnkit.models.chat_command",
+    "attnkit.cli.generate",
+    "attnkit.cli.chat",
     "attnkit.cli.lab",
     "attnkit.cli.info",
 ]
