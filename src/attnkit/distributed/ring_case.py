@@ -1,10 +1,9 @@
 """The problem ``attnkit ring`` runs, as the launcher builds it and each worker receives it.
 
 The launcher hands the case to every torchrun worker as JSON in an environment variable
-(:data:`CASE_VARIABLE`). The
-pattern travels as its command-line spelling (``pattern_name``, e.g. ``window:100``): the worker
-rebuilds it with the same parser the launcher used, which the caller of :func:`case_from_json`
-passes in, so this module needs no part of the command line.
+(:data:`CASE_VARIABLE`). The pattern travels as its command-line spelling (``pattern_name``, e.g.
+``window:100``): the worker rebuilds it with the same parser the launcher used, which the caller
+of :func:`case_from_json` passes in, so this module needs no part of the command line.
 """
 
 from __future__ import annotations
