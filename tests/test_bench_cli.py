@@ -94,7 +94,7 @@ def test_flex_is_compiled_once_and_small_block_masks_are_not_compiled(monkeypatc
 def test_attnkit_contenders_come_from_the_backend_registry(monkeypatch):
     from attnkit import Causal, SlidingWindow
     from attnkit.bench import contenders
-    from attnkit.bench.cases import contenders_for
+    from attnkit.bench.cases import CASE_SETS, contenders_for
     from attnkit.bench.workload import Workload
 
     monkeypatch.setattr(contenders, "BACKENDS", ("auto", "reference", "dense", "blockwise", "sparse", "triton", "new"))
@@ -102,4 +102,49 @@ def test_attnkit_contenders_come_from_the_backend_registry(monkeypatch):
     assert causal == ["torch sdpa", "attnkit auto", "attnkit dense", "attnkit blockwise", "attnkit new",
                       "attnkit reference"]
     window = [c.name for c in contenders_for(Workload("window", SlidingWindow(8), 64))]
-    assert window[:5] == ["torch sdpa (masked)", "attnkit auto", "attnkit blockwise", "attnkit sparse", "attnkit new"]
+    assert window[:5] == ["torch sdpa (masked)", "attnkit auto", "attnkit sparse", "attnkit blockwise", "attnkit new"]
+    gpu = [c.name for c in contenders_for(CASE_SETS["gpu-window"]((256,))[0])]
+    assert gpu == ["torch sdpa (masked)", "flex (compiled)", "attnkit auto", "attnkit triton", "attnkit sparse",
+                   "attnkit new"]
+
+
+def test_each_case_set_leads_with_the_backends_it_is_about():
+    from attnkit.bench.contenders import backends_to_time
+
+    assert backends_to_time(("triton",)) == ["auto", "dense", "blockwise", "sparse", "reference"]
+    assert backends_to_time(("triton",), first=("sparse", "auto")) == [
+        "sparse", "auto", "dense", "blockwise", "reference"]
+    assert backends_to_time(("sparse",), first=("auto", "sparse")) == [
+        "auto", "dense", "blockwise", "triton", "reference"]  # a left-out name stays out
+
+
+def test_a_backend_that_cannot_run_is_skipped_and_the_run_goes_on(monkeypatch, capsys):
+    from attnkit import Causal
+    from attnkit.bench import cases, contenders
+    from attnkit.bench.runner import count_steps, run_benchmark
+    from attnkit.bench.workload import Workload
+
+    def attnkit_backend(pattern, backend):
+        if backend != "broken":
+            return contenders.attnkit_backend(pattern, backend)
+
+        def refuse(q, k, v):
+            raise RuntimeError(f"backend 'broken' cannot run {q.dtype} on {q.device}\nmore detail")
+        return refuse
+
+    monkeypatch.setattr(contenders, "BACKENDS", ("auto", "reference", "dense", "broken", "blockwise", "sparse",
+                                                 "triton"))
+    monkeypatch.setattr(cases, "attnkit_backend", attnkit_backend)
+    workloads = [Workload("causal", Causal(), 64), Workload("causal", Causal(), 32)]
+    steps = []
+    rows = run_benchmark(workloads, repeats=1, on_step=steps.append)
+    assert len(steps) == count_steps(workloads)  # the progress bar still ends full
+    assert "causal N=64: attnkit broken cannot run here, skipped" in steps
+    broken = [r for r in rows if r.contender == "attnkit broken"]
+    assert [r.note for r in broken] == ["skipped: backend 'broken' cannot run torch.float32 on cpu"] * 2
+    others = [r for r in rows if r.contender != "attnkit broken"]
+    assert len(others) == 2 * 5 and all(r.median_ms > 0 and r.max_abs_err < 1e-5 for r in others)
+
+    assert main(["bench", "--seq", "64", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "skipped: backend 'broken' cannot run torch.float32 on cpu" in out and "attnkit blockwise" in out

@@ -60,3 +60,14 @@ def test_console_entry_point_runs_and_rejects_unknown_commands():
     assert ok.returncode == 0, ok.stderr
     bad = subprocess.run([sys.executable, "-m", "attnkit.cli", "frobnicate"], capture_output=True, text=True)
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
+def test_building_the_parser_imports_no_optional_extra():
+    # cli/__init__.py promises it: a missing extra must only affect the command that needs it.
+    extras = ["matplotlib", "transformers", "tokenizers", "gguf", "jinja2", "sentence_transformers", "triton",
+              "local_attention", "ring_attention_pytorch"]
+    code = ("import sys; from attnkit.cli import build_parser; build_parser(); "
+            f"print(sorted({{name.split('.')[0] for name in sys.modules}} & set({extras!r})))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

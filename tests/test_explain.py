@@ -158,7 +158,7 @@ def test_cli_explains_a_llama_checkpoint(tiny_llama, tmp_path, capsys):
 def test_multi_head_table_falls_back_to_top_three_when_narrow(minilm):
     from rich.console import Console
 
-    from attnkit.analysis.explain_command import _heads_table
+    from attnkit.cli.explain import _heads_table
 
     _, tokens, traces = minilm
     for width, expected in ((80, "┃ [CLS] ┃  The ┃"), (60, "dog 0.55  ball 0.20  [CLS] 0.15")):

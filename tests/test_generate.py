@@ -246,7 +246,7 @@ class _ByteTokenizer:
 def test_text_stream_holds_back_split_characters_and_finish_writes_the_rest():
     import io
 
-    from attnkit.models.generate_command import TextStream
+    from attnkit.cli.generate import TextStream
 
     text = "héllo 🤖 日本 \ufffd"
     tokenizer, out = _ByteTokenizer(), io.StringIO()

@@ -6,7 +6,7 @@ import pytest
 
 from attnkit import Causal, Fixed, Full, SlidingWindow, Strided
 from attnkit.cli import build_parser, main
-from attnkit.cli.pattern_args import parse_pattern, parse_titled_pattern, pattern_syntax
+from attnkit.cli.pattern_args import parse_pattern, parse_titled_pattern, pattern_syntax, spelled_numbers
 from attnkit.cli.ring import case_from_args
 
 RING_SYNTAX = "full | causal | window:SIZE | window-bidi:SIZE | strided:STRIDE | fixed:STRIDE:SUMMARY"
@@ -31,7 +31,8 @@ def test_ring_builds_every_spelling_into_its_case(text, expected, tmp_path):
 
 
 @pytest.mark.parametrize("text", ["window", "window:x", "window:0", "window:-3", "fixed:8", "strided:4:1",
-                                  "full:1", "seed", "Causal", ""])
+                                  "full:1", "seed", "Causal", "", "window:²", "window:١", "strided:+4",
+                                  "strided: 4", "window:3.0"])
 def test_ring_rejects_bad_spellings_in_one_line_listing_the_syntax(text, capsys):
     assert main(["ring", "--pattern", text]) == 2
     err = capsys.readouterr().err
@@ -50,7 +51,8 @@ def test_ring_rejects_bad_spellings_in_one_line_listing_the_syntax(text, capsys)
     ],
 )
 def test_patterns_accepts_the_ring_spellings_too(kind, first_row, last_row, capsys):
-    assert main(["patterns", kind, "--window", "4", "-n", "6", "--at", "256"]) == 0
+    window = ["--window", "4"] if kind == "window" else []
+    assert main(["patterns", kind, *window, "-n", "6", "--at", "256"]) == 0
     lines = capsys.readouterr().out.splitlines()
     rows = [line for line in lines if len(line) == 6 and set(line) <= {"#", "."}]
     assert rows[0] == first_row and rows[-1] == last_row
@@ -77,3 +79,30 @@ def test_bare_names_take_the_command_defaults_and_the_pattern_judges_them():
 def test_syntax_marks_only_defaulted_numbers_optional():
     assert pattern_syntax() == RING_SYNTAX
     assert pattern_syntax(("STRIDE",)).split(" | ")[4:] == ["strided[:STRIDE]", "fixed:STRIDE:SUMMARY"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["window:3", "--window", "9"], "kind window:3 and --window 9 both give the window size; give it once"),
+        (["window-bidi:3", "--window", "3"], "kind window-bidi:3 and --window 3 both give the window size"),
+        (["strided:4", "--stride", "8"], "kind strided:4 and --stride 8 both give the stride"),
+        (["fixed:4:1", "--window", "9", "--summary", "2"], "kind fixed:4:1 and --summary 2 both give the summary"),
+    ],
+)
+def test_patterns_refuses_a_number_given_both_ways(argv, message, capsys):
+    # Before: the option was silently ignored and the kind's own number drawn.
+    assert main(["patterns", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"attnkit: error: {message}") and err.count("\n") == 1
+
+
+def test_options_for_numbers_the_kind_leaves_out_still_apply(capsys):
+    assert main(["patterns", "fixed", "--stride", "3", "--summary", "1", "-n", "6", "--at", "256"]) == 0
+    assert "fixed, stride 3, summary 1" in capsys.readouterr().out
+    assert main(["patterns", "strided:2", "--window", "9", "-n", "6", "--at", "256"]) == 0  # --window: no number of strided
+
+
+def test_spelled_numbers_names_only_what_the_text_writes_out():
+    assert spelled_numbers("window:3") == ("SIZE",) and spelled_numbers("fixed:4:1") == ("STRIDE", "SUMMARY")
+    assert spelled_numbers("window") == () and spelled_numbers("fixed:4") == () and spelled_numbers("foo:1") == ()

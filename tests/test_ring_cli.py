@@ -189,3 +189,35 @@ def test_a_killed_worker_is_named_not_torchruns_banner():
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("attnkit: error: ")
     assert "rank 1 was killed by signal SIGKILL" in lines[0]
+
+
+def test_a_failed_launch_reports_its_cause_even_when_the_result_cannot_be_read(monkeypatch, capsys):
+    # Before: the launcher read result.json before looking at torchrun's exit code, so a result
+    # cut short by a failing launch ended the command with a JSON error instead of the cause.
+    from attnkit.cli import ring
+    from attnkit.distributed.ring_case import CASE_VARIABLE, RESULT_FILE
+
+    class FailedTorchrun:
+        def __init__(self, command, env, **kwargs):
+            self.work_dir = json.loads(env[CASE_VARIABLE])["work_dir"]
+            self.pid, self.returncode = -1, 1
+
+        def communicate(self):
+            with open(os.path.join(self.work_dir, "rank1.txt"), "w") as handle:
+                handle.write(f"ValueError\nscale must be finite, got nan\n{time.time()!r}")
+            with open(os.path.join(self.work_dir, RESULT_FILE), "w") as handle:
+                handle.write('{"reports": [')
+            return None, "torchrun: worker failed\n"
+
+    monkeypatch.setattr(ring.subprocess, "Popen", FailedTorchrun)
+    assert main(["ring", "--nproc", "2", "--seq", "64"]) == 2
+    assert capsys.readouterr().err.strip() == "attnkit: error: scale must be finite, got nan"
+
+
+def test_workers_replace_their_files_whole(tmp_path):
+    from attnkit.distributed.worker import _write_whole
+
+    path = tmp_path / "result.json"
+    path.write_text("old")
+    _write_whole(str(path), '{"reports": []}')
+    assert path.read_text() == '{"reports": []}' and os.listdir(tmp_path) == ["result.json"]

@@ -1,14 +1,15 @@
 """What a benchmark times: :class:`Contender`, torch SDPA as a user calls it, and attnkit's backends.
 
 attnkit's contenders come from ``attnkit.BACKENDS``, so a backend added to the registry is timed
-without a change here; each case set names the backends it leaves out, and says why.
+without a change here; each case set names the backends it leaves out, and says why, and the
+ones its rows lead with.
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Callable, Collection, Optional
+from typing import Callable, Collection, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -55,11 +56,14 @@ def attnkit_backend(pattern: Pattern, backend: str) -> AttentionFn:
     return lambda q, k, v: attention(q, k, v, pattern, backend=backend)
 
 
-def backends_to_time(left_out: Collection[str]) -> list[str]:
-    """The names in ``attnkit.BACKENDS`` not in ``left_out``, in registry order except
-    ``reference``, which comes last: it is the slow explicit oracle."""
+def backends_to_time(left_out: Collection[str], first: Sequence[str] = ()) -> list[str]:
+    """The names in ``attnkit.BACKENDS`` not in ``left_out``: those in ``first`` lead, in that
+    order (a case set puts the rows it is about next to the baseline), then the rest in registry
+    order, except ``reference``, which comes last: it is the slow explicit oracle."""
     kept = [name for name in BACKENDS if name not in left_out]
-    return sorted(kept, key=lambda name: name == "reference")
+    lead = [name for name in first if name in kept]
+    rest = [name for name in kept if name not in lead]
+    return lead + sorted(rest, key=lambda name: name == "reference")
 
 
 __all__ = ["AttentionFn", "Contender", "attnkit_backend", "backends_to_time", "sdpa_direct"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable, Iterable, Optional
 
 import torch
@@ -137,9 +137,25 @@ def _largest_mib(contender: Contender, call: Callable[[], object]) -> float:
 
 
 def _runnable(workload: Workload, backward: bool) -> tuple[list[Contender], list[Contender]]:
-    """The contenders that run on ``workload`` in this mode, and those skipped (``fn=None``)."""
+    """The contenders to run on ``workload`` in this mode, and those skipped (``fn=None``) before
+    any call; one that raises on its first call is skipped then (:func:`_cannot_run`)."""
     every = [c for c in contenders_for(workload) if not (backward and c.forward_only)]
     return [c for c in every if c.fn is not None], [c for c in every if c.fn is None]
+
+
+_CANNOT_RUN = (ValueError, TypeError, RuntimeError)
+"""What a contender raises when it cannot run a workload here (a backend that refuses the inputs,
+a GPU kernel without a GPU): the runner skips it with the reason instead of ending the run."""
+
+
+def _cannot_run(call: Callable[[], object]) -> Optional[str]:
+    """Make the first (warm-up) call; None when it ran, else the first line of why it could not."""
+    try:
+        call()
+    except _CANNOT_RUN as exc:
+        text = str(exc).strip()
+        return text.splitlines()[0] if text else type(exc).__name__
+    return None
 
 
 def count_steps(workloads: Iterable[Workload], *, backward: bool = False) -> int:
@@ -158,7 +174,8 @@ def run_benchmark(
     """Time every contender on every workload, then check each one's error and memory;
     ``on_step(description)`` reports progress before each step: each contender's warm-up call
     (compiled peers compile there), the interleaved timing of a workload, and each contender's
-    checks (:func:`count_steps` steps in all)."""
+    checks (:func:`count_steps` steps in all). A contender that cannot run a workload gets a
+    skipped row with the reason, and the run goes on."""
     mode = "fwd+bwd" if backward else "fwd"
     timed = []
     # Phase 1, timing only: the memory probe below changes how the process allocates (glibc is
@@ -166,12 +183,21 @@ def run_benchmark(
     for workload in workloads:
         q, k, v = workload.inputs(device=device)
         contenders, skipped = _runnable(workload, backward)
-        calls = [_call(c, q, k, v, backward) for c in contenders]
         where = f"{workload.case} N={workload.seq}"
-        for contender, call in zip(contenders, calls):  # the first call of a compiled peer compiles it
+        ran, calls = [], []
+        for contender in contenders:  # the first call of a compiled peer compiles it
             if on_step:
                 on_step(f"{where}: first call of {contender.name}" + (" (compiling)" if contender.compiled else ""))
-            call()
+            call = _call(contender, q, k, v, backward)
+            reason = _cannot_run(call)
+            if reason is None:
+                ran.append(contender)
+                calls.append(call)
+            else:  # its checking step will not come: report the skip in its place
+                skipped.append(replace(contender, fn=None, note=reason))
+                if on_step:
+                    on_step(f"{where}: {contender.name} cannot run here, skipped")
+        contenders = ran
         if on_step:
             on_step(f"{where}: timing {len(calls)} contenders, {repeats} rounds")
         seconds = time_interleaved(calls, repeats, q.device, warm_up=False)

@@ -5,7 +5,7 @@ Case sets ``window`` (SlidingWindow(256)), ``strided`` (Strided(128)), ``fixed``
 128), B=1, H=8, D=64, float32. Contenders, all on the same inputs:
 
 - ``torch sdpa``: the baseline, SDPA with the pattern as a boolean mask (built once per shape);
-- attnkit's backends (``auto`` first), less the ones named in :data:`LEFT_OUT`;
+- attnkit's backends (:data:`FIRST` first), less the ones named in :data:`LEFT_OUT`;
 - ``flex (compiled)`` (see :mod:`.peers`; forward only: FlexAttention has no CPU backward);
 - ``local-attention`` (windows only, see :mod:`.peers`).
 
@@ -31,6 +31,7 @@ LEFT_OUT = (
     "reference",  # materialises (B, H, N, N) weights: the error column compares with it anyway
     "triton",  # a GPU kernel: the gpu-* case sets time it
 )
+FIRST = ("auto", "sparse")  # the planner is what these cases measure: its row beside auto's
 
 
 def window_case(seqs: tuple[int, ...]) -> list[Workload]:
@@ -73,7 +74,7 @@ def sparse_contenders(workload: Workload) -> list[Contender]:
     run here come back as skipped (``fn=None``) with a note."""
     pattern = workload.pattern
     found = [Contender("torch sdpa (masked)", sdpa_direct(pattern), baseline=True)]
-    for backend in backends_to_time(LEFT_OUT):
+    for backend in backends_to_time(LEFT_OUT, first=FIRST):
         found.append(Contender(f"attnkit {backend}", attnkit_backend(pattern, backend)))
     flex_fn, note = flex(pattern)
     found.append(Contender("flex (compiled)", flex_fn, note=note or "inference only on CPU", forward_only=True,

@@ -2,9 +2,11 @@
 
 Each subcommand lives in its own module and only registers here. A subcommand module exposes
 ``register(subparsers)``, which adds its parser and sets ``func=run`` (a callable taking the parsed
-namespace and returning an exit code). Modules import their optional dependencies (matplotlib,
-transformers, tokenizers) and their heavy machinery inside ``run``, so a missing extra only
-affects the command that needs it and ``attnkit --help`` stays fast.
+namespace and returning an exit code). Building the parser imports every command module, so at
+their top they import only attnkit and its required dependencies (torch, numpy, rich,
+safetensors); the optional extras (matplotlib, transformers, tokenizers, gguf, jinja2, the bench
+peers) are imported where they are used, once a command runs, so a missing extra only affects the
+command that needs it.
 
 Errors: a bad argument or input ends the program with exit code 2 and one line on stderr
 (``attnkit: error: ...``); set ``ATTNKIT_DEBUG=1`` to see the traceback instead.
@@ -21,15 +23,14 @@ from typing import Optional, Sequence
 import attnkit
 
 # Modules whose ``register(subparsers)`` adds a subcommand, in the order ``--help`` lists them.
-# explain, generate and chat still live beside the models they drive.
 COMMAND_MODULES = [
-    "attnkit.analysis.explain_command",
+    "attnkit.cli.explain",
     "attnkit.cli.bench",
     "attnkit.cli.patterns",
     "attnkit.cli.ring",
     "attnkit.cli.arch",
-    "attnkit.models.generate_command",
-    "attnkit.models.chat_command",
+    "attnkit.cli.generate",
+    "attnkit.cli.chat",
     "attnkit.cli.lab",
     "attnkit.cli.info",
 ]

@@ -4,11 +4,13 @@
 ``fixed:STRIDE:SUMMARY``, with positive whole numbers. A command that also has options for the
 numbers (``attnkit patterns --window 8 --stride 4 --summary 1``) passes them as ``defaults``,
 keyed by placeholder (``{"SIZE": 8, "STRIDE": 4, "SUMMARY": 1}``); a bare name then takes them
-(``window`` means ``window:8``), and the pattern's own constructor judges those values.
+(``window`` means ``window:8``), and the pattern's own constructor judges those values; a number
+given both ways (``window:3 --window 9``) is the command's to refuse (:func:`spelled_numbers`).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Callable, Collection, Mapping, Optional, Sequence
 
@@ -62,16 +64,28 @@ def parse_titled_pattern(
         if not numbers and defaults is not None and all(p in defaults for p in wanted):
             values = [defaults[p] for p in wanted]
             return spelling.title(*values), spelling.make(*values)
-        if len(numbers) == len(wanted) and all(n.isdigit() and int(n) > 0 for n in numbers):
+        # [0-9] and not str.isdigit: "²" and "١" are digits to Python but no number on a command line
+        if len(numbers) == len(wanted) and all(re.fullmatch("[0-9]+", n) and int(n) > 0 for n in numbers):
             values = [int(n) for n in numbers]
             return spelling.title(*values), spelling.make(*values)
     accepted = " | ".join([*also, pattern_syntax(defaults or ())])
     raise ValueError(f"{option} must be one of {accepted}, got {text!r}")
 
 
-def parse_pattern(text: str, *, option: str = "--pattern", defaults: Optional[Mapping[str, int]] = None) -> Pattern:
-    """The pattern ``text`` spells (see :func:`parse_titled_pattern`)."""
-    return parse_titled_pattern(text, option=option, defaults=defaults)[1]
+def parse_pattern(text: str) -> Pattern:
+    """The pattern ``text`` spells, every number written out (see :func:`parse_titled_pattern`)."""
+    return parse_titled_pattern(text)[1]
 
 
-__all__ = ["parse_pattern", "parse_titled_pattern", "pattern_syntax"]
+def spelled_numbers(text: str) -> tuple[str, ...]:
+    """The placeholders whose numbers ``text`` writes out: ``("SIZE",)`` for ``window:3``; none
+    for a bare ``window`` or for what is no spelling (``fixed:4``, ``foo:1``). A command with
+    options for the numbers uses it to refuse a number given both ways."""
+    name, *numbers = text.split(":")
+    spelling = _SPELLINGS.get(name)
+    if spelling is None or not numbers or len(numbers) != len(spelling.placeholders):
+        return ()
+    return spelling.placeholders
+
+
+__all__ = ["parse_pattern", "parse_titled_pattern", "pattern_syntax", "spelled_numbers"]

@@ -19,11 +19,14 @@ from rich.table import Table
 
 from ..analysis.pattern_view import block_costs, render, save_figure
 from ..patterns import Pattern
-from .pattern_args import parse_titled_pattern, pattern_syntax
+from .pattern_args import parse_titled_pattern, pattern_syntax, spelled_numbers
 
 SEED_VARIANTS = ("causal", "window", "strided", "fixed")
 """What ``attnkit patterns seed`` shows: the seed's four variants, side by side."""
-_DEFAULTED = ("SIZE", "STRIDE", "SUMMARY")  # numbers --window, --stride and --summary supply
+# The numbers --window, --stride and --summary supply, each with its default and what it is.
+_OPTIONS = {"SIZE": ("window", 8, "the window size"), "STRIDE": ("stride", 4, "the stride"),
+            "SUMMARY": ("summary", 1, "the summary count")}
+_DEFAULTED = tuple(_OPTIONS)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -36,9 +39,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("kind", help=f"the pattern ({pattern_syntax(_DEFAULTED)}), "
                         "or 'seed' for causal, window, strided and fixed side by side")
     parser.add_argument("-n", type=int, default=32, help="tokens shown (default 32)")
-    parser.add_argument("--window", type=int, default=8, help="sliding window size (default 8)")
-    parser.add_argument("--stride", type=int, default=4, help="stride l of strided/fixed (default 4)")
-    parser.add_argument("--summary", type=int, default=1, help="summary positions c of fixed (default 1)")
+    # default None: a number given in the kind as well (window:3 --window 9) is refused, not ignored
+    parser.add_argument("--window", type=int, help=f"sliding window size (default {_OPTIONS['SIZE'][1]})")
+    parser.add_argument("--stride", type=int, help=f"stride l of strided/fixed (default {_OPTIONS['STRIDE'][1]})")
+    parser.add_argument("--summary", type=int,
+                        help=f"summary positions c of fixed (default {_OPTIONS['SUMMARY'][1]})")
     parser.add_argument("--at", type=int, default=8192, metavar="N", help="length for the cost shares (default 8192)")
     parser.add_argument("--block", type=int, default=128, help="block mask block size (default 128)")
     parser.add_argument("--out", type=Path, metavar="PNG", help="save the mask(s) as a PNG")
@@ -47,7 +52,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _patterns(args: argparse.Namespace) -> list[tuple[str, Pattern]]:
     """``(title, pattern)`` of the kind asked for, or of the seed's four variants."""
-    defaults = {"SIZE": args.window, "STRIDE": args.stride, "SUMMARY": args.summary}
+    given = {placeholder: getattr(args, option) for placeholder, (option, _, _) in _OPTIONS.items()}
+    for placeholder in spelled_numbers(args.kind):
+        option, _, what = _OPTIONS[placeholder]
+        if given[placeholder] is not None:
+            raise ValueError(f"kind {args.kind} and --{option} {given[placeholder]} both give {what}; give it once")
+    defaults = {placeholder: default if given[placeholder] is None else given[placeholder]
+                for placeholder, (_, default, _) in _OPTIONS.items()}
     texts = SEED_VARIANTS if args.kind == "seed" else (args.kind,)
     return [parse_titled_pattern(text, option="kind", defaults=defaults, also=("seed",)) for text in texts]
 

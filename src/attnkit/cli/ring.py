@@ -31,9 +31,8 @@ from rich.table import Table
 from ..distributed.comm import DEFAULT_TIMEOUT_S, is_lost_connection
 from ..distributed.launch import free_port
 from ..distributed.layouts import LAYOUTS, check_split
-from ..distributed.ring_case import RESULT_FILE, RingCase, case_to_json
+from ..distributed.ring_case import CASE_VARIABLE, RESULT_FILE, RingCase, case_to_json
 from .pattern_args import parse_pattern, pattern_syntax
-from .ring_worker import CASE_VARIABLE
 
 CHECK_AUTO_LIMIT = 16384
 """``--check auto`` compares with single-process attention up to this many tokens."""
@@ -197,6 +196,20 @@ def failure(stderr: str, returncode: int, work_dir: str) -> Exception:
     return RuntimeError(f"torchrun failed: {lines[-1] if lines else f'exit code {returncode}'}")
 
 
+def _report_result(case: RingCase, work_dir: str, json_path: Optional[str]) -> None:
+    """Print rank 0's result and save it to ``json_path``, if rank 0 finished its work (it may
+    have, even when a later barrier failed)."""
+    result_path = os.path.join(work_dir, RESULT_FILE)
+    if not os.path.exists(result_path):
+        return
+    with open(result_path) as handle:
+        result = json.load(handle)
+    print_report(case, result)
+    if json_path:
+        with open(json_path, "w") as handle:
+            json.dump(result, handle, indent=2)
+
+
 def run(args: argparse.Namespace) -> int:
     work_dir = tempfile.mkdtemp(prefix="attnkit-ring-")
     try:
@@ -215,16 +228,17 @@ def run(args: argparse.Namespace) -> int:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
             raise
-        result_path = os.path.join(work_dir, RESULT_FILE)
-        if os.path.exists(result_path):  # rank 0 finished its work, even if a later barrier failed
-            with open(result_path) as handle:
-                result = json.load(handle)
-            print_report(case, result)
-            if args.json:
-                with open(args.json, "w") as handle:
-                    json.dump(result, handle, indent=2)
-        if process.returncode != 0:
-            raise failure(stderr, process.returncode, work_dir)
+        # A failed launch's error is settled before the report: should printing rank 0's result
+        # fail as well, the user still learns the cause rather than that consequence.
+        error = failure(stderr, process.returncode, work_dir) if process.returncode != 0 else None
+        try:
+            _report_result(case, work_dir, args.json)
+        except Exception as exc:
+            if error is None:
+                raise
+            raise error from exc
+        if error is not None:
+            raise error
         return 0
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)

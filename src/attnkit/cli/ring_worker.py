@@ -10,11 +10,9 @@ from __future__ import annotations
 import os
 import sys
 
-from ..distributed.ring_case import case_from_json
+from ..distributed.ring_case import CASE_VARIABLE, case_from_json
 from ..distributed.worker import run_worker
 from .pattern_args import parse_pattern
-
-CASE_VARIABLE = "ATTNKIT_RING_CASE"
 
 
 def main() -> int:

@@ -1,16 +1,16 @@
 """The problem ``attnkit ring`` runs, as the launcher builds it and each worker receives it.
 
-The launcher hands the case to every torchrun worker as JSON in an environment variable. The
-pattern travels as its command-line spelling (``pattern_name``, e.g. ``window:100``): the worker
-rebuilds it with the same parser the launcher used, which the caller of :func:`case_from_json`
-passes in, so this module needs no part of the command line.
+The launcher hands the case to every torchrun worker as JSON in an environment variable
+(:data:`CASE_VARIABLE`). The pattern travels as its command-line spelling (``pattern_name``, e.g.
+``window:100``): the worker rebuilds it with the same parser the launcher used, which the caller
+of :func:`case_from_json` passes in, so this module needs no part of the command line.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional
+from typing import Callable
 
 from ..patterns import Pattern
 
@@ -35,8 +35,11 @@ class RingCase:
     check: bool
     timeout: float
     seed: int
-    work_dir: Optional[str]
+    work_dir: str
 
+
+CASE_VARIABLE = "ATTNKIT_RING_CASE"
+"""The environment variable in which the launcher hands each worker :func:`case_to_json`'s text."""
 
 RESULT_FILE = "result.json"
 """Rank 0's ``{"reports": [...], "errors": ...}``, in ``work_dir``."""
@@ -55,4 +58,4 @@ def case_from_json(text: str, parse_pattern: Callable[[str], Pattern]) -> RingCa
     return RingCase(pattern=parse_pattern(fields["pattern_name"]), **fields)
 
 
-__all__ = ["RESULT_FILE", "RingCase", "case_from_json", "case_to_json"]
+__all__ = ["CASE_VARIABLE", "RESULT_FILE", "RingCase", "case_from_json", "case_to_json"]

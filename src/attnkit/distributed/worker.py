@@ -145,6 +145,15 @@ def run_rank(case: RingCase) -> dict:
     return {"reports": reports, "errors": errors}
 
 
+def _write_whole(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a scratch file and a rename, so that a reader never sees
+    half of it: torchrun may kill this rank mid-write when another rank fails."""
+    scratch = f"{path}.{os.getpid()}.tmp"
+    with open(scratch, "w") as handle:
+        handle.write(text)
+    os.replace(scratch, path)
+
+
 def run_worker(case: RingCase) -> int:
     """This torchrun worker's whole job: join the group, run the case, and on rank 0 write the
     result to ``case.work_dir``. On failure write this rank's one-line error there and leave at
@@ -155,18 +164,16 @@ def run_worker(case: RingCase) -> int:
         dist.init_process_group(backend, timeout=timedelta(seconds=case.timeout))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.get_world_size()))
         result = run_rank(case)
-        if rank == 0 and case.work_dir:
-            with open(os.path.join(case.work_dir, RESULT_FILE), "w") as handle:
-                json.dump(result, handle)
+        if rank == 0:
+            _write_whole(os.path.join(case.work_dir, RESULT_FILE), json.dumps(result))
         with _phase("the final barrier"):
             dist.barrier()
         dist.destroy_process_group()
         return 0
     except Exception as exc:  # the launcher turns this file into its one-line error
-        if case.work_dir:
-            with open(os.path.join(case.work_dir, f"rank{rank}.txt"), "w") as handle:
-                first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-                handle.write(f"{type(exc).__name__}\n{first_line}\n{time.time()!r}")
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        _write_whole(os.path.join(case.work_dir, f"rank{rank}.txt"),
+                     f"{type(exc).__name__}\n{first_line}\n{time.time()!r}")
         print(f"attnkit ring: rank {rank}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         # Leave now: a gloo collective that failed on a dead or silent peer may still hold its
         # worker thread until the group's timeout, and a normal exit (or destroy_process_group)

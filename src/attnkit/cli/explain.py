@@ -10,6 +10,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import torch
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from ..analysis import explain as ex
+from ..analysis.heatmaps import plot_all_layers, plot_layer_heads
+from ..models.bert import default_model_dir
+from ..models.registry import identify
+from ..models.tokenizer import Tokenizer
+
 DEFAULT_SENTENCE_HINT = 'attnkit explain "The dog chased the ball"'
 _BAR_WIDTH = 20
 _EIGHTHS = " ▏▎▍▌▋▊▉█"
@@ -45,17 +56,6 @@ def _check_index(name: str, value: int | None, count: int, what: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    # Deferred: the CLI imports every command module to build its parser, which must not load torch.
-    import torch
-    from rich.console import Console
-    from rich.markup import escape
-
-    from ..models.bert import default_model_dir
-    from ..models.registry import identify
-    from ..models.tokenizer import Tokenizer
-    from . import explain as ex
-    from .heatmaps import plot_all_layers, plot_layer_heads
-
     sentence = args.sentence.strip()
     if not sentence:
         raise ValueError(f"the sentence is empty; give a few words, e.g. {DEFAULT_SENTENCE_HINT}")
@@ -126,8 +126,6 @@ def _vector(v, count: int = 3) -> str:
 
 
 def _step1_table(step, labels):
-    from rich.table import Table
-
     q = labels[step.token]
     table = Table(
         title=f"Step 1 · relevance scoring: q('{q}') · k(each token)",
@@ -149,8 +147,6 @@ def _step1_table(step, labels):
 
 
 def _step2_table(step, labels):
-    from rich.table import Table
-
     dim = step.values.shape[1]
     table = Table(
         title=f"Step 2 · combination: output = Σ weight × value",
@@ -172,8 +168,6 @@ def _step2_table(step, labels):
 
 def _heads_table(layer_trace, layer, labels, token, chosen, entropy_bits, width):
     """Rows are heads; one column per token when that fits in ``width``, else each head's top 3."""
-    from rich.table import Table
-
     weights = layer_trace.weights[:, token]  # (H, N)
     allowed = layer_trace.allowed[0, token]
     n_heads = weights.shape[0]

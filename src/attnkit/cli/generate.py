@@ -13,12 +13,12 @@ from typing import Optional
 
 import torch
 
-from .cpu_pack import pack_for_cpu
-from .generate import stream
-from .int8 import quantize_int8
-from .llama import default_model
-from .registry import identify_causal
-from .tokenizer import load_text_tokenizer
+from ..models.cpu_pack import pack_for_cpu
+from ..models.generate import stream
+from ..models.int8 import quantize_int8
+from ..models.llama import default_model
+from ..models.registry import identify_causal
+from ..models.tokenizer import load_text_tokenizer
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:

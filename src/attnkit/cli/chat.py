@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .generate_command import add_model_options, chat_stop_tokens, load, speed_report, stream_answer
+from .generate import add_model_options, chat_stop_tokens, load, speed_report, stream_answer
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
