@@ -1,10 +1,10 @@
 """Reading checkpoint files with errors that name the file, the field or the tensor.
 
-One reader for every model family: which format a checkpoint path holds (:func:`checkpoint_format`,
-:class:`CheckpointPath`, which parses a GGUF file once for all its readers), JSON configs (:func:`read_json`, :class:`JsonFields` for typed
-fields), and safetensors weights, either one ``model.safetensors`` or shards listed by
-``model.safetensors.index.json`` (:func:`weight_files`, :func:`read_tensors`). Nothing here knows
-a model: a loader asks for the names and shapes it needs.
+One reader for every model family: which format a checkpoint path holds (:func:`checkpoint_format`;
+:class:`CheckpointPath` parses a GGUF file once for all its readers), JSON configs
+(:func:`read_json`, :class:`JsonFields` for typed fields), and safetensors weights, either one
+``model.safetensors`` or shards listed by ``model.safetensors.index.json`` (:func:`weight_files`,
+:func:`read_tensors`). Nothing here knows a model: a loader asks for the names and shapes it needs.
 
 JSON types are strict: a boolean field takes ``true``/``false`` (not ``"false"``, which Python
 would read as true), an integer field takes an integer (not ``2048.0`` or ``"2048"``), a float

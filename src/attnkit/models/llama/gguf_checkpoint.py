@@ -122,7 +122,7 @@ def config_from_gguf(reader, path: str | os.PathLike) -> LlamaConfig:
     """
     arch = metadata(reader, path, "general.architecture", required=True)
     if arch != ARCHITECTURE:
-        raise ValueError(f"{path}: unsupported architecture {arch!r}; attnkit loads GGUF files of architecture 'llama'")
+        raise ValueError(f"{path}: unsupported architecture {arch!r}; attnkit loads GGUF files of architecture {ARCHITECTURE!r}")
 
     def key(name: str) -> str:
         return f"{ARCHITECTURE}.{name}"
