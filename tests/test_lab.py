@@ -10,6 +10,7 @@ from dataclasses import fields, replace
 import pytest
 import torch
 import torch.nn.functional as F
+from forward_positions import record_positions
 
 from attnkit.analysis.llama_costs import parameters, report
 from attnkit.cli import main
@@ -228,13 +229,6 @@ def test_decode_gives_every_forward_call_its_positions():
     the caches' lengths."""
     config = _variants()[7].config(SHAPE.base_config(vocab_size=64, max_positions=256))
     model = build_model(config, 0)
-    seen = []
-    forward = model.forward
-
-    def recording_forward(tokens, **kwargs):
-        seen.append(kwargs["positions"].tolist())
-        return forward(tokens, **kwargs)
-
-    model.forward = recording_forward
+    seen = record_positions(model)
     decode_tokens_per_s(model, context=24, new_tokens=3, repeats=1, prefill_chunk=10)
     assert seen == [list(range(0, 10)), list(range(10, 20)), list(range(20, 24)), [24], [25], [26]]

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from forward_positions import record_positions
 
 import attnkit.models as models
 from attnkit.models import Llama, LlamaConfig, registry
@@ -179,14 +180,7 @@ def test_generation_passes_every_position_itself():
     """generate() passes the positions of every forward call; none is left to the caches' lengths."""
     model = Llama(LlamaConfig.preset("tiny")).eval()
     assert isinstance(model, CausalLM) and not isinstance(models.Bert(models.BertConfig()), CausalLM)
-    seen = []
-    forward = model.forward
-
-    def recording_forward(tokens, **kwargs):
-        seen.append(kwargs["positions"].tolist())
-        return forward(tokens, **kwargs)
-
-    model.forward = recording_forward
+    seen = record_positions(model)
     generate(model, [[5, 6, 7]], 3, stop_tokens=())
     assert seen == [[0, 1, 2], [3], [4]]
     seen.clear()
