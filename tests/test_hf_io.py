@@ -6,8 +6,10 @@ import pytest
 import torch
 from llama_oracle import hf_config, hf_model, rel_error, transformers
 
-from attnkit.models.llama.hf_checkpoint import config_from_hf, load_tokenizer, read_config
 from attnkit.models.llama import Llama, LlamaConfig
+from attnkit.models.llama.hf_checkpoint import config_from_hf, config_to_hf, read_config
+from attnkit.models.registry import identify
+from attnkit.models.tokenizer import load_text_tokenizer
 
 CASES = [("mha", False), ("gqa", False), ("mqa", False), ("gqa", True), ("mqa", True)]
 
@@ -144,9 +146,24 @@ def test_missing_files_and_bad_configs(tmp_path):
 
 def test_tokenizer_loaded_when_present(tmp_path):
     tokenizers = pytest.importorskip("tokenizers")
-    assert load_tokenizer(tmp_path) is None
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(FileNotFoundError, match="has no tokenizer.json"):
+        load_text_tokenizer(tmp_path)
     vocab = {"[UNK]": 0, "hello": 1, "world": 2}
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     tok.save(str(tmp_path / "tokenizer.json"))
-    assert load_tokenizer(tmp_path).encode("hello world").ids == [1, 2]
+    assert load_text_tokenizer(tmp_path).encode("hello world") == [1, 2]
+
+
+def test_a_config_without_model_type_is_refused_by_loader_and_registry(tmp_path):
+    """config_from_hf and identify() agree: no model_type, no guess (it could be a BERT)."""
+    config = config_to_hf(LlamaConfig.preset("tiny"))
+    del config["model_type"]
+    with pytest.raises(ValueError, match=r"^config.json has no model_type field"):
+        config_from_hf(config)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"config.json has no model_type field"):
+        identify(tmp_path)
+    with pytest.raises(ValueError, match=r"config.json has no model_type field"):
+        Llama.from_pretrained(tmp_path)

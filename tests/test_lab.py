@@ -10,6 +10,7 @@ from dataclasses import fields, replace
 import pytest
 import torch
 import torch.nn.functional as F
+from forward_positions import record_positions
 
 from attnkit.analysis.llama_costs import parameters, report
 from attnkit.cli import main
@@ -221,3 +222,13 @@ def test_lab_command_end_to_end_on_a_tiny_preset(tmp_path, monkeypatch, capsys):
     assert "Window(4)" in (out / "lab_table.txt").read_text()
     assert main(["lab", "--quick", "--out", str(out), "--variants", "Nope"]) == 2
     assert "attnkit: error: lab: unknown variant 'Nope'" in capsys.readouterr().err
+
+
+def test_decode_gives_every_forward_call_its_positions():
+    """The lab's decode benchmark passes positions, as generate() does, instead of leaving them to
+    the caches' lengths."""
+    config = _variants()[7].config(SHAPE.base_config(vocab_size=64, max_positions=256))
+    model = build_model(config, 0)
+    seen = record_positions(model)
+    decode_tokens_per_s(model, context=24, new_tokens=3, repeats=1, prefill_chunk=10)
+    assert seen == [list(range(0, 10)), list(range(10, 20)), list(range(20, 24)), [24], [25], [26]]

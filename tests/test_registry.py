@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from forward_positions import record_positions
 
 import attnkit.models as models
 from attnkit.models import Llama, LlamaConfig, registry
 from attnkit.models.generate import CausalLM, generate
-from attnkit.models.llama.meta_checkpoint import load_meta_checkpoint
+from attnkit.models.llama import load_llama
 from attnkit.models.registry import Family, identify, identify_causal
 
 
@@ -83,51 +84,103 @@ def test_gguf_files_are_recognised_by_architecture(tmp_path):
         identify(other)
 
 
-def test_meta_params_directory_is_a_llama(tmp_path):
-    config = LlamaConfig.preset("tiny", rope_scaling=None)
-    model = Llama(config)
-    meta_names = {"attn_norm": "attention_norm", "attn.q_proj": "attention.wq", "attn.k_proj": "attention.wk",
-                  "attn.v_proj": "attention.wv", "attn.o_proj": "attention.wo", "mlp_norm": "ffn_norm",
-                  "mlp.gate_proj": "feed_forward.w1", "mlp.up_proj": "feed_forward.w3", "mlp.down_proj": "feed_forward.w2"}
-    state = {"tok_embeddings.weight": model.embed_tokens.weight, "norm.weight": model.norm.weight,
-             "output.weight": model.lm_head.weight}
-    for i, layer in enumerate(model.layers):
-        state.update({f"layers.{i}.{theirs}.weight": layer.get_submodule(ours).weight
-                      for ours, theirs in meta_names.items()})
-    torch.save({k: v.detach() for k, v in state.items()}, tmp_path / "consolidated.00.pth")
-    (tmp_path / "params.json").write_text(json.dumps({"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2}))
-    checkpoint = identify(tmp_path)
-    assert (checkpoint.family.name, checkpoint.format, checkpoint.layers_and_heads()) == ("llama", "meta", (2, 4))
-    tokens = torch.tensor([[3, 1, 4, 1, 5]])
-    with torch.no_grad():
-        assert torch.equal(checkpoint.load()(tokens), load_meta_checkpoint(tmp_path)(tokens))
+def test_meta_params_directory_is_refused_with_what_to_do(tmp_path, capsys):
+    """params.json names no RoPE scaling factor and the directory no tokenizer.json: the commands
+    cannot use it, so identify() says how to load it instead of failing later."""
+    (tmp_path / "params.json").write_text(json.dumps({"dim": 64, "n_layers": 2, "n_heads": 4,
+                                                      "use_scaled_rope": True}))
+    hint = r"is a Meta checkpoint \(params.json\).*load_meta_checkpoint\(path, rope_scaling=\.\.\.\)"
+    with pytest.raises(ValueError, match=hint):
+        identify(tmp_path)
+    with pytest.raises(ValueError, match=hint):
+        load_llama(tmp_path)
+    from attnkit.cli import main
+
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("attnkit: error: ") and err.count("\n") == 1 and "load_meta_checkpoint" in err
+
+
+def _toy(loaded: list, model_types: tuple[str, ...] = ("toy",)) -> Family:
+    return Family("toy", causal=True, loaders={"hf": lambda source, dtype, device: loaded.append(source.path) or "model"},
+                  layers_and_heads=lambda source: (1, 1), model_types=model_types)
 
 
 def test_a_new_family_is_one_registry_entry(tmp_path, monkeypatch):
     loaded = []
-    toy = Family("toy", causal=True, loaders={"hf": lambda path, dtype, device: loaded.append(path) or "model"},
-                 layers_and_heads=lambda path, fmt: (1, 1), model_types=("toy",))
+    toy = _toy(loaded)
     monkeypatch.setattr(registry, "FAMILIES", (*registry.FAMILIES, toy))
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "toy"}))
     checkpoint = identify_causal(tmp_path)
     assert checkpoint.family is toy and checkpoint.load() == "model" and loaded == [tmp_path]
+    assert checkpoint.layers_and_heads() == (1, 1)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(ValueError, match="use a bert or llama or toy checkpoint"):
         identify(tmp_path)
 
 
+def test_a_family_that_contradicts_itself_is_refused_when_defined():
+    with pytest.raises(ValueError, match="Family 'toy': it names gguf checkpoints .*'toy'.* but has no 'gguf' loader"):
+        Family("toy", causal=True, loaders={"hf": print}, layers_and_heads=print, gguf_architectures=("toy",))
+    with pytest.raises(ValueError, match="Family 'toy': it names hf checkpoints"):
+        Family("toy", causal=True, loaders={}, layers_and_heads=print, model_types=("toy",))
+    with pytest.raises(ValueError, match=r"Family 'toy': loaders for unknown formats \['meta'\]"):
+        Family("toy", causal=True, loaders={"hf": print, "meta": print}, layers_and_heads=print)
+
+
+def test_a_name_two_families_claim_is_an_error_not_the_first_match(tmp_path, monkeypatch):
+    monkeypatch.setattr(registry, "FAMILIES", (*registry.FAMILIES, _toy([], model_types=("llama",))))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ValueError, match="families llama and toy all claim model_type 'llama'"):
+        identify(tmp_path)
+
+
+def test_int8_is_refused_for_a_family_that_does_not_declare_it(tmp_path, monkeypatch, capsys):
+    """--int8 and CPU packing rewrite embed_tokens / lm_head / nn.Linear: a family must declare them."""
+    from attnkit.cli import main
+
+    assert [f.name for f in registry.FAMILIES if f.quantizable] == ["llama"]
+    loaded = []
+    monkeypatch.setattr(registry, "FAMILIES", (*registry.FAMILIES, _toy(loaded)))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "toy"}))
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "hi", "--int8"]) == 2
+    err = capsys.readouterr().err
+    assert err == "attnkit: error: --int8: attnkit cannot quantize a toy model; leave --int8 out\n"
+    assert loaded == []  # refused before anything was read
+
+
+def test_a_gguf_file_is_parsed_once_per_command(tmp_path, monkeypatch, capsys):
+    """identify() parses the file; the layer counts, the tokenizer and the weights reuse that parse
+    (parsing SmolLM2's metadata takes seconds)."""
+    pytest.importorskip("tokenizers")
+    pytest.importorskip("jinja2")
+    gguf = pytest.importorskip("gguf")
+    from gguf_files import T, tiny_config, tiny_model, write_gguf
+
+    from attnkit.cli import main
+
+    file = write_gguf(tmp_path / "tiny.gguf", tiny_model(tiny_config()), T.F32)
+    parses = []
+    reader = gguf.GGUFReader
+
+    def counting_reader(*args, **kwargs):
+        parses.append(args[0])
+        return reader(*args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", counting_reader)
+    assert main(["generate", "--model", str(file), "--chat", "hi", "--max-new-tokens", "1", "--no-pack"]) == 0
+    assert len(parses) == 1
+    parses.clear()
+    assert main(["explain", "the cat sat", "--model", str(file), "--out", str(tmp_path / "out")]) == 0
+    assert len(parses) == 1
+    capsys.readouterr()
+
+
 def test_generation_passes_every_position_itself():
-    """Positions come from generate() only: each forward call gets them, none is left to the caches."""
+    """generate() passes the positions of every forward call; none is left to the caches' lengths."""
     model = Llama(LlamaConfig.preset("tiny")).eval()
     assert isinstance(model, CausalLM) and not isinstance(models.Bert(models.BertConfig()), CausalLM)
-    seen = []
-    forward = model.forward
-
-    def recording_forward(tokens, **kwargs):
-        seen.append(kwargs["positions"].tolist())
-        return forward(tokens, **kwargs)
-
-    model.forward = recording_forward
+    seen = record_positions(model)
     generate(model, [[5, 6, 7]], 3, stop_tokens=())
     assert seen == [[0, 1, 2], [3], [4]]
     seen.clear()

@@ -23,13 +23,17 @@ import statistics
 import sys
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 
 import torch
 
 from ..analysis.llama_costs import decode_bytes_per_token, kv_bytes_per_token, prefill_flops_per_token
+from ..models.checkpoint import checkpoint_format
 from ..models.cpu_pack import pack_for_cpu, packed_dtype_supported
 from ..models.generate import stream
-from ..models.llama import Llama, LlamaConfig
+from ..models.gguf_file import is_gguf
+from ..models.int8 import quantize_int8
+from ..models.llama import Llama, LlamaConfig, load_llama
 from ..models.llama.hf_checkpoint import config_to_hf, hf_name
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -54,7 +58,7 @@ def read_bandwidth(device: torch.device, gib: float = 1.0, repeats: int = 5) -> 
 
 
 def _random_hf(config: LlamaConfig, dtype: torch.dtype, seed: int):
-    import transformers
+    import transformers  # not an attnkit dependency (the test extra): needed only when the benchmark runs
 
     torch.manual_seed(seed)
     default = torch.get_default_dtype()
@@ -66,11 +70,7 @@ def _random_hf(config: LlamaConfig, dtype: torch.dtype, seed: int):
 
 
 def _hf_from_path(path, dtype: torch.dtype):
-    from pathlib import Path
-
     import transformers
-
-    from ..models.gguf_file import is_gguf
 
     path = Path(path)
     if is_gguf(path):
@@ -83,9 +83,6 @@ def build_models(config: LlamaConfig, dtype: torch.dtype, seed: int = 0, *, devi
     """``transformers``, ``attnkit`` (on the transformers tensors, or loaded from ``model_path``
     by attnkit itself), ``attnkit packed`` (CPU, when the CPU can pack ``dtype``) and, with
     ``int8``, ``attnkit int8`` models, all on ``device``."""
-    from ..models.int8 import quantize_int8
-    from ..models.llama import load_llama
-
     hf = (_random_hf(config, dtype, seed) if model_path is None else _hf_from_path(model_path, dtype)).to(device).eval()
     hf.generation_config.eos_token_id = None
     hf.generation_config.pad_token_id = 0
@@ -217,8 +214,6 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
     if args.model is not None:
-        from ..models.checkpoint import checkpoint_format
-
         try:
             checkpoint_format(args.model)
         except FileNotFoundError as exc:

@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("give --token or --position, not both")
     if args.out.exists() and not args.out.is_dir():
         raise ValueError(f"--out {args.out} exists and is not a directory")
-    tokens = Tokenizer(model_dir)(sentence)
+    tokens = Tokenizer(checkpoint.source)(sentence)
     token, how = (ex.token_at(tokens, args.position) if args.position is not None
                   else ex.find_token(tokens, sentence, args.token))
 

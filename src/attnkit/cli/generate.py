@@ -83,13 +83,16 @@ def load(args: argparse.Namespace):
     packed for the CPU or quantized to int8 as asked."""
     check_model_options(args)
     path = default_model() if args.model is None else args.model
-    tokenizer = load_text_tokenizer(path)
     checkpoint = identify_causal(path)
+    if args.int8 and not checkpoint.family.quantizable:
+        raise ValueError(f"--int8: attnkit cannot quantize a {checkpoint.family.name} model; leave --int8 out")
+    tokenizer = load_text_tokenizer(checkpoint.source)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(args.dtype)
     model = checkpoint.load(dtype=dtype)
     if args.int8:
         quantize_int8(model)
-    elif not args.no_pack and torch.backends.mkldnn.is_available() and model.embed_tokens.weight.dtype != torch.float16:
+    elif (not args.no_pack and checkpoint.family.quantizable and torch.backends.mkldnn.is_available()
+          and next(model.parameters()).dtype != torch.float16):
         pack_for_cpu(model, note=lambda message: print(f"note: {message}", file=sys.stderr))
     return model, tokenizer, path
 

@@ -36,7 +36,7 @@ def layer_caches(model: Llama, batch: int, max_len: int) -> list:
 def decode_tokens_per_s(model: Llama, context: int, new_tokens: int, *, repeats: int = 3, prefill_chunk: int = 512) -> float:
     """Median tokens/s of greedily decoding ``new_tokens`` tokens one at a time (batch 1) after a
     prompt of ``context`` random tokens was prefilled (in chunks of ``prefill_chunk``); the
-    prefill is not timed."""
+    prefill is not timed. Every forward call is given its positions, as ``generate`` gives them."""
     model.eval()
     device = model.embed_tokens.weight.device
     generator = torch.Generator().manual_seed(0)
@@ -45,13 +45,16 @@ def decode_tokens_per_s(model: Llama, context: int, new_tokens: int, *, repeats:
     for _ in range(repeats):
         caches = layer_caches(model, 1, context + new_tokens)
         for start in range(0, context, prefill_chunk):
-            logits = model(prompt[:, start : start + prefill_chunk], caches=caches, last_only=True)
+            chunk = prompt[:, start : start + prefill_chunk]
+            positions = torch.arange(start, start + chunk.shape[1], device=device)
+            logits = model(chunk, positions=positions, caches=caches, last_only=True)
         token = logits[:, -1].argmax(-1, keepdim=True)
         if device.type == "cuda":
             torch.cuda.synchronize()
         started = time.perf_counter()
-        for _ in range(new_tokens):
-            token = model(token, caches=caches, last_only=True)[:, -1].argmax(-1, keepdim=True)
+        for step in range(new_tokens):
+            positions = torch.arange(context + step, context + step + 1, device=device)
+            token = model(token, positions=positions, caches=caches, last_only=True)[:, -1].argmax(-1, keepdim=True)
         if device.type == "cuda":
             torch.cuda.synchronize()
         rates.append(new_tokens / (time.perf_counter() - started))

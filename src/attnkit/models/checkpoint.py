@@ -1,10 +1,10 @@
 """Reading checkpoint files with errors that name the file, the field or the tensor.
 
-One reader for every model family: which format a checkpoint path holds (:func:`checkpoint_format`),
-JSON configs (:func:`read_json`, :class:`JsonFields` for typed
-fields), and safetensors weights, either one ``model.safetensors`` or shards listed by
-``model.safetensors.index.json`` (:func:`weight_files`, :func:`read_tensors`). Nothing here knows
-a model: a loader asks for the names and shapes it needs.
+One reader for every model family: which format a checkpoint path holds (:func:`checkpoint_format`;
+:class:`CheckpointPath` parses a GGUF file once for all its readers), JSON configs
+(:func:`read_json`, :class:`JsonFields` for typed fields), and safetensors weights, either one
+``model.safetensors`` or shards listed by ``model.safetensors.index.json`` (:func:`weight_files`,
+:func:`read_tensors`). Nothing here knows a model: a loader asks for the names and shapes it needs.
 
 JSON types are strict: a boolean field takes ``true``/``false`` (not ``"false"``, which Python
 would read as true), an integer field takes an integer (not ``2048.0`` or ``"2048"``), a float
@@ -16,13 +16,15 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Iterable, Mapping, Optional
 
 import torch
 from safetensors import safe_open
 
-from .gguf_file import is_gguf
+from .gguf_file import is_gguf, open_gguf
 
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -66,6 +68,29 @@ def checkpoint_format(path: str | os.PathLike) -> str:
     if (path / META_PARAMS_FILE).is_file():
         return "meta"
     raise FileNotFoundError(f"model directory {path} has no {CONFIG_FILE} (nor Meta's {META_PARAMS_FILE})")
+
+
+@dataclass(frozen=True)
+class CheckpointPath:
+    """A checkpoint's ``path`` and ``format`` (``"hf"`` or ``"gguf"``, as :func:`checkpoint_format`
+    names them).
+
+    ``gguf`` is the parsed GGUF file, read on first use and then kept: the architecture, the
+    config, the tokenizer and the weights all come from that one parse (parsing the metadata of a
+    50k-token vocabulary takes seconds). The reader memory-maps the file, so keeping it holds no
+    copy of the weights.
+    """
+
+    path: Path
+    format: str
+
+    @cached_property
+    def gguf(self):
+        """The ``gguf.GGUFReader`` of the file (see :func:`~attnkit.models.gguf_file.open_gguf`);
+        ValueError when the checkpoint is not a GGUF file."""
+        if self.format != "gguf":
+            raise ValueError(f"{self.path} is a {self.format} checkpoint, not a GGUF file")
+        return open_gguf(self.path)
 
 
 def read_json(file: Path) -> dict:

@@ -2,8 +2,9 @@
 
 Prompts of different lengths are left-padded to the longest; each row's positions start at 0 at
 its first real token and a key mask hides the padding, so a row generates exactly what it would
-generate alone. Positions come from here only: every forward call gets them explicitly, so the
-model never infers them (from its caches' lengths or otherwise).
+generate alone. :func:`stream` gives every forward call it makes its positions explicitly, so
+generation never relies on the default that attnkit's attention layers take when a caller passes
+none (the next positions after the cache's length); that default remains for direct callers.
 
 What a model must offer is written down as :class:`CausalLM`; :class:`~attnkit.models.llama.Llama`
 is one. Sampling: greedy (``temperature = 0``), or softmax at ``temperature`` restricted to

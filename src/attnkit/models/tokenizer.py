@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .checkpoint import checkpoint_format
+from .checkpoint import CheckpointPath, checkpoint_format
 from .gguf_file import is_gguf, open_gguf
 from .gguf_tokenizer import ChatTemplate, chat_template_from_gguf, tokenizer_from_gguf
 
@@ -43,14 +43,18 @@ class Tokens:
 
 class Tokenizer:
     """``Tokenizer(path)(text) -> Tokens``; ``path`` is a ``tokenizer.json`` file, its directory,
-    or a ``.gguf`` file (see :mod:`attnkit.models.gguf_tokenizer`).
+    or a ``.gguf`` file (see :mod:`attnkit.models.gguf_tokenizer`), or a
+    :class:`~attnkit.models.checkpoint.CheckpointPath`, whose GGUF file is then not parsed again.
 
     Raises FileNotFoundError when the file is missing and ImportError (with the install command)
     when the ``tokenizers`` package is not installed.
     """
 
-    def __init__(self, path: str | os.PathLike) -> None:
-        path = Path(path)
+    def __init__(self, path: str | os.PathLike | CheckpointPath) -> None:
+        if isinstance(path, CheckpointPath) and path.format == "gguf":
+            self._tok = tokenizer_from_gguf(path.gguf, path.path)
+            return
+        path = Path(path.path if isinstance(path, CheckpointPath) else path)
         if is_gguf(path):
             self._tok = tokenizer_from_gguf(open_gguf(path), path)
             return
@@ -106,15 +110,18 @@ def _special(value) -> Optional[str]:
     return value if isinstance(value, str) else None
 
 
-def load_text_tokenizer(path: str | os.PathLike) -> TextTokenizer:
+def load_text_tokenizer(path: str | os.PathLike | CheckpointPath) -> TextTokenizer:
     """The tokenizer and chat template of a Hugging Face directory (``tokenizer.json``,
-    ``tokenizer_config.json``) or of a ``.gguf`` file. Raises FileNotFoundError for a missing
-    checkpoint or tokenizer, ImportError naming the extra without the ``tokenizers`` package."""
+    ``tokenizer_config.json``) or of a ``.gguf`` file; given a
+    :class:`~attnkit.models.checkpoint.CheckpointPath`, its parsed GGUF file is reused. Raises
+    FileNotFoundError for a missing checkpoint or tokenizer, ImportError naming the extra without
+    the ``tokenizers`` package."""
     if importlib.util.find_spec("tokenizers") is None:
         raise ImportError(f"reading a tokenizer needs the tokenizers package: {TOKENIZERS_HINT}")
-    path = Path(path)
-    if checkpoint_format(path) == "gguf":
-        reader = open_gguf(path)
+    source = path if isinstance(path, CheckpointPath) else CheckpointPath(Path(path), checkpoint_format(path))
+    path = source.path
+    if source.format == "gguf":
+        reader = source.gguf
         return TextTokenizer(tokenizer_from_gguf(reader, path), chat_template_from_gguf(reader, path))
     from tokenizers import Tokenizer as HFTokenizer  # optional package, present (checked above)
 

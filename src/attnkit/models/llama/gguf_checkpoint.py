@@ -122,7 +122,7 @@ def config_from_gguf(reader, path: str | os.PathLike) -> LlamaConfig:
     """
     arch = metadata(reader, path, "general.architecture", required=True)
     if arch != ARCHITECTURE:
-        raise ValueError(f"{path}: unsupported architecture {arch!r}; attnkit loads GGUF files of architecture 'llama'")
+        raise ValueError(f"{path}: unsupported architecture {arch!r}; attnkit loads GGUF files of architecture {ARCHITECTURE!r}")
 
     def key(name: str) -> str:
         return f"{ARCHITECTURE}.{name}"
@@ -170,15 +170,16 @@ def config_from_gguf(reader, path: str | os.PathLike) -> LlamaConfig:
 
 
 def load_gguf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
-              device: str | torch.device = "cpu") -> Llama:
+              device: str | torch.device = "cpu", reader=None) -> Llama:
     """A :class:`Llama` (eval mode) from a Llama-architecture GGUF file, weights dequantized to
-    ``dtype`` (float32 by default: quantized types have no torch dtype of their own).
+    ``dtype`` (float32 by default: quantized types have no torch dtype of their own). ``reader``,
+    when given, is the already parsed file at ``path`` (it is parsed here otherwise).
 
     Raises FileNotFoundError for a missing file; ValueError naming the file for a non-GGUF or
     truncated file, another architecture, an unsupported tensor type, and missing, unexpected or
     mis-shaped tensors.
     """
-    reader = open_gguf(path)
+    reader = reader if reader is not None else open_gguf(path)
     config = config_from_gguf(reader, path)
     shapes = parameter_shapes(config)
     state = {}

@@ -20,14 +20,11 @@ from pathlib import Path
 from typing import Mapping, Optional
 
 import torch
-
 from safetensors.torch import save_file
 
 from ...nn.rope import Llama3RopeScaling
 from ..checkpoint import CONFIG_FILE, INDEX_FILE, WEIGHTS_FILE, JsonFields, read_json, read_tensors, weight_files
 from .config import LlamaConfig
-
-TOKENIZER_FILE = "tokenizer.json"
 
 # attnkit name <-> Hugging Face name, per layer.
 _LAYER_NAMES = {
@@ -83,7 +80,9 @@ def config_from_hf(hf: dict, source: str = CONFIG_FILE) -> LlamaConfig:
     """
     fields = JsonFields(hf, source)
     architectures = hf.get("architectures") or ["LlamaForCausalLM"]
-    model_type = fields.string("model_type", "llama")
+    if "model_type" not in fields:
+        raise ValueError(f"{source} has no model_type field (a Llama's config.json says \"model_type\": \"llama\")")
+    model_type = fields.string("model_type")
     if not isinstance(architectures, list) or "LlamaForCausalLM" not in architectures or model_type != "llama":
         raise ValueError(
             f"{source}: unsupported architecture {architectures} / model_type {model_type!r}; "
@@ -210,16 +209,3 @@ def write_checkpoint(config: LlamaConfig, state: Mapping[str, torch.Tensor], pat
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-
-
-def load_tokenizer(path: str | os.PathLike):
-    """The ``tokenizers.Tokenizer`` of ``path/tokenizer.json``, or None when there is none."""
-    file = Path(path) / TOKENIZER_FILE
-    if not file.is_file():
-        return None
-    from tokenizers import Tokenizer  # optional package (the llama extra), imported only when asked
-
-    try:
-        return Tokenizer.from_file(str(file))
-    except Exception as exc:
-        raise ValueError(f"{file}: cannot load tokenizer ({exc})") from None

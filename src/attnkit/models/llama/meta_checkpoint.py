@@ -40,6 +40,19 @@ _TOP_NAMES = {"tok_embeddings.weight": "embed_tokens.weight", "norm.weight": "no
 _LAYER_RE = re.compile(r"layers\.(\d+)\.(.+)")
 
 
+META_HINT = ("convert it to a Hugging Face directory or a GGUF file, or load it in Python with "
+             "attnkit.models.llama.meta_checkpoint.load_meta_checkpoint(path, rope_scaling=...)")
+"""What to do with a Meta directory where a command needs a Hugging Face directory or GGUF file."""
+
+
+def meta_refusal(path: str | os.PathLike) -> ValueError:
+    """The error for a Meta directory given to a command or to ``load_llama``: its ``params.json``
+    says ``use_scaled_rope`` without the factor, and it ships ``tokenizer.model``, not the
+    ``tokenizer.json`` that ``generate`` and ``explain`` read."""
+    return ValueError(f"{path} is a Meta checkpoint (params.json), which names no RoPE scaling factor and has "
+                      f"no tokenizer.json: {META_HINT}")
+
+
 def interleaved_to_half_split(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Reorder the rows of a Meta ``wq``/``wk`` ``(n_heads * D, C)`` for half-split rotary."""
     rows, cols = weight.shape

