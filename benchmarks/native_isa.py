@@ -52,22 +52,26 @@ def _cpu_model() -> str:
         return platform.processor() or platform.machine()
 
 
-def _medians(calls: dict, repeats: int, clock=time.perf_counter) -> dict[str, float]:
+def _medians(calls: dict, repeats: int, clock=time.perf_counter) -> tuple[dict[str, float], dict[str, list]]:
     """Median milliseconds of each call, the calls taking turns after one warm-up each, in an order
     shuffled each round (seeded), so that none always runs right after the same other one: the call
-    after FlexAttention's measured up to 15% slower when it was always the same one."""
+    after FlexAttention's measured up to 15% slower when it was always the same one. Also returns
+    every call's times (ms, in round order) and each round's order, for the JSON."""
     times = {name: [] for name in calls}
+    orders = []
     for call in calls.values():
         call()
     shuffler = random.Random(0)
     for _ in range(repeats):
         order = list(calls)
         shuffler.shuffle(order)
+        orders.append(order)
         for name in order:
             start = clock()
             calls[name]()
             times[name].append(clock() - start)
-    return {name: statistics.median(values) * 1e3 for name, values in times.items()}
+    samples = {name: [round(t * 1e3, 3) for t in values] for name, values in times.items()}
+    return {name: statistics.median(values) * 1e3 for name, values in times.items()}, {**samples, "order": orders}
 
 
 def main() -> None:
@@ -80,7 +84,7 @@ def main() -> None:
     from attnkit import SlidingWindow, Strided, attention
     from attnkit.bench.sparse_cases import _flex
     from attnkit.kernels.band_native import band_decision, forced_band_path
-    from attnkit.kernels.native import load_native
+    from attnkit.kernels.native_build import load_native
 
     if args.cpu_time:  # every contender then runs on this thread: its CPU time is the call's
         torch.set_num_threads(1)
@@ -117,14 +121,14 @@ def main() -> None:
                 if flex is not None and not backward:
                     calls["flex"] = lambda: flex(q.detach(), k.detach(), v.detach())
                 with torch.set_grad_enabled(backward):
-                    medians = _medians(calls, args.repeats, time.thread_time if args.cpu_time else time.perf_counter)
+                    medians, samples = _medians(calls, args.repeats, time.thread_time if args.cpu_time else time.perf_counter)
                 fastest = min(medians["native"], medians["planner"])
                 ratios = {"auto / faster exact path": medians["auto"] / fastest}
                 if "flex" in medians:
                     ratios["flex / native"] = medians["flex"] / medians["native"]
                     ratios["flex / auto"] = medians["flex"] / medians["auto"]
                 row = {"case": case, "seq": n, "pass": "fwd+bwd" if backward else "forward", **medians, **ratios}
-                rows.append(row)
+                rows.append({**row, "samples_ms": samples})
                 print(f"{case:<8} {n:>6} {row['pass']:<8} {medians['native']:>9.1f} {medians['planner']:>9.1f} "
                       f"{medians['auto']:>9.1f} {medians.get('flex', float('nan')):>9.1f}  "
                       + ", ".join(f"{name} {value:.2f}" for name, value in ratios.items()), flush=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from attnkit.kernels import band_native, native
+from attnkit.kernels import band_native, native_build
 
 
 def _best_cpu_ms(run, repeats: int) -> float:
@@ -45,15 +45,15 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 8, args.seq, 64, generator=gen) for _ in range(3))
     band = (0, args.window - 1)
-    sources = {"current": native.SOURCE_DIR, **({"--source": Path(args.source)} if args.source else {})}
+    sources = {"current": native_build.SOURCE_DIR, **({"--source": Path(args.source)} if args.source else {})}
     rows = []
     print(f"{'source':<9} {'build':<48} {'forward ms':>10} {'GFMA/s':>7} {'backward ms':>11} {'bwd / fwd':>9}")
     for label, directory in sources.items():
         for isa in args.isa or ["auto", "avx2", "generic"]:
-            native.SOURCE_DIR = directory
-            native.clear_cache()
+            native_build.SOURCE_DIR = directory
+            native_build.clear_cache()
             os.environ["ATTNKIT_NATIVE_ISA"] = isa
-            built = native.load_native("band_attention")
+            built = native_build.load_native("band_attention")
             if built.library is None:
                 print(f"{label:<9} {isa}: {built.message}")
                 continue

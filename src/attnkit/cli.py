@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 import torch
 
 import attnkit
-from attnkit.kernels.native import native_status
+from attnkit.kernels.native_build import native_status
 from attnkit.kernels.triton_backend import triton_status
 
 # Modules whose ``register(subparsers)`` adds a subcommand, in the order ``--help`` lists them.
