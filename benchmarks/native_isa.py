@@ -4,8 +4,12 @@ For ``--isa`` (``ATTNKIT_NATIVE_ISA``: auto, avx512, avx2, generic) and SlidingW
 Strided(128), B=1, H=8, D=64, float32, at each ``--seq``: the sparse backend with bands forced onto
 the native kernel, the same with bands forced onto the planner, ``auto`` (which takes the build's
 decision: known fast, or calibrated), and ``torch.compile(flex_attention)`` with a 128 x 128 block
-mask (forward only; it has no CPU backward). Contenders take turns (round-robin, one warm-up each)
-and the table gives medians; ``--backward`` times forward + backward of the attnkit paths too.
+mask (forward only; it has no CPU backward). The attnkit contenders take turns (one warm-up each,
+then rounds in a shuffled order) and the table gives medians; FlexAttention is timed in rounds of its
+own after them, so that no attnkit call runs right after its long multi-threaded calls (in the run of
+2026-11-29 01:02, with all four shuffled together, ``auto`` followed it in three of five rounds and
+the native path in one, and ``auto`` measured 1.78x the native path it runs). ``--backward`` times
+forward + backward of the attnkit paths too.
 ``--torch-isa avx2`` sets ``ATEN_CPU_CAPABILITY`` so that torch's own kernels (the planner's fused
 attention) and FlexAttention's generated code use AVX2 as well: on an AVX-512 machine, the AVX2 build
 against peers that also use AVX2, as on an AVX2-only CPU. ``--cpu-time`` runs everything on one
@@ -118,10 +122,14 @@ def main() -> None:
             for backward in ([False, True] if args.backward else [False]):
                 calls = {"native": path("native", backward), "planner": path("planner", backward),
                          "auto": path(None, backward)}
-                if flex is not None and not backward:
-                    calls["flex"] = lambda: flex(q.detach(), k.detach(), v.detach())
+                clock = time.thread_time if args.cpu_time else time.perf_counter
                 with torch.set_grad_enabled(backward):
-                    medians, samples = _medians(calls, args.repeats, time.thread_time if args.cpu_time else time.perf_counter)
+                    medians, samples = _medians(calls, args.repeats, clock)
+                    if flex is not None and not backward:  # rounds of its own: see the module docstring
+                        flex_median, flex_samples = _medians(
+                            {"flex": lambda: flex(q.detach(), k.detach(), v.detach())}, args.repeats, clock)
+                        medians.update(flex_median)
+                        samples["flex"] = flex_samples["flex"]
                 fastest = min(medians["native"], medians["planner"])
                 ratios = {"auto / faster exact path": medians["auto"] / fastest}
                 if "flex" in medians:
