@@ -4,8 +4,10 @@ For ``--isa`` (``ATTNKIT_NATIVE_ISA``: auto, avx512, avx2, generic) and SlidingW
 Strided(128), B=1, H=8, D=64, float32, at each ``--seq``: the sparse backend with bands forced onto
 the native kernel, the same with bands forced onto the planner, ``auto`` (which takes the build's
 decision: known fast, or calibrated), and ``torch.compile(flex_attention)`` with a 128 x 128 block
-mask (forward only; it has no CPU backward). Contenders take turns (round-robin, one warm-up each)
-and the table gives medians; ``--backward`` times forward + backward of the attnkit paths too.
+mask (forward only; it has no CPU backward). Contenders take turns (one warm-up each, then rounds in
+balanced orders: each contender runs right after every other one equally often, so use a multiple of
+4 rounds with FlexAttention, of 6 without) and the table gives medians; the JSON keeps every sample
+and each round's order. ``--backward`` times forward + backward of the attnkit paths too.
 ``--torch-isa avx2`` sets ``ATEN_CPU_CAPABILITY`` so that torch's own kernels (the planner's fused
 attention) and FlexAttention's generated code use AVX2 as well: on an AVX-512 machine, the AVX2 build
 against peers that also use AVX2, as on an AVX2-only CPU. ``--cpu-time`` runs everything on one
@@ -22,7 +24,6 @@ import contextlib
 import json
 import os
 import platform
-import random
 import statistics
 import time
 from datetime import datetime, timezone
@@ -34,7 +35,7 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--torch-isa", help="ATEN_CPU_CAPABILITY for torch and FlexAttention (e.g. avx2)")
     parser.add_argument("--seq", type=int, action="append", help="lengths (default 8192 and 32768)")
     parser.add_argument("--case", action="append", choices=("window", "strided"), help="default: both")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=8, help="rounds (default 8)")
     parser.add_argument("--backward", action="store_true", help="also forward + backward of the attnkit paths")
     parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compile takes minutes)")
     parser.add_argument("--cpu-time", action="store_true",
@@ -52,22 +53,35 @@ def _cpu_model() -> str:
         return platform.processor() or platform.machine()
 
 
-def _medians(calls: dict, repeats: int, clock=time.perf_counter) -> dict[str, float]:
-    """Median milliseconds of each call, the calls taking turns after one warm-up each, in an order
-    shuffled each round (seeded), so that none always runs right after the same other one: the call
-    after FlexAttention's measured up to 15% slower when it was always the same one."""
+def balanced_orders(names: list[str]) -> list[list[str]]:
+    """Orders of the contenders, one per round, in which each one runs right after every other one
+    equally often (a Williams design: n orders for an even count n, 2n for an odd one)."""
+    n = len(names)
+    first = [0] + [(i + 1) // 2 if i % 2 else n - i // 2 for i in range(1, n)]
+    rows = [[(index + shift) % n for index in first] for shift in range(n)]
+    if n % 2:
+        rows += [row[::-1] for row in rows]
+    return [[names[index] for index in row] for row in rows]
+
+
+def _medians(calls: dict, repeats: int, clock=time.perf_counter) -> tuple[dict[str, float], dict[str, list]]:
+    """Median milliseconds of each call, the calls taking turns after one warm-up each, in the orders
+    of :func:`balanced_orders` (cycled), so that no call runs after one particular other call more
+    often than after the rest: a call right after FlexAttention's measured slower in some runs, and a
+    shuffle re-seeded for every row once put ``auto`` there in three of five rounds. Also returns
+    every call's times (ms, in round order) and each round's order, for the JSON."""
     times = {name: [] for name in calls}
+    design = balanced_orders(list(calls))
+    orders = [design[round_index % len(design)] for round_index in range(repeats)]
     for call in calls.values():
         call()
-    shuffler = random.Random(0)
-    for _ in range(repeats):
-        order = list(calls)
-        shuffler.shuffle(order)
+    for order in orders:
         for name in order:
             start = clock()
             calls[name]()
             times[name].append(clock() - start)
-    return {name: statistics.median(values) * 1e3 for name, values in times.items()}
+    samples = {name: [round(t * 1e3, 3) for t in values] for name, values in times.items()}
+    return {name: statistics.median(values) * 1e3 for name, values in times.items()}, {**samples, "order": orders}
 
 
 def main() -> None:
@@ -80,7 +94,7 @@ def main() -> None:
     from attnkit import SlidingWindow, Strided, attention
     from attnkit.bench.peers import flex as _flex
     from attnkit.kernels.band_native import band_decision, forced_band_path
-    from attnkit.kernels.native import load_native
+    from attnkit.kernels.native_build import load_native
 
     if args.cpu_time:  # every contender then runs on this thread: its CPU time is the call's
         torch.set_num_threads(1)
@@ -116,15 +130,16 @@ def main() -> None:
                          "auto": path(None, backward)}
                 if flex is not None and not backward:
                     calls["flex"] = lambda: flex(q.detach(), k.detach(), v.detach())
+                clock = time.thread_time if args.cpu_time else time.perf_counter
                 with torch.set_grad_enabled(backward):
-                    medians = _medians(calls, args.repeats, time.thread_time if args.cpu_time else time.perf_counter)
+                    medians, samples = _medians(calls, args.repeats, clock)
                 fastest = min(medians["native"], medians["planner"])
                 ratios = {"auto / faster exact path": medians["auto"] / fastest}
                 if "flex" in medians:
                     ratios["flex / native"] = medians["flex"] / medians["native"]
                     ratios["flex / auto"] = medians["flex"] / medians["auto"]
                 row = {"case": case, "seq": n, "pass": "fwd+bwd" if backward else "forward", **medians, **ratios}
-                rows.append(row)
+                rows.append({**row, "samples_ms": samples})
                 print(f"{case:<8} {n:>6} {row['pass']:<8} {medians['native']:>9.1f} {medians['planner']:>9.1f} "
                       f"{medians['auto']:>9.1f} {medians.get('flex', float('nan')):>9.1f}  "
                       + ", ".join(f"{name} {value:.2f}" for name, value in ratios.items()), flush=True)

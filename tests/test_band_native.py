@@ -10,7 +10,7 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from attnkit import Causal, Fixed, PerHead, Predicate, SlidingWindow, Strided, attention
-from attnkit.kernels import native
+from attnkit.kernels import native_build
 from attnkit.kernels import band_native as band_native_module
 from attnkit.kernels import sparse as sparse_module
 from attnkit.kernels.band_native import band_forward, band_native_attention, band_native_supports, forced_band_path
@@ -18,8 +18,8 @@ from attnkit.functional import choose_backend
 from attnkit.kernels.reference import reference_kernel
 
 needs_native = pytest.mark.skipif(
-    native.load_native("band_attention").library is None,
-    reason="native band kernel unavailable: " + native.load_native("band_attention").message,
+    native_build.load_native("band_attention").library is None,
+    reason="native band kernel unavailable: " + native_build.load_native("band_attention").message,
 )
 OTHER_ISAS = ("avx2", "generic")  # besides the default (-march=native) build
 
@@ -28,7 +28,7 @@ def _isa_params(isas: tuple[str, ...]) -> list:
     """One parameter per build, skipped where this machine cannot build or run it."""
     params = []
     for isa in isas:
-        built = native.load_native("band_attention", isa)
+        built = native_build.load_native("band_attention", isa)
         params.append(pytest.param(isa, marks=pytest.mark.skipif(built.library is None, reason=built.message)))
     return params
 

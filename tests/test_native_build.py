@@ -1,4 +1,4 @@
-"""Building, caching, validating and choosing the native kernels: kernels/native.py and the
+"""Building, caching, validating and choosing the native kernels: kernels/native_build.py and the
 native-or-planner decision of kernels/band_native.py."""
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ import pytest
 import torch
 
 from attnkit import SlidingWindow, attention
-from attnkit.kernels import band_native, native, sparse
+from attnkit.kernels import band_native, native_build, sparse
 from attnkit.kernels.band_native import band_native_attention, band_native_supports
 from attnkit.kernels.reference import reference_kernel
 
 has_compiler = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler here")
 x86_with_avx2 = pytest.mark.skipif(
-    platform.machine() not in ("x86_64", "AMD64") or native._missing_cpu_features("avx2"),
+    platform.machine() not in ("x86_64", "AMD64") or native_build._missing_cpu_features("avx2"),
     reason="needs an x86-64 CPU with AVX2 and FMA",
 )
 
@@ -29,37 +29,37 @@ x86_with_avx2 = pytest.mark.skipif(
 def fresh_builds(monkeypatch, tmp_path):
     """A private cache and temporary directory, and no remembered libraries or decisions, for one test."""
     monkeypatch.setenv("ATTNKIT_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(native.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    monkeypatch.setattr(native_build.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
     for name in ("ATTNKIT_NATIVE", "ATTNKIT_NATIVE_ISA", "CC"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(band_native, "_decisions", {})
-    native.clear_cache()
+    native_build.clear_cache()
     yield tmp_path
-    native.clear_cache()
+    native_build.clear_cache()
 
 
 @has_compiler
 def test_the_library_builds_with_its_checksum_beside_it(fresh_builds):
-    status = native.load_native("band_attention")
+    status = native_build.load_native("band_attention")
     assert status.library is not None, status.message
     files = sorted(p.name for p in (fresh_builds / "cache").iterdir())  # no temporary files left
     assert files == [status.path.name, status.path.name + ".sum"]
     size, digest = (fresh_builds / "cache" / files[1]).read_text().split()
     assert int(size) == status.path.stat().st_size and len(digest) == 64
-    assert native.native_status()["band_attention"] == status.message
+    assert native_build.native_status()["band_attention"] == status.message
 
 
 def test_disabled_or_missing_compiler_falls_back_to_the_plan(fresh_builds, monkeypatch):
     for value in ("0", "off"):
         monkeypatch.setenv("ATTNKIT_NATIVE", value)
-        native.clear_cache()
-        assert native.load_native("band_attention") == native.NativeLibrary(None, f"disabled by ATTNKIT_NATIVE={value}")
+        native_build.clear_cache()
+        assert native_build.load_native("band_attention") == native_build.NativeLibrary(None, f"disabled by ATTNKIT_NATIVE={value}")
         assert not band_native_supports(*(torch.randn(1, 1, 4, 16) for _ in range(3)))
     monkeypatch.setenv("ATTNKIT_NATIVE", "1")
     monkeypatch.setenv("CC", str(fresh_builds / "no-such-compiler"))
-    native.clear_cache()
-    status = native.load_native("band_attention")
+    native_build.clear_cache()
+    status = native_build.load_native("band_attention")
     assert status.library is None and "no-such-compiler" in status.message
     with pytest.raises(RuntimeError, match="native library is unavailable"):
         band_native_attention(*(torch.randn(1, 1, 4, 16) for _ in range(3)), (0, 2), 1.0)
@@ -74,7 +74,7 @@ def test_an_unwritable_cache_directory_falls_back_to_a_private_temporary_one(fre
     blocker = fresh_builds / "a-file"
     blocker.write_text("not a directory")
     monkeypatch.setenv("ATTNKIT_CACHE_DIR", str(blocker / "cache"))
-    status = native.load_native("band_attention")
+    status = native_build.load_native("band_attention")
     assert status.library is not None, status.message
     private = fresh_builds / "tmp" / f"attnkit-{os.getuid()}"
     assert str(private) in status.message and private.stat().st_mode & 0o777 == 0o700
@@ -88,32 +88,32 @@ def test_a_temporary_directory_others_may_write_is_refused(fresh_builds, monkeyp
     shared = fresh_builds / "tmp" / f"attnkit-{os.getuid()}"
     shared.mkdir()
     shared.chmod(0o777)
-    status = native.load_native("band_attention")
+    status = native_build.load_native("band_attention")
     assert status.library is None and "not a private directory" in status.message
 
 
 @has_compiler
 def test_a_failed_build_is_remembered_until_the_compiler_or_flags_change(fresh_builds, monkeypatch):
     monkeypatch.setenv("CC", "false")  # runs, and fails every compilation
-    first = native.load_native("band_attention")
+    first = native_build.load_native("band_attention")
     assert first.library is None and "failed" in first.message
-    native.clear_cache()
-    second = native.load_native("band_attention")
+    native_build.clear_cache()
+    second = native_build.load_native("band_attention")
     assert second.library is None and "an earlier build" in second.message
     assert len(list((fresh_builds / "cache").glob("*.error"))) == 1
     monkeypatch.setenv("ATTNKIT_NATIVE_ISA", "generic")  # other flags: tried again, not refused
-    other_flags = native.load_native("band_attention")
+    other_flags = native_build.load_native("band_attention")
     assert other_flags.library is None and "an earlier build" not in other_flags.message
     assert len(list((fresh_builds / "cache").glob("*.error"))) == 2
     monkeypatch.delenv("CC")  # another compiler (the real one): built
-    native.clear_cache()
-    assert native.load_native("band_attention").library is not None
+    native_build.clear_cache()
+    assert native_build.load_native("band_attention").library is not None
 
 
 _DAMAGE_AND_LOAD = """
 import os, sys
 from pathlib import Path
-from attnkit.kernels import native
+from attnkit.kernels import native_build
 path = Path(sys.argv[1])
 intact = path.read_bytes()
 for damage in ("truncate", "garbage", "no checksum"):
@@ -122,8 +122,8 @@ for damage in ("truncate", "garbage", "no checksum"):
     else:  # a new file, as a copy leaves it: `head -c 14000 good.so > cached.so`
         Path(str(path) + ".new").write_bytes(intact[:len(intact) // 2] if damage == "truncate" else b"not a library")
         os.replace(str(path) + ".new", path)
-    native.clear_cache()
-    built = native.load_native("band_attention")
+    native_build.clear_cache()
+    built = native_build.load_native("band_attention")
     assert built.library is not None and built.path == path, (damage, built.message)
     assert path.stat().st_size == len(intact), damage
 print("ok")
@@ -134,7 +134,7 @@ print("ok")
 def test_a_damaged_library_is_built_again_before_it_is_loaded(fresh_builds):
     """A truncated library used to kill every process that loaded it (SIGBUS inside the loader), so
     the damage is loaded in another process."""
-    path = native.load_native("band_attention").path
+    path = native_build.load_native("band_attention").path
     run = subprocess.run([sys.executable, "-c", _DAMAGE_AND_LOAD, str(path)], capture_output=True, text=True,
                          env=os.environ.copy(), timeout=300)
     assert run.returncode == 0 and run.stdout.strip() == "ok", f"exit status {run.returncode}: {run.stderr[-800:]}"
@@ -142,25 +142,25 @@ def test_a_damaged_library_is_built_again_before_it_is_loaded(fresh_builds):
 
 def test_an_unknown_isa_is_refused_by_name(fresh_builds, monkeypatch):
     monkeypatch.setenv("ATTNKIT_NATIVE_ISA", "avx1024")
-    status = native.load_native("band_attention")
+    status = native_build.load_native("band_attention")
     assert status.library is None
     assert "ATTNKIT_NATIVE_ISA must be one of auto, avx512, avx2, generic, got 'avx1024'" in status.message
     assert not band_native_supports(*(torch.randn(1, 1, 4, 16) for _ in range(3)))
 
 
 def test_an_isa_the_cpu_lacks_is_refused_not_run(fresh_builds, monkeypatch):
-    monkeypatch.setattr(native, "cpu_identity", lambda: "x86_64\nflags\t\t: fpu sse sse2 avx")
+    monkeypatch.setattr(native_build, "cpu_identity", lambda: "x86_64\nflags\t\t: fpu sse sse2 avx")
     for isa, missing in (("avx2", "avx2, fma"), ("avx512", "avx512f")):
-        status = native.load_native("band_attention", isa)
+        status = native_build.load_native("band_attention", isa)
         assert status.library is None and f"needs CPU features this CPU does not show: {missing}" in status.message
 
 
 @has_compiler
 @x86_with_avx2
 def test_each_isa_build_takes_its_own_vector_path_and_library(fresh_builds):
-    builds = {isa: native.load_native("band_attention", isa) for isa in ("auto", "avx2", "generic")}
+    builds = {isa: native_build.load_native("band_attention", isa) for isa in ("auto", "avx2", "generic")}
     assert builds["avx2"].isa.startswith("avx2 (") and builds["generic"].isa.startswith("generic (")
-    expected_auto = "avx512 (" if not native._missing_cpu_features("avx512") else "avx2 ("
+    expected_auto = "avx512 (" if not native_build._missing_cpu_features("avx512") else "avx2 ("
     assert builds["auto"].isa.startswith(expected_auto)
     assert len({build.path for build in builds.values()}) == 3
     assert "avx2 (8-float vectors, 6x16 register blocks); built with" in builds["avx2"].message
@@ -200,11 +200,11 @@ def test_other_paths_take_the_faster_of_a_cached_calibration(fresh_builds, monke
     q, k, v = (torch.randn(1, 2, 40, 16) for _ in range(3))
     assert band_native_supports(q, k, v) is expected
     assert sorted(measured) == ["native", "native", "planner", "planner"]  # a window and Strided
-    library = native.load_native("band_attention").path
+    library = native_build.load_native("band_attention").path
     record = json.loads((library.parent / (library.name + f".choice-{torch.get_num_threads()}.json")).read_text())
-    assert record["native"] is expected and native.cpu_identity() in record["key"]
+    assert record["native"] is expected and native_build.cpu_identity() in record["key"]
     assert record["key"].endswith(f"threads {torch.get_num_threads()}")
-    usage = native.native_status()["band_attention use"]
+    usage = native_build.native_status()["band_attention use"]
     assert usage.startswith("native kernel" if expected else "the planner") and "calibrated" in usage
     monkeypatch.setattr(band_native, "_decisions", {})  # another process: reads the record
     assert band_native_supports(q, k, v) is expected and len(measured) == 4
@@ -221,7 +221,7 @@ def test_a_calibration_for_another_library_or_cpu_is_not_reused(fresh_builds, mo
     monkeypatch.setattr(band_native, "KNOWN_FAST", ())
     measured = _fake_timings(monkeypatch, 2.0, 1.0)
     assert not band_native.band_decision().native
-    library = native.load_native("band_attention").path
+    library = native_build.load_native("band_attention").path
     record_path = library.parent / (library.name + f".choice-{torch.get_num_threads()}.json")
     record = json.loads(record_path.read_text())
     record_path.write_text(json.dumps({**record, "key": record["key"].replace("x", "y", 1) + "0"}))
@@ -259,7 +259,7 @@ def test_a_damaged_calibration_record_is_measured_again_not_trusted(fresh_builds
     monkeypatch.setattr(band_native, "KNOWN_FAST", ())
     measured = _fake_timings(monkeypatch, 2.0, 1.0)
     assert not band_native.band_decision().native
-    library = native.load_native("band_attention").path
+    library = native_build.load_native("band_attention").path
     record_path = library.parent / (library.name + f".choice-{torch.get_num_threads()}.json")
     if content.startswith("{\"native\""):  # the right key, a string where a boolean belongs
         record = json.loads(record_path.read_text())

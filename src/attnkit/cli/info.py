@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 import attnkit
-from attnkit.kernels.native import native_status
+from attnkit.kernels.native_build import native_status
 from attnkit.kernels.triton_backend import triton_status
 
 

@@ -8,7 +8,7 @@ summed in a fixed order). Work and memory follow the band: the largest buffers a
 outputs and per-thread scratch of a few hundred keys.
 
 :func:`band_native_supports` says when it runs: float32 CPU tensors, equal key and value widths
-that are multiples of 16, a built library (see :mod:`~attnkit.kernels.native`), and a kernel that is
+that are multiples of 16, a built library (see :mod:`~attnkit.kernels.native_build`), and a kernel that is
 not slower than the planner on this machine (:func:`band_decision`). The sparse backend and ``auto``
 call it for windows and for the band parts of plans (Strided's local band) and run the planner
 otherwise.
@@ -30,7 +30,7 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from ..patterns import Pattern, SlidingWindow, Strided
-from .native import add_status_note, cpu_identity, load_native
+from .native_build import add_status_note, cpu_identity, load_native
 
 _LANES = 16
 _POINTER, _INT64 = ctypes.c_void_p, ctypes.c_int64

@@ -59,6 +59,7 @@ typedef float vf __attribute__((vector_size(LANES * 4)));
 typedef int32_t vi __attribute__((vector_size(LANES * 4)));
 typedef float vf_unaligned __attribute__((vector_size(LANES * 4), aligned(4)));
 typedef int32_t vi_unaligned __attribute__((vector_size(LANES * 4), aligned(4)));
+typedef uint32_t vu __attribute__((vector_size(LANES * 4)));
 
 enum {
     COLS = 2 * LANES, FEW_ROWS = 4,                          /* tile width; decoding-sized strips */
@@ -75,30 +76,43 @@ static inline vf load(const float *p) { return *(const vf_unaligned *)p; }
 static inline void store(float *p, vf x) { *(vf_unaligned *)p = x; }
 static inline vf splat(float x) { return x - (vf){0}; } /* x - 0 keeps -0 and NaN as they are */
 static inline vf pick(vi keep, vf yes, vf no) { return (vf)(((vi)yes & keep) | ((vi)no & ~keep)); }
+/* a > b ? a : b lane by lane (b where either is NaN): one instruction where there is one. */
+#if defined(__AVX512F__)
+static inline vf vmax(vf a, vf b) { return (vf)_mm512_max_ps((__m512)a, (__m512)b); }
+#elif defined(__AVX2__)
+static inline vf vmax(vf a, vf b) { return (vf)_mm256_max_ps((__m256)a, (__m256)b); }
+#else
+static inline vf vmax(vf a, vf b) { return pick((vi)(a > b), a, b); }
+#endif
+static inline float largest_lane(vf x) {
+    float m = x[0];
+    for (int i = 1; i < LANES; i++) m = x[i] > m ? x[i] : m;
+    return m;
+}
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 static inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 static inline int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
 
-/* 2^x for x <= 0: x = n + f with f in [-1/2, 1/2], 2^f by its Taylor series to degree 7 (relative
- * error below 1e-8), 2^n added to the exponent bits. x under -126 (x = -inf) gives 0, and so does
- * NaN: callers check rows for NaN themselves (see scale_and_mask_row and exp2_row). */
+/* 2^x for x <= 0: x = n + f with f in [-1/2, 1/2], 2^f by a degree-6 polynomial fitted for the
+ * least relative error on that interval (2e-9, under float32's rounding: evaluated in float32 it is
+ * within 1e-7 of 2^f, as the degree-7 Taylor series was), 2^n added to the exponent bits. The sum
+ * x + 1.5 * 2^23 holds n in its low mantissa bits, so shifting its bits left by 23 gives n << 23
+ * (mod 2^32) directly. x under -126 (x = -inf) gives 0, and so does NaN: callers check rows for NaN
+ * themselves (see exp2_row). */
 static inline vf exp2_nonpositive(vf x) {
     const vi normal = (vi)(x >= splat(-126.0f));
-    x = pick(normal, x, splat(-126.0f));
+    x = vmax(x, splat(-126.0f));
     const vf round_magic = splat(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer */
-    vf shifted = x + round_magic;
-    vf n = shifted - round_magic;
-    vf f = x - n;
-    vi n_int = (vi)shifted - (vi)round_magic;
-    vf p = splat(1.525273380405984e-05f);
-    p = p * f + 1.5403530393381608e-04f;
-    p = p * f + 1.3333558146428443e-03f;
-    p = p * f + 9.618129107628477e-03f;
-    p = p * f + 5.550410866482158e-02f;
-    p = p * f + 2.402265069591007e-01f;
-    p = p * f + 6.931471805599453e-01f;
+    const vf shifted = x + round_magic;
+    const vf f = x - (shifted - round_magic);
+    vf p = splat(1.5353362031500717e-04f);
+    p = p * f + 1.3398874650617845e-03f;
+    p = p * f + 9.618437359119738e-03f;
+    p = p * f + 5.5503324705355676e-02f;
+    p = p * f + 2.4022647913600698e-01f;
+    p = p * f + 6.931472028553374e-01f;
     p = p * f + 1.0f;
-    return (vf)(((vi)p + (n_int << 23)) & normal);
+    return (vf)(((vu)p + ((vu)shifted << 23)) & (vu)normal);
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -109,21 +123,54 @@ static inline vf exp2_nonpositive(vf x) {
 #define ROW(r) const float *a##r = (r) < rows ? a + (r) * ld_a : zeros;
 #define FMA2(r) { vf x = splat(a##r[c]); acc##r##a += x * b0; acc##r##b += x * b1; }
 #define FMA1(r) { acc##r##a += splat(a##r[c]) * b0; }
-#define STORE2(r) { store(s + (r) * ld_s + col, acc##r##a); store(s + (r) * ld_s + col + LANES, acc##r##b); }
-#define STORE1(r) { store(s + (r) * ld_s + col, acc##r##a); }
+#define STORE2(r) { vf x0 = acc##r##a, x1 = acc##r##b;                                                           \
+    if (band) {                                                                                                \
+        x0 *= band->by, x1 *= band->by;                                                                        \
+        if (!inside) x0 = in_band(x0, col, band->first[r], band->last[r]),                                     \
+                     x1 = in_band(x1, col + LANES, band->first[r], band->last[r]);                             \
+        band->top[r] = vmax(x1, vmax(x0, band->top[r]));                                                       \
+    }                                                                                                          \
+    store(s + (r) * ld_s + col, x0); store(s + (r) * ld_s + col + LANES, x1); }
+#define STORE1(r) { vf x0 = acc##r##a;                                                                          \
+    if (band) {                                                                                                \
+        x0 = in_band(x0 * band->by, col, band->first[r], band->last[r]);                                       \
+        band->top[r] = vmax(x0, band->top[r]);                                                                 \
+    }                                                                                                          \
+    store(s + (r) * ld_s + col, x0); }
 #if ROWS == 8
 #define EACH_ROW(M) M(0) M(1) M(2) M(3) M(4) M(5) M(6) M(7)
 #else
 #define EACH_ROW(M) M(0) M(1) M(2) M(3) M(4) M(5)
 #endif
 
+/* x with -inf in the lanes outside columns [first, last] (x covers columns j .. j + LANES - 1): the
+ * lane-by-lane mask only where the vector reaches past an edge of the band. */
+static inline vf in_band(vf x, int64_t j, int64_t first, int64_t last) {
+    if (j >= first && j + LANES - 1 <= last) return x;
+    const vi column = *(const vi_unaligned *)LANE_INDEX + (int32_t)j;
+    return pick((column >= (int32_t)first) & (column <= (int32_t)last), x, splat(-INFINITY));
+}
+
+/* How the forward pass finishes a block's scores while they are still in registers: times `by`,
+ * -inf outside each row's columns [first[r], last[r]], and each row's running maximum in top[r]
+ * (NaN scores leave it alone: exp2_row finds them). Columns [inner_first, inner_last] are inside
+ * every row's band. */
+typedef struct {
+    vf by, top[ROWS];
+    int64_t first[ROWS], last[ROWS], inner_first, inner_last;
+} RowBand;
+
 /* s[r][col] = sum_c a[r][c] b_t[c][col] for ROWS rows (the first `rows` of a (., ld_a), then rows
- * of `zeros`) and n_cols columns rounded up to LANES (b_t (d, ld_b) must be readable that far). */
-static void rows_times_columns(const float *a, int64_t ld_a, int64_t rows, const float *zeros, const float *b_t,
-                               int64_t ld_b, int64_t d, int64_t n_cols, float *s, int64_t ld_s) {
+ * of `zeros`) and n_cols columns rounded up to LANES (b_t (d, ld_b) must be readable that far),
+ * finished as `band` says when it is not NULL (one pass over the scores fewer than a separate one).
+ * Not inlined: inside the caller's loops GCC ran out of general registers and reloaded the row
+ * pointers from the stack on every step of the inner loop. */
+__attribute__((noinline)) static void rows_times_columns(const float *a, int64_t ld_a, int64_t rows, const float *zeros, const float *b_t,
+                               int64_t ld_b, int64_t d, int64_t n_cols, float *s, int64_t ld_s, RowBand *band) {
     EACH_ROW(ROW)
     int64_t col = 0;
     for (; col + LANES < n_cols; col += COLS) { /* more than LANES columns left: a tile of COLS */
+        const int inside = band != NULL && col >= band->inner_first && col + COLS - 1 <= band->inner_last;
         EACH_ROW(ZERO2)
         for (int64_t c = 0; c < d; c++) {
             vf b0 = load(b_t + c * ld_b + col), b1 = load(b_t + c * ld_b + col + LANES);
@@ -162,7 +209,7 @@ static void block_scores(const float *a, int64_t rows, const float *zeros, const
     if (b_t == NULL)
         dot_rows(a, rows, b, d, n_cols, s, ld_s);
     else
-        rows_times_columns(a, d, rows, zeros, b_t, ld_b, d, n_cols, s, ld_s);
+        rows_times_columns(a, d, rows, zeros, b_t, ld_b, d, n_cols, s, ld_s, NULL);
 }
 
 #define WEIGHT2(r) { vf x = splat(p[(r) * ld_p + j]); acc##r##a += x * m0; acc##r##b += x * m1; }
@@ -316,75 +363,63 @@ static void block_row_keys(const Job *job, int64_t pos, int64_t key0, int64_t n_
     *last = min64(pos - job->lo - key0, n_cols - 1);
 }
 
-/* s[j, j + LANES) *= by, then -inf outside columns [first, last]; the lane-by-lane mask only where
- * the vector reaches past an edge of the band (most vectors lie inside). Returns the new values. */
+/* s[j, j + LANES) *= by, then -inf outside columns [first, last]. Returns the new values. */
 static inline vf masked_scores(float *s, int64_t j, vf by, int64_t first, int64_t last) {
-    vf x = load(s + j) * by;
-    if (j < first || j + LANES - 1 > last) {
-        const vi column = *(const vi_unaligned *)LANE_INDEX + (int32_t)j;
-        x = pick((column >= (int32_t)first) & (column <= (int32_t)last), x, splat(-INFINITY));
-    }
+    const vf x = in_band(load(s + j) * by, j, first, last);
     store(s + j, x);
     return x;
 }
 
 /* In place over the padded row: s *= factor, then -inf outside columns [first, last] (the scale comes
- * first, so a zero factor never meets -inf). Returns the row's max: -inf when nothing is inside,
- * NaN when a score is NaN (a NaN or infinite input), so that the row's output becomes NaN. Two
- * vectors per step, each with its own running max: one chain of compare-and-select per vector
- * would make the loop wait on its latency. */
+ * first, so a zero factor never meets -inf). Returns the row's max over its scores that are not NaN:
+ * -inf when nothing is inside (exp2_row finds NaN scores). Two vectors per step, each with its own
+ * running max: one chain of maxima would make the loop wait on its latency. */
 static float scale_and_mask_row(float *s, int64_t n_cols, float factor, int64_t first, int64_t last) {
     const vf by = splat(factor);
     const int64_t padded = round_up(n_cols, LANES);
     vf high0 = splat(-INFINITY), high1 = high0;
-    vi nan = {0};
     int64_t j = 0;
     for (; j + 2 * LANES <= padded; j += 2 * LANES) {
-        vf x0 = masked_scores(s, j, by, first, last), x1 = masked_scores(s, j + LANES, by, first, last);
-        high0 = pick((vi)(x0 > high0), x0, high0);
-        high1 = pick((vi)(x1 > high1), x1, high1);
-        nan |= (vi)(x0 != x0) | (vi)(x1 != x1);
+        high0 = vmax(masked_scores(s, j, by, first, last), high0);
+        high1 = vmax(masked_scores(s, j + LANES, by, first, last), high1);
     }
-    if (j < padded) {
-        vf x0 = masked_scores(s, j, by, first, last);
-        high0 = pick((vi)(x0 > high0), x0, high0);
-        nan |= (vi)(x0 != x0);
-    }
-    high0 = pick((vi)(high1 > high0), high1, high0);
-    float m = high0[0];
-    for (int i = 1; i < LANES; i++) m = high0[i] > m ? high0[i] : m;
-    for (int i = 0; i < LANES; i++)
-        if (nan[i]) return NAN;
-    return m;
+    if (j < padded) high0 = vmax(masked_scores(s, j, by, first, last), high0);
+    return largest_lane(vmax(high1, high0));
 }
 
-/* In place p = 2^(s - shift) over the padded row; returns sum p. A NaN or +inf shift (a row with a
- * NaN or infinite score, or such an LSE) makes the whole row NaN, as softmax would. Two running
- * sums, for the same reason as the two maxima above. */
+/* In place p = 2^(s - shift) over the padded row; returns sum p, or NaN when a score is NaN (a NaN or
+ * infinite input: the row's output becomes NaN, as softmax's would). A NaN or +inf shift (a row with
+ * an infinite score, or such an LSE) makes the whole row NaN. Two running sums, for the same reason
+ * as the two maxima above. NaN scores are found by summing s - shift, which is never +inf here (the
+ * shift is at least the row's largest score, or the scores are -inf): the sum is NaN exactly when a
+ * score is. */
 static float exp2_row(float *s, int64_t n_cols, float shift) {
     const int64_t padded = round_up(n_cols, LANES);
     if (!(shift < INFINITY)) {
         for (int64_t j = 0; j < padded; j++) s[j] = NAN;
         return NAN;
     }
-    vf total0 = {0}, total1 = {0}, by = splat(shift);
+    vf total0 = {0}, total1 = {0}, check = {0}, by = splat(shift);
     int64_t j = 0;
     for (; j + 2 * LANES <= padded; j += 2 * LANES) {
-        vf p0 = exp2_nonpositive(load(s + j) - by), p1 = exp2_nonpositive(load(s + j + LANES) - by);
+        const vf x0 = load(s + j) - by, x1 = load(s + j + LANES) - by;
+        const vf p0 = exp2_nonpositive(x0), p1 = exp2_nonpositive(x1);
         store(s + j, p0);
         store(s + j + LANES, p1);
         total0 += p0;
         total1 += p1;
+        check += x0 + x1;
     }
     if (j < padded) {
-        vf p0 = exp2_nonpositive(load(s + j) - by);
+        const vf x0 = load(s + j) - by, p0 = exp2_nonpositive(x0);
         store(s + j, p0);
         total0 += p0;
+        check += x0;
     }
     total0 += total1;
-    float sum = 0.0f;
-    for (int i = 0; i < LANES; i++) sum += total0[i];
-    return sum;
+    float sum = 0.0f, checked = 0.0f;
+    for (int i = 0; i < LANES; i++) sum += total0[i], checked += check[i];
+    return checked == checked ? sum : NAN;
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -395,17 +430,27 @@ static void forward_block(const Job *job, const Scratch *w, int64_t head, int64_
                           int64_t key0, int64_t col0, int64_t n_cols) {
     const int64_t d = job->d, pos0 = job->nk - job->nq + row0;
     float *out = job->out + (head * job->nq + row0) * d, *lse = job->lse + head * job->nq + row0;
-    const float *keys = job->k + ((head / job->groups) * job->nk + key0) * d;
-    block_scores(job->q + (head * job->nq + row0) * d, rows, w->zeros, col0 < 0 ? NULL : w->keys_t + col0, w->ld_t,
-                 keys, d, n_cols, w->s, w->ld_s);
-    float high[ROWS], sum[ROWS];
+    const float *q = job->q + (head * job->nq + row0) * d;
+    RowBand band = {.by = splat(job->scale * LOG2E), .inner_first = 0, .inner_last = INT64_MAX};
     for (int64_t r = 0; r < ROWS; r++) {
-        float *s = w->s + r * w->ld_s;
-        int64_t first = 1, last = 0;
-        if (r < rows) block_row_keys(job, pos0 + r, key0, n_cols, &first, &last);
-        high[r] = scale_and_mask_row(s, n_cols, job->scale * LOG2E, first, last);
+        band.first[r] = 1, band.last[r] = 0; /* padding rows: no key */
+        if (r < rows) block_row_keys(job, pos0 + r, key0, n_cols, &band.first[r], &band.last[r]);
+        band.inner_first = max64(band.inner_first, band.first[r]);
+        band.inner_last = min64(band.inner_last, band.last[r]);
+        band.top[r] = splat(-INFINITY);
+    }
+    float high[ROWS], sum[ROWS];
+    if (col0 >= 0) { /* the scores scaled, masked and their row maxima in one pass */
+        rows_times_columns(q, d, rows, w->zeros, w->keys_t + col0, w->ld_t, d, n_cols, w->s, w->ld_s, &band);
+        for (int64_t r = 0; r < ROWS; r++) high[r] = largest_lane(band.top[r]);
+    } else {
+        dot_rows(q, rows, job->k + ((head / job->groups) * job->nk + key0) * d, d, n_cols, w->s, w->ld_s);
+        for (int64_t r = 0; r < ROWS; r++)
+            high[r] = scale_and_mask_row(w->s + r * w->ld_s, n_cols, job->scale * LOG2E, band.first[r], band.last[r]);
+    }
+    for (int64_t r = 0; r < ROWS; r++) {
         if (high[r] == -INFINITY) high[r] = 0.0f; /* no key: every p is 2^-inf = 0 */
-        sum[r] = exp2_row(s, n_cols, high[r]);
+        sum[r] = exp2_row(w->s + r * w->ld_s, n_cols, high[r]);
     }
     weights_times_matrix(w->s, w->ld_s, rows, job->v + ((head / job->groups) * job->nk + key0) * d, d, n_cols, w->o);
     for (int64_t r = 0; r < rows; r++) {

@@ -1,4 +1,4 @@
-"""Native CPU kernels: C sources shipped with attnkit, compiled on first use by the machine's compiler.
+"""Building the native CPU kernels: C sources shipped with attnkit, compiled on first use by the machine's compiler.
 
 Each ``kernels/csrc/NAME.c`` is built into a shared library the first time it is needed. Which
 instruction set it targets is ``$ATTNKIT_NATIVE_ISA``:
