@@ -18,7 +18,7 @@ from attnkit import (
     attention,
     reference_attention,
 )
-from attnkit.functional import choose_backend
+from attnkit.backends import choose_backend
 from attnkit.kernels import dense as dense_module
 from attnkit.kernels.common import all_finite
 from attnkit.patterns import BlockLocal, Periodic, Summary
