@@ -23,7 +23,7 @@ Grads = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 """``(dq (B, Hq, Nq, D), dk (B, Hkv, Nk, D), dv (B, Hkv, Nk, Dv))``."""
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Problem:
     """One attention call, described by sizes and settings (no tensor values).
 
@@ -50,7 +50,7 @@ class Problem:
     positions: Optional[Positions] = None
     key_padding_mask: Optional[torch.Tensor] = None
     native_band: Optional[bool] = None
-    memo: dict = field(default_factory=dict, repr=False)
+    memo: Optional[dict] = field(default=None, repr=False)
 
     @property
     def square(self) -> int:
@@ -59,9 +59,12 @@ class Problem:
 
     def fact(self, name: str, derive) -> object:
         """``derive()``, computed once per problem and kept under ``name``."""
-        if name not in self.memo:
-            self.memo[name] = derive()
-        return self.memo[name]
+        if self.memo is None:
+            self.memo = {}
+        elif name in self.memo:
+            return self.memo[name]
+        value = self.memo[name] = derive()
+        return value
 
 
 def check_pattern(pattern: Optional[Pattern], n_q_heads: int) -> Pattern:
@@ -119,6 +122,10 @@ class Backend:
 
     def accepts(self, problem: Problem) -> Optional[str]:
         """None when this backend can run ``problem``, else why not (one clause, no period)."""
+        return self.takes_arguments(problem)
+
+    def takes_arguments(self, problem: Problem) -> Optional[str]:
+        """None unless the call gives positions or a padding mask this backend does not take."""
         if problem.positions is not None and not self.takes_positions:
             return "it takes no explicit q_positions / k_positions"
         if problem.key_padding_mask is not None and not self.takes_padding:

@@ -22,7 +22,7 @@ class DenseBackend(Backend):
     takes_padding = True
 
     def accepts(self, problem):
-        reason = super().accepts(problem)
+        reason = self.takes_arguments(problem)
         if reason is not None:
             return reason
         padded = problem.key_padding_mask is not None

@@ -13,24 +13,30 @@ _PLANNED = (Strided, Fixed, Periodic, BlockLocal, Summary, BlockSparse)  # patte
 
 def finite_bands(problem: Problem) -> bool:
     """Whether every head's pattern is a band with finite bounds (the native band kernel's work)."""
-    return problem.fact("finite_bands", lambda: all(
-        finite_band(p) is not None for _, _, p in head_runs(problem.pattern, problem.n_q_heads, 1)
-    ))
+    return _head_facts(problem)[0]
 
 
 def planned(problem: Problem) -> bool:
     """Whether every head's pattern is a sparse pattern, a finite band, or a union of those: what
     the sparse planner is for."""
-    def planned_one(p: Pattern) -> bool:
-        if p.band() is not None:
-            return finite_band(p) is not None
-        if isinstance(p, _PLANNED):
-            return True
-        return isinstance(p, Union) and planned_one(p.left) and planned_one(p.right)
+    return _head_facts(problem)[1]
 
-    return problem.fact("planned", lambda: all(
-        planned_one(p) for _, _, p in head_runs(problem.pattern, problem.n_q_heads, 1)
-    ))
+
+def _planned_one(p: Pattern) -> bool:
+    if p.band() is not None:
+        return finite_band(p) is not None
+    if isinstance(p, _PLANNED):
+        return True
+    return isinstance(p, Union) and _planned_one(p.left) and _planned_one(p.right)
+
+
+def _head_facts(problem: Problem) -> tuple[bool, bool]:
+    """``(finite_bands, planned)`` from one pass over the heads' patterns, once per problem."""
+    if problem.memo is not None and "heads" in problem.memo:
+        return problem.memo["heads"]
+    patterns = [p for _, _, p in head_runs(problem.pattern, problem.n_q_heads, 1)]
+    bands = all(finite_band(p) is not None for p in patterns)
+    return problem.fact("heads", lambda: (bands, bands or all(_planned_one(p) for p in patterns)))
 
 
 def full_or_causal(problem: Problem) -> bool:

@@ -40,10 +40,13 @@ def pick(problem: Problem) -> Backend:
     ):
         return triton
     best, best_cost = BY_NAME["reference"], math.inf
+    explicit = problem.positions is not None or problem.key_padding_mask is not None
     for backend in REGISTRY:
-        if backend.accepts(problem) is None:
+        # The cost first: the full acceptance check (free memory for a mask, say) only for a
+        # backend that would win.
+        if not explicit or backend.takes_arguments(problem) is None:
             cost = backend.cost(problem)
-            if cost < best_cost:
+            if cost < best_cost and backend.accepts(problem) is None:
                 best, best_cost = backend, cost
     return best
 

@@ -17,7 +17,7 @@ class TritonBackend(Backend):
     description = "Triton GPU kernels (CUDA; CPU under TRITON_INTERPRET=1); auto's choice on CUDA"
 
     def accepts(self, problem):
-        reason = super().accepts(problem)
+        reason = self.takes_arguments(problem)
         return reason if reason is not None else triton_available(problem.device)
 
     def kernels_take(self, problem: Problem) -> Optional[str]:
