@@ -78,7 +78,7 @@ def main() -> None:
     import torch
 
     from attnkit import SlidingWindow, Strided, attention
-    from attnkit.bench.sparse_cases import _flex
+    from attnkit.bench.peers import flex as _flex
     from attnkit.kernels.band_native import band_decision, forced_band_path
     from attnkit.kernels.native import load_native
 

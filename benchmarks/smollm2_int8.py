@@ -11,7 +11,8 @@ import argparse
 import torch
 
 from attnkit.models.int8 import quantize_int8
-from attnkit.models.llama_source import default_model, load_llama, load_text_tokenizer
+from attnkit.models.llama import default_model, load_llama
+from attnkit.models.tokenizer import load_text_tokenizer
 
 QUESTIONS = [
     "What is the capital of France?",

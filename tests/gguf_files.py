@@ -17,9 +17,9 @@ import torch
 
 gguf = __import__("pytest").importorskip("gguf")
 
-from attnkit.models.gguf_checkpoint import permute_rows  # noqa: E402
 from attnkit.models.gguf_tokenizer import _byte_alphabet  # noqa: E402
 from attnkit.models.llama import Llama, LlamaConfig  # noqa: E402
+from attnkit.models.llama.gguf_checkpoint import permute_rows  # noqa: E402
 
 T = gguf.GGMLQuantizationType
 

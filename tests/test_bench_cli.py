@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from attnkit.bench import command, sparse_cases
+from attnkit.bench import peers, sparse_cases
+from attnkit.cli import bench as command
 from attnkit.cli import build_parser, main
 
 
@@ -16,7 +17,7 @@ from attnkit.cli import build_parser, main
 def no_peers(monkeypatch):
     """local-attention not installed, FlexAttention left out (compiling it takes many seconds)."""
     monkeypatch.setitem(sys.modules, "local_attention", None)
-    monkeypatch.setattr(sparse_cases, "_flex", lambda pattern: (None, "left out by this test"))
+    monkeypatch.setattr(sparse_cases, "flex", lambda pattern: (None, "left out by this test"))
 
 
 def test_install_hint_keeps_its_extra_in_the_terminal_table(no_peers, monkeypatch, capsys):
@@ -74,7 +75,7 @@ def test_flex_is_compiled_once_and_small_block_masks_are_not_compiled(monkeypatc
 
     from attnkit import SlidingWindow, Strided
 
-    assert sparse_cases._compiled_flex() is sparse_cases._compiled_flex()
+    assert peers.compiled_flex() is peers.compiled_flex()
     compiled_flags = []
 
     def create_block_mask(*args, _compile=False, **kwargs):
@@ -83,8 +84,22 @@ def test_flex_is_compiled_once_and_small_block_masks_are_not_compiled(monkeypatc
 
     calls = []
     monkeypatch.setattr(flex_attention, "create_block_mask", create_block_mask)
-    monkeypatch.setattr(sparse_cases, "_compiled_flex", lambda: lambda *args, **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(peers, "compiled_flex", lambda: lambda *args, **kwargs: calls.append(kwargs))
     q = torch.zeros(1, 1, 512, 16)
     for pattern in (SlidingWindow(8), Strided(4)):
-        sparse_cases._flex(pattern)[0](q, q, q)
+        peers.flex(pattern)[0](q, q, q)
     assert compiled_flags == [False, False] and [c["block_mask"] for c in calls] == ["mask", "mask"]
+
+
+def test_attnkit_contenders_come_from_the_backend_registry(monkeypatch):
+    from attnkit import Causal, SlidingWindow
+    from attnkit.bench import contenders
+    from attnkit.bench.cases import contenders_for
+    from attnkit.bench.workload import Workload
+
+    monkeypatch.setattr(contenders, "BACKENDS", ("auto", "reference", "dense", "blockwise", "sparse", "triton", "new"))
+    causal = [c.name for c in contenders_for(Workload("causal", Causal(), 64))]
+    assert causal == ["torch sdpa", "attnkit auto", "attnkit dense", "attnkit blockwise", "attnkit new",
+                      "attnkit reference"]
+    window = [c.name for c in contenders_for(Workload("window", SlidingWindow(8), 64))]
+    assert window[:5] == ["torch sdpa (masked)", "attnkit auto", "attnkit blockwise", "attnkit sparse", "attnkit new"]

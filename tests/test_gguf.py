@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from gguf_files import CHAT_TEMPLATE, SPACED_CONTROL, T, gguf, tiny_config, tiny_model, vocabulary, write_gguf
-from attnkit.models.gguf_checkpoint import load_gguf, open_gguf, config_from_gguf
+from attnkit.models.gguf_file import open_gguf
+from attnkit.models.llama.gguf_checkpoint import config_from_gguf, load_gguf
 from attnkit.models.gguf_tokenizer import chat_template_from_gguf, tokenizer_from_gguf
-from attnkit.models.hf import hf_name
+from attnkit.models.llama.hf_checkpoint import hf_name
 from attnkit.nn.rope import Llama3RopeScaling, rope_frequencies
 
 transformers = pytest.importorskip("transformers")

@@ -9,7 +9,8 @@ import pytest
 
 from gguf_files import T, tiny_config, tiny_model, write_gguf
 from attnkit.cli import main
-from attnkit.models.llama_source import load_llama, load_text_tokenizer
+from attnkit.models.llama import load_llama
+from attnkit.models.tokenizer import load_text_tokenizer
 
 pytest.importorskip("tokenizers")
 pytest.importorskip("jinja2")

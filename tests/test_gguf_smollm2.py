@@ -12,8 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnkit.models.hf import hf_name
-from attnkit.models.llama_source import default_model, load_llama, load_text_tokenizer
+from attnkit.models.llama.hf_checkpoint import hf_name
+from attnkit.models.llama import default_model, load_llama
+from attnkit.models.tokenizer import load_text_tokenizer
 
 try:
     MODEL = default_model()

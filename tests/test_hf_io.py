@@ -6,7 +6,7 @@ import pytest
 import torch
 from llama_oracle import hf_config, hf_model, rel_error, transformers
 
-from attnkit.models.hf import config_from_hf, load_tokenizer, read_config
+from attnkit.models.llama.hf_checkpoint import config_from_hf, load_tokenizer, read_config
 from attnkit.models.llama import Llama, LlamaConfig
 
 CASES = [("mha", False), ("gqa", False), ("mqa", False), ("gqa", True), ("mqa", True)]

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attnkit.analysis.arch import parameters, report
+from attnkit.analysis.llama_costs import parameters, report
 from attnkit.cli import main
 from attnkit.lab import presets as lab_presets
 from attnkit.lab.decode import decode_tokens_per_s, layer_caches

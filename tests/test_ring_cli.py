@@ -85,7 +85,7 @@ def test_every_ring_option_has_help_text():
 _TORCHRUN_TAIL = """\
 torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
 =======================================================
-attnkit.distributed.worker FAILED
+attnkit.cli.ring_worker FAILED
 -------------------------------------------------------
 Failures:
 [1]:
@@ -111,7 +111,7 @@ _ROOT_CAUSE_RANK_0 = _TORCHRUN_TAIL.replace("rank      : 1 (local_rank: 1)\n  ex
 def test_failure_prefers_a_rank_own_error_to_what_the_others_saw(tmp_path):
     # torchrun's timestamps are whole seconds, so its root cause is mostly rank 0, which only saw
     # rank 1 leave; before, that consequence was the reported error instead of rank 1's own.
-    from attnkit.distributed.command import failure
+    from attnkit.cli.ring import failure
 
     assert "rank      : 0 (local_rank: 0)\n  exitcode  : 2" in _ROOT_CAUSE_RANK_0
     lost = ("ring attention: rank 0 lost rank 1 during forward step 1 keys/values (to rank 1, from rank 1) "
@@ -131,7 +131,7 @@ def test_failure_prefers_a_rank_own_error_to_what_the_others_saw(tmp_path):
 
 
 def test_failure_names_the_rank_that_failed_first(tmp_path):
-    from attnkit.distributed.command import failure
+    from attnkit.cli.ring import failure
 
     assert str(failure(_TORCHRUN_TAIL, 1, str(tmp_path))) == "rank 1 was killed by signal SIGKILL without reporting an error"
     (tmp_path / "rank0.txt").write_text("RuntimeError\nring attention: rank 0 lost rank 1 during forward step 1")
@@ -159,7 +159,7 @@ def _workers(marker: str) -> dict[int, int]:
                 cmdline = handle.read()
         except OSError:
             continue
-        if marker.encode() in environ and b"attnkit.distributed.worker" in cmdline:
+        if marker.encode() in environ and b"attnkit.cli.ring_worker" in cmdline:
             rank = [e for e in environ if e.startswith(b"RANK=")]
             if rank:
                 found[int(rank[0][5:])] = int(pid)

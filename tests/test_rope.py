@@ -8,7 +8,7 @@ import torch
 from llama_oracle import hf_config
 
 from attnkit.models.llama import Llama, LlamaConfig
-from attnkit.models.meta_checkpoint import interleaved_to_half_split, load_meta_checkpoint
+from attnkit.models.llama.meta_checkpoint import interleaved_to_half_split, load_meta_checkpoint
 from attnkit.nn.rope import Llama3RopeScaling, RotaryEmbedding, rope_frequencies
 
 

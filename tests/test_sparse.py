@@ -137,8 +137,8 @@ def test_gqa_reads_keys_as_views_without_repeating_them():
     plan = plan_sparse(SlidingWindow(64), 512, 512, torch.device("cpu"))
     k = torch.randn(2, 512, 8)  # (B * Hkv, N, D)
     interior = max((g for part in plan.parts for g in part), key=lambda g: len(g.q_pos))
-    _, k_layout = sparse_module._layouts(interior, plan)
-    units = k_layout.read(k)
+    _, k_index = sparse_module._unit_indices(interior, plan)
+    units = k_index.read(k)
     assert units.untyped_storage().data_ptr() == k.untyped_storage().data_ptr()
 
 

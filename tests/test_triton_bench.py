@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from attnkit.bench import gpu_table, runner
+from attnkit.bench import gpu_table
 from attnkit.bench.cases import CASE_SETS, contenders_for
 from attnkit.bench.gpu_cases import GPU_CASE_SETS, DecodeWorkload
 from attnkit.bench.runner import BenchRow
@@ -49,7 +49,7 @@ def test_failing_section_is_recorded_and_the_rest_runs(tmp_path, monkeypatch):
             raise RuntimeError("boom")
         return [_row(case, "fwd+bwd" if backward else "fwd")]
 
-    monkeypatch.setattr(runner, "run_benchmark", fake)
+    monkeypatch.setattr(gpu_table, "run_benchmark", fake)
     monkeypatch.setattr(gpu_table, "_window_read_ms", lambda *args: 0.5)
     result = gpu_table.run(tmp_path, "cpu", tiny=True, budget=1e9, repeats=1,
                            only=["gpu-window", "gpu-strided", "gpu-decode"])
@@ -63,7 +63,7 @@ def test_failing_section_is_recorded_and_the_rest_runs(tmp_path, monkeypatch):
 
 
 def test_budget_stops_new_sections(tmp_path, monkeypatch):
-    monkeypatch.setattr(runner, "run_benchmark", lambda workloads, **kw: [_row(workloads[0].case, "fwd")])
+    monkeypatch.setattr(gpu_table, "run_benchmark", lambda workloads, **kw: [_row(workloads[0].case, "fwd")])
     result = gpu_table.run(tmp_path, "cpu", tiny=True, budget=-1.0, repeats=1, only=["gpu-window"])
     assert result["rows"] == [] and len(result["skipped"]) == 2
 
@@ -76,13 +76,11 @@ def test_main_refuses_cuda_without_a_device(tmp_path):
 
 
 def test_display_failure_keeps_the_json(tmp_path, monkeypatch):
-    from attnkit.bench import command
-
     def broken(rows, title):
         raise ValueError("cannot render")
 
-    monkeypatch.setattr(runner, "run_benchmark", lambda workloads, **kw: [_row(workloads[0].case, "fwd")])
-    monkeypatch.setattr(command, "_table", broken)
+    monkeypatch.setattr(gpu_table, "run_benchmark", lambda workloads, **kw: [_row(workloads[0].case, "fwd")])
+    monkeypatch.setattr(gpu_table, "rich_table", broken)
     result = gpu_table.run(tmp_path, "cpu", tiny=True, budget=1e9, repeats=1, only=["gpu-window"])
     assert len(result["rows"]) == 2 and not result["failures"]
     assert len(json.loads((tmp_path / "gpu_table.json").read_text())["rows"]) == 2

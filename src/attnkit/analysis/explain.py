@@ -15,18 +15,14 @@ import difflib
 import math
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
 from ..functional import reference_attention
-from ..models.bert import read_config
 from ..models.tokenizer import Tokens
 from ..nn import MultiHeadAttention
-
-SUPPORTED_MODEL_TYPES = ("bert", "llama")
 
 
 @dataclass(frozen=True)
@@ -93,42 +89,6 @@ class HeadChoice:
     layer: int
     head: int
     reason: str
-
-
-def load_model(path: Path) -> tuple[nn.Module, dict]:
-    """A checkpoint directory's model (eval mode) and its ``config.json``, dispatched on ``model_type``.
-
-    Raises FileNotFoundError for a missing directory or file, ValueError for another model type.
-    """
-    config = read_config(path)
-    kind = check_model_type(config, path)
-    if kind == "bert":
-        from ..models.bert import Bert
-
-        return Bert.from_pretrained(path), config
-    if kind == "llama":
-        from ..models.llama import Llama
-
-        return Llama.from_pretrained(path).float().eval(), config
-
-
-def check_model_type(config: dict, path: Path) -> str:
-    """``config["model_type"]`` when explain can run it, else ValueError naming the file."""
-    kind = config.get("model_type")
-    if kind not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
-            f"model_type {kind!r} in {path / 'config.json'} is not supported; "
-            f"use a {' or '.join(SUPPORTED_MODEL_TYPES)} checkpoint"
-        )
-    return kind
-
-
-def layer_and_head_counts(config: dict) -> tuple[int, int]:
-    """``(layers, heads)`` from a Hugging Face ``config.json`` dictionary."""
-    try:
-        return int(config["num_hidden_layers"]), int(config["num_attention_heads"])
-    except (KeyError, TypeError, ValueError):
-        raise ValueError("config.json lacks integer num_hidden_layers / num_attention_heads") from None
 
 
 def find_token(tokens: Tokens, sentence: str, wanted: Optional[str]) -> tuple[int, str]:

@@ -45,11 +45,13 @@ def _check_index(name: str, value: int | None, count: int, what: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Deferred: the CLI imports every command module to build its parser, which must not load torch.
+    import torch
     from rich.console import Console
     from rich.markup import escape
 
-    from ..models.bert import default_model_dir, read_config
-    from ..models.llama_source import explain_source, is_gguf
+    from ..models.bert import default_model_dir
+    from ..models.registry import identify
     from ..models.tokenizer import Tokenizer
     from . import explain as ex
     from .heatmaps import plot_all_layers, plot_layer_heads
@@ -58,12 +60,8 @@ def run(args: argparse.Namespace) -> int:
     if not sentence:
         raise ValueError(f"the sentence is empty; give a few words, e.g. {DEFAULT_SENTENCE_HINT}")
     model_dir = args.model if args.model is not None else default_model_dir()
-    if is_gguf(model_dir):  # a llama.cpp file holds the config and weights itself
-        config, load_gguf_model = explain_source(model_dir)
-    else:
-        config, load_gguf_model = read_config(model_dir), None
-    ex.check_model_type(config, model_dir)
-    n_layers, n_heads = ex.layer_and_head_counts(config)
+    checkpoint = identify(model_dir)
+    n_layers, n_heads = checkpoint.layers_and_heads()
     _check_index("--layer", args.layer, n_layers, "layers")
     _check_index("--head", args.head, n_heads, "heads per layer")
     if args.token is not None and args.position is not None:
@@ -74,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     token, how = (ex.token_at(tokens, args.position) if args.position is not None
                   else ex.find_token(tokens, sentence, args.token))
 
-    model = load_gguf_model() if load_gguf_model else ex.load_model(model_dir)[0]
+    model = checkpoint.load(dtype=torch.float32)
     traces = ex.trace(model, tokens.ids)
     choice = ex.choose_head(traces, tokens, token, args.layer, args.head)
     step = ex.explain_token(traces, choice.layer, choice.head, token)
@@ -82,9 +80,9 @@ def run(args: argparse.Namespace) -> int:
     console = Console(highlight=False)
     labels = [escape(label) for label in tokens.labels]  # the sentence may hold "[red]"-like text
     name = "all-MiniLM-L6-v2" if args.model is None else str(model_dir)
-    causal = not bool(traces[0].allowed.all())
+    causal = checkpoint.family.causal
     head_dim = traces[0].q.shape[-1]
-    console.print(f"[bold]attnkit explain[/] · {name} ({config['model_type']}: {n_layers} layers × "
+    console.print(f"[bold]attnkit explain[/] · {name} ({checkpoint.family.name}: {n_layers} layers × "
                   f"{n_heads} heads of width {head_dim})")
     console.print("model:  " + ("causal: a token sees itself and earlier tokens" if causal
                                 else "bidirectional: every token sees every token"))

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-from ..kernels.band_native import finite_band
 from ..kernels.dense import fused_lse_available
-from ..kernels.sparse import head_runs
-from ..patterns import BlockLocal, BlockSparse, Fixed, Pattern, Periodic, Strided, Summary, Union
+from ..patterns import finite_band, head_runs
 from .base import Problem
-
-_PLANNED = (Strided, Fixed, Periodic, BlockLocal, Summary, BlockSparse)  # patterns the sparse planner is for
 
 
 def finite_bands(problem: Problem) -> bool:
@@ -17,26 +13,18 @@ def finite_bands(problem: Problem) -> bool:
 
 
 def planned(problem: Problem) -> bool:
-    """Whether every head's pattern is a sparse pattern, a finite band, or a union of those: what
-    the sparse planner is for."""
+    """Whether every head's pattern has a planned decomposition (``Pattern.parts``): what the
+    sparse planner is for."""
     return _head_facts(problem)[1]
-
-
-def _planned_one(p: Pattern) -> bool:
-    if p.band() is not None:
-        return finite_band(p) is not None
-    if isinstance(p, _PLANNED):
-        return True
-    return isinstance(p, Union) and _planned_one(p.left) and _planned_one(p.right)
 
 
 def _head_facts(problem: Problem) -> tuple[bool, bool]:
     """``(finite_bands, planned)`` from one pass over the heads' patterns, once per problem."""
-    if problem.memo is not None and "heads" in problem.memo:
-        return problem.memo["heads"]
-    patterns = [p for _, _, p in head_runs(problem.pattern, problem.n_q_heads, 1)]
-    bands = all(finite_band(p) is not None for p in patterns)
-    return problem.fact("heads", lambda: (bands, bands or all(_planned_one(p) for p in patterns)))
+    def derive() -> tuple[bool, bool]:
+        patterns = [p for _, _, p in head_runs(problem.pattern, problem.n_q_heads, 1)]
+        return all(finite_band(p) is not None for p in patterns), all(p.parts is not None for p in patterns)
+
+    return problem.fact("heads", derive)
 
 
 def full_or_causal(problem: Problem) -> bool:

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels.band_native import band_backward, band_native_takes, finite_band
-from ..kernels.sparse import head_runs
+from ..kernels.band_native import band_backward, band_native_takes
+from ..patterns import finite_band, head_runs
 from .base import Grads, Problem
 from .facts import finite_bands
 

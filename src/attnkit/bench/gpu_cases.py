@@ -10,9 +10,9 @@ The shapes of issue 10: B=2, H=16, D=128, bfloat16. Case sets (``--case``):
 
 Contenders: ``torch sdpa`` (``is_causal`` or a boolean mask built once per shape; the baseline),
 ``flex (compiled)`` (``torch.compile(flex_attention)``, block mask built once per shape, with its
-own GPU backward), ``attnkit auto``, ``attnkit triton`` and ``attnkit sparse`` (the planner; its
-backward is left out where its band units would not fit in memory). GFLOP/s count the allowed pairs
-only.
+own GPU backward), and attnkit's backends less :data:`LEFT_OUT`: ``auto``, ``sparse`` (the
+planner; its backward is left out where its band units would not fit in memory) and ``triton``
+(skipped with the reason where it cannot run). GFLOP/s count the allowed pairs only.
 """
 
 from __future__ import annotations
@@ -24,11 +24,18 @@ import torch
 
 from ..kernels.triton_backend import triton_available
 from ..patterns import BlockSparse, Causal, Fixed, SlidingWindow, Strided
-from .cases import Contender, Workload, _attnkit, _sdpa_direct
-from .sparse_cases import _flex, bigbird_layout
+from .contenders import Contender, attnkit_backend, backends_to_time, sdpa_direct
+from .peers import flex
+from .sparse_cases import bigbird_layout
+from .workload import Workload
 
 GPU_SHAPE = dict(batch=2, heads=16, kv_heads=16, head_dim=128, dtype=torch.bfloat16)
 _PLANNER_BACKWARD_PAIRS = 1 << 26  # band pairs per head above which the planner's backward ran out of memory
+LEFT_OUT = (
+    "reference",  # materialises (B, H, N, N) weights: gigabytes at these lengths
+    "dense",  # SDPA with the pattern as a mask: the baseline row already
+    "blockwise",  # the CPU tiling in torch ops: the planner and the Triton kernel are the GPU paths
+)
 
 
 @dataclass(frozen=True)
@@ -69,15 +76,26 @@ def gpu_contenders(workload: Workload) -> list[Contender]:
     """The contenders of a GPU workload, SDPA first; ones that cannot run here are skipped."""
     pattern = workload.pattern
     sdpa = "torch sdpa" if isinstance(pattern, Causal) else "torch sdpa (masked)"
-    found = [Contender(sdpa, _sdpa_direct(pattern), baseline=True)]
-    flex, note = _flex(pattern)
-    found.append(Contender("flex (compiled)", flex, note=note, compiled=True,
+    found = [Contender(sdpa, sdpa_direct(pattern), baseline=True)]
+    flex_fn, note = flex(pattern)
+    found.append(Contender("flex (compiled)", flex_fn, note=note, compiled=True,
                            forward_only=not torch.cuda.is_available()))
-    found.append(Contender("attnkit auto", _attnkit(pattern, "auto")))
-    reason = triton_available(None if torch.cuda.is_available() else torch.device("cpu"))
-    found.append(Contender("attnkit triton", None if reason else _attnkit(pattern, "triton"), note=reason))
-    band = pattern.band()
-    heavy = band is not None and (band[1] - band[0]) * workload.seq > _PLANNER_BACKWARD_PAIRS
-    found.append(Contender("attnkit sparse", _attnkit(pattern, "sparse"), forward_only=heavy,
-                           note="forward only: its backward ran out of memory here" if heavy else None))
+    for backend in backends_to_time(LEFT_OUT):
+        found.append(_attnkit_contender(workload, backend))
     return found
+
+
+def _attnkit_contender(workload: Workload, backend: str) -> Contender:
+    """attnkit on ``backend``, with what the GPU table knows about it: the Triton kernel may be
+    unavailable here, and the planner's backward does not fit in memory on long bands."""
+    pattern = workload.pattern
+    fn = attnkit_backend(pattern, backend)
+    if backend == "triton":
+        reason = triton_available(None if torch.cuda.is_available() else torch.device("cpu"))
+        return Contender("attnkit triton", None if reason else fn, note=reason)
+    if backend == "sparse":
+        band = pattern.band()
+        heavy = band is not None and (band[1] - band[0]) * workload.seq > _PLANNER_BACKWARD_PAIRS
+        return Contender("attnkit sparse", fn, forward_only=heavy,
+                         note="forward only: its backward ran out of memory here" if heavy else None)
+    return Contender(f"attnkit {backend}", fn)

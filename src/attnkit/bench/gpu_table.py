@@ -24,6 +24,12 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+from rich.console import Console
+
+from .cases import CASE_SETS
+from .gpu_cases import GPU_SHAPE
+from .runner import run_benchmark, time_interleaved
+from .table import rich_table
 
 SECTIONS: tuple[tuple[str, tuple[int, ...], bool], ...] = (
     ("gpu-window", (8192, 32768), False),
@@ -45,8 +51,6 @@ _TINY_SEQS = (256, 512)
 
 
 def _workloads(case: str, seqs: tuple[int, ...], tiny: bool) -> list:
-    from .cases import CASE_SETS
-
     if tiny:
         seqs = tuple(sorted({min(n, _TINY_SEQS[-1]) for n in seqs} | {_TINY_SEQS[0]}))
     found = CASE_SETS[case](seqs)
@@ -58,9 +62,6 @@ def _workloads(case: str, seqs: tuple[int, ...], tiny: bool) -> list:
 
 def _window_read_ms(seq: int, window: int, tiny: bool, device: torch.device, repeats: int) -> float:
     """Median time of reading a decoding step's K and V window once (a copy: read + write)."""
-    from .gpu_cases import GPU_SHAPE
-    from .runner import time_interleaved
-
     shape = _TINY if tiny else GPU_SHAPE
     size = (shape["batch"], shape["kv_heads"], min(window, seq), shape["head_dim"])
     k, v = (torch.randn(size, device=device).to(shape["dtype"]) for _ in range(2))
@@ -68,7 +69,7 @@ def _window_read_ms(seq: int, window: int, tiny: bool, device: torch.device, rep
 
 
 def _plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
+    import matplotlib  # lazy: matplotlib is an optional extra, needed only for the PNG
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -98,11 +99,6 @@ def _plot(rows: list[dict], path: Path) -> None:
 
 def run(out: Path, device: str, tiny: bool, budget: float, repeats: int, only: Optional[Sequence[str]]) -> dict:
     """Run the sections; returns (and writes) ``{"meta", "rows", "failures", "skipped", "decode_read_ms"}``."""
-    from rich.console import Console
-
-    from .command import _table
-    from .runner import run_benchmark
-
     console = Console(width=170)  # the table has ten columns; log files are not terminals
     start = time.monotonic()
     result = {
@@ -137,7 +133,7 @@ def run(out: Path, device: str, tiny: bool, budget: float, repeats: int, only: O
         result["rows"].extend(r.as_dict() for r in rows)
         (out / "gpu_table.json").write_text(json.dumps(result, indent=2))  # partial results survive a kill
         try:
-            console.print(_table(rows, label))
+            console.print(rich_table(rows, label))
         except Exception as exc:  # a display problem must not cost the measured rows
             console.print(f"[red]could not show the table for {label}: {type(exc).__name__}: {exc}")
     result["meta"]["seconds"] = round(time.monotonic() - start, 1)

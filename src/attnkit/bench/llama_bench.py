@@ -26,11 +26,11 @@ from datetime import datetime, timezone
 
 import torch
 
-from ..analysis.arch import decode_bytes_per_token, kv_bytes_per_token, prefill_flops_per_token
+from ..analysis.llama_costs import decode_bytes_per_token, kv_bytes_per_token, prefill_flops_per_token
 from ..models.cpu_pack import pack_for_cpu, packed_dtype_supported
 from ..models.generate import stream
-from ..models.hf import config_to_hf, hf_name
 from ..models.llama import Llama, LlamaConfig
+from ..models.llama.hf_checkpoint import config_to_hf, hf_name
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -70,7 +70,7 @@ def _hf_from_path(path, dtype: torch.dtype):
 
     import transformers
 
-    from ..models.gguf_checkpoint import is_gguf
+    from ..models.gguf_file import is_gguf
 
     path = Path(path)
     if is_gguf(path):
@@ -84,7 +84,7 @@ def build_models(config: LlamaConfig, dtype: torch.dtype, seed: int = 0, *, devi
     by attnkit itself), ``attnkit packed`` (CPU, when the CPU can pack ``dtype``) and, with
     ``int8``, ``attnkit int8`` models, all on ``device``."""
     from ..models.int8 import quantize_int8
-    from ..models.llama_source import load_llama
+    from ..models.llama import load_llama
 
     hf = (_random_hf(config, dtype, seed) if model_path is None else _hf_from_path(model_path, dtype)).to(device).eval()
     hf.generation_config.eos_token_id = None
@@ -217,10 +217,10 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
     if args.model is not None:
-        from ..models.llama_source import check_exists
+        from ..models.checkpoint import checkpoint_format
 
         try:
-            check_exists(args.model)
+            checkpoint_format(args.model)
         except FileNotFoundError as exc:
             parser.error(str(exc))
     models = build_models(LlamaConfig.preset(args.preset, **({"n_layers": args.layers} if args.layers else {})),

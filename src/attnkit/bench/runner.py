@@ -18,8 +18,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..functional import reference_attention
-from .cases import Contender, Workload, contenders_for
+from .cases import contenders_for
+from .contenders import Contender
 from .memory import peak_memory_bytes
+from .workload import Workload
 
 ERROR_ROWS = 256
 

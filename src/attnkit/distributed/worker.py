@@ -1,9 +1,11 @@
 """One rank of ``attnkit ring``: random shards, ring attention forward + backward, measurements.
 
-Run by ``torchrun`` (see :mod:`.command`). Each rank draws its own random shard (seeded by rank),
-so no rank ever holds the full sequence; the full tensors are defined as the assembly of the
-shards. When ``check`` is on, the shards, outputs and gradients are gathered and rank 0 compares
-them with single-process float64 attention on the full tensors.
+Run under ``torchrun`` by the command's entry point (:mod:`attnkit.cli.ring_worker`), which
+reads the :class:`~.ring_case.RingCase` and calls :func:`run_worker`. Each rank draws its own
+random shard (seeded by rank), so no rank ever holds the full sequence; the full tensors are
+defined as the assembly of the shards. When ``check`` is on, the shards, outputs and gradients are
+gathered and rank 0 compares them with single-process float64 attention on the full tensors.
+Rank 0 writes every rank's report to the case's ``work_dir`` for the launcher to print.
 """
 
 from __future__ import annotations
@@ -22,32 +24,12 @@ import torch
 import torch.distributed as dist
 
 from ..functional import attention
-from ..patterns import Pattern
 from .comm import gloo_reason
 from .layouts import assemble, shard_positions
 from .ring import record_ring_stats, ring_attention
+from .ring_case import RESULT_FILE, RingCase
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class RingCase:
-    """The problem ``attnkit ring`` runs (full sequence ``seq``, split over the ranks)."""
-
-    seq: int
-    batch: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    pattern: Pattern
-    pattern_name: str
-    layout: str
-    dtype: str
-    check: bool
-    timeout: float
-    seed: int
-    json_path: Optional[str]
-    error_dir: Optional[str]
 
 
 @dataclass
@@ -163,29 +145,26 @@ def run_rank(case: RingCase) -> dict:
     return {"reports": reports, "errors": errors}
 
 
-def main() -> int:
-    """Entry point of each torchrun worker: the case comes as JSON in ``ATTNKIT_RING_CASE``."""
-    from .command import case_from_json, print_report
-
-    case = case_from_json(os.environ["ATTNKIT_RING_CASE"])
+def run_worker(case: RingCase) -> int:
+    """This torchrun worker's whole job: join the group, run the case, and on rank 0 write the
+    result to ``case.work_dir``. On failure write this rank's one-line error there and leave at
+    once with exit code 2."""
     rank = int(os.environ.get("RANK", 0))
     try:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend, timeout=timedelta(seconds=case.timeout))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.get_world_size()))
         result = run_rank(case)
-        if rank == 0:
-            print_report(case, result, dist.get_world_size())
-            if case.json_path:
-                with open(case.json_path, "w") as handle:
-                    json.dump(result, handle, indent=2)
+        if rank == 0 and case.work_dir:
+            with open(os.path.join(case.work_dir, RESULT_FILE), "w") as handle:
+                json.dump(result, handle)
         with _phase("the final barrier"):
             dist.barrier()
         dist.destroy_process_group()
         return 0
     except Exception as exc:  # the launcher turns this file into its one-line error
-        if case.error_dir:
-            with open(os.path.join(case.error_dir, f"rank{rank}.txt"), "w") as handle:
+        if case.work_dir:
+            with open(os.path.join(case.work_dir, f"rank{rank}.txt"), "w") as handle:
                 first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
                 handle.write(f"{type(exc).__name__}\n{first_line}\n{time.time()!r}")
         print(f"attnkit ring: rank {rank}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
@@ -194,7 +173,3 @@ def main() -> int:
         # would wait for it. Everything worth keeping is written and flushed.
         sys.stdout.flush()
         os._exit(2)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

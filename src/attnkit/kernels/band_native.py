@@ -47,12 +47,6 @@ def _library() -> Optional[ctypes.CDLL]:
     return library
 
 
-def finite_band(pattern: Pattern) -> Optional[tuple[float, float]]:
-    """The pattern's band ``(lo, hi)`` when it has one with finite bounds (the kernel's work), else None."""
-    band = pattern.band()
-    return band if band is not None and math.isfinite(band[0]) and math.isfinite(band[1]) else None
-
-
 def band_native_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether the native kernel runs these inputs: it can take them and it is not slower than the
     planner here (see :func:`band_decision`). Builds the library, and calibrates, on first call."""
@@ -330,4 +324,4 @@ add_status_note("band_attention", lambda: band_decision().reason)
 
 
 __all__ = ["BandDecision", "KNOWN_FAST", "band_backward", "band_decision", "band_forward", "band_native_attention",
-           "band_native_supports", "band_native_takes", "finite_band", "forced_band_path"]
+           "band_native_supports", "band_native_takes", "forced_band_path"]

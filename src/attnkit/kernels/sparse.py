@@ -37,8 +37,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..patterns import BlockSparse, Pattern, PerHead
-from .band_native import band_backward, band_forward, band_native_attention, band_native_supports, finite_band
+from ..patterns import Pattern, finite_band, head_runs
+from .band_native import band_backward, band_forward, band_native_attention, band_native_supports
 from .common import compute_dtype, kv_groups
 from .sparse_plan import BACKWARD_BAND_ROWS, BAND_ROWS, UNIT_ROWS, SparsePlan, UnitGroup, plan_sparse
 
@@ -50,7 +50,7 @@ _LOG2E = math.log2(math.e)
 
 
 # ---------------------------------------------------------------------------------------------
-# Unit layouts: views where positions are evenly spaced, gathers elsewhere.
+# Unit indices: views where positions are evenly spaced, gathers elsewhere.
 
 
 def _arithmetic(index: torch.Tensor) -> Optional[tuple[int, int, int]]:
@@ -67,8 +67,9 @@ def _arithmetic(index: torch.Tensor) -> Optional[tuple[int, int, int]]:
     return (start, unit_step, item_step) if torch.equal(expected, index) else None
 
 
-class _Layout:
-    """How one index table ``(U, M)`` of rows in ``[0, n)`` (others = padding) is read/written."""
+class _UnitIndex:
+    """The rows a group's units gather from and scatter to: an index table ``(U, M)`` of rows in
+    ``[0, n)`` (others = padding), read and written as strided views where it is evenly spaced."""
 
     def __init__(self, index: torch.Tensor, n: int) -> None:
         self.index = index
@@ -144,10 +145,10 @@ class _Layout:
             view.add_(values[:, :, first : first + width])
 
 
-def _layouts(group: UnitGroup, plan: SparsePlan) -> tuple[_Layout, _Layout]:
-    if "layouts" not in group.cache:
-        group.cache["layouts"] = (_Layout(group.q_pos - plan.offset, plan.n_q), _Layout(group.k_pos, plan.n_k))
-    return group.cache["layouts"]
+def _unit_indices(group: UnitGroup, plan: SparsePlan) -> tuple[_UnitIndex, _UnitIndex]:
+    if "indices" not in group.cache:
+        group.cache["indices"] = (_UnitIndex(group.q_pos - plan.offset, plan.n_q), _UnitIndex(group.k_pos, plan.n_k))
+    return group.cache["indices"]
 
 
 def _additive_mask(group: UnitGroup, groups: int, dtype: torch.dtype) -> torch.Tensor:
@@ -200,8 +201,8 @@ def _part_buffers(q3, part, plan: SparsePlan, dim: int, dtype: torch.dtype):
     lse = torch.empty((q3.shape[0], plan.n_q, 1), dtype=dtype, device=q3.device)
     covered = torch.zeros(plan.n_q, dtype=torch.bool, device=q3.device)
     for group in part:
-        q_layout, _ = _layouts(group, plan)
-        covered[q_layout.flat_index] = True
+        q_index, _ = _unit_indices(group, plan)
+        covered[q_index.flat_index] = True
     missing = (~covered).nonzero().flatten()
     if len(missing):
         out.index_fill_(1, missing, 0.0)
@@ -213,14 +214,14 @@ def _fused_part(q3, k3, v3, part, plan: SparsePlan, scale: float, groups: int):
     """One part's ``(out (B*Hq, Nq, D), lse (B*Hq, Nq, 1))`` from its groups of units."""
     part_out, part_lse = _part_buffers(q3, part, plan, v3.shape[-1], compute_dtype(q3.dtype))
     for group in part:
-        q_layout, k_layout = _layouts(group, plan)
+        q_index, k_index = _unit_indices(group, plan)
         mask = _additive_mask(group, groups, q3.dtype)
-        q_u = _stack_heads(q_layout.read(q3), groups)
-        out_u, lse_u = _FUSED(q_u, k_layout.read(k3), k_layout.read(v3), 0.0, False, attn_mask=mask, scale=scale)
+        q_u = _stack_heads(q_index.read(q3), groups)
+        out_u, lse_u = _FUSED(q_u, k_index.read(k3), k_index.read(v3), 0.0, False, attn_mask=mask, scale=scale)
         seen = group.seen.unsqueeze(0).expand(groups, -1, -1).transpose(0, 1).flatten(1)  # (U, g*R)
         lse_u = lse_u.to(part_lse.dtype).masked_fill(~seen, float("-inf"))
-        q_layout.write(part_out, _unstack_heads(out_u, groups), accumulate=False)
-        q_layout.write(part_lse, _unstack_heads(lse_u.unsqueeze(-1), groups), accumulate=False)
+        q_index.write(part_out, _unstack_heads(out_u, groups), accumulate=False)
+        q_index.write(part_lse, _unstack_heads(lse_u.unsqueeze(-1), groups), accumulate=False)
     return part_out, part_lse
 
 
@@ -229,17 +230,17 @@ def _fused_part_backward(q3, k3, v3, out3, lse3, d_out3, part, plan: SparsePlan,
     with ``-inf`` replaced by 0 (those rows have p = 0)."""
     d_q, d_k, d_v = grads
     for group in part:
-        q_layout, k_layout = _layouts(group, plan)
+        q_index, k_index = _unit_indices(group, plan)
         mask = _additive_mask(group, groups, q3.dtype)
-        q_u, d_out_u, out_u = (_stack_heads(q_layout.read(t), groups) for t in (q3, d_out3, out3))
-        lse_u = _stack_heads(q_layout.read(lse3), groups).squeeze(-1).contiguous()
+        q_u, d_out_u, out_u = (_stack_heads(q_index.read(t), groups) for t in (q3, d_out3, out3))
+        lse_u = _stack_heads(q_index.read(lse3), groups).squeeze(-1).contiguous()
         d_q_u, d_k_u, d_v_u = _FUSED_BACKWARD(
-            d_out_u, q_u, k_layout.read(k3), k_layout.read(v3), out_u, lse_u, 0.0, False,
+            d_out_u, q_u, k_index.read(k3), k_index.read(v3), out_u, lse_u, 0.0, False,
             attn_mask=mask, scale=scale,
         )
-        q_layout.write(d_q, _unstack_heads(d_q_u, groups), accumulate=True)
-        k_layout.write(d_k, d_k_u, accumulate=True)
-        k_layout.write(d_v, d_v_u, accumulate=True)
+        q_index.write(d_q, _unstack_heads(d_q_u, groups), accumulate=True)
+        k_index.write(d_k, d_k_u, accumulate=True)
+        k_index.write(d_v, d_v_u, accumulate=True)
 
 
 def _native_bands(plan: SparsePlan, q3, k3, v3) -> list:
@@ -453,50 +454,6 @@ def _merge_imprecise(plan: SparsePlan, lse: torch.Tensor) -> bool:
 # Heads and the kernel entry point.
 
 
-class _HeadOfBlockSparse(BlockSparse):
-    """One head of a per-head :class:`BlockSparse`; equal to any head with the same layout, so
-    heads that share a layout share one run and one cached plan."""
-
-    def __init__(self, parent: BlockSparse, head: int) -> None:
-        super().__init__(parent.layout[head], parent.block_size)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, BlockSparse) and other.n_heads is None and (
-            other.block_size == self.block_size and torch.equal(other.layout, self.layout)
-        )
-
-    def __hash__(self) -> int:
-        return hash((self.block_size, self.layout.shape, bytes(self.layout.flatten().numpy())))
-
-
-def head_pattern(pattern: Pattern, head: int) -> Pattern:
-    """The pattern query head ``head`` uses, without a head dimension."""
-    if pattern.n_heads is None:
-        return pattern
-    if isinstance(pattern, PerHead):
-        return pattern.patterns[head]
-    if isinstance(pattern, BlockSparse):
-        return _HeadOfBlockSparse(pattern, head)
-    return type(pattern)(head_pattern(pattern.left, head), head_pattern(pattern.right, head))
-
-
-def head_runs(pattern: Pattern, n_q_heads: int, groups: int) -> list[tuple[int, int, Pattern]]:
-    """``(first, stop, pattern)``: runs of query heads that share one pattern; a run covers whole
-    KV groups when it can, else single heads."""
-    if pattern.n_heads is None:
-        return [(0, n_q_heads, pattern)]
-    per_head = [head_pattern(pattern, h) for h in range(n_q_heads)]
-    runs, start = [], 0
-    for h in range(1, n_q_heads + 1):
-        if h == n_q_heads or per_head[h] != per_head[start]:
-            if start % groups == 0 and h % groups == 0:
-                runs.append((start, h, per_head[start]))
-            else:
-                runs.extend((i, i + 1, per_head[i]) for i in range(start, h))
-            start = h
-    return runs
-
-
 def _run(q, k, v, pattern: Pattern, scale: float, unit_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     n_q, n_k, device = q.shape[2], k.shape[2], q.device
     band = finite_band(pattern)
@@ -552,4 +509,4 @@ def sparse_plan_pairs(pattern: Pattern, n_q: int, n_k: int, n_q_heads: int = 1) 
     return total
 
 
-__all__ = ["head_pattern", "head_runs", "sparse_kernel", "sparse_plan_pairs"]
+__all__ = ["sparse_kernel", "sparse_plan_pairs"]

@@ -1,10 +1,13 @@
 """The sparse planner: turn a pattern into disjoint parts of equally shaped attention *units*.
 
 A plan is a list of *parts*, exact sub-attentions over disjoint key sets whose results are merged
-by their log-sum-exp. A union ``a | b`` becomes the parts of ``a`` followed by the parts of ``b``
-with the pairs of ``a`` masked out, so no key is counted twice; ``Strided`` and ``Fixed`` are the
-unions of their two ``parts``. Each part is a few groups of units: a unit is ``R`` query positions
-that see the same ``C`` key positions, and a group runs as one batched attention call. Geometries:
+by their log-sum-exp. The parts are the pattern's own ``.parts`` (see
+:attr:`~attnkit.patterns.Pattern.parts`: ``Strided`` and ``Fixed`` give their two parts, a union
+``a | b`` the parts of ``a`` followed by those of ``b``, also when only one side has parts), each
+with the pairs of the earlier parts masked out, so no key is counted twice; any other pattern
+without parts is one part. Each part is a few
+groups of units: a unit is ``R`` query positions that see the same ``C`` key positions, and a group
+runs as one batched attention call. Geometries:
 
 - band patterns (``SlidingWindow`` and compositions with a finite band): units are blocks of
   ``BAND_ROWS`` consecutive queries; each sees the ``BAND_ROWS + hi - lo`` keys its band reaches.
@@ -28,14 +31,12 @@ follows are proportional to the pairs the units cover.
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
-from ..patterns import BlockLocal, BlockSparse, Fixed, Pattern, Periodic, Strided, Summary, Union
-from .band_native import finite_band
+from ..patterns import BlockLocal, BlockSparse, Difference, Pattern, Periodic, Summary, Union, finite_band
 
 UNIT_ROWS = 128
 """Query rows per unit of the summary and tile geometries."""
@@ -48,17 +49,6 @@ BACKWARD_BAND_ROWS = 128
 before they are summed: fewer, larger units write less."""
 _MASK_CHUNK = 1 << 22  # predicate evaluations at once while planning
 _BUCKET_FILL = 0.8  # a bucket of units keeps at least this share of its widest unit's keys
-
-
-@dataclass(frozen=True, eq=False)
-class Difference(Pattern):
-    """Pairs of ``keep`` that ``drop`` does not allow: how a union is split into disjoint parts."""
-
-    keep: Pattern
-    drop: Pattern
-
-    def allows(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
-        return self.keep.allows(i, j) & ~self.drop.allows(i, j)
 
 
 @dataclass(frozen=True, eq=False)
@@ -186,8 +176,8 @@ def _tile_geometry(pattern: Pattern, offset: int, n_q: int, n_k: int, rows: int,
 
 def _geometry(pattern: Pattern, offset: int, n_q: int, n_k: int, rows: int, band_rows: int) -> list[tuple]:
     """Units ``(q_pos (U, R), k_pos (U, C))`` in absolute positions covering every allowed pair."""
-    band = pattern.band()
-    if band is not None and math.isfinite(band[0]) and math.isfinite(band[1]):
+    band = finite_band(pattern)
+    if band is not None:
         return _band_geometry(int(band[0]), int(band[1]), offset, n_q, n_k, band_rows)
     if isinstance(pattern, Periodic):
         return _periodic_geometry(pattern.stride, offset, n_q, n_k)
@@ -200,8 +190,10 @@ def _geometry(pattern: Pattern, offset: int, n_q: int, n_k: int, rows: int, band
 
 
 def split_parts(pattern: Pattern) -> list[Pattern]:
-    """The pieces the planner gives a geometry of their own; their union is ``pattern``."""
-    if isinstance(pattern, (Strided, Fixed)):
+    """The pieces the planner gives a geometry of their own; their union is ``pattern``. A
+    pattern's ``.parts`` when it has them; a union whose side has none (``Predicate | Strided``)
+    is still split by its sides, so the planned side keeps its geometry; else the pattern itself."""
+    if pattern.parts is not None:
         return list(pattern.parts)
     if isinstance(pattern, Union):
         return split_parts(pattern.left) + split_parts(pattern.right)
@@ -273,4 +265,4 @@ def plan_sparse(
     return SparsePlan(n_q, n_k, moved, tuple(bands) + (None,) * (len(moved) - len(bands)))
 
 
-__all__ = ["BACKWARD_BAND_ROWS", "BAND_ROWS", "Difference", "SparsePlan", "UNIT_ROWS", "UnitGroup", "plan_sparse", "split_parts"]
+__all__ = ["BACKWARD_BAND_ROWS", "BAND_ROWS", "SparsePlan", "UNIT_ROWS", "UnitGroup", "plan_sparse", "split_parts"]

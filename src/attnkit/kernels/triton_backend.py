@@ -31,8 +31,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..patterns import BlockLocal, Fixed, Pattern, Periodic, Strided, Summary
-from .sparse import head_runs
+from ..patterns import BlockLocal, Fixed, Pattern, Periodic, Strided, Summary, head_runs
 
 MAX_HEAD_DIM = 256
 DECODE_QUERIES = 16

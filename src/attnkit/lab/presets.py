@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ..models.llama_config import LlamaConfig
+from ..models.llama import LlamaConfig
 from .tasks import MQAR, StdlibText
 from .train import TrainSettings
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ..checks import positive_int
 from ..models.llama import Llama
-from ..models.llama_config import LlamaConfig
+from ..models.llama import LlamaConfig
 from .tasks import IGNORE
 
 

@@ -1,7 +1,7 @@
 """The attention variants the lab compares, as Llama configurations that differ only in attention.
 
 Every variant shares the width, depth, query heads, head size, SwiGLU width, vocabulary and RoPE of
-one base :class:`~attnkit.models.llama_config.LlamaConfig`; a variant changes only ``n_kv_heads``
+one base :class:`~attnkit.models.llama.LlamaConfig`; a variant changes only ``n_kv_heads``
 (MHA / GQA / MQA) or ``layer_patterns`` (sparse patterns, a per-layer mix). Fewer key/value heads
 are **not compensated**: GQA and MQA models simply have fewer parameters (their K/V projections
 shrink), and the report shows the count next to the quality.
@@ -14,8 +14,8 @@ from typing import Optional
 
 import torch
 
-from ..analysis.arch import kv_bytes_per_token, parameters
-from ..models.llama_config import LlamaConfig
+from ..analysis.llama_costs import kv_bytes_per_token, parameters
+from ..models.llama import LlamaConfig
 from ..patterns import Causal, Fixed, Pattern, SlidingWindow, Strided
 
 

@@ -1,6 +1,7 @@
 """Reading checkpoint files with errors that name the file, the field or the tensor.
 
-One reader for every model family: JSON configs (:func:`read_json`, :class:`JsonFields` for typed
+One reader for every model family: which format a checkpoint path holds (:func:`checkpoint_format`),
+JSON configs (:func:`read_json`, :class:`JsonFields` for typed
 fields), and safetensors weights, either one ``model.safetensors`` or shards listed by
 ``model.safetensors.index.json`` (:func:`weight_files`, :func:`read_tensors`). Nothing here knows
 a model: a loader asks for the names and shapes it needs.
@@ -19,9 +20,14 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Iterable, Mapping, Optional
 
 import torch
+from safetensors import safe_open
+
+from .gguf_file import is_gguf
 
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+CONFIG_FILE = "config.json"
+META_PARAMS_FILE = "params.json"
 
 _REQUIRED = object()
 
@@ -39,6 +45,27 @@ def describe(value: object) -> str:
             text = f"{value.bit_length()} bits long"
     text = text if len(text) <= 60 else text[:57] + "..."
     return "null" if value is None else f"{text} ({kind})"
+
+
+def checkpoint_format(path: str | os.PathLike) -> str:
+    """The format of the checkpoint at ``path``: ``"gguf"`` (a ``.gguf`` file), ``"hf"`` (a directory
+    with ``config.json``) or ``"meta"`` (a directory with Meta's ``params.json``).
+
+    Raises FileNotFoundError saying what is missing: the GGUF file, the directory, or a config in it.
+    """
+    path = Path(path)
+    if is_gguf(path):
+        if not path.is_file():
+            raise FileNotFoundError(f"model file {path} does not exist")
+        return "gguf"
+    if not path.is_dir():
+        what = "is not a directory (give a checkpoint directory or a .gguf file)" if path.exists() else "does not exist"
+        raise FileNotFoundError(f"model directory {path} {what}")
+    if (path / CONFIG_FILE).is_file():
+        return "hf"
+    if (path / META_PARAMS_FILE).is_file():
+        return "meta"
+    raise FileNotFoundError(f"model directory {path} has no {CONFIG_FILE} (nor Meta's {META_PARAMS_FILE})")
 
 
 def read_json(file: Path) -> dict:
@@ -187,7 +214,6 @@ def weight_files(directory: Path) -> dict[str, Path]:
     single = directory / WEIGHTS_FILE
     if not single.is_file():
         raise FileNotFoundError(f"{directory}: neither {WEIGHTS_FILE} nor {INDEX_FILE} found")
-    from safetensors import safe_open
 
     try:
         with safe_open(single, framework="pt") as handle:
@@ -219,8 +245,6 @@ def read_tensors(
     ``dtype`` (None keeps the file's) and moved to ``device``. Raises ValueError naming the file
     and tensor otherwise, or naming the file when it cannot be read (truncated, corrupt).
     """
-    from safetensors import safe_open
-
     by_file: dict[Path, list[str]] = {}
     for name in names:
         by_file.setdefault(files[name], []).append(name)

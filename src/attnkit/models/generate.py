@@ -2,7 +2,11 @@
 
 Prompts of different lengths are left-padded to the longest; each row's positions start at 0 at
 its first real token and a key mask hides the padding, so a row generates exactly what it would
-generate alone. Sampling: greedy (``temperature = 0``), or softmax at ``temperature`` restricted to
+generate alone. Positions come from here only: every forward call gets them explicitly, so the
+model never infers them (from its caches' lengths or otherwise).
+
+What a model must offer is written down as :class:`CausalLM`; :class:`~attnkit.models.llama.Llama`
+is one. Sampling: greedy (``temperature = 0``), or softmax at ``temperature`` restricted to
 the ``top_k`` most likely tokens and to the smallest set whose probability reaches ``top_p``,
 drawn from a ``torch.Generator`` seeded with ``seed``.
 """
@@ -11,9 +15,52 @@ from __future__ import annotations
 
 import math
 from numbers import Real
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Iterable, Iterator, Optional, Protocol, Sequence, runtime_checkable
 
 import torch
+
+
+class DecoderConfig(Protocol):
+    """The config fields generation reads."""
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids lie in ``[0, vocab_size)``."""
+
+    @property
+    def max_position_embeddings(self) -> int:
+        """The most positions (prompt + new tokens) the model may see; the caches hold this many."""
+
+    @property
+    def eos_token_ids(self) -> Sequence[int]:
+        """The tokens that end a row when ``stop_tokens`` is not given."""
+
+
+@runtime_checkable
+class CausalLM(Protocol):
+    """What :func:`generate` and :func:`stream` need of a model.
+
+    - ``config``: a :class:`DecoderConfig`.
+    - ``device``: where the token ids, positions and masks are put.
+    - ``make_caches(batch, max_len)``: fresh, empty key/value caches (one per layer, whatever the
+      model keeps) able to hold ``max_len`` positions of ``batch`` rows.
+    - ``model(tokens, *, positions, caches, key_mask, last_only=True)``: ``tokens (B, N)`` int64
+      sit at ``positions`` (``(N,)`` when every row agrees, else ``(B, N)``); their keys and values
+      are appended to ``caches`` after the ones already there; ``key_mask`` ``(B, cached + N)``
+      (True = a real token) is None when no row is padded. Returns logits ``(B, 1, vocab)`` of the
+      last position.
+    """
+
+    @property
+    def config(self) -> DecoderConfig: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def make_caches(self, batch: int, max_len: int) -> Sequence[object]: ...
+
+    def __call__(self, tokens: torch.Tensor, *, positions: torch.Tensor, caches: Sequence[object],
+                 key_mask: Optional[torch.Tensor], last_only: bool) -> torch.Tensor: ...
 
 
 def _check_options(max_new_tokens, temperature, top_k, top_p, seed) -> None:
@@ -93,7 +140,7 @@ def sample(
 
 @torch.no_grad()
 def stream(
-    model,
+    model: CausalLM,
     tokens,
     max_new_tokens: int,
     *,
@@ -114,7 +161,7 @@ def stream(
     if bad:
         raise ValueError(f"generate: stop_tokens must be token ids in [0, {config.vocab_size}), got {bad[0]!r}")
     stops = torch.tensor(stops, dtype=torch.long)
-    device = model.embed_tokens.weight.device
+    device = model.device
     lengths = torch.tensor([len(r) for r in rows])
     prompt_len = int(lengths.max())
     total = prompt_len + max_new_tokens
@@ -130,10 +177,10 @@ def stream(
     for i, row in enumerate(rows):
         batch[i, int(pads[i]):] = torch.tensor(row, dtype=torch.long)
     batch = batch.to(device)
-    key_mask = positions = None
-    if bool((pads > 0).any()):
-        key_mask = (torch.arange(total)[None, :] >= pads[:, None]).to(device)  # (B, total)
-        positions = (torch.arange(prompt_len)[None, :] - pads[:, None]).clamp(min=0).to(device)
+    padded = bool((pads > 0).any())
+    # Row i's first real token sits at position 0 (its padding at 0 too, hidden by the key mask).
+    positions = (torch.arange(prompt_len)[None, :] - pads[:, None]).clamp(min=0)  # (B, prompt_len)
+    key_mask = (torch.arange(total)[None, :] >= pads[:, None]).to(device) if padded else None  # (B, total)
     caches = model.make_caches(len(rows), total)
     generator = None
     if temperature > 0:
@@ -145,7 +192,7 @@ def stream(
     stops = stops.to(device)
     done = torch.zeros(len(rows), dtype=torch.bool, device=device)
     finished_with = torch.zeros(len(rows), dtype=torch.long, device=device)
-    logits = model(batch, positions=positions, caches=caches,
+    logits = model(batch, positions=_rows_or_one(positions, padded, device), caches=caches,
                    key_mask=None if key_mask is None else key_mask[:, :prompt_len], last_only=True)
     for step in range(max_new_tokens):
         _check_logits(logits, step)
@@ -158,13 +205,18 @@ def stream(
         if bool(done.all()) or step + 1 == max_new_tokens:
             return
         length = prompt_len + step + 1
-        step_positions = None if positions is None else (lengths.to(device) + step)[:, None]
-        logits = model(token[:, None], positions=step_positions, caches=caches,
-                       key_mask=None if key_mask is None else key_mask[:, :length], last_only=True)
+        logits = model(token[:, None], positions=_rows_or_one((lengths + step)[:, None], padded, device),
+                       caches=caches, key_mask=None if key_mask is None else key_mask[:, :length], last_only=True)
+
+
+def _rows_or_one(positions: torch.Tensor, padded: bool, device: torch.device) -> torch.Tensor:
+    """``positions (B, N)`` on ``device``, as one ``(N,)`` row when no row is padded (all rows
+    agree, and one row lets the rotary tables be shared by the batch)."""
+    return (positions if padded else positions[0]).to(device)
 
 
 def generate(
-    model,
+    model: CausalLM,
     tokens,
     max_new_tokens: int,
     *,
@@ -178,7 +230,7 @@ def generate(
     """Continue each prompt of ``tokens`` by up to ``max_new_tokens`` tokens.
 
     Args:
-        model: a :class:`~attnkit.models.llama.Llama`.
+        model: a :class:`CausalLM` (a :class:`~attnkit.models.llama.Llama`, say).
         tokens: int tensor ``(B, N)``, or a list of B token-id lists of any lengths.
         temperature: 0 = greedy; otherwise the softmax temperature.
         top_k, top_p: restrict sampling to the k most likely tokens / the top_p nucleus.

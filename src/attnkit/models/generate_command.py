@@ -1,6 +1,7 @@
 """``attnkit generate``: stream a continuation of ``--prompt`` (or a chat answer to ``--chat``) from
-a Llama checkpoint directory or GGUF file (default: SmolLM2-135M-Instruct, when installed), then
-report the prefill and decode speeds that were actually timed."""
+a causal model's checkpoint directory or GGUF file, recognised by :mod:`attnkit.models.registry`
+(default: SmolLM2-135M-Instruct, when installed), then report the prefill and decode speeds that
+were actually timed."""
 
 from __future__ import annotations
 
@@ -9,6 +10,15 @@ import math
 import sys
 import time
 from typing import Optional
+
+import torch
+
+from .cpu_pack import pack_for_cpu
+from .generate import stream
+from .int8 import quantize_int8
+from .llama import default_model
+from .registry import identify_causal
+from .tokenizer import load_text_tokenizer
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -72,18 +82,12 @@ def load(args: argparse.Namespace):
     """``(model, TextTokenizer, model path)`` for the parsed options (checked first); the model
     packed for the CPU or quantized to int8 as asked."""
     check_model_options(args)
-    import torch
-
-    from .cpu_pack import pack_for_cpu
-    from .llama_source import default_model, load_llama, load_text_tokenizer
-
     path = default_model() if args.model is None else args.model
     tokenizer = load_text_tokenizer(path)
+    checkpoint = identify_causal(path)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(args.dtype)
-    model = load_llama(path, dtype=dtype)
+    model = checkpoint.load(dtype=dtype)
     if args.int8:
-        from .int8 import quantize_int8
-
         quantize_int8(model)
     elif not args.no_pack and torch.backends.mkldnn.is_available() and model.embed_tokens.weight.dtype != torch.float16:
         pack_for_cpu(model, note=lambda message: print(f"note: {message}", file=sys.stderr))
@@ -130,8 +134,6 @@ def stream_answer(model, tokenizer, ids: list[int], args: argparse.Namespace,
                   stop_tokens: Optional[list[int]]) -> tuple[list[int], Optional[float], float]:
     """Stream the continuation of ``ids`` to stdout: ``(new ids, prefill seconds or None when
     nothing ran, seconds from the first token to the last)``. Stop tokens are not printed."""
-    from .generate import stream
-
     printer = TextStream(tokenizer)
     stops = set(model.config.eos_token_ids if stop_tokens is None else stop_tokens)
     start = time.perf_counter()

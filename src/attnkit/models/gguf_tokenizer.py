@@ -19,6 +19,8 @@ import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from .gguf_file import metadata
+
 CONTROL, USER_DEFINED = 3, 4
 
 _LLAMA3_SPLIT = (
@@ -56,6 +58,7 @@ class ChatTemplate:
         """The prompt for ``messages`` (dicts with ``role`` and ``content``), ending with the
         assistant's turn header when ``add_generation_prompt``. Raises ValueError for a template
         error (including the template's own ``raise_exception``)."""
+        # optional package (the llama extra), imported only when a template is rendered
         import jinja2
         from jinja2.ext import loopcontrols
         from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -80,11 +83,9 @@ class ChatTemplate:
 
 def tokenizer_from_gguf(reader, path: str | os.PathLike):
     """A ``tokenizers.Tokenizer`` for the byte-level BPE vocabulary in a GGUF ``reader`` (from
-    :func:`~attnkit.models.gguf_checkpoint.open_gguf`). Raises ValueError naming ``path`` for
+    :func:`~attnkit.models.gguf_file.open_gguf`). Raises ValueError naming ``path`` for
     another tokenizer model or missing metadata, ImportError naming the extra without ``tokenizers``."""
-    from .gguf_checkpoint import metadata
-
-    try:
+    try:  # optional package (the llama extra), imported only when a tokenizer is built
         from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     except ImportError:
         raise ImportError('a GGUF tokenizer needs tokenizers: pip install -e ".[llama]"') from None
@@ -134,8 +135,6 @@ def tokenizer_from_gguf(reader, path: str | os.PathLike):
 
 def chat_template_from_gguf(reader, path: str | os.PathLike) -> Optional[ChatTemplate]:
     """The file's :class:`ChatTemplate`, or None when it has none."""
-    from .gguf_checkpoint import metadata
-
     source = metadata(reader, path, "tokenizer.chat_template")
     if not source:
         return None

@@ -1,15 +1,26 @@
-"""A checkpoint's ``tokenizer.json`` (or a GGUF file's tokenizer) through the ``tokenizers`` library,
-with readable token labels.
+"""A checkpoint's tokenizer (``tokenizer.json`` or a GGUF file's vocabulary) through the ``tokenizers``
+library, for every model family: :class:`Tokenizer` gives readable token labels (for ``explain``),
+:class:`TextTokenizer` encodes, decodes and formats chats (for ``generate`` and ``chat``).
 
-Works for WordPiece (BERT) and byte-level BPE (Llama) files alike. Padding and truncation settings
-stored in the file are switched off: a sentence becomes exactly its tokens, specials included.
+Works for WordPiece (BERT) and byte-level BPE (Llama) files alike. :class:`Tokenizer` switches off
+padding and truncation settings stored in the file: a sentence becomes exactly its tokens,
+specials included.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
+
+from .checkpoint import checkpoint_format
+from .gguf_file import is_gguf, open_gguf
+from .gguf_tokenizer import ChatTemplate, chat_template_from_gguf, tokenizer_from_gguf
+
+TOKENIZERS_HINT = 'pip install -e ".[llama]"  (the tokenizers package)'
 
 
 @dataclass(frozen=True)
@@ -40,16 +51,13 @@ class Tokenizer:
 
     def __init__(self, path: str | os.PathLike) -> None:
         path = Path(path)
-        if path.suffix.lower() == ".gguf":
-            from .gguf_checkpoint import open_gguf
-            from .gguf_tokenizer import tokenizer_from_gguf
-
+        if is_gguf(path):
             self._tok = tokenizer_from_gguf(open_gguf(path), path)
             return
         file = path / "tokenizer.json" if path.is_dir() else path
         if not file.is_file():
             raise FileNotFoundError(f"no tokenizer.json in {file.parent}")
-        try:
+        try:  # optional package (the demo and llama extras), imported only when a file is read
             from tokenizers import Tokenizer as HFTokenizer
         except ImportError:
             raise ImportError('reading tokenizer.json needs tokenizers: pip install -e ".[demo]"') from None
@@ -67,3 +75,64 @@ class Tokenizer:
                 piece = text[start:end].strip() or token
                 labels.append(("##" + piece) if token.startswith("##") else piece)
         return Tokens(list(enc.ids), labels, [bool(s) for s in enc.special_tokens_mask], list(enc.offsets))
+
+
+@dataclass
+class TextTokenizer:
+    """A ``tokenizers.Tokenizer`` and the model's chat template (None when it has none)."""
+
+    tokenizer: object
+    chat_template: Optional[ChatTemplate]
+
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+    def chat_prompt(self, message: str, history: Optional[list[dict]] = None) -> list[int]:
+        """Token ids of ``history`` plus the user ``message``, through the chat template, ending
+        with the assistant's turn header. Raises ValueError when the model has no template."""
+        if self.chat_template is None:
+            raise ValueError("this model has no chat template, so --chat cannot format a conversation")
+        text = self.chat_template.render([*(history or []), {"role": "user", "content": message}])
+        return self.encode(text, add_special_tokens=False)
+
+
+def _special(value) -> Optional[str]:
+    """A special token from ``tokenizer_config.json``: a string or ``{"content": ...}``."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def load_text_tokenizer(path: str | os.PathLike) -> TextTokenizer:
+    """The tokenizer and chat template of a Hugging Face directory (``tokenizer.json``,
+    ``tokenizer_config.json``) or of a ``.gguf`` file. Raises FileNotFoundError for a missing
+    checkpoint or tokenizer, ImportError naming the extra without the ``tokenizers`` package."""
+    if importlib.util.find_spec("tokenizers") is None:
+        raise ImportError(f"reading a tokenizer needs the tokenizers package: {TOKENIZERS_HINT}")
+    path = Path(path)
+    if checkpoint_format(path) == "gguf":
+        reader = open_gguf(path)
+        return TextTokenizer(tokenizer_from_gguf(reader, path), chat_template_from_gguf(reader, path))
+    from tokenizers import Tokenizer as HFTokenizer  # optional package, present (checked above)
+
+    file = path / "tokenizer.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"model directory {path} has no tokenizer.json, which generate needs to read the prompt")
+    try:
+        tokenizer = HFTokenizer.from_file(str(file))
+    except Exception as exc:  # tokenizers raises its own exception type for a bad file
+        raise ValueError(f"{file}: cannot load tokenizer ({exc})") from None
+    template = None
+    config_file = path / "tokenizer_config.json"
+    if config_file.is_file():
+        try:
+            config = json.loads(config_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{config_file}: not valid JSON ({exc})") from None
+        source = config.get("chat_template") if isinstance(config, dict) else None
+        if isinstance(source, str) and source:
+            template = ChatTemplate(source, _special(config.get("bos_token")), _special(config.get("eos_token")))
+    return TextTokenizer(tokenizer, template)

@@ -3,7 +3,7 @@
 Half-split ("Hugging Face") layout: the ``D`` features of a head form ``D/2`` pairs
 ``(x[f], x[f + D/2])``; pair ``f`` is rotated by the angle ``position * inv_freq[f]`` with
 ``inv_freq[f] = theta ** (-2f / D)``. Meta's original checkpoints pair adjacent features instead
-(``x[2f], x[2f+1]``); :mod:`attnkit.models.meta_checkpoint` permutes their weights into this layout.
+(``x[2f], x[2f+1]``); :mod:`attnkit.models.llama.meta_checkpoint` permutes their weights into this layout.
 
 Llama 3.1 frequency scaling stretches long wavelengths so a model trained on
 ``original_max_position_embeddings`` tokens reaches ``factor`` times further: with

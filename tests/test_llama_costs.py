@@ -1,10 +1,10 @@
-"""Architecture calculator: parameter components, KV-cache bytes, FLOPs, the ``arch`` command."""
+"""Llama cost arithmetic (parameter components, KV-cache bytes, FLOPs) and the ``arch`` command."""
 
 import json
 
 import pytest
 
-from attnkit.analysis.arch import (
+from attnkit.analysis.llama_costs import (
     compute_shares,
     decode_flops_per_token,
     kv_bytes_per_token,
@@ -58,7 +58,7 @@ def test_arch_command_json_and_plot(tmp_path, capsys):
 
 
 def test_arch_command_reads_config_json(tmp_path, capsys):
-    from attnkit.models.hf import config_to_hf
+    from attnkit.models.llama.hf_checkpoint import config_to_hf
 
     (tmp_path / "config.json").write_text(json.dumps(config_to_hf(LlamaConfig.preset("llama3.2-3b"))))
     assert main(["arch", str(tmp_path / "config.json"), "--json", "-"]) == 0

@@ -2,9 +2,10 @@
 
 The command launches itself under ``torchrun`` (``python -m torch.distributed.run``) with
 ``--nproc`` workers on this machine, joined over loopback at a port found free at start. Each
-worker runs :mod:`.worker`; rank 0 prints a table of per-rank time, compute load, bytes sent and
-peak memory, and (when the full problem is small enough, or with ``--check``) the relative errors
-of out, dq, dk and dv against single-process float64 attention.
+worker runs :mod:`.ring_worker` (:mod:`attnkit.distributed.worker` does the work); rank 0 writes
+every rank's report to a scratch directory, and this command prints a table of per-rank time,
+compute load, bytes sent and peak memory, and (when the full problem is small enough, or with
+``--check``) the relative errors of out, dq, dk and dv against single-process float64 attention.
 
 Errors (a bad argument, a sequence the layout cannot split, a worker that fails, dies or times
 out) end the command with one line and exit code 2, like every other subcommand; for a failed
@@ -22,15 +23,20 @@ import signal
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict
 from typing import Optional
 
-from .comm import DEFAULT_TIMEOUT_S, is_lost_connection
-from .layouts import LAYOUTS, check_split
+from rich.console import Console
+from rich.table import Table
+
+from ..distributed.comm import DEFAULT_TIMEOUT_S, is_lost_connection
+from ..distributed.launch import free_port
+from ..distributed.layouts import LAYOUTS, check_split
+from ..distributed.ring_case import RESULT_FILE, RingCase, case_to_json
+from .pattern_args import parse_pattern, pattern_syntax
+from .ring_worker import CASE_VARIABLE
 
 CHECK_AUTO_LIMIT = 16384
 """``--check auto`` compares with single-process attention up to this many tokens."""
-PATTERN_HELP = "full | causal | window:SIZE | window-bidi:SIZE | strided:STRIDE | fixed:STRIDE:SUMMARY"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -48,7 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--kv-heads", type=int, default=None, help="key/value heads Hkv (default Hq)")
     parser.add_argument("--head-dim", type=int, default=64, help="head width D (default 64)")
     parser.add_argument("--pattern", default="causal",
-                        help=f"{PATTERN_HELP} (default causal)")
+                        help=f"{pattern_syntax()} (default causal)")
     parser.add_argument("--layout", default="zigzag", choices=LAYOUTS, help="shard layout (default zigzag)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "float64", "bfloat16", "float16"),
                         help="dtype of q, k, v and the gradients (default float32; the check compares "
@@ -62,33 +68,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def parse_pattern(text: str):
-    """A pattern from its ``--pattern`` spelling (see :data:`PATTERN_HELP`); windows are causal
-    unless ``window-bidi``."""
-    from ..patterns import Causal, Fixed, Full, SlidingWindow, Strided
-
-    name, *numbers = text.split(":")
-    if all(n.isdigit() and int(n) > 0 for n in numbers):
-        sizes = [int(n) for n in numbers]
-        if name in ("full", "causal") and not sizes:
-            return Full() if name == "full" else Causal()
-        if name in ("window", "window-bidi") and len(sizes) == 1:
-            return SlidingWindow(sizes[0], causal=name == "window")
-        if name == "strided" and len(sizes) == 1:
-            return Strided(sizes[0])
-        if name == "fixed" and len(sizes) == 2:
-            return Fixed(*sizes)
-    raise ValueError(f"--pattern must be one of {PATTERN_HELP}, got {text!r}")
-
-
 def _positive(name: str, value: int) -> None:
     if value <= 0:
         raise ValueError(f"--{name} must be positive, got {value}")
 
 
-def case_from_args(args: argparse.Namespace, error_dir: str):
-    from .worker import RingCase
-
+def case_from_args(args: argparse.Namespace, work_dir: str) -> RingCase:
+    """The case the options describe; ValueError (or FileNotFoundError) naming a bad option."""
     for name in ("nproc", "seq", "batch", "heads", "head_dim"):
         _positive(name.replace("_", "-"), getattr(args, name))
     kv_heads = args.heads if args.kv_heads is None else args.kv_heads
@@ -100,38 +86,22 @@ def case_from_args(args: argparse.Namespace, error_dir: str):
     check_split(args.seq, args.layout, args.nproc)
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         raise FileNotFoundError(f"directory of --json {args.json} does not exist")
-    parse_pattern(args.pattern)
+    pattern = parse_pattern(args.pattern)
     check = args.check == "yes" or (args.check == "auto" and args.seq <= CHECK_AUTO_LIMIT)
     return RingCase(
-        args.seq, args.batch, args.heads, kv_heads, args.head_dim, None, args.pattern, args.layout,
-        args.dtype, check, args.timeout, args.seed,
-        os.path.abspath(args.json) if args.json else None, error_dir,
+        args.seq, args.batch, args.heads, kv_heads, args.head_dim, pattern, args.pattern, args.layout,
+        args.dtype, check, args.timeout, args.seed, work_dir,
     )
-
-
-def case_to_json(case) -> str:
-    fields = asdict(case)
-    fields.pop("pattern")
-    return json.dumps(fields)
-
-
-def case_from_json(text: str):
-    from .worker import RingCase
-
-    fields = json.loads(text)
-    return RingCase(pattern=parse_pattern(fields["pattern_name"]), **fields)
 
 
 def _mib(n: float) -> str:
     return f"{n / 2**20:,.1f}"
 
 
-def print_report(case, result: dict, world: int) -> None:
-    """Rank 0's rich table of every rank's report, balance and check errors."""
-    from rich.console import Console
-    from rich.table import Table
-
+def print_report(case: RingCase, result: dict) -> None:
+    """A rich table of every rank's report (rank 0's result file), balance and check errors."""
     reports = result["reports"]
+    world = len(reports)
     title = (f"attnkit ring: N={case.seq:,} B={case.batch} Hq={case.heads} Hkv={case.kv_heads} "
              f"D={case.head_dim} {case.pattern_name} {case.layout} {case.dtype}, {world} ranks")
     table = Table(title=title)
@@ -159,14 +129,14 @@ def print_report(case, result: dict, world: int) -> None:
         console.print(f"not checked against single-process attention (N > {CHECK_AUTO_LIMIT}; --check yes forces it)")
 
 
-def _rank_errors(error_dir: str) -> dict[int, tuple[str, str, float]]:
+def _rank_errors(work_dir: str) -> dict[int, tuple[str, str, float]]:
     """rank -> (exception type, first line, time.time() when written) of every worker that
     reported an error (the time is infinite when the file has none)."""
     errors = {}
-    for name in os.listdir(error_dir):
+    for name in os.listdir(work_dir):
         match = re.fullmatch(r"rank(\d+)\.txt", name)
         if match:
-            with open(os.path.join(error_dir, name)) as handle:
+            with open(os.path.join(work_dir, name)) as handle:
                 kind, message, stamp = (handle.read().split("\n", 2) + ["", ""])[:3]
             try:
                 when = float(stamp)
@@ -201,7 +171,7 @@ def _how_it_ended(code: int) -> str:
     return f"exited with code {code}"
 
 
-def failure(stderr: str, returncode: int, error_dir: str) -> Exception:
+def failure(stderr: str, returncode: int, work_dir: str) -> Exception:
     """The one-line error of a failed launch, the cause rather than its consequences.
 
     A rank's own error (bad input, a crash of its own) wins over what other ranks saw as a
@@ -211,7 +181,7 @@ def failure(stderr: str, returncode: int, error_dir: str) -> Exception:
     with its signal or exit code and what another rank saw. Then the earliest consequence; then
     the last line of stderr that is not one of torchrun's ``====`` rules.
     """
-    errors = _rank_errors(error_dir)
+    errors = _rank_errors(work_dir)
     own = {rank: error for rank, error in errors.items() if not _is_consequence(error[1])}
     cause = _root_cause(stderr)
     if not own and cause is not None and cause[0] not in errors:
@@ -228,18 +198,16 @@ def failure(stderr: str, returncode: int, error_dir: str) -> Exception:
 
 
 def run(args: argparse.Namespace) -> int:
-    error_dir = tempfile.mkdtemp(prefix="attnkit-ring-")
+    work_dir = tempfile.mkdtemp(prefix="attnkit-ring-")
     try:
-        case = case_from_args(args, error_dir)
-        from .launch import free_port
-
+        case = case_from_args(args, work_dir)
         command = [
             sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
             "--nproc-per-node", str(args.nproc), "--master-addr", "127.0.0.1",
             "--master-port", str(free_port()), "--max-restarts", "0",
-            "-m", "attnkit.distributed.worker",
+            "-m", "attnkit.cli.ring_worker",
         ]
-        env = {**os.environ, "ATTNKIT_RING_CASE": case_to_json(case), "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, CASE_VARIABLE: case_to_json(case), "OMP_NUM_THREADS": "1"}
         process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
         try:
             _, stderr = process.communicate()
@@ -247,8 +215,16 @@ def run(args: argparse.Namespace) -> int:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
             raise
+        result_path = os.path.join(work_dir, RESULT_FILE)
+        if os.path.exists(result_path):  # rank 0 finished its work, even if a later barrier failed
+            with open(result_path) as handle:
+                result = json.load(handle)
+            print_report(case, result)
+            if args.json:
+                with open(args.json, "w") as handle:
+                    json.dump(result, handle, indent=2)
         if process.returncode != 0:
-            raise failure(stderr, process.returncode, error_dir)
+            raise failure(stderr, process.returncode, work_dir)
         return 0
     finally:
-        shutil.rmtree(error_dir, ignore_errors=True)
+        shutil.rmtree(work_dir, ignore_errors=True)

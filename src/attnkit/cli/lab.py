@@ -6,16 +6,21 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from ..lab.experiment import preset_variants, run_comparison
+from ..lab.presets import PRESETS
+from ..lab.report import plot_quality_vs_kv, plot_quality_vs_tokens, tables
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from .presets import PRESETS
-
     parser = subparsers.add_parser(
         "lab",
         help="train small decoders differing only in attention (MHA/GQA/MQA/sparse) and compare quality vs cost",
@@ -56,15 +61,6 @@ def _split(value):
 
 
 def run(args: argparse.Namespace) -> int:
-    import shutil
-
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from .experiment import preset_variants, run_comparison
-    from .presets import PRESETS
-    from .report import plot_quality_vs_kv, plot_quality_vs_tokens, tables
-
     try:
         import matplotlib  # noqa: F401  (checked before hours of training, used by the plots)
     except ImportError:

@@ -19,10 +19,10 @@ from typing import Optional
 
 import torch
 
-from ..nn.rope import Llama3RopeScaling
-from .checkpoint import JsonFields, check_floating, read_json
-from .llama import Llama
-from .llama_config import LlamaConfig
+from ...nn.rope import Llama3RopeScaling
+from ..checkpoint import JsonFields, check_floating, read_json
+from .config import LlamaConfig
+from .model import Llama, parameter_shapes
 
 _LAYER_NAMES = {
     "attention_norm.weight": "attn_norm.weight",
@@ -138,17 +138,13 @@ def load_meta_checkpoint(
         elif name.endswith("attention.wk.weight"):
             tensor = interleaved_to_half_split(tensor, n_kv_heads)
         converted[target] = tensor.to(dtype or tensor.dtype)
-    with torch.device("meta"):
-        model = Llama(config)
-    expected = model.state_dict()
+    expected = parameter_shapes(config)
     missing = sorted(set(expected) - set(converted))
     if missing:
         raise ValueError(f"{shards[0]}: missing tensors for {', '.join(missing[:5])}")
     for name, tensor in converted.items():
-        if tensor.shape != expected[name].shape:
+        if tensor.shape != expected[name]:
             raise ValueError(
-                f"{shards[0]}: tensor for {name} has shape {tuple(tensor.shape)}, expected {tuple(expected[name].shape)}"
+                f"{shards[0]}: tensor for {name} has shape {tuple(tensor.shape)}, expected {tuple(expected[name])}"
             )
-    model.load_state_dict(converted, assign=True, strict=True)
-    model.rope.reset_frequencies("cpu")
-    return model.eval()
+    return Llama.from_state(config, converted, "cpu")

@@ -4,7 +4,9 @@
 density, and at ``--at`` tokens (default 8192) the share of the square that a block mask of
 ``--block`` (128) visits against the share attnkit's sparse plan computes; ``--out`` saves the mask
 as a PNG. ``attnkit patterns seed`` does this for the seed's variants (causal, sliding window,
-strided, fixed) and ``--out`` draws them side by side.
+strided, fixed) and ``--out`` draws them side by side. The pattern is spelled as for every
+subcommand (:mod:`.pattern_args`); bare ``window``, ``strided`` and ``fixed`` take their numbers
+from ``--window``, ``--stride`` and ``--summary``.
 """
 
 from __future__ import annotations
@@ -12,7 +14,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-KINDS = ("causal", "window", "strided", "fixed", "seed")
+from rich.console import Console
+from rich.table import Table
+
+from ..analysis.pattern_view import block_costs, render, save_figure
+from ..patterns import Pattern
+from .pattern_args import parse_titled_pattern, pattern_syntax
+
+SEED_VARIANTS = ("causal", "window", "strided", "fixed")
+"""What ``attnkit patterns seed`` shows: the seed's four variants, side by side."""
+_DEFAULTED = ("SIZE", "STRIDE", "SUMMARY")  # numbers --window, --stride and --summary supply
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -22,7 +33,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Render a pattern in the terminal (and as a PNG), with its density and the share "
         "of the square a block mask visits against what attnkit's sparse plan computes.",
     )
-    parser.add_argument("kind", choices=KINDS, help="the pattern, or 'seed' for all four side by side")
+    parser.add_argument("kind", help=f"the pattern ({pattern_syntax(_DEFAULTED)}), "
+                        "or 'seed' for causal, window, strided and fixed side by side")
     parser.add_argument("-n", type=int, default=32, help="tokens shown (default 32)")
     parser.add_argument("--window", type=int, default=8, help="sliding window size (default 8)")
     parser.add_argument("--stride", type=int, default=4, help="stride l of strided/fixed (default 4)")
@@ -33,17 +45,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def _patterns(args: argparse.Namespace) -> list[tuple[str, object]]:
-    from ..patterns import Causal, Fixed, SlidingWindow, Strided
-
-    made = {
-        "causal": ("causal", lambda: Causal()),
-        "window": (f"sliding window {args.window}", lambda: SlidingWindow(args.window)),
-        "strided": (f"strided, stride {args.stride}", lambda: Strided(args.stride)),
-        "fixed": (f"fixed, stride {args.stride}, summary {args.summary}", lambda: Fixed(args.stride, args.summary)),
-    }
-    kinds = ["causal", "window", "strided", "fixed"] if args.kind == "seed" else [args.kind]
-    return [(made[kind][0], made[kind][1]()) for kind in kinds]
+def _patterns(args: argparse.Namespace) -> list[tuple[str, Pattern]]:
+    """``(title, pattern)`` of the kind asked for, or of the seed's four variants."""
+    defaults = {"SIZE": args.window, "STRIDE": args.stride, "SUMMARY": args.summary}
+    texts = SEED_VARIANTS if args.kind == "seed" else (args.kind,)
+    return [parse_titled_pattern(text, option="kind", defaults=defaults, also=("seed",)) for text in texts]
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -55,11 +61,6 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
-    from .pattern_view import block_costs, render, save_figure
-
     _check(args)
     named = _patterns(args)
     console = Console()

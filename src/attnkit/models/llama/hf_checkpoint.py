@@ -1,9 +1,10 @@
-"""Hugging Face checkpoint I/O for :class:`~attnkit.models.llama.Llama`.
+"""Hugging Face checkpoint adapter for :class:`~attnkit.models.llama.Llama` (safetensors + ``config.json``).
 
 A directory in the Hugging Face layout holds ``config.json`` (``LlamaForCausalLM``), the weights as
 ``model.safetensors`` or as shards listed by ``model.safetensors.index.json``, and optionally
-``tokenizer.json``. Loading builds the model on the meta device and assigns each tensor read from
-the files in place, so the weights exist once in memory.
+``tokenizer.json``. This module converts configs and tensor names in both directions and reads and
+writes the files; it never builds a model (``Llama.from_pretrained`` does, on the meta device,
+assigning each tensor read here in place, so the weights exist once in memory).
 
 Both config forms are read: the published one (``rope_theta`` + ``rope_scaling``) and the one
 transformers 5 writes (``rope_parameters``). Saving writes the published form, which every
@@ -16,16 +17,16 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 
-from ..nn.rope import Llama3RopeScaling
-from .checkpoint import INDEX_FILE, WEIGHTS_FILE, JsonFields, read_json, read_tensors, weight_files
-from .llama_config import LlamaConfig
-from .llama import Llama
+from safetensors.torch import save_file
 
-CONFIG_FILE = "config.json"
+from ...nn.rope import Llama3RopeScaling
+from ..checkpoint import CONFIG_FILE, INDEX_FILE, WEIGHTS_FILE, JsonFields, read_json, read_tensors, weight_files
+from .config import LlamaConfig
+
 TOKENIZER_FILE = "tokenizer.json"
 
 # attnkit name <-> Hugging Face name, per layer.
@@ -148,56 +149,47 @@ def read_config(path: str | os.PathLike) -> LlamaConfig:
     return config_from_hf(read_json(file), str(file))
 
 
-def load_pretrained(
-    path: str | os.PathLike, *, dtype: Optional[torch.dtype] = None, device: str | torch.device = "cpu"
-) -> Llama:
-    """Build a :class:`Llama` from a Hugging Face directory; weights keep the file's dtype unless
-    ``dtype`` is given. Raises FileNotFoundError for missing files and ValueError naming the file
-    or tensor for missing, unexpected, mis-shaped or non-floating-point tensors, unreadable files,
-    and index entries that are not file names inside ``path``.
+def read_weights(
+    path: str | os.PathLike, config: LlamaConfig, shapes: Mapping[str, torch.Size], *,
+    dtype: Optional[torch.dtype] = None, device: str | torch.device = "cpu",
+) -> dict[str, torch.Tensor]:
+    """The tensors of a Hugging Face directory under attnkit names, checked against ``shapes``
+    (attnkit name -> shape, as ``parameter_shapes(config)`` gives them); they keep the file's dtype
+    unless ``dtype`` is given. Raises FileNotFoundError for missing files and ValueError naming the
+    file or tensor for missing, unexpected, mis-shaped or non-floating-point tensors, unreadable
+    files, and index entries that are not file names inside ``path``.
     """
     directory = Path(path)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"{directory}: not a directory")
-    config = read_config(directory)
-    with torch.device("meta"):
-        model = Llama(config)
-    state = model.state_dict()
-    names = {hf_name(name): name for name in state}
-    shapes = {hf_name(name): tensor.shape for name, tensor in state.items()}
+    names = {hf_name(name): name for name in shapes}
+    hf_shapes = {hf_name(name): shape for name, shape in shapes.items()}
     files = weight_files(directory)
-    missing = sorted(set(shapes) - set(files))
+    missing = sorted(set(hf_shapes) - set(files))
     if missing:
         raise ValueError(f"{directory}: missing tensors {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
     # A tied checkpoint may still carry the head; it is the embedding, so it is skipped.
-    unexpected = sorted(set(files) - set(shapes) - ({"lm_head.weight"} if config.tie_embeddings else set()))
+    unexpected = sorted(set(files) - set(hf_shapes) - ({"lm_head.weight"} if config.tie_embeddings else set()))
     if unexpected:
         raise ValueError(
             f"{directory}: unexpected tensors {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}"
         )
-    tensors = read_tensors(files, shapes, shapes=shapes, dtype=dtype, device=torch.device(device))
-    model.load_state_dict({names[hf]: tensor for hf, tensor in tensors.items()}, assign=True, strict=True)
-    model.rope.reset_frequencies(device)
-    return model.eval()
+    tensors = read_tensors(files, hf_shapes, shapes=hf_shapes, dtype=dtype, device=torch.device(device))
+    return {names[hf]: tensor for hf, tensor in tensors.items()}
 
 
-def save_pretrained(model: Llama, path: str | os.PathLike, *, max_shard_bytes: Optional[int] = None) -> None:
+def write_checkpoint(config: LlamaConfig, state: Mapping[str, torch.Tensor], path: str | os.PathLike, *,
+                     max_shard_bytes: Optional[int] = None) -> None:
     """Write ``config.json`` and ``model.safetensors`` (or shards of at most ``max_shard_bytes``
-    each plus ``model.safetensors.index.json`` when the weights are larger) into ``path``."""
-    from safetensors.torch import save_file
-
-    from .cpu_pack import is_packed
-
-    if is_packed(model):
-        raise ValueError("save_pretrained: the model is packed for CPU inference (pack_for_cpu); save it before packing")
+    each plus ``model.safetensors.index.json`` when the weights are larger) into ``path``, from a
+    Llama ``state`` dict in attnkit names. Raises ValueError for a non-positive ``max_shard_bytes``
+    or a config with per-layer patterns."""
     if max_shard_bytes is not None and (isinstance(max_shard_bytes, bool) or max_shard_bytes <= 0):
         raise ValueError(f"save_pretrained: max_shard_bytes must be positive, got {max_shard_bytes!r}")
+    hf = config_to_hf(config)
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
-    hf = config_to_hf(model.config)
-    hf["torch_dtype"] = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
+    hf["torch_dtype"] = str(state["embed_tokens.weight"].dtype).removeprefix("torch.")
     (directory / CONFIG_FILE).write_text(json.dumps(hf, indent=2) + "\n")
-    tensors = {hf_name(n): t.detach().contiguous().cpu() for n, t in model.state_dict().items()}
+    tensors = {hf_name(n): t.detach().contiguous().cpu() for n, t in state.items()}
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, tensor in tensors.items():
@@ -225,7 +217,7 @@ def load_tokenizer(path: str | os.PathLike):
     file = Path(path) / TOKENIZER_FILE
     if not file.is_file():
         return None
-    from tokenizers import Tokenizer
+    from tokenizers import Tokenizer  # optional package (the llama extra), imported only when asked
 
     try:
         return Tokenizer.from_file(str(file))

@@ -6,9 +6,9 @@ import numbers
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
-from ..nn.rope import Llama3RopeScaling
-from ..checks import boolean, finite_real, positive_int
-from ..patterns import Pattern
+from ...nn.rope import Llama3RopeScaling
+from ...checks import boolean, finite_real, positive_int
+from ...patterns import Pattern
 
 
 @dataclass(frozen=True)

@@ -12,13 +12,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator
 
+import torch
+from rich.console import Console
 from rich.markup import escape
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from .cases import CASE_SETS, DEFAULT_SEQS, QUICK_SEQS
-from .sparse_cases import QUICK_SPARSE_SEQS, SPARSE_CASE_SETS
-
-_COLUMNS = ("case", "N", "contender", "median ms", "GFLOP/s", "ratio", "max |err|", "largest MiB", "peak MiB", "note")
-_LEFT = ("case", "contender", "note")
+from ..analysis.plots import plot_bench
+from ..bench.cases import CASE_SETS, DEFAULT_SEQS, QUICK_SEQS
+from ..bench.runner import count_steps, run_benchmark
+from ..bench.sparse_cases import QUICK_SPARSE_SEQS, SPARSE_CASE_SETS
+from ..bench.table import plain_table, rich_table
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -58,8 +61,6 @@ def _check(args: argparse.Namespace) -> tuple[list[str], dict[str, tuple[int, ..
     repeats = args.repeats if args.repeats is not None else (3 if args.quick else 5)
     if repeats <= 0:
         raise ValueError(f"--repeats must be positive, got {repeats}")
-    import torch
-
     try:
         device = torch.device(args.device)
     except RuntimeError as exc:
@@ -73,11 +74,6 @@ def _check(args: argparse.Namespace) -> tuple[list[str], dict[str, tuple[int, ..
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-    from rich.console import Console
-
-    from .runner import count_steps, run_benchmark
-
     cases, seqs, repeats = _check(args)
     workloads = [w for case in cases for w in CASE_SETS[case](seqs[case])]
     console = Console()
@@ -85,9 +81,9 @@ def run(args: argparse.Namespace) -> int:
         rows = run_benchmark(workloads, repeats=repeats, backward=args.backward, device=args.device, on_step=step)
     title = f"attnkit bench ({rows[0].mode}, {torch.get_num_threads()} threads; ratio = time / torch sdpa)"
     if console.is_terminal:
-        console.print(_table(rows, title))
+        console.print(rich_table(rows, title))
     else:  # piped or redirected: no width to fit, so no column is cut short
-        print(_plain_table(rows, title))
+        print(plain_table(rows, title))
     if args.json:
         meta = {
             "command": "attnkit " + " ".join(args.argv),
@@ -101,8 +97,6 @@ def run(args: argparse.Namespace) -> int:
         args.json.write_text(json.dumps({"meta": meta, "rows": [r.as_dict() for r in rows]}, indent=2))
         print(f"wrote {args.json}")
     if args.plot:
-        from ..analysis.plots import plot_bench
-
         plot_bench(rows, args.plot)
         print(f"wrote {args.plot}")
     return 0
@@ -112,9 +106,6 @@ def run(args: argparse.Namespace) -> int:
 def _progress(total: int) -> Iterator[Callable[[str], None]]:
     """A ``step(description)`` callback that shows progress on stderr: a live bar on a terminal,
     else one line per step with the elapsed time (so a redirected run is never silent)."""
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
     console = Console(stderr=True)
     if not console.is_terminal:
         start, done = time.perf_counter(), 0
@@ -135,32 +126,3 @@ def _progress(total: int) -> Iterator[Callable[[str], None]]:
             progress.advance(task)
 
         yield step
-
-
-def _cells(r) -> list[str]:
-    ratio = "" if r.vs_baseline is None else f"{r.vs_baseline:.2f}x"
-    return [r.case, str(r.seq), r.contender, f"{r.median_ms:.2f}", f"{r.gflops:.1f}", ratio, f"{r.max_abs_err:.1e}",
-            f"{r.largest_tensor_mib:.1f}", "" if r.peak_mib is None else f"{r.peak_mib:.1f}", r.note]
-
-
-def _table(rows, title: str):
-    from rich.table import Table
-
-    table = Table(title=title)
-    for name in _COLUMNS:
-        table.add_column(name, justify="left" if name in _LEFT else "right")
-    for r in rows:
-        table.add_row(*(escape(cell) for cell in _cells(r)))  # notes hold text like "attnkit[bench]"
-    return table
-
-
-def _plain_table(rows, title: str) -> str:
-    """The rows as aligned plain text, every cell whole, for output that is not a terminal."""
-    cells = [list(_COLUMNS)] + [_cells(r) for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(_COLUMNS))]
-
-    def line(row: list[str]) -> str:
-        return "  ".join(c.ljust(w) if name in _LEFT else c.rjust(w)
-                         for name, c, w in zip(_COLUMNS, row, widths)).rstrip()
-
-    return "\n".join([title, line(cells[0]), "  ".join("-" * w for w in widths)] + [line(row) for row in cells[1:]])

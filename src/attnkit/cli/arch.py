@@ -7,6 +7,14 @@ import json
 import sys
 from pathlib import Path
 
+from rich.console import Console
+from rich.table import Table
+
+from ..analysis.arch_plot import plot_compute_shares
+from ..analysis.llama_costs import report
+from ..models.llama import PRESETS, LlamaConfig
+from ..models.llama.hf_checkpoint import read_config
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -25,9 +33,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def load_config(model: str):
     """A preset by name, or the config of a Hugging Face directory or config.json path."""
-    from ..models.hf import read_config
-    from ..models.llama_config import PRESETS, LlamaConfig
-
     if model in PRESETS:
         return LlamaConfig.preset(model)
     if Path(model).exists():
@@ -44,8 +49,6 @@ def _size(n: float, unit: str = "B") -> str:
 
 
 def _tables(name: str, r: dict):
-    from rich.table import Table
-
     params = Table(title=f"{name}: parameters")
     params.add_column("component")
     params.add_column("parameters", justify="right")
@@ -78,10 +81,6 @@ def _tables(name: str, r: dict):
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
-    from .arch import report
-
     config = load_config(args.model)
     for path in (Path(args.json) if args.json and args.json != "-" else None, args.plot):
         if path is not None and not path.parent.exists():
@@ -98,8 +97,6 @@ def run(args: argparse.Namespace) -> int:
             Path(args.json).write_text(json.dumps(r, indent=2))
             console.print(f"wrote {args.json}")
     if args.plot:
-        from .arch_plot import plot_compute_shares
-
         plot_compute_shares(r["compute_shares"], f"{args.model}: where decode compute goes", args.plot)
         if args.json != "-":
             print(f"wrote {args.plot}")

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from ..checks import positive_int
-from ..models.llama_config import LlamaConfig
+from ..models.llama import LlamaConfig
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 CONTEXTS = (128, 512, 2048, 8192, 32768, 131072)

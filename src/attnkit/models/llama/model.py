@@ -5,25 +5,33 @@ Block ``i``: ``h = x + attn(attn_norm(x))``, ``out = h + mlp(mlp_norm(h))`` wher
 ``mlp`` is :class:`attnkit.nn.mlp.SwiGLU`; then a final RMSNorm and the vocabulary head (the
 embedding matrix itself when ``tie_embeddings``). Build it under ``torch.device("meta")`` to
 allocate nothing (for counting, or before loading a checkpoint in place).
+
+Checkpoint formats are adapters beside this module, not branches inside it: each turns its file
+into a :class:`LlamaConfig` and a state dict in attnkit's names, and :meth:`Llama.from_state`
+builds the model. :mod:`.hf_checkpoint` (which the model's ``from_pretrained`` /
+``save_pretrained`` use) imports only the config; :mod:`.gguf_checkpoint` and
+:mod:`.meta_checkpoint` import this module.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence
+from pathlib import Path
+from typing import Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 
-from ..nn.attention import MultiHeadAttention
-from ..nn.kv_cache import KVCache
-from ..nn.mlp import SwiGLU
-from ..nn.norm import RMSNorm
-from ..nn.rope import RotaryEmbedding
-from ..patterns import Causal
-from .llama_config import PRESETS, LlamaConfig
-
-__all__ = ["PRESETS", "Llama", "LlamaConfig"]
+from ...nn.attention import MultiHeadAttention
+from ...nn.kv_cache import KVCache
+from ...nn.mlp import SwiGLU
+from ...nn.norm import RMSNorm
+from ...nn.rope import RotaryEmbedding
+from ...patterns import Causal
+from ..cpu_pack import is_packed
+from ..generate import generate as generate_tokens
+from . import hf_checkpoint
+from .config import LlamaConfig
 
 
 class LlamaBlock(nn.Module):
@@ -70,6 +78,11 @@ class Llama(nn.Module):
     def head_weight(self) -> torch.Tensor:
         """``(vocab, C)``: the output projection (the embedding matrix when tied)."""
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    @property
+    def device(self) -> torch.device:
+        """Where the weights (and so the inputs and caches) live."""
+        return self.embed_tokens.weight.device
 
     def make_caches(self, batch: int, max_len: int, *, dtype=None, device=None) -> list[KVCache]:
         """One static :class:`KVCache` ``(batch, Hkv, max_len, D)`` per layer, by default in the
@@ -119,39 +132,51 @@ class Llama(nn.Module):
         # lm_head is None for a tied model, unless pack_for_cpu gave it a packed copy.
         return self.lm_head(x) if self.lm_head is not None else nn.functional.linear(x, self.embed_tokens.weight)
 
-    @torch.no_grad()
-    def generate(
-        self,
-        tokens,
-        max_new_tokens: int,
-        *,
-        temperature: float = 0.0,
-        top_k: Optional[int] = None,
-        top_p: Optional[float] = None,
-        seed: Optional[int] = None,
-        stop_tokens: Optional[Sequence[int]] = None,
-        on_token=None,
-    ):
-        """Continue ``tokens`` by up to ``max_new_tokens``; see :func:`attnkit.models.generate.generate`."""
-        from .generate import generate
+    generate = generate_tokens
+    """``model.generate(tokens, max_new_tokens, *, temperature=0.0, top_k=None, top_p=None, seed=None,
+    stop_tokens=None, on_token=None)``: :func:`attnkit.models.generate.generate` on this model."""
 
-        return generate(self, tokens, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                        seed=seed, stop_tokens=stop_tokens, on_token=on_token)
+    @classmethod
+    def from_state(cls, config: LlamaConfig, state: Mapping[str, torch.Tensor],
+                   device: str | torch.device = "cpu") -> "Llama":
+        """A model (eval mode) that takes ``state``'s tensors as its own, without copying them.
+
+        Every checkpoint adapter ends here once it has turned its file's tensors into attnkit
+        names and shapes (see :func:`parameter_shapes`). Raises RuntimeError from
+        ``load_state_dict`` for missing or unexpected names.
+        """
+        with torch.device("meta"):
+            model = cls(config)
+        model.load_state_dict(dict(state), assign=True, strict=True)
+        model.rope.reset_frequencies(device)
+        return model.eval()
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, dtype: Optional[torch.dtype] = None,
                         device: str | torch.device = "cpu") -> "Llama":
-        """Load a Hugging Face layout directory; see :func:`attnkit.models.hf.load_pretrained`."""
-        from .hf import load_pretrained
-
-        return load_pretrained(path, dtype=dtype, device=device)
+        """Load a Hugging Face layout directory (``config.json`` + safetensors); weights keep the
+        file's dtype unless ``dtype`` is given. Raises FileNotFoundError when ``path`` is not a
+        directory, else as :func:`.hf_checkpoint.read_config` and :func:`.hf_checkpoint.read_weights`."""
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"{path}: not a directory")
+        config = hf_checkpoint.read_config(path)
+        state = hf_checkpoint.read_weights(path, config, parameter_shapes(config), dtype=dtype, device=device)
+        return cls.from_state(config, state, device)
 
     def save_pretrained(self, path: str | os.PathLike, *, max_shard_bytes: Optional[int] = None) -> None:
         """Write ``config.json`` and safetensors that transformers' ``LlamaForCausalLM`` loads;
-        see :func:`attnkit.models.hf.save_pretrained`."""
-        from .hf import save_pretrained
+        see :func:`.hf_checkpoint.write_checkpoint`. Raises ValueError for a model packed by
+        :func:`~attnkit.models.cpu_pack.pack_for_cpu` (its weights are no longer plain tensors)."""
+        if is_packed(self):
+            raise ValueError("save_pretrained: the model is packed for CPU inference (pack_for_cpu); save it before packing")
+        hf_checkpoint.write_checkpoint(self.config, self.state_dict(), path, max_shard_bytes=max_shard_bytes)
 
-        save_pretrained(self, path, max_shard_bytes=max_shard_bytes)
+
+def parameter_shapes(config: LlamaConfig) -> dict[str, torch.Size]:
+    """attnkit parameter name -> shape of ``Llama(config)``, found on the meta device (nothing is allocated)."""
+    with torch.device("meta"):
+        model = Llama(config)
+    return {name: tensor.shape for name, tensor in model.state_dict().items()}
 
 
 def count_parameters(config: LlamaConfig) -> int:

@@ -1,7 +1,7 @@
 """GGUF checkpoints (llama.cpp's single-file format) for :class:`~attnkit.models.llama.Llama`.
 
-The file is read and its tensors dequantized by the ``gguf`` package (written by llama.cpp's
-authors); this module maps what it reads onto attnkit's model:
+The file is read and its tensors dequantized by :mod:`attnkit.models.gguf_file`; this module maps
+what it reads from a file of architecture ``llama`` onto attnkit's model:
 
 - the config comes from the ``llama.*`` metadata (layers, heads, KV heads, widths, vocabulary,
   RMSNorm epsilon, RoPE base, context length) and the tokenizer's special token ids; the head is
@@ -13,28 +13,24 @@ authors); this module maps what it reads onto attnkit's model:
   pairs are adjacent (its rotation pairs neighbouring features; Hugging Face's pairs the two
   halves); :func:`unpermute_rows` puts them back.
 
-Supported tensor types: :data:`SUPPORTED_TYPES`.
+Supported tensor types: :data:`~attnkit.models.gguf_file.SUPPORTED_TYPE_NAMES`.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 
-from ..nn.rope import Llama3RopeScaling, rope_frequencies
-from .llama import Llama
-from .llama_config import LlamaConfig
+from ...nn.rope import Llama3RopeScaling, rope_frequencies
+from ..gguf_file import dequantize, metadata, metadata_float, metadata_int, open_gguf
+from .config import LlamaConfig
+from .model import Llama, parameter_shapes
 
-GGUF_MAGIC = b"GGUF"
-
-SUPPORTED_TYPE_NAMES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
-                        "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
-"""GGML tensor types this loader dequantizes (through ``gguf.quants.dequantize``)."""
+ARCHITECTURE = "llama"
+"""``general.architecture`` of the GGUF files this adapter reads."""
 
 # GGUF tensor name (per block, after "blk.N.") -> attnkit parameter name (after "layers.N.").
 _LAYER_NAMES = {
@@ -51,11 +47,6 @@ _LAYER_NAMES = {
 _TOP_NAMES = {"token_embd.weight": "embed_tokens.weight", "output_norm.weight": "norm.weight",
               "output.weight": "lm_head.weight"}
 _ROPE_FREQS = "rope_freqs.weight"
-
-
-def is_gguf(path: str | os.PathLike) -> bool:
-    """Whether ``path`` names a GGUF file (by its ``.gguf`` suffix; the content is checked on reading)."""
-    return Path(path).suffix.lower() == ".gguf"
 
 
 def attnkit_name(gguf_name: str) -> Optional[str]:
@@ -79,62 +70,6 @@ def permute_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     """llama.cpp's converter order (the inverse of :func:`unpermute_rows`); used to write GGUF files."""
     rows = weight.shape[0]
     return weight.reshape(n_heads, 2, rows // n_heads // 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
-
-
-def open_gguf(path: str | os.PathLike):
-    """A ``gguf.GGUFReader`` over ``path``. Raises FileNotFoundError for a missing file and
-    ValueError naming the file when it is not GGUF, is truncated or otherwise unreadable."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"GGUF file {path} does not exist")
-    with open(path, "rb") as handle:
-        magic = handle.read(4)
-    if magic != GGUF_MAGIC:
-        raise ValueError(f"{path}: not a GGUF file (it starts with {magic!r}, not {GGUF_MAGIC!r})")
-    try:
-        import gguf
-    except ImportError:
-        raise ImportError('reading GGUF files needs the gguf package: pip install -e ".[llama]"') from None
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as exc:  # the reader raises ValueError, IndexError, ... on a damaged header
-        raise ValueError(f"{path}: unreadable GGUF file, truncated or damaged ({type(exc).__name__}: {exc})") from None
-    for tensor in reader.tensors:
-        if tensor.data.nbytes != tensor.n_bytes:
-            raise ValueError(
-                f"{path}: truncated GGUF file: tensor {tensor.name} needs {tensor.n_bytes} bytes, "
-                f"the file holds {tensor.data.nbytes}"
-            )
-    return reader
-
-
-def metadata(reader, path: str | os.PathLike, key: str, default=None, *, required: bool = False):
-    """The value of metadata ``key`` (a Python scalar, string or list), ``default`` when absent;
-    ValueError naming the file and key when ``required`` and absent."""
-    field = reader.fields.get(key)
-    if field is None:
-        if required:
-            raise ValueError(f"{path}: GGUF metadata lacks {key}")
-        return default
-    return field.contents()
-
-
-def _int(reader, path, key: str, default=None, *, required: bool = False) -> Optional[int]:
-    value = metadata(reader, path, key, default, required=required)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{path}: GGUF metadata {key} must be an integer, got {value!r}")
-    return value
-
-
-def _float(reader, path, key: str, default: float) -> float:
-    value = metadata(reader, path, key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{path}: GGUF metadata {key} must be a number, got {value!r}")
-    # GGUF stores float32: 1e-5 reads back as 9.99999974e-06; keep the shortest decimal that
-    # rounds to the same float32, which is the value the model's authors wrote.
-    return float(str(np.float32(value)))
 
 
 def _rope_scaling_from_freqs(divisors: torch.Tensor, head_dim: int, theta: float, original: int,
@@ -186,17 +121,17 @@ def config_from_gguf(reader, path: str | os.PathLike) -> LlamaConfig:
     (linear or YaRN scaling, partial rotary dimensions) or missing and mistyped keys.
     """
     arch = metadata(reader, path, "general.architecture", required=True)
-    if arch != "llama":
+    if arch != ARCHITECTURE:
         raise ValueError(f"{path}: unsupported architecture {arch!r}; attnkit loads GGUF files of architecture 'llama'")
 
     def key(name: str) -> str:
-        return f"llama.{name}"
+        return f"{ARCHITECTURE}.{name}"
 
-    dim = _int(reader, path, key("embedding_length"), required=True)
-    n_heads = _int(reader, path, key("attention.head_count"), required=True)
-    head_dim = _int(reader, path, key("attention.key_length"), dim // n_heads if n_heads else None)
-    value_dim = _int(reader, path, key("attention.value_length"), head_dim)
-    rope_dims = _int(reader, path, key("rope.dimension_count"), head_dim)
+    dim = metadata_int(reader, path, key("embedding_length"), required=True)
+    n_heads = metadata_int(reader, path, key("attention.head_count"), required=True)
+    head_dim = metadata_int(reader, path, key("attention.key_length"), dim // n_heads if n_heads else None)
+    value_dim = metadata_int(reader, path, key("attention.value_length"), head_dim)
+    rope_dims = metadata_int(reader, path, key("rope.dimension_count"), head_dim)
     if value_dim != head_dim or rope_dims != head_dim:
         raise ValueError(
             f"{path}: key/value/rotary widths {head_dim}/{value_dim}/{rope_dims} differ; attnkit's Llama needs them equal"
@@ -204,49 +139,34 @@ def config_from_gguf(reader, path: str | os.PathLike) -> LlamaConfig:
     scaling_type = metadata(reader, path, key("rope.scaling.type"), "none")
     if scaling_type not in ("none", "llama3"):
         raise ValueError(f"{path}: {key('rope.scaling.type')} {scaling_type!r} is not supported (none, or Llama 3 rope_freqs)")
-    theta = _float(reader, path, key("rope.freq_base"), 10000.0)
+    theta = metadata_float(reader, path, key("rope.freq_base"), 10000.0)
     tokens = metadata(reader, path, "tokenizer.ggml.tokens")
-    vocab = _int(reader, path, key("vocab_size"), len(tokens) if tokens is not None else None)
+    vocab = metadata_int(reader, path, key("vocab_size"), len(tokens) if tokens is not None else None)
     if vocab is None:
         raise ValueError(f"{path}: GGUF metadata has neither {key('vocab_size')} nor tokenizer.ggml.tokens")
     names = {t.name: t for t in reader.tensors}
     scaling = None
     if _ROPE_FREQS in names:
-        original = _int(reader, path, key("rope.scaling.original_context_length"), 8192)
-        divisors = torch.from_numpy(_dequantize(names[_ROPE_FREQS], path)).reshape(-1)
+        original = metadata_int(reader, path, key("rope.scaling.original_context_length"), 8192)
+        divisors = torch.from_numpy(dequantize(names[_ROPE_FREQS], path)).reshape(-1)
         if divisors.numel() != head_dim // 2:
             raise ValueError(f"{path}: {_ROPE_FREQS} has {divisors.numel()} entries, expected {head_dim // 2}")
         scaling = _rope_scaling_from_freqs(divisors, head_dim, theta, original, path)
-    bos = _int(reader, path, "tokenizer.ggml.bos_token_id")
-    eos = [_int(reader, path, f"tokenizer.ggml.{name}_token_id") for name in ("eos", "eot")]
+    bos = metadata_int(reader, path, "tokenizer.ggml.bos_token_id")
+    eos = [metadata_int(reader, path, f"tokenizer.ggml.{name}_token_id") for name in ("eos", "eot")]
     try:
         return LlamaConfig(
-            dim=dim, n_layers=_int(reader, path, key("block_count"), required=True), n_heads=n_heads,
-            n_kv_heads=_int(reader, path, key("attention.head_count_kv"), n_heads),
-            ffn_dim=_int(reader, path, key("feed_forward_length"), required=True), vocab_size=vocab,
-            head_dim=head_dim, norm_eps=_float(reader, path, key("attention.layer_norm_rms_epsilon"), 1e-5),
+            dim=dim, n_layers=metadata_int(reader, path, key("block_count"), required=True), n_heads=n_heads,
+            n_kv_heads=metadata_int(reader, path, key("attention.head_count_kv"), n_heads),
+            ffn_dim=metadata_int(reader, path, key("feed_forward_length"), required=True), vocab_size=vocab,
+            head_dim=head_dim, norm_eps=metadata_float(reader, path, key("attention.layer_norm_rms_epsilon"), 1e-5),
             rope_theta=theta, rope_scaling=scaling,
-            max_position_embeddings=_int(reader, path, key("context_length"), 2048),
+            max_position_embeddings=metadata_int(reader, path, key("context_length"), 2048),
             tie_embeddings="output.weight" not in names, bos_token_id=bos,
             eos_token_ids=tuple(dict.fromkeys(t for t in eos if t is not None)),
         )
     except (ValueError, TypeError) as exc:
         raise ValueError(f"{path}: {exc}") from None
-
-
-def _dequantize(tensor, path):
-    """float32 numpy array ``(rows, in)`` of one GGUF tensor (GGUF lists dims innermost first)."""
-    from gguf import quants
-
-    kind = tensor.tensor_type.name
-    if kind not in SUPPORTED_TYPE_NAMES:
-        raise ValueError(
-            f"{path}: tensor {tensor.name} has type {kind}, which attnkit does not load "
-            f"(supported: {', '.join(SUPPORTED_TYPE_NAMES)})"
-        )
-    # F32 data comes back as a read-only view of the memory-mapped file; torch wants it writable.
-    values = np.require(quants.dequantize(tensor.data, tensor.tensor_type), requirements="W")
-    return values.reshape(tuple(reversed([int(d) for d in tensor.shape])))
 
 
 def load_gguf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
@@ -260,9 +180,7 @@ def load_gguf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
     """
     reader = open_gguf(path)
     config = config_from_gguf(reader, path)
-    with torch.device("meta"):
-        model = Llama(config)
-    shapes = {name: tensor.shape for name, tensor in model.state_dict().items()}
+    shapes = parameter_shapes(config)
     state = {}
     for tensor in reader.tensors:
         if tensor.name == _ROPE_FREQS:
@@ -270,7 +188,7 @@ def load_gguf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
         name = attnkit_name(tensor.name)
         if name is None or name not in shapes:
             raise ValueError(f"{path}: unexpected tensor {tensor.name} for a {config.n_layers}-layer Llama")
-        weight = torch.from_numpy(_dequantize(tensor, path))
+        weight = torch.from_numpy(dequantize(tensor, path))
         if weight.shape != shapes[name]:
             raise ValueError(
                 f"{path}: tensor {tensor.name} has shape {tuple(weight.shape)}, expected {tuple(shapes[name])}"
@@ -283,6 +201,4 @@ def load_gguf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
     missing = sorted(set(shapes) - set(state))
     if missing:
         raise ValueError(f"{path}: missing tensors {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-    model.load_state_dict(state, assign=True, strict=True)
-    model.rope.reset_frequencies(device)
-    return model.eval()
+    return Llama.from_state(config, state, device)

@@ -1,0 +1,58 @@
+"""The problem ``attnkit ring`` runs, as the launcher builds it and each worker receives it.
+
+The launcher hands the case to every torchrun worker as JSON in an environment variable. The
+pattern travels as its command-line spelling (``pattern_name``, e.g. ``window:100``): the worker
+rebuilds it with the same parser the launcher used, which the caller of :func:`case_from_json`
+passes in, so this module needs no part of the command line.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Callable, Optional
+
+from ..patterns import Pattern
+
+
+@dataclass
+class RingCase:
+    """The problem ``attnkit ring`` runs (full sequence ``seq``, split over the ranks).
+
+    ``work_dir`` is where each failing rank writes its one-line error (``rank{r}.txt``) and rank 0
+    writes the result (:data:`RESULT_FILE`) for the launcher to report.
+    """
+
+    seq: int
+    batch: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    pattern: Pattern
+    pattern_name: str
+    layout: str
+    dtype: str
+    check: bool
+    timeout: float
+    seed: int
+    work_dir: Optional[str]
+
+
+RESULT_FILE = "result.json"
+"""Rank 0's ``{"reports": [...], "errors": ...}``, in ``work_dir``."""
+
+
+def case_to_json(case: RingCase) -> str:
+    """Every field but the pattern object, which ``pattern_name`` spells."""
+    fields = asdict(case)
+    fields.pop("pattern")
+    return json.dumps(fields)
+
+
+def case_from_json(text: str, parse_pattern: Callable[[str], Pattern]) -> RingCase:
+    """The case :func:`case_to_json` wrote, its pattern rebuilt by ``parse_pattern(pattern_name)``."""
+    fields = json.loads(text)
+    return RingCase(pattern=parse_pattern(fields["pattern_name"]), **fields)
+
+
+__all__ = ["RESULT_FILE", "RingCase", "case_from_json", "case_to_json"]

@@ -1,0 +1,97 @@
+"""GGUF files (llama.cpp's single-file format): opening, typed metadata, dequantized tensors.
+
+Nothing here knows a model family: the ``gguf`` package (written by llama.cpp's authors) parses the
+file, and this module checks it (magic, truncation), reads metadata with errors that name the file
+and key, and dequantizes tensors to float32. A family's ``gguf_checkpoint`` module maps the names
+and metadata of its architecture (``general.architecture``) onto its model.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+GGUF_MAGIC = b"GGUF"
+
+SUPPORTED_TYPE_NAMES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
+                        "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+"""GGML tensor types this loader dequantizes (through ``gguf.quants.dequantize``)."""
+
+
+def is_gguf(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names a GGUF file (by its ``.gguf`` suffix; the content is checked on reading)."""
+    return Path(path).suffix.lower() == ".gguf"
+
+
+def open_gguf(path: str | os.PathLike):
+    """A ``gguf.GGUFReader`` over ``path``. Raises FileNotFoundError for a missing file and
+    ValueError naming the file when it is not GGUF, is truncated or otherwise unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file {path} does not exist")
+    with open(path, "rb") as handle:
+        magic = handle.read(4)
+    if magic != GGUF_MAGIC:
+        raise ValueError(f"{path}: not a GGUF file (it starts with {magic!r}, not {GGUF_MAGIC!r})")
+    try:
+        import gguf  # optional package (the llama extra), imported only when a file is read
+    except ImportError:
+        raise ImportError('reading GGUF files needs the gguf package: pip install -e ".[llama]"') from None
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as exc:  # the reader raises ValueError, IndexError, ... on a damaged header
+        raise ValueError(f"{path}: unreadable GGUF file, truncated or damaged ({type(exc).__name__}: {exc})") from None
+    for tensor in reader.tensors:
+        if tensor.data.nbytes != tensor.n_bytes:
+            raise ValueError(
+                f"{path}: truncated GGUF file: tensor {tensor.name} needs {tensor.n_bytes} bytes, "
+                f"the file holds {tensor.data.nbytes}"
+            )
+    return reader
+
+
+def metadata(reader, path: str | os.PathLike, key: str, default=None, *, required: bool = False):
+    """The value of metadata ``key`` (a Python scalar, string or list), ``default`` when absent;
+    ValueError naming the file and key when ``required`` and absent."""
+    field = reader.fields.get(key)
+    if field is None:
+        if required:
+            raise ValueError(f"{path}: GGUF metadata lacks {key}")
+        return default
+    return field.contents()
+
+
+def metadata_int(reader, path, key: str, default=None, *, required: bool = False) -> Optional[int]:
+    value = metadata(reader, path, key, default, required=required)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{path}: GGUF metadata {key} must be an integer, got {value!r}")
+    return value
+
+
+def metadata_float(reader, path, key: str, default: float) -> float:
+    value = metadata(reader, path, key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{path}: GGUF metadata {key} must be a number, got {value!r}")
+    # GGUF stores float32: 1e-5 reads back as 9.99999974e-06; keep the shortest decimal that
+    # rounds to the same float32, which is the value the model's authors wrote.
+    return float(str(np.float32(value)))
+
+
+def dequantize(tensor, path):
+    """float32 numpy array ``(rows, in)`` of one GGUF tensor (GGUF lists dims innermost first)."""
+    from gguf import quants  # optional package (the llama extra), imported only when a file is read
+
+    kind = tensor.tensor_type.name
+    if kind not in SUPPORTED_TYPE_NAMES:
+        raise ValueError(
+            f"{path}: tensor {tensor.name} has type {kind}, which attnkit does not load "
+            f"(supported: {', '.join(SUPPORTED_TYPE_NAMES)})"
+        )
+    # F32 data comes back as a read-only view of the memory-mapped file; torch wants it writable.
+    values = np.require(quants.dequantize(tensor.data, tensor.tensor_type), requirements="W")
+    return values.reshape(tuple(reversed([int(d) for d in tensor.shape])))
