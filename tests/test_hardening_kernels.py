@@ -135,7 +135,7 @@ def test_masks_build_no_square_integer_temporaries(pattern):
 
 
 def test_predicate_masks_are_evaluated_a_block_of_rows_at_a_time(monkeypatch):
-    from attnkit import patterns
+    from attnkit.patterns import base as patterns
 
     monkeypatch.setattr(patterns, "_MASK_ELEMENTS", 1000)
     sizes = []
