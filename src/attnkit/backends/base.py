@@ -10,6 +10,7 @@ attention and merged plans need). :mod:`.registry` lists the backends; :mod:`.po
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -31,8 +32,8 @@ class Problem:
     None for bottom-right alignment. ``key_padding_mask`` is ``(B, Nk)`` bool, True = a real key,
     or None. ``native_band`` answers whether the native band kernel takes the inputs: None asks
     the kernel (what :func:`attnkit.attention` does), True or False is taken as given (what-if
-    questions such as :func:`~.policy.choose_backend`). ``memo`` caches facts the backends derive
-    from the pattern, so that ``auto`` derives each once per call.
+    questions such as :func:`~.policy.choose_backend`). ``memo`` holds facts the backends derive
+    from the pattern (see :mod:`.facts`), so that ``auto`` derives each once per call.
     """
 
     pattern: Pattern
@@ -56,15 +57,6 @@ class Problem:
     def square(self) -> int:
         """Score entries of the whole ``Nq x Nk`` square over all query heads, per batch entry."""
         return self.n_q * self.n_k * self.n_q_heads
-
-    def fact(self, name: str, derive) -> object:
-        """``derive()``, computed once per problem and kept under ``name``."""
-        if self.memo is None:
-            self.memo = {}
-        elif name in self.memo:
-            return self.memo[name]
-        value = self.memo[name] = derive()
-        return value
 
 
 def check_pattern(pattern: Optional[Pattern], n_q_heads: int) -> Pattern:
@@ -110,7 +102,7 @@ def make_problem(
     return problem
 
 
-class Backend:
+class Backend(ABC):
     """One way to compute attention. Subclasses set ``name`` and ``description`` and implement
     :meth:`cost`, :meth:`forward` and :meth:`grad_share`; they declare whether they take explicit
     positions and a key padding mask, and may refuse more in :meth:`accepts`."""
@@ -133,17 +125,19 @@ class Backend:
         return None
 
     def cost(self, problem: Problem) -> float:
-        """Estimated work in score entries of masked SDPA-equivalents; ``math.inf`` when this
-        backend runs the problem but is never the fastest choice for it (``auto`` skips it)."""
+        """Estimated work in score entries (see :mod:`.policy`); ``math.inf`` when this backend
+        runs the problem but is never the fastest choice for it. A backend that does not override
+        this is never picked by cost."""
         return math.inf
 
+    @abstractmethod
     def forward(
         self, problem: Problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """``(out (B, Hq, Nq, Dv), lse (B, Hq, Nq))`` of validated inputs; lse may be None when
         ``problem.need_lse`` is False. Differentiable in q, k, v."""
-        raise NotImplementedError(f"backend {self.name!r} has no forward")
 
+    @abstractmethod
     def grad_share(
         self,
         problem: Problem,
@@ -159,7 +153,6 @@ class Backend:
         part of a larger key set: ``out (B, Hq, Nq, Dv)`` and ``lse (B, Hq, Nq)`` are the results
         over the whole key set, ``d_out`` and ``d_lse`` (None = zero) their gradients. Summing
         the shares of disjoint parts gives the exact gradient."""
-        raise NotImplementedError(f"backend {self.name!r} has no grad_share")
 
 
 def default_positions(problem: Problem) -> Positions:

@@ -19,12 +19,21 @@ def planned(problem: Problem) -> bool:
 
 
 def _head_facts(problem: Problem) -> tuple[bool, bool]:
-    """``(finite_bands, planned)`` from one pass over the heads' patterns, once per problem."""
-    def derive() -> tuple[bool, bool]:
+    """``(finite_bands, planned)`` from one pass over the heads' patterns, once per problem (auto
+    asks several backends; this is on every call's path, so it is kept flat)."""
+    memo = problem.memo
+    if memo is None:
+        memo = problem.memo = {}
+    facts = memo.get("heads")
+    if facts is None and problem.pattern.n_heads is None:
+        pattern = problem.pattern
+        facts = memo["heads"] = (finite_band(pattern) is not None, pattern.parts is not None)
+    elif facts is None:
         patterns = [p for _, _, p in head_runs(problem.pattern, problem.n_q_heads, 1)]
-        return all(finite_band(p) is not None for p in patterns), all(p.parts is not None for p in patterns)
-
-    return problem.fact("heads", derive)
+        facts = memo["heads"] = (
+            all(finite_band(p) is not None for p in patterns), all(p.parts is not None for p in patterns)
+        )
+    return facts
 
 
 def full_or_causal(problem: Problem) -> bool:

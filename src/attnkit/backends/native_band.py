@@ -28,9 +28,7 @@ def runs(problem: Problem) -> bool:
         return False
     if problem.native_band is not None:
         return problem.native_band
-    return problem.fact("native", lambda: band_native_takes(
-        problem.device, problem.dtype, problem.head_dim, problem.value_dim
-    ))
+    return band_native_takes(problem.device, problem.dtype, problem.head_dim, problem.value_dim)
 
 
 def band_pairs(problem: Problem) -> int:

@@ -13,7 +13,7 @@
      planner's patterns (Strided, Fixed, BlockSparse, their parts, unions of these) the pairs its
      plan computes; infinite for other patterns;
    - blockwise: the pairs its tiles cover; infinite for the planner's patterns;
-   - reference and triton: infinite (never picked by cost).
+   - reference and triton: no cost of their own (never picked by cost).
 3. When no accepting backend has a finite cost, the reference backend (it runs every call).
 
 Explicit positions or a key padding mask narrow the field to the backends that take them.
@@ -31,6 +31,10 @@ from .facts import full_or_causal
 from .registry import BY_NAME, REGISTRY
 
 
+_COSTED = tuple(backend for backend in REGISTRY if type(backend).cost is not Backend.cost)
+"""The backends with a cost of their own: the others are never picked by cost."""
+
+
 def pick(problem: Problem) -> Backend:
     """The backend ``auto`` runs for ``problem`` (see the module docstring)."""
     triton = BY_NAME["triton"]
@@ -41,7 +45,7 @@ def pick(problem: Problem) -> Backend:
         return triton
     best, best_cost = BY_NAME["reference"], math.inf
     explicit = problem.positions is not None or problem.key_padding_mask is not None
-    for backend in REGISTRY:
+    for backend in _COSTED:
         # The cost first: the full acceptance check (free memory for a mask, say) only for a
         # backend that would win.
         if not explicit or backend.takes_arguments(problem) is None:

@@ -25,9 +25,6 @@ class TritonBackend(Backend):
         for them: float64, head dims over the limit), or why not."""
         return triton_takes(problem.device, problem.dtype, problem.head_dim, problem.value_dim)
 
-    def cost(self, problem):
-        return float("inf")  # the policy prefers it outright where it is made for the problem
-
     def forward(self, problem, q, k, v):
         return triton_kernel(q, k, v, problem.pattern, problem.scale)
 
