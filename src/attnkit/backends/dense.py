@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from ..kernels.common import allowed_mask, kv_groups
-from ..kernels.dense import dense_misfit, fused_lse_available, sdpa_attention
+from ..kernels.dense import dense_kernel, dense_misfit, fused_lse_available
 from ..kernels.reference import explicit_grads
 from .base import Backend
 from .facts import lse_needs_second_pass
@@ -39,9 +39,9 @@ class DenseBackend(Backend):
         return SDPA_PAIR_COST * problem.square
 
     def forward(self, problem, q, k, v):
-        return sdpa_attention(  # accepts() made the memory check
+        return dense_kernel(
             q, k, v, problem.pattern, problem.scale, problem.need_lse,
-            positions=problem.positions, key_padding_mask=problem.key_padding_mask,
+            positions=problem.positions, key_padding_mask=problem.key_padding_mask, memory_checked=True,
         )
 
     def grad_share(self, problem, q, k, v, out, lse, d_out, d_lse):

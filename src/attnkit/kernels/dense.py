@@ -181,34 +181,19 @@ def dense_kernel(
     *,
     positions: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
     key_padding_mask: Optional[torch.Tensor] = None,
+    memory_checked: bool = False,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Attention through SDPA. Inputs validated: q ``(B, Hq, Nq, D)``, k ``(B, Hkv, Nk, D)``,
     v ``(B, Hkv, Nk, Dv)``; ``positions = (q_pos (Nq,), k_pos (Nk,))`` (default bottom-right) and
     ``key_padding_mask (B, Nk)`` (True = a real key) shape the mask. Returns ``(out, lse or None)``;
     fully masked rows give zeros and -inf. Raises ValueError when the mask would not fit (see
-    :func:`check_dense_fits`), or when the LSE of a padded call is asked for where the fused CPU
-    op cannot give it.
+    :func:`check_dense_fits`; ``memory_checked``: the caller made that check, as the dense backend
+    does), or when the LSE of a padded call is asked for where the fused CPU op cannot give it.
     """
-    explicit = positions is not None or key_padding_mask is not None
-    check_dense_fits(pattern, q.shape[2], k.shape[2], q.device, q.dtype, scale, explicit=explicit,
-                     padded_batch=1 if key_padding_mask is None else q.shape[0])
-    return sdpa_attention(q, k, v, pattern, scale, need_lse, positions=positions, key_padding_mask=key_padding_mask)
-
-
-def sdpa_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    pattern: Pattern,
-    scale: float,
-    need_lse: bool,
-    *,
-    positions: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-    key_padding_mask: Optional[torch.Tensor] = None,
-) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """:func:`dense_kernel` without the memory check, for a caller that made it (the dense
-    backend asks :func:`dense_misfit` before it runs)."""
     n_q, n_k = q.shape[2], k.shape[2]
+    if not memory_checked:
+        check_dense_fits(pattern, n_q, n_k, q.device, q.dtype, scale, explicit=positions is not None or
+                         key_padding_mask is not None, padded_batch=1 if key_padding_mask is None else q.shape[0])
     is_causal, mask = sdpa_mask(pattern, n_q, n_k, q.device, scale, positions, key_padding_mask)
     gqa = kv_groups(q, k) > 1
     fused_lse = need_lse and fused_lse_available(q.device, q.shape[-1], v.shape[-1])
