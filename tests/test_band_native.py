@@ -14,7 +14,7 @@ from attnkit.kernels import native_build
 from attnkit.kernels import band_native as band_native_module
 from attnkit.kernels import sparse as sparse_module
 from attnkit.kernels.band_native import band_forward, band_native_attention, band_native_supports, forced_band_path
-from attnkit.functional import choose_backend
+from attnkit.backends import choose_backend
 from attnkit.kernels.reference import reference_kernel
 
 needs_native = pytest.mark.skipif(

@@ -8,7 +8,7 @@ from hypothesis import given, strategies as st
 
 from attnkit import Causal, Full, Predicate, SlidingWindow, attention, merge_lse
 from attnkit.bench.runner import largest_tensor_bytes
-from attnkit.kernels.blockwise import blockwise_kernel, plan_tiles, planned_pairs
+from attnkit.kernels.blockwise import blockwise_kernel, plan_tiles, tile_pairs
 from attnkit.kernels.reference import reference_kernel
 from strategies import problems
 
@@ -95,9 +95,9 @@ def test_plan_visits_exactly_the_tiles_with_allowed_pairs(n_q, n_k, block_q, blo
 
 def test_causal_plan_does_about_half_of_the_square_and_windows_follow_the_band():
     n = 4096
-    causal = planned_pairs(plan_tiles(Causal(), n, n))
+    causal = tile_pairs(plan_tiles(Causal(), n, n))
     assert causal < 0.6 * n * n
-    window = planned_pairs(plan_tiles(SlidingWindow(128), n, n, 128, 128))
+    window = tile_pairs(plan_tiles(SlidingWindow(128), n, n, 128, 128))
     assert window <= 3 * 128 * n  # a 128-wide band touches at most 2-3 tiles per query block
 
 
@@ -149,7 +149,7 @@ def test_merge_lse_rejects_mismatched_lists():
 def test_full_pattern_plan_has_no_masks():
     blocks = plan_tiles(Full(), 300, 700, 128, 256)
     assert all(not masked for b in blocks for _, _, masked in b.tiles)
-    assert planned_pairs(blocks) == 300 * 700
+    assert tile_pairs(blocks) == 300 * 700
 
 
 def test_explicit_positions_must_be_integer_vectors_of_the_right_length():

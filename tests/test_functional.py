@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, strategies as st
 
 from attnkit import Causal, Predicate, SlidingWindow, attention, reference_attention
-from attnkit.functional import choose_backend
+from attnkit.backends import choose_backend
 from strategies import Problem, problems
 
 BACKENDS = ["dense", "blockwise", "auto"]

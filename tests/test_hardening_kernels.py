@@ -18,7 +18,7 @@ from attnkit import (
     attention,
     reference_attention,
 )
-from attnkit.functional import choose_backend
+from attnkit.backends import choose_backend
 from attnkit.kernels import dense as dense_module
 from attnkit.kernels.common import all_finite
 from attnkit.patterns import BlockLocal, Periodic, Summary
@@ -135,7 +135,7 @@ def test_masks_build_no_square_integer_temporaries(pattern):
 
 
 def test_predicate_masks_are_evaluated_a_block_of_rows_at_a_time(monkeypatch):
-    from attnkit import patterns
+    from attnkit.patterns import base as patterns
 
     monkeypatch.setattr(patterns, "_MASK_ELEMENTS", 1000)
     sizes = []

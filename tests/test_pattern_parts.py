@@ -9,7 +9,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from attnkit.functional import _sparse_planned
+from attnkit.backends import Problem
+from attnkit.backends.facts import planned
 from attnkit.kernels.sparse_plan import split_parts
 from attnkit.patterns import (
     BlockLocal,
@@ -61,6 +62,11 @@ compositions = st.recursive(
 
 
 @settings(max_examples=150, deadline=None)
+def _sparse_planned(pattern, n_q_heads):
+    """Whether the sparse backend counts ``pattern`` as planned (every head has parts)."""
+    return planned(Problem(pattern, 64, 64, n_q_heads))
+
+
 @given(compositions)
 def test_planned_exactly_where_the_former_type_rule_said_so(pattern):
     assert (pattern.parts is not None) == _old_rule(pattern)

@@ -17,10 +17,10 @@ from attnkit import (
     attention,
 )
 from attnkit.bench.runner import largest_tensor_bytes
-from attnkit.functional import choose_backend
+from attnkit.backends import choose_backend
 from attnkit.kernels import sparse as sparse_module
 from attnkit.kernels.reference import reference_kernel
-from attnkit.kernels.sparse import planned_pairs, sparse_kernel
+from attnkit.kernels.sparse import sparse_plan_pairs, sparse_kernel
 from attnkit.kernels.sparse_plan import plan_sparse
 from attnkit.patterns import BlockLocal, Periodic, Summary
 from strategies import LAYOUTS, arrange
@@ -158,7 +158,7 @@ def test_memory_follows_the_allowed_pairs_not_the_square(pattern):
 def test_plans_compute_about_the_allowed_pairs():
     n = 8192
     for pattern, slack in [(SlidingWindow(256), 1.15), (Strided(128), 1.7), (Fixed(128, 8), 1.6)]:
-        assert planned_pairs(pattern, n, n) < slack * pattern.count(n, n), pattern
+        assert sparse_plan_pairs(pattern, n, n) < slack * pattern.count(n, n), pattern
 
 
 def test_auto_sends_sparse_patterns_to_the_planner_and_dense_ones_to_sdpa():

@@ -22,6 +22,7 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in 
 pytest.importorskip("triton")
 
 from attnkit import BlockSparse, Causal, Fixed, PerHead, Predicate, SlidingWindow, Strided, attention  # noqa: E402
+from attnkit.backends import make_problem, pick  # noqa: E402
 from attnkit.kernels.reference import reference_kernel  # noqa: E402
 from attnkit.kernels.triton_backend import (  # noqa: E402
     MAX_SPLITS,
@@ -29,7 +30,6 @@ from attnkit.kernels.triton_backend import (  # noqa: E402
     _splits,
     kernel_parts,
     triton_available,
-    triton_preferred,
 )
 from attnkit.kernels.triton_blocks import BlocksPart, block_list  # noqa: E402
 
@@ -157,11 +157,15 @@ def test_float64_runs_the_sparse_backend_exactly():
 
 
 def test_auto_keeps_cpu_and_causal_off_triton():
+    def auto(t, pattern):
+        return pick(make_problem(t, t, t, pattern, None, False)).name
+
     q = torch.randn(1, 2, 8, 16)
-    assert not triton_preferred(q, q, q, SlidingWindow(4))  # CPU tensors: the planner, as before
+    assert auto(q, SlidingWindow(4)) != "triton"  # CPU tensors: the planner, as before
     if torch.cuda.is_available():
         g = q.cuda().half()
-        assert triton_preferred(g, g, g, SlidingWindow(4)) and not triton_preferred(g, g, g, Causal())
+        assert auto(g, SlidingWindow(4)) == "triton" and auto(g, Causal()) != "triton"
+        assert auto(g.double(), SlidingWindow(4)) != "triton"  # float64: the kernels do not take it
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU error")

@@ -7,6 +7,7 @@ import numbers
 import operator
 
 import numpy
+import torch
 
 
 def positive_int(owner: str, name: str, value: object) -> int:
@@ -60,3 +61,86 @@ def _short(value: object) -> str:
     except ValueError:  # an int of more than 4300 digits has no repr
         return f"an integer of {value.bit_length()} bits"
     return text if len(text) <= 60 else f"{text[:57]}..."
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention inputs: q, k, v, scale, positions and key padding, worded the same in every caller.
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_inputs(q: object, k: object, v: object) -> None:
+    """Check ``q (B, Hq, Nq, D)``, ``k (B, Hkv, Nk, D)``, ``v (B, Hkv, Nk, Dv)``: tensors of rank 4
+    and one float dtype on one device, with agreeing sizes and ``Hq % Hkv == 0``.
+
+    Raises TypeError (non-tensor, non-float or mixed dtypes) or ValueError (shapes, devices).
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(
+                f"{name} must have rank 4 (batch, heads, seq, head_dim), got shape {tuple(t.shape)}"
+            )
+        if t.dtype not in _FLOATS:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+        if 0 in t.shape[1:]:
+            raise ValueError(f"{name} must have heads, seq and head_dim >= 1, got shape {tuple(t.shape)}")
+    shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+    if not q.dtype == k.dtype == v.dtype:
+        raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not q.device == k.device == v.device:
+        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if not q.shape[0] == k.shape[0] == v.shape[0]:
+        raise ValueError(f"batch sizes differ: {shapes}")
+    if q.shape[3] != k.shape[3]:
+        raise ValueError(f"q and k head_dim differ: {shapes}")
+    if k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"k and v must agree in batch, heads and seq: {shapes}")
+    if q.shape[1] % k.shape[1] != 0:
+        raise ValueError(
+            f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]}): {shapes}"
+        )
+
+
+def check_scale(scale: object, head_dim: int) -> float:
+    """``scale`` as a float (default ``1 / sqrt(head_dim)``); TypeError for a non-number (bool
+    included), ValueError for NaN or infinity."""
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a real number or None, got {type(scale).__name__} {scale!r}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale!r}")
+    return float(scale)
+
+
+def check_positions(name: str, positions: object, length: int, device: torch.device) -> torch.Tensor:
+    """``positions`` as the 1-D integer tensor of ``length`` absolute positions on ``device``.
+
+    Raises TypeError (not a tensor, not an integer dtype) or ValueError (shape, device), naming
+    ``name`` (``q_positions`` or ``k_positions``)."""
+    if not isinstance(positions, torch.Tensor):
+        raise TypeError(f"{name} must be a 1-D integer torch.Tensor or None, got {type(positions).__name__}")
+    if positions.dtype == torch.bool or positions.is_floating_point() or positions.is_complex():
+        raise TypeError(f"{name} must hold integers (int64), got {positions.dtype}")
+    if positions.shape != (length,):
+        raise ValueError(f"{name} must have shape ({length},), got {tuple(positions.shape)}")
+    if positions.device != device:
+        raise ValueError(f"{name} must be on {device} like q, k and v, got {positions.device}")
+    return positions.long()
+
+
+def check_key_padding_mask(mask: object, batch: int, n_k: int, device: torch.device) -> torch.Tensor:
+    """``mask`` as a ``(batch, n_k)`` bool tensor on ``device`` (True = a real key).
+
+    Raises TypeError (not a bool tensor) or ValueError (shape, device) naming ``key_padding_mask``."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"key_padding_mask must be a bool torch.Tensor or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"key_padding_mask must be a bool tensor (True = a real key), got {mask.dtype}")
+    if mask.shape != (batch, n_k):
+        raise ValueError(f"key_padding_mask must have shape (batch, keys) = ({batch}, {n_k}), got {tuple(mask.shape)}")
+    if mask.device != device:
+        raise ValueError(f"key_padding_mask must be on {device} like q, k and v, got {mask.device}")
+    return mask

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-from ..kernels.sparse import planned_pairs
+from ..kernels.sparse import sparse_plan_pairs
 from ..patterns import Pattern
 from .plots import _pyplot
 
@@ -55,7 +55,7 @@ def block_costs(pattern: Pattern, n: int, block: int = 128) -> BlockCosts:
         block=block,
         allowed=pattern.density(n),
         block_mask=block_pairs / square,
-        sparse_plan=planned_pairs(pattern, n, n) / square,
+        sparse_plan=sparse_plan_pairs(pattern, n, n) / square,
         blocks=int(layout.sum()),
         blocks_total=layout.numel(),
     )

@@ -10,7 +10,7 @@ from .comm import DEFAULT_TIMEOUT_S, RingStats
 from .layouts import LAYOUTS, assemble, check_split, shard, shard_positions, unshard
 from .ring import record_ring_stats, ring_attention
 from .schedule import RingSchedule, ring_schedule
-from .sequence_parallel import RingMultiHeadAttention
+from .ring_layer import RingMultiHeadAttention
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",

@@ -3,12 +3,12 @@
 Each rank keeps its query shard; key/value shards travel around the ring (rank ``r`` sends to
 ``r + 1``), and each step's partial result is merged by its log-sum-exp. The next KV shard is in
 flight while the current one is computed. Each (query shard, KV shard) step runs the blockwise
-kernel with the *global* positions of both shards, so any pattern means what it means on one
-device. Only the ``Hkv`` key/value heads travel (GQA/MQA).
+backend with the *global* positions of both shards (``attention(..., q_positions, k_positions)``),
+so any pattern means what it means on one device. Only the ``Hkv`` key/value heads travel (GQA/MQA).
 
 Backward is a custom autograd function in the FlashAttention style: the KV shards go around the
 ring again together with dK/dV accumulators; each rank recomputes its step's probabilities from
-the saved global LSE (nothing per step is stored), adds its share to the accumulator while the next
+the saved global LSE through the backend's ``grad_share`` (nothing per step is stored), adds its share to the accumulator while the next
 KV shard is in flight, and passes it on; after the last step each accumulator is sent straight to
 the rank that owns those keys.
 
@@ -29,8 +29,10 @@ from typing import Iterator, Optional
 import torch
 import torch.distributed as dist
 
-from ..functional import _check_inputs, _check_pattern, _check_scale
-from ..kernels.blockwise import blockwise_grads, blockwise_kernel, merge_lse
+from ..backends import BY_NAME, check_pattern, make_problem
+from ..checks import check_inputs, check_scale
+from ..functional import attention
+from ..kernels.blockwise import merge_lse
 from ..kernels.common import compute_dtype
 from ..patterns import Pattern
 from .agreement import check_same_everywhere
@@ -38,6 +40,9 @@ from .comm import DEFAULT_TIMEOUT_S, RingComm, RingStats
 from .layouts import check_layout, check_split, shard_positions
 from .schedule import RingSchedule, ring_schedule
 
+STEP_BACKEND = "blockwise"
+"""The backend of every ring step: it takes explicit positions, and its forward and gradient
+share keep memory at a few tiles (no ``shard x shard`` mask or weights)."""
 MESSAGE_BYTES = 64 * 2**20
 """K/V bytes a ring message aims at: bigger shards go round the ring one group of heads at a time,
 which bounds the ring's buffers (and the kernel's temporaries) without changing any result."""
@@ -146,9 +151,12 @@ def _forward_heads(state: _RingCall, q, k, v):
             pending = comm.exchange(kv, rank + 1, spare, rank - 1, f"forward step {step + 1} keys/values")
         if state.needed(step):
             k_step, v_step = _unpack(kv, k.shape, v.shape)
-            positions = (state.positions[rank], state.positions[state.source(step)])
+            q_pos, k_pos = state.positions[rank], state.positions[state.source(step)]
             part = state.timed(
-                lambda *a: blockwise_kernel(*a, state.pattern, state.scale, positions=positions),
+                lambda *a: attention(
+                    *a, state.pattern, scale=state.scale, backend=STEP_BACKEND, return_lse=True,
+                    q_positions=q_pos, k_positions=k_pos,
+                ),
                 q, k_step, v_step,
             )
             out, lse = part if out is None else merge_lse([out, part[0]], [lse, part[1]])
@@ -175,9 +183,12 @@ def _backward_heads(state: _RingCall, q, k, v, out, lse, d_out, d_lse):
         local = None
         if state.needed(step):
             k_step, v_step = _unpack(kv, k.shape, v.shape)
-            positions = (state.positions[rank], state.positions[state.source(step)])
+            problem = make_problem(
+                q, k_step, v_step, state.pattern, state.scale, True,
+                state.positions[rank], state.positions[state.source(step)],
+            )
             d_q_step, d_k_step, d_v_step = state.timed(
-                lambda *a: blockwise_grads(*a, state.pattern, state.scale, positions),
+                lambda *a: BY_NAME[STEP_BACKEND].grad_share(problem, *a),
                 q, k_step, v_step, out, lse, d_out, d_lse,
             )
             d_q += d_q_step
@@ -267,9 +278,9 @@ def ring_attention(
     comm = RingComm(group, timeout, stats)
     problem = None
     try:
-        _check_inputs(q, k, v)
-        scale = _check_scale(scale, q.shape[-1])
-        pattern = _check_pattern(pattern, q.shape[1])
+        check_inputs(q, k, v)
+        scale = check_scale(scale, q.shape[-1])
+        pattern = check_pattern(pattern, q.shape[1])
         check_layout(layout)
     except (TypeError, ValueError) as exc:  # raised on every rank by the agreement check
         problem = exc

@@ -50,7 +50,19 @@ def _library() -> Optional[ctypes.CDLL]:
 def band_native_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether the native kernel runs these inputs: it can take them and it is not slower than the
     planner here (see :func:`band_decision`). Builds the library, and calibrates, on first call."""
-    if _unsupported(q, k, v) is not None or _library() is None:
+    return _unsupported(q, k, v) is None and _runs_here()
+
+
+def band_native_takes(device: torch.device, dtype: torch.dtype, head_dim: int, value_dim: int) -> bool:
+    """:func:`band_native_supports` for inputs described by their device, dtype and widths."""
+    if device.type != "cpu" or dtype != torch.float32 or head_dim != value_dim or head_dim % _LANES:
+        return False
+    return _runs_here()
+
+
+def _runs_here() -> bool:
+    """Whether the library is built and the kernel runs bands here (forced, or decided)."""
+    if _library() is None:
         return False
     forced = getattr(_forced, "path", None)
     return forced == "native" if forced else band_decision().native
@@ -286,12 +298,12 @@ def _best_ms(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, f
 def _calibrate() -> BandDecision:
     """Times both paths on SlidingWindow(256) and Strided(128) at N=1024, 2 heads, D=64 (forward;
     the backward passes scale alike)."""
-    from ..functional import attention  # here: functional imports this module
+    from .sparse import sparse_kernel  # here: the sparse kernel imports this module
 
     def on(path: str, pattern: Pattern) -> Callable[[], object]:
         def run():
             with forced_band_path(path):
-                return attention(q, k, v, pattern, backend="sparse")
+                return sparse_kernel(q, k, v, pattern, 64**-0.5)
         return run
 
     gen = torch.Generator().manual_seed(0)
@@ -312,4 +324,4 @@ add_status_note("band_attention", lambda: band_decision().reason)
 
 
 __all__ = ["BandDecision", "KNOWN_FAST", "band_backward", "band_decision", "band_forward", "band_native_attention",
-           "band_native_supports", "forced_band_path"]
+           "band_native_supports", "band_native_takes", "forced_band_path"]

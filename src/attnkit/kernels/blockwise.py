@@ -145,8 +145,8 @@ def _plan(pattern, n_q, n_k, block_q, block_k, positions) -> list[QueryBlock]:
     return blocks
 
 
-def planned_pairs(blocks: list[QueryBlock]) -> int:
-    """How many (query, key) score entries a plan computes per (batch, head)."""
+def tile_pairs(blocks: list[QueryBlock]) -> int:
+    """How many (query, key) score entries a tile plan of :func:`plan_tiles` computes per (batch, head)."""
     return sum((b.q_stop - b.q_start) * sum(stop - start for start, stop, _ in b.tiles) for b in blocks)
 
 
@@ -327,5 +327,5 @@ def merge_lse(
 
 __all__ = [
     "Positions", "QueryBlock", "blockwise_grads", "blockwise_kernel", "merge_lse", "plan_tiles",
-    "planned_pairs",
+    "tile_pairs",
 ]

@@ -6,6 +6,8 @@ import numpy as np
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
+from typing import Optional
+
 from ..patterns import Pattern
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -28,6 +30,29 @@ def head_mask(pattern: Pattern, n_q: int, n_k: int, device: torch.device, groups
     if pattern.n_heads is None:
         return allowed
     return allowed.unflatten(0, (pattern.n_heads // groups, groups))
+
+
+def allowed_mask(
+    pattern: Pattern,
+    n_q: int,
+    n_k: int,
+    device: torch.device,
+    groups: int,
+    positions: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    key_padding_mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Which pairs may attend, shaped to broadcast against grouped scores ``(B, Hkv, g, n_q, n_k)``:
+    the pattern at ``positions = (q_pos (n_q,), k_pos (n_k,))`` (default bottom-right), and
+    with ``key_padding_mask (B, n_k)`` (True = a real key) only the real keys of each batch entry."""
+    if positions is None:
+        allowed = head_mask(pattern, n_q, n_k, device, groups)
+    else:
+        allowed = pattern.rows_mask(*positions)
+        if pattern.n_heads is not None:
+            allowed = allowed.unflatten(0, (pattern.n_heads // groups, groups))
+    if key_padding_mask is not None:
+        allowed = allowed & key_padding_mask[:, None, None, None, :]
+    return allowed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,19 +100,29 @@ def nonfinite_keys(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1))
 
 
-def rows_seeing(pattern: Pattern, bad: torch.Tensor, n_q_heads: int, n_q: int) -> torch.Tensor:
+def rows_seeing(
+    pattern: Pattern,
+    bad: torch.Tensor,
+    n_q_heads: int,
+    n_q: int,
+    positions: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+) -> torch.Tensor:
     """``(B, Hq, Nq)`` bool: query rows that may see at least one key marked in ``bad
-    (B, Hkv, Nk)``. Evaluates the pattern on the marked columns only, a block of rows at a time."""
+    (B, Hkv, Nk)``, at ``positions = (q_pos, k_pos)`` (default bottom-right). Evaluates the
+    pattern on the marked columns only, a block of rows at a time."""
     n_k = bad.shape[-1]
     cols = bad.flatten(0, 1).any(0).nonzero().flatten()
     marked = bad[..., cols].to(torch.float32).repeat_interleave(n_q_heads // bad.shape[1], dim=1)
     marked = marked.unsqueeze(-1)  # (B, Hq, J, 1)
-    offset = n_k - n_q
-    q_pos = torch.arange(offset, offset + n_q, device=bad.device)
+    if positions is None:
+        offset = n_k - n_q
+        q_pos, k_cols = torch.arange(offset, offset + n_q, device=bad.device), cols
+    else:
+        q_pos, k_cols = positions[0], positions[1][cols]
     rows = max(1, _SEEN_ELEMENTS // max(1, len(cols)))
     counts = []
     for start in range(0, n_q, rows):
-        allowed = pattern.rows_mask(q_pos[start : start + rows], cols).to(torch.float32)  # ([Hq,] r, J)
+        allowed = pattern.rows_mask(q_pos[start : start + rows], k_cols).to(torch.float32)  # ([Hq,] r, J)
         counts.append(torch.matmul(allowed, marked).squeeze(-1))  # (B, Hq, r)
     return torch.cat(counts, dim=-1) > 0
 
@@ -105,7 +140,16 @@ def _differentiated(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
 
 
-def keep_visible(result: tuple, rerun, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern) -> tuple:
+def keep_visible(
+    result: tuple,
+    rerun,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: Pattern,
+    positions: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    key_padding_mask: Optional[torch.Tensor] = None,
+) -> tuple:
     """Enforce the visibility rule on a kernel's ``result``: a tuple whose entries are None or
     tensors ``(B, Hq, Nq, ...)`` (out, lse, weights); ``rerun`` returns the same entries. When ``result[0]`` is not finite and some
     key or value is, ``rerun(k, v)`` computes the result with those entries set to zero, and
@@ -116,8 +160,10 @@ def keep_visible(result: tuple, rerun, q: torch.Tensor, k: torch.Tensor, v: torc
     A pattern that hides no key from any row (Full; Causal for one decoding query) needs no check.
     Nor is it made while ``torch.compile`` traces or a CUDA graph is captured: reading the result
     on the host would break the graph or the capture (those callers get the kernel's result); nor
-    for meta or fake tensors, which hold no values."""
-    if _sees_every_key(pattern, q.shape[2], k.shape[2]) or _host_read_forbidden(q):
+    for meta or fake tensors, which hold no values. ``positions`` and ``key_padding_mask`` are the
+    call's (see :func:`allowed_mask`): a padding key is hidden from every row."""
+    explicit = positions is not None or key_padding_mask is not None
+    if (not explicit and _sees_every_key(pattern, q.shape[2], k.shape[2])) or _host_read_forbidden(q):
         return result
     # A non-finite key can leave ``out`` finite (a score of -inf) yet poison the gradients of
     # every row (0 * inf in the backward pass): when autograd will run, K and V are read too.
@@ -129,9 +175,11 @@ def keep_visible(result: tuple, rerun, q: torch.Tensor, k: torch.Tensor, v: torc
     bad = nonfinite_keys(k, v)
     if not bool(bad.any()):
         return result
+    if key_padding_mask is not None:  # rows see no padding key, whatever it holds
+        bad &= key_padding_mask[:, None, :]
     zero = torch.zeros((), dtype=k.dtype, device=k.device)
     clean = rerun(torch.where(torch.isfinite(k), k, zero), torch.where(torch.isfinite(v), v, zero))
-    sees = rows_seeing(pattern, bad, q.shape[1], q.shape[2])
+    sees = rows_seeing(pattern, bad, q.shape[1], q.shape[2], positions)
     merged = []
     for own, fixed in zip(result, clean):
         if own is None or fixed is None:  # an LSE nobody asked for

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from ..patterns import Pattern
 from .blockwise import blockwise_kernel
-from .common import head_mask, kv_groups
+from .common import allowed_mask, kv_groups
 
 _CPU_FUSED_WITH_LSE = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
@@ -81,49 +81,75 @@ def free_memory(device: torch.device) -> Optional[int]:
         return None
 
 
-def dense_mask_bytes(pattern: Pattern, n_q: int, n_k: int, dtype: torch.dtype, scale: float = 1.0) -> int:
-    """Bytes of the masks this backend builds for the problem: the bool mask and its float copy."""
-    if _mask_free(pattern, n_q, n_k, scale) is not None:
+def dense_mask_bytes(
+    pattern: Pattern, n_q: int, n_k: int, dtype: torch.dtype, scale: float = 1.0, *, explicit: bool = False,
+    padded_batch: int = 1,
+) -> int:
+    """Bytes of the masks this backend builds for the problem: the bool mask and its float copy.
+    ``explicit``: the call gives positions or a key padding mask (always a mask); a padding mask
+    makes one mask per batch entry (``padded_batch`` of them)."""
+    if not explicit and _mask_free(pattern, n_q, n_k, scale) is not None:
         return 0
-    return (pattern.n_heads or 1) * n_q * n_k * (1 + torch.empty((), dtype=dtype).element_size())
+    masks = (pattern.n_heads or 1) * padded_batch
+    return masks * n_q * n_k * (1 + torch.empty((), dtype=dtype).element_size())
 
 
-def dense_fits(
-    pattern: Pattern, n_q: int, n_k: int, device: torch.device, dtype: torch.dtype, scale: float = 1.0
-) -> bool:
-    """Whether the dense backend's mask stays within a quarter of the free memory."""
-    needed = dense_mask_bytes(pattern, n_q, n_k, dtype, scale)
+def dense_misfit(
+    pattern: Pattern, n_q: int, n_k: int, device: torch.device, dtype: torch.dtype, scale: float = 1.0, **mask
+) -> Optional[str]:
+    """None when the dense backend's mask stays within a quarter of the free memory, else a
+    sentence saying so and naming the backends that need no mask. ``mask``: the keyword
+    arguments of :func:`dense_mask_bytes`."""
+    needed = dense_mask_bytes(pattern, n_q, n_k, dtype, scale, **mask)
     if needed <= MASK_CHECKED_ABOVE:
-        return True
+        return None
     free = free_memory(device)
-    return free is None or needed <= free // 4
-
-
-def check_dense_fits(
-    pattern: Pattern, n_q: int, n_k: int, device: torch.device, dtype: torch.dtype, scale: float = 1.0
-) -> None:
-    """Raise ValueError when the dense backend's mask would exceed a quarter of the free memory."""
-    if dense_fits(pattern, n_q, n_k, device, dtype, scale):
-        return
-    needed = dense_mask_bytes(pattern, n_q, n_k, dtype, scale)
-    free = free_memory(device) or 0
-    raise ValueError(
+    if free is None or needed <= free // 4:
+        return None
+    return (
         f"backend 'dense' needs a {needed / 2**30:.2f} GiB mask for {pattern!r} with Nq={n_q}, Nk={n_k} "
         f"on {device} (more than a quarter of the {free / 2**30:.2f} GiB free); use backend='sparse' "
         "or backend='blockwise', which never build an Nq x Nk mask"
     )
 
 
+def dense_fits(
+    pattern: Pattern, n_q: int, n_k: int, device: torch.device, dtype: torch.dtype, scale: float = 1.0, **mask
+) -> bool:
+    """Whether the dense backend's mask stays within a quarter of the free memory."""
+    return dense_misfit(pattern, n_q, n_k, device, dtype, scale, **mask) is None
+
+
+def check_dense_fits(
+    pattern: Pattern, n_q: int, n_k: int, device: torch.device, dtype: torch.dtype, scale: float = 1.0, **mask
+) -> None:
+    """Raise ValueError when the dense backend's mask would exceed a quarter of the free memory."""
+    reason = dense_misfit(pattern, n_q, n_k, device, dtype, scale, **mask)
+    if reason is not None:
+        raise ValueError(reason)
+
+
 def sdpa_mask(
-    pattern: Pattern, n_q: int, n_k: int, device: torch.device, scale: float = 1.0
+    pattern: Pattern,
+    n_q: int,
+    n_k: int,
+    device: torch.device,
+    scale: float = 1.0,
+    positions: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    key_padding_mask: Optional[torch.Tensor] = None,
 ) -> tuple[bool, Optional[torch.Tensor]]:
     """``(is_causal, mask)`` for SDPA: no mask for Full or a square causal problem, else a bool
-    mask ``(Nq, Nk)`` or ``(1, Hq, Nq, Nk)`` with True = may attend.
+    mask ``(Nq, Nk)``, ``(1, Hq, Nq, Nk)`` or, with a ``key_padding_mask (B, Nk)``,
+    ``(B, 1 or Hq, Nq, Nk)``, True = may attend. ``positions = (q_pos, k_pos)`` places the
+    pattern at those absolute positions.
     """
-    is_causal = _mask_free(pattern, n_q, n_k, scale)
-    if is_causal is not None:
-        return is_causal, None
-    mask = head_mask(pattern, n_q, n_k, device, groups=1)
+    if positions is None and key_padding_mask is None:
+        is_causal = _mask_free(pattern, n_q, n_k, scale)
+        if is_causal is not None:
+            return is_causal, None
+    mask = allowed_mask(pattern, n_q, n_k, device, 1, positions, key_padding_mask)
+    if key_padding_mask is not None:  # (B, 1 or Hq, 1, Nq, Nk)
+        return False, mask.squeeze(2)
     return False, mask.reshape(1, -1, n_q, n_k) if pattern.n_heads else mask
 
 
@@ -152,16 +178,37 @@ def dense_kernel(
     pattern: Pattern,
     scale: float,
     need_lse: bool,
+    *,
+    positions: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    memory_checked: bool = False,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Attention through SDPA. Inputs validated: q ``(B, Hq, Nq, D)``, k ``(B, Hkv, Nk, D)``,
-    v ``(B, Hkv, Nk, Dv)``. Returns ``(out, lse or None)``; fully masked rows give zeros and -inf.
-    Raises ValueError when the mask would not fit (see :func:`check_dense_fits`).
+    v ``(B, Hkv, Nk, Dv)``; ``positions = (q_pos (Nq,), k_pos (Nk,))`` (default bottom-right) and
+    ``key_padding_mask (B, Nk)`` (True = a real key) shape the mask. Returns ``(out, lse or None)``;
+    fully masked rows give zeros and -inf. Raises ValueError when the mask would not fit (see
+    :func:`check_dense_fits`; ``memory_checked``: the caller made that check, as the dense backend
+    does), or when the LSE of a padded call is asked for where the fused CPU op cannot give it.
     """
     n_q, n_k = q.shape[2], k.shape[2]
-    check_dense_fits(pattern, n_q, n_k, q.device, q.dtype, scale)
-    is_causal, mask = sdpa_mask(pattern, n_q, n_k, q.device, scale)
+    if not memory_checked:
+        check_dense_fits(pattern, n_q, n_k, q.device, q.dtype, scale, explicit=positions is not None or
+                         key_padding_mask is not None, padded_batch=1 if key_padding_mask is None else q.shape[0])
+    is_causal, mask = sdpa_mask(pattern, n_q, n_k, q.device, scale, positions, key_padding_mask)
     gqa = kv_groups(q, k) > 1
-    if need_lse and fused_lse_available(q.device, q.shape[-1], v.shape[-1]):
+    fused_lse = need_lse and fused_lse_available(q.device, q.shape[-1], v.shape[-1])
+    if need_lse and not fused_lse and key_padding_mask is not None:  # the blockwise LSE has no padding
+        raise ValueError("backend 'dense' gives the LSE of a call with key_padding_mask only on the CPU "
+                         "with equal key and value widths; use backend='reference'")
+    row_has_key = None
+    if mask is not None:
+        row_has_key = mask.any(-1)
+        if not q.is_meta and not bool(row_has_key.all()):  # meta tensors hold no values to read
+            # A row that may see no key is given key 0, so that SDPA stays finite on every
+            # device; it is zeroed below, as every fully masked row in attnkit is.
+            mask = mask.clone()
+            mask[..., 0] |= ~row_has_key
+    if fused_lse:
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         additive = None
         if mask is not None:
@@ -173,10 +220,9 @@ def dense_kernel(
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=gqa
         )
-        lse = blockwise_kernel(q, k, v, pattern, scale)[1] if need_lse else None
-    if mask is not None:
-        row_has_key = mask.any(-1)
-        if q.is_meta or not bool(row_has_key.all()):  # meta tensors hold no values to read
+        lse = blockwise_kernel(q, k, v, pattern, scale, positions=positions)[1] if need_lse else None
+    if row_has_key is not None:
+        if q.is_meta or not bool(row_has_key.all()):
             out = torch.where(row_has_key.unsqueeze(-1), out, 0.0)
             if lse is not None:
                 lse = torch.where(row_has_key, lse, float("-inf"))

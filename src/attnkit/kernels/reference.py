@@ -7,19 +7,30 @@ materialised on purpose, so this kernel is for checking and explaining, not for 
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from ..patterns import Pattern
-from .common import compute_dtype, head_mask, kv_groups
+from .common import allowed_mask, compute_dtype, kv_groups
 
 
 def reference_kernel(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: Pattern,
+    scale: float,
+    *,
+    positions: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    key_padding_mask: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Explicit attention.
 
     Args:
         q: ``(B, Hq, Nq, D)``; k: ``(B, Hkv, Nk, D)``; v: ``(B, Hkv, Nk, Dv)``, validated.
+        positions: ``(q_pos (Nq,), k_pos (Nk,))`` absolute positions, default bottom-right.
+        key_padding_mask: ``(B, Nk)`` bool, True = a real key; padding keys are hidden.
     Returns:
         ``(out, lse, weights)``: out ``(B, Hq, Nq, Dv)`` in q's dtype, lse ``(B, Hq, Nq)`` float32
         (float64 for float64 inputs), weights ``(B, Hq, Nq, Nk)`` in the compute dtype. Float16 and
@@ -36,7 +47,7 @@ def reference_kernel(
 
     # Step 1: relevance scores, masked to the pattern, then softmax over the keys.
     scores = torch.matmul(qg, kg.transpose(-1, -2)) * scale  # (B, Hkv, g, Nq, Nk)
-    allowed = head_mask(pattern, n_q, n_k, q.device, group)  # broadcasts to scores
+    allowed = allowed_mask(pattern, n_q, n_k, q.device, group, positions, key_padding_mask)  # broadcasts
     scores = scores.masked_fill(~allowed, float("-inf"))
     row_has_key = allowed.any(-1, keepdim=True)
     # A row with no allowed key would softmax to NaN; give it zero scores, then zero weights.
@@ -51,3 +62,38 @@ def reference_kernel(
         lse.flatten(1, 2),
         weights.flatten(1, 2),
     )
+
+
+def explicit_grads(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    d_out: torch.Tensor,
+    d_lse: Optional[torch.Tensor],
+    allowed: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The share of ``(dq, dk, dv)`` through the keys ``k``/``v`` given the merged ``out (B, Hq,
+    Nq, Dv)`` and ``lse (B, Hq, Nq)`` of a larger key set, written out over the whole square:
+    ``p = exp(s - lse)`` on the ``allowed`` pairs (broadcasting to ``(B, Hkv, g, Nq, Nk)``),
+    ``dv = p^T dO``, ``ds = p (dO v^T - delta)`` with ``delta = rowsum(dO * out) - d_lse``.
+    Returns gradients in the inputs' dtypes (computed in float32 for half inputs)."""
+    dtype = compute_dtype(q.dtype)
+    n_kv_heads, group = k.shape[1], kv_groups(q, k)
+    grouped = lambda t: t.to(dtype).unflatten(1, (n_kv_heads, group))  # noqa: E731
+    qg, out_g, d_out_g = grouped(q), grouped(out), grouped(d_out)
+    kg, vg = k.to(dtype).unsqueeze(2), v.to(dtype).unsqueeze(2)
+    lse_g = grouped(lse)
+    lse_g = lse_g.masked_fill(lse_g == float("-inf"), 0.0)  # such rows see no key: p = 0
+    probs = torch.exp(torch.matmul(qg, kg.transpose(-1, -2)) * scale - lse_g.unsqueeze(-1))
+    probs = probs.masked_fill(~allowed, 0.0)
+    delta = (d_out_g * out_g).sum(-1)
+    if d_lse is not None:
+        delta = delta - grouped(d_lse)
+    d_scores = probs * (torch.matmul(d_out_g, vg.transpose(-1, -2)) - delta.unsqueeze(-1))
+    d_q = torch.matmul(d_scores, kg).flatten(1, 2) * scale
+    d_k = torch.matmul(d_scores.transpose(-1, -2), qg).sum(2) * scale
+    d_v = torch.matmul(probs.transpose(-1, -2), d_out_g).sum(2)
+    return d_q.to(q.dtype), d_k.to(k.dtype), d_v.to(v.dtype)

@@ -500,7 +500,7 @@ def sparse_kernel(
     return torch.cat(outs, dim=1), torch.cat(lses, dim=1)
 
 
-def planned_pairs(pattern: Pattern, n_q: int, n_k: int, n_q_heads: int = 1) -> int:
+def sparse_plan_pairs(pattern: Pattern, n_q: int, n_k: int, n_q_heads: int = 1) -> int:
     """Score entries the sparse plan computes per batch, summed over ``n_q_heads`` query heads."""
     total = 0
     for first, stop, head_pat in head_runs(pattern, n_q_heads, 1):
@@ -509,4 +509,4 @@ def planned_pairs(pattern: Pattern, n_q: int, n_k: int, n_q_heads: int = 1) -> i
     return total
 
 
-__all__ = ["planned_pairs", "sparse_kernel"]
+__all__ = ["sparse_kernel", "sparse_plan_pairs"]

@@ -36,7 +36,8 @@ from ..patterns import BlockLocal, Fixed, Pattern, Periodic, Strided, Summary, h
 MAX_HEAD_DIM = 256
 DECODE_QUERIES = 16
 """Calls with at most this many queries split their keys across programs (flash-decoding)."""
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+"""Input dtypes the kernels take; others run the sparse backend."""
 
 
 def _interpreting() -> bool:
@@ -104,25 +105,19 @@ def _band_parts(pattern: Pattern) -> Optional[tuple]:
 
 def triton_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[str]:
     """Why the kernels cannot take these (already validated) inputs, or None."""
-    reason = triton_available(q.device)
+    return triton_takes(q.device, q.dtype, q.shape[-1], v.shape[-1])
+
+
+def triton_takes(device: torch.device, dtype: torch.dtype, head_dim: int, value_dim: int) -> Optional[str]:
+    """:func:`triton_unsupported` for inputs described by their device, dtype and widths."""
+    reason = triton_available(device)
     if reason is not None:
         return reason
-    if q.dtype not in _DTYPES:
-        return f"dtype {q.dtype} (the kernels take float16, bfloat16 and float32)"
-    if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
-        return f"head dims {q.shape[-1]}/{v.shape[-1]} over {MAX_HEAD_DIM}"
+    if dtype not in TRITON_DTYPES:
+        return f"dtype {dtype} (the kernels take float16, bfloat16 and float32)"
+    if max(head_dim, value_dim) > MAX_HEAD_DIM:
+        return f"head dims {head_dim}/{value_dim} over {MAX_HEAD_DIM}"
     return None
-
-
-def _full_or_causal(pattern: Pattern) -> bool:
-    band = pattern.band() if pattern.n_heads is None else None
-    return band is not None and band[1] == math.inf and band[0] in (0, -math.inf)
-
-
-def triton_preferred(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern) -> bool:
-    """The ``auto`` rule: CUDA inputs the kernels take, for every pattern they have parts for but
-    full and causal attention (which stay on SDPA's fused kernels)."""
-    return q.is_cuda and not _full_or_causal(pattern) and triton_unsupported(q, k, v) is None
 
 
 MAX_SPLITS = 64
@@ -247,6 +242,6 @@ def triton_kernel(
 
 
 __all__ = [
-    "DECODE_QUERIES", "kernel_parts", "triton_available", "triton_kernel", "triton_preferred", "triton_status",
-    "triton_unsupported",
+    "DECODE_QUERIES", "MAX_HEAD_DIM", "TRITON_DTYPES", "kernel_parts", "triton_available", "triton_kernel",
+    "triton_status", "triton_takes", "triton_unsupported",
 ]

@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..checks import positive_int
+from ..backends import BY_NAME
 from ..functional import BACKENDS, attention
 from ..patterns import Pattern, as_pattern
 from .kv_cache import KVCache
@@ -139,8 +139,9 @@ class MultiHeadAttention(nn.Module):
         :class:`RollingKVCache` keeps only the last tokens and needs a causal sliding window.
         ``positions`` ``(N,)`` or ``(B, N)`` go to the rope hook (default: the next N positions).
         ``key_mask`` ``(B, Nk)`` bool (True = a real token, ``Nk`` = keys after the cache update)
-        hides padding keys per row, for batches of prompts with different lengths; it is combined
-        with the layer's pattern and run through torch SDPA with an explicit mask.
+        hides padding keys per row, for batches of prompts with different lengths: it is the
+        ``key_padding_mask`` of :func:`attnkit.attention` (a backend that takes it runs the call:
+        the layer's own, else ``auto``'s choice).
         """
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
@@ -151,31 +152,9 @@ class MultiHeadAttention(nn.Module):
         q, k, v = self.project_qkv(x, positions, start)
         if cache is not None:
             k, v = cache.update(k, v)
-        if key_mask is None:
-            out = attention(q, k, v, self.pattern, backend=self.backend)  # (B, Hq, N, D)
-        else:
-            out = self._padded_attention(q, k, v, key_mask)
+        backend = self.backend
+        if key_mask is not None and backend != "auto" and not BY_NAME[backend].takes_padding:
+            backend = "auto"  # the layer's backend takes no padding: one that does (SDPA with a mask)
+        out = attention(q, k, v, self.pattern, backend=backend, key_padding_mask=key_mask)  # (B, Hq, N, D)
         out = out.transpose(1, 2).reshape(x.shape[0], x.shape[1], self.n_heads * self.head_dim)
         return self.o_proj(out)
-
-    def _padded_attention(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor
-    ) -> torch.Tensor:
-        batch, n_q, n_k = q.shape[0], q.shape[2], k.shape[2]
-        if key_mask.shape != (batch, n_k) or key_mask.dtype != torch.bool:
-            raise ValueError(
-                f"MultiHeadAttention: key_mask must be bool (batch={batch}, keys={n_k}), "
-                f"got {key_mask.dtype} {tuple(key_mask.shape)}"
-            )
-        if self.pattern.n_heads is not None:
-            raise ValueError("MultiHeadAttention: key_mask cannot be combined with a per-head pattern")
-        allowed = self.pattern.mask(n_q, n_k, device=q.device) & key_mask[:, None, None, :]
-        # A row that may see no key (a padding query) is given its own position so that SDPA stays
-        # finite on every device, then zeroed, as every fully masked row in attnkit is.
-        empty = ~allowed.any(-1)  # (B, 1, Nq)
-        rows = torch.arange(n_q, device=q.device)
-        allowed[..., rows, (rows + n_k - n_q).clamp(min=0)] |= empty
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=allowed, enable_gqa=self.n_heads != self.n_kv_heads
-        )
-        return torch.where(empty.unsqueeze(-1), 0.0, out)

@@ -1,0 +1,162 @@
+"""What every backend is: the :class:`Problem` one call poses, and the :class:`Backend` interface.
+
+A backend is an object with a ``name`` and four methods: :meth:`~Backend.accepts` (can it run
+this problem, else why not), :meth:`~Backend.cost` (its estimated work, which ``auto`` compares),
+:meth:`~Backend.forward` (``(out, lse)``) and :meth:`~Backend.grad_share` (its share of the
+gradients when its keys are one part of a larger key set whose merged LSE is known: what ring
+attention and merged plans need). :mod:`.registry` lists the backends; :mod:`.policy` picks one.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from ..checks import check_inputs, check_key_padding_mask, check_positions, check_scale
+from ..kernels.blockwise import Positions
+from ..patterns import Pattern, as_pattern, query_key_positions
+
+Grads = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+"""``(dq (B, Hq, Nq, D), dk (B, Hkv, Nk, D), dv (B, Hkv, Nk, Dv))``."""
+
+
+@dataclass(eq=False, slots=True)
+class Problem:
+    """One attention call, described by sizes and settings (no tensor values).
+
+    ``positions`` is ``(q_pos (Nq,), k_pos (Nk,))`` int64 when the caller gave absolute positions,
+    None for bottom-right alignment. ``key_padding_mask`` is ``(B, Nk)`` bool, True = a real key,
+    or None. ``native_band`` answers whether the native band kernel takes the inputs: None asks
+    the kernel (what :func:`attnkit.attention` does), True or False is taken as given (what-if
+    questions such as :func:`~.policy.choose_backend`). ``memo`` holds facts the backends derive
+    from the pattern (see :mod:`.facts`), so that ``auto`` derives each once per call.
+    """
+
+    pattern: Pattern
+    n_q: int
+    n_k: int
+    n_q_heads: int = 1
+    n_kv_heads: int = 1
+    head_dim: int = 64
+    value_dim: int = 64
+    batch: int = 1
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32
+    scale: float = 1.0
+    need_lse: bool = False
+    positions: Optional[Positions] = None
+    key_padding_mask: Optional[torch.Tensor] = None
+    native_band: Optional[bool] = None
+    memo: Optional[dict] = field(default=None, repr=False)
+
+    @property
+    def square(self) -> int:
+        """Score entries of the whole ``Nq x Nk`` square over all query heads, per batch entry."""
+        return self.n_q * self.n_k * self.n_q_heads
+
+
+def check_pattern(pattern: Optional[Pattern], n_q_heads: int) -> Pattern:
+    """``pattern`` as a :class:`Pattern` (None = Full); ValueError when it is per-head for another
+    number of heads than q has, TypeError when it is not a pattern."""
+    pattern = as_pattern(pattern)
+    if pattern.n_heads is not None and pattern.n_heads != n_q_heads:
+        raise ValueError(
+            f"pattern is per-head for {pattern.n_heads} heads, but q has {n_q_heads} heads"
+        )
+    return pattern
+
+
+def make_problem(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: Optional[Pattern],
+    scale: Optional[float],
+    need_lse: bool,
+    q_positions: Optional[torch.Tensor] = None,
+    k_positions: Optional[torch.Tensor] = None,
+    key_padding_mask: Optional[torch.Tensor] = None,
+) -> Problem:
+    """Validate one call's arguments and describe it. A missing one of ``q_positions`` and
+    ``k_positions`` gets its bottom-right default. Raises TypeError / ValueError naming the
+    argument at fault (see :func:`attnkit.attention`)."""
+    check_inputs(q, k, v)
+    n_q, n_k = q.shape[2], k.shape[2]
+    scale = check_scale(scale, q.shape[-1])
+    problem = Problem(
+        check_pattern(pattern, q.shape[1]), n_q, n_k, q.shape[1], k.shape[1], q.shape[3], v.shape[3],
+        q.shape[0], q.device, q.dtype, scale, need_lse,
+    )
+    if q_positions is not None or k_positions is not None:
+        default_q, default_k = query_key_positions(n_q, n_k, q.device)
+        problem.positions = (
+            default_q if q_positions is None else check_positions("q_positions", q_positions, n_q, q.device),
+            default_k if k_positions is None else check_positions("k_positions", k_positions, n_k, q.device),
+        )
+    if key_padding_mask is not None:
+        problem.key_padding_mask = check_key_padding_mask(key_padding_mask, q.shape[0], n_k, q.device)
+    return problem
+
+
+class Backend(ABC):
+    """One way to compute attention. Subclasses set ``name`` and ``description`` and implement
+    :meth:`cost`, :meth:`forward` and :meth:`grad_share`; they declare whether they take explicit
+    positions and a key padding mask, and may refuse more in :meth:`accepts`."""
+
+    name: str = ""
+    description: str = ""
+    takes_positions: bool = False
+    takes_padding: bool = False
+
+    def accepts(self, problem: Problem) -> Optional[str]:
+        """None when this backend can run ``problem``, else why not (one clause, no period)."""
+        return self.takes_arguments(problem)
+
+    def takes_arguments(self, problem: Problem) -> Optional[str]:
+        """None unless the call gives positions or a padding mask this backend does not take."""
+        if problem.positions is not None and not self.takes_positions:
+            return "it takes no explicit q_positions / k_positions"
+        if problem.key_padding_mask is not None and not self.takes_padding:
+            return "it takes no key_padding_mask"
+        return None
+
+    def cost(self, problem: Problem) -> float:
+        """Estimated work in score entries (see :mod:`.policy`); ``math.inf`` when this backend
+        runs the problem but is never the fastest choice for it. A backend that does not override
+        this is never picked by cost."""
+        return math.inf
+
+    @abstractmethod
+    def forward(
+        self, problem: Problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``(out (B, Hq, Nq, Dv), lse (B, Hq, Nq))`` of validated inputs; lse may be None when
+        ``problem.need_lse`` is False. Differentiable in q, k, v."""
+
+    @abstractmethod
+    def grad_share(
+        self,
+        problem: Problem,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        d_out: torch.Tensor,
+        d_lse: Optional[torch.Tensor],
+    ) -> Grads:
+        """The share of ``(dq, dk, dv)`` that flows through the keys ``k``/``v`` when they are one
+        part of a larger key set: ``out (B, Hq, Nq, Dv)`` and ``lse (B, Hq, Nq)`` are the results
+        over the whole key set, ``d_out`` and ``d_lse`` (None = zero) their gradients. Summing
+        the shares of disjoint parts gives the exact gradient."""
+
+
+def default_positions(problem: Problem) -> Positions:
+    """``problem.positions``, or the bottom-right ones when the caller gave none."""
+    if problem.positions is not None:
+        return problem.positions
+    return query_key_positions(problem.n_q, problem.n_k, problem.device)

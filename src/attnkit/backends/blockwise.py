@@ -1,0 +1,34 @@
+"""The ``"blockwise"`` backend: tiled online softmax that skips empty tiles; takes explicit positions."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..kernels.blockwise import blockwise_grads, blockwise_kernel, plan_tiles, tile_pairs
+from .base import Backend, default_positions
+from .facts import full_or_causal, planned
+
+
+class BlockwiseBackend(Backend):
+    name = "blockwise"
+    description = "tiled online softmax (FlashAttention-style), skips empty tiles; explicit positions"
+    takes_positions = True
+
+    def cost(self, problem):
+        bottom_right = problem.positions is None
+        if bottom_right and planned(problem):  # the sparse planner's patterns: it computes fewer pairs
+            return math.inf
+        if bottom_right and full_or_causal(problem):  # tiles cover at least half of the square
+            return float(problem.square)
+        blocks = plan_tiles(problem.pattern, problem.n_q, problem.n_k, positions=problem.positions)
+        return float(tile_pairs(blocks) * problem.n_q_heads)
+
+    def forward(self, problem, q, k, v):
+        return blockwise_kernel(q, k, v, problem.pattern, problem.scale, positions=problem.positions)
+
+    def grad_share(self, problem, q, k, v, out, lse, d_out, d_lse):
+        d_lse = torch.zeros_like(lse) if d_lse is None else d_lse
+        return blockwise_grads(q, k, v, out, lse, d_out, d_lse, problem.pattern, problem.scale,
+                               default_positions(problem))

@@ -1,0 +1,35 @@
+"""The ``"triton"`` backend: Triton GPU kernels (CPU tensors under ``TRITON_INTERPRET=1``).
+Nothing here imports Triton: the kernel module does, when a kernel first runs."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..kernels.blockwise import blockwise_grads
+from ..kernels.triton_backend import triton_available, triton_kernel, triton_takes
+from .base import Backend, Problem, default_positions
+
+
+class TritonBackend(Backend):
+    name = "triton"
+    description = "Triton GPU kernels (CUDA; CPU under TRITON_INTERPRET=1); auto's choice on CUDA"
+
+    def accepts(self, problem):
+        reason = self.takes_arguments(problem)
+        return reason if reason is not None else triton_available(problem.device)
+
+    def kernels_take(self, problem: Problem) -> Optional[str]:
+        """None when the kernels themselves run the problem (else the sparse backend stands in
+        for them: float64, head dims over the limit), or why not."""
+        return triton_takes(problem.device, problem.dtype, problem.head_dim, problem.value_dim)
+
+    def forward(self, problem, q, k, v):
+        return triton_kernel(q, k, v, problem.pattern, problem.scale)
+
+    def grad_share(self, problem, q, k, v, out, lse, d_out, d_lse):
+        # The kernels' per-part backward is not wired to an outside merged LSE: the blockwise share.
+        d_lse = torch.zeros_like(lse) if d_lse is None else d_lse
+        return blockwise_grads(q, k, v, out, lse, d_out, d_lse, problem.pattern, problem.scale,
+                               default_positions(problem))
