@@ -113,7 +113,8 @@ class Int8Linear(nn.Module):
             weight = buffer[: (stop - start) * self.in_features].view(stop - start, self.in_features)
             widen_into(self.weight_int8[start:stop], weight)
             torch.mm(weight, rows_t, out=out_t[start:stop])
-        return torch.mul(out_t.T, self.scales).to(rows.dtype, memory_format=torch.contiguous_format)
+        scaled = torch.empty(rows.shape[0], self.out_features)
+        return torch.mul(out_t.T, self.scales, out=scaled).to(rows.dtype)
 
 
 def _buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
