@@ -36,7 +36,8 @@ enum {
     CHANNELS = 4,           /* output channels per register block */
     ROW_BLOCK = 4,          /* activation rows per register block: CHANNELS x ROW_BLOCK accumulators */
     MAX_THREADS = 256,
-    BYTES_PER_THREAD = 1 << 18 /* weight bytes below which an extra thread costs more than it saves */
+    BYTES_PER_THREAD = 1 << 18, /* weight bytes below which an extra thread costs more than it saves */
+    PREFETCH = 1024             /* bytes ahead of the loads in each weight row (decoding) */
 };
 
 typedef float vf __attribute__((vector_size(LANES * 4)));
@@ -116,6 +117,9 @@ static void block(const Job *job, int64_t row0, int rows, int64_t c0, int channe
     if (rows == 1) { /* decoding: the only row, so the other accumulators are not computed at all */
         for (int64_t i = 0; i < body; i += LANES) {
             vf xv = load_x(xr[0] + i);
+            /* Each channel is its own stream through memory; fetching ahead in all of them was a
+             * few percent faster here than the hardware prefetcher alone. */
+            for (int c = 0; c < CHANNELS; c++) __builtin_prefetch(qc[c] + i + PREFETCH, 0, 0);
             for (int c = 0; c < CHANNELS; c++) acc[0][c] += xv * load_q(qc[c] + i);
         }
     } else {
