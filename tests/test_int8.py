@@ -255,3 +255,22 @@ def test_smollm2_int8_stays_close_to_float32_and_answers_the_same():
         assert 0 < error < 0.1, (dtype, error)
         assert float((logits.argmax(-1) == expected_logits.argmax(-1)).float().mean()) >= 0.9
         assert model.generate([ids], 16, stop_tokens=())[0][len(ids):] == expected, dtype
+
+
+def test_without_the_native_kernel_layers_fall_back_to_torch(monkeypatch):
+    """ATTNKIT_NATIVE=0 (as without a compiler): no library, and the layer gives the same values
+    through torch's operations."""
+    torch.manual_seed(0)
+    layer = Int8Linear(torch.randn(24, 32))
+    x = torch.randn(2, 32)
+    expected = x.double() @ layer.dequantized(torch.float64).T
+    monkeypatch.setenv("ATTNKIT_NATIVE", "0")
+    native.clear_cache()
+    try:
+        assert not int8_native_available()
+        with pytest.raises(RuntimeError, match="int8_matmul: the native kernel is unavailable: disabled"):
+            int8_matmul(x, layer.weight_int8, layer.scales)
+        torch.testing.assert_close(layer(x).double(), expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+    finally:
+        monkeypatch.delenv("ATTNKIT_NATIVE")
+        native.clear_cache()
