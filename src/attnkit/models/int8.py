@@ -5,19 +5,38 @@ Each weight ``W (out, in)`` becomes int8 values ``Q`` and one scale per output c
 the model's dtype. Decoding one token reads every weight once, so int8 halves the bytes read
 against bfloat16 (a quarter against float32) and decode speed follows on a memory-bound machine.
 
-The product runs in ``torch.ops.aten._weight_int8pack_mm`` (int8 weights dequantized inside the
-kernel, one pass over them) where torch has it for the device and dtype, else as a dequantize
-then ``linear``. The vocabulary head is quantized too (for a tied model, a quantized copy of the
-embedding; the embedding lookup itself stays in the model's dtype).
+Which product runs:
+
+- a few rows (up to ``DENSE_ROWS``, decoding) on the CPU: the native kernel
+  :func:`~attnkit.kernels.int8_native.int8_matmul`, which streams each int8 weight once per call
+  and accumulates in float32; where it is not built (no C compiler), or on another device,
+  ``torch.ops.aten._weight_int8pack_mm`` where torch has it for the device and dtype;
+- many rows (a prefill, compute-bound) on the CPU: blocks of int8 rows are converted into one
+  reused buffer (``BLOCK_BYTES``) of the activations' dtype (values up to 127 are exact in bfloat16) and
+  multiplied there by torch's matrix product, so no full-size dequantized weight is ever made;
+- anything else: dequantize, then ``linear``.
+
+The vocabulary head is quantized too (for a tied model, a quantized copy of the embedding; the
+embedding lookup itself stays in the model's dtype).
 """
 
 from __future__ import annotations
+
+import threading
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels.int8_native import int8_matmul, int8_native_supports, widen_into
 from .cpu_pack import DENSE_ROWS, replace_linears
+
+BLOCK_BYTES = 1 << 25
+"""Size of the buffer a prefill converts int8 weight rows into (per thread and dtype): 32 MiB, so
+that most layers of a 1B model take one or two products (each is a parallel region, and on a
+busy machine every region costs a wait for the threads; 4 MiB blocks measured 2.3x slower with
+two threads), yet small against the model."""
+_scratch = threading.local()
 
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,12 +91,42 @@ class Int8Linear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"Int8Linear: x has {x.shape[-1]} features, the layer takes {self.in_features}")
         rows = x.reshape(-1, self.in_features)
-        # Many rows (a prefill) are compute-bound: one dequantized matrix product is faster there.
-        if rows.shape[0] <= DENSE_ROWS and self._fused_ok(rows):
+        few = rows.shape[0] <= DENSE_ROWS
+        if few and int8_native_supports(rows, self.weight_int8):
+            out = int8_matmul(rows, self.weight_int8, self.scales)
+        elif few and self._fused_ok(rows):
             out = torch.ops.aten._weight_int8pack_mm(rows.contiguous(), self.weight_int8, self.scales.to(x.dtype))
+        elif x.device.type == "cpu":
+            out = self._blocked_product(rows)
         else:
             out = F.linear(rows, self.weight_int8.to(x.dtype)) * self.scales.to(x.dtype)
         return out.reshape(*x.shape[:-1], self.out_features)
+
+    def _blocked_product(self, rows: torch.Tensor) -> torch.Tensor:
+        """``(rows @ Q.T) * s`` for many rows ``(m, in)``: blocks of weight rows converted into a
+        reused buffer of ``rows``' dtype and multiplied there (the transposed output ``(out, m)`` is
+        written block by block, as contiguous rows), then scaled in float32 and rounded once more."""
+        block = max(1, BLOCK_BYTES // (self.in_features * rows.element_size()))
+        buffer = _buffer(block * self.in_features, rows.dtype)
+        out_t = torch.empty(self.out_features, rows.shape[0], dtype=rows.dtype)
+        rows_t = rows.T
+        for start in range(0, self.out_features, block):
+            stop = min(start + block, self.out_features)
+            weight = buffer[: (stop - start) * self.in_features].view(stop - start, self.in_features)
+            widen_into(self.weight_int8[start:stop], weight)
+            torch.mm(weight, rows_t, out=out_t[start:stop])
+        scaled = torch.empty(rows.shape[0], self.out_features)
+        return torch.mul(out_t.T, self.scales, out=scaled).to(rows.dtype)
+
+
+def _buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """This thread's conversion buffer for ``dtype``, at least ``numel`` elements."""
+    buffers = getattr(_scratch, "buffers", None)
+    if buffers is None:
+        buffers = _scratch.buffers = {}
+    if dtype not in buffers or buffers[dtype].numel() < numel:
+        buffers[dtype] = torch.empty(numel, dtype=dtype)
+    return buffers[dtype]
 
 
 def is_int8(model: nn.Module) -> bool:
