@@ -5,8 +5,9 @@ Strided(128), B=1, H=8, D=64, float32, at each ``--seq``: the sparse backend wit
 the native kernel, the same with bands forced onto the planner, ``auto`` (which takes the build's
 decision: known fast, or calibrated), and ``torch.compile(flex_attention)`` with a 128 x 128 block
 mask (forward only; it has no CPU backward). Contenders take turns (one warm-up each, then rounds in
-balanced orders: each contender runs right after every other one equally often, so use a multiple of
-4 rounds with FlexAttention, of 6 without) and the table gives medians; the JSON keeps every sample
+balanced orders: within the rounds each contender runs right after every other one equally often,
+so use a multiple of 4 rounds with FlexAttention, of 6 without; each round opens with one untimed
+call of its first contender, so no timed call follows the previous round's last one) and the table gives medians; the JSON keeps every sample
 and each round's order. ``--backward`` times forward + backward of the attnkit paths too.
 ``--torch-isa avx2`` sets ``ATEN_CPU_CAPABILITY`` so that torch's own kernels (the planner's fused
 attention) and FlexAttention's generated code use AVX2 as well: on an AVX-512 machine, the AVX2 build
@@ -66,8 +67,9 @@ def balanced_orders(names: list[str]) -> list[list[str]]:
 
 def _medians(calls: dict, repeats: int, clock=time.perf_counter) -> tuple[dict[str, float], dict[str, list]]:
     """Median milliseconds of each call, the calls taking turns after one warm-up each, in the orders
-    of :func:`balanced_orders` (cycled), so that no call runs after one particular other call more
-    often than after the rest: a call right after FlexAttention's measured slower in some runs, and a
+    of :func:`balanced_orders` (cycled), each round opened by an untimed call of its first
+    contender, so that no timed call runs after one particular other call more often than after
+    the rest: a call right after FlexAttention's measured slower in some runs, and a
     shuffle re-seeded for every row once put ``auto`` there in three of five rounds. Also returns
     every call's times (ms, in round order) and each round's order, for the JSON."""
     times = {name: [] for name in calls}
@@ -76,6 +78,7 @@ def _medians(calls: dict, repeats: int, clock=time.perf_counter) -> tuple[dict[s
     for call in calls.values():
         call()
     for order in orders:
+        calls[order[0]]()  # untimed: no timed call follows the previous round's last contender
         for name in order:
             start = clock()
             calls[name]()

@@ -297,3 +297,19 @@ def test_concurrent_first_decisions_calibrate_once_and_force_nothing_afterwards(
     assert getattr(band_native._forced, "path", None) is None
     q, k, v = (torch.randn(1, 2, 40, 16) for _ in range(3))
     assert band_native_supports(q, k, v) is False  # nothing left forcing the kernel
+
+
+@pytest.mark.parametrize("flags", [(), ("-march=haswell",), ("-march=haswell", "-mno-fma"), ("-mavx512f", "-mfma")],
+                         ids=["baseline", "avx2-fma", "avx2-without-fma", "avx512f"])
+def test_every_kernel_source_compiles_for_each_vector_path(flags):
+    """Syntax and types of every path the macros can select, including ones this CPU would not
+    run (AVX2 without FMA takes the 4-float vectors: a mismatched helper once broke that build)."""
+    compiler = shutil.which("gcc") or shutil.which("cc")
+    if compiler is None:
+        pytest.skip("no C compiler")
+    sources = sorted(native_build.SOURCE_DIR.glob("*.c"))
+    assert sources
+    for source in sources:
+        result = subprocess.run([compiler, "-std=gnu11", "-fsyntax-only", "-pthread", *flags, str(source)],
+                                capture_output=True, text=True)
+        assert result.returncode == 0, f"{source.name} {flags}: {result.stderr[:500]}"

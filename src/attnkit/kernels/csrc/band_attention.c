@@ -79,7 +79,7 @@ static inline vf pick(vi keep, vf yes, vf no) { return (vf)(((vi)yes & keep) | (
 /* a > b ? a : b lane by lane (b where either is NaN): one instruction where there is one. */
 #if defined(__AVX512F__)
 static inline vf vmax(vf a, vf b) { return (vf)_mm512_max_ps((__m512)a, (__m512)b); }
-#elif defined(__AVX2__)
+#elif LANES == 8 /* AVX2 with FMA: the 8-float path (AVX2 without FMA takes 4-float vectors) */
 static inline vf vmax(vf a, vf b) { return (vf)_mm256_max_ps((__m256)a, (__m256)b); }
 #else
 static inline vf vmax(vf a, vf b) { return pick((vi)(a > b), a, b); }
@@ -95,7 +95,7 @@ static inline int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to
 
 /* 2^x for x <= 0: x = n + f with f in [-1/2, 1/2], 2^f by a degree-6 polynomial fitted for the
  * least relative error on that interval (2e-9, under float32's rounding: evaluated in float32 it is
- * within 1e-7 of 2^f, as the degree-7 Taylor series was), 2^n added to the exponent bits. The sum
+ * within 1.1e-7 of 2^f, about as the degree-7 Taylor series was), 2^n added to the exponent bits. The sum
  * x + 1.5 * 2^23 holds n in its low mantissa bits, so shifting its bits left by 23 gives n << 23
  * (mod 2^32) directly. x under -126 (x = -inf) gives 0, and so does NaN: callers check rows for NaN
  * themselves (see exp2_row). */
