@@ -196,6 +196,11 @@ def test_layer_state_dict_holds_the_unpacked_weight_and_loads_back():
     _assert_within_rounding(other(x), x, q, scales)
     with pytest.raises(RuntimeError, match="weight_packed"):
         other.load_state_dict({"weight_int8": q[:, :60], "scales": scales})
+    # The unpacked rows the torch paths keep follow a load into the layer.
+    kept = other._unpacked()
+    assert torch.equal(kept, q) and other._unpacked() is kept
+    other.load_state_dict({"weight_int8": -q, "scales": scales})
+    assert torch.equal(other._unpacked(), -q)
 
 
 def test_widths_off_a_multiple_of_16_in_bfloat16_run_and_are_right():

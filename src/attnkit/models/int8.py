@@ -70,11 +70,22 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight_packed", pack_int8(q))
         self.register_buffer("scales", scales)
         self._fused: dict[tuple, bool] = {}
+        self._rows: tuple = ((), None)
 
     @property
     def weight_int8(self) -> torch.Tensor:
         """The int8 weight ``(out, in)``, unpacked (a new tensor)."""
         return unpack_int8(self.weight_packed, self.out_features, self.in_features)
+
+    def _unpacked(self) -> torch.Tensor:
+        """:attr:`weight_int8`, kept for the paths without the native kernel (torch's int8 kernel,
+        other devices), so that they do not unpack every call; made again after the packed buffer
+        changes (loading, moving to another device)."""
+        packed = self.weight_packed
+        key = (packed.data_ptr(), packed._version, packed.device)
+        if self._rows[0] != key:
+            self._rows = (key, self.weight_int8)
+        return self._rows[1]
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         destination[prefix + "weight_int8"] = self.weight_int8
@@ -104,7 +115,7 @@ class Int8Linear(nn.Module):
         key = (x.device.type, x.dtype)
         if key not in self._fused:
             try:
-                torch.ops.aten._weight_int8pack_mm(x[:2].contiguous(), self.weight_int8, self.scales.to(x.dtype))
+                torch.ops.aten._weight_int8pack_mm(x[:2].contiguous(), self._unpacked(), self.scales.to(x.dtype))
                 self._fused[key] = True
             except (RuntimeError, NotImplementedError):
                 self._fused[key] = False
@@ -118,11 +129,11 @@ class Int8Linear(nn.Module):
         if few and int8_native_supports(rows, self.weight_packed):
             out = int8_matmul(rows, self.weight_packed, self.scales)
         elif few and self._fused_ok(rows):
-            out = torch.ops.aten._weight_int8pack_mm(rows.contiguous(), self.weight_int8, self.scales.to(x.dtype))
+            out = torch.ops.aten._weight_int8pack_mm(rows.contiguous(), self._unpacked(), self.scales.to(x.dtype))
         elif x.device.type == "cpu":
             out = self._blocked_product(rows)
         else:
-            out = F.linear(rows, self.weight_int8.to(x.dtype)) * self.scales.to(x.dtype)
+            out = F.linear(rows, self._unpacked().to(x.dtype)) * self.scales.to(x.dtype)
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def _blocked_product(self, rows: torch.Tensor) -> torch.Tensor:
