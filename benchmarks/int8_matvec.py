@@ -35,7 +35,7 @@ def main() -> None:
     layers = {
         "plain bf16": [lambda x, w=w: torch.nn.functional.linear(x, w) for w in weights],
         "packed bf16": [PackedLinear(w) for w in weights],
-        "torch int8": [lambda x, m=m: torch.ops.aten._weight_int8pack_mm(x, m.weight_int8, m.scales.bfloat16())
+        "torch int8": [lambda x, q=m.weight_int8, s=m.scales.bfloat16(): torch.ops.aten._weight_int8pack_mm(x, q, s)
                        for m in int8],
         "attnkit int8": int8,
     }

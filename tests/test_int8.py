@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from attnkit.kernels import native_build
-from attnkit.kernels.int8_native import int8_matmul, int8_native_available, widen_into
+from attnkit.kernels.int8_native import (PACK_CHANNELS, PACK_CHUNK, int8_matmul, int8_native_available, pack_int8,
+                                         unpack_int8, widen_into)
 from attnkit.models import int8 as int8_module
 from attnkit.models.int8 import Int8Linear, is_int8, quantize_int8, quantize_rows
 from attnkit.models.llama import Llama, LlamaConfig
@@ -85,7 +86,7 @@ def test_native_kernel_equals_the_float64_product_on_odd_shapes(isa, dtype, thre
             weight *= torch.logspace(-2, 2, out_features)[:, None]
             q, scales = quantize_rows(weight)
             x = (torch.randn(rows, in_features, generator=generator) * 3).to(dtype)
-            got = int8_matmul(x, q, scales, isa=isa)
+            got = int8_matmul(x, pack_int8(q), scales, isa=isa)
             assert got.dtype == dtype and got.shape == (rows, out_features)
             _assert_within_rounding(got, x, q, scales)
     finally:
@@ -96,7 +97,7 @@ def test_the_rounding_check_catches_a_wrong_product():
     """The bound above is tight enough to see one int8 step off in one weight."""
     q, scales = quantize_rows(torch.randn(8, 40))
     x = torch.randn(2, 40)
-    good = int8_matmul(x, q, scales) if int8_native_available() else (x @ q.float().T) * scales
+    good = int8_matmul(x, pack_int8(q), scales) if int8_native_available() else (x @ q.float().T) * scales
     _assert_within_rounding(good, x, q, scales)
     q_off = q.clone()
     q_off[3, 11] += 1 if q_off[3, 11] < 127 else -1
@@ -114,7 +115,7 @@ def test_native_kernel_keeps_nan_and_infinity_in_their_rows():
     x = torch.randn(3, 20)
     x[0, 4], x[2, 0] = float("nan"), float("inf")
     for dtype in (torch.float32, torch.bfloat16):
-        got = int8_matmul(x.to(dtype), q, scales).float()
+        got = int8_matmul(x.to(dtype), pack_int8(q), scales).float()
         assert bool(got[0].isnan().all()) and bool(got[1].isfinite().all())
         assert bool((~got[2].isfinite()).all())
 
@@ -124,7 +125,7 @@ def test_few_rows_take_the_native_kernel_and_many_rows_the_blocked_product(monke
     torch.manual_seed(0)
     layer = Int8Linear(torch.randn(70, 48))
     x = torch.randn(3, 48).bfloat16()
-    assert torch.equal(layer(x), int8_matmul(x, layer.weight_int8, layer.scales))
+    assert torch.equal(layer(x), int8_matmul(x, layer.weight_packed, layer.scales))
     # A buffer of 16 weight rows: 70 rows in five blocks, the last one short.
     monkeypatch.setattr(int8_module, "BLOCK_BYTES", 16 * 48 * 4)
     for dtype in (torch.float32, torch.bfloat16):
@@ -149,12 +150,57 @@ def test_widen_into_equals_torch_conversion():
 
 def test_native_kernel_rejects_bad_inputs():
     q, scales = quantize_rows(torch.randn(4, 8))
-    with pytest.raises(ValueError, match="x must be \\(rows, in\\) and q \\(out, in\\), got \\(2, 7\\)"):
-        int8_matmul(torch.zeros(2, 7), q, scales)
-    with pytest.raises(ValueError, match="x must be float32/bfloat16 and q int8.*torch.float64"):
-        int8_matmul(torch.zeros(2, 8, dtype=torch.float64), q, scales)
-    with pytest.raises(ValueError, match="scales must be a float32 CPU tensor of shape \\(4,\\)"):
-        int8_matmul(torch.zeros(2, 8), q, scales[:3])
+    packed = pack_int8(q)
+    with pytest.raises(ValueError, match="x must be \\(rows, in\\) and scales \\(out,\\), got \\(7,\\)"):
+        int8_matmul(torch.zeros(7), packed, scales)
+    with pytest.raises(ValueError, match="packed must be pack_int8 of an \\(4, 8\\) weight.*got \\(4, 8\\)"):
+        int8_matmul(torch.zeros(2, 8), q, scales)
+    with pytest.raises(ValueError, match="packed must be pack_int8 of an \\(4, 70\\) weight"):
+        int8_matmul(torch.zeros(2, 70), packed, scales)
+    with pytest.raises(ValueError, match="x must be float32/bfloat16 and packed int8.*torch.float64"):
+        int8_matmul(torch.zeros(2, 8, dtype=torch.float64), packed, scales)
+    with pytest.raises(ValueError, match="scales must be a float32 CPU tensor, got torch.float64"):
+        int8_matmul(torch.zeros(2, 8), packed, scales.double())
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (5, 7), (4, 64), (9, 65), (13, 200), (8, 128)])
+def test_packing_puts_each_weight_where_the_kernel_reads_it_and_unpacks_back(shape):
+    """Odd sizes: channels off a block of PACK_CHANNELS and inputs off a chunk of PACK_CHUNK."""
+    out_features, in_features = shape
+    q = torch.randint(-127, 128, shape, dtype=torch.int8, generator=torch.Generator().manual_seed(3))
+    packed = pack_int8(q)
+    blocks, chunks = -(-out_features // PACK_CHANNELS), -(-in_features // PACK_CHUNK)
+    assert packed.shape == (blocks, chunks, PACK_CHANNELS, PACK_CHUNK) and packed.is_contiguous()
+    flat = packed.flatten()
+    for o in range(out_features):
+        for i in range(in_features):  # the offset the C kernel computes for weight (o, i)
+            b, c, j, t = o // PACK_CHANNELS, o % PACK_CHANNELS, i // PACK_CHUNK, i % PACK_CHUNK
+            assert flat[((b * chunks + j) * PACK_CHANNELS + c) * PACK_CHUNK + t] == q[o, i]
+    assert int(packed.abs().sum()) == int(q.abs().sum())  # everything else is zero padding
+    assert torch.equal(unpack_int8(packed, *shape), q)
+    with pytest.raises(ValueError, match="unpack_int8: packed must have shape"):
+        unpack_int8(packed, out_features + PACK_CHANNELS, in_features)
+
+
+def test_layer_state_dict_holds_the_unpacked_weight_and_loads_back():
+    torch.manual_seed(0)
+    layer = Int8Linear(torch.randn(10, 70))
+    q, scales = quantize_rows(torch.randn(10, 70))
+    state = {"weight_int8": q, "scales": scales}
+    other = Int8Linear(torch.zeros(10, 70))
+    other.load_state_dict(state)
+    assert set(layer.state_dict()) == {"weight_int8", "scales"}
+    assert torch.equal(other.weight_int8, q) and torch.equal(other.state_dict()["weight_int8"], q)
+    assert torch.equal(other.weight_packed, pack_int8(q))
+    x = torch.randn(2, 70)
+    _assert_within_rounding(other(x), x, q, scales)
+    with pytest.raises(RuntimeError, match="weight_packed"):
+        other.load_state_dict({"weight_int8": q[:, :60], "scales": scales})
+    # The unpacked rows the torch paths keep follow a load into the layer.
+    kept = other._unpacked()
+    assert torch.equal(kept, q) and other._unpacked() is kept
+    other.load_state_dict({"weight_int8": -q, "scales": scales})
+    assert torch.equal(other._unpacked(), -q)
 
 
 def test_widths_off_a_multiple_of_16_in_bfloat16_run_and_are_right():
@@ -270,7 +316,7 @@ def test_without_the_native_kernel_layers_fall_back_to_torch(monkeypatch):
     try:
         assert not int8_native_available()
         with pytest.raises(RuntimeError, match="int8_matmul: the native kernel is unavailable: disabled"):
-            int8_matmul(x, layer.weight_int8, layer.scales)
+            int8_matmul(x, layer.weight_packed, layer.scales)
         torch.testing.assert_close(layer(x).double(), expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
     finally:
         monkeypatch.delenv("ATTNKIT_NATIVE")

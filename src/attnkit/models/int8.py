@@ -9,14 +9,16 @@ Which product runs:
 
 - a few rows (up to ``DENSE_ROWS``, decoding) on the CPU: the native kernel
   :func:`~attnkit.kernels.int8_native.int8_matmul`, which streams each int8 weight once per call
-  and accumulates in float32; where it is not built (no C compiler), or on another device,
+  and accumulates in float32 (the layer stores the weight in the kernel's packed layout, made once
+  at construction, so the kernel reads it as one sequential stream); where it is not built (no C compiler), or on another device,
   ``torch.ops.aten._weight_int8pack_mm`` where torch has it for the device and dtype;
 - many rows (a prefill, compute-bound) on the CPU: blocks of int8 rows are converted into one
   reused buffer (``BLOCK_BYTES``) of the activations' dtype (values up to 127 are exact in bfloat16) and
   multiplied there by torch's matrix product, so no full-size dequantized weight is ever made;
 - anything else: dequantize, then ``linear``.
 
-The vocabulary head is quantized too (for a tied model, a quantized copy of the embedding; the
+The state dict holds the logical ``weight_int8 (out, in)`` and ``scales``, whatever the stored
+layout. The vocabulary head is quantized too (for a tied model, a quantized copy of the embedding; the
 embedding lookup itself stays in the model's dtype).
 """
 
@@ -28,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.int8_native import int8_matmul, int8_native_supports, widen_into
+from ..kernels.int8_native import PACK_CHANNELS, int8_matmul, int8_native_supports, pack_int8, unpack_int8, widen_into
 from .cpu_pack import DENSE_ROWS, replace_linears
 
 BLOCK_BYTES = 1 << 25
@@ -51,7 +53,9 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 class Int8Linear(nn.Module):
     """``y = x @ W.T`` with ``W`` stored as int8 rows and per-output-channel scales;
-    ``x (..., in)`` in float32, bfloat16 or float16, ``y (..., out)`` in ``x``'s dtype.
+    ``x (..., in)`` in float32, bfloat16 or float16, ``y (..., out)`` in ``x``'s dtype. The int8
+    values are kept only in the native kernel's packed layout (``weight_packed``); ``weight_int8``
+    unpacks them, and state dicts hold ``weight_int8`` (so that they do not depend on the layout).
 
     Args:
         weight: the ``(out, in)`` weight to quantize (any float dtype and device).
@@ -63,9 +67,39 @@ class Int8Linear(nn.Module):
             raise ValueError(f"Int8Linear: weight must be a 2-D float tensor, got {weight.dtype} {tuple(weight.shape)}")
         self.out_features, self.in_features = weight.shape
         q, scales = quantize_rows(weight)
-        self.register_buffer("weight_int8", q)
+        self.register_buffer("weight_packed", pack_int8(q))
         self.register_buffer("scales", scales)
         self._fused: dict[tuple, bool] = {}
+        self._rows: tuple = ((), None)
+
+    @property
+    def weight_int8(self) -> torch.Tensor:
+        """The int8 weight ``(out, in)``, unpacked (a new tensor)."""
+        return unpack_int8(self.weight_packed, self.out_features, self.in_features)
+
+    def _unpacked(self) -> torch.Tensor:
+        """:attr:`weight_int8`, kept for the paths without the native kernel (torch's int8 kernel,
+        other devices), so that they do not unpack every call; made again after the packed buffer
+        changes (loading, moving to another device)."""
+        packed = self.weight_packed
+        key = (packed.data_ptr(), packed._version, packed.device)
+        if self._rows[0] != key:
+            self._rows = (key, self.weight_int8)
+        return self._rows[1]
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "weight_int8"] = self.weight_int8
+        destination[prefix + "scales"] = self.scales if keep_vars else self.scales.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # State dicts hold the (out, in) rows; a wrong shape is left to the packed buffer's check.
+        key = prefix + "weight_int8"
+        if key in state_dict:
+            q = state_dict.pop(key)
+            if tuple(q.shape) == (self.out_features, self.in_features):
+                q = pack_int8(q)
+            state_dict[prefix + "weight_packed"] = q
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight the layer multiplies by, ``(out, in)`` in ``dtype``."""
@@ -81,7 +115,7 @@ class Int8Linear(nn.Module):
         key = (x.device.type, x.dtype)
         if key not in self._fused:
             try:
-                torch.ops.aten._weight_int8pack_mm(x[:2].contiguous(), self.weight_int8, self.scales.to(x.dtype))
+                torch.ops.aten._weight_int8pack_mm(x[:2].contiguous(), self._unpacked(), self.scales.to(x.dtype))
                 self._fused[key] = True
             except (RuntimeError, NotImplementedError):
                 self._fused[key] = False
@@ -92,28 +126,30 @@ class Int8Linear(nn.Module):
             raise ValueError(f"Int8Linear: x has {x.shape[-1]} features, the layer takes {self.in_features}")
         rows = x.reshape(-1, self.in_features)
         few = rows.shape[0] <= DENSE_ROWS
-        if few and int8_native_supports(rows, self.weight_int8):
-            out = int8_matmul(rows, self.weight_int8, self.scales)
+        if few and int8_native_supports(rows, self.weight_packed):
+            out = int8_matmul(rows, self.weight_packed, self.scales)
         elif few and self._fused_ok(rows):
-            out = torch.ops.aten._weight_int8pack_mm(rows.contiguous(), self.weight_int8, self.scales.to(x.dtype))
+            out = torch.ops.aten._weight_int8pack_mm(rows.contiguous(), self._unpacked(), self.scales.to(x.dtype))
         elif x.device.type == "cpu":
             out = self._blocked_product(rows)
         else:
-            out = F.linear(rows, self.weight_int8.to(x.dtype)) * self.scales.to(x.dtype)
+            out = F.linear(rows, self._unpacked().to(x.dtype)) * self.scales.to(x.dtype)
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def _blocked_product(self, rows: torch.Tensor) -> torch.Tensor:
         """``(rows @ Q.T) * s`` for many rows ``(m, in)``: blocks of weight rows converted into a
         reused buffer of ``rows``' dtype and multiplied there (the transposed output ``(out, m)`` is
-        written block by block, as contiguous rows), then scaled in float32 and rounded once more."""
-        block = max(1, BLOCK_BYTES // (self.in_features * rows.element_size()))
+        written block by block, as contiguous rows), then scaled in float32 and rounded once more.
+        Blocks are whole blocks of the packed layout, unpacked one at a time."""
+        block = max(1, BLOCK_BYTES // (self.in_features * rows.element_size()) // PACK_CHANNELS) * PACK_CHANNELS
         buffer = _buffer(block * self.in_features, rows.dtype)
         out_t = torch.empty(self.out_features, rows.shape[0], dtype=rows.dtype)
         rows_t = rows.T
         for start in range(0, self.out_features, block):
             stop = min(start + block, self.out_features)
             weight = buffer[: (stop - start) * self.in_features].view(stop - start, self.in_features)
-            widen_into(self.weight_int8[start:stop], weight)
+            packed = self.weight_packed[start // PACK_CHANNELS: -(-stop // PACK_CHANNELS)]
+            widen_into(unpack_int8(packed, stop - start, self.in_features), weight)
             torch.mm(weight, rows_t, out=out_t[start:stop])
         scaled = torch.empty(rows.shape[0], self.out_features)
         return torch.mul(out_t.T, self.scales, out=scaled).to(rows.dtype)
