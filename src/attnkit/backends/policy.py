@@ -14,7 +14,9 @@
      plan computes; infinite for other patterns;
    - blockwise: the pairs its tiles cover; infinite for the planner's patterns;
    - reference and triton: no cost of their own (never picked by cost).
-3. When no accepting backend has a finite cost, the reference backend (it runs every call).
+3. When no accepting backend has a finite cost, the reference backend, unless its weights would
+   exceed a quarter of the free memory (then a ValueError says so). Blockwise takes positions and
+   padding at a finite cost, so the reference backend is the last resort only for calls it can hold.
 
 Explicit positions or a key padding mask narrow the field to the backends that take them.
 """
@@ -52,6 +54,10 @@ def pick(problem: Problem) -> Backend:
             cost = backend.cost(problem)
             if cost < best_cost and backend.accepts(problem) is None:
                 best, best_cost = backend, cost
+    if best.name == "reference":
+        reason = best.accepts(problem)
+        if reason is not None:
+            raise ValueError(f"backend 'auto' found no backend for this call: 'reference' refuses: {reason}")
     return best
 
 
