@@ -91,7 +91,7 @@ def dense_mask_bytes(
     if not explicit and _mask_free(pattern, n_q, n_k, scale) is not None:
         return 0
     masks = (pattern.n_heads or 1) * padded_batch
-    return masks * n_q * n_k * (1 + torch.empty((), dtype=dtype).element_size())
+    return masks * n_q * n_k * (1 + dtype.itemsize)
 
 
 def dense_misfit(
@@ -203,7 +203,11 @@ def dense_kernel(
     row_has_key = None
     if mask is not None:
         row_has_key = mask.any(-1)
-        if not q.is_meta and not bool(row_has_key.all()):  # meta tensors hold no values to read
+        # Reading whether every row sees a key is a host sync off the CPU (and meta tensors hold
+        # no values): there the patch is applied unconditionally, a no-op where no row is empty.
+        if q.device.type == "cpu" and bool(row_has_key.all()):
+            row_has_key = None
+        else:
             # A row that may see no key is given key 0, so that SDPA stays finite on every
             # device; it is zeroed below, as every fully masked row in attnkit is.
             mask = mask.clone()
@@ -222,8 +226,7 @@ def dense_kernel(
         )
         lse = blockwise_kernel(q, k, v, pattern, scale, positions=positions)[1] if need_lse else None
     if row_has_key is not None:
-        if q.is_meta or not bool(row_has_key.all()):
-            out = torch.where(row_has_key.unsqueeze(-1), out, 0.0)
-            if lse is not None:
-                lse = torch.where(row_has_key, lse, float("-inf"))
+        out = torch.where(row_has_key.unsqueeze(-1), out, 0.0)
+        if lse is not None:
+            lse = torch.where(row_has_key, lse, float("-inf"))
     return out, lse
