@@ -45,15 +45,21 @@ def pick(problem: Problem) -> Backend:
         and triton.accepts(problem) is None and triton.kernels_take(problem) is None
     ):
         return triton
-    best, best_cost = BY_NAME["reference"], math.inf
+    best = BY_NAME["reference"]
     explicit = problem.positions is not None or problem.key_padding_mask is not None
-    for backend in _COSTED:
-        # The cost first: the full acceptance check (free memory for a mask, say) only for a
-        # backend that would win.
-        if not explicit or backend.takes_arguments(problem) is None:
-            cost = backend.cost(problem)
-            if cost < best_cost and backend.accepts(problem) is None:
-                best, best_cost = backend, cost
+    # The costs first; the full acceptance check (free memory for a mask, say) then runs in cost
+    # order, on equal cost in registry order (a stable sort), only until one backend accepts.
+    costed = [
+        (backend.cost(problem), backend) for backend in _COSTED
+        if not explicit or backend.takes_arguments(problem) is None
+    ]
+    costed.sort(key=lambda entry: entry[0])
+    for cost, backend in costed:
+        if cost == math.inf:
+            break
+        if backend.accepts(problem) is None:
+            best = backend
+            break
     if best.name == "reference":
         reason = best.accepts(problem)
         if reason is not None:

@@ -61,11 +61,22 @@ def band_native_takes(device: torch.device, dtype: torch.dtype, head_dim: int, v
 
 
 def _runs_here() -> bool:
-    """Whether the library is built and the kernel runs bands here (forced, or decided)."""
-    if _library() is None:
-        return False
+    """Whether the library is built and the kernel runs bands here (forced, or decided); asked on
+    every call, so the answer is kept per (library loaded for the ISA asked for, thread count,
+    forced path)."""
     forced = getattr(_forced, "path", None)
-    return forced == "native" if forced else band_decision().native
+    key = (load_native("band_attention"), torch.get_num_threads(), forced)
+    answer = _runs_here_answers.get(key)
+    if answer is None:
+        if _library() is None:
+            answer = False
+        else:
+            answer = forced == "native" if forced else band_decision().native
+        _runs_here_answers[key] = answer
+    return answer
+
+
+_runs_here_answers: dict[tuple[object, int, Optional[str]], bool] = {}
 
 
 def _unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[str]:
