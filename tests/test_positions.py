@@ -171,9 +171,9 @@ def test_auto_runs_a_padded_call_that_dense_refuses_on_blockwise(monkeypatch):
 
 def test_reference_refuses_weights_beyond_a_quarter_of_free_memory(monkeypatch):
     monkeypatch.setattr(reference_backend, "free_memory", lambda device: 2**30)
-    big = Problem(Causal(), 8192, 8192, 2, 2, batch=2)  # 1 GiB of float32 weights
+    big = Problem(Causal(), 8192, 8192, 2, batch=2)  # 1 GiB of float32 weights
     assert "would exceed a quarter of the 1.00 GiB free" in BY_NAME["reference"].accepts(big)
-    small = Problem(Causal(), 1024, 1024, 2, 2, batch=2)
+    small = Problem(Causal(), 1024, 1024, 2, batch=2)
     assert BY_NAME["reference"].accepts(small) is None
 
 

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import math
 
-import torch
-
-from ..kernels.blockwise import blockwise_grads, blockwise_kernel, plan_tiles, tile_pairs
-from .base import Backend, default_positions
+from ..kernels.blockwise import blockwise_kernel, plan_tiles, tile_pairs
+from .base import Backend, tiled_grad_share
 from .facts import full_or_causal, planned
 
 
@@ -32,6 +30,4 @@ class BlockwiseBackend(Backend):
                                 key_padding_mask=problem.key_padding_mask)
 
     def grad_share(self, problem, q, k, v, out, lse, d_out, d_lse):
-        d_lse = torch.zeros_like(lse) if d_lse is None else d_lse
-        return blockwise_grads(q, k, v, out, lse, d_out, d_lse, problem.pattern, problem.scale,
-                               default_positions(problem), key_padding_mask=problem.key_padding_mask)
+        return tiled_grad_share(problem, q, k, v, out, lse, d_out, d_lse)

@@ -84,7 +84,7 @@ def choose_backend(
     """The name of the backend ``auto`` runs for a problem described by its sizes; ``native_band``
     says whether the native band kernel takes such inputs (``attention()`` asks the kernel)."""
     problem = Problem(
-        pattern, n_q, n_k, n_q_heads, n_q_heads, head_dim, value_dim, device=device, dtype=dtype,
+        pattern, n_q, n_k, n_q_heads, head_dim, value_dim, device=device, dtype=dtype,
         scale=scale, need_lse=need_lse, native_band=native_band,
     )
     return pick(problem).name

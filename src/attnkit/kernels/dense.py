@@ -113,13 +113,6 @@ def dense_misfit(
     )
 
 
-def dense_fits(
-    pattern: Pattern, n_q: int, n_k: int, device: torch.device, dtype: torch.dtype, scale: float = 1.0, **mask
-) -> bool:
-    """Whether the dense backend's mask stays within a quarter of the free memory."""
-    return dense_misfit(pattern, n_q, n_k, device, dtype, scale, **mask) is None
-
-
 def check_dense_fits(
     pattern: Pattern, n_q: int, n_k: int, device: torch.device, dtype: torch.dtype, scale: float = 1.0, **mask
 ) -> None:
