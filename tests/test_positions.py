@@ -161,6 +161,23 @@ def test_blockwise_hides_padding_in_every_tile(pattern):
         torch.testing.assert_close(got.grad, want.grad, atol=1e-12, rtol=1e-12, msg=f"d{name}")
 
 
+def test_dense_gives_the_lse_of_a_padded_call_with_unequal_widths():
+    # Value width != key width: SDPA returns no LSE, the blockwise kernel computes it with the padding.
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 2, 6, 8, generator=gen, dtype=torch.float64)
+    k = torch.randn(2, 2, 7, 8, generator=gen, dtype=torch.float64)
+    v = torch.randn(2, 2, 7, 5, generator=gen, dtype=torch.float64)
+    padding = torch.tensor([[True] * 7, [False] * 5 + [True] * 2])
+    results = []
+    for backend in ("dense", "reference"):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out, lse = attention(*leaves, Causal(), backend=backend, return_lse=True, key_padding_mask=padding)
+        (out.sum() + lse.nan_to_num(neginf=0.0).sum()).backward()
+        results.append((out, lse, *(t.grad for t in leaves)))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+
+
 def test_auto_runs_a_padded_call_that_dense_refuses_on_blockwise(monkeypatch):
     q = torch.randn(1, 2, 64, 8)
     padding = torch.ones(1, 64, dtype=torch.bool)

@@ -181,7 +181,7 @@ def dense_kernel(
     ``key_padding_mask (B, Nk)`` (True = a real key) shape the mask. Returns ``(out, lse or None)``;
     fully masked rows give zeros and -inf. Raises ValueError when the mask would not fit (see
     :func:`check_dense_fits`; ``memory_checked``: the caller made that check, as the dense backend
-    does), or when the LSE of a padded call is asked for where the fused CPU op cannot give it.
+    does). Where the fused CPU op cannot give the LSE, the blockwise kernel computes it.
     """
     n_q, n_k = q.shape[2], k.shape[2]
     if not memory_checked:
@@ -190,9 +190,6 @@ def dense_kernel(
     is_causal, mask = sdpa_mask(pattern, n_q, n_k, q.device, scale, positions, key_padding_mask)
     gqa = kv_groups(q, k) > 1
     fused_lse = need_lse and fused_lse_available(q.device, q.shape[-1], v.shape[-1])
-    if need_lse and not fused_lse and key_padding_mask is not None:  # the blockwise LSE has no padding
-        raise ValueError("backend 'dense' gives the LSE of a call with key_padding_mask only on the CPU "
-                         "with equal key and value widths; use backend='reference'")
     row_has_key = None
     if mask is not None:
         row_has_key = mask.any(-1)
@@ -217,7 +214,9 @@ def dense_kernel(
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=gqa
         )
-        lse = blockwise_kernel(q, k, v, pattern, scale, positions=positions)[1] if need_lse else None
+        lse = None
+        if need_lse:
+            lse = blockwise_kernel(q, k, v, pattern, scale, positions=positions, key_padding_mask=key_padding_mask)[1]
     if row_has_key is not None:
         out = torch.where(row_has_key.unsqueeze(-1), out, 0.0)
         if lse is not None:
