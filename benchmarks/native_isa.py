@@ -96,7 +96,8 @@ def main() -> None:
 
     from attnkit import SlidingWindow, Strided, attention
     from attnkit.bench.peers import flex as _flex
-    from attnkit.kernels.band_native import band_decision, forced_band_path
+    from attnkit.kernels.band_calibration import band_decision
+    from attnkit.kernels.band_native import forced_band_path
     from attnkit.kernels.native_build import load_native
 
     if args.cpu_time:  # every contender then runs on this thread: its CPU time is the call's

@@ -15,6 +15,7 @@ def test_info_lists_versions_and_backends(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "torch" in out and "blockwise" in out
+    assert "reference: explicit two-step math" in out  # one "name: description" line per backend
     assert "native band_attention" in out
 
 

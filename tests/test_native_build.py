@@ -1,5 +1,5 @@
 """Building, caching, validating and choosing the native kernels: kernels/native_build.py and the
-native-or-planner decision of kernels/band_native.py."""
+native-or-planner decision of kernels/band_calibration.py."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from attnkit import SlidingWindow, attention
-from attnkit.kernels import band_native, native_build, sparse
+from attnkit.kernels import band_calibration, band_native, native_build, sparse
 from attnkit.kernels.band_native import band_native_attention, band_native_supports
 from attnkit.kernels.reference import reference_kernel
 
@@ -33,7 +33,8 @@ def fresh_builds(monkeypatch, tmp_path):
     (tmp_path / "tmp").mkdir()
     for name in ("ATTNKIT_NATIVE", "ATTNKIT_NATIVE_ISA", "CC"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(band_native, "_decisions", {})
+    monkeypatch.setattr(band_calibration, "_decisions", {})
+    monkeypatch.setattr(band_native, "_runs_here_answers", {})
     native_build.clear_cache()
     yield tmp_path
     native_build.clear_cache()
@@ -178,16 +179,16 @@ def _fake_timings(monkeypatch, native_ms: float, planner_ms: float) -> list:
         measured.extend(runs)
         return {"native": native_ms, "planner": planner_ms}
 
-    monkeypatch.setattr(band_native, "_best_ms", fake)
+    monkeypatch.setattr(band_calibration, "_best_ms", fake)
     return measured
 
 
 @has_compiler
 def test_a_known_fast_path_is_used_without_calibrating(fresh_builds, monkeypatch):
     measured = _fake_timings(monkeypatch, 5.0, 1.0)
-    monkeypatch.setattr(band_native, "KNOWN_FAST", ("generic",))
+    monkeypatch.setattr(band_calibration, "KNOWN_FAST", ("generic",))
     monkeypatch.setenv("ATTNKIT_NATIVE_ISA", "generic")
-    decision = band_native.band_decision()
+    decision = band_calibration.band_decision()
     assert decision.native and "known fast" in decision.reason and not measured
 
 
@@ -195,7 +196,7 @@ def test_a_known_fast_path_is_used_without_calibrating(fresh_builds, monkeypatch
 @pytest.mark.parametrize("native_ms, planner_ms, expected", [(1.0, 2.0, True), (2.0, 1.0, False)])
 def test_other_paths_take_the_faster_of_a_cached_calibration(fresh_builds, monkeypatch, native_ms, planner_ms,
                                                              expected):
-    monkeypatch.setattr(band_native, "KNOWN_FAST", ())
+    monkeypatch.setattr(band_calibration, "KNOWN_FAST", ())
     measured = _fake_timings(monkeypatch, native_ms, planner_ms)
     q, k, v = (torch.randn(1, 2, 40, 16) for _ in range(3))
     assert band_native_supports(q, k, v) is expected
@@ -206,7 +207,8 @@ def test_other_paths_take_the_faster_of_a_cached_calibration(fresh_builds, monke
     assert record["key"].endswith(f"threads {torch.get_num_threads()}")
     usage = native_build.native_status()["band_attention use"]
     assert usage.startswith("native kernel" if expected else "the planner") and "calibrated" in usage
-    monkeypatch.setattr(band_native, "_decisions", {})  # another process: reads the record
+    monkeypatch.setattr(band_calibration, "_decisions", {})  # another process: reads the record
+    monkeypatch.setattr(band_native, "_runs_here_answers", {})
     assert band_native_supports(q, k, v) is expected and len(measured) == 4
     if not expected:  # the planner runs the window
         monkeypatch.setattr(sparse, "band_native_attention", lambda *args: pytest.fail("the kernel ran"))
@@ -218,24 +220,25 @@ def test_other_paths_take_the_faster_of_a_cached_calibration(fresh_builds, monke
 
 @has_compiler
 def test_a_calibration_for_another_library_or_cpu_is_not_reused(fresh_builds, monkeypatch):
-    monkeypatch.setattr(band_native, "KNOWN_FAST", ())
+    monkeypatch.setattr(band_calibration, "KNOWN_FAST", ())
     measured = _fake_timings(monkeypatch, 2.0, 1.0)
-    assert not band_native.band_decision().native
+    assert not band_calibration.band_decision().native
     library = native_build.load_native("band_attention").path
     record_path = library.parent / (library.name + f".choice-{torch.get_num_threads()}.json")
     record = json.loads(record_path.read_text())
     record_path.write_text(json.dumps({**record, "key": record["key"].replace("x", "y", 1) + "0"}))
-    monkeypatch.setattr(band_native, "_decisions", {})
-    monkeypatch.setattr(band_native, "_best_ms", lambda runs, repeats: {"native": 1.0, "planner": 2.0})
-    assert band_native.band_decision().native and len(measured) == 4  # measured again, and decided again
+    monkeypatch.setattr(band_calibration, "_decisions", {})
+    monkeypatch.setattr(band_native, "_runs_here_answers", {})
+    monkeypatch.setattr(band_calibration, "_best_ms", lambda runs, repeats: {"native": 1.0, "planner": 2.0})
+    assert band_calibration.band_decision().native and len(measured) == 4  # measured again, and decided again
 
 
 @has_compiler
 def test_a_real_calibration_times_both_paths_and_keeps_the_faster(fresh_builds, monkeypatch):
-    monkeypatch.setattr(band_native, "KNOWN_FAST", ())
-    monkeypatch.setattr(band_native, "_CALIBRATION_SEQ", 300)
-    monkeypatch.setattr(band_native, "_CALIBRATION_REPEATS", 1)
-    decision = band_native.band_decision()
+    monkeypatch.setattr(band_calibration, "KNOWN_FAST", ())
+    monkeypatch.setattr(band_calibration, "_CALIBRATION_SEQ", 300)
+    monkeypatch.setattr(band_calibration, "_CALIBRATION_REPEATS", 1)
+    decision = band_calibration.band_decision()
     ratios = [native_ms / planner_ms for native_ms, planner_ms in (decision.window_ms, decision.strided_ms)]
     assert all(ratio > 0 for ratio in ratios)
     assert decision.native == (ratios[0] * ratios[1] <= 1.0) and "calibrated here" in decision.reason
@@ -243,30 +246,31 @@ def test_a_real_calibration_times_both_paths_and_keeps_the_faster(fresh_builds, 
 
 @has_compiler
 def test_a_failed_calibration_keeps_the_planner(fresh_builds, monkeypatch):
-    monkeypatch.setattr(band_native, "KNOWN_FAST", ())
+    monkeypatch.setattr(band_calibration, "KNOWN_FAST", ())
 
     def broken():
         raise RuntimeError("native band attention: could not allocate scratch memory")
 
-    monkeypatch.setattr(band_native, "_calibrate", broken)
-    decision = band_native.band_decision()
+    monkeypatch.setattr(band_calibration, "_calibrate", broken)
+    decision = band_calibration.band_decision()
     assert not decision.native and "calibration failed: native band attention" in decision.reason
 
 
 @has_compiler
 @pytest.mark.parametrize("content", ["[]", '"x"', "null", '{"native": "false"}', "{broken"])
 def test_a_damaged_calibration_record_is_measured_again_not_trusted(fresh_builds, monkeypatch, content):
-    monkeypatch.setattr(band_native, "KNOWN_FAST", ())
+    monkeypatch.setattr(band_calibration, "KNOWN_FAST", ())
     measured = _fake_timings(monkeypatch, 2.0, 1.0)
-    assert not band_native.band_decision().native
+    assert not band_calibration.band_decision().native
     library = native_build.load_native("band_attention").path
     record_path = library.parent / (library.name + f".choice-{torch.get_num_threads()}.json")
     if content.startswith("{\"native\""):  # the right key, a string where a boolean belongs
         record = json.loads(record_path.read_text())
         content = json.dumps({**record, "native": "false"})
     record_path.write_text(content)
-    monkeypatch.setattr(band_native, "_decisions", {})
-    decision = band_native.band_decision()
+    monkeypatch.setattr(band_calibration, "_decisions", {})
+    monkeypatch.setattr(band_native, "_runs_here_answers", {})
+    decision = band_calibration.band_decision()
     assert decision.native is False and len(measured) == 8  # calibrated again (4 timings each), not an error
     q, k, v = (torch.randn(1, 2, 40, 16) for _ in range(3))
     assert band_native_supports(q, k, v) is False
@@ -276,7 +280,7 @@ def test_a_damaged_calibration_record_is_measured_again_not_trusted(fresh_builds
 def test_concurrent_first_decisions_calibrate_once_and_force_nothing_afterwards(fresh_builds, monkeypatch):
     import threading
 
-    monkeypatch.setattr(band_native, "KNOWN_FAST", ())
+    monkeypatch.setattr(band_calibration, "KNOWN_FAST", ())
     calls = []
 
     def slow_best(runs, repeats):
@@ -285,9 +289,9 @@ def test_concurrent_first_decisions_calibrate_once_and_force_nothing_afterwards(
             run()
         return {"native": 2.0, "planner": 1.0}
 
-    monkeypatch.setattr(band_native, "_best_ms", slow_best)
+    monkeypatch.setattr(band_calibration, "_best_ms", slow_best)
     decisions = []
-    threads = [threading.Thread(target=lambda: decisions.append(band_native.band_decision())) for _ in range(3)]
+    threads = [threading.Thread(target=lambda: decisions.append(band_calibration.band_decision())) for _ in range(3)]
     for thread in threads:
         thread.start()
     for thread in threads:

@@ -81,6 +81,14 @@ def test_block_sparse_allows_whole_blocks_of_the_layout(layout, block, data):
     assert torch.equal(pattern.mask(n_q, n_k), _brute_mask(rule, n_q, n_k))
 
 
+def test_block_sparse_hides_negative_query_and_key_positions():
+    pattern = BlockSparse(torch.ones(2, 2, dtype=torch.bool), 2)
+    positions = torch.tensor([-5, -1, 0, 3])
+    allowed = pattern.rows_mask(positions, positions)
+    assert torch.equal(allowed, (positions >= 0)[:, None] & (positions >= 0)[None, :])
+    assert not pattern.rows_mask(torch.tensor([0]), torch.tensor([-5])).any()
+
+
 def test_per_head_block_sparse_has_a_head_dimension():
     layout = torch.stack([torch.eye(3, dtype=torch.bool), torch.ones(3, 3, dtype=torch.bool)])
     pattern = BlockSparse(layout, 2)

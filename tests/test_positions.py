@@ -14,7 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from attnkit import BlockSparse, Causal, Full, PerHead, Predicate, SlidingWindow, Strided, attention
-from attnkit.backends import BY_NAME, make_problem, pick
+from attnkit.backends import BY_NAME, Problem, make_problem, pick
+from attnkit.backends import reference as reference_backend
+from attnkit.kernels.blockwise import blockwise_kernel
 from attnkit.kernels.band_native import band_native_takes
 
 PATTERNS = {
@@ -65,8 +67,6 @@ def problems(draw):
 @given(problem=problems(), backend=st.sampled_from(["auto", "reference", "dense", "blockwise"]))
 def test_positions_and_padding_match_the_explicit_mask(problem, backend):
     q, k, v, pattern, q_pos, k_pos, padding = problem
-    if padding is not None and backend == "blockwise":
-        backend = "auto"  # blockwise takes no padding (checked in test_backends_that_refuse...)
     n_q, n_k = q.shape[2], k.shape[2]
     oracle_q = torch.arange(n_k - n_q, n_k) if q_pos is None else q_pos
     oracle_k = torch.arange(n_k) if k_pos is None else k_pos
@@ -121,8 +121,8 @@ def test_backends_that_take_no_positions_say_so(backend):
     q = torch.randn(1, 1, 4, 8)
     with pytest.raises(ValueError, match=f"backend '{backend}' cannot run this call: it takes no explicit"):
         attention(q, q, q, Causal(), backend=backend, q_positions=torch.arange(4))
-    with pytest.raises(ValueError, match="backend 'blockwise' cannot run this call: it takes no key_padding_mask"):
-        attention(q, q, q, backend="blockwise", key_padding_mask=torch.ones(1, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match=f"backend '{backend}' cannot run this call: it takes no key_padding_mask"):
+        attention(q, q, q, backend=backend, key_padding_mask=torch.ones(1, 4, dtype=torch.bool))
 
 
 def test_auto_picks_among_the_backends_that_take_the_arguments():
@@ -134,6 +134,64 @@ def test_auto_picks_among_the_backends_that_take_the_arguments():
     assert pick(make_problem(q, q, q, SlidingWindow(64), None, False, positions, positions)).name == "blockwise"
     padding = torch.ones(1, 2048, dtype=torch.bool)
     assert pick(make_problem(q, q, q, pattern, None, False, key_padding_mask=padding)).name == "dense"
+
+
+@pytest.mark.parametrize("pattern", [Full(), Causal(), SlidingWindow(4), Strided(3)])
+def test_blockwise_hides_padding_in_every_tile(pattern):
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(3, 4, 9, 8, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(3, 2, 13, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+    padding = torch.rand(3, 13, generator=gen) < 0.6
+    padding[1] = False  # every row of this entry sees only padding
+    padding[2, :9] = False  # left padding: causal rows see no real key until late
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, lse = blockwise_kernel(*leaves, pattern, 8 ** -0.5, block_q=2, block_k=3, key_padding_mask=padding)
+    expected_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    expected, expected_lse = attention(*expected_leaves, pattern, backend="reference", return_lse=True,
+                                       key_padding_mask=padding)
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
+    assert torch.all(out[1] == 0) and torch.all(lse[1] == -math.inf)
+    assert torch.equal(torch.isinf(lse), torch.isinf(expected_lse))
+    torch.testing.assert_close(lse.nan_to_num(neginf=0.0), expected_lse.nan_to_num(neginf=0.0), atol=1e-12, rtol=0)
+    d_out, d_lse = torch.randn_like(out), torch.randn_like(lse)
+    ((out * d_out).sum() + (lse.nan_to_num(neginf=0.0) * d_lse).sum()).backward()
+    ((expected * d_out).sum() + (expected_lse.nan_to_num(neginf=0.0) * d_lse).sum()).backward()
+    for name, got, want in zip("qkv", leaves, expected_leaves):
+        assert torch.isfinite(got.grad).all()
+        torch.testing.assert_close(got.grad, want.grad, atol=1e-12, rtol=1e-12, msg=f"d{name}")
+
+
+def test_dense_gives_the_lse_of_a_padded_call_with_unequal_widths():
+    # Value width != key width: SDPA returns no LSE, the blockwise kernel computes it with the padding.
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 2, 6, 8, generator=gen, dtype=torch.float64)
+    k = torch.randn(2, 2, 7, 8, generator=gen, dtype=torch.float64)
+    v = torch.randn(2, 2, 7, 5, generator=gen, dtype=torch.float64)
+    padding = torch.tensor([[True] * 7, [False] * 5 + [True] * 2])
+    results = []
+    for backend in ("dense", "reference"):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out, lse = attention(*leaves, Causal(), backend=backend, return_lse=True, key_padding_mask=padding)
+        (out.sum() + lse.nan_to_num(neginf=0.0).sum()).backward()
+        results.append((out, lse, *(t.grad for t in leaves)))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+
+
+def test_auto_runs_a_padded_call_that_dense_refuses_on_blockwise(monkeypatch):
+    q = torch.randn(1, 2, 64, 8)
+    padding = torch.ones(1, 64, dtype=torch.bool)
+    problem = make_problem(q, q, q, Strided(8), None, True, key_padding_mask=padding)
+    monkeypatch.setattr(BY_NAME["dense"], "accepts", lambda problem: "its mask would not fit")
+    assert pick(problem).name == "blockwise"
+
+
+def test_reference_refuses_weights_beyond_a_quarter_of_free_memory(monkeypatch):
+    monkeypatch.setattr(reference_backend, "free_memory", lambda device: 2**30)
+    big = Problem(Causal(), 8192, 8192, 2, batch=2)  # 1 GiB of float32 weights
+    assert "would exceed a quarter of the 1.00 GiB free" in BY_NAME["reference"].accepts(big)
+    small = Problem(Causal(), 1024, 1024, 2, batch=2)
+    assert BY_NAME["reference"].accepts(small) is None
 
 
 @pytest.mark.parametrize("bad, error, message", [

@@ -86,21 +86,25 @@ def check_inputs(q: object, k: object, v: object) -> None:
             raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
         if 0 in t.shape[1:]:
             raise ValueError(f"{name} must have heads, seq and head_dim >= 1, got shape {tuple(t.shape)}")
-    shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
     if not q.dtype == k.dtype == v.dtype:
         raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not q.device == k.device == v.device:
         raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
     if not q.shape[0] == k.shape[0] == v.shape[0]:
-        raise ValueError(f"batch sizes differ: {shapes}")
+        raise ValueError(f"batch sizes differ: {_shapes(q, k, v)}")
     if q.shape[3] != k.shape[3]:
-        raise ValueError(f"q and k head_dim differ: {shapes}")
+        raise ValueError(f"q and k head_dim differ: {_shapes(q, k, v)}")
     if k.shape[:3] != v.shape[:3]:
-        raise ValueError(f"k and v must agree in batch, heads and seq: {shapes}")
+        raise ValueError(f"k and v must agree in batch, heads and seq: {_shapes(q, k, v)}")
     if q.shape[1] % k.shape[1] != 0:
         raise ValueError(
-            f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]}): {shapes}"
+            f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]}): {_shapes(q, k, v)}"
         )
+
+
+def _shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
+    """The three shapes for an error message (built only when one is raised: calls are hot)."""
+    return f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
 
 
 def check_scale(scale: object, head_dim: int) -> float:

@@ -110,7 +110,8 @@ def reference_attention(
 
     ``weights`` are the softmax-normalised relevance scores (step 1); ``out = weights @ v``
     (step 2). Half-precision inputs are computed in float32 (weights stay float32, out is cast
-    back). Same arguments, conventions and errors as :func:`attention`.
+    back). The pattern, scale, shape conventions and errors of :func:`attention`; it takes no
+    ``q_positions``, ``k_positions``, ``key_padding_mask``, ``backend`` or ``return_lse``.
     """
     problem = make_problem(q, k, v, pattern, scale, False)
     pattern, scale = problem.pattern, problem.scale

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from ..checks import check_inputs, check_key_padding_mask, check_positions, check_scale
-from ..kernels.blockwise import Positions
+from ..kernels.blockwise import Positions, blockwise_grads
 from ..patterns import Pattern, as_pattern, query_key_positions
 
 Grads = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -40,7 +40,6 @@ class Problem:
     n_q: int
     n_k: int
     n_q_heads: int = 1
-    n_kv_heads: int = 1
     head_dim: int = 64
     value_dim: int = 64
     batch: int = 1
@@ -88,7 +87,7 @@ def make_problem(
     n_q, n_k = q.shape[2], k.shape[2]
     scale = check_scale(scale, q.shape[-1])
     problem = Problem(
-        check_pattern(pattern, q.shape[1]), n_q, n_k, q.shape[1], k.shape[1], q.shape[3], v.shape[3],
+        check_pattern(pattern, q.shape[1]), n_q, n_k, q.shape[1], q.shape[3], v.shape[3],
         q.shape[0], q.device, q.dtype, scale, need_lse,
     )
     if q_positions is not None or k_positions is not None:
@@ -160,3 +159,20 @@ def default_positions(problem: Problem) -> Positions:
     if problem.positions is not None:
         return problem.positions
     return query_key_positions(problem.n_q, problem.n_k, problem.device)
+
+
+def tiled_grad_share(
+    problem: Problem,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    d_out: torch.Tensor,
+    d_lse: Optional[torch.Tensor],
+) -> Grads:
+    """:meth:`Backend.grad_share` by the blockwise kernel's backward (exact for any pattern,
+    positions and padding, and it takes the LSE gradient), for backends whose own backward does not."""
+    d_lse = torch.zeros_like(lse) if d_lse is None else d_lse
+    return blockwise_grads(q, k, v, out, lse, d_out, d_lse, problem.pattern, problem.scale,
+                           default_positions(problem), key_padding_mask=problem.key_padding_mask)

@@ -4,21 +4,21 @@ from __future__ import annotations
 
 import math
 
-import torch
-
-from ..kernels.blockwise import blockwise_grads, blockwise_kernel, plan_tiles, tile_pairs
-from .base import Backend, default_positions
+from ..kernels.blockwise import blockwise_kernel, plan_tiles, tile_pairs
+from .base import Backend, tiled_grad_share
 from .facts import full_or_causal, planned
 
 
 class BlockwiseBackend(Backend):
     name = "blockwise"
-    description = "tiled online softmax (FlashAttention-style), skips empty tiles; explicit positions"
+    description = "tiled online softmax (FlashAttention-style), skips empty tiles; explicit positions, padding"
     takes_positions = True
+    takes_padding = True
 
     def cost(self, problem):
         bottom_right = problem.positions is None
-        if bottom_right and planned(problem):  # the sparse planner's patterns: it computes fewer pairs
+        # The sparse planner's patterns: it computes fewer pairs, but it takes no padding mask.
+        if bottom_right and problem.key_padding_mask is None and planned(problem):
             return math.inf
         if bottom_right and full_or_causal(problem):  # tiles cover at least half of the square
             return float(problem.square)
@@ -26,9 +26,8 @@ class BlockwiseBackend(Backend):
         return float(tile_pairs(blocks) * problem.n_q_heads)
 
     def forward(self, problem, q, k, v):
-        return blockwise_kernel(q, k, v, problem.pattern, problem.scale, positions=problem.positions)
+        return blockwise_kernel(q, k, v, problem.pattern, problem.scale, positions=problem.positions,
+                                key_padding_mask=problem.key_padding_mask)
 
     def grad_share(self, problem, q, k, v, out, lse, d_out, d_lse):
-        d_lse = torch.zeros_like(lse) if d_lse is None else d_lse
-        return blockwise_grads(q, k, v, out, lse, d_out, d_lse, problem.pattern, problem.scale,
-                               default_positions(problem))
+        return tiled_grad_share(problem, q, k, v, out, lse, d_out, d_lse)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from ..kernels.common import allowed_mask, kv_groups
-from ..kernels.dense import dense_kernel, dense_misfit, fused_lse_available
+from ..kernels.dense import dense_kernel, dense_misfit
 from ..kernels.reference import explicit_grads
 from .base import Backend
 from .facts import lse_needs_second_pass
@@ -26,8 +26,6 @@ class DenseBackend(Backend):
         if reason is not None:
             return reason
         padded = problem.key_padding_mask is not None
-        if padded and problem.need_lse and not fused_lse_available(problem.device, problem.head_dim, problem.value_dim):
-            return "it gives the LSE of a padded call only on the CPU with equal key and value widths"
         return dense_misfit(
             problem.pattern, problem.n_q, problem.n_k, problem.device, problem.dtype, problem.scale,
             explicit=padded or problem.positions is not None, padded_batch=problem.batch if padded else 1,

@@ -14,7 +14,9 @@
      plan computes; infinite for other patterns;
    - blockwise: the pairs its tiles cover; infinite for the planner's patterns;
    - reference and triton: no cost of their own (never picked by cost).
-3. When no accepting backend has a finite cost, the reference backend (it runs every call).
+3. When no accepting backend has a finite cost, the reference backend, unless its weights would
+   exceed a quarter of the free memory (then a ValueError says so). Blockwise takes positions and
+   padding at a finite cost, so the reference backend is the last resort only for calls it can hold.
 
 Explicit positions or a key padding mask narrow the field to the backends that take them.
 """
@@ -43,15 +45,25 @@ def pick(problem: Problem) -> Backend:
         and triton.accepts(problem) is None and triton.kernels_take(problem) is None
     ):
         return triton
-    best, best_cost = BY_NAME["reference"], math.inf
+    best = BY_NAME["reference"]
     explicit = problem.positions is not None or problem.key_padding_mask is not None
-    for backend in _COSTED:
-        # The cost first: the full acceptance check (free memory for a mask, say) only for a
-        # backend that would win.
-        if not explicit or backend.takes_arguments(problem) is None:
-            cost = backend.cost(problem)
-            if cost < best_cost and backend.accepts(problem) is None:
-                best, best_cost = backend, cost
+    # The costs first; the full acceptance check (free memory for a mask, say) then runs in cost
+    # order, on equal cost in registry order (a stable sort), only until one backend accepts.
+    costed = [
+        (backend.cost(problem), backend) for backend in _COSTED
+        if not explicit or backend.takes_arguments(problem) is None
+    ]
+    costed.sort(key=lambda entry: entry[0])
+    for cost, backend in costed:
+        if cost == math.inf:
+            break
+        if backend.accepts(problem) is None:
+            best = backend
+            break
+    if best.name == "reference":
+        reason = best.accepts(problem)
+        if reason is not None:
+            raise ValueError(f"backend 'auto' found no backend for this call: 'reference' refuses: {reason}")
     return best
 
 
@@ -70,9 +82,11 @@ def choose_backend(
     scale: float = 1.0,
 ) -> str:
     """The name of the backend ``auto`` runs for a problem described by its sizes; ``native_band``
-    says whether the native band kernel takes such inputs (``attention()`` asks the kernel)."""
+    says whether the native band kernel takes such inputs (``attention()`` asks the kernel). On a
+    CUDA ``device`` the answer is ``"triton"`` for every pattern but Full and Causal when the
+    Triton kernels take the problem (step 1 of the module docstring)."""
     problem = Problem(
-        pattern, n_q, n_k, n_q_heads, n_q_heads, head_dim, value_dim, device=device, dtype=dtype,
+        pattern, n_q, n_k, n_q_heads, head_dim, value_dim, device=device, dtype=dtype,
         scale=scale, need_lse=need_lse, native_band=native_band,
     )
     return pick(problem).name

@@ -3,7 +3,8 @@ never picks it unless no other backend takes the call."""
 
 from __future__ import annotations
 
-from ..kernels.common import allowed_mask, kv_groups
+from ..kernels.common import allowed_mask, compute_dtype, kv_groups
+from ..kernels.dense import MASK_CHECKED_ABOVE, free_memory
 from ..kernels.reference import explicit_grads, reference_kernel
 from .base import Backend
 
@@ -13,6 +14,22 @@ class ReferenceBackend(Backend):
     description = "explicit two-step math (scores, softmax, weights @ v); materialises the Nq x Nk weights"
     takes_positions = True
     takes_padding = True
+
+    def accepts(self, problem):
+        reason = self.takes_arguments(problem)
+        if reason is not None:
+            return reason
+        # The (B, Hq, Nq, Nk) weights, as for dense's mask: refuse rather than run out of memory.
+        needed = problem.batch * problem.square * compute_dtype(problem.dtype).itemsize
+        if needed <= MASK_CHECKED_ABOVE:
+            return None
+        free = free_memory(problem.device)
+        if free is None or needed <= free // 4:
+            return None
+        return (
+            f"its {needed / 2**30:.2f} GiB of weights would exceed a quarter of the "
+            f"{free / 2**30:.2f} GiB free on {problem.device}; use backend='blockwise'"
+        )
 
     def forward(self, problem, q, k, v):
         out, lse, _ = reference_kernel(

@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import math
 
-import torch
-
-from ..kernels.blockwise import blockwise_grads
 from ..kernels.sparse import sparse_kernel, sparse_plan_pairs
 from . import native_band
-from .base import Backend, default_positions
+from .base import Backend, tiled_grad_share
 from .facts import planned
 
 
@@ -32,6 +29,4 @@ class SparseBackend(Backend):
         if native_band.runs(problem):
             return native_band.grad_share(problem, q, k, v, out, lse, d_out, d_lse)
         # The planner's fused backward takes no LSE gradient: the blockwise kernel's share (exact).
-        d_lse = torch.zeros_like(lse) if d_lse is None else d_lse
-        return blockwise_grads(q, k, v, out, lse, d_out, d_lse, problem.pattern, problem.scale,
-                               default_positions(problem))
+        return tiled_grad_share(problem, q, k, v, out, lse, d_out, d_lse)

@@ -5,11 +5,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
-
-from ..kernels.blockwise import blockwise_grads
 from ..kernels.triton_backend import triton_available, triton_kernel, triton_takes
-from .base import Backend, Problem, default_positions
+from .base import Backend, Problem, tiled_grad_share
 
 
 class TritonBackend(Backend):
@@ -30,6 +27,4 @@ class TritonBackend(Backend):
 
     def grad_share(self, problem, q, k, v, out, lse, d_out, d_lse):
         # The kernels' per-part backward is not wired to an outside merged LSE: the blockwise share.
-        d_lse = torch.zeros_like(lse) if d_lse is None else d_lse
-        return blockwise_grads(q, k, v, out, lse, d_out, d_lse, problem.pattern, problem.scale,
-                               default_positions(problem))
+        return tiled_grad_share(problem, q, k, v, out, lse, d_out, d_lse)

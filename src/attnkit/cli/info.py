@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 import attnkit
+from attnkit.backends import REGISTRY
 from attnkit.kernels.native_build import native_status
 from attnkit.kernels.triton_backend import triton_status
 
@@ -26,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     table.add_row("attnkit", attnkit.__version__)
     table.add_row("torch", torch.__version__)
     table.add_row("python", platform.python_version())
-    table.add_row("backends", ", ".join(attnkit.BACKENDS))
+    table.add_row("backends", "\n".join(f"{backend.name}: {backend.description}" for backend in REGISTRY))
     table.add_row("torch threads", str(torch.get_num_threads()))
     table.add_row("cpu capability", torch.backends.cpu.get_cpu_capability())
     for name, status in native_status().items():

@@ -8,9 +8,9 @@ so any pattern means what it means on one device. Only the ``Hkv`` key/value hea
 
 Backward is a custom autograd function in the FlashAttention style: the KV shards go around the
 ring again together with dK/dV accumulators; each rank recomputes its step's probabilities from
-the saved global LSE through the backend's ``grad_share`` (nothing per step is stored), adds its share to the accumulator while the next
-KV shard is in flight, and passes it on; after the last step each accumulator is sent straight to
-the rank that owns those keys.
+the saved global LSE through the backend's ``grad_share`` (nothing per step is stored), adds its
+share to the accumulator while the next KV shard is in flight, and passes it on; after the last
+step each accumulator is sent straight to the rank that owns those keys.
 
 Before any of that, every rank checks that all ranks pass the same problem (shard shapes, dtype,
 layout, scale, pattern): see :mod:`attnkit.distributed.agreement`.

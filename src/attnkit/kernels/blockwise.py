@@ -150,8 +150,10 @@ def tile_pairs(blocks: list[QueryBlock]) -> int:
     return sum((b.q_stop - b.q_start) * sum(stop - start for start, stop, _ in b.tiles) for b in blocks)
 
 
-def _tile_scores(q_block, k, block, k_start, k_stop, masked, pattern, positions):
-    """Masked scaled scores of one tile: ``(B, Hkv, g, rows, cols)`` in the compute dtype."""
+def _tile_scores(q_block, k, block, k_start, k_stop, masked, pattern, positions, padding):
+    """Masked scaled scores of one tile: ``(B, Hkv, g, rows, cols)`` in the compute dtype.
+    ``padding`` is the ``(B, Nk)`` key padding mask (True = a real key) or None; the plan does
+    not know it, so it is applied to every tile."""
     k_tile = k[:, :, k_start:k_stop].unsqueeze(2)  # (B, Hkv, 1, T, D)
     scores = torch.matmul(q_block, k_tile.transpose(-1, -2))
     if masked:
@@ -160,10 +162,12 @@ def _tile_scores(q_block, k, block, k_start, k_stop, masked, pattern, positions)
         if pattern.n_heads is not None:  # (Hq, rows, cols) -> (Hkv, g, rows, cols)
             allowed = allowed.unflatten(0, q_block.shape[1:3])
         scores.masked_fill_(~allowed, float("-inf"))
+    if padding is not None:
+        scores.masked_fill_(~padding[:, None, None, None, k_start:k_stop], float("-inf"))
     return scores
 
 
-def _forward(q, k, v, pattern, scale, blocks, positions):
+def _forward(q, k, v, pattern, scale, blocks, positions, padding):
     # Half inputs are upcast once: scores, softmax statistics and sums are all float32.
     dtype = compute_dtype(q.dtype)
     groups, out_dtype = kv_groups(q, k), q.dtype
@@ -176,7 +180,7 @@ def _forward(q, k, v, pattern, scale, blocks, positions):
         q_block = q_scaled[..., rows, :]
         acc = row_max = row_sum = None
         for k_start, k_stop, masked in block.tiles:
-            probs = _tile_scores(q_block, k, block, k_start, k_stop, masked, pattern, positions)
+            probs = _tile_scores(q_block, k, block, k_start, k_stop, masked, pattern, positions, padding)
             tile_max = probs.amax(-1)
             new_max = tile_max if row_max is None else torch.maximum(row_max, tile_max)
             shift = new_max.masked_fill(new_max == float("-inf"), 0.0)
@@ -197,7 +201,7 @@ def _forward(q, k, v, pattern, scale, blocks, positions):
     return out.flatten(1, 2).to(out_dtype), lse.flatten(1, 2)
 
 
-def _backward(q, k, v, out, lse, d_out, d_lse, pattern, scale, blocks, positions):
+def _backward(q, k, v, out, lse, d_out, d_lse, pattern, scale, blocks, positions, padding):
     dtype = compute_dtype(q.dtype)
     groups = kv_groups(q, k)
     grad_dtypes = (q.dtype, k.dtype, v.dtype)
@@ -218,7 +222,7 @@ def _backward(q, k, v, out, lse, d_out, d_lse, pattern, scale, blocks, positions
         d_q_block = d_q[..., rows, :]
         for k_start, k_stop, masked in block.tiles:
             cols = slice(k_start, k_stop)
-            probs = _tile_scores(q_block, k, block, k_start, k_stop, masked, pattern, positions)
+            probs = _tile_scores(q_block, k, block, k_start, k_stop, masked, pattern, positions, padding)
             probs.sub_(lse_g[..., rows].unsqueeze(-1)).exp2_()
             d_v[:, :, cols] += torch.matmul(probs.transpose(-1, -2), d_out_block).sum(2)
             d_scores = torch.matmul(d_out_block, v[:, :, cols].unsqueeze(2).transpose(-1, -2))
@@ -232,19 +236,21 @@ def _backward(q, k, v, out, lse, d_out, d_lse, pattern, scale, blocks, positions
 
 class _BlockwiseAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, pattern, scale, blocks, positions):
-        out, lse = _forward(q, k, v, pattern, scale, blocks, positions)
+    def forward(ctx, q, k, v, pattern, scale, blocks, positions, padding):
+        out, lse = _forward(q, k, v, pattern, scale, blocks, positions, padding)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.pattern, ctx.scale, ctx.blocks, ctx.positions = pattern, scale, blocks, positions
+        ctx.padding = padding
         return out, lse
 
     @staticmethod
     def backward(ctx, d_out, d_lse):
         q, k, v, out, lse = ctx.saved_tensors
         grads = _backward(
-            q, k, v, out, lse, d_out, d_lse, ctx.pattern, ctx.scale, ctx.blocks, ctx.positions
+            q, k, v, out, lse, d_out, d_lse, ctx.pattern, ctx.scale, ctx.blocks, ctx.positions,
+            ctx.padding,
         )
-        return (*grads, None, None, None, None)
+        return (*grads, None, None, None, None, None)
 
 
 def blockwise_kernel(
@@ -257,16 +263,19 @@ def blockwise_kernel(
     block_q: int = DEFAULT_BLOCK_Q,
     block_k: int = DEFAULT_BLOCK_K,
     positions: Optional[Positions] = None,
+    key_padding_mask: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention by KV tiles. Inputs validated: q ``(B, Hq, Nq, D)``, k ``(B, Hkv, Nk, D)``,
     v ``(B, Hkv, Nk, Dv)``. Returns ``(out (B, Hq, Nq, Dv), lse (B, Hq, Nq))``; lse is float32 for
     float16/bfloat16 inputs. Differentiable in q, k, v, through out and through lse.
     ``positions = (q_pos (Nq,), k_pos (Nk,))`` sets the absolute positions the pattern sees
-    (default: bottom-right alignment).
+    (default: bottom-right alignment). ``key_padding_mask (B, Nk)`` bool, True = a real key, hides
+    the padded keys of each batch entry (validated by the caller); rows left with no key give zeros
+    and LSE -inf.
     """
     blocks = plan_tiles(pattern, q.shape[2], k.shape[2], block_q, block_k, positions)
     positions = _positions(positions, q.shape[2], k.shape[2], q.device)
-    return _BlockwiseAttention.apply(q, k, v, pattern, scale, blocks, positions)
+    return _BlockwiseAttention.apply(q, k, v, pattern, scale, blocks, positions, key_padding_mask)
 
 
 def blockwise_grads(
@@ -283,16 +292,18 @@ def blockwise_grads(
     *,
     block_q: int = DEFAULT_BLOCK_Q,
     block_k: int = DEFAULT_BLOCK_K,
+    key_padding_mask: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The share of ``(dq, dk, dv)`` that flows through the keys ``k``/``v`` when they are one
     part of a larger key set: ``out (B, Hq, Nq, Dv)`` and ``lse (B, Hq, Nq)`` are the results over
     the whole key set, ``d_out``/``d_lse`` their gradients. Probabilities are recomputed from
     ``lse`` (FlashAttention's backward for one block); summing the parts gives the exact gradient.
+    ``key_padding_mask (B, Nk)``: as for :func:`blockwise_kernel`.
     Returns ``dq (B, Hq, Nq, D)``, ``dk (B, Hkv, Nk, D)``, ``dv (B, Hkv, Nk, Dv)``.
     """
     positions = _positions(positions, q.shape[2], k.shape[2], q.device)
     blocks = plan_tiles(pattern, q.shape[2], k.shape[2], block_q, block_k, positions)
-    return _backward(q, k, v, out, lse, d_out, d_lse, pattern, scale, blocks, positions)
+    return _backward(q, k, v, out, lse, d_out, d_lse, pattern, scale, blocks, positions, key_padding_mask)
 
 
 def merge_lse(

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import torch
 from torch._subclasses.fake_tensor import is_fake
-
-from typing import Optional
 
 from ..patterns import Pattern
 

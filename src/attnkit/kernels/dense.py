@@ -91,7 +91,7 @@ def dense_mask_bytes(
     if not explicit and _mask_free(pattern, n_q, n_k, scale) is not None:
         return 0
     masks = (pattern.n_heads or 1) * padded_batch
-    return masks * n_q * n_k * (1 + torch.empty((), dtype=dtype).element_size())
+    return masks * n_q * n_k * (1 + dtype.itemsize)
 
 
 def dense_misfit(
@@ -111,13 +111,6 @@ def dense_misfit(
         f"on {device} (more than a quarter of the {free / 2**30:.2f} GiB free); use backend='sparse' "
         "or backend='blockwise', which never build an Nq x Nk mask"
     )
-
-
-def dense_fits(
-    pattern: Pattern, n_q: int, n_k: int, device: torch.device, dtype: torch.dtype, scale: float = 1.0, **mask
-) -> bool:
-    """Whether the dense backend's mask stays within a quarter of the free memory."""
-    return dense_misfit(pattern, n_q, n_k, device, dtype, scale, **mask) is None
 
 
 def check_dense_fits(
@@ -188,7 +181,7 @@ def dense_kernel(
     ``key_padding_mask (B, Nk)`` (True = a real key) shape the mask. Returns ``(out, lse or None)``;
     fully masked rows give zeros and -inf. Raises ValueError when the mask would not fit (see
     :func:`check_dense_fits`; ``memory_checked``: the caller made that check, as the dense backend
-    does), or when the LSE of a padded call is asked for where the fused CPU op cannot give it.
+    does). Where the fused CPU op cannot give the LSE, the blockwise kernel computes it.
     """
     n_q, n_k = q.shape[2], k.shape[2]
     if not memory_checked:
@@ -197,13 +190,14 @@ def dense_kernel(
     is_causal, mask = sdpa_mask(pattern, n_q, n_k, q.device, scale, positions, key_padding_mask)
     gqa = kv_groups(q, k) > 1
     fused_lse = need_lse and fused_lse_available(q.device, q.shape[-1], v.shape[-1])
-    if need_lse and not fused_lse and key_padding_mask is not None:  # the blockwise LSE has no padding
-        raise ValueError("backend 'dense' gives the LSE of a call with key_padding_mask only on the CPU "
-                         "with equal key and value widths; use backend='reference'")
     row_has_key = None
     if mask is not None:
         row_has_key = mask.any(-1)
-        if not q.is_meta and not bool(row_has_key.all()):  # meta tensors hold no values to read
+        # Reading whether every row sees a key is a host sync off the CPU (and meta tensors hold
+        # no values): there the patch is applied unconditionally, a no-op where no row is empty.
+        if q.device.type == "cpu" and bool(row_has_key.all()):
+            row_has_key = None
+        else:
             # A row that may see no key is given key 0, so that SDPA stays finite on every
             # device; it is zeroed below, as every fully masked row in attnkit is.
             mask = mask.clone()
@@ -220,10 +214,11 @@ def dense_kernel(
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=gqa
         )
-        lse = blockwise_kernel(q, k, v, pattern, scale, positions=positions)[1] if need_lse else None
+        lse = None
+        if need_lse:
+            lse = blockwise_kernel(q, k, v, pattern, scale, positions=positions, key_padding_mask=key_padding_mask)[1]
     if row_has_key is not None:
-        if q.is_meta or not bool(row_has_key.all()):
-            out = torch.where(row_has_key.unsqueeze(-1), out, 0.0)
-            if lse is not None:
-                lse = torch.where(row_has_key, lse, float("-inf"))
+        out = torch.where(row_has_key.unsqueeze(-1), out, 0.0)
+        if lse is not None:
+            lse = torch.where(row_has_key, lse, float("-inf"))
     return out, lse

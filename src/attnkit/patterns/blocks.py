@@ -71,4 +71,4 @@ class BlockSparse(Pattern):
             allowed = layout[i_block, j_block]
         else:
             allowed = layout[:, i_block, j_block]
-        return allowed & (i >= 0)
+        return allowed & (i >= 0) & (j >= 0)
