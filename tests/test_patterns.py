@@ -154,3 +154,12 @@ def test_allows_compiles_as_a_flexattention_mask_mod():
     out = torch.compile(flex.flex_attention)(q, k, v, block_mask=block_mask)
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=pattern.mask(n, n))
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_block_sparse_names_a_position_past_its_layout_even_when_the_other_index_is_empty():
+    pattern = BlockSparse(torch.ones(2, 2, dtype=torch.bool), 4)
+    with pytest.raises(ValueError, match="covers positions below 8, got position 9"):
+        pattern.allows(torch.tensor([9]), torch.tensor([], dtype=torch.long))
+    with pytest.raises(ValueError, match="got position 12"):
+        pattern.allows(torch.tensor([3]), torch.tensor([12]))
+    assert pattern.allows(torch.tensor([7]), torch.tensor([0])).item()

@@ -58,11 +58,11 @@ class BlockSparse(Pattern):
 
     def allows(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         limit = self.n_blocks * self.block_size
-        if (i.numel() and int(i.max()) >= limit) or (j.numel() and int(j.max()) >= limit):
+        largest = max((int(t.max()) for t in (i, j) if t.numel()), default=-1)
+        if largest >= limit:
             raise ValueError(
                 f"BlockSparse: layout of shape {tuple(self.layout.shape)} with block_size "
-                f"{self.block_size} covers positions below {limit}, got position "
-                f"{max(int(i.max()), int(j.max()))}"
+                f"{self.block_size} covers positions below {limit}, got position {largest}"
             )
         layout = self.layout.to(i.device)
         i_block = (i // self.block_size).clamp(min=0)
