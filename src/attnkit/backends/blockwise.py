@@ -22,12 +22,22 @@ class BlockwiseBackend(Backend):
             return math.inf
         if bottom_right and full_or_causal(problem):  # tiles cover at least half of the square
             return float(problem.square)
-        blocks = plan_tiles(problem.pattern, problem.n_q, problem.n_k, positions=problem.positions)
-        return float(tile_pairs(blocks) * problem.n_q_heads)
+        return float(tile_pairs(_tiles(problem)) * problem.n_q_heads)
 
     def forward(self, problem, q, k, v):
         return blockwise_kernel(q, k, v, problem.pattern, problem.scale, positions=problem.positions,
-                                key_padding_mask=problem.key_padding_mask)
+                                key_padding_mask=problem.key_padding_mask, blocks=_tiles(problem))
 
     def grad_share(self, problem, q, k, v, out, lse, d_out, d_lse):
         return tiled_grad_share(problem, q, k, v, out, lse, d_out, d_lse)
+
+
+def _tiles(problem) -> list:
+    """The kernel's tile plan for ``problem``, made once per call: ``auto`` costs it and the kernel
+    runs it (plans for explicit positions are not cached across calls and take as long as a
+    large call's arithmetic)."""
+    if problem.memo is None:
+        problem.memo = {}
+    if "tiles" not in problem.memo:
+        problem.memo["tiles"] = plan_tiles(problem.pattern, problem.n_q, problem.n_k, positions=problem.positions)
+    return problem.memo["tiles"]

@@ -264,6 +264,7 @@ def blockwise_kernel(
     block_k: int = DEFAULT_BLOCK_K,
     positions: Optional[Positions] = None,
     key_padding_mask: Optional[torch.Tensor] = None,
+    blocks: Optional[list[QueryBlock]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention by KV tiles. Inputs validated: q ``(B, Hq, Nq, D)``, k ``(B, Hkv, Nk, D)``,
     v ``(B, Hkv, Nk, Dv)``. Returns ``(out (B, Hq, Nq, Dv), lse (B, Hq, Nq))``; lse is float32 for
@@ -271,9 +272,10 @@ def blockwise_kernel(
     ``positions = (q_pos (Nq,), k_pos (Nk,))`` sets the absolute positions the pattern sees
     (default: bottom-right alignment). ``key_padding_mask (B, Nk)`` bool, True = a real key, hides
     the padded keys of each batch entry (validated by the caller); rows left with no key give zeros
-    and LSE -inf.
+    and LSE -inf. ``blocks`` is this problem's :func:`plan_tiles` when the caller already made it.
     """
-    blocks = plan_tiles(pattern, q.shape[2], k.shape[2], block_q, block_k, positions)
+    if blocks is None:
+        blocks = plan_tiles(pattern, q.shape[2], k.shape[2], block_q, block_k, positions)
     positions = _positions(positions, q.shape[2], k.shape[2], q.device)
     return _BlockwiseAttention.apply(q, k, v, pattern, scale, blocks, positions, key_padding_mask)
 
