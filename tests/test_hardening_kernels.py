@@ -164,12 +164,13 @@ def free_bytes(monkeypatch):
 
 
 def test_dense_refuses_a_mask_beyond_a_quarter_of_free_memory(free_bytes):
-    free_bytes(4000)  # a 1000-byte budget; the mask takes 64 x 64 x (1 + 4)
     q = k = v = torch.randn(1, 1, 64, 8)
+    # The oracle first: the reference backend's 64 x 64 weights are held to the same budget.
+    expected = attention(q, k, v, Causal(), backend="reference")
+    free_bytes(4000)  # a 1000-byte budget; the mask takes 64 x 64 x (1 + 4)
     with pytest.raises(ValueError, match=r"SlidingWindow\(size=8.*Nq=64, Nk=64.*backend='sparse'"):
         attention(q, k, v, SlidingWindow(8), backend="dense")
     # No mask needed: full and causal attention run whatever the budget.
-    expected = attention(q, k, v, Causal(), backend="reference")
     torch.testing.assert_close(attention(q, k, v, Causal(), backend="dense"), expected)
     free_bytes(4 * 64 * 64 * 5)  # exactly a quarter: fits
     attention(q, k, v, SlidingWindow(8), backend="dense")

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from attnkit import BlockSparse, Causal, Full, PerHead, Predicate, SlidingWindow, Strided, attention
 from attnkit.backends import BY_NAME, Problem, make_problem, pick
-from attnkit.backends import reference as reference_backend
+from attnkit.kernels import dense as dense_kernel_module
 from attnkit.kernels.blockwise import blockwise_kernel
 from attnkit.kernels.band_native import band_native_takes
 
@@ -187,7 +187,7 @@ def test_auto_runs_a_padded_call_that_dense_refuses_on_blockwise(monkeypatch):
 
 
 def test_reference_refuses_weights_beyond_a_quarter_of_free_memory(monkeypatch):
-    monkeypatch.setattr(reference_backend, "free_memory", lambda device: 2**30)
+    monkeypatch.setattr(dense_kernel_module, "free_memory", lambda device: 2**30)
     big = Problem(Causal(), 8192, 8192, 2, batch=2)  # 1 GiB of float32 weights
     assert "would exceed a quarter of the 1.00 GiB free" in BY_NAME["reference"].accepts(big)
     small = Problem(Causal(), 1024, 1024, 2, batch=2)

@@ -18,6 +18,8 @@ import torch
 
 from ..checks import check_inputs, check_key_padding_mask, check_positions, check_scale
 from ..kernels.blockwise import Positions, blockwise_grads
+from ..kernels.common import allowed_mask, kv_groups
+from ..kernels.reference import explicit_grads
 from ..patterns import Pattern, as_pattern, query_key_positions
 
 Grads = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -176,3 +178,21 @@ def tiled_grad_share(
     d_lse = torch.zeros_like(lse) if d_lse is None else d_lse
     return blockwise_grads(q, k, v, out, lse, d_out, d_lse, problem.pattern, problem.scale,
                            default_positions(problem), key_padding_mask=problem.key_padding_mask)
+
+
+def explicit_grad_share(
+    problem: Problem,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    d_out: torch.Tensor,
+    d_lse: Optional[torch.Tensor],
+) -> Grads:
+    """:meth:`Backend.grad_share` by the explicit formula over the call's ``(Nq, Nk)`` mask
+    (pattern, positions and padding), for the backends that materialise the square anyway
+    (reference, dense: SDPA's own backward cannot be given a merged LSE)."""
+    allowed = allowed_mask(problem.pattern, q.shape[2], k.shape[2], q.device, kv_groups(q, k),
+                           problem.positions, problem.key_padding_mask)
+    return explicit_grads(q, k, v, out, lse, d_out, d_lse, allowed, problem.scale)

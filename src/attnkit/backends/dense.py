@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import math
 
-from ..kernels.common import allowed_mask, kv_groups
 from ..kernels.dense import dense_kernel, dense_misfit
-from ..kernels.reference import explicit_grads
-from .base import Backend
+from .base import Backend, explicit_grad_share
 from .facts import lse_needs_second_pass
 
 SDPA_PAIR_COST = 0.5
@@ -44,6 +42,4 @@ class DenseBackend(Backend):
 
     def grad_share(self, problem, q, k, v, out, lse, d_out, d_lse):
         # SDPA's backward cannot be given a merged LSE: the explicit formula over the same mask.
-        allowed = allowed_mask(problem.pattern, q.shape[2], k.shape[2], q.device, kv_groups(q, k),
-                               problem.positions, problem.key_padding_mask)
-        return explicit_grads(q, k, v, out, lse, d_out, d_lse, allowed, problem.scale)
+        return explicit_grad_share(problem, q, k, v, out, lse, d_out, d_lse)

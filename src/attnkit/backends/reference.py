@@ -3,10 +3,10 @@ never picks it unless no other backend takes the call."""
 
 from __future__ import annotations
 
-from ..kernels.common import allowed_mask, compute_dtype, kv_groups
-from ..kernels.dense import MASK_CHECKED_ABOVE, free_memory
-from ..kernels.reference import explicit_grads, reference_kernel
-from .base import Backend
+from ..kernels.common import compute_dtype
+from ..kernels.dense import free_memory_short
+from ..kernels.reference import reference_kernel
+from .base import Backend, explicit_grad_share
 
 
 class ReferenceBackend(Backend):
@@ -21,10 +21,8 @@ class ReferenceBackend(Backend):
             return reason
         # The (B, Hq, Nq, Nk) weights, as for dense's mask: refuse rather than run out of memory.
         needed = problem.batch * problem.square * compute_dtype(problem.dtype).itemsize
-        if needed <= MASK_CHECKED_ABOVE:
-            return None
-        free = free_memory(problem.device)
-        if free is None or needed <= free // 4:
+        free = free_memory_short(needed, problem.device)
+        if free is None:
             return None
         return (
             f"its {needed / 2**30:.2f} GiB of weights would exceed a quarter of the "
@@ -39,6 +37,4 @@ class ReferenceBackend(Backend):
         return out, lse
 
     def grad_share(self, problem, q, k, v, out, lse, d_out, d_lse):
-        allowed = allowed_mask(problem.pattern, q.shape[2], k.shape[2], q.device, kv_groups(q, k),
-                               problem.positions, problem.key_padding_mask)
-        return explicit_grads(q, k, v, out, lse, d_out, d_lse, allowed, problem.scale)
+        return explicit_grad_share(problem, q, k, v, out, lse, d_out, d_lse)

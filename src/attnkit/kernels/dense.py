@@ -94,6 +94,16 @@ def dense_mask_bytes(
     return masks * n_q * n_k * (1 + dtype.itemsize)
 
 
+def free_memory_short(needed: int, device: torch.device) -> Optional[int]:
+    """The free bytes of ``device`` when a buffer of ``needed`` bytes would take more than a
+    quarter of them, else None (buffers up to :data:`MASK_CHECKED_ABOVE` bytes, and devices whose
+    free memory is unknown, are not checked)."""
+    if needed <= MASK_CHECKED_ABOVE:
+        return None
+    free = free_memory(device)
+    return None if free is None or needed <= free // 4 else free
+
+
 def dense_misfit(
     pattern: Pattern, n_q: int, n_k: int, device: torch.device, dtype: torch.dtype, scale: float = 1.0, **mask
 ) -> Optional[str]:
@@ -101,10 +111,8 @@ def dense_misfit(
     sentence saying so and naming the backends that need no mask. ``mask``: the keyword
     arguments of :func:`dense_mask_bytes`."""
     needed = dense_mask_bytes(pattern, n_q, n_k, dtype, scale, **mask)
-    if needed <= MASK_CHECKED_ABOVE:
-        return None
-    free = free_memory(device)
-    if free is None or needed <= free // 4:
+    free = free_memory_short(needed, device)
+    if free is None:
         return None
     return (
         f"backend 'dense' needs a {needed / 2**30:.2f} GiB mask for {pattern!r} with Nq={n_q}, Nk={n_k} "
