@@ -3,6 +3,7 @@
 import pytest
 import torch
 from llama_oracle import hf_config, hf_model
+from word_tokenizer import save_word_tokenizer
 
 from attnkit.models.generate import sample
 from attnkit.models.llama import Llama, LlamaConfig
@@ -106,16 +107,13 @@ def test_packed_model_generates_the_same_tokens(pair, tmp_path):
 
 
 def test_generate_command_streams_and_reports_speed(tmp_path, capsys):
-    tokenizers = pytest.importorskip("tokenizers")
+    pytest.importorskip("tokenizers")
     from attnkit.cli import main
 
     Llama(LlamaConfig.preset("tiny")).save_pretrained(tmp_path)
     assert main(["generate", "--model", str(tmp_path), "--prompt", "w3 w4"]) == 2
     assert "no tokenizer.json" in capsys.readouterr().err
-    vocab = {f"w{i}": i for i in range(256)}
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="w0"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    tok.save(str(tmp_path / "tokenizer.json"))
+    save_word_tokenizer(tmp_path)
     assert main(["generate", "--model", str(tmp_path), "--prompt", "w3 w4 w5", "--max-new-tokens", "6",
                  "--stop-token", "-1"]) == 2
     assert main(["generate", "--model", str(tmp_path), "--prompt", "w3 w4 w5", "--max-new-tokens", "6"]) == 0
@@ -169,13 +167,11 @@ def test_nan_logits_raise_instead_of_a_token():
 
 
 def test_generate_command_reports_only_what_was_timed(tmp_path, capsys):
-    tokenizers = pytest.importorskip("tokenizers")
+    pytest.importorskip("tokenizers")
     from attnkit.cli import main
 
     Llama(LlamaConfig.preset("tiny")).save_pretrained(tmp_path)
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({f"w{i}": i for i in range(256)}, unk_token="w0"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    tok.save(str(tmp_path / "tokenizer.json"))
+    save_word_tokenizer(tmp_path)
     assert main(["generate", "--model", str(tmp_path), "--prompt", "w3 w4", "--max-new-tokens", "0"]) == 0
     err = capsys.readouterr().err
     assert "no tokens generated" in err and "tokens/s" not in err

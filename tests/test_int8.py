@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from word_tokenizer import save_word_tokenizer
 
 from attnkit.kernels import native_build
 from attnkit.kernels.int8_native import (PACK_CHANNELS, PACK_CHUNK, int8_matmul, int8_native_available, pack_int8,
@@ -244,13 +245,11 @@ def test_quantized_llama_stays_close_and_generates():
 
 
 def test_generate_command_int8(tmp_path, capsys):
-    tokenizers = pytest.importorskip("tokenizers")
+    pytest.importorskip("tokenizers")
     from attnkit.cli import main
 
     Llama(LlamaConfig.preset("tiny")).save_pretrained(tmp_path)
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({f"w{i}": i for i in range(256)}, unk_token="w0"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    tok.save(str(tmp_path / "tokenizer.json"))
+    save_word_tokenizer(tmp_path)
     assert main(["generate", "--model", str(tmp_path), "--prompt", "w3 w4", "--max-new-tokens", "3", "--int8",
                  "--stop-token", "0"]) == 0
     assert "prefill: 2 tokens" in capsys.readouterr().err
