@@ -22,23 +22,19 @@ time (see :data:`MESSAGE_BYTES`), so the ring's own buffers stay small next to q
 
 from __future__ import annotations
 
-import time
-from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-from ..backends import BY_NAME, check_pattern, make_problem
-from ..checks import check_inputs, check_scale
-from ..functional import attention
 from ..kernels.blockwise import merge_lse
 from ..kernels.common import compute_dtype
 from ..patterns import Pattern
-from .agreement import check_same_everywhere
-from .comm import DEFAULT_TIMEOUT_S, RingComm, RingStats
-from .layouts import check_layout, check_split, shard_positions
-from .schedule import RingSchedule, ring_schedule
+from .agreement import check_same_everywhere, checked_arguments
+from .comm import DEFAULT_TIMEOUT_S, RingComm, current_stats
+from .layouts import check_split, shard_positions
+from .local import part_forward, part_grads, timed
+from .schedule import RingSchedule, schedule_for
 
 STEP_BACKEND = "blockwise"
 """The backend of every ring step: it takes explicit positions, and its forward and gradient
@@ -47,23 +43,10 @@ MESSAGE_BYTES = 64 * 2**20
 """K/V bytes a ring message aims at: bigger shards go round the ring one group of heads at a time,
 which bounds the ring's buffers (and the kernel's temporaries) without changing any result."""
 
-_recording: list[RingStats] = []
-
-
-@contextmanager
-def record_ring_stats() -> Iterator[RingStats]:
-    """Count compute time, wait time, bytes sent and steps of the ring calls made inside the
-    block (their backward passes included, even when run after the block)."""
-    stats = RingStats()
-    _recording.append(stats)
-    try:
-        yield stats
-    finally:
-        _recording.remove(stats)
-
-
 class _RingCall:
-    """The shared state of one ring call: communicator, schedule, positions, kernel settings."""
+    """The shared state of one ring call: communicator, schedule, positions, kernel settings.
+
+    ``positions[r]`` are the global positions (sorted) of ring rank ``r``'s tokens."""
 
     def __init__(self, comm: RingComm, schedule: RingSchedule, positions: list, pattern, scale):
         self.comm, self.schedule, self.positions = comm, schedule, positions
@@ -75,19 +58,38 @@ class _RingCall:
     def source(self, step: int) -> int:
         return (self.comm.rank - step) % self.comm.size
 
-    def timed(self, fn, *args):
-        stats = self.comm.stats
-        if stats is None:
-            return fn(*args)
-        if args[0].is_cuda:
-            torch.cuda.synchronize(args[0].device)
-        start, cpu_start = time.perf_counter(), time.thread_time()
-        result = fn(*args)
-        if args[0].is_cuda:
-            torch.cuda.synchronize(args[0].device)
-        stats.compute_s += time.perf_counter() - start
-        stats.compute_cpu_s += time.thread_time() - cpu_start
-        return result
+    def step_positions(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.positions[self.comm.rank], self.positions[self.source(step)]
+
+
+class RingCore:
+    """Ring attention as a part of a larger scheme (the hybrid's ring over head shards): ring
+    ``comm``'s rank ``r`` holds the tokens at ``positions[r]``; :meth:`forward` and
+    :meth:`backward` are the ring's two passes for one group of heads and its pattern."""
+
+    def __init__(self, comm: RingComm, positions: list[torch.Tensor], scale: float):
+        self.comm, self.positions, self.scale = comm, positions, scale
+        self._schedules: dict[int, RingSchedule] = {}
+
+    def _state(self, pattern: Pattern) -> _RingCall:
+        schedule = self._schedules.get(id(pattern))
+        if schedule is None:
+            schedule = self._schedules[id(pattern)] = schedule_for(pattern, self.positions)
+        return _RingCall(self.comm, schedule, self.positions, pattern, self.scale)
+
+    def forward(self, q, k, v, pattern: Pattern):
+        state = self._state(pattern)
+        if self.comm.stats is not None:
+            self.comm.stats.forward_steps += state.schedule.steps
+            self.comm.stats.computed_steps += state.schedule.compute_steps(self.comm.rank)
+        return _ring_forward(state, q, k, v)
+
+    def backward(self, q, k, v, out, lse, d_out, d_lse, pattern: Pattern):
+        state = self._state(pattern)
+        if self.comm.stats is not None:
+            self.comm.stats.backward_steps += state.schedule.steps
+        d_lse = torch.zeros_like(lse) if d_lse is None else d_lse
+        return _ring_backward(state, q, k, v, out, lse, d_out, d_lse)
 
 
 def _pack(*tensors: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
@@ -151,12 +153,9 @@ def _forward_heads(state: _RingCall, q, k, v):
             pending = comm.exchange(kv, rank + 1, spare, rank - 1, f"forward step {step + 1} keys/values")
         if state.needed(step):
             k_step, v_step = _unpack(kv, k.shape, v.shape)
-            q_pos, k_pos = state.positions[rank], state.positions[state.source(step)]
-            part = state.timed(
-                lambda *a: attention(
-                    *a, state.pattern, scale=state.scale, backend=STEP_BACKEND, return_lse=True,
-                    q_positions=q_pos, k_positions=k_pos,
-                ),
+            part = timed(
+                comm.stats,
+                lambda *a: part_forward(*a, state.pattern, state.scale, STEP_BACKEND, state.step_positions(step)),
                 q, k_step, v_step,
             )
             out, lse = part if out is None else merge_lse([out, part[0]], [lse, part[1]])
@@ -183,12 +182,9 @@ def _backward_heads(state: _RingCall, q, k, v, out, lse, d_out, d_lse):
         local = None
         if state.needed(step):
             k_step, v_step = _unpack(kv, k.shape, v.shape)
-            problem = make_problem(
-                q, k_step, v_step, state.pattern, state.scale, True,
-                state.positions[rank], state.positions[state.source(step)],
-            )
-            d_q_step, d_k_step, d_v_step = state.timed(
-                lambda *a: BY_NAME[STEP_BACKEND].grad_share(problem, *a),
+            d_q_step, d_k_step, d_v_step = timed(
+                comm.stats,
+                lambda *a: part_grads(*a, state.pattern, state.scale, STEP_BACKEND, state.step_positions(step)),
                 q, k_step, v_step, out, lse, d_out, d_lse,
             )
             d_q += d_q_step
@@ -274,21 +270,14 @@ def ring_attention(
             complete: destroy it (``dist.destroy_process_group``, which returns at once, since the
             ring leaves no collective pending) rather than use it again.
     """
-    stats = _recording[-1] if _recording else None
+    stats = current_stats()
     comm = RingComm(group, timeout, stats)
-    problem = None
-    try:
-        check_inputs(q, k, v)
-        scale = check_scale(scale, q.shape[-1])
-        pattern = check_pattern(pattern, q.shape[1])
-        check_layout(layout)
-    except (TypeError, ValueError) as exc:  # raised on every rank by the agreement check
-        problem = exc
-    check_same_everywhere(comm, q, k, v, pattern, layout, scale, problem)
+    pattern, scale, problem = checked_arguments(q, k, v, pattern, layout, scale)
+    check_same_everywhere([comm], q, k, v, pattern, layout, scale, problem)
     seq_len = q.shape[2] * comm.size
     check_split(seq_len, layout, comm.size)
-    schedule = ring_schedule(pattern, layout, seq_len, comm.size)
     positions = [shard_positions(seq_len, layout, r, comm.size, device=q.device) for r in range(comm.size)]
+    schedule = schedule_for(pattern, positions)
     state = _RingCall(comm, schedule, positions, pattern, scale)
     if stats is not None:
         stats.calls += 1

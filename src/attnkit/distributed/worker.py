@@ -26,7 +26,8 @@ import torch.distributed as dist
 from ..functional import attention
 from .comm import gloo_reason
 from .layouts import assemble, shard_positions
-from .ring import record_ring_stats, ring_attention
+from .comm import record_ring_stats
+from .ring import ring_attention
 from .ring_case import RESULT_FILE, RingCase
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
