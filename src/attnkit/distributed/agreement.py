@@ -205,6 +205,22 @@ def _scheme(row: list[int]) -> str:
     return f"{SCHEMES[row[13]]} (ulysses degree {row[14]}, ring degree {row[15]})"
 
 
+class _Heard(ValueError):
+    """Another rank's fault, as this rank learnt it: ``origin`` is ``"global rank|error text"``,
+    passed on unchanged to the next stage."""
+
+    def __init__(self, caller: str, origin: str):
+        rank, _, text = origin.partition("|")
+        super().__init__(f"{caller}: rank {rank} cannot take part: {text}")
+        self.origin = origin
+
+
+def _origin(comm: RingComm, problem: Exception) -> str:
+    if isinstance(problem, _Heard):
+        return problem.origin
+    return f"{comm.global_rank(comm.rank)}|{type(problem).__name__}: {problem}"
+
+
 def _stage(comm: RingComm, mine: list[int], problem: Optional[Exception], pattern, caller: str, device) -> Optional[Exception]:
     """One exchange of fingerprint rows among the ranks of ``comm``: the error this rank must
     raise (its own ``problem``, or what it learnt of another rank), or None. Every rank of
@@ -212,12 +228,12 @@ def _stage(comm: RingComm, mine: list[int], problem: Optional[Exception], patter
     what = "the agreement check (shapes, dtype, layout, scale, pattern, scheme)"
     every = comm.all_gather_small(torch.tensor(mine, device=device), what).cpu()
     if bool((every[:, 0] == _INVALID).any()):
-        text = "" if problem is None else f"{type(problem).__name__}: {problem}"
+        text = "" if problem is None else _origin(comm, problem)
         texts = comm.all_gather_small(_text_tensor(text, device), "the error exchange").cpu()
         if problem is not None:
             return problem
         r = next(r for r in range(comm.size) if every[r, 0] == _INVALID)
-        return ValueError(f"{caller}: rank {comm.global_rank(r)} cannot take part: {_text(texts[r])}")
+        return _Heard(caller, _text(texts[r]))
     if bool((every == every[0]).all()):
         return None
     me = comm.rank
@@ -274,5 +290,7 @@ def check_same_everywhere(
         problem = _stage(comm, mine, problem, pattern, caller, device) or problem
         if problem is not None:
             mine = [_INVALID] + [0] * (ROW_INTS - 1)
+    if isinstance(problem, _Heard):
+        raise ValueError(str(problem))
     if problem is not None:
         raise problem

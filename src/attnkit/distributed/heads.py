@@ -64,7 +64,16 @@ def split_heads(n_q_heads: int, n_kv_heads: int, degree: int) -> HeadSplit:
 def plan_rounds(split: HeadSplit, groups: int, kv_per_round: int) -> list[HeadSplit]:
     """``split`` cut into rounds of at most ``kv_per_round`` KV heads per rank: round ``i`` holds
     each rank's ``i``-th run of KV heads and the query heads (of its range) that use them. Every
-    query head is in exactly one round, and every KV head of a rank in exactly one round."""
+    query head is in exactly one round, and every KV head of a rank in exactly one round.
+
+    A round's query heads must map onto its KV heads as GQA does (``h // groups``): a rank whose
+    range cuts a group and spans several KV heads (``Hkv < U`` with an uneven split, say query
+    heads 3-5 of groups of 4) can only go one KV head per round, so then every rank does."""
+    cuts_groups = any(
+        (start % groups or stop % groups) and kv_stop - kv_start > 1
+        for (start, stop), (kv_start, kv_stop) in zip(split.q, split.kv)
+    )
+    kv_per_round = 1 if cuts_groups else kv_per_round
     n_rounds = max(-(-(stop - start) // kv_per_round) for start, stop in split.kv)
     rounds = []
     for i in range(n_rounds):
