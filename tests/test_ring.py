@@ -29,6 +29,7 @@ from attnkit.distributed import (
     shard,
     unshard,
 )
+from attnkit.distributed import local as local_module
 from attnkit.distributed import ring as ring_module
 from attnkit.distributed.agreement import pattern_fingerprint
 from attnkit.distributed.comm import RingComm
@@ -336,7 +337,7 @@ def test_blockwise_kernel_with_explicit_positions_matches_masked_softmax():
 
 def _dies_mid_ring(rank, world):
     if rank == 1:  # joins, passes the agreement check, then dies while computing its first step
-        ring_module.attention = lambda *args, **kwargs: os._exit(3)
+        local_module.attention = lambda *args, **kwargs: os._exit(3)
     start = time.monotonic()
     q, k, v = (torch.randn(1, 2, 8, 4, requires_grad=True) for _ in range(3))
     try:  # rank 1's first transfer may be through before it dies; then the backward's fails

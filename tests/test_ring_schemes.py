@@ -8,6 +8,8 @@ than ranks (replicated KV heads). One process group per world size runs every ca
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -127,9 +129,41 @@ def _run_cases(rank, world):
             torch.distributed.all_reduce(param.grad)
             grads[param_name] = param.grad.clone()
         results["layers"][scheme] = {"dx": x_shard.grad, "grads": grads, "type": type(sharded).__name__}
+    results["nan"] = _nan_runs(grids[GRIDS[world][0]])
     results["errors"] = _bad_calls(rank, world, grids[GRIDS[world][0]])
     results["traffic"] = _traffic(rank, world, grids)
     return results
+
+
+NAN_PATTERN, NAN_LAYOUT = SlidingWindow(6), "contiguous"
+
+
+def _nan_problem():
+    """A NaN key and an inf value at position 2: rows 2-7 may see them, rows from 8 on may not."""
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(1, 4, N, 8, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(1, 2, N, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    k[:, :, 2], v[:, :, 2] = float("nan"), float("inf")
+    return q, k, v
+
+
+def _nan_outputs(call, q, k, v, read):
+    """Out and the gradients of a loss that reads only the rows ``read (N or N/P,)`` (no NaN)."""
+    q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+    out = attention(q, k, v, NAN_PATTERN) if call is attention else call(q, k, v, NAN_PATTERN, layout=NAN_LAYOUT, timeout=60)
+    (out * read[:, None]).sum().backward()
+    return {"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
+
+
+def _read_rows():
+    return (torch.arange(N) >= 8).double()
+
+
+def _nan_runs(grid):
+    shards = [shard(t, NAN_LAYOUT) for t in _nan_problem()] + [shard(_read_rows(), NAN_LAYOUT, dim=0)]
+    hybrid = functools.partial(hybrid_attention, ulysses_group=grid.ulysses_group, ring_group=grid.ring_group)
+    return {name: _nan_outputs(call, *shards) for name, call in
+            (("ring", ring_attention), ("ulysses", ulysses_attention), ("hybrid", hybrid))}
 
 
 def _bad_calls(rank, world, grid):
@@ -247,6 +281,18 @@ def test_training_through_multi_head_attention_by_scheme_name(schemes_run):
             for value in values:
                 got = value["layers"][scheme]["grads"][param_name]
                 assert float((got - param.grad).abs().max() / param.grad.abs().max()) < 1e-6, (scheme, param_name)
+
+
+def test_nan_in_hidden_keys_reaches_only_the_rows_that_may_see_it(schemes_run):
+    # The single-process rule: a row's output (and the gradients through it) depend only on the
+    # keys and values it may see.
+    world, values = schemes_run
+    expected = _nan_outputs(attention, *_nan_problem(), _read_rows())
+    assert torch.isfinite(expected["out"][..., 8:, :]).all() and torch.isfinite(expected["dk"]).all()
+    for scheme in ("ring", "ulysses", "hybrid"):
+        for key, reference in expected.items():
+            got = assemble([value["nan"][scheme][key] for value in values], NAN_LAYOUT)
+            torch.testing.assert_close(got, reference, equal_nan=True, msg=f"{scheme} {key} P={world}")
 
 
 def test_bad_input_is_rejected_on_every_rank(schemes_run):

@@ -33,7 +33,7 @@ from ..patterns import Pattern
 from .agreement import check_same_everywhere, checked_arguments
 from .comm import DEFAULT_TIMEOUT_S, RingComm, current_stats
 from .layouts import check_split, shard_positions
-from .local import part_forward, part_grads, timed
+from .local import joined, part_forward, part_grads, seeing_nonfinite, timed, without_rows
 from .schedule import RingSchedule, schedule_for
 
 STEP_BACKEND = "blockwise"
@@ -84,11 +84,12 @@ class RingCore:
             self.comm.stats.computed_steps += state.schedule.compute_steps(self.comm.rank)
         return _ring_forward(state, q, k, v)
 
-    def backward(self, q, k, v, out, lse, d_out, d_lse, pattern: Pattern):
+    def backward(self, q, k, v, out, lse, cut, d_out, d_lse, pattern: Pattern):
         state = self._state(pattern)
         if self.comm.stats is not None:
             self.comm.stats.backward_steps += state.schedule.steps
         d_lse = torch.zeros_like(lse) if d_lse is None else d_lse
+        out, lse, d_out, d_lse = without_rows(cut, out, lse, d_out, d_lse)
         return _ring_backward(state, q, k, v, out, lse, d_out, d_lse)
 
 
@@ -119,14 +120,19 @@ def _head_groups(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pat
 
 
 def _ring_forward(state: _RingCall, q, k, v):
+    """``(out, lse, cut)``: ``cut`` marks the rows that may see a non-finite key (None: none)."""
     groups = _head_groups(q, k, v, state.pattern)
     if len(groups) == 1:
         return _forward_heads(state, q, k, v)
     out = q.new_empty(*q.shape[:-1], v.shape[-1])
     lse = torch.empty(q.shape[:-1], dtype=compute_dtype(q.dtype), device=q.device)
+    cut = None
     for q_heads, kv_heads in groups:
-        out[:, q_heads], lse[:, q_heads] = _forward_heads(state, q[:, q_heads], k[:, kv_heads], v[:, kv_heads])
-    return out, lse
+        out[:, q_heads], lse[:, q_heads], seen = _forward_heads(state, q[:, q_heads], k[:, kv_heads], v[:, kv_heads])
+        if seen is not None:
+            cut = torch.zeros(q.shape[:-1], dtype=torch.bool, device=q.device) if cut is None else cut
+            cut[:, q_heads] = seen
+    return out, lse, cut
 
 
 def _ring_backward(state: _RingCall, q, k, v, out, lse, d_out, d_lse):
@@ -145,7 +151,7 @@ def _ring_backward(state: _RingCall, q, k, v, out, lse, d_out, d_lse):
 def _forward_heads(state: _RingCall, q, k, v):
     comm, rank = state.comm, state.comm.rank
     kv, spare = _pack(k, v), None
-    out = lse = None
+    out = lse = cut = None
     for step in range(state.schedule.steps):
         pending = None
         if step + 1 < state.schedule.steps:
@@ -159,13 +165,14 @@ def _forward_heads(state: _RingCall, q, k, v):
                 q, k_step, v_step,
             )
             out, lse = part if out is None else merge_lse([out, part[0]], [lse, part[1]])
+            cut = joined(cut, seeing_nonfinite(q, k_step, v_step, state.pattern, state.step_positions(step)))
         comm.wait(pending)
         if pending is not None:
             kv, spare = spare, kv
     if out is None:  # this rank's queries see no key at all
         out = q.new_zeros(*q.shape[:-1], v.shape[-1])
         lse = torch.full(q.shape[:-1], float("-inf"), dtype=compute_dtype(q.dtype), device=q.device)
-    return out, lse
+    return out, lse, cut
 
 
 def _backward_heads(state: _RingCall, q, k, v, out, lse, d_out, d_lse):
@@ -213,17 +220,18 @@ def _backward_heads(state: _RingCall, q, k, v, out, lse, d_out, d_lse):
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, state):
-        out, lse = _ring_forward(state, q, k, v)
-        ctx.save_for_backward(q, k, v, out, lse)
+        out, lse, cut = _ring_forward(state, q, k, v)
+        ctx.save_for_backward(q, k, v, out, lse, cut)
         ctx.state = state
         return out, lse
 
     @staticmethod
     def backward(ctx, d_out, d_lse):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, cut = ctx.saved_tensors
         state = ctx.state
         if state.comm.stats is not None:
             state.comm.stats.backward_steps += state.schedule.steps
+        out, lse, d_out, d_lse = without_rows(cut, out, lse, d_out, d_lse)
         grads = _ring_backward(state, q, k, v, out, lse, d_out, d_lse)
         return (*grads, None)
 

@@ -34,7 +34,7 @@ from .comm import DEFAULT_TIMEOUT_S, RingComm, RingStats, current_stats
 from .exchange import HeadExchange
 from .heads import HeadSplit, heads_of, plan_rounds, split_heads
 from .layouts import check_split, shard_positions
-from .local import part_forward, part_grads, timed
+from .local import part_forward, part_grads, seeing_nonfinite, timed, without_rows
 from .ring import RingCore
 
 ROUND_BYTES = 256 * 2**20
@@ -50,9 +50,12 @@ class LocalCore:
         self.scale, self.stats = scale, stats
 
     def forward(self, q, k, v, pattern: Pattern):
-        return timed(self.stats, lambda *a: part_forward(*a, pattern, self.scale, "auto"), q, k, v)
+        """``(out, lse, cut)``: ``cut`` marks the rows that may see a non-finite key (or None)."""
+        out, lse = timed(self.stats, lambda *a: part_forward(*a, pattern, self.scale, "auto"), q, k, v)
+        return out, lse, seeing_nonfinite(q, k, v, pattern)
 
-    def backward(self, q, k, v, out, lse, d_out, d_lse, pattern: Pattern):
+    def backward(self, q, k, v, out, lse, cut, d_out, d_lse, pattern: Pattern):
+        out, lse, d_out, d_lse = without_rows(cut, out, lse, d_out, d_lse)
         return timed(self.stats, lambda *a: part_grads(*a, pattern, self.scale, "auto"),
                      q, k, v, out, lse, d_out, d_lse)
 
@@ -79,14 +82,14 @@ class _SequenceParallel(torch.autograd.Function):
             k_h = exchange.to_heads(k, part.kv, f"round {i} keys to heads")
             v_h = exchange.to_heads(v, part.kv, f"round {i} values to heads")
             if q_h.shape[1]:
-                out_h, lse_h = call.core.forward(q_h, k_h, v_h, pattern)
+                out_h, lse_h, cut_h = call.core.forward(q_h, k_h, v_h, pattern)
             else:  # this rank has no head in this round: it only forwards others' tokens
-                out_h, lse_h = q_h.new_empty(*q_h.shape[:-1], v.shape[-1]), q_h.new_empty(q_h.shape[:-1])
+                out_h, lse_h, cut_h = q_h.new_empty(*q_h.shape[:-1], v.shape[-1]), q_h.new_empty(q_h.shape[:-1]), None
             exchange.to_sequence(out_h, part.q, out, f"round {i} output to tokens")
             if lse is not None:
                 exchange.to_sequence(lse_h, part.q, lse, f"round {i} LSE to tokens")
-            saved.append((q_h, k_h, v_h, out_h, lse_h))
-            del q_h, k_h, v_h, out_h, lse_h
+            saved.append((q_h, k_h, v_h, out_h, lse_h, cut_h))
+            del q_h, k_h, v_h, out_h, lse_h, cut_h
         # Kept on ctx rather than saved for backward: they are internal (no cycle through the
         # outputs), and the backward drops each round's tensors as soon as it is done with them.
         ctx.call, ctx.saved, ctx.shapes = call, saved, (q.shape, k.shape, v.shape)
@@ -104,15 +107,15 @@ class _SequenceParallel(torch.autograd.Function):
             d_out = torch.zeros((*q_shape[:-1], v_shape[-1]), dtype=dtype, device=device)
         d_lse = d_lse if call.return_lse else None
         for i, (part, pattern) in enumerate(zip(call.rounds, call.patterns)):
-            q_h, k_h, v_h, out_h, lse_h = ctx.saved[i]
+            q_h, k_h, v_h, out_h, lse_h, cut_h = ctx.saved[i]
             ctx.saved[i] = None
             d_out_h = exchange.to_heads(d_out, part.q, f"backward round {i} output gradient to heads")
             d_lse_h = None if d_lse is None else exchange.to_heads(d_lse, part.q, f"backward round {i} LSE gradient to heads")
             if q_h.shape[1]:
-                grads = call.core.backward(q_h, k_h, v_h, out_h, lse_h, d_out_h, d_lse_h, pattern)
+                grads = call.core.backward(q_h, k_h, v_h, out_h, lse_h, cut_h, d_out_h, d_lse_h, pattern)
             else:
                 grads = (q_h, k_h, v_h)  # empty
-            del q_h, k_h, v_h, out_h, lse_h, d_out_h, d_lse_h
+            del q_h, k_h, v_h, out_h, lse_h, cut_h, d_out_h, d_lse_h
             # Gradients travel in the input dtype; copies of a replicated KV head add up in d_k / d_v.
             d_q_h, d_k_h, d_v_h = (g.to(dtype) for g in grads)
             del grads
