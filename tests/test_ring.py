@@ -414,7 +414,7 @@ def test_a_peer_that_never_calls_times_out_within_the_timeout():
     ranks = run_group(_never_calls, 2, deadline_s=60, group_timeout_s=30)
     result = ranks[0].value
     assert result["error"].startswith("ring attention: rank 0 gave up on the agreement check "
-                                      "(shapes, dtype, layout, scale, pattern) after 2 s waiting for rank 1")
+                                      "(shapes, dtype, layout, scale, pattern, scheme) after 2 s waiting for rank 1")
     assert 2 <= result["seconds"] < 2 + 3
     # Nothing is left pending after the timeout, so the process exits by itself (a collective left
     # pending kept it alive until the 30 s group timeout, and run_group had to kill it).

@@ -25,8 +25,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from ..patterns import Pattern
 from .agreement import ROW_INTS
 from .heads import split_heads
+from .ring import ring_positions
+from .schedule import schedule_for
 
 
 @dataclass(frozen=True)
@@ -100,4 +103,13 @@ def scheme_bytes(
     )
 
 
-__all__ = ["CallShape", "ring_bytes", "scheme_bytes", "ulysses_bytes"]
+def ring_steps(pattern: Pattern, layout: str, seq_len: int, world: int, ulysses_degree: int = 1) -> int:
+    """Steps the ring of a scheme runs for ``pattern`` (its schedule): the ring's over ``world``
+    ranks for ``ulysses_degree`` 1, the hybrid's over ``world / ulysses_degree`` Ulysses groups,
+    none for Ulysses alone (``ulysses_degree == world``)."""
+    if ulysses_degree == world:
+        return 0
+    return schedule_for(pattern, ring_positions(seq_len, layout, ulysses_degree, world)).steps
+
+
+__all__ = ["CallShape", "ring_bytes", "ring_steps", "scheme_bytes", "ulysses_bytes"]

@@ -32,7 +32,7 @@ from ..kernels.common import compute_dtype
 from ..patterns import Pattern
 from .agreement import check_same_everywhere, checked_arguments
 from .comm import DEFAULT_TIMEOUT_S, RingComm, current_stats
-from .layouts import check_split, shard_positions
+from .layouts import check_split, group_positions, shard_positions
 from .local import joined, part_forward, part_grads, seeing_nonfinite, timed, without_rows
 from .schedule import RingSchedule, schedule_for
 
@@ -60,6 +60,15 @@ class _RingCall:
 
     def step_positions(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.positions[self.comm.rank], self.positions[self.source(step)]
+
+
+def ring_positions(seq_len: int, layout: str, ulysses_degree: int, world_size: int, *, device=None) -> list[torch.Tensor]:
+    """The sorted positions each ring rank of a ``ulysses_degree x (world_size / ulysses_degree)``
+    grid holds after the all-to-all: the union of its Ulysses group's shards."""
+    return [
+        torch.sort(torch.cat(group_positions(seq_len, layout, ulysses_degree, r, world_size, device=device))).values
+        for r in range(world_size // ulysses_degree)
+    ]
 
 
 class RingCore:

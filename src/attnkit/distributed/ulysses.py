@@ -33,9 +33,9 @@ from .agreement import HYBRID, ULYSSES, check_same_everywhere, checked_arguments
 from .comm import DEFAULT_TIMEOUT_S, RingComm, RingStats, current_stats
 from .exchange import HeadExchange
 from .heads import HeadSplit, heads_of, plan_rounds, split_heads
-from .layouts import check_split, shard_positions
+from .layouts import check_split, group_positions
 from .local import part_forward, part_grads, seeing_nonfinite, timed, without_rows
-from .ring import RingCore
+from .ring import RingCore, ring_positions
 
 ROUND_BYTES = 256 * 2**20
 """Bytes of gathered q, k and v a round aims at: bigger problems exchange and compute a few KV
@@ -152,17 +152,12 @@ def _sequence_parallel(
     world = grid[0] * grid[1]
     seq_len = q.shape[2] * world
     check_split(seq_len, layout, world)
-    ring_rank = r_comm.rank if hybrid else 0
-
-    def tokens(ring_member: int) -> list[torch.Tensor]:  # the shards of that ring member's Ulysses group
-        return [shard_positions(seq_len, layout, ring_member * grid[0] + t, world, device=q.device)
-                for t in range(grid[0])]
-
-    exchange = HeadExchange(u_comm, tokens(ring_rank))
+    exchange = HeadExchange(u_comm, group_positions(seq_len, layout, grid[0], r_comm.rank if hybrid else 0, world,
+                                                     device=q.device))
     if grid[1] == 1:
         core = LocalCore(scale, stats)
     else:
-        core = RingCore(r_comm, [torch.sort(torch.cat(tokens(r))).values for r in range(grid[1])], scale)
+        core = RingCore(r_comm, ring_positions(seq_len, layout, grid[0], world, device=q.device), scale)
     groups = q.shape[1] // k.shape[1]
     per_kv_head = q.shape[0] * seq_len / grid[1] * (groups * q.shape[3] + k.shape[3] + v.shape[3]) * q.element_size()
     rounds = plan_rounds(split, groups, max(1, int(ROUND_BYTES // per_kv_head)))
