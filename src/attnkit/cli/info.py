@@ -13,7 +13,7 @@ from rich.table import Table
 import attnkit
 from attnkit.backends import REGISTRY
 from attnkit.kernels.native_build import native_status
-from attnkit.kernels.triton_backend import triton_status
+from attnkit.kernels.triton_launch import triton_status
 from attnkit.models.catalog import installed_models
 
 
