@@ -1,7 +1,7 @@
 """One contender of the decode benchmark, alone in its process (:mod:`attnkit.bench.decode_peers`).
 
 ``python -m attnkit.bench.decode_worker attnkit|llama.cpp --model FILE --threads T [--dtype D]
-[--int8] [--no-pack]`` loads the model, answers one JSON line on stdout
+[--int8] [--no-pack] [--compile]`` loads the model, answers one JSON line on stdout
 (``{"load_s", "baseline_mib"}``), then reads requests from stdin, one JSON line each:
 ``{"ids": [...], "new": N}`` -> ``{"prefill_s", "decode_s", "tokens", "peak_mib"}`` (``tokens``:
 the ids generated, empty for llama.cpp, whose stream carries text). The prefill is
@@ -39,19 +39,16 @@ class AttnkitRunner:
     """attnkit's ``generate`` path: the model as the CLI loads it, :func:`~attnkit.models.generate.stream`."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        import torch
-
         from ..cli.generate import load
         from ..models.generate import stream
 
-        torch.set_num_threads(args.threads)
-        self.stream = stream
+        self.stream, self.compile = stream, args.compile
         self.model, _ = load(args, Path(args.model))
 
     def run(self, ids: list[int], new: int) -> tuple[float, float, list[int]]:
         start = time.perf_counter()
         first, tokens = start, []
-        for token in self.stream(self.model, [ids], new, stop_tokens=()):
+        for token in self.stream(self.model, [ids], new, stop_tokens=(), compile=self.compile):
             tokens.append(int(token[0]))
             if len(tokens) == 1:
                 first = time.perf_counter()
@@ -106,6 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"))
     parser.add_argument("--int8", action="store_true")
     parser.add_argument("--no-pack", action="store_true")
+    parser.add_argument("--compile", action="store_true")
     args = parser.parse_args(argv)
     # Answers go to the original stdout; anything a library prints goes to stderr instead.
     answers = os.fdopen(os.dup(1), "w")
