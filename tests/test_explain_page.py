@@ -119,7 +119,7 @@ def browser():
     options = webdriver.ChromeOptions()
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
-                 "--window-size=1500,1250"):
+                 "--window-size=1680,1200"):
         options.add_argument(flag)
     options.binary_location = CHROMIUM
     driver = webdriver.Chrome(options=options, service=Service(DRIVER))
