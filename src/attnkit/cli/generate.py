@@ -18,7 +18,6 @@ from ..models.generate import stream
 from ..models.int8 import quantize_int8
 from ..models.llama import default_model
 from ..models.registry import identify_causal
-from ..models.tokenizer import load_text_tokenizer
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -86,7 +85,7 @@ def load(args: argparse.Namespace):
     checkpoint = identify_causal(path)
     if args.int8 and not checkpoint.family.quantizable:
         raise ValueError(f"--int8: attnkit cannot quantize a {checkpoint.family.name} model; leave --int8 out")
-    tokenizer = load_text_tokenizer(checkpoint.source)
+    tokenizer = checkpoint.text_tokenizer()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(args.dtype)
     model = checkpoint.load(dtype=dtype)
     if args.int8:

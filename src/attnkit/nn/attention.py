@@ -7,7 +7,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from ..checks import positive_int
+from ..checks import check_scale, positive_int
 from ..backends import BY_NAME
 from ..functional import BACKENDS, attention
 from ..patterns import Pattern, as_pattern
@@ -36,9 +36,14 @@ class MultiHeadAttention(nn.Module):
         bias: add biases to the four projections.
         rope: optional position hook ``rope(q, k, positions) -> (q, k)`` applied before attention.
         backend: attention backend (see :func:`attnkit.attention`).
+        scale: multiplier of ``q . k`` (kept as ``self.scale``); None for ``1 / sqrt(head_dim)``.
+        qk_norm: optional ``make_norm(head_dim) -> nn.Module``; each query and key head is then
+            normalised by its own module (``q_norm``, ``k_norm``) after the projection and before
+            ``rope`` (QK-norm, as in Gemma 3).
 
     Parameters: ``dim * D * (Hq + 2 * Hkv) + Hq * D * dim``, plus ``D * (Hq + 2 * Hkv) + dim``
-    biases when ``bias=True``. Projections are named ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``.
+    biases when ``bias=True`` and the norms' parameters with ``qk_norm``. Projections are named
+    ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``.
     """
 
     def __init__(
@@ -52,6 +57,8 @@ class MultiHeadAttention(nn.Module):
         bias: bool = False,
         rope: Optional[RopeHook] = None,
         backend: str = "auto",
+        scale: Optional[float] = None,
+        qk_norm: Optional[Callable[[int], nn.Module]] = None,
     ) -> None:
         super().__init__()
         _positive("dim", dim)
@@ -80,6 +87,9 @@ class MultiHeadAttention(nn.Module):
             )
         self.rope = rope
         self.backend = backend
+        self.scale = None if scale is None else check_scale(scale, head_dim)
+        self.q_norm = None if qk_norm is None else qk_norm(head_dim)
+        self.k_norm = None if qk_norm is None else qk_norm(head_dim)
         self.q_proj = nn.Linear(dim, n_heads * head_dim, bias=bias)
         self.k_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)
         self.v_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)
@@ -112,12 +122,15 @@ class MultiHeadAttention(nn.Module):
     def project_qkv(
         self, x: torch.Tensor, positions: Optional[torch.Tensor] = None, start: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-head queries ``(B, Hq, N, D)``, keys and values ``(B, Hkv, N, D)``, rotated by
-        ``rope`` when set (positions default to ``start .. start + N - 1``)."""
+        """Per-head queries ``(B, Hq, N, D)``, keys and values ``(B, Hkv, N, D)``, normalised by
+        ``q_norm``/``k_norm`` and rotated by ``rope`` when set (positions default to
+        ``start .. start + N - 1``)."""
         batch, n, _ = x.shape
         q = self.q_proj(x).view(batch, n, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.rope is not None:
             if positions is None:
                 positions = torch.arange(start, start + n, device=x.device)
@@ -141,7 +154,8 @@ class MultiHeadAttention(nn.Module):
         ``key_mask`` ``(B, Nk)`` bool (True = a real token, ``Nk`` = keys after the cache update)
         hides padding keys per row, for batches of prompts with different lengths: it is the
         ``key_padding_mask`` of :func:`attnkit.attention` (a backend that takes it runs the call:
-        the layer's own, else ``auto``'s choice).
+        the layer's own, else ``auto``'s choice). A mask over the whole text, longer than the keys
+        a :class:`RollingKVCache` returns, is cut to its last ``Nk`` columns (those keys).
         """
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
@@ -152,9 +166,11 @@ class MultiHeadAttention(nn.Module):
         q, k, v = self.project_qkv(x, positions, start)
         if cache is not None:
             k, v = cache.update(k, v)
+        if key_mask is not None and isinstance(cache, RollingKVCache):
+            key_mask = key_mask[:, -k.shape[2]:]
         backend = self.backend
         if key_mask is not None and backend != "auto" and not BY_NAME[backend].takes_padding:
             backend = "auto"  # the layer's backend takes no padding: one that does (SDPA with a mask)
-        out = attention(q, k, v, self.pattern, backend=backend, key_padding_mask=key_mask)  # (B, Hq, N, D)
+        out = attention(q, k, v, self.pattern, scale=self.scale, backend=backend, key_padding_mask=key_mask)  # (B, Hq, N, D)
         out = out.transpose(1, 2).reshape(x.shape[0], x.shape[1], self.n_heads * self.head_dim)
         return self.o_proj(out)
