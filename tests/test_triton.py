@@ -24,7 +24,7 @@ pytest.importorskip("triton")
 from attnkit import BlockSparse, Causal, Fixed, PerHead, Predicate, SlidingWindow, Strided, attention  # noqa: E402
 from attnkit.backends import make_problem, pick  # noqa: E402
 from attnkit.kernels.reference import reference_kernel  # noqa: E402
-from attnkit.kernels.triton_backend import (  # noqa: E402
+from attnkit.kernels.triton_launch import (  # noqa: E402
     MAX_SPLITS,
     _part_splits,
     _splits,

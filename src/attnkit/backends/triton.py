@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from ..kernels.triton_backend import triton_available, triton_kernel, triton_takes
+from ..kernels.triton_launch import triton_available, triton_kernel, triton_takes
 from .base import Backend, Problem, tiled_grad_share
 
 

