@@ -225,7 +225,7 @@ def test_a_failed_launch_reports_its_cause_even_when_the_result_cannot_be_read(m
             self.work_dir = json.loads(env[CASE_VARIABLE])["work_dir"]
             self.pid, self.returncode = -1, 1
 
-        def communicate(self):
+        def communicate(self, timeout=None):
             with open(os.path.join(self.work_dir, "rank1.txt"), "w") as handle:
                 handle.write(f"ValueError\nscale must be finite, got nan\n{time.time()!r}")
             with open(os.path.join(self.work_dir, RESULT_FILE), "w") as handle:
@@ -244,3 +244,28 @@ def test_workers_replace_their_files_whole(tmp_path):
     path.write_text("old")
     _write_whole(str(path), '{"reports": []}')
     assert path.read_text() == '{"reports": []}' and os.listdir(tmp_path) == ["result.json"]
+
+
+def test_a_redirected_run_shows_each_ranks_phase_when_it_changes(tmp_path, capsys):
+    from attnkit.cli import ring
+    from attnkit.distributed.ring_case import phase_file
+
+    (tmp_path / "phase0.txt").write_text("forward")
+    said = iter(["backward", "backward", "done"])
+
+    class SlowTorchrun:  # rank 1 moves on between polls; the same phases are not shown twice
+        def communicate(self, timeout=None):
+            phase = next(said, None)
+            if phase is None:
+                return None, "torchrun's stderr"
+            with open(phase_file(str(tmp_path), 1), "w") as handle:
+                handle.write(phase)
+            raise subprocess.TimeoutExpired("torchrun", timeout)
+
+    case = argparse.Namespace(work_dir=str(tmp_path))
+    assert ring._wait_showing_phases(SlowTorchrun(), case, 3, poll_s=0) == "torchrun's stderr"
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("] ", 1)[1] for line in lines] == [
+        "rank 0 forward · rank 1 backward · rank 2 starting",
+        "rank 0 forward · rank 1 done · rank 2 starting",
+    ]
