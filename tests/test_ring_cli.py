@@ -269,3 +269,31 @@ def test_a_redirected_run_shows_each_ranks_phase_when_it_changes(tmp_path, capsy
         "rank 0 forward · rank 1 backward · rank 2 starting",
         "rank 0 forward · rank 1 done · rank 2 starting",
     ]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="finds the workers through /proc")
+def test_a_terminated_command_stops_its_workers():
+    # Before: SIGTERM (``timeout``, ``kill``) ended the command alone; torchrun and the workers,
+    # in sessions of their own, went on computing (gigabytes per rank at a million tokens).
+    marker = f"ATTNKIT_TEST_MARK={uuid.uuid4().hex}"
+    env = {**os.environ, marker.split("=")[0]: marker.split("=")[1]}
+    command = [sys.executable, "-m", "attnkit.cli", "ring", "--nproc", "2", "--seq", "262144", "--heads", "2",
+               "--head-dim", "16", "--check", "no", "--timeout", "60"]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len(_workers(marker)) < 2 and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.2)
+        assert len(_workers(marker)) == 2
+        process.terminate()
+        process.communicate(timeout=60)
+        deadline = time.monotonic() + 10
+        while _workers(marker) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _workers(marker) == {}
+    finally:
+        for pid in _workers(marker).values():
+            os.kill(pid, signal.SIGKILL)
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 128 + signal.SIGTERM

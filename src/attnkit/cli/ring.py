@@ -295,6 +295,29 @@ def _wait_showing_phases(process: subprocess.Popen, case: RingCase, world: int, 
                 shown = phases
 
 
+STOP_GRACE_S = 20.0
+"""Seconds torchrun gets to stop its workers before it is killed."""
+
+
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def _stop(process: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
+    """End torchrun and its workers. The workers run in sessions of their own, out of reach of a
+    signal to torchrun's group, and a torchrun killed outright leaves them running (a 1M-token
+    case holds gigabytes per rank for minutes): SIGTERM lets torchrun stop them first; SIGKILL
+    follows after ``grace_s``."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.communicate(timeout=grace_s)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+
+
 def run(args: argparse.Namespace) -> int:
     work_dir = tempfile.mkdtemp(prefix="attnkit-ring-")
     try:
@@ -307,12 +330,16 @@ def run(args: argparse.Namespace) -> int:
         ]
         env = {**os.environ, CASE_VARIABLE: case_to_json(case), "OMP_NUM_THREADS": "1"}
         process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        # A SIGTERM (``timeout``, ``kill``) ends this command through the handler below, as Ctrl-C
+        # does, instead of leaving torchrun and its workers running on their own.
+        previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
         try:
             stderr = _wait_showing_phases(process, case, args.nproc)
         except BaseException:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+            _stop(process)
             raise
+        finally:
+            signal.signal(signal.SIGTERM, previous)
         # A failed launch's error is settled before the report: should printing rank 0's result
         # fail as well, the user still learns the cause rather than that consequence.
         error = failure(stderr, process.returncode, work_dir) if process.returncode != 0 else None
