@@ -91,3 +91,59 @@ def test_architectures_as_one_string_is_read_as_a_list(tmp_path, capsys):
     capsys.readouterr()
     _llama_dir(tmp_path, architectures=7)
     _fails(capsys, _generate(path), "config.json: architectures must be a string or a list of strings, got 7")
+
+
+def _gguf_file(tmp_path, change=None, **write_options):
+    """A tiny GGUF file; ``change(reader)`` edits its header in place (tensor offsets, dims)."""
+    from gguf_files import T, gguf, tiny_config, tiny_model, write_gguf
+
+    pytest.importorskip("tokenizers")
+    path = write_gguf(tmp_path / "m.gguf", tiny_model(tiny_config()), write_options.pop("kind", T.F16), **write_options)
+    if change is not None:
+        reader = gguf.GGUFReader(path, "r+")
+        change(reader)
+        reader.data.flush()
+    return path
+
+
+def _offset(reader, i):
+    return reader.tensors[i].field.parts[5]
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda r: _offset(r, 1).__setitem__(0, _offset(r, 1)[0] + 2),
+     "tensor blk.0.attn_norm.weight starts at data offset 145410, which is not a multiple of the file's alignment 32"),
+    (lambda r: _offset(r, 2).__setitem__(0, _offset(r, 1)[0]),
+     "tensors blk.0.attn_norm.weight and blk.0.attn_q.weight overlap in the file"),
+    (lambda r: r.tensors[2].field.parts[3].__setitem__(1, 0),
+     "tensor blk.0.attn_q.weight has a zero dimension (shape (0, 256))"),
+], ids=["misaligned", "overlapping", "zero-dimension"])
+def test_gguf_tensors_out_of_place_are_named_with_the_file(tmp_path, capsys, change, message):
+    path = _gguf_file(tmp_path, change)
+    _fails(capsys, _generate(path), f"{path}: {message}")
+
+
+def test_a_zero_dimension_in_a_quantized_gguf_tensor_is_named_with_the_file(tmp_path, capsys):
+    from gguf_files import T
+
+    path = _gguf_file(tmp_path, lambda r: r.tensors[0].field.parts[3].__setitem__(0, 0), kind=T.Q8_0)
+    _fails(capsys, _generate(path), f"{path}: tensor token_embd.weight has a zero dimension (shape (284, 0))")
+
+
+@pytest.mark.parametrize("metadata, message", [
+    ({"tokenizer.ggml.bos_token_id": 100000, "tokenizer.ggml.add_bos_token": True},
+     "tokenizer.ggml.bos_token_id is 100000, not the id of one of the 284 tokens"),
+    ({"tokenizer.ggml.eos_token_id": 2.0}, "tokenizer.ggml.eos_token_id must be an integer, got 2.0"),
+], ids=["bos-beyond-the-vocabulary", "float-eos"])
+def test_gguf_token_ids_that_are_not_ids_are_named_with_the_file(tmp_path, capsys, metadata, message):
+    path = _gguf_file(tmp_path, metadata=metadata)
+    _fails(capsys, _generate(path), f"{path}: GGUF metadata {message}")
+
+
+def test_a_gguf_merge_without_a_space_is_named_with_the_file(tmp_path, capsys, monkeypatch):
+    import gguf_files
+
+    monkeypatch.setattr(gguf_files, "MERGES", [*gguf_files.MERGES, "nospace"])
+    path = _gguf_file(tmp_path)
+    _fails(capsys, _generate(path), f"{path}: GGUF metadata tokenizer.ggml.merges entry 23 ('nospace') is not two "
+                                    "tokens separated by a space")
