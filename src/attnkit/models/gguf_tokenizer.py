@@ -23,7 +23,7 @@ import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from .gguf_file import metadata
+from .gguf_file import metadata, metadata_int
 from .gguf_sentencepiece import sentencepiece_from_gguf
 
 CONTROL, USER_DEFINED = 3, 4
@@ -118,7 +118,7 @@ def tokenizer_from_gguf(reader, path: str | os.PathLike):
     }
     # A control token keeps its own text too, so a template that writes it out maps to its id.
     vocab.update({t: i for i, (t, kind) in enumerate(zip(tokens, types)) if kind == CONTROL and t not in vocab})
-    tokenizer = Tokenizer(models.BPE(vocab, [tuple(m.split(" ", 1)) for m in merges], fuse_unk=False))
+    tokenizer = Tokenizer(models.BPE(vocab, _merge_pairs(merges, path), fuse_unk=False))
     pre = metadata(reader, path, "tokenizer.ggml.pre")
     if pre in _LLAMA3_PRE:
         tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
@@ -143,7 +143,7 @@ def _with_special_tokens(tokenizer, reader, path, tokens: list[str], types: list
     tokenizer.add_tokens([AddedToken(t, normalized=False, special=False) for t in plain])
     template, specials = [], []
     for flag, key in (("add_bos_token", "bos_token_id"), ("add_eos_token", "eos_token_id")):
-        token_id = metadata(reader, path, f"tokenizer.ggml.{key}")
+        token_id = token_id_of(reader, path, key, tokens)
         default = bos_default if flag == "add_bos_token" else False
         if metadata(reader, path, f"tokenizer.ggml.{flag}", default) and token_id is not None:
             specials.append((tokens[token_id], token_id))
@@ -157,6 +157,27 @@ def _with_special_tokens(tokenizer, reader, path, tokens: list[str], types: list
     return tokenizer
 
 
+def token_id_of(reader, path: str | os.PathLike, key: str, tokens: Sequence[str]) -> Optional[int]:
+    """Metadata ``tokenizer.ggml.{key}`` (``bos_token_id``, ...), None when absent; ValueError naming
+    the file and key unless it is an integer id of one of ``tokens``."""
+    token_id = metadata_int(reader, path, f"tokenizer.ggml.{key}")
+    if token_id is not None and not 0 <= token_id < len(tokens):
+        raise ValueError(f"{path}: GGUF metadata tokenizer.ggml.{key} is {token_id}, "
+                         f"not the id of one of the {len(tokens)} tokens of tokenizer.ggml.tokens")
+    return token_id
+
+
+def _merge_pairs(merges: Sequence[str], path: str | os.PathLike) -> list[tuple[str, str]]:
+    """``tokenizer.ggml.merges`` (``"Ġ t"``: two tokens and a space) as pairs; ValueError naming
+    the file and the first merge without a space."""
+    pairs = [tuple(merge.split(" ", 1)) for merge in merges]
+    for i, pair in enumerate(pairs):
+        if len(pair) != 2:
+            raise ValueError(f"{path}: GGUF metadata tokenizer.ggml.merges entry {i} ({merges[i]!r}) "
+                             "is not two tokens separated by a space")
+    return pairs
+
+
 def chat_template_from_gguf(reader, path: str | os.PathLike) -> Optional[ChatTemplate]:
     """The file's :class:`ChatTemplate`, or None when it has none."""
     source = metadata(reader, path, "tokenizer.chat_template")
@@ -165,7 +186,7 @@ def chat_template_from_gguf(reader, path: str | os.PathLike) -> Optional[ChatTem
     tokens = metadata(reader, path, "tokenizer.ggml.tokens", [])
 
     def token(key: str) -> Optional[str]:
-        token_id = metadata(reader, path, f"tokenizer.ggml.{key}_token_id")
-        return tokens[token_id] if token_id is not None and token_id < len(tokens) else None
+        token_id = token_id_of(reader, path, f"{key}_token_id", tokens)
+        return None if token_id is None else tokens[token_id]
 
     return ChatTemplate(source, token("bos"), token("eos"))
