@@ -7,7 +7,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from ..checks import positive_int
+from ..checks import check_scale, positive_int
 from ..backends import BY_NAME
 from ..functional import BACKENDS, attention
 from ..patterns import Pattern, as_pattern
@@ -37,9 +37,14 @@ class MultiHeadAttention(nn.Module):
         bias: add biases to the four projections.
         rope: optional position hook ``rope(q, k, positions) -> (q, k)`` applied before attention.
         backend: attention backend (see :func:`attnkit.attention`).
+        scale: multiplier of ``q . k`` (kept as ``self.scale``); None for ``1 / sqrt(head_dim)``.
+        qk_norm: optional ``make_norm(head_dim) -> nn.Module``; each query and key head is then
+            normalised by its own module (``q_norm``, ``k_norm``) after the projection and before
+            ``rope`` (QK-norm, as in Gemma 3).
 
     Parameters: ``dim * D * (Hq + 2 * Hkv) + Hq * D * dim``, plus ``D * (Hq + 2 * Hkv) + dim``
-    biases when ``bias=True``. Projections are named ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``.
+    biases when ``bias=True`` and the norms' parameters with ``qk_norm``. Projections are named
+    ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``.
     """
 
     def __init__(
@@ -53,6 +58,8 @@ class MultiHeadAttention(nn.Module):
         bias: bool = False,
         rope: Optional[RopeHook] = None,
         backend: str = "auto",
+        scale: Optional[float] = None,
+        qk_norm: Optional[Callable[[int], nn.Module]] = None,
     ) -> None:
         super().__init__()
         _positive("dim", dim)
@@ -81,6 +88,9 @@ class MultiHeadAttention(nn.Module):
             )
         self.rope = rope
         self.backend = backend
+        self.scale = None if scale is None else check_scale(scale, head_dim)
+        self.q_norm = None if qk_norm is None else qk_norm(head_dim)
+        self.k_norm = None if qk_norm is None else qk_norm(head_dim)
         self.q_proj = nn.Linear(dim, n_heads * head_dim, bias=bias)
         self.k_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)
         self.v_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)
@@ -113,12 +123,15 @@ class MultiHeadAttention(nn.Module):
     def project_qkv(
         self, x: torch.Tensor, positions: Optional[torch.Tensor] = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-head queries ``(B, Hq, N, D)``, keys and values ``(B, Hkv, N, D)``, rotated by
-        ``rope`` when set (positions default to ``0 .. N - 1``)."""
+        """Per-head queries ``(B, Hq, N, D)``, keys and values ``(B, Hkv, N, D)``, normalised by
+        ``q_norm``/``k_norm`` and rotated by ``rope`` when set (positions default to
+        ``0 .. N - 1``)."""
         batch, n, _ = x.shape
         q = self.q_proj(x).view(batch, n, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.rope is not None:
             if positions is None:
                 positions = torch.arange(n, device=x.device)
@@ -163,8 +176,8 @@ class MultiHeadAttention(nn.Module):
         batch, n, _ = x.shape
         if cache is None:
             q, k, v = self.project_qkv(x, positions)
-            out = attention(q, k, v, self.pattern, backend=self._backend(key_mask is not None, False),
-                            key_padding_mask=key_mask)  # (B, Hq, N, D)
+            out = attention(q, k, v, self.pattern, scale=self.scale,
+                            backend=self._backend(key_mask is not None, False), key_padding_mask=key_mask)  # (B, Hq, N, D)
         else:
             if isinstance(cache, RollingKVCache):
                 cache.check_pattern(self.pattern)
@@ -173,7 +186,8 @@ class MultiHeadAttention(nn.Module):
             keys, values, k_positions = cache.update(slots, k, v)
             mask = None if key_mask is None else key_mask[:, k_positions.clamp(min=0)]
             if n == 1:
-                out = decode_attention(q, keys, values, self.pattern, slots, k_positions, key_padding_mask=mask)
+                out = decode_attention(q, keys, values, self.pattern, slots, k_positions, key_padding_mask=mask,
+                                       scale=self.scale)
             else:
                 out = self._attend_stored(q, keys, values, slots, k_positions, mask)
         out = out.transpose(1, 2).reshape(batch, n, self.n_heads * self.head_dim)
@@ -225,9 +239,10 @@ class MultiHeadAttention(nn.Module):
                    and torch.equal(q_positions, in_place[n_k - n_q:] + first)
                    and (first == 0 or (self.pattern.n_heads is None and self.pattern.band() is not None)))
         if aligned:
-            return attention(q, keys, values, self.pattern, backend=self._backend(key_mask is not None, False),
-                             key_padding_mask=key_mask)
-        return attention(q, keys, values, self.pattern, backend=self._backend(key_mask is not None, True),
+            return attention(q, keys, values, self.pattern, scale=self.scale,
+                             backend=self._backend(key_mask is not None, False), key_padding_mask=key_mask)
+        return attention(q, keys, values, self.pattern, scale=self.scale,
+                         backend=self._backend(key_mask is not None, True),
                          q_positions=q_positions, k_positions=k_positions, key_padding_mask=key_mask)
 
     def _backend(self, padding: bool, positions: bool) -> str:

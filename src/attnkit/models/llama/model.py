@@ -22,6 +22,7 @@ from typing import Mapping, Optional, Sequence
 import torch
 from torch import nn
 
+from ...checks import check_token_ids
 from ...nn.attention import MultiHeadAttention
 from ...nn.kv_cache import KVCache
 from ...nn.mlp import SwiGLU
@@ -118,18 +119,7 @@ class Llama(nn.Module):
         Raises ValueError for a non-integer or non-2-D ``tokens``, ids outside the vocabulary,
         or a ``caches`` list whose length is not ``n_layers``.
         """
-        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.is_floating_point():
-            got = f"{tokens.dtype} {tuple(tokens.shape)}" if isinstance(tokens, torch.Tensor) else type(tokens).__name__
-            raise ValueError(f"Llama: tokens must be an integer tensor (batch, seq), got {got}")
-        if tokens.shape[1] == 0:
-            raise ValueError("Llama: tokens is empty (seq = 0)")
-        if tokens.device.type != "meta" and tokens.numel() and (
-            int(tokens.min()) < 0 or int(tokens.max()) >= self.config.vocab_size
-        ):
-            raise ValueError(
-                f"Llama: token ids must lie in [0, {self.config.vocab_size}), got "
-                f"[{int(tokens.min())}, {int(tokens.max())}]"
-            )
+        check_token_ids("Llama", tokens, self.config.vocab_size)
         if caches is not None and len(caches) != len(self.layers):
             raise ValueError(f"Llama: caches has {len(caches)} entries for {len(self.layers)} layers")
         if caches is not None and positions is None and cache_positions is None:
