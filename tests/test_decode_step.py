@@ -20,9 +20,9 @@ def model():
 
 def test_the_checked_forward_runs_once_per_generation(model, monkeypatch):
     """The prompt goes through ``forward`` (its token range check reads two values back to the
-    host); each decoding step calls the unchecked ``logits`` directly."""
-    calls = {"forward": 0, "logits": 0}
-    forward, logits = Llama.forward, Llama.logits
+    host); each decoding step calls ``forward_unchecked`` directly."""
+    calls = {"forward": 0, "unchecked": 0}
+    forward, unchecked = Llama.forward, Llama.forward_unchecked
 
     def counted(name, method):
         def call(self, *args, **kwargs):
@@ -31,9 +31,9 @@ def test_the_checked_forward_runs_once_per_generation(model, monkeypatch):
         return call
 
     monkeypatch.setattr(Llama, "forward", counted("forward", forward))
-    monkeypatch.setattr(Llama, "logits", counted("logits", logits))
+    monkeypatch.setattr(Llama, "forward_unchecked", counted("unchecked", unchecked))
     model.generate([[1, 2, 3]], 6, stop_tokens=())
-    assert calls == {"forward": 1, "logits": 6}  # the prompt's, through forward, and five steps
+    assert calls == {"forward": 1, "unchecked": 6}  # the prompt's, through forward, and five steps
 
 
 def _prefilled(model, batch: int = 2, prompt: int = 5, max_len: int = 12):

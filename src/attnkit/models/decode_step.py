@@ -1,7 +1,7 @@
 """The decoding step of :func:`~attnkit.models.generate.stream`: one new token per row through the
 model and its caches, with fixed shapes and no value read back to the host.
 
-A step calls the model's unchecked ``logits`` (the tokens come from sampling, in range by
+A step calls the model's ``forward_unchecked`` (the tokens come from sampling, in range by
 construction; the prompt was checked where it entered). Every tensor a step takes has the same
 shape at every position: the tokens ``(B, 1)``, the rotary positions ``(1,)`` or ``(B, 1)``, the
 cache position ``(1,)`` and the key mask over all cache positions ``(B, max_len)``, so one
@@ -67,6 +67,6 @@ def run_step(model, caches: list, tokens: torch.Tensor, positions: torch.Tensor,
              key_mask: Optional[torch.Tensor]) -> torch.Tensor:
     """The step itself: ``tokens (B, 1)`` at rotary ``positions`` and ``cache_position (1,)`` ->
     logits ``(B, vocab)``."""
-    logits = model.logits(tokens, positions=positions, cache_positions=cache_position, caches=caches,
+    logits = model.forward_unchecked(tokens, positions=positions, cache_positions=cache_position, caches=caches,
                           key_mask=key_mask, last_only=True)
     return logits[:, -1]

@@ -53,8 +53,8 @@ class CausalLM(Protocol):
       :mod:`attnkit.nn.kv_cache`); ``key_mask`` ``(B, max_len)`` over the cache positions (True =
       a real token) is None when no row is padded. Returns logits ``(B, 1, vocab)`` of the last
       position. This call checks its input (the prompt enters here).
-    - ``model.logits(...)``: the same without input checks and without reading anything back to
-      the host; each decoding step calls it (:mod:`attnkit.models.decode_step`).
+    - ``model.forward_unchecked(...)``: the same without input checks and without reading
+      anything back to the host; each decoding step calls it (:mod:`attnkit.models.decode_step`).
     """
 
     @property
@@ -68,8 +68,9 @@ class CausalLM(Protocol):
     def __call__(self, tokens: torch.Tensor, *, positions: torch.Tensor, cache_positions: torch.Tensor,
                  caches: Sequence[object], key_mask: Optional[torch.Tensor], last_only: bool) -> torch.Tensor: ...
 
-    def logits(self, tokens: torch.Tensor, *, positions: torch.Tensor, cache_positions: torch.Tensor,
-               caches: Sequence[object], key_mask: Optional[torch.Tensor], last_only: bool) -> torch.Tensor: ...
+    def forward_unchecked(self, tokens: torch.Tensor, *, positions: torch.Tensor, cache_positions: torch.Tensor,
+                          caches: Sequence[object], key_mask: Optional[torch.Tensor],
+                          last_only: bool) -> torch.Tensor: ...
 
 
 def _check_options(max_new_tokens, temperature, top_k, top_p, seed) -> None:
