@@ -73,7 +73,7 @@ def test_a_step_that_does_not_compile_runs_uncompiled(model, monkeypatch, capsys
     monkeypatch.setattr(decode_step.torch, "compile", failing_compile)
     assert model.generate([[1, 2, 3], [4, 5, 6]], 6, stop_tokens=(), compile=True) == expected
     err = capsys.readouterr().err
-    assert err.count("did not compile (RuntimeError); running it uncompiled") == 1
+    assert err.count("did not compile (RuntimeError: no C++ compiler); running it uncompiled") == 1
 
 
 @pytest.mark.slow

@@ -140,7 +140,10 @@ def _run_decode(args: argparse.Namespace) -> int:
                                                 on_step=step)
     title = (f"{model.name}: prompt {args.prompt_tokens} tokens, {args.new_tokens} new, {threads} threads, "
              f"median of {repeats}")
-    Console().print(decode_peers.results_table(results, title))
+    console = Console()
+    if not console.is_terminal:  # piped or redirected: wide enough that no column is cut short
+        console = Console(width=160)
+    console.print(decode_peers.results_table(results, title))
     if args.json:
         meta = {"command": "attnkit " + " ".join(args.argv), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "model": str(model), "threads": threads, "prompt_tokens": args.prompt_tokens,

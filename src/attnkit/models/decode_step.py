@@ -57,8 +57,9 @@ class DecodeStep:
             return self.compiled(*args)  # compiles, then runs
         except Exception as exc:  # noqa: BLE001 - any compiler failure: the plain step computes the same
             # (a step writes its keys and values by position, so running it again is harmless)
-            print(f"attnkit: note: the decoding step did not compile ({type(exc).__name__}); running it uncompiled",
-                  file=sys.stderr)
+            reason = (str(exc).strip().splitlines() or [""])[0][:160]
+            print(f"attnkit: note: the decoding step did not compile ({type(exc).__name__}: {reason}); "
+                  "running it uncompiled", file=sys.stderr)
             self.compiled = None
             return run_step(*args)
 
