@@ -192,7 +192,7 @@ def results_table(results: list[Result], title: str):
     for r in results:
         ratios = ("-", "-") if peer is None else (f"{r.decode_tok_s / peer.decode_tok_s:.2f}x",
                                                    f"{r.prefill_tok_s / peer.prefill_tok_s:.2f}x")
-        table.add_row(r.name, f"{r.prefill_tok_s:.1f}", f"{r.decode_tok_s:.1f}", ratios[0], ratios[1],
+        table.add_row(r.name, f"{r.prefill_tok_s:.3g}", f"{r.decode_tok_s:.3g}", ratios[0], ratios[1],
                       f"{r.peak_mib:.0f}", f"{r.load_s:.1f}", f"{r.warmup_s:.1f}")
     return table
 
