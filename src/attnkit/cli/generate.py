@@ -47,7 +47,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stop-token", type=int, action="append", metavar="ID",
                         help="token id that ends generation (repeatable; default: the model's end-of-turn ids)")
     parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"),
-                        help="weight dtype (default: as stored; float32 for a GGUF file)")
+                        help="weight dtype (default: as stored; a GGUF file's quantized weights stay in their "
+                        "blocks, and fp32 dequantizes them: the exact reference)")
     parser.add_argument("--int8", action="store_true",
                         help="weight-only int8 linear layers (per-output-channel scales): half the bytes of bf16")
     parser.add_argument("--no-pack", action="store_true", help="skip oneDNN weight packing on CPU")
@@ -99,6 +100,7 @@ def load(args: argparse.Namespace, path: Path):
 
     from ..models.cpu_pack import pack_for_cpu
     from ..models.int8 import quantize_int8
+    from ..models.quant import is_quantized
     from ..models.registry import identify_causal
 
     with Console(stderr=True).status(f"loading {path.name}"):
@@ -107,11 +109,13 @@ def load(args: argparse.Namespace, path: Path):
             raise ValueError(f"--int8: attnkit cannot quantize a {checkpoint.family.name} model; leave --int8 out")
         tokenizer = checkpoint.text_tokenizer()
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(args.dtype)
+        if args.int8 and dtype is None and checkpoint.format == "gguf":
+            dtype = torch.float32  # int8 quantizes float weights: a GGUF file's blocks are dequantized first
         model = checkpoint.load(dtype=dtype)
     if args.int8:
         quantize_int8(model)
     elif (not args.no_pack and checkpoint.family.quantizable and torch.backends.mkldnn.is_available()
-          and next(model.parameters()).dtype != torch.float16):
+          and not is_quantized(model) and next(model.parameters()).dtype != torch.float16):
         pack_for_cpu(model, note=lambda message: print(f"note: {message}", file=sys.stderr))
     return model, tokenizer
 
