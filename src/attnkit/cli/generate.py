@@ -52,6 +52,11 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--int8", action="store_true",
                         help="weight-only int8 linear layers (per-output-channel scales): half the bytes of bf16")
     parser.add_argument("--no-pack", action="store_true", help="skip oneDNN weight packing on CPU")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="CPU threads of the model (default: torch's, one per core)")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the decoding step with torch.compile (the same tokens; the first step "
+                        "compiles, which takes minutes on a small CPU)")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -83,6 +88,8 @@ def check_model_options(args: argparse.Namespace) -> Path:
         raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.seed is not None and not 0 <= args.seed < 2**64:
         raise ValueError(f"--seed must be an integer in [0, 2**64), got {args.seed}")
+    if args.threads is not None and args.threads <= 0:
+        raise ValueError(f"--threads must be a positive integer, got {args.threads}")
     if args.stop_token is not None and min(args.stop_token) < 0:
         raise ValueError(f"--stop-token must be a token id >= 0, got {min(args.stop_token)}")
     path = resolve_model(args.model, default=DEFAULT_MODEL)
@@ -103,6 +110,8 @@ def load(args: argparse.Namespace, path: Path):
     from ..models.quant import is_quantized
     from ..models.registry import identify_causal
 
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     with Console(stderr=True).status(f"loading {path.name}"):
         checkpoint = identify_causal(path)
         if args.int8 and not checkpoint.family.quantizable:
@@ -181,7 +190,7 @@ def stream_answer(model, tokenizer, ids: list[int], args: argparse.Namespace,
     new: list[int] = []
     try:
         for token in stream(model, [ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, seed=args.seed, stop_tokens=stop_tokens):
+                            top_p=args.top_p, seed=args.seed, stop_tokens=stop_tokens, compile=args.compile):
             now = time.perf_counter()
             if prefill_s is None:
                 prefill_s, first = now - start, now

@@ -117,7 +117,7 @@ class Llama(nn.Module):
         This is where token ids enter a model directly, so they are checked here: the range check
         reads ``tokens.min()`` and ``tokens.max()`` back (two reductions and a host sync per call,
         a few microseconds on a CPU). :func:`~attnkit.models.generate.generate` checks the prompt
-        where it takes it and calls :meth:`logits`, which checks nothing, for each step.
+        where it takes it and calls :meth:`forward_unchecked`, which checks nothing, for each step.
         Raises ValueError for a non-integer or non-2-D ``tokens``, ids outside the vocabulary,
         or a ``caches`` list whose length is not ``n_layers``.
         """
@@ -127,10 +127,10 @@ class Llama(nn.Module):
         if caches is not None and positions is None and cache_positions is None:
             start = caches[0].length  # read once here, not by every layer
             positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
-        return self.logits(tokens, positions=positions, caches=caches, key_mask=key_mask, last_only=last_only,
+        return self.forward_unchecked(tokens, positions=positions, caches=caches, key_mask=key_mask, last_only=last_only,
                            cache_positions=cache_positions)
 
-    def logits(
+    def forward_unchecked(
         self,
         tokens: torch.Tensor,
         *,
