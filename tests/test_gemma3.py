@@ -240,3 +240,19 @@ def test_chat_template_is_gemmas():
         "<start_of_turn>user\nCapital of France?<end_of_turn>\n<start_of_turn>model\n")
     with pytest.raises(ValueError, match="alternate"):
         CHAT_TEMPLATE.render([{"role": "assistant", "content": "Hi"}])
+
+
+def test_packed_and_int8_models_generate_as_the_plain_one(tmp_path):
+    """``generate`` packs a Gemma's linears for the CPU (or quantizes them with --int8), the tied head included."""
+    from attnkit.models.cpu_pack import pack_for_cpu
+    from attnkit.models.int8 import quantize_int8
+
+    _, plain = _pair(tmp_path / "plain", "gqa", seed=6)
+    prompt = _tokens(batch=1, n=12, seed=7)
+    with torch.no_grad():
+        expected = plain(prompt)
+    packed = pack_for_cpu(load_hf(tmp_path / "plain"))
+    assert packed.lm_head is not None and not isinstance(packed.layers[0].mlp.up_proj, torch.nn.Linear)
+    with torch.no_grad():
+        assert rel_error(packed(prompt), expected) < 1e-5
+        assert rel_error(quantize_int8(load_hf(tmp_path / "plain"))(prompt), expected) < 0.05
