@@ -14,6 +14,7 @@ import argparse
 import math
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -224,6 +225,17 @@ def speed_report(prompt_tokens: int, answer: Answer) -> str:
     return line + "; decode: none timed (one token generated)"
 
 
+def kv_cache_report(model, positions: int) -> str:
+    """One line: the key/value caches ``generate`` allocates for one row of ``positions`` tokens
+    (the model's own ``make_caches``, built on the meta device to read their sizes), grouped by
+    the positions each layer keeps (a sliding-window layer's rolling cache keeps its window)."""
+    caches = model.make_caches(1, positions, device="meta")
+    kept = Counter(int(cache.keys.shape[2]) for cache in caches)
+    total = sum(buffer.nbytes for cache in caches for buffer in cache.buffers())
+    parts = " + ".join(f"{_count(n, 'layer')} x {_count(size, 'position')}" for size, n in sorted(kept.items()))
+    return f"KV cache: {total / 2**20:.1f} MiB allocated ({parts})"
+
+
 def chat_stop_tokens(model, tokenizer, explicit: Optional[list[int]]) -> Optional[list[int]]:
     """The ids that end a chat turn: ``explicit`` if given, else the config's EOS ids plus the chat
     template's EOS token (the end-of-turn marker, e.g. ``<|im_end|>``)."""
@@ -259,4 +271,5 @@ def run(args: argparse.Namespace) -> int:
         raise KeyboardInterrupt  # main says so, on a line of its own
     print(file=sys.stdout, flush=True)
     print(speed_report(len(ids), answer), file=sys.stderr)
+    print(kv_cache_report(model, len(ids) + args.max_new_tokens), file=sys.stderr)
     return 0
