@@ -332,7 +332,7 @@ def _portable_group(q_flat, k, v, group: UnitGroup, plan: SparsePlan, groups: in
     dest = torch.where(real[:, None, :], safe_rows, groups * n_q).flatten()
     k_index = group.k_pos.clamp(0, plan.n_k - 1)
     batch, kv_heads = k.shape[:2]
-    chunk = max(1, CHUNK_SCORES // (batch * kv_heads * groups * rows_per_unit * n_cols))
+    chunk = max(1, CHUNK_SCORES // max(1, batch * kv_heads * groups * rows_per_unit * n_cols))  # batch may be 0
     blocked = group.blocked.unsqueeze(1)  # (U or 1, 1, R, C)
     outs, maxes, log_sums = [], [], []
     inputs = zip(_chunks(q_flat, safe_rows.flatten(1), chunk), _chunks(k, k_index, chunk), _chunks(v, k_index, chunk))
@@ -406,7 +406,7 @@ def _portable(q, k, v, plan: SparsePlan, scale: float) -> tuple[torch.Tensor, to
             out = out.index_copy(2, dest, group_out)
             row_max = row_max.index_copy(2, dest, group_max)
             log_sum = log_sum.index_copy(2, dest, group_log_sum)
-        outs.append(out[:, :, :-1].reshape(batch, n_q_heads, n_q, -1))
+        outs.append(out[:, :, :-1].reshape(batch, n_q_heads, n_q, v.shape[-1]))
         maxes.append(row_max[:, :, :-1].reshape(batch, n_q_heads, n_q))
         log_sums.append(log_sum[:, :, :-1].reshape(batch, n_q_heads, n_q))
     out, lse2 = _merge_by_maxima(outs, maxes, log_sums)
