@@ -22,10 +22,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from attnkit.analysis import explain_text
-from attnkit.functional import reference_attention
 from attnkit.models.registry import identify
-from attnkit.nn import MultiHeadAttention
-from explain_checkpoints import WORDS, save_tiny_llama
+from explain_checkpoints import WORDS, reference_rows, save_tiny_llama
 
 pytest.importorskip("tokenizers")
 
@@ -52,31 +50,6 @@ def long_text(words: int, seed: int = 0) -> str:
     vocabulary = WORDS + [f"w{i}" for i in range(200)]
     picks = torch.randint(len(vocabulary), (words,), generator=torch.Generator().manual_seed(seed))
     return " ".join(vocabulary[int(i)] for i in picks)
-
-
-@torch.no_grad()
-def reference_rows(model: torch.nn.Module, ids: list[int], rows: list[int]) -> list[torch.Tensor]:
-    """Each layer's ``(H, R, N)`` weights of query ``rows`` by :func:`reference_attention` in
-    float64: row ``p`` is one query over keys ``0 .. p`` (a causal model; later keys get 0)."""
-    layers = [m for m in model.modules() if isinstance(m, MultiHeadAttention)]
-    inputs = {}
-    handles = [layer.register_forward_pre_hook(
-        lambda module, args, kwargs, i=i: inputs.update({i: (args[0], kwargs.get("positions"))}), with_kwargs=True)
-        for i, layer in enumerate(layers)]
-    try:
-        model(torch.tensor([ids]))
-    finally:
-        for handle in handles:
-            handle.remove()
-    out = []
-    for i, layer in enumerate(layers):
-        q, k, v = (t.double() for t in layer.project_qkv(*inputs[i]))
-        weights = torch.zeros(q.shape[1], len(rows), len(ids), dtype=torch.float64)
-        for r, p in enumerate(rows):
-            weights[:, r, : p + 1] = reference_attention(q[:, :, p:p + 1], k[:, :, : p + 1], v[:, :, : p + 1],
-                                                         layer.pattern)[1][0, :, 0]
-        out.append(weights)
-    return out
 
 
 @pytest.fixture(scope="module")
