@@ -108,15 +108,20 @@ def main() -> None:
                    "extra_peak_mb": (explained["peak"] - plain["peak"]) / 2**20,
                    "n_by_n_float32_mb": n * n * 4 / 2**20, "page_mb": explained["page"] / 1e6}
             results.append(row)
+            _write(args, results)
             console.print(f"N={n}: plain {row['plain_s']:.1f} s, {row['plain_peak_mb']:.0f} MB peak; explain "
                           f"{row['explain_s']:.1f} s, {row['explain_peak_mb']:.0f} MB peak "
                           f"({row['extra_peak_mb']:+.0f} MB; one N x N float32 matrix: {row['n_by_n_float32_mb']:.0f} MB); "
                           f"page {row['page_mb']:.2f} MB")
+    console.print(f"JSON: {args.json}")
+
+
+def _write(args: argparse.Namespace, results: list[dict]) -> None:
+    """The JSON so far (after each length, so that an interrupted run keeps what it measured)."""
     record = {"model": args.model, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
               "load_average": os.getloadavg(), "results": results}
     Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
-    console.print(f"JSON: {args.json}")
 
 
 if __name__ == "__main__":
