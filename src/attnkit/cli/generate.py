@@ -100,13 +100,12 @@ def load(args: argparse.Namespace, path: Path):
     from ..models.cpu_pack import pack_for_cpu
     from ..models.int8 import quantize_int8
     from ..models.registry import identify_causal
-    from ..models.tokenizer import load_text_tokenizer
 
     with Console(stderr=True).status(f"loading {path.name}"):
         checkpoint = identify_causal(path)
         if args.int8 and not checkpoint.family.quantizable:
             raise ValueError(f"--int8: attnkit cannot quantize a {checkpoint.family.name} model; leave --int8 out")
-        tokenizer = load_text_tokenizer(checkpoint.source)
+        tokenizer = checkpoint.text_tokenizer()
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(args.dtype)
         model = checkpoint.load(dtype=dtype)
     if args.int8:
