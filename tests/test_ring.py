@@ -29,6 +29,7 @@ from attnkit.distributed import (
     shard,
     unshard,
 )
+from attnkit.distributed import local as local_module
 from attnkit.distributed import ring as ring_module
 from attnkit.distributed.agreement import pattern_fingerprint
 from attnkit.distributed.comm import RingComm
@@ -336,7 +337,7 @@ def test_blockwise_kernel_with_explicit_positions_matches_masked_softmax():
 
 def _dies_mid_ring(rank, world):
     if rank == 1:  # joins, passes the agreement check, then dies while computing its first step
-        ring_module.attention = lambda *args, **kwargs: os._exit(3)
+        local_module.attention = lambda *args, **kwargs: os._exit(3)
     start = time.monotonic()
     q, k, v = (torch.randn(1, 2, 8, 4, requires_grad=True) for _ in range(3))
     try:  # rank 1's first transfer may be through before it dies; then the backward's fails
@@ -413,7 +414,7 @@ def test_a_peer_that_never_calls_times_out_within_the_timeout():
     ranks = run_group(_never_calls, 2, deadline_s=60, group_timeout_s=30)
     result = ranks[0].value
     assert result["error"].startswith("ring attention: rank 0 gave up on the agreement check "
-                                      "(shapes, dtype, layout, scale, pattern) after 2 s waiting for rank 1")
+                                      "(shapes, dtype, layout, scale, pattern, scheme) after 2 s waiting for rank 1")
     assert 2 <= result["seconds"] < 2 + 3
     # Nothing is left pending after the timeout, so the process exits by itself (a collective left
     # pending kept it alive until the 30 s group timeout, and run_group had to kill it).

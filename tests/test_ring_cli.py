@@ -35,6 +35,23 @@ def test_ring_command_runs_checks_and_reports(tmp_path):
     assert max(data["errors"].values()) < 1e-6
 
 
+@pytest.mark.parametrize("scheme, nproc, extra, steps", [
+    ("ulysses", 2, [], 0),
+    ("hybrid", 4, ["--ulysses-degree", "2"], 2),  # a ring of two Ulysses groups
+])
+def test_ring_command_runs_ulysses_and_hybrid(tmp_path, scheme, nproc, extra, steps):
+    report = tmp_path / "scheme.json"
+    result = _ring("--scheme", scheme, "--nproc", str(nproc), "--seq", "256", "--heads", "6", "--kv-heads", "2",
+                   "--head-dim", "16", "--dtype", "float64", "--pattern", "window:40", *extra, "--json", str(report))
+    assert result.returncode == 0, result.stderr
+    grid = " (2 x 2)" if scheme == "hybrid" else ""
+    assert f"window:40 zigzag float64, {nproc} ranks, {scheme}{grid}" in result.stdout
+    data = json.loads(report.read_text())
+    for r in data["reports"]:
+        assert r["steps"] == steps and abs(r["bytes_sent"] - r["model_bytes"]) <= 0.05 * r["model_bytes"]
+    assert max(data["errors"].values()) < 1e-6
+
+
 @pytest.mark.slow
 def test_ring_command_window_skips_steps_on_four_ranks(tmp_path):
     report = tmp_path / "ring.json"
@@ -55,6 +72,12 @@ def test_ring_command_window_skips_steps_on_four_ranks(tmp_path):
         (["--heads", "6", "--kv-heads", "4"], "--heads (6) must be a multiple of --kv-heads (4)"),
         (["--nproc", "0"], "--nproc must be positive"),
         (["--timeout", "0"], "--timeout must be positive"),
+        (["--scheme", "ulysses", "--nproc", "4", "--heads", "2", "--seq", "64"],
+         "--scheme ulysses needs --nproc (4) at most --heads (2)"),
+        (["--scheme", "hybrid", "--nproc", "3", "--seq", "60"], "--scheme hybrid needs --ulysses-degree"),
+        (["--scheme", "hybrid", "--nproc", "4", "--ulysses-degree", "3", "--seq", "64"],
+         "--ulysses-degree (3) must divide --nproc (4)"),
+        (["--ulysses-degree", "2"], "--ulysses-degree is for --scheme hybrid, not ring"),
     ],
 )
 def test_bad_arguments_are_one_line_errors(capsys, args, message):

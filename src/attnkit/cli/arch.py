@@ -1,4 +1,5 @@
-"""``attnkit arch PRESET|config.json``: parameters, KV-cache bytes and FLOPs of a Llama configuration."""
+"""``attnkit arch PRESET|NAME|PATH``: parameters, KV-cache bytes and FLOPs of a Llama configuration, from
+a preset, a model name of :mod:`attnkit.models.catalog`, a checkpoint directory, a ``config.json`` or a GGUF file."""
 
 from __future__ import annotations
 
@@ -12,8 +13,11 @@ from rich.table import Table
 
 from ..analysis.arch_plot import plot_compute_shares
 from ..analysis.llama_costs import report
-from ..models.llama import PRESETS, LlamaConfig
+from ..models.catalog import MODELS, resolve_model
+from ..models.gguf_file import is_gguf
+from ..models.llama import PRESETS, LlamaConfig, read_llama_config
 from ..models.llama.hf_checkpoint import read_config
+from ..models.registry import identify
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -23,7 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Parameters by component, KV-cache bytes (MHA / GQA / MQA side by side), FLOPs per "
         "token for prefill and decode, and the attention vs MLP share of compute as context grows.",
     )
-    parser.add_argument("model", help="a preset name (llama3.1-8b, ...) or a Hugging Face config.json / directory")
+    parser.add_argument("model", help="a preset (llama3.1-8b, ...), a model name (attnkit info lists them), a "
+                        "Hugging Face directory or config.json, or a .gguf file")
     parser.add_argument("--context", type=int, default=8192, help="context length for KV bytes and FLOPs (default 8192)")
     parser.add_argument("--batch", type=int, default=1, help="batch size for the KV-cache total (default 1)")
     parser.add_argument("--json", metavar="PATH", help="write the report as JSON ('-' for stdout, no tables)")
@@ -31,13 +36,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def load_config(model: str):
-    """A preset by name, or the config of a Hugging Face directory or config.json path."""
+def load_config(model: str) -> LlamaConfig:
+    """A preset by name, or the config of a model name, a checkpoint directory, a ``config.json``
+    or a GGUF file (read without the weights)."""
     if model in PRESETS:
         return LlamaConfig.preset(model)
-    if Path(model).exists():
-        return read_config(model)
-    raise ValueError(f"{model!r} is neither a preset ({', '.join(PRESETS)}) nor an existing path")
+    if model not in {m.name for m in MODELS} and not Path(model).exists():
+        raise ValueError(f"{model!r} is neither a preset ({', '.join(PRESETS)}), a model name "
+                         f"({', '.join(m.name for m in MODELS)}) nor an existing path")
+    path = resolve_model(model, option="model")
+    if path.is_file() and not is_gguf(path):
+        return read_config(path)
+    checkpoint = identify(path)
+    if checkpoint.family.name != "llama":
+        raise ValueError(f"{path} holds a {checkpoint.family.name} model; attnkit arch reads Llama configurations")
+    return read_llama_config(checkpoint.source)
 
 
 def _size(n: float, unit: str = "B") -> str:

@@ -1,10 +1,14 @@
-"""``attnkit ring``: run ring attention on random long-context data over N local processes.
+"""``attnkit ring``: run a sequence-parallel scheme on random long-context data over N local processes.
+
+``--scheme ring`` (default) runs ring attention, ``ulysses`` DeepSpeed-Ulysses' all-to-all over
+heads, ``hybrid`` Ulysses inside groups of ``--ulysses-degree`` ranks and a ring across them.
 
 The command launches itself under ``torchrun`` (``python -m torch.distributed.run``) with
 ``--nproc`` workers on this machine, joined over loopback at a port found free at start. Each
 worker runs :mod:`.ring_worker` (:mod:`attnkit.distributed.worker` does the work); rank 0 writes
 every rank's report to a scratch directory, and this command prints a table of per-rank time,
-compute load, bytes sent and peak memory, and (when the full problem is small enough, or with
+compute load, bytes sent (counted by a wrapper around torch.distributed, beside the cost model's
+figure) and peak memory, and (when the full problem is small enough, or with
 ``--check``) the relative errors of out, dq, dk and dv against single-process float64 attention.
 
 Errors (a bad argument, a sequence the layout cannot split, a worker that fails, dies or times
@@ -28,6 +32,7 @@ from typing import Optional
 from rich.console import Console
 from rich.table import Table
 
+from ..distributed.agreement import SCHEMES
 from ..distributed.comm import DEFAULT_TIMEOUT_S, is_lost_connection
 from ..distributed.launch import free_port
 from ..distributed.layouts import LAYOUTS, check_split
@@ -41,11 +46,19 @@ CHECK_AUTO_LIMIT = 16384
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "ring",
-        help="ring attention over N local processes on random long-context data",
-        description="Launches N workers with torchrun (gloo on CPU, NCCL on GPU), runs ring attention "
-        "forward + backward on random shards, and reports per-rank time, compute load, bytes sent "
-        "and peak memory; checks against single-process attention when it fits.",
+        help="ring, Ulysses or hybrid sequence-parallel attention over N local processes on random data",
+        description="Launches N workers with torchrun (gloo on CPU, NCCL on GPU), runs a sequence-parallel "
+        "scheme (ring, Ulysses, or the Ulysses x ring hybrid) forward + backward on random shards, and "
+        "reports per-rank time, compute load, bytes sent (measured, and the cost model's figure) and "
+        "peak memory; checks against single-process attention when it fits.",
     )
+    parser.add_argument("--scheme", default="ring", choices=SCHEMES,
+                        help="ring: K/V go round a ring; ulysses: all-to-all over heads (at most --heads "
+                        "ranks); hybrid: Ulysses in groups of --ulysses-degree ranks, a ring across "
+                        "them (default ring)")
+    parser.add_argument("--ulysses-degree", type=int, default=None,
+                        help="hybrid only: ranks per Ulysses group, dividing --nproc (default: the largest "
+                        "divisor of --nproc below it that is at most --heads)")
     parser.add_argument("--nproc", type=int, default=2, help="number of processes (ranks) (default 2)")
     parser.add_argument("--seq", type=int, default=8192, help="total sequence length N (default 8192)")
     parser.add_argument("--batch", type=int, default=1, help="batch size B (default 1)")
@@ -83,14 +96,39 @@ def case_from_args(args: argparse.Namespace, work_dir: str) -> RingCase:
     if not args.timeout > 0:
         raise ValueError(f"--timeout must be positive, got {args.timeout}")
     check_split(args.seq, args.layout, args.nproc)
+    ulysses_degree = _ulysses_degree(args)
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         raise FileNotFoundError(f"directory of --json {args.json} does not exist")
     pattern = parse_pattern(args.pattern)
     check = args.check == "yes" or (args.check == "auto" and args.seq <= CHECK_AUTO_LIMIT)
     return RingCase(
         args.seq, args.batch, args.heads, kv_heads, args.head_dim, pattern, args.pattern, args.layout,
-        args.dtype, check, args.timeout, args.seed, work_dir,
+        args.dtype, check, args.timeout, args.seed, work_dir, args.scheme, ulysses_degree,
     )
+
+
+def _ulysses_degree(args: argparse.Namespace) -> int:
+    """Ranks per Ulysses group of the scheme; ValueError naming the option when it cannot run."""
+    if args.ulysses_degree is not None and args.scheme != "hybrid":
+        raise ValueError(f"--ulysses-degree is for --scheme hybrid, not {args.scheme}")
+    if args.scheme == "ring":
+        return 1
+    if args.scheme == "ulysses":
+        if args.nproc > args.heads:
+            raise ValueError(f"--scheme ulysses needs --nproc ({args.nproc}) at most --heads ({args.heads}): "
+                             "each rank computes whole heads; --scheme hybrid runs a ring across the rest")
+        return args.nproc
+    if args.ulysses_degree is None:
+        divisors = [d for d in range(2, min(args.nproc - 1, args.heads) + 1) if args.nproc % d == 0]
+        if not divisors:
+            raise ValueError(f"--scheme hybrid needs --ulysses-degree: {args.nproc} ranks have no divisor "
+                             f"between 2 and {min(args.nproc - 1, args.heads)}")
+        return divisors[-1]
+    _positive("ulysses-degree", args.ulysses_degree)
+    if args.nproc % args.ulysses_degree or args.ulysses_degree > args.heads:
+        raise ValueError(f"--ulysses-degree ({args.ulysses_degree}) must divide --nproc ({args.nproc}) and be "
+                         f"at most --heads ({args.heads})")
+    return args.ulysses_degree
 
 
 def _mib(n: float) -> str:
@@ -101,17 +139,19 @@ def print_report(case: RingCase, result: dict) -> None:
     """A rich table of every rank's report (rank 0's result file), balance and check errors."""
     reports = result["reports"]
     world = len(reports)
+    grid = {"ring": "", "ulysses": "", "hybrid": f" ({case.ulysses_degree} x {world // case.ulysses_degree})"}
     title = (f"attnkit ring: N={case.seq:,} B={case.batch} Hq={case.heads} Hkv={case.kv_heads} "
-             f"D={case.head_dim} {case.pattern_name} {case.layout} {case.dtype}, {world} ranks")
+             f"D={case.head_dim} {case.pattern_name} {case.layout} {case.dtype}, {world} ranks, "
+             f"{case.scheme}{grid[case.scheme]}")
     table = Table(title=title)
     for column in ("rank", "positions", "fwd s", "bwd s", "kernel s", "kernel CPU s", "wait s",
-                   "steps (computed/run)", "sent MiB", "peak MiB"):
+                   "steps (computed/run)", "sent MiB", "model MiB", "peak MiB"):
         table.add_column(column, justify="left" if column == "positions" else "right")
     for r in reports:
         table.add_row(
             str(r["rank"]), r["positions"], f"{r['forward_s']:.2f}", f"{r['backward_s']:.2f}",
             f"{r['compute_s']:.2f}", f"{r['compute_cpu_s']:.2f}", f"{r['wait_s']:.2f}",
-            f"{r['computed_steps']}/{r['steps']}", _mib(r["bytes_sent"]), _mib(r["peak_rss"]),
+            f"{r['computed_steps']}/{r['steps']}", _mib(r["bytes_sent"]), _mib(r["model_bytes"]), _mib(r["peak_rss"]),
         )
     console = Console(width=None if sys.stdout.isatty() else 160)  # a log file gets whole rows
     console.print(table)
@@ -120,6 +160,9 @@ def print_report(case: RingCase, result: dict) -> None:
     console.print(f"forward + backward: {total:.2f} s (slowest rank); load balance (kernel CPU s): "
                   f"max/min = {max(loads) / max(min(loads), 1e-9):.3f}, max/mean = "
                   f"{max(loads) / max(sum(loads) / len(loads), 1e-9):.3f}")
+    console.print("sent MiB: counted by a wrapper around every torch.distributed send (agreement check "
+                  "included); model MiB: the cost model (docs/parallel.md); steps: ring steps, summed over "
+                  "the hybrid's rounds of heads, none for Ulysses")
     console.print("peak MiB: peak resident memory of the process (CPU) or peak CUDA allocation (GPU)")
     if result["errors"] is not None:
         errors = ", ".join(f"{name} {err:.1e}" for name, err in result["errors"].items())

@@ -1,8 +1,9 @@
-"""The check that every rank of a ring call passes the same, valid problem: one tiny exchange per call.
+"""The check that every rank of a sequence-parallel call passes the same, valid problem: one tiny
+exchange per call (per stage of a hybrid grid).
 
-Ranks that disagree (another shard length, dtype, layout, scale or pattern) would run and return
+Ranks that disagree (another shard length, dtype, layout, scale, pattern, scheme or grid) would run and return
 wrong results without any error, so each call first sends every other rank a fingerprint of its
-settings (14 integers, point to point) and every rank compares the table; all ranks see the same
+settings (:data:`ROW_INTS` integers, point to point) and every rank compares the table; all ranks see the same
 table, so all raise together. A rank whose own arguments are invalid (a bad scale, a pattern made
 for another length) still takes part, with a marker in place of its fingerprint, so that the
 others raise as well instead of losing it. Only when something is wrong is a second exchange made,
@@ -27,14 +28,16 @@ import re
 import struct
 import types
 import weakref
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy
 import torch
 
+from ..backends import check_pattern
+from ..checks import check_inputs, check_scale
 from ..patterns import Pattern
 from .comm import RingComm
-from .layouts import LAYOUTS
+from .layouts import LAYOUTS, check_layout
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _PROBE_PAIRS = 256
@@ -167,53 +170,127 @@ def _float_bits(value: float) -> int:
     return struct.unpack("<q", struct.pack("<d", value))[0]
 
 
-def check_same_everywhere(
-    comm: RingComm, q, k, v, pattern, layout, scale, problem: Optional[Exception] = None
-) -> None:
-    """Raise on every rank unless every rank's arguments are valid and all ranks hold shards of one
-    shape and dtype, in one layout, with one scale and one pattern. Costs 14 int64 values sent to
-    every other rank.
+SCHEMES = ("ring", "ulysses", "hybrid")
+RING, ULYSSES, HYBRID = range(3)
+ROW_INTS = 17
+"""Integers in one rank's fingerprint row: what every call sends each peer of each stage."""
 
-    ``problem`` is the error this rank's own checks of its arguments raised, if any: this rank then
-    raises it, and every other rank a ValueError naming this rank and its error. Otherwise the
-    arguments are the checked ones (``pattern`` a Pattern, ``scale`` a float). A pattern that fails
-    its fingerprint here (its ``allows`` raises) counts as such a problem too.
-    """
-    device = q.device if isinstance(q, torch.Tensor) and q.is_cuda else torch.device("cpu")  # NCCL: CUDA only
-    mine = [_INVALID] + [0] * 13
-    if problem is None:
-        try:
-            pattern.validate(q.shape[2] * comm.size, q.shape[2] * comm.size)
-            mine = [_OK, *q.shape, *k.shape, v.shape[-1], _DTYPES.index(q.dtype), LAYOUTS.index(layout),
-                    _float_bits(scale), pattern_fingerprint(pattern, q.shape[2] * comm.size, q.device)]
-        except Exception as exc:  # a user Predicate may raise anything; the other ranks must still hear
-            problem = exc
-    what = "the agreement check (shapes, dtype, layout, scale, pattern)"
+
+def checked_arguments(q, k, v, pattern, layout, scale) -> tuple[Pattern, float, Optional[Exception]]:
+    """``(pattern, scale, problem)``: the checked pattern and scale of this rank's call, and the
+    TypeError / ValueError its arguments raise (None when valid), which
+    :func:`check_same_everywhere` raises on every rank."""
+    try:
+        check_inputs(q, k, v)
+        scale = check_scale(scale, q.shape[-1])
+        pattern = check_pattern(pattern, q.shape[1])
+        check_layout(layout)
+    except (TypeError, ValueError) as exc:
+        return pattern, scale, exc
+    return pattern, scale, None
+
+
+def _fingerprint_row(q, k, v, pattern, layout, scale, scheme: int, grid: tuple[int, int]) -> list[int]:
+    seq_len = q.shape[2] * grid[0] * grid[1]
+    pattern.validate(seq_len, seq_len)
+    return [_OK, *q.shape, *k.shape, v.shape[-1], _DTYPES.index(q.dtype), LAYOUTS.index(layout),
+            _float_bits(scale), scheme, *grid, pattern_fingerprint(pattern, seq_len, q.device)]
+
+
+def _describe(row: list[int]) -> str:
+    return f"q {tuple(row[1:5])}, k {tuple(row[5:9])}, {_DTYPES[row[10]]}, layout {LAYOUTS[row[11]]!r}"
+
+
+def _scheme(row: list[int]) -> str:
+    return f"{SCHEMES[row[13]]} (ulysses degree {row[14]}, ring degree {row[15]})"
+
+
+class _Heard(ValueError):
+    """Another rank's fault, as this rank learnt it: ``origin`` is ``"global rank|error text"``,
+    passed on unchanged to the next stage."""
+
+    def __init__(self, caller: str, origin: str):
+        rank, _, text = origin.partition("|")
+        super().__init__(f"{caller}: rank {rank} cannot take part: {text}")
+        self.origin = origin
+
+
+def _origin(comm: RingComm, problem: Exception) -> str:
+    if isinstance(problem, _Heard):
+        return problem.origin
+    return f"{comm.global_rank(comm.rank)}|{type(problem).__name__}: {problem}"
+
+
+def _stage(comm: RingComm, mine: list[int], problem: Optional[Exception], pattern, caller: str, device) -> Optional[Exception]:
+    """One exchange of fingerprint rows among the ranks of ``comm``: the error this rank must
+    raise (its own ``problem``, or what it learnt of another rank), or None. Every rank of
+    ``comm`` sees the same table, so all take the same branch and the same exchanges."""
+    what = "the agreement check (shapes, dtype, layout, scale, pattern, scheme)"
     every = comm.all_gather_small(torch.tensor(mine, device=device), what).cpu()
-    # Every rank holds the same table, so every rank takes the same branch (and the same exchanges).
     if bool((every[:, 0] == _INVALID).any()):
-        text = "" if problem is None else f"{type(problem).__name__}: {problem}"
+        text = "" if problem is None else _origin(comm, problem)
         texts = comm.all_gather_small(_text_tensor(text, device), "the error exchange").cpu()
         if problem is not None:
-            raise problem
+            return problem
         r = next(r for r in range(comm.size) if every[r, 0] == _INVALID)
-        raise ValueError(f"ring_attention: rank {r} cannot take part: {_text(texts[r])}")
+        return _Heard(caller, _text(texts[r]))
     if bool((every == every[0]).all()):
-        return
+        return None
+    me = comm.rank
     if bool((every[:, :-1] == every[0, :-1]).all()):
         text = _text_tensor(_ADDRESS.sub("", repr(pattern)), device)
         texts = comm.all_gather_small(text, "the pattern comparison").cpu()
-        r = next(r for r in range(comm.size) if every[r, -1] != every[comm.rank, -1])
-        raise ValueError(
-            f"ring_attention: ranks pass different patterns: rank {comm.rank} has {_text(texts[comm.rank])}, "
-            f"rank {r} has {_text(texts[r])}; every rank must pass the same pattern"
+        r = next(r for r in range(comm.size) if every[r, -1] != every[me, -1])
+        return ValueError(
+            f"{caller}: ranks pass different patterns: rank {comm.global_rank(me)} has {_text(texts[me])}, "
+            f"rank {comm.global_rank(r)} has {_text(texts[r])}; every rank must pass the same pattern"
         )
     # Not all equal, so this rank differs from at least one other.
-    r = next(r for r in range(comm.size) if not torch.equal(every[r, :-1], every[comm.rank, :-1]))
-    other = every[r].tolist()
-    raise ValueError(
-        f"ring_attention: shards differ across ranks: rank {comm.rank} has q {tuple(q.shape)}, "
-        f"k {tuple(k.shape)}, {q.dtype}, layout {layout!r}, but rank {r} has "
-        f"q {tuple(other[1:5])}, k {tuple(other[5:9])}, {_DTYPES[other[10]]}, "
-        f"layout {LAYOUTS[other[11]]!r}{'' if other[12] == mine[12] else ', another scale'}"
+    r = next(r for r in range(comm.size) if not torch.equal(every[r, :-1], every[me, :-1]))
+    other, mine_row = every[r].tolist(), every[me].tolist()
+    if other[13:16] != mine_row[13:16]:
+        return ValueError(
+            f"{caller}: ranks run different schemes: rank {comm.global_rank(me)} runs {_scheme(mine_row)}, "
+            f"rank {comm.global_rank(r)} runs {_scheme(other)}"
+        )
+    return ValueError(
+        f"{caller}: shards differ across ranks: rank {comm.global_rank(me)} has {_describe(mine_row)}, "
+        f"but rank {comm.global_rank(r)} has {_describe(other)}{'' if other[12] == mine_row[12] else ', another scale'}"
     )
+
+
+def check_same_everywhere(
+    comms: Sequence[RingComm], q, k, v, pattern, layout, scale, problem: Optional[Exception] = None,
+    *, caller: str = "ring_attention", scheme: int = RING, grid: Optional[tuple[int, int]] = None,
+) -> None:
+    """Raise on every rank unless every rank's arguments are valid and all ranks hold shards of one
+    shape and dtype, in one layout, with one scale, one pattern, one scheme and one grid.
+
+    ``comms`` are the stages: the ranks of each stage exchange rows (:data:`ROW_INTS` int64 values
+    to every other rank of the stage). One stage (the ring's or Ulysses' group) compares every rank
+    with every other; a hybrid grid passes its Ulysses group, then its ring group: each ring group
+    holds one rank of every Ulysses group, so a difference anywhere reaches every rank, and a rank
+    whose first stage failed takes part in the second with a marker, so the others raise with it.
+    ``grid`` is ``(ulysses degree, ring degree)`` (default: a ring over the one stage).
+
+    ``problem`` is the error this rank's own checks of its arguments raised, if any: this rank then
+    raises it, and every other rank a ValueError naming this rank (its global rank) and its error.
+    Otherwise the arguments are the checked ones (``pattern`` a Pattern, ``scale`` a float). A
+    pattern that fails its fingerprint here (its ``allows`` raises) counts as such a problem too.
+    """
+    device = q.device if isinstance(q, torch.Tensor) and q.is_cuda else torch.device("cpu")  # NCCL: CUDA only
+    grid = grid or (1, comms[0].size)
+    mine = [_INVALID] + [0] * (ROW_INTS - 1)
+    if problem is None:
+        try:
+            mine = _fingerprint_row(q, k, v, pattern, layout, scale, scheme, grid)
+        except Exception as exc:  # a user Predicate may raise anything; the other ranks must still hear
+            problem = exc
+    for comm in comms:
+        problem = _stage(comm, mine, problem, pattern, caller, device) or problem
+        if problem is not None:
+            mine = [_INVALID] + [0] * (ROW_INTS - 1)
+    if isinstance(problem, _Heard):
+        raise ValueError(str(problem))
+    if problem is not None:
+        raise problem

@@ -1,4 +1,5 @@
-"""Point-to-point messages of the ring, with a timeout on every wait and counters for the stats.
+"""Point-to-point messages of the schemes (ring steps, Ulysses' all-to-all), with a timeout on every
+wait and counters for the stats.
 
 Transfers are posted with ``torch.distributed.batch_isend_irecv`` and waited on later, so the
 caller computes while they are in flight (gloo moves them on its own threads, NCCL on its own
@@ -14,9 +15,10 @@ from exiting until then; a point-to-point wait leaves nothing behind.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -26,14 +28,17 @@ DEFAULT_TIMEOUT_S = 300.0
 
 @dataclass
 class RingStats:
-    """What ring attention did on this rank while recording (see :func:`record_ring_stats`).
+    """What the sequence-parallel calls (ring, Ulysses, hybrid) did on this rank while recording
+    (see :func:`record_ring_stats`).
 
     ``compute_s``: wall seconds in attention kernels; ``compute_cpu_s``: CPU seconds of the calling
     thread in them (the fair load measure when ranks share cores; exact with one torch thread per
     rank, which is how the launchers run ranks on a small machine); ``wait_s: seconds blocked on transfers;
-    ``bytes_sent``: payload bytes this rank sent; ``forward_steps``/``backward_steps``: ring steps
-    run (all ranks run the same number); ``computed_steps``: forward steps where this rank computed
-(the backward computes at the same steps).
+    ``bytes_sent``: payload bytes this rank sent (the schemes' own count; see
+    :mod:`.traffic` for the count of a wrapper around torch.distributed); ``forward_steps`` /
+    ``backward_steps``: ring steps run (all ranks of a ring run the same number; none for
+    Ulysses); ``computed_steps``: forward steps where this rank computed (the backward computes
+    at the same steps).
     """
 
     compute_s: float = 0.0
@@ -44,6 +49,26 @@ class RingStats:
     backward_steps: int = 0
     computed_steps: int = 0
     calls: int = 0
+
+
+_recording: list[RingStats] = []
+
+
+@contextmanager
+def record_ring_stats() -> Iterator[RingStats]:
+    """Count compute time, wait time, bytes sent and steps of the ring, Ulysses and hybrid calls
+    made inside the block (their backward passes included, even when run after the block)."""
+    stats = RingStats()
+    _recording.append(stats)
+    try:
+        yield stats
+    finally:
+        _recording.remove(stats)
+
+
+def current_stats() -> Optional[RingStats]:
+    """The stats being recorded now (the innermost :func:`record_ring_stats`), or None."""
+    return _recording[-1] if _recording else None
 
 
 @dataclass
@@ -81,7 +106,7 @@ class RingComm:
 
     def __init__(self, group: Optional[dist.ProcessGroup], timeout_s: float, stats: Optional[RingStats]):
         if not dist.is_initialized():
-            raise RuntimeError("ring_attention needs torch.distributed: call init_process_group first")
+            raise RuntimeError("attnkit.distributed needs torch.distributed: call init_process_group first")
         if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
             raise ValueError(f"timeout must be a positive number of seconds, got {timeout_s!r}")
         self.group = group
@@ -93,6 +118,10 @@ class RingComm:
     def _global(self, rank: int) -> int:
         rank %= self.size
         return rank if self.group is None else dist.get_global_rank(self.group, rank)
+
+    def global_rank(self, rank: int) -> int:
+        """The global rank of this group's rank ``rank`` (what messages name)."""
+        return self._global(rank)
 
     def exchange(self, send: torch.Tensor, to: int, recv: torch.Tensor, source: int, what: str) -> Pending:
         """Post ``send`` to rank ``to`` and a receive into ``recv`` from rank ``source`` (group
@@ -146,6 +175,18 @@ class RingComm:
                 ) from exc
         if self.stats is not None:
             self.stats.wait_s += time.perf_counter() - start
+
+    def all_to_all(self, sends: list[torch.Tensor], recvs: list[torch.Tensor], what: str) -> None:
+        """Send ``sends[r]`` to every other rank ``r`` and receive ``recvs[r]`` from it, as one
+        batch of point-to-point messages within the deadline (empty tensors are not sent);
+        counted in the stats. ``sends[self.rank]`` and ``recvs[self.rank]`` are left alone."""
+        others = [r for r in range(self.size) if r != self.rank]
+        out = [(sends[r].contiguous(), r) for r in others if sends[r].numel()]
+        into = [(recvs[r], r) for r in others if recvs[r].numel()]
+        if self.stats is not None:
+            self.stats.bytes_sent += sum(t.numel() * t.element_size() for t, _ in out)
+        if out or into:
+            self.wait(self._batch(out, into, what))
 
     def all_gather_small(self, values: torch.Tensor, what: str) -> torch.Tensor:
         """``(P, n)``: the small vector ``values`` of every rank (row ``r`` from rank ``r``), sent

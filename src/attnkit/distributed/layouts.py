@@ -72,6 +72,14 @@ def shard_positions(
     ])
 
 
+def group_positions(seq_len: int, layout: str, ulysses_degree: int, ring_rank: int, world_size: int,
+                    *, device: Optional[torch.device | str] = None) -> list[torch.Tensor]:
+    """The positions of each rank of ring rank ``ring_rank``'s Ulysses group in a grid of
+    ``world_size`` ranks: rank ``u`` of the group holds shard ``ring_rank * ulysses_degree + u``."""
+    return [shard_positions(seq_len, layout, ring_rank * ulysses_degree + u, world_size, device=device)
+            for u in range(ulysses_degree)]
+
+
 def _rank_and_size(group, rank: Optional[int], world_size: Optional[int]) -> tuple[int, int]:
     if (rank is None) != (world_size is None):
         raise ValueError("rank and world_size must be given together")
@@ -139,6 +147,6 @@ def unshard(
 
 
 __all__ = [
-    "LAYOUTS", "assemble", "check_layout", "check_split", "shard", "shard_positions", "split_unit",
+    "LAYOUTS", "assemble", "check_layout", "check_split", "group_positions", "shard", "shard_positions", "split_unit",
     "unshard",
 ]

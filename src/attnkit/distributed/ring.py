@@ -22,23 +22,19 @@ time (see :data:`MESSAGE_BYTES`), so the ring's own buffers stay small next to q
 
 from __future__ import annotations
 
-import time
-from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-from ..backends import BY_NAME, check_pattern, make_problem
-from ..checks import check_inputs, check_scale
-from ..functional import attention
 from ..kernels.blockwise import merge_lse
 from ..kernels.common import compute_dtype
 from ..patterns import Pattern
-from .agreement import check_same_everywhere
-from .comm import DEFAULT_TIMEOUT_S, RingComm, RingStats
-from .layouts import check_layout, check_split, shard_positions
-from .schedule import RingSchedule, ring_schedule
+from .agreement import check_same_everywhere, checked_arguments
+from .comm import DEFAULT_TIMEOUT_S, RingComm, current_stats
+from .layouts import check_split, group_positions, shard_positions
+from .local import joined, part_forward, part_grads, seeing_nonfinite, timed, without_rows
+from .schedule import RingSchedule, schedule_for
 
 STEP_BACKEND = "blockwise"
 """The backend of every ring step: it takes explicit positions, and its forward and gradient
@@ -47,23 +43,10 @@ MESSAGE_BYTES = 64 * 2**20
 """K/V bytes a ring message aims at: bigger shards go round the ring one group of heads at a time,
 which bounds the ring's buffers (and the kernel's temporaries) without changing any result."""
 
-_recording: list[RingStats] = []
-
-
-@contextmanager
-def record_ring_stats() -> Iterator[RingStats]:
-    """Count compute time, wait time, bytes sent and steps of the ring calls made inside the
-    block (their backward passes included, even when run after the block)."""
-    stats = RingStats()
-    _recording.append(stats)
-    try:
-        yield stats
-    finally:
-        _recording.remove(stats)
-
-
 class _RingCall:
-    """The shared state of one ring call: communicator, schedule, positions, kernel settings."""
+    """The shared state of one ring call: communicator, schedule, positions, kernel settings.
+
+    ``positions[r]`` are the global positions (sorted) of ring rank ``r``'s tokens."""
 
     def __init__(self, comm: RingComm, schedule: RingSchedule, positions: list, pattern, scale):
         self.comm, self.schedule, self.positions = comm, schedule, positions
@@ -75,19 +58,48 @@ class _RingCall:
     def source(self, step: int) -> int:
         return (self.comm.rank - step) % self.comm.size
 
-    def timed(self, fn, *args):
-        stats = self.comm.stats
-        if stats is None:
-            return fn(*args)
-        if args[0].is_cuda:
-            torch.cuda.synchronize(args[0].device)
-        start, cpu_start = time.perf_counter(), time.thread_time()
-        result = fn(*args)
-        if args[0].is_cuda:
-            torch.cuda.synchronize(args[0].device)
-        stats.compute_s += time.perf_counter() - start
-        stats.compute_cpu_s += time.thread_time() - cpu_start
-        return result
+    def step_positions(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.positions[self.comm.rank], self.positions[self.source(step)]
+
+
+def ring_positions(seq_len: int, layout: str, ulysses_degree: int, world_size: int, *, device=None) -> list[torch.Tensor]:
+    """The sorted positions each ring rank of a ``ulysses_degree x (world_size / ulysses_degree)``
+    grid holds after the all-to-all: the union of its Ulysses group's shards."""
+    return [
+        torch.sort(torch.cat(group_positions(seq_len, layout, ulysses_degree, r, world_size, device=device))).values
+        for r in range(world_size // ulysses_degree)
+    ]
+
+
+class RingCore:
+    """Ring attention as a part of a larger scheme (the hybrid's ring over head shards): ring
+    ``comm``'s rank ``r`` holds the tokens at ``positions[r]``; :meth:`forward` and
+    :meth:`backward` are the ring's two passes for one group of heads and its pattern."""
+
+    def __init__(self, comm: RingComm, positions: list[torch.Tensor], scale: float):
+        self.comm, self.positions, self.scale = comm, positions, scale
+        self._schedules: dict[int, RingSchedule] = {}
+
+    def _state(self, pattern: Pattern) -> _RingCall:
+        schedule = self._schedules.get(id(pattern))
+        if schedule is None:
+            schedule = self._schedules[id(pattern)] = schedule_for(pattern, self.positions)
+        return _RingCall(self.comm, schedule, self.positions, pattern, self.scale)
+
+    def forward(self, q, k, v, pattern: Pattern):
+        state = self._state(pattern)
+        if self.comm.stats is not None:
+            self.comm.stats.forward_steps += state.schedule.steps
+            self.comm.stats.computed_steps += state.schedule.compute_steps(self.comm.rank)
+        return _ring_forward(state, q, k, v)
+
+    def backward(self, q, k, v, out, lse, cut, d_out, d_lse, pattern: Pattern):
+        state = self._state(pattern)
+        if self.comm.stats is not None:
+            self.comm.stats.backward_steps += state.schedule.steps
+        d_lse = torch.zeros_like(lse) if d_lse is None else d_lse
+        out, lse, d_out, d_lse = without_rows(cut, out, lse, d_out, d_lse)
+        return _ring_backward(state, q, k, v, out, lse, d_out, d_lse)
 
 
 def _pack(*tensors: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
@@ -117,14 +129,19 @@ def _head_groups(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pat
 
 
 def _ring_forward(state: _RingCall, q, k, v):
+    """``(out, lse, cut)``: ``cut`` marks the rows that may see a non-finite key (None: none)."""
     groups = _head_groups(q, k, v, state.pattern)
     if len(groups) == 1:
         return _forward_heads(state, q, k, v)
     out = q.new_empty(*q.shape[:-1], v.shape[-1])
     lse = torch.empty(q.shape[:-1], dtype=compute_dtype(q.dtype), device=q.device)
+    cut = None
     for q_heads, kv_heads in groups:
-        out[:, q_heads], lse[:, q_heads] = _forward_heads(state, q[:, q_heads], k[:, kv_heads], v[:, kv_heads])
-    return out, lse
+        out[:, q_heads], lse[:, q_heads], seen = _forward_heads(state, q[:, q_heads], k[:, kv_heads], v[:, kv_heads])
+        if seen is not None:
+            cut = torch.zeros(q.shape[:-1], dtype=torch.bool, device=q.device) if cut is None else cut
+            cut[:, q_heads] = seen
+    return out, lse, cut
 
 
 def _ring_backward(state: _RingCall, q, k, v, out, lse, d_out, d_lse):
@@ -143,7 +160,7 @@ def _ring_backward(state: _RingCall, q, k, v, out, lse, d_out, d_lse):
 def _forward_heads(state: _RingCall, q, k, v):
     comm, rank = state.comm, state.comm.rank
     kv, spare = _pack(k, v), None
-    out = lse = None
+    out = lse = cut = None
     for step in range(state.schedule.steps):
         pending = None
         if step + 1 < state.schedule.steps:
@@ -151,22 +168,20 @@ def _forward_heads(state: _RingCall, q, k, v):
             pending = comm.exchange(kv, rank + 1, spare, rank - 1, f"forward step {step + 1} keys/values")
         if state.needed(step):
             k_step, v_step = _unpack(kv, k.shape, v.shape)
-            q_pos, k_pos = state.positions[rank], state.positions[state.source(step)]
-            part = state.timed(
-                lambda *a: attention(
-                    *a, state.pattern, scale=state.scale, backend=STEP_BACKEND, return_lse=True,
-                    q_positions=q_pos, k_positions=k_pos,
-                ),
+            part = timed(
+                comm.stats,
+                lambda *a: part_forward(*a, state.pattern, state.scale, STEP_BACKEND, state.step_positions(step)),
                 q, k_step, v_step,
             )
             out, lse = part if out is None else merge_lse([out, part[0]], [lse, part[1]])
+            cut = joined(cut, seeing_nonfinite(q, k_step, v_step, state.pattern, state.step_positions(step)))
         comm.wait(pending)
         if pending is not None:
             kv, spare = spare, kv
     if out is None:  # this rank's queries see no key at all
         out = q.new_zeros(*q.shape[:-1], v.shape[-1])
         lse = torch.full(q.shape[:-1], float("-inf"), dtype=compute_dtype(q.dtype), device=q.device)
-    return out, lse
+    return out, lse, cut
 
 
 def _backward_heads(state: _RingCall, q, k, v, out, lse, d_out, d_lse):
@@ -183,12 +198,9 @@ def _backward_heads(state: _RingCall, q, k, v, out, lse, d_out, d_lse):
         local = None
         if state.needed(step):
             k_step, v_step = _unpack(kv, k.shape, v.shape)
-            problem = make_problem(
-                q, k_step, v_step, state.pattern, state.scale, True,
-                state.positions[rank], state.positions[state.source(step)],
-            )
-            d_q_step, d_k_step, d_v_step = state.timed(
-                lambda *a: BY_NAME[STEP_BACKEND].grad_share(problem, *a),
+            d_q_step, d_k_step, d_v_step = timed(
+                comm.stats,
+                lambda *a: part_grads(*a, state.pattern, state.scale, STEP_BACKEND, state.step_positions(step)),
                 q, k_step, v_step, out, lse, d_out, d_lse,
             )
             d_q += d_q_step
@@ -217,17 +229,18 @@ def _backward_heads(state: _RingCall, q, k, v, out, lse, d_out, d_lse):
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, state):
-        out, lse = _ring_forward(state, q, k, v)
-        ctx.save_for_backward(q, k, v, out, lse)
+        out, lse, cut = _ring_forward(state, q, k, v)
+        ctx.save_for_backward(q, k, v, out, lse, cut)
         ctx.state = state
         return out, lse
 
     @staticmethod
     def backward(ctx, d_out, d_lse):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, cut = ctx.saved_tensors
         state = ctx.state
         if state.comm.stats is not None:
             state.comm.stats.backward_steps += state.schedule.steps
+        out, lse, d_out, d_lse = without_rows(cut, out, lse, d_out, d_lse)
         grads = _ring_backward(state, q, k, v, out, lse, d_out, d_lse)
         return (*grads, None)
 
@@ -274,21 +287,14 @@ def ring_attention(
             complete: destroy it (``dist.destroy_process_group``, which returns at once, since the
             ring leaves no collective pending) rather than use it again.
     """
-    stats = _recording[-1] if _recording else None
+    stats = current_stats()
     comm = RingComm(group, timeout, stats)
-    problem = None
-    try:
-        check_inputs(q, k, v)
-        scale = check_scale(scale, q.shape[-1])
-        pattern = check_pattern(pattern, q.shape[1])
-        check_layout(layout)
-    except (TypeError, ValueError) as exc:  # raised on every rank by the agreement check
-        problem = exc
-    check_same_everywhere(comm, q, k, v, pattern, layout, scale, problem)
+    pattern, scale, problem = checked_arguments(q, k, v, pattern, layout, scale)
+    check_same_everywhere([comm], q, k, v, pattern, layout, scale, problem)
     seq_len = q.shape[2] * comm.size
     check_split(seq_len, layout, comm.size)
-    schedule = ring_schedule(pattern, layout, seq_len, comm.size)
     positions = [shard_positions(seq_len, layout, r, comm.size, device=q.device) for r in range(comm.size)]
+    schedule = schedule_for(pattern, positions)
     state = _RingCall(comm, schedule, positions, pattern, scale)
     if stats is not None:
         stats.calls += 1

@@ -17,7 +17,9 @@ from ..patterns import Pattern
 
 @dataclass
 class RingCase:
-    """The problem ``attnkit ring`` runs (full sequence ``seq``, split over the ranks).
+    """The problem ``attnkit ring`` runs (full sequence ``seq``, split over the ranks) and the
+    scheme it runs it with (``"ring"``, ``"ulysses"``, ``"hybrid"`` on a grid of
+    ``ulysses_degree`` x the rest).
 
     ``work_dir`` is where each failing rank writes its one-line error (``rank{r}.txt``) and rank 0
     writes the result (:data:`RESULT_FILE`) for the launcher to report.
@@ -36,6 +38,9 @@ class RingCase:
     timeout: float
     seed: int
     work_dir: str
+    scheme: str = "ring"
+    ulysses_degree: int = 1
+    """Ulysses ranks per group: the world for ``"ulysses"``, 1 for ``"ring"``."""
 
 
 CASE_VARIABLE = "ATTNKIT_RING_CASE"

@@ -46,8 +46,14 @@ def _band_meets(band: Band, q_pos: torch.Tensor, k_sorted: torch.Tensor) -> bool
 
 def ring_schedule(pattern: Pattern, layout: str, seq_len: int, world_size: int) -> RingSchedule:
     """The schedule of a ring over ``world_size`` ranks holding ``seq_len`` tokens in ``layout``."""
+    return schedule_for(pattern, [shard_positions(seq_len, layout, r, world_size) for r in range(world_size)])
+
+
+def schedule_for(pattern: Pattern, positions: list[torch.Tensor]) -> RingSchedule:
+    """The schedule of a ring whose rank ``r`` holds the tokens at ``positions[r]`` (sorted)."""
+    world_size = len(positions)
     band = pattern.band() if pattern.n_heads is None else None
-    positions = [shard_positions(seq_len, layout, r, world_size) for r in range(world_size)]
+    positions = [p.cpu() for p in positions]
     needed = []
     for rank in range(world_size):
         row = []

@@ -1,11 +1,13 @@
-"""One rank of ``attnkit ring``: random shards, ring attention forward + backward, measurements.
+"""One rank of ``attnkit ring``: random shards, one scheme's forward + backward, measurements.
 
 Run under ``torchrun`` by the command's entry point (:mod:`attnkit.cli.ring_worker`), which
 reads the :class:`~.ring_case.RingCase` and calls :func:`run_worker`. Each rank draws its own
 random shard (seeded by rank), so no rank ever holds the full sequence; the full tensors are
 defined as the assembly of the shards. When ``check`` is on, the shards, outputs and gradients are
 gathered and rank 0 compares them with single-process float64 attention on the full tensors.
-Rank 0 writes every rank's report to the case's ``work_dir`` for the launcher to print.
+Bytes sent are counted by the wrapper of :mod:`.traffic` around every torch.distributed call the
+scheme makes, and reported beside the cost model's figure (:mod:`.costs`). Rank 0 writes every
+rank's report to the case's ``work_dir`` for the launcher to print.
 """
 
 from __future__ import annotations
@@ -24,10 +26,14 @@ import torch
 import torch.distributed as dist
 
 from ..functional import attention
-from .comm import gloo_reason
+from .comm import gloo_reason, record_ring_stats
+from .costs import CallShape, ring_steps, scheme_bytes
+from .grid import make_grid
 from .layouts import assemble, shard_positions
-from .ring import record_ring_stats, ring_attention
+from .ring import ring_attention
 from .ring_case import RESULT_FILE, RingCase
+from .traffic import count_traffic
+from .ulysses import hybrid_attention, ulysses_attention
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -46,6 +52,7 @@ class RankReport:
     steps: int
     computed_steps: int
     bytes_sent: int
+    model_bytes: int
     peak_rss: int
 
 
@@ -112,17 +119,41 @@ def _phase(name: str) -> Iterator[None]:
         raise RuntimeError(f"rank {dist.get_rank()} failed during {name}: {gloo_reason(exc)}") from exc
 
 
+def scheme_call(case: RingCase):
+    """``attend(q, k, v) -> out``: the case's scheme over the world (a collective call for the
+    hybrid, which builds its grid here)."""
+    options = {"layout": case.layout, "timeout": case.timeout}
+    if case.scheme == "ring":
+        return lambda q, k, v: ring_attention(q, k, v, case.pattern, **options)
+    if case.scheme == "ulysses":
+        return lambda q, k, v: ulysses_attention(q, k, v, case.pattern, **options)
+    grid = make_grid(case.ulysses_degree)
+    return lambda q, k, v: hybrid_attention(q, k, v, case.pattern, ulysses_group=grid.ulysses_group,
+                                            ring_group=grid.ring_group, **options)
+
+
+def model_bytes(case: RingCase, rank: int, world: int) -> int:
+    """What the cost model says this rank sends for the case."""
+    shape = CallShape(case.batch, case.seq, case.heads, case.kv_heads, case.head_dim, case.head_dim,
+                      torch.empty((), dtype=_DTYPES[case.dtype]).element_size())
+    steps = ring_steps(case.pattern, case.layout, case.seq, world, case.ulysses_degree)
+    return scheme_bytes(case.scheme, shape, world, ulysses_degree=case.ulysses_degree, rank=rank,
+                        ring_steps=steps or None)
+
+
 def run_rank(case: RingCase) -> dict:
     """Run the case on this rank of the initialised process group; rank 0 gets every report."""
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
     shards = _random_shard(case, rank, world, device)
     q, k, v = (shards[n] for n in ("q", "k", "v"))
+    with _phase("building the grid"):
+        attend = scheme_call(case)
     with _phase("the start barrier"):
         dist.barrier()
-    with record_ring_stats() as stats:
+    with record_ring_stats() as stats, count_traffic() as traffic:
         start = time.perf_counter()
-        out = ring_attention(q, k, v, case.pattern, layout=case.layout, timeout=case.timeout)
+        out = attend(q, k, v)
         forward_s = time.perf_counter() - start
         out.backward(shards["d_out"])
         backward_s = time.perf_counter() - start - forward_s
@@ -132,7 +163,7 @@ def run_rank(case: RingCase) -> dict:
     report = RankReport(
         rank, _spans(shard_positions(case.seq, case.layout, rank, world)), forward_s, backward_s,
         stats.compute_s, stats.compute_cpu_s, stats.wait_s, stats.forward_steps, stats.computed_steps,
-        stats.bytes_sent, peak,
+        traffic.bytes_sent, model_bytes(case, rank, world), peak,
     )
     reports = [None] * world
     with _phase("gathering the reports"):

