@@ -246,7 +246,7 @@ class Piece(Pattern):
 
     A piece is a pattern (``allows`` evaluates the formula above), so a planner can mask it
     exactly; the Triton kernels (:mod:`attnkit.kernels.triton_band`) evaluate the same formulas in
-    their tiles, and their ``BandPart`` has these fields. A new cut (per-document bounds, say)
+    their tiles, reading these fields. A new cut (per-document bounds, say)
     is one more field here, met with a band by :meth:`meet`.
 
     Example: ``Strided(4).pieces == (Piece(0, 4), Piece(2, inf, step=4))``; ``Fixed(4, 1).pieces
