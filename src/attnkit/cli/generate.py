@@ -14,6 +14,7 @@ import argparse
 import math
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -47,7 +48,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stop-token", type=int, action="append", metavar="ID",
                         help="token id that ends generation (repeatable; default: the model's end-of-turn ids)")
     parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"),
-                        help="weight dtype (default: as stored; float32 for a GGUF file)")
+                        help="weight dtype (default: as stored; a GGUF file's quantized weights stay in their "
+                        "blocks, and fp32 dequantizes them: the exact reference)")
     parser.add_argument("--int8", action="store_true",
                         help="weight-only int8 linear layers (per-output-channel scales): half the bytes of bf16")
     parser.add_argument("--no-pack", action="store_true", help="skip oneDNN weight packing on CPU")
@@ -106,6 +108,7 @@ def load(args: argparse.Namespace, path: Path):
 
     from ..models.cpu_pack import pack_for_cpu
     from ..models.int8 import quantize_int8
+    from ..models.quant import is_quantized
     from ..models.registry import identify_causal
 
     if args.threads is not None:
@@ -116,11 +119,13 @@ def load(args: argparse.Namespace, path: Path):
             raise ValueError(f"--int8: attnkit cannot quantize a {checkpoint.family.name} model; leave --int8 out")
         tokenizer = checkpoint.text_tokenizer()
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(args.dtype)
+        if args.int8 and dtype is None and checkpoint.format == "gguf":
+            dtype = torch.float32  # int8 quantizes float weights: a GGUF file's blocks are dequantized first
         model = checkpoint.load(dtype=dtype)
     if args.int8:
         quantize_int8(model)
     elif (not args.no_pack and checkpoint.family.quantizable and torch.backends.mkldnn.is_available()
-          and next(model.parameters()).dtype != torch.float16):
+          and not is_quantized(model) and next(model.parameters()).dtype != torch.float16):
         pack_for_cpu(model, note=lambda message: print(f"note: {message}", file=sys.stderr))
     return model, tokenizer
 
@@ -220,6 +225,17 @@ def speed_report(prompt_tokens: int, answer: Answer) -> str:
     return line + "; decode: none timed (one token generated)"
 
 
+def kv_cache_report(model, positions: int) -> str:
+    """One line: the key/value caches ``generate`` allocates for one row of ``positions`` tokens
+    (the model's own ``make_caches``, built on the meta device to read their sizes), grouped by
+    the positions each layer keeps (a sliding-window layer's rolling cache keeps its window)."""
+    caches = model.make_caches(1, positions, device="meta")
+    kept = Counter(int(cache.keys.shape[2]) for cache in caches)
+    total = sum(buffer.nbytes for cache in caches for buffer in cache.buffers())
+    parts = " + ".join(f"{_count(n, 'layer')} x {_count(size, 'position')}" for size, n in sorted(kept.items()))
+    return f"KV cache: {total / 2**20:.1f} MiB allocated ({parts})"
+
+
 def chat_stop_tokens(model, tokenizer, explicit: Optional[list[int]]) -> Optional[list[int]]:
     """The ids that end a chat turn: ``explicit`` if given, else the config's EOS ids plus the chat
     template's EOS token (the end-of-turn marker, e.g. ``<|im_end|>``)."""
@@ -255,4 +271,5 @@ def run(args: argparse.Namespace) -> int:
         raise KeyboardInterrupt  # main says so, on a line of its own
     print(file=sys.stdout, flush=True)
     print(speed_report(len(ids), answer), file=sys.stderr)
+    print(kv_cache_report(model, len(ids) + args.max_new_tokens), file=sys.stderr)
     return 0

@@ -65,7 +65,8 @@ class Gemma3(nn.Module):
 
     Modules: ``embed_tokens (vocab, C)``, ``layers[i]`` (``attn_norm``, ``attn.{q,k,v,o}_proj``,
     ``attn.{q,k}_norm``, ``post_attn_norm``, ``mlp_norm``, ``mlp.{gate,up,down}_proj``,
-    ``post_mlp_norm``), ``norm``, ``lm_head`` (None when tied). Layer ``i``'s pattern is
+    ``post_mlp_norm``), ``norm``, ``lm_head`` (None when tied, until ``pack_for_cpu`` or ``quantize_int8``
+    gives it a copy of the embedding). Layer ``i``'s pattern is
     ``config.layer_patterns[i]`` (also ``layers[i].attn.pattern``). The rotary tables are
     float32 (float64 for a float64 model) whatever the weights' dtype.
     """
@@ -138,7 +139,10 @@ class Gemma3(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``(..., vocab)`` logits of final hidden states ``(..., C)``."""
-        return nn.functional.linear(hidden, self.head_weight)
+        # lm_head is None for a tied model, unless pack_for_cpu or quantize_int8 gave it its own copy.
+        if self.lm_head is not None:
+            return self.lm_head(hidden)
+        return nn.functional.linear(hidden, self.embed_tokens.weight)
 
     def forward(
         self,
