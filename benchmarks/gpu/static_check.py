@@ -121,9 +121,11 @@ class _Recorder:
 
     def autotuned_run(self, tuner: Autotuner, *args, **kwargs):
         kwargs = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
-        fn = tuner.fn
-        for config in tuner.configs:  # every candidate, whatever the tuner would pick on a GPU
-            self.launches.append((fn, _light(args), {**kwargs, **config.all_kwargs()}, len(tuner.configs) > 1))
+        configs = tuner.configs
+        if tuner.early_config_prune:  # the candidates for this call (row width, shared memory)
+            configs = tuner.early_config_prune(configs, dict(zip(tuner.arg_names, args)), **kwargs)
+        for config in configs:  # every candidate, whatever the tuner would pick on a GPU
+            self.launches.append((tuner.fn, _light(args), {**kwargs, **config.all_kwargs()}, len(configs) > 1))
 
 
 def record(cases, dtypes, dims) -> list[Launch]:
