@@ -41,7 +41,8 @@ SM90_SHARED = 232448
 # narrow lists hold only configurations that ptxas compiles for sm_90a without spills or
 # serialised wgmma (benchmarks/gpu/static_check.py; benchmarks/results/2026-12-07-triton.md):
 # FlexAttention's (64, 128, 8, 3) and (128, 128, 8, 3) spill at head dim 128, so only compact rows
-# take them; at 128 the dK/dV pass keeps 32-query tiles (64 or more spill or serialise).
+# take them; at 128 the backward keeps 64-key tiles (128 spill in the parts of a multi-part
+# plan) and the dK/dV pass 32-query tiles (64 or more spill or serialise).
 COMPACT = {
     "fwd": ((128, 64, 8, 3), (64, 128, 8, 3), (128, 128, 8, 3), (64, 64, 8, 3)),
     "dq": ((64, 64, 8, 2), (128, 64, 8, 2), (64, 128, 8, 2), (64, 32, 4, 2)),
@@ -49,8 +50,8 @@ COMPACT = {
 }
 NARROW = {
     "fwd": ((128, 64, 8, 3), (64, 64, 8, 3), (128, 64, 8, 2), (64, 32, 4, 2)),
-    "dq": ((64, 64, 8, 2), (128, 64, 8, 2), (64, 128, 8, 2), (64, 32, 4, 2)),
-    "dkdv": ((32, 64, 8, 2), (32, 128, 8, 2), (32, 32, 4, 2)),
+    "dq": ((64, 64, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2)),
+    "dkdv": ((32, 64, 8, 2), (32, 32, 4, 2)),
 }
 WIDE = {
     "fwd": ((64, 32, 4, 2), (64, 64, 4, 2)),
