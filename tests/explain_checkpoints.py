@@ -38,9 +38,9 @@ def save_tiny_llama(path: Path, *, n_kv_heads: int = 2, bos: bool = True, seed: 
 
 
 @torch.no_grad()
-def reference_weights(model: torch.nn.Module, ids: list[int]) -> list[torch.Tensor]:
-    """Every layer's ``(H, N, N)`` weights by :func:`attnkit.reference_attention` in float64, on
-    the queries and keys the layer's own projections make of its captured input."""
+def layer_qkv(model: torch.nn.Module, ids: list[int]) -> list[tuple[MultiHeadAttention, tuple[torch.Tensor, ...]]]:
+    """Each attention layer with its ``(q, k, v)`` in float64, made by the layer's own projections
+    from its input in a forward pass of ``model`` on ``ids``."""
     layers = [m for m in model.modules() if isinstance(m, MultiHeadAttention)]
     inputs = {}
     handles = [layer.register_forward_pre_hook(
@@ -51,8 +51,23 @@ def reference_weights(model: torch.nn.Module, ids: list[int]) -> list[torch.Tens
     finally:
         for handle in handles:
             handle.remove()
-    weights = []
-    for i, layer in enumerate(layers):
-        q, k, v = (t.double() for t in layer.project_qkv(*inputs[i]))
-        weights.append(reference_attention(q, k, v, layer.pattern)[1][0])
-    return weights
+    return [(layer, tuple(t.double() for t in layer.project_qkv(*inputs[i]))) for i, layer in enumerate(layers)]
+
+
+def reference_weights(model: torch.nn.Module, ids: list[int]) -> list[torch.Tensor]:
+    """Every layer's ``(H, N, N)`` weights by :func:`attnkit.reference_attention` in float64."""
+    return [reference_attention(*qkv, layer.pattern)[1][0] for layer, qkv in layer_qkv(model, ids)]
+
+
+def reference_rows(model: torch.nn.Module, ids: list[int], rows: list[int]) -> list[torch.Tensor]:
+    """Each layer's ``(H, R, N)`` weights of query ``rows`` by :func:`attnkit.reference_attention`
+    in float64 without an N x N matrix: row ``p`` is one query over keys ``0 .. p`` (a causal
+    model; later keys get 0)."""
+    out = []
+    for layer, (q, k, v) in layer_qkv(model, ids):
+        weights = torch.zeros(q.shape[1], len(rows), len(ids), dtype=torch.float64)
+        for r, p in enumerate(rows):
+            weights[:, r, : p + 1] = reference_attention(q[:, :, p:p + 1], k[:, :, : p + 1], v[:, :, : p + 1],
+                                                         layer.pattern)[1][0, :, 0]
+        out.append(weights)
+    return out
