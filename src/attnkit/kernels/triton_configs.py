@@ -2,9 +2,8 @@
 
 Each kernel kind has a short list of candidates (``(BM, BN, warps, stages)``) per row width, the
 Triton tutorial's shapes among them (FlexAttention's ``(64, 128, 8, 3)`` spills on sm_90a, see
-below); ``@triton.autotune`` times
-those that fit the call (row width and the device's shared memory, :func:`prune`) once per shape
-and caches its choice. Under a CUDA-graph capture nothing is timed (:func:`launch`): a shape seen
+below); ``@triton.autotune`` times those that fit the call (row width and the device's shared
+memory, :func:`pruner`) once per shape and caches its choice. Under a CUDA-graph capture nothing is timed (:func:`launch`): a shape seen
 before keeps its choice, a new one takes the first candidate that fits, so warm up (run each shape
 once) before capturing. In the interpreter every kernel has one small configuration (16 x 16
 tiles: more edge cases per test, less numpy work).
