@@ -28,6 +28,7 @@ from typing import Optional
 import torch
 
 from ...nn.rope import Llama3RopeScaling, rope_frequencies
+from ..checkpoint import check_layer_count
 from ..gguf_file import dequantize, metadata, metadata_float, metadata_int, open_gguf
 from ..quant import QUANTIZED_TYPE_NAMES, QuantizedEmbedding, QuantizedLinear, gguf_rows
 from .config import LlamaConfig
@@ -159,7 +160,7 @@ def config_from_gguf(reader, path: str | os.PathLike) -> LlamaConfig:
     bos = metadata_int(reader, path, "tokenizer.ggml.bos_token_id")
     eos = [metadata_int(reader, path, f"tokenizer.ggml.{name}_token_id") for name in ("eos", "eot")]
     try:
-        return LlamaConfig(
+        config = LlamaConfig(
             dim=dim, n_layers=metadata_int(reader, path, key("block_count"), required=True), n_heads=n_heads,
             n_kv_heads=metadata_int(reader, path, key("attention.head_count_kv"), n_heads),
             ffn_dim=metadata_int(reader, path, key("feed_forward_length"), required=True), vocab_size=vocab,
@@ -171,6 +172,8 @@ def config_from_gguf(reader, path: str | os.PathLike) -> LlamaConfig:
         )
     except (ValueError, TypeError) as exc:
         raise ValueError(f"{path}: {exc}") from None
+    check_layer_count(config.n_layers, names, r"blk\.(\d+)\.", path, key("block_count"))
+    return config
 
 
 def load_gguf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
