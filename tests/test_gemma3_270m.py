@@ -82,6 +82,7 @@ def test_logits_of_a_long_prompt_equal_transformers(ours, hf):
 def test_greedy_tokens_equal_transformers(ours, hf):
     model, tokenizer = ours
     theirs, _ = hf
+    # The file is the pretrained model (not instruction-tuned): it answers a chat by echoing it.
     prompts = [tokenizer.chat_prompt("What is the capital of France?", []),
                tokenizer.encode("The three primary colours are"),
                _long_prompt(tokenizer, 700)]
@@ -92,5 +93,3 @@ def test_greedy_tokens_equal_transformers(ours, hf):
                                        pad_token_id=0)[0, len(ids):].tolist()
         got = model.generate(tokens, 32, stop_tokens=())[0, len(ids):].tolist()
         assert got == expected, tokenizer.decode(ids[-20:])
-    answer = model.generate(torch.tensor([prompts[0]]), 16)[0, len(prompts[0]):].tolist()
-    assert "Paris" in tokenizer.decode(answer)
