@@ -12,19 +12,19 @@ Llama 3 expression for the ``llama-bpe`` family of ``tokenizer.ggml.pre``, GPT-2
 choices transformers makes for the same files, so ids agree with its GGUF tokenizer). BOS/EOS are
 added when ``tokenizer.ggml.add_bos_token`` / ``add_eos_token`` say so.
 
-The chat template (``tokenizer.chat_template``, Jinja) is rendered in a sandbox with the
-settings transformers uses (``trim_blocks``, ``lstrip_blocks``, loop controls, ``raise_exception``).
+The chat template (``tokenizer.chat_template``, Jinja) is rendered in a sandbox with limits
+(:mod:`attnkit.models.template_sandbox`).
 """
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from .gguf_file import metadata
+from .gguf_file import metadata, metadata_int
 from .gguf_sentencepiece import sentencepiece_from_gguf
+from .template_sandbox import render_template
 
 CONTROL, USER_DEFINED = 3, 4
 
@@ -58,32 +58,16 @@ class ChatTemplate:
     source: str
     bos_token: Optional[str] = None
     eos_token: Optional[str] = None
+    origin: Optional[str] = None
 
     def render(self, messages: Sequence[dict], *, add_generation_prompt: bool = True) -> str:
         """The prompt for ``messages`` (dicts with ``role`` and ``content``), ending with the
-        assistant's turn header when ``add_generation_prompt``. Raises ValueError for a template
-        error (including the template's own ``raise_exception``)."""
-        # optional package (the llama extra), imported only when a template is rendered
-        import jinja2
-        from jinja2.ext import loopcontrols
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(message: str):
-            raise jinja2.exceptions.TemplateError(message)
-
-        def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-            return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-        env.filters["tojson"] = tojson
-        env.globals["raise_exception"] = raise_exception
-        try:
-            return env.from_string(self.source).render(
-                messages=list(messages), add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_token or "", eos_token=self.eos_token or "",
-            )
-        except jinja2.exceptions.TemplateError as exc:
-            raise ValueError(f"chat template: {exc}") from None
+        assistant's turn header when ``add_generation_prompt``. Raises ValueError naming
+        ``origin`` (the file the template came from) for any template error, the template's own
+        ``raise_exception`` included, or a limit of :mod:`attnkit.models.template_sandbox` passed."""
+        return render_template(self.source, self.origin, messages=list(messages),
+                               add_generation_prompt=add_generation_prompt,
+                               bos_token=self.bos_token or "", eos_token=self.eos_token or "")
 
 
 def tokenizer_from_gguf(reader, path: str | os.PathLike):
@@ -118,7 +102,7 @@ def tokenizer_from_gguf(reader, path: str | os.PathLike):
     }
     # A control token keeps its own text too, so a template that writes it out maps to its id.
     vocab.update({t: i for i, (t, kind) in enumerate(zip(tokens, types)) if kind == CONTROL and t not in vocab})
-    tokenizer = Tokenizer(models.BPE(vocab, [tuple(m.split(" ", 1)) for m in merges], fuse_unk=False))
+    tokenizer = Tokenizer(models.BPE(vocab, _merge_pairs(merges, path), fuse_unk=False))
     pre = metadata(reader, path, "tokenizer.ggml.pre")
     if pre in _LLAMA3_PRE:
         tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
@@ -143,7 +127,7 @@ def _with_special_tokens(tokenizer, reader, path, tokens: list[str], types: list
     tokenizer.add_tokens([AddedToken(t, normalized=False, special=False) for t in plain])
     template, specials = [], []
     for flag, key in (("add_bos_token", "bos_token_id"), ("add_eos_token", "eos_token_id")):
-        token_id = metadata(reader, path, f"tokenizer.ggml.{key}")
+        token_id = token_id_of(reader, path, key, tokens)
         default = bos_default if flag == "add_bos_token" else False
         if metadata(reader, path, f"tokenizer.ggml.{flag}", default) and token_id is not None:
             specials.append((tokens[token_id], token_id))
@@ -157,6 +141,27 @@ def _with_special_tokens(tokenizer, reader, path, tokens: list[str], types: list
     return tokenizer
 
 
+def token_id_of(reader, path: str | os.PathLike, key: str, tokens: Sequence[str]) -> Optional[int]:
+    """Metadata ``tokenizer.ggml.{key}`` (``bos_token_id``, ...), None when absent; ValueError naming
+    the file and key unless it is an integer id of one of ``tokens``."""
+    token_id = metadata_int(reader, path, f"tokenizer.ggml.{key}")
+    if token_id is not None and not 0 <= token_id < len(tokens):
+        raise ValueError(f"{path}: GGUF metadata tokenizer.ggml.{key} is {token_id}, "
+                         f"not the id of one of the {len(tokens)} tokens of tokenizer.ggml.tokens")
+    return token_id
+
+
+def _merge_pairs(merges: Sequence[str], path: str | os.PathLike) -> list[tuple[str, str]]:
+    """``tokenizer.ggml.merges`` (``"Ġ t"``: two tokens and a space) as pairs; ValueError naming
+    the file and the first merge without a space."""
+    pairs = [tuple(merge.split(" ", 1)) for merge in merges]
+    for i, pair in enumerate(pairs):
+        if len(pair) != 2:
+            raise ValueError(f"{path}: GGUF metadata tokenizer.ggml.merges entry {i} ({merges[i]!r}) "
+                             "is not two tokens separated by a space")
+    return pairs
+
+
 def chat_template_from_gguf(reader, path: str | os.PathLike) -> Optional[ChatTemplate]:
     """The file's :class:`ChatTemplate`, or None when it has none."""
     source = metadata(reader, path, "tokenizer.chat_template")
@@ -165,7 +170,7 @@ def chat_template_from_gguf(reader, path: str | os.PathLike) -> Optional[ChatTem
     tokens = metadata(reader, path, "tokenizer.ggml.tokens", [])
 
     def token(key: str) -> Optional[str]:
-        token_id = metadata(reader, path, f"tokenizer.ggml.{key}_token_id")
-        return tokens[token_id] if token_id is not None and token_id < len(tokens) else None
+        token_id = token_id_of(reader, path, f"{key}_token_id", tokens)
+        return None if token_id is None else tokens[token_id]
 
-    return ChatTemplate(source, token("bos"), token("eos"))
+    return ChatTemplate(source, token("bos"), token("eos"), str(path))

@@ -13,7 +13,7 @@ from typing import Mapping
 import torch
 
 from ..catalog import find_model
-from ..checkpoint import CONFIG_FILE, read_json, read_tensors, weight_files
+from ..checkpoint import CONFIG_FILE, check_layer_count, has_weights, read_json, read_tensors, weight_files
 from .config import BertConfig
 
 def hf_names(config: BertConfig) -> dict[str, str]:
@@ -44,13 +44,19 @@ def hf_names(config: BertConfig) -> dict[str, str]:
 
 def read_config(path: Path) -> BertConfig:
     """The :class:`BertConfig` of checkpoint directory ``path``; FileNotFoundError naming what is
-    missing, ValueError naming the file and field for a config this encoder cannot run."""
+    missing, ValueError naming the file and field for a config this encoder cannot run, or whose
+    ``num_hidden_layers`` is not the number of layers its weights hold (checked before anything is
+    built from the config)."""
     if not path.is_dir():
         raise FileNotFoundError(f"model directory {path} does not exist")
     config_file = path / CONFIG_FILE
     if not config_file.is_file():
         raise FileNotFoundError(f"model directory {path} has no {CONFIG_FILE}")
-    return BertConfig.from_dict(read_json(config_file), str(config_file))
+    config = BertConfig.from_dict(read_json(config_file), str(config_file))
+    if has_weights(path):
+        check_layer_count(config.num_hidden_layers, weight_files(path), r"(?:bert\.)?encoder\.layer\.(\d+)\.",
+                          config_file, "num_hidden_layers")
+    return config
 
 
 def default_model_dir() -> Path:
