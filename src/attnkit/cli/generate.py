@@ -227,11 +227,11 @@ def speed_report(prompt_tokens: int, answer: Answer) -> str:
 
 def kv_cache_report(model, positions: int) -> str:
     """One line: the key/value caches ``generate`` allocates for one row of ``positions`` tokens
-    (the model's own ``make_caches``, built on the meta device to read their sizes), grouped by
-    the positions each layer keeps (a sliding-window layer's rolling cache keeps its window)."""
+    (keys and values of the model's own ``make_caches``, built on the meta device to read their
+    sizes), grouped by the positions each layer keeps (a window layer's rolling cache: its window)."""
     caches = model.make_caches(1, positions, device="meta")
     kept = Counter(int(cache.keys.shape[2]) for cache in caches)
-    total = sum(buffer.nbytes for cache in caches for buffer in cache.buffers())
+    total = sum(cache.keys.nbytes + cache.values.nbytes for cache in caches)
     parts = " + ".join(f"{_count(n, 'layer')} x {_count(size, 'position')}" for size, n in sorted(kept.items()))
     return f"KV cache: {total / 2**20:.1f} MiB allocated ({parts})"
 

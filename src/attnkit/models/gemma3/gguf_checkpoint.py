@@ -12,7 +12,10 @@ what it reads from a file of architecture ``gemma3`` onto attnkit's model:
 - Q and K rows keep their order: llama.cpp rotates Gemma's heads in the half-split layout too.
 
 Supported tensor types: :data:`~attnkit.models.gguf_file.SUPPORTED_TYPE_NAMES` (the 270M file
-holds Q4_K, Q5_0, Q6_K, Q8_0 and F32 tensors).
+holds Q4_K, Q5_0, Q6_K, Q8_0 and F32 tensors). With ``quantized=True`` the tensors of
+:data:`~attnkit.models.quant.QUANTIZED_TYPE_NAMES` stay in their blocks
+(:class:`~attnkit.models.quant.QuantizedLinear`, :class:`~attnkit.models.quant.QuantizedEmbedding`,
+and a tied head that shares the embedding's blocks, so the output product reads them too).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch
 
 from ...nn.rope import LinearRopeScaling
 from ..gguf_file import dequantize, metadata, metadata_float, metadata_int, open_gguf
+from ..quant import QUANTIZED_TYPE_NAMES, QuantizedEmbedding, QuantizedLinear, gguf_rows
 from .config import END_OF_TURN, LOCAL_ROPE_THETA, Gemma3Config, default_layer_types, published_query_scalar
 from .model import Gemma3, parameter_shapes
 
@@ -118,30 +122,53 @@ def config_from_gguf(reader, path: str | os.PathLike) -> Gemma3Config:
 
 
 def load_gguf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
-              device: str | torch.device = "cpu", reader=None) -> Gemma3:
+              device: str | torch.device = "cpu", reader=None, quantized: bool = False) -> Gemma3:
     """A :class:`Gemma3` (eval mode) from a Gemma 3 GGUF file, weights dequantized to ``dtype``
-    (float32 by default: quantized types have no torch dtype of their own). ``reader``, when
-    given, is the already parsed file at ``path`` (it is parsed here otherwise).
+    (float32 by default: quantized types have no torch dtype of their own), or, with
+    ``quantized``, the quantized ones kept in their blocks (CPU, float32 activations). ``reader``,
+    when given, is the already parsed file at ``path`` (it is parsed here otherwise).
 
     Raises FileNotFoundError for a missing file; ValueError naming the file for a non-GGUF or
-    truncated file, another architecture, an unsupported tensor type, and missing, unexpected or
-    mis-shaped tensors.
+    truncated file, another architecture, an unsupported tensor type, missing, unexpected or
+    mis-shaped tensors, and ``quantized`` with another dtype or device.
     """
+    if quantized and (torch.device(device).type != "cpu" or dtype != torch.float32):
+        raise ValueError(f"{path}: quantized GGUF weights run on the CPU with float32 activations; got "
+                         f"dtype={dtype}, device={device}")
     reader = reader if reader is not None else open_gguf(path)
     config = config_from_gguf(reader, path)
     shapes = parameter_shapes(config)
-    state = {}
+    state, kept = {}, {}
     for tensor in reader.tensors:
         name = attnkit_name(tensor.name)
         if name is None or name not in shapes:
             raise ValueError(f"{path}: unexpected tensor {tensor.name} for a {config.n_layers}-layer Gemma 3")
-        weight = torch.from_numpy(dequantize(tensor, path))
-        if weight.shape != shapes[name]:
-            raise ValueError(f"{path}: tensor {tensor.name} has shape {tuple(weight.shape)}, expected {tuple(shapes[name])}")
+        shape = torch.Size(reversed([int(d) for d in tensor.shape]))
+        if shape != shapes[name]:
+            raise ValueError(f"{path}: tensor {tensor.name} has shape {tuple(shape)}, expected {tuple(shapes[name])}")
+        if quantized and tensor.tensor_type.name in QUANTIZED_TYPE_NAMES:
+            kept[name] = gguf_rows(tensor)
+            continue
+        weight = torch.from_numpy(dequantize(tensor, path)).reshape(shape)
         if name.endswith("norm.weight"):
             weight = weight - 1  # the file holds the multiplier 1 + w
         state[name] = weight.to(device=device, dtype=dtype)
-    missing = sorted(set(shapes) - set(state))
+    missing = sorted(set(shapes) - set(state) - set(kept))
     if missing:
         raise ValueError(f"{path}: missing tensors {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-    return Gemma3.from_state(config, state, device)
+    return _with_quantized(config, state, kept) if kept else Gemma3.from_state(config, state, device)
+
+
+def _with_quantized(config: Gemma3Config, state: dict[str, torch.Tensor],
+                    kept: dict[str, tuple[torch.Tensor, str]]) -> Gemma3:
+    """A CPU :class:`Gemma3` whose parameters named in ``kept`` are quantized layers on those rows
+    ``(rows, format)``, the others from ``state``; a tied head shares the embedding's blocks."""
+    with torch.device("meta"):
+        model = Gemma3(config)
+    for name, (rows, kind) in kept.items():
+        owner, _, attribute = name.removesuffix(".weight").rpartition(".")
+        layer = QuantizedEmbedding if name == "embed_tokens.weight" else QuantizedLinear
+        setattr(model.get_submodule(owner), attribute, layer.from_gguf_rows(rows.contiguous(), kind))
+    if config.tie_embeddings and isinstance(model.embed_tokens, QuantizedEmbedding):
+        model.lm_head = model.embed_tokens.as_linear()
+    return Gemma3.from_state(config, state, "cpu", model=model)

@@ -95,14 +95,15 @@ class Gemma3(nn.Module):
     @property
     def device(self) -> torch.device:
         """Where the weights (and so the inputs and caches) live."""
-        return self.embed_tokens.weight.device
+        return self.norm.weight.device
 
     def make_caches(self, batch: int, max_len: int, *, dtype=None, device=None) -> list[KVCache | RollingKVCache]:
         """One cache per layer for ``max_len`` positions of ``batch`` rows, by default in the
-        embedding's dtype and on its device: a window layer keeps a :class:`RollingKVCache` of
+        activations' dtype (the norms' weights: float32 for quantized GGUF weights) and on the
+        model's device: a window layer keeps a :class:`RollingKVCache` of
         ``sliding_window`` positions (a :class:`KVCache` of ``max_len`` when that is no more), a
         global layer a :class:`KVCache` of ``max_len``. Each is ``(batch, Hkv, positions, D)``."""
-        weight = self.embed_tokens.weight
+        weight = self.norm.weight
         dtype, device = dtype or weight.dtype, device or weight.device
         c = self.config
         caches = []
@@ -180,13 +181,16 @@ class Gemma3(nn.Module):
 
     @classmethod
     def from_state(cls, config: Gemma3Config, state: Mapping[str, torch.Tensor],
-                   device: str | torch.device = "cpu") -> "Gemma3":
+                   device: str | torch.device = "cpu", *, model: Optional["Gemma3"] = None) -> "Gemma3":
         """A model (eval mode) that takes ``state``'s tensors (attnkit names, norm weights as offsets
-        from 1) as its own, without copying them. Raises RuntimeError from ``load_state_dict`` for
-        missing or unexpected names."""
-        with torch.device("meta"):
-            model = cls(config)
-        model.load_state_dict(dict(state), assign=True, strict=True)
+        from 1) as its own, without copying them; ``model``, when given, is a meta-device model
+        whose quantized layers already hold their blocks (``state`` then has the other tensors).
+        Raises RuntimeError from ``load_state_dict`` for missing or unexpected names."""
+        if model is None:
+            with torch.device("meta"):
+                model = cls(config)
+        blocks = {name: tensor for name, tensor in model.state_dict().items() if name not in state}
+        model.load_state_dict({**state, **blocks}, assign=True, strict=True)
         model.local_rope.reset_frequencies(device)
         model.global_rope.reset_frequencies(device)
         return model.eval()

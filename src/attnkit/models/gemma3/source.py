@@ -34,15 +34,19 @@ def _load_hf(source: CheckpointPath, dtype: Optional[torch.dtype], device: str |
 
 
 def _load_gguf(source: CheckpointPath, dtype: Optional[torch.dtype], device: str | torch.device) -> Gemma3:
-    # Quantized GGUF types have no torch dtype of their own: they are dequantized to float32.
-    return load_gguf(source.path, dtype=dtype or torch.float32, device=device, reader=source.gguf)
+    # The stored form of a GGUF file's quantized tensors is their blocks: without a dtype they
+    # stay quantized (CPU, float32 activations); with one they are dequantized to it.
+    return load_gguf(source.path, dtype=dtype or torch.float32, device=device, reader=source.gguf,
+                     quantized=dtype is None)
 
 
 LOADERS: dict[str, Callable[[CheckpointPath, Optional[torch.dtype], str | torch.device], Gemma3]] = {
     "hf": _load_hf, "gguf": _load_gguf,
 }
 """Checkpoint format -> ``load(source, dtype, device)``; a directory keeps its stored dtype unless
-``dtype`` is given (GGUF: float32). A GGUF loader reuses ``source.gguf``, the file parsed once."""
+``dtype`` is given, and so does a GGUF file: its quantized tensors stay in their blocks
+(:mod:`attnkit.models.quant`, CPU only), its float tensors become float32. A GGUF loader reuses
+``source.gguf``, the file parsed once."""
 
 
 def layers_and_heads(source: CheckpointPath) -> tuple[int, int]:
