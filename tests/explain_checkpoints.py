@@ -55,8 +55,9 @@ def layer_qkv(model: torch.nn.Module, ids: list[int]) -> list[tuple[MultiHeadAtt
 
 
 def reference_weights(model: torch.nn.Module, ids: list[int]) -> list[torch.Tensor]:
-    """Every layer's ``(H, N, N)`` weights by :func:`attnkit.reference_attention` in float64."""
-    return [reference_attention(*qkv, layer.pattern)[1][0] for layer, qkv in layer_qkv(model, ids)]
+    """Every layer's ``(H, N, N)`` weights by :func:`attnkit.reference_attention` in float64, at
+    the layer's own scale."""
+    return [reference_attention(*qkv, layer.pattern, scale=layer.scale)[1][0] for layer, qkv in layer_qkv(model, ids)]
 
 
 def reference_rows(model: torch.nn.Module, ids: list[int], rows: list[int]) -> list[torch.Tensor]:
@@ -68,6 +69,6 @@ def reference_rows(model: torch.nn.Module, ids: list[int], rows: list[int]) -> l
         weights = torch.zeros(q.shape[1], len(rows), len(ids), dtype=torch.float64)
         for r, p in enumerate(rows):
             weights[:, r, : p + 1] = reference_attention(q[:, :, p:p + 1], k[:, :, : p + 1], v[:, :, : p + 1],
-                                                         layer.pattern)[1][0, :, 0]
+                                                         layer.pattern, scale=layer.scale)[1][0, :, 0]
         out.append(weights)
     return out
