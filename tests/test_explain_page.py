@@ -101,8 +101,12 @@ def test_cli_writes_the_page(tmp_path, capsys):
     assert main(["explain", SENTENCE, "--out", str(tmp_path), "--html", str(tmp_path / "p.html")]) == 0
     assert f"Page: {tmp_path / 'p.html'}" in capsys.readouterr().out
     assert (tmp_path / "p.html").read_text().startswith("<!DOCTYPE html>")
-    assert main(["explain", SENTENCE, "--html", str(tmp_path / "missing" / "p.html")]) == 2
-    assert "--html" in capsys.readouterr().err
+    assert main(["explain", SENTENCE, "--out", str(tmp_path), "--html", str(tmp_path / "new" / "p.html")]) == 0
+    assert (tmp_path / "new" / "p.html").is_file()  # --html out/page.html works before out/ exists
+    capsys.readouterr()
+    for bad in (tmp_path, tmp_path / "p.html" / "q.html"):  # a directory; a path under a file
+        assert main(["explain", SENTENCE, "--html", str(bad)]) == 2
+        assert "--html" in capsys.readouterr().err
 
 
 # ---- in a real browser -------------------------------------------------------------------------
