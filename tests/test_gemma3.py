@@ -206,3 +206,53 @@ def test_bad_tokens_and_caches_are_rejected(tmp_path):
         ours(torch.tensor([[0, 1]]), caches=ours.make_caches(1, 8)[:1])
     with pytest.raises(TypeError, match="Gemma3Config"):
         Gemma3({"dim": 8})
+
+
+def _cache_bytes(caches) -> int:
+    return sum(buffer.nbytes for cache in caches for buffer in cache.buffers())
+
+
+def test_window_layer_caches_do_not_grow_with_the_context():
+    """Gemma 3 270M at 32k: 3 global layers x 32,768 positions + 15 window layers x 512, allocated."""
+    config = PRESETS["gemma3-270m"]
+    with torch.device("meta"):
+        mixed, all_global = Gemma3(config), Gemma3(Gemma3Config.preset("gemma3-270m", layer_types=("full_attention",) * 18))
+    per_position = 2 * config.n_kv_heads * config.head_dim * 4  # keys and values, float32
+    sizes = {}
+    for context in (2048, 32768):
+        caches = mixed.make_caches(1, context, dtype=torch.float32, device="cpu")
+        sizes[context] = _cache_bytes(caches)
+        assert sizes[context] == (3 * context + 15 * 512) * per_position
+        window_bytes = _cache_bytes(c for c, kind in zip(caches, config.layer_types) if kind == "sliding_attention")
+        assert window_bytes == 15 * 512 * per_position
+    full = _cache_bytes(all_global.make_caches(1, 32768, dtype=torch.float32, device="meta"))
+    assert full == 18 * 32768 * per_position
+    assert 5.5 < full / sizes[32768] < 5.6
+
+
+def test_chat_template_is_gemmas():
+    from attnkit.models.gemma3.chat import CHAT_TEMPLATE
+
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": " Hi \n"},
+            {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Capital of France?"}]
+    assert CHAT_TEMPLATE.render(chat) == (
+        "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello.<end_of_turn>\n"
+        "<start_of_turn>user\nCapital of France?<end_of_turn>\n<start_of_turn>model\n")
+    with pytest.raises(ValueError, match="alternate"):
+        CHAT_TEMPLATE.render([{"role": "assistant", "content": "Hi"}])
+
+
+def test_packed_and_int8_models_generate_as_the_plain_one(tmp_path):
+    """``generate`` packs a Gemma's linears for the CPU (or quantizes them with --int8), the tied head included."""
+    from attnkit.models.cpu_pack import pack_for_cpu
+    from attnkit.models.int8 import quantize_int8
+
+    _, plain = _pair(tmp_path / "plain", "gqa", seed=6)
+    prompt = _tokens(batch=1, n=12, seed=7)
+    with torch.no_grad():
+        expected = plain(prompt)
+    packed = pack_for_cpu(load_hf(tmp_path / "plain"))
+    assert packed.lm_head is not None and not isinstance(packed.layers[0].mlp.up_proj, torch.nn.Linear)
+    with torch.no_grad():
+        assert rel_error(packed(prompt), expected) < 1e-5
+        assert rel_error(quantize_int8(load_hf(tmp_path / "plain"))(prompt), expected) < 0.05

@@ -29,7 +29,7 @@ from attnkit.kernels import triton_lists  # noqa: E402
 from attnkit.kernels.triton_blocks import BlocksPart  # noqa: E402
 from attnkit.kernels.triton_launch import MAX_SPLITS, _splits, kernel_parts, triton_available, triton_kernel  # noqa: E402
 from attnkit.kernels.triton_lists import block_list, build_block_list  # noqa: E402
-from attnkit.patterns import BlockLocal, Periodic, Summary  # noqa: E402
+from attnkit.patterns import BlockLocal, Periodic, Piece, Summary  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TOLERANCE = {torch.float32: 3e-5, torch.float16: 6e-3, torch.bfloat16: 5e-2}
@@ -90,6 +90,7 @@ FAMILIES = {
     "summary": Summary(8, 3),
     "block_sparse": BlockSparse(block_layout(35, 8, seed=1), 8),
     "union": SlidingWindow(3) | Strided(6),
+    "intersection": BlockLocal(12) & SlidingWindow(5),
     "predicate": Predicate(lambda i, j: (j <= i) & (j % 3 == 0)),
     "per_head": PerHead((SlidingWindow(4), Strided(3), Fixed(4, 1), BlockSparse(block_layout(35, 16, seed=2), 16))),
 }
@@ -221,7 +222,13 @@ def test_parts_come_from_pattern_facts():
     assert [(p.lo, p.hi, p.step) for p in strided] == [(0, 8, 1), (2, float("inf"), 8)]
     assert [p.keys for p in kernel_parts(Fixed(8, 2))] == ["lattice", "summary"]
     assert [p.segment for p in kernel_parts(BlockLocal(6))] == [6]
+    assert kernel_parts(BlockLocal(12) & SlidingWindow(5)) == (Piece(0, 4, segment=12),)  # the meet, one piece
     assert isinstance(kernel_parts(SlidingWindow(3) | Strided(4))[0], BlocksPart)
+    assert isinstance(kernel_parts(Piece(0, 9, step=3, segment=6))[0], BlocksPart)  # segments need step 1
+
+
+def test_pieces_the_band_kernels_do_not_take_run_on_block_lists():
+    check(Piece(0, 9, step=3, segment=6), 29, 35)
 
 
 def test_decode_split_counts_are_few_powers_of_two(monkeypatch):

@@ -1,7 +1,8 @@
 """Triton kernels for attention whose allowed keys form a band on a lattice: forward and backward.
 
-One geometry covers sliding windows, Strided's two parts and Fixed's two parts. Each query row and
-each key get a *logical* index:
+One geometry, a :class:`~attnkit.patterns.Piece` (the pattern declares its pieces once; the CPU
+planner reads the same ones), covers sliding windows, Strided's two parts and Fixed's two parts.
+Each query row and each key get a *logical* index:
 
 - ``keys="lattice"``: with a lattice step ``S`` (1 for ordinary bands), residue ``r = pos % S``
   runs as its own sequence: query ``i = base + r + S*a`` has coordinate ``u = base // S + a`` and
@@ -41,6 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..patterns import SUMMARY, Piece
 from . import triton_configs as configs
 from .triton_tiles import LOG2E, dkdv_step, dq_step, head_base, load_cols, load_rows, program_coords, query_heads
 from .triton_tiles import row_stats, scores, softmax_step, store_forward, store_grad_rows
@@ -49,24 +51,10 @@ _BIG_EDGE = 1 << 29  # stands for an infinite band edge in int32 arithmetic (sum
 _BIG = tl.constexpr(_BIG_EDGE)
 
 
-@dataclass(frozen=True)
-class BandPart:
-    """One band geometry (see the module docstring). ``lo``/``hi`` may be +-inf."""
-
-    lo: float
-    hi: float
-    step: int = 1
-    keys: str = "lattice"
-    period: int = 1
-    width: int = 1
-    own: bool = False
-    segment: int = 0
-
-    @property
-    def touched_keys(self) -> tuple[int, int]:
-        """``(period, width)``: the keys this part reaches are those with ``j % period >= period -
-        width`` (``(1, 1)``: every key)."""
-        return (self.period, self.width) if self.keys == "summary" else (1, 1)
+def touched_keys(part: Piece) -> tuple[int, int]:
+    """``(period, width)``: the keys a part reaches are those with ``j % period >= period - width``
+    (``(1, 1)``: every key)."""
+    return (part.period, part.width) if part.keys == SUMMARY else (1, 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -436,15 +424,15 @@ class _Geometry:
     residues: int
     key_slots: int  # logical keys per residue (the dK/dV grid)
 
-    def args(self, part: BandPart) -> tuple:
+    def args(self, part: Piece) -> tuple:
         return (self.lo, self.hi, self.step, self.base, self.ubase, part.period, part.width,
                 int(part.own), self.n_summary, max(part.segment, 1))
 
 
-def _geometry(part: BandPart, n_q: int, n_k: int) -> _Geometry:
+def _geometry(part: Piece, n_q: int, n_k: int) -> _Geometry:
     offset = n_k - n_q
     lo, hi = _edge(part.lo), _edge(part.hi)
-    if part.keys == "summary":
+    if part.keys == SUMMARY:
         if math.isfinite(part.hi) or part.lo < 0:  # the dK/dV pass's query range assumes it
             raise ValueError(f"summary keys need a band (lo >= 0, hi = inf), got {part}")
         n_summary = (n_k // part.period) * part.width + max(0, n_k % part.period - (part.period - part.width))
@@ -455,11 +443,11 @@ def _geometry(part: BandPart, n_q: int, n_k: int) -> _Geometry:
     return _Geometry(lo, hi, step, base, base // step, n_lattice, 0, step, -(-n_k // step))
 
 
-def _part_flags(part: BandPart) -> dict:
-    return dict(KEYS=int(part.keys == "summary"), SEGMENTED=part.segment > 0)
+def _part_flags(part: Piece) -> dict:
+    return dict(KEYS=int(part.keys == SUMMARY), SEGMENTED=part.segment > 0)
 
 
-def band_forward(part: BandPart, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+def band_forward(part: Piece, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                  out: torch.Tensor, lse: torch.Tensor, prev: tuple | None = None,
                  decode: tuple[int, int] | None = None) -> None:
     """Run one part forward into ``out``/``lse``.
@@ -499,7 +487,7 @@ def decode_tiles(q: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int, int]:
     return configs.DECODE["wide" if wide else "narrow"]
 
 
-def band_backward(part: BandPart, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor,
+def band_backward(part: Piece, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor,
                   lse: torch.Tensor, delta: torch.Tensor, scale: float, grads: tuple, accumulate: tuple,
                   later: tuple[int, int] | None) -> None:
     """One part's share of the gradients given the *final* ``lse`` and ``delta = rowsum(dO * O) -
@@ -532,7 +520,7 @@ def band_backward(part: BandPart, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     )
 
 
-def key_tiles(part: BandPart, n_q: int, n_k: int, block_n: int) -> int:
+def key_tiles(part: Piece, n_q: int, n_k: int, block_n: int) -> int:
     """Key tiles of ``block_n`` keys the widest query tile of a decode-sized call (``n_q`` small) walks."""
     geo = _geometry(part, n_q, n_k)
     span = min(geo.hi - geo.lo + 1 + n_q, geo.key_slots)

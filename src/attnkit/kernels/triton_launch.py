@@ -3,18 +3,13 @@
 A pattern is split into disjoint *parts* that each run one kernel; the parts run in turn, each
 merging its result by log-sum-exp into the previous parts' in its epilogue, and the last writes the
 output dtype; the backward pass gives every part the merged LSE, so each contributes exactly its
-share of dQ, dK, dV, and the last part to touch a row writes it in the input dtype. Parts come from
-the pattern's own facts (``band()``, ``parts``, the classes of :mod:`attnkit.patterns`), never from
-evaluating it on the ``Nq x Nk`` square:
-
-- a band ``lo <= i - j <= hi`` (windows, causal, their intersections): one band part;
-- ``Strided(s)``: the band ``0 <= i - j <= s`` and each residue class mod ``s`` as its own
-  sequence with ``i // s - j // s >= 2`` (the periodic keys the band does not hold);
-- ``Fixed(s, c)``: the causal blocks of ``s`` (segmented band) and the summary columns of the
-  earlier blocks (gathered by formula);
-- ``Periodic``, ``BlockLocal``, ``Summary`` alone: one part each;
-- anything else (``BlockSparse`` layouts, unions, intersections, predicates): the block-list kernels of
-  :mod:`~attnkit.kernels.triton_blocks`, which walk per-query-block lists of key blocks.
+share of dQ, dK, dV, and the last part to touch a row writes it in the input dtype. The parts are
+the pattern's own pieces (:attr:`~attnkit.patterns.Pattern.pieces`, declared once by the pattern,
+never found by evaluating it on the ``Nq x Nk`` square), run by the band kernels of
+:mod:`~attnkit.kernels.triton_band`: a band (windows, causal, their intersections), Strided's band
+and periodic residues, Fixed's segmented band and summary columns, ``Periodic``, ``BlockLocal``,
+``Summary``. Anything else (``BlockSparse`` layouts, unions, predicates) runs the block-list
+kernels of :mod:`~attnkit.kernels.triton_blocks`, which walk per-query-block lists of key blocks.
 
 Decode-sized calls (up to :data:`DECODE_QUERIES` queries) run the decode configuration: a GQA
 group's heads packed into a 16-row query tile, wide key tiles, the keys split across programs
@@ -35,7 +30,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..patterns import BlockLocal, Fixed, Pattern, Periodic, Strided, Summary, head_runs
+from ..patterns import SUMMARY, Pattern, Piece, head_runs
 
 MAX_HEAD_DIM = 256
 DECODE_QUERIES = 16
@@ -80,32 +75,32 @@ def triton_status() -> str:
 
 
 def kernel_parts(pattern: Pattern) -> tuple:
-    """The disjoint parts of a pattern without a head dimension: band parts where the pattern's
-    facts give them (the first covering every key), else one block-list part."""
+    """The disjoint parts of a pattern without a head dimension: its pieces where the band kernels
+    take them, else one block-list part."""
     from .triton_blocks import BlocksPart
 
     return _band_parts(pattern) or (BlocksPart(pattern),)
 
 
 def _band_parts(pattern: Pattern) -> Optional[tuple]:
-    from .triton_band import BandPart
+    """The pattern's own pieces (:attr:`~attnkit.patterns.Pattern.pieces`) when the band kernels
+    take them all, else None (block lists). They take lattice pieces (a segment only on a lattice
+    of step 1) and summary pieces ``lo >= 0, hi = inf``; in a plan of several pieces the first
+    reaches every key (the backward's accumulation relies on it)."""
+    from .triton_band import touched_keys
 
-    band = pattern.band()
-    if band is not None:
-        return (BandPart(*band),)
-    if isinstance(pattern, Strided):
-        return BandPart(0, pattern.stride), BandPart(2, math.inf, step=pattern.stride)
-    if isinstance(pattern, Fixed):
-        s, c = pattern.stride, pattern.summary
-        return BandPart(0, s - 1, segment=s), BandPart(0, math.inf, keys="summary", period=s, width=c)
-    if isinstance(pattern, Periodic):
-        return (BandPart(0, math.inf, step=pattern.stride),)
-    if isinstance(pattern, BlockLocal):
-        return (BandPart(0, pattern.stride - 1, segment=pattern.stride),)
-    if isinstance(pattern, Summary):
-        s, c = pattern.stride, pattern.summary
-        return (BandPart(0, math.inf, keys="summary", period=s, width=c, own=True),)
-    return None
+    pieces = pattern.pieces
+    if not pieces or not all(_band_kernel_takes(p) for p in pieces):
+        return None
+    if len(pieces) > 1 and touched_keys(pieces[0]) != (1, 1):
+        return None
+    return tuple(pieces)
+
+
+def _band_kernel_takes(piece: Piece) -> bool:
+    if piece.keys == SUMMARY:
+        return piece.lo >= 0 and piece.hi == math.inf
+    return piece.segment == 0 or piece.step == 1
 
 
 def triton_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[str]:
@@ -144,9 +139,9 @@ def _splits(key_tiles: int, programs: int, device: torch.device) -> int:
 def _decode_splits(parts: tuple, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[list[int]]:
     """The key shares of each part of a decode-sized call, or None when the call is not one (more
     queries, or a block-list part)."""
-    from .triton_band import BandPart, decode_tiles, key_tiles
+    from .triton_band import decode_tiles, key_tiles
 
-    if q.shape[2] > DECODE_QUERIES or not all(isinstance(p, BandPart) for p in parts):
+    if q.shape[2] > DECODE_QUERIES or not all(isinstance(p, Piece) for p in parts):
         return None
     block_n = decode_tiles(q, v)[1]
     programs = q.shape[0] * k.shape[1]  # one (batch, KV head) per program, before splitting
@@ -195,7 +190,9 @@ def _starts(counts: Sequence[int]) -> list[int]:
 
 def _later_keys(parts: tuple, index: int) -> Optional[tuple[int, int]]:
     """``touched_keys`` of the parts after ``index`` together (None: there are none)."""
-    later = {p.touched_keys for p in parts[index + 1:]}
+    from .triton_band import touched_keys
+
+    later = {touched_keys(p) for p in parts[index + 1:]}
     if not later:
         return None
     if (1, 1) in later:
@@ -208,7 +205,7 @@ def _later_keys(parts: tuple, index: int) -> Optional[tuple[int, int]]:
 def _backward(parts: tuple, q, k, v, out, lse, grad_out, grad_lse, scale: float) -> tuple[torch.Tensor, ...]:
     """``(dq, dk, dv)`` in the inputs' dtypes, contiguous, given the merged ``out`` and ``lse`` (and
     ``grad_lse``, None = zero)."""
-    from .triton_band import band_backward
+    from .triton_band import band_backward, touched_keys
     from .triton_blocks import BlocksPart, blocks_backward
     from .triton_merge import backward_delta
 
@@ -218,7 +215,7 @@ def _backward(parts: tuple, q, k, v, out, lse, grad_out, grad_lse, scale: float)
     if isinstance(parts[0], BlocksPart):
         blocks_backward(parts[0], q, k, v, grad_out, lse, delta, scale, grads)
         return grads
-    if parts[0].touched_keys != (1, 1):  # Summary alone: the keys it does not reach get no gradient
+    if touched_keys(parts[0]) != (1, 1):  # Summary alone: the keys it does not reach get no gradient
         grads[1].zero_()
         grads[2].zero_()
     scratch = [tuple(torch.empty(g.shape, device=g.device, dtype=torch.float32) for g in grads)

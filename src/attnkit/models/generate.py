@@ -53,8 +53,8 @@ class CausalLM(Protocol):
       :mod:`attnkit.nn.kv_cache`); ``key_mask`` ``(B, max_len)`` over the cache positions (True =
       a real token) is None when no row is padded. Returns logits ``(B, 1, vocab)`` of the last
       position. This call checks its input (the prompt enters here).
-    - ``model.logits(...)``: the same without input checks and without reading anything back to
-      the host; each decoding step calls it (:mod:`attnkit.models.decode_step`).
+    - ``model.forward_unchecked(...)``: the same without input checks and without reading
+      anything back to the host; each decoding step calls it (:mod:`attnkit.models.decode_step`).
     """
 
     @property
@@ -68,8 +68,9 @@ class CausalLM(Protocol):
     def __call__(self, tokens: torch.Tensor, *, positions: torch.Tensor, cache_positions: torch.Tensor,
                  caches: Sequence[object], key_mask: Optional[torch.Tensor], last_only: bool) -> torch.Tensor: ...
 
-    def logits(self, tokens: torch.Tensor, *, positions: torch.Tensor, cache_positions: torch.Tensor,
-               caches: Sequence[object], key_mask: Optional[torch.Tensor], last_only: bool) -> torch.Tensor: ...
+    def forward_unchecked(self, tokens: torch.Tensor, *, positions: torch.Tensor, cache_positions: torch.Tensor,
+                          caches: Sequence[object], key_mask: Optional[torch.Tensor],
+                          last_only: bool) -> torch.Tensor: ...
 
 
 def _check_options(max_new_tokens, temperature, top_k, top_p, seed) -> None:
@@ -182,6 +183,7 @@ def stream(
     top_p: Optional[float] = None,
     seed: Optional[int] = None,
     stop_tokens: Optional[Sequence[int]] = None,
+    compile: bool = False,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, ``(B,)`` int64 per step; the first yield follows the
     prefill. A row that has produced a stop token repeats it; the stream ends when every row has
@@ -228,7 +230,7 @@ def stream(
     finished_with = torch.zeros(len(rows), dtype=torch.long, device=device)
     logits = model(batch, positions=_rows_or_one(positions, padded, device), caches=caches, key_mask=key_mask,
                    cache_positions=torch.arange(prompt_len, device=device), last_only=True)[:, -1]
-    step_logits = DecodeStep(model, caches, key_mask)
+    step_logits = DecodeStep(model, caches, key_mask, compile=compile)
     for step in range(max_new_tokens):
         token, top = sample_and_top(logits, temperature, top_k, top_p, generator)
         _check_finite(top, step)
@@ -260,6 +262,7 @@ def generate(
     seed: Optional[int] = None,
     stop_tokens: Optional[Sequence[int]] = None,
     on_token=None,
+    compile: bool = False,
 ):
     """Continue each prompt of ``tokens`` by up to ``max_new_tokens`` tokens.
 
@@ -272,6 +275,8 @@ def generate(
         stop_tokens: ids that end a row (default: the config's ``eos_token_ids``); the stop token
             is kept. After a row stops, it is filled with its stop token until all rows stop.
         on_token: optional callback ``on_token(tokens (B,))`` after each step (for streaming).
+        compile: compile the decoding step with ``torch.compile`` (see
+            :mod:`attnkit.models.decode_step`: the same tokens, a compilation on the first step).
     Returns:
         A tensor ``(B, N + steps)`` for tensor input, else a list of lists (prompt + new tokens,
         each ending at its stop token).
@@ -281,7 +286,7 @@ def generate(
     """
     steps = []
     for token in stream(model, tokens, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                        seed=seed, stop_tokens=stop_tokens):
+                        seed=seed, stop_tokens=stop_tokens, compile=compile):
         steps.append(token)
         if on_token is not None:
             on_token(token)

@@ -12,19 +12,19 @@ Llama 3 expression for the ``llama-bpe`` family of ``tokenizer.ggml.pre``, GPT-2
 choices transformers makes for the same files, so ids agree with its GGUF tokenizer). BOS/EOS are
 added when ``tokenizer.ggml.add_bos_token`` / ``add_eos_token`` say so.
 
-The chat template (``tokenizer.chat_template``, Jinja) is rendered in a sandbox with the
-settings transformers uses (``trim_blocks``, ``lstrip_blocks``, loop controls, ``raise_exception``).
+The chat template (``tokenizer.chat_template``, Jinja) is rendered in a sandbox with limits
+(:mod:`attnkit.models.template_sandbox`).
 """
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from .gguf_file import metadata, metadata_int
 from .gguf_sentencepiece import sentencepiece_from_gguf
+from .template_sandbox import render_template
 
 CONTROL, USER_DEFINED = 3, 4
 
@@ -58,32 +58,16 @@ class ChatTemplate:
     source: str
     bos_token: Optional[str] = None
     eos_token: Optional[str] = None
+    origin: Optional[str] = None
 
     def render(self, messages: Sequence[dict], *, add_generation_prompt: bool = True) -> str:
         """The prompt for ``messages`` (dicts with ``role`` and ``content``), ending with the
-        assistant's turn header when ``add_generation_prompt``. Raises ValueError for a template
-        error (including the template's own ``raise_exception``)."""
-        # optional package (the llama extra), imported only when a template is rendered
-        import jinja2
-        from jinja2.ext import loopcontrols
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(message: str):
-            raise jinja2.exceptions.TemplateError(message)
-
-        def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-            return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-        env.filters["tojson"] = tojson
-        env.globals["raise_exception"] = raise_exception
-        try:
-            return env.from_string(self.source).render(
-                messages=list(messages), add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_token or "", eos_token=self.eos_token or "",
-            )
-        except jinja2.exceptions.TemplateError as exc:
-            raise ValueError(f"chat template: {exc}") from None
+        assistant's turn header when ``add_generation_prompt``. Raises ValueError naming
+        ``origin`` (the file the template came from) for any template error, the template's own
+        ``raise_exception`` included, or a limit of :mod:`attnkit.models.template_sandbox` passed."""
+        return render_template(self.source, self.origin, messages=list(messages),
+                               add_generation_prompt=add_generation_prompt,
+                               bos_token=self.bos_token or "", eos_token=self.eos_token or "")
 
 
 def tokenizer_from_gguf(reader, path: str | os.PathLike):
@@ -189,4 +173,4 @@ def chat_template_from_gguf(reader, path: str | os.PathLike) -> Optional[ChatTem
         token_id = token_id_of(reader, path, f"{key}_token_id", tokens)
         return None if token_id is None else tokens[token_id]
 
-    return ChatTemplate(source, token("bos"), token("eos"))
+    return ChatTemplate(source, token("bos"), token("eos"), str(path))

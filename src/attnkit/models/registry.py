@@ -92,7 +92,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("llama", causal=True, loaders=llama.LOADERS, layers_and_heads=llama.layers_and_heads,
            model_types=("llama",), gguf_architectures=(LLAMA_GGUF_ARCHITECTURE,), quantizable=True),
     Family("gemma3", causal=True, loaders=gemma3.LOADERS, layers_and_heads=gemma3.layers_and_heads,
-           model_types=(GEMMA3_MODEL_TYPE,), gguf_architectures=(GEMMA3_GGUF_ARCHITECTURE,),
+           model_types=(GEMMA3_MODEL_TYPE,), gguf_architectures=(GEMMA3_GGUF_ARCHITECTURE,), quantizable=True,
            chat_template=GEMMA3_CHAT_TEMPLATE),
 )
 

@@ -10,7 +10,7 @@ from torch import nn
 from ..checks import check_scale, positive_int
 from ..backends import BY_NAME
 from ..functional import BACKENDS, attention
-from ..patterns import Pattern, as_pattern
+from ..patterns import Pattern, as_pattern, shared_band
 from ..kernels.decode import decode_attention
 from .kv_cache import KVCache, SlotCache
 from .rolling_cache import RollingKVCache
@@ -109,7 +109,7 @@ class MultiHeadAttention(nn.Module):
 
         Raises ValueError when the pattern is not a causal sliding window (``SlidingWindow(size)``).
         """
-        band = self.pattern.band() if self.pattern.n_heads is None else None
+        band = shared_band(self.pattern)
         if band is None or band[0] < 0 or band[1] == float("inf"):
             raise ValueError(
                 f"MultiHeadAttention.make_rolling_cache: the pattern must be a causal sliding window, got {self.pattern!r}"

@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from ..patterns import Pattern
+from ..patterns import Pattern, shared_band
 from .kv_cache import SlotCache
 
 
@@ -44,7 +44,7 @@ class RollingKVCache(SlotCache):
     def check_pattern(self, pattern: Pattern) -> None:
         """Raise ValueError unless ``pattern`` is a causal band of at most ``window`` keys (for
         example ``SlidingWindow(size)`` with ``size <= window``): others need older tokens."""
-        band = pattern.band() if pattern.n_heads is None else None
+        band = shared_band(pattern)
         if band is None or band[0] < 0 or not math.isfinite(band[1]) or band[1] + 1 > self.window:
             raise ValueError(
                 f"RollingKVCache: pattern must be a causal sliding window of at most {self.window} keys "

@@ -210,10 +210,17 @@ def _offset(edge: int) -> int:
     return max(-(2**62), min(edge, 2**62))
 
 
+def shared_band(pattern: Pattern) -> Optional[Band]:
+    """The band ``(lo, hi)`` of every head of ``pattern``, or None: a per-head pattern has none
+    (its heads may differ), whatever its ``band()`` says. Ask this, not ``band()``, of a pattern
+    that may be per-head."""
+    return pattern.band() if pattern.n_heads is None else None
+
+
 def finite_band(pattern: Pattern) -> Optional[Band]:
     """The pattern's band ``(lo, hi)`` when it has one with finite bounds (the work of the native
     band kernel and of the planner's band geometry), else None."""
-    band = pattern.band()
+    band = shared_band(pattern)
     return band if band is not None and math.isfinite(band[0]) and math.isfinite(band[1]) else None
 
 
@@ -239,7 +246,7 @@ class Piece(Pattern):
 
     A piece is a pattern (``allows`` evaluates the formula above), so a planner can mask it
     exactly; the Triton kernels (:mod:`attnkit.kernels.triton_band`) evaluate the same formulas in
-    their tiles, and their ``BandPart`` has these fields. A new cut (per-document bounds, say)
+    their tiles, reading these fields. A new cut (per-document bounds, say)
     is one more field here, met with a band by :meth:`meet`.
 
     Example: ``Strided(4).pieces == (Piece(0, 4), Piece(2, inf, step=4))``; ``Fixed(4, 1).pieces

