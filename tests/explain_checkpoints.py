@@ -1,5 +1,6 @@
 """Test helpers for ``attnkit explain``: tiny random Llama checkpoints (GQA, MQA) with a word-level
-tokenizer, and the attention weights of any model recomputed the plain way, as the oracle."""
+tokenizer, a tiny random Gemma 3 explained, and the attention weights of any model recomputed the
+plain way, as the oracle."""
 
 from __future__ import annotations
 
@@ -55,8 +56,9 @@ def layer_qkv(model: torch.nn.Module, ids: list[int]) -> list[tuple[MultiHeadAtt
 
 
 def reference_weights(model: torch.nn.Module, ids: list[int]) -> list[torch.Tensor]:
-    """Every layer's ``(H, N, N)`` weights by :func:`attnkit.reference_attention` in float64."""
-    return [reference_attention(*qkv, layer.pattern)[1][0] for layer, qkv in layer_qkv(model, ids)]
+    """Every layer's ``(H, N, N)`` weights by :func:`attnkit.reference_attention` in float64, at
+    the layer's own scale."""
+    return [reference_attention(*qkv, layer.pattern, scale=layer.scale)[1][0] for layer, qkv in layer_qkv(model, ids)]
 
 
 def reference_rows(model: torch.nn.Module, ids: list[int], rows: list[int]) -> list[torch.Tensor]:
@@ -68,6 +70,31 @@ def reference_rows(model: torch.nn.Module, ids: list[int], rows: list[int]) -> l
         weights = torch.zeros(q.shape[1], len(rows), len(ids), dtype=torch.float64)
         for r, p in enumerate(rows):
             weights[:, r, : p + 1] = reference_attention(q[:, :, p:p + 1], k[:, :, : p + 1], v[:, :, : p + 1],
-                                                         layer.pattern)[1][0, :, 0]
+                                                         layer.pattern, scale=layer.scale)[1][0, :, 0]
         out.append(weights)
     return out
+
+
+GEMMA_WINDOW = 4
+
+
+def tiny_gemma3_explanation(n: int = 12, token: int = 10) -> tuple[torch.nn.Module, dict]:
+    """A tiny random Gemma 3 (4 query heads sharing 1 KV head; layers 0-1 windows of
+    :data:`GEMMA_WINDOW` keys, layer 2 global; ``query_pre_attn_scalar`` 24, not the head width
+    16) and the explain dict of tokens ``t3 t4 ...`` (``n`` of them) with ``token`` explained first."""
+    from attnkit.analysis import explain as ex
+    from attnkit.analysis.explain_data import explanation
+    from attnkit.analysis.head_choice import choose_head
+    from attnkit.models.gemma3 import Gemma3, Gemma3Config
+    from attnkit.models.tokenizer import Tokens
+
+    torch.manual_seed(0)
+    config = Gemma3Config(dim=48, n_layers=3, n_heads=4, n_kv_heads=1, head_dim=16, ffn_dim=80, vocab_size=64,
+                          bos_token_id=1, eos_token_ids=(2,), sliding_window=GEMMA_WINDOW, query_pre_attn_scalar=24,
+                          layer_types=("sliding_attention", "sliding_attention", "full_attention"))
+    model = Gemma3(config).eval()
+    ids = list(range(3, 3 + n))
+    tokens = Tokens(ids, [f"t{i}" for i in ids], [False] * n, [(0, 0)] * n)
+    traces = ex.trace(model, ids)
+    return model, explanation(traces, tokens, text=" ".join(tokens.labels), token=token, token_note="test",
+                              choice=choose_head(traces, tokens, token), name="tiny gemma3", family="gemma3")

@@ -27,7 +27,7 @@ from attnkit.analysis.head_choice import choose_head
 from attnkit.cli import main
 from attnkit.models.registry import identify
 from attnkit.models.tokenizer import Tokenizer
-from explain_checkpoints import WORDS, reference_weights, save_tiny_llama
+from explain_checkpoints import GEMMA_WINDOW, WORDS, reference_weights, save_tiny_llama, tiny_gemma3_explanation
 
 pytest.importorskip("tokenizers")
 
@@ -101,8 +101,12 @@ def test_cli_writes_the_page(tmp_path, capsys):
     assert main(["explain", SENTENCE, "--out", str(tmp_path), "--html", str(tmp_path / "p.html")]) == 0
     assert f"Page: {tmp_path / 'p.html'}" in capsys.readouterr().out
     assert (tmp_path / "p.html").read_text().startswith("<!DOCTYPE html>")
-    assert main(["explain", SENTENCE, "--html", str(tmp_path / "missing" / "p.html")]) == 2
-    assert "--html" in capsys.readouterr().err
+    assert main(["explain", SENTENCE, "--out", str(tmp_path), "--html", str(tmp_path / "new" / "p.html")]) == 0
+    assert (tmp_path / "new" / "p.html").is_file()  # --html out/page.html works before out/ exists
+    capsys.readouterr()
+    for bad in (tmp_path, tmp_path / "p.html" / "q.html"):  # a directory; a path under a file
+        assert main(["explain", SENTENCE, "--html", str(bad)]) == 2
+        assert "--html" in capsys.readouterr().err
 
 
 # ---- in a real browser -------------------------------------------------------------------------
@@ -226,6 +230,22 @@ def test_page_in_chromium_long_gqa_text_with_hidden_keys(browser, long_data, tin
     texts = [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".kv-head")]
     assert texts == ["KV 0", "KV 1"]
     _screenshot(browser, tmp_path, "explain_page_long.png")
+
+
+def test_page_in_chromium_labels_mqa_and_window_layers(browser, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    model, data = tiny_gemma3_explanation()
+    _open(browser, data, tmp_path / "gemma.html")
+    assert "4 query heads sharing 1 KV head, head width 16 · MQA" in browser.find_element(By.ID, "header").text
+    assert "Multi-query attention (MQA)." in browser.find_element(By.ID, "notes").text
+    labels = [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".grid-row .label .pattern")]
+    assert labels == [f"window {GEMMA_WINDOW}", f"window {GEMMA_WINDOW}", "causal"]
+    browser.find_element(By.CSS_SELECTOR, '.cell[data-layer="0"][data-head="1"]').click()
+    _assert_step1_shown(browser, data, reference_weights(model, data["tokens"]["ids"]), 0, 1, data["token"])
+    hidden = browser.find_elements(By.CSS_SELECTOR, '#step1-table tr[data-hidden="1"]')
+    assert len(hidden) == len(data["tokens"]["ids"]) - GEMMA_WINDOW  # earlier than the window, and later
+    assert all(row.text.endswith(f"hidden (window {GEMMA_WINDOW})") for row in hidden)
 
 
 @pytest.mark.slow  # about a minute: SmolLM2's 30 layers, traced and recomputed by the reference

@@ -145,10 +145,10 @@ def _held_rows(layer: MultiHeadAttention, x: torch.Tensor, positions: Optional[t
     q, k, v = layer.project_qkv(x, positions)  # (1, H, N, D), (1, Hkv, N, D)
     n, n_heads, n_kv = x.shape[1], layer.n_heads, layer.n_kv_heads
     group, n_rows = n_heads // n_kv, len(rows)
-    scale = 1.0 / math.sqrt(layer.head_dim)  # attention()'s default, which the layer's forward uses
+    scale = layer.scale if layer.scale is not None else 1.0 / math.sqrt(layer.head_dim)  # as the layer's forward
     key_positions = torch.arange(n)
-    _, lse_backend = attention(q[:, :, rows], k, v, layer.pattern, q_positions=rows, k_positions=key_positions,
-                               return_lse=True)  # (1, H, R): the held rows only
+    _, lse_backend = attention(q[:, :, rows], k, v, layer.pattern, scale=scale, q_positions=rows,
+                               k_positions=key_positions, return_lse=True)  # (1, H, R): the held rows only
     lse_backend = lse_backend[0].float()
     keys, values = k[0].double(), v[0].double()  # (Hkv, N, D)
     # The heads of one group are consecutive and share a key head: (Hkv, group * R, D) @ (Hkv, D, N).

@@ -55,15 +55,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", type=Path, default=Path("out"), metavar="DIR",
                         help="where to write the heatmap PNGs (default: ./out)")
     parser.add_argument("--html", type=Path, metavar="FILE",
-                        help="also write a self-contained interactive page (open it in any browser, offline)")
+                        help="also write a self-contained interactive page (open it in any browser, offline); "
+                        "its directory is made when missing")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.out.exists() and not args.out.is_dir():
         raise ValueError(f"--out {args.out} exists and is not a directory")
-    if args.html is not None and (args.html.is_dir() or not args.html.parent.is_dir()):
-        raise ValueError(f"--html {args.html}: give a file name in an existing directory")
+    if args.html is not None and (args.html.is_dir() or any(p.exists() and not p.is_dir() for p in args.html.parents)):
+        raise ValueError(f"--html {args.html}: give a file name, in a directory or where one can be made")
     data = explain_text(args.sentence, model=args.model, token=args.token, positions=args.position,
                         layer=args.layer, head=args.head, generate=args.generate)
     console = Console(highlight=False)
@@ -81,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
     if args.html is not None:
         from ..analysis.explain_page import write_page
 
+        args.html.parent.mkdir(parents=True, exist_ok=True)
         size = write_page(data, args.html)
         console.print(f"Page: {args.html} ({size / 1e6:.1f} MB, self-contained): open it in a browser.")
     return 0

@@ -252,7 +252,7 @@
     for (let l = 0; l < L; l++) {
       const kind = data.layers[l].kind;
       const row = el("div", { class: "grid-row" }, el("div", { class: "label" }, "layer " + l,
-        el("span", { class: "pattern " + kind }, patternOf(l) + (kind === "global" ? "" : " · " + kind))));
+        el("span", { class: "pattern " + kind }, patternOf(l) + (kind === "global" || patternOf(l).startsWith(kind) ? "" : " · " + kind))));
       model.groups.forEach(heads => {
         const band = el("div", { class: "kv-group" });
         for (const h of heads) {
