@@ -81,6 +81,7 @@ def test_stop_tokens_end_rows(pair):
     (dict(top_p=1.5), "top_p"),
     (dict(max_new_tokens=-1), "max_new_tokens"),
     (dict(stop_tokens=[300]), r"stop_tokens must be token ids in \[0, 256\), got 300"),
+    (dict(tokens=[[1, 2], [4, 256]]), r"token ids must lie in \[0, 256\), prompt 1 holds \[4, 256\]"),
 ])
 def test_bad_generation_input(kwargs, match):
     model = Llama(LlamaConfig.preset("tiny"))
@@ -277,6 +278,7 @@ def test_text_stream_holds_back_split_characters_and_finish_writes_the_rest():
     (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
     (["--seed", "-3"], "--seed must be an integer in [0, 2**64)"),
     (["--stop-token", "-1"], "--stop-token must be a token id >= 0"),
+    (["--threads", "0"], "--threads must be a positive integer, got 0"),
 ])
 @pytest.mark.parametrize("command", [["generate", "--prompt", "hi"], ["chat"]])
 def test_bad_options_are_named_before_a_model_loads(tmp_path, capsys, command, options, message):

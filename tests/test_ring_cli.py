@@ -225,7 +225,7 @@ def test_a_failed_launch_reports_its_cause_even_when_the_result_cannot_be_read(m
             self.work_dir = json.loads(env[CASE_VARIABLE])["work_dir"]
             self.pid, self.returncode = -1, 1
 
-        def communicate(self):
+        def communicate(self, timeout=None):
             with open(os.path.join(self.work_dir, "rank1.txt"), "w") as handle:
                 handle.write(f"ValueError\nscale must be finite, got nan\n{time.time()!r}")
             with open(os.path.join(self.work_dir, RESULT_FILE), "w") as handle:
@@ -244,3 +244,56 @@ def test_workers_replace_their_files_whole(tmp_path):
     path.write_text("old")
     _write_whole(str(path), '{"reports": []}')
     assert path.read_text() == '{"reports": []}' and os.listdir(tmp_path) == ["result.json"]
+
+
+def test_a_redirected_run_shows_each_ranks_phase_when_it_changes(tmp_path, capsys):
+    from attnkit.cli import ring
+    from attnkit.distributed.ring_case import phase_file
+
+    (tmp_path / "phase0.txt").write_text("forward")
+    said = iter(["backward", "backward", "done"])
+
+    class SlowTorchrun:  # rank 1 moves on between polls; the same phases are not shown twice
+        def communicate(self, timeout=None):
+            phase = next(said, None)
+            if phase is None:
+                return None, "torchrun's stderr"
+            with open(phase_file(str(tmp_path), 1), "w") as handle:
+                handle.write(phase)
+            raise subprocess.TimeoutExpired("torchrun", timeout)
+
+    case = argparse.Namespace(work_dir=str(tmp_path))
+    assert ring._wait_showing_phases(SlowTorchrun(), case, 3, poll_s=0) == "torchrun's stderr"
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("] ", 1)[1] for line in lines] == [
+        "rank 0 forward · rank 1 backward · rank 2 starting",
+        "rank 0 forward · rank 1 done · rank 2 starting",
+    ]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="finds the workers through /proc")
+def test_a_terminated_command_stops_its_workers():
+    # Before: SIGTERM (``timeout``, ``kill``) ended the command alone; torchrun and the workers,
+    # in sessions of their own, went on computing (gigabytes per rank at a million tokens).
+    marker = f"ATTNKIT_TEST_MARK={uuid.uuid4().hex}"
+    env = {**os.environ, marker.split("=")[0]: marker.split("=")[1]}
+    command = [sys.executable, "-m", "attnkit.cli", "ring", "--nproc", "2", "--seq", "262144", "--heads", "2",
+               "--head-dim", "16", "--check", "no", "--timeout", "60"]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len(_workers(marker)) < 2 and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.2)
+        assert len(_workers(marker)) == 2
+        process.terminate()
+        process.communicate(timeout=60)
+        deadline = time.monotonic() + 10
+        while _workers(marker) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _workers(marker) == {}
+    finally:
+        for pid in _workers(marker).values():
+            os.kill(pid, signal.SIGKILL)
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 128 + signal.SIGTERM

@@ -19,7 +19,7 @@ _EXPORTS = {
     "BACKENDS": "functional",
     "attention": "functional",
     "reference_attention": "functional",
-    "merge_lse": "kernels.blockwise",
+    "merge_lse": "kernels.common",
     **dict.fromkeys(
         ("BlockLocal", "BlockSparse", "Causal", "Fixed", "Full", "Intersection", "Pattern", "Periodic", "PerHead",
          "Predicate", "SlidingWindow", "Strided", "Summary", "Union"),

@@ -14,6 +14,7 @@ import argparse
 import math
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -47,10 +48,16 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stop-token", type=int, action="append", metavar="ID",
                         help="token id that ends generation (repeatable; default: the model's end-of-turn ids)")
     parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"),
-                        help="weight dtype (default: as stored; float32 for a GGUF file)")
+                        help="weight dtype (default: as stored; a GGUF file's quantized weights stay in their "
+                        "blocks, and fp32 dequantizes them: the exact reference)")
     parser.add_argument("--int8", action="store_true",
                         help="weight-only int8 linear layers (per-output-channel scales): half the bytes of bf16")
     parser.add_argument("--no-pack", action="store_true", help="skip oneDNN weight packing on CPU")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="CPU threads of the model (default: torch's, one per core)")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the decoding step with torch.compile (the same tokens; the first step "
+                        "compiles, which takes minutes on a small CPU)")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -82,6 +89,8 @@ def check_model_options(args: argparse.Namespace) -> Path:
         raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.seed is not None and not 0 <= args.seed < 2**64:
         raise ValueError(f"--seed must be an integer in [0, 2**64), got {args.seed}")
+    if args.threads is not None and args.threads <= 0:
+        raise ValueError(f"--threads must be a positive integer, got {args.threads}")
     if args.stop_token is not None and min(args.stop_token) < 0:
         raise ValueError(f"--stop-token must be a token id >= 0, got {min(args.stop_token)}")
     path = resolve_model(args.model, default=DEFAULT_MODEL)
@@ -99,20 +108,24 @@ def load(args: argparse.Namespace, path: Path):
 
     from ..models.cpu_pack import pack_for_cpu
     from ..models.int8 import quantize_int8
+    from ..models.quant import is_quantized
     from ..models.registry import identify_causal
-    from ..models.tokenizer import load_text_tokenizer
 
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     with Console(stderr=True).status(f"loading {path.name}"):
         checkpoint = identify_causal(path)
         if args.int8 and not checkpoint.family.quantizable:
             raise ValueError(f"--int8: attnkit cannot quantize a {checkpoint.family.name} model; leave --int8 out")
-        tokenizer = load_text_tokenizer(checkpoint.source)
+        tokenizer = checkpoint.text_tokenizer()
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(args.dtype)
+        if args.int8 and dtype is None and checkpoint.format == "gguf":
+            dtype = torch.float32  # int8 quantizes float weights: a GGUF file's blocks are dequantized first
         model = checkpoint.load(dtype=dtype)
     if args.int8:
         quantize_int8(model)
     elif (not args.no_pack and checkpoint.family.quantizable and torch.backends.mkldnn.is_available()
-          and next(model.parameters()).dtype != torch.float16):
+          and not is_quantized(model) and next(model.parameters()).dtype != torch.float16):
         pack_for_cpu(model, note=lambda message: print(f"note: {message}", file=sys.stderr))
     return model, tokenizer
 
@@ -178,7 +191,7 @@ def stream_answer(model, tokenizer, ids: list[int], args: argparse.Namespace,
     new: list[int] = []
     try:
         for token in stream(model, [ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, seed=args.seed, stop_tokens=stop_tokens):
+                            top_p=args.top_p, seed=args.seed, stop_tokens=stop_tokens, compile=args.compile):
             now = time.perf_counter()
             if prefill_s is None:
                 prefill_s, first = now - start, now
@@ -210,6 +223,17 @@ def speed_report(prompt_tokens: int, answer: Answer) -> str:
         return line + (f"; decode: {_count(decoded, 'token')} in {answer.decode_s:.2f} s "
                        f"({decoded / answer.decode_s:.1f} tokens/s)")
     return line + "; decode: none timed (one token generated)"
+
+
+def kv_cache_report(model, positions: int) -> str:
+    """One line: the key/value caches ``generate`` allocates for one row of ``positions`` tokens
+    (the model's own ``make_caches``, built on the meta device to read their sizes), grouped by
+    the positions each layer keeps (a sliding-window layer's rolling cache keeps its window)."""
+    caches = model.make_caches(1, positions, device="meta")
+    kept = Counter(int(cache.keys.shape[2]) for cache in caches)
+    total = sum(buffer.nbytes for cache in caches for buffer in cache.buffers())
+    parts = " + ".join(f"{_count(n, 'layer')} x {_count(size, 'position')}" for size, n in sorted(kept.items()))
+    return f"KV cache: {total / 2**20:.1f} MiB allocated ({parts})"
 
 
 def chat_stop_tokens(model, tokenizer, explicit: Optional[list[int]]) -> Optional[list[int]]:
@@ -247,4 +271,5 @@ def run(args: argparse.Namespace) -> int:
         raise KeyboardInterrupt  # main says so, on a line of its own
     print(file=sys.stdout, flush=True)
     print(speed_report(len(ids), answer), file=sys.stderr)
+    print(kv_cache_report(model, len(ids) + args.max_new_tokens), file=sys.stderr)
     return 0

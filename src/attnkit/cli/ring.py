@@ -4,7 +4,8 @@
 heads, ``hybrid`` Ulysses inside groups of ``--ulysses-degree`` ranks and a ring across them.
 
 The command launches itself under ``torchrun`` (``python -m torch.distributed.run``) with
-``--nproc`` workers on this machine, joined over loopback at a port found free at start. Each
+``--nproc`` workers on this machine, joined over loopback at a port found free at start, and
+shows the phase each rank is in (forward, backward, ...) while they run. Each
 worker runs :mod:`.ring_worker` (:mod:`attnkit.distributed.worker` does the work); rank 0 writes
 every rank's report to a scratch directory, and this command prints a table of per-rank time,
 compute load, bytes sent (counted by a wrapper around torch.distributed, beside the cost model's
@@ -19,6 +20,7 @@ worker the line is the error of the rank that failed first (see :func:`failure`)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -27,16 +29,19 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from typing import Optional
 
 from rich.console import Console
+from rich.markup import escape
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from ..distributed.agreement import SCHEMES
 from ..distributed.comm import DEFAULT_TIMEOUT_S, is_lost_connection
 from ..distributed.launch import free_port
 from ..distributed.layouts import LAYOUTS, check_split
-from ..distributed.ring_case import CASE_VARIABLE, RESULT_FILE, RingCase, case_to_json
+from ..distributed.ring_case import CASE_VARIABLE, RESULT_FILE, RingCase, case_to_json, phase_file
 from .pattern_args import parse_pattern, pattern_syntax
 
 CHECK_AUTO_LIMIT = 16384
@@ -253,6 +258,66 @@ def _report_result(case: RingCase, work_dir: str, json_path: Optional[str]) -> N
             json.dump(result, handle, indent=2)
 
 
+def _phases(case: RingCase, world: int) -> str:
+    """``"rank 0 forward · rank 1 backward"``: what each rank said it is doing (see
+    :func:`~attnkit.distributed.ring_case.phase_file`), ``starting`` before it says."""
+    said = []
+    for rank in range(world):
+        try:
+            with open(phase_file(case.work_dir, rank)) as handle:
+                said.append(f"rank {rank} {handle.read()}")
+        except FileNotFoundError:
+            said.append(f"rank {rank} starting")
+    return " · ".join(said)
+
+
+def _wait_showing_phases(process: subprocess.Popen, case: RingCase, world: int, poll_s: float = 0.5) -> str:
+    """Wait for torchrun and return its stderr, showing each rank's phase meanwhile: a live line
+    with the elapsed time on a terminal (stderr), else one line on stdout each time the phases
+    change (so a redirected long run is never silent, and stderr keeps only the one-line error)."""
+    console = Console(stderr=True)
+    start, shown = time.perf_counter(), None
+    with contextlib.ExitStack() as stack:
+        progress = None
+        if console.is_terminal:
+            progress = stack.enter_context(Progress(SpinnerColumn(), TextColumn("{task.description}"),
+                                                    TimeElapsedColumn(), console=console, transient=True))
+            task = progress.add_task("launching")
+        while True:
+            try:
+                return process.communicate(timeout=poll_s)[1]
+            except subprocess.TimeoutExpired:
+                phases = _phases(case, world)
+                if progress is not None:
+                    progress.update(task, description=escape(phases))
+                elif phases != shown:
+                    print(f"[{time.perf_counter() - start:8.1f} s] {phases}", flush=True)
+                shown = phases
+
+
+STOP_GRACE_S = 20.0
+"""Seconds torchrun gets to stop its workers before it is killed."""
+
+
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def _stop(process: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
+    """End torchrun and its workers. The workers run in sessions of their own, out of reach of a
+    signal to torchrun's group, and a torchrun killed outright leaves them running (a 1M-token
+    case holds gigabytes per rank for minutes): SIGTERM lets torchrun stop them first; SIGKILL
+    follows after ``grace_s``."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.communicate(timeout=grace_s)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+
+
 def run(args: argparse.Namespace) -> int:
     work_dir = tempfile.mkdtemp(prefix="attnkit-ring-")
     try:
@@ -265,12 +330,16 @@ def run(args: argparse.Namespace) -> int:
         ]
         env = {**os.environ, CASE_VARIABLE: case_to_json(case), "OMP_NUM_THREADS": "1"}
         process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        # A SIGTERM (``timeout``, ``kill``) ends this command through the handler below, as Ctrl-C
+        # does, instead of leaving torchrun and its workers running on their own.
+        previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
         try:
-            _, stderr = process.communicate()
+            stderr = _wait_showing_phases(process, case, args.nproc)
         except BaseException:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+            _stop(process)
             raise
+        finally:
+            signal.signal(signal.SIGTERM, previous)
         # A failed launch's error is settled before the report: should printing rank 0's result
         # fail as well, the user still learns the cause rather than that consequence.
         error = failure(stderr, process.returncode, work_dir) if process.returncode != 0 else None

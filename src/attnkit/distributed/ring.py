@@ -27,8 +27,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ..kernels.blockwise import merge_lse
-from ..kernels.common import compute_dtype
+from ..kernels.common import compute_dtype, merge_lse
 from ..patterns import Pattern
 from .agreement import check_same_everywhere, checked_arguments
 from .comm import DEFAULT_TIMEOUT_S, RingComm, current_stats

@@ -9,6 +9,7 @@ of :func:`case_from_json` passes in, so this module needs no part of the command
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -21,8 +22,9 @@ class RingCase:
     scheme it runs it with (``"ring"``, ``"ulysses"``, ``"hybrid"`` on a grid of
     ``ulysses_degree`` x the rest).
 
-    ``work_dir`` is where each failing rank writes its one-line error (``rank{r}.txt``) and rank 0
-    writes the result (:data:`RESULT_FILE`) for the launcher to report.
+    ``work_dir`` is where each rank writes the phase it is in (:func:`phase_file`), each failing
+    rank its one-line error (``rank{r}.txt``), and rank 0 the result (:data:`RESULT_FILE`), for
+    the launcher to show and report.
     """
 
     seq: int
@@ -50,6 +52,12 @@ RESULT_FILE = "result.json"
 """Rank 0's ``{"reports": [...], "errors": ...}``, in ``work_dir``."""
 
 
+def phase_file(work_dir: str, rank: int) -> str:
+    """Where rank ``rank`` writes the phase it is in (``"forward"``, ``"backward"``, ...) for the
+    launcher's progress display."""
+    return os.path.join(work_dir, f"phase{rank}.txt")
+
+
 def case_to_json(case: RingCase) -> str:
     """Every field but the pattern object, which ``pattern_name`` spells."""
     fields = asdict(case)
@@ -63,4 +71,4 @@ def case_from_json(text: str, parse_pattern: Callable[[str], Pattern]) -> RingCa
     return RingCase(pattern=parse_pattern(fields["pattern_name"]), **fields)
 
 
-__all__ = ["CASE_VARIABLE", "RESULT_FILE", "RingCase", "case_from_json", "case_to_json"]
+__all__ = ["CASE_VARIABLE", "RESULT_FILE", "RingCase", "case_from_json", "case_to_json", "phase_file"]

@@ -63,10 +63,13 @@ class LocalCore:
 class _Call:
     """One Ulysses or hybrid call: the exchange, its rounds, the core and the per-round patterns."""
 
-    def __init__(self, exchange: HeadExchange, rounds: list[HeadSplit], core, pattern: Pattern, return_lse: bool):
+    def __init__(self, exchange: HeadExchange, split: HeadSplit, rounds: list[HeadSplit], core, pattern: Pattern,
+                 return_lse: bool):
         self.exchange, self.rounds, self.core, self.return_lse = exchange, rounds, core, return_lse
         me = exchange.comm.rank
         self.patterns = [heads_of(pattern, *r.q[me]) for r in rounds]
+        self.replicated = any(a[1] > b[0] for a, b in zip(split.kv, split.kv[1:]))
+        """Whether a KV head goes to several ranks (its gradient copies are then summed)."""
 
 
 class _SequenceParallel(torch.autograd.Function):
@@ -101,8 +104,11 @@ class _SequenceParallel(torch.autograd.Function):
         q_shape, k_shape, v_shape = ctx.shapes
         dtype, device = ctx.saved[0][0].dtype, ctx.saved[0][0].device
         d_q = torch.empty(q_shape, dtype=dtype, device=device)
-        d_k = torch.zeros(k_shape, dtype=compute_dtype(dtype), device=device)
-        d_v = torch.zeros(v_shape, dtype=compute_dtype(dtype), device=device)
+        # Copies of a replicated KV head add up (in float32 for half inputs); otherwise each
+        # KV head arrives once and is written in place, so no page is touched before it comes.
+        make, grad_dtype = (torch.zeros, compute_dtype(dtype)) if call.replicated else (torch.empty, dtype)
+        d_k = make(k_shape, dtype=grad_dtype, device=device)
+        d_v = make(v_shape, dtype=grad_dtype, device=device)
         if d_out is None:  # only the LSE was used
             d_out = torch.zeros((*q_shape[:-1], v_shape[-1]), dtype=dtype, device=device)
         d_lse = d_lse if call.return_lse else None
@@ -120,8 +126,8 @@ class _SequenceParallel(torch.autograd.Function):
             d_q_h, d_k_h, d_v_h = (g.to(dtype) for g in grads)
             del grads
             exchange.to_sequence(d_q_h, part.q, d_q, f"backward round {i} dQ to tokens")
-            exchange.to_sequence(d_k_h, part.kv, d_k, f"backward round {i} dK to tokens", add=True)
-            exchange.to_sequence(d_v_h, part.kv, d_v, f"backward round {i} dV to tokens", add=True)
+            exchange.to_sequence(d_k_h, part.kv, d_k, f"backward round {i} dK to tokens", add=call.replicated)
+            exchange.to_sequence(d_v_h, part.kv, d_v, f"backward round {i} dV to tokens", add=call.replicated)
         return d_q, d_k.to(dtype), d_v.to(dtype), None
 
 
@@ -163,7 +169,7 @@ def _sequence_parallel(
     rounds = plan_rounds(split, groups, max(1, int(ROUND_BYTES // per_kv_head)))
     if stats is not None:
         stats.calls += 1
-    out, lse = _SequenceParallel.apply(q, k, v, _Call(exchange, rounds, core, pattern, return_lse))
+    out, lse = _SequenceParallel.apply(q, k, v, _Call(exchange, split, rounds, core, pattern, return_lse))
     return (out, lse) if return_lse else out
 
 

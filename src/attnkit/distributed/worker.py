@@ -31,7 +31,7 @@ from .costs import CallShape, ring_steps, scheme_bytes
 from .grid import make_grid
 from .layouts import assemble, shard_positions
 from .ring import ring_attention
-from .ring_case import RESULT_FILE, RingCase
+from .ring_case import RESULT_FILE, RingCase, phase_file
 from .traffic import count_traffic
 from .ulysses import hybrid_attention, ulysses_attention
 
@@ -141,9 +141,15 @@ def model_bytes(case: RingCase, rank: int, world: int) -> int:
                         ring_steps=steps or None)
 
 
+def _announce(case: RingCase, phase: str) -> None:
+    """Tell the launcher which phase this rank is in (its progress display)."""
+    _write_whole(phase_file(case.work_dir, dist.get_rank()), phase)
+
+
 def run_rank(case: RingCase) -> dict:
     """Run the case on this rank of the initialised process group; rank 0 gets every report."""
     rank, world = dist.get_rank(), dist.get_world_size()
+    _announce(case, "drawing shards")
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
     shards = _random_shard(case, rank, world, device)
     q, k, v = (shards[n] for n in ("q", "k", "v"))
@@ -152,9 +158,11 @@ def run_rank(case: RingCase) -> dict:
     with _phase("the start barrier"):
         dist.barrier()
     with record_ring_stats() as stats, count_traffic() as traffic:
+        _announce(case, "forward")
         start = time.perf_counter()
         out = attend(q, k, v)
         forward_s = time.perf_counter() - start
+        _announce(case, "backward")
         out.backward(shards["d_out"])
         backward_s = time.perf_counter() - start - forward_s
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else (
@@ -165,6 +173,7 @@ def run_rank(case: RingCase) -> dict:
         stats.compute_s, stats.compute_cpu_s, stats.wait_s, stats.forward_steps, stats.computed_steps,
         traffic.bytes_sent, model_bytes(case, rank, world), peak,
     )
+    _announce(case, "done" if not case.check else "checking")
     reports = [None] * world
     with _phase("gathering the reports"):
         dist.all_gather_object(reports, asdict(report))

@@ -1,24 +1,23 @@
-"""The ``"triton"`` backend: patterns become Triton kernel launches, forward and backward.
+"""The launcher of the Triton kernels: a pattern becomes kernel launches, forward and backward.
 
-A pattern is split into disjoint *parts* that each run one kernel; results are merged by their
-log-sum-exp and the backward pass gives every part the merged LSE, so each contributes exactly its
-share of dQ, dK, dV. Parts come from the pattern's own facts (``band()``, ``parts``, the classes
-of :mod:`attnkit.patterns`), never from evaluating it on the ``Nq x Nk`` square:
+A pattern is split into disjoint *parts* that each run one kernel; the parts run in turn, each
+merging its result by log-sum-exp into the previous parts' in its epilogue, and the last writes the
+output dtype; the backward pass gives every part the merged LSE, so each contributes exactly its
+share of dQ, dK, dV, and the last part to touch a row writes it in the input dtype. The parts are
+the pattern's own pieces (:attr:`~attnkit.patterns.Pattern.pieces`, declared once by the pattern,
+never found by evaluating it on the ``Nq x Nk`` square), run by the band kernels of
+:mod:`~attnkit.kernels.triton_band`: a band (windows, causal, their intersections), Strided's band
+and periodic residues, Fixed's segmented band and summary columns, ``Periodic``, ``BlockLocal``,
+``Summary``. Anything else (``BlockSparse`` layouts, unions, predicates) runs the block-list
+kernels of :mod:`~attnkit.kernels.triton_blocks`, which walk per-query-block lists of key blocks.
 
-- a band ``lo <= i - j <= hi`` (windows, causal, their intersections): one band part;
-- ``Strided(s)``: the band ``0 <= i - j <= s`` and each residue class mod ``s`` as its own
-  sequence with ``i // s - j // s >= 2`` (the periodic keys the band does not hold);
-- ``Fixed(s, c)``: the causal blocks of ``s`` (segmented band) and the summary columns of the
-  earlier blocks (gathered by formula);
-- ``Periodic``, ``BlockLocal``, ``Summary`` alone: one part each;
-- anything else (``BlockSparse`` layouts, unions, intersections, predicates): the block-list kernel of
-  :mod:`~attnkit.kernels.triton_blocks`, which walks a per-query-block list of key blocks.
+Decode-sized calls (up to :data:`DECODE_QUERIES` queries) run the decode configuration: a GQA
+group's heads packed into a 16-row query tile, wide key tiles, the keys split across programs
+(flash-decoding) and the shares merged in one kernel.
 
-Decode-sized calls (up to 16 queries) split each query block's keys across programs and merge the
-shares by LSE (flash-decoding). Inputs: float16, bfloat16 (the fast path: tensor cores, float32
-accumulation) or float32 (IEEE float32 FMA, not tensor cores: exact but several times slower,
-since TF32 would round the inputs to 10 mantissa bits) on CUDA, or on the CPU under
-``TRITON_INTERPRET=1``; head dims up to 256. Triton is imported only when a kernel first runs.
+Inputs: float16, bfloat16 (the fast path: tensor cores, float32 accumulation) or float32 (three
+TF32 products per product, "tf32x3": float32 accuracy on tensor cores) on CUDA, or on the CPU
+under ``TRITON_INTERPRET=1``; head dims up to 256. Triton is imported only when a kernel first runs.
 """
 
 from __future__ import annotations
@@ -31,13 +30,14 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..patterns import BlockLocal, Fixed, Pattern, Periodic, Strided, Summary, head_runs
+from ..patterns import SUMMARY, Pattern, Piece, head_runs
 
 MAX_HEAD_DIM = 256
 DECODE_QUERIES = 16
-"""Calls with at most this many queries split their keys across programs (flash-decoding)."""
+"""Calls with at most this many queries run the decode configuration (keys split across programs)."""
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 """Input dtypes the kernels take; others run the sparse backend."""
+MAX_SPLITS = 64
 
 
 def _interpreting() -> bool:
@@ -75,32 +75,32 @@ def triton_status() -> str:
 
 
 def kernel_parts(pattern: Pattern) -> tuple:
-    """The disjoint parts of a pattern without a head dimension: band parts where the pattern's
-    facts give them, else one block-list part."""
+    """The disjoint parts of a pattern without a head dimension: its pieces where the band kernels
+    take them, else one block-list part."""
     from .triton_blocks import BlocksPart
 
     return _band_parts(pattern) or (BlocksPart(pattern),)
 
 
 def _band_parts(pattern: Pattern) -> Optional[tuple]:
-    from .triton_band import BandPart
+    """The pattern's own pieces (:attr:`~attnkit.patterns.Pattern.pieces`) when the band kernels
+    take them all, else None (block lists). They take lattice pieces (a segment only on a lattice
+    of step 1) and summary pieces ``lo >= 0, hi = inf``; in a plan of several pieces the first
+    reaches every key (the backward's accumulation relies on it)."""
+    from .triton_band import touched_keys
 
-    band = pattern.band()
-    if band is not None:
-        return (BandPart(*band),)
-    if isinstance(pattern, Strided):
-        return BandPart(0, pattern.stride), BandPart(2, math.inf, step=pattern.stride)
-    if isinstance(pattern, Fixed):
-        s, c = pattern.stride, pattern.summary
-        return BandPart(0, s - 1, segment=s), BandPart(0, math.inf, keys="summary", period=s, width=c)
-    if isinstance(pattern, Periodic):
-        return (BandPart(0, math.inf, step=pattern.stride),)
-    if isinstance(pattern, BlockLocal):
-        return (BandPart(0, pattern.stride - 1, segment=pattern.stride),)
-    if isinstance(pattern, Summary):
-        s, c = pattern.stride, pattern.summary
-        return (BandPart(0, math.inf, keys="summary", period=s, width=c, own=True),)
-    return None
+    pieces = pattern.pieces
+    if not pieces or not all(_band_kernel_takes(p) for p in pieces):
+        return None
+    if len(pieces) > 1 and touched_keys(pieces[0]) != (1, 1):
+        return None
+    return tuple(pieces)
+
+
+def _band_kernel_takes(piece: Piece) -> bool:
+    if piece.keys == SUMMARY:
+        return piece.lo >= 0 and piece.hi == math.inf
+    return piece.segment == 0 or piece.step == 1
 
 
 def triton_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[str]:
@@ -120,74 +120,120 @@ def triton_takes(device: torch.device, dtype: torch.dtype, head_dim: int, value_
     return None
 
 
-MAX_SPLITS = 64
+@functools.lru_cache(maxsize=8)
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
 
 
-def _splits(n_q: int, key_tiles: int, programs: int, device: torch.device) -> int:
-    """Key shares per query block: enough programs to fill the device, at least 2 tiles each.
+def _splits(key_tiles: int, programs: int, device: torch.device) -> int:
+    """Key shares per query tile of a decode call: enough programs to fill the device, at least
+    2 key tiles each.
 
-    A power of two at most ``MAX_SPLITS``: the count is a compile-time constant of the kernel, and
-    during decode the key count grows every step, so any other value would compile a new kernel
-    at nearly every cache length; this way at most seven variants ever compile."""
-    if n_q > DECODE_QUERIES:
-        return 1
-    slots = 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 16
-    wanted = max(1, min(slots // max(programs, 1), key_tiles // 2, MAX_SPLITS))
+    A power of two at most :data:`MAX_SPLITS`: the count is a compile-time constant of the kernel,
+    and during decode the key count grows every step, so any other value would compile a new
+    kernel at nearly every cache length; this way at most seven variants ever compile."""
+    wanted = max(1, min(2 * _multiprocessors(device) // max(programs, 1), key_tiles // 2, MAX_SPLITS))
     return 1 << (wanted.bit_length() - 1)
 
 
-def _merge(outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Results over disjoint key sets, ``(S, B, H, Nq, Dv)`` and ``(S, B, H, Nq)`` float32 each,
-    merged into ``(B, H, Nq, Dv)`` float32 and ``(B, H, Nq)``; rows with no key: zeros, ``-inf``."""
-    out, lse = torch.cat(list(outs)), torch.cat(list(lses))
-    total = torch.logsumexp(lse, 0)
-    weight = torch.exp(lse - total.masked_fill(total == -math.inf, 0.0))  # exp(-inf) = 0 on empty shares
-    return (weight[..., None] * out).sum(0), total
+def _decode_splits(parts: tuple, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[list[int]]:
+    """The key shares of each part of a decode-sized call, or None when the call is not one (more
+    queries, or a block-list part)."""
+    from .triton_band import decode_tiles, key_tiles
+
+    if q.shape[2] > DECODE_QUERIES or not all(isinstance(p, Piece) for p in parts):
+        return None
+    block_n = decode_tiles(q, v)[1]
+    programs = q.shape[0] * k.shape[1]  # one (batch, KV head) per program, before splitting
+    return [_splits(key_tiles(p, q.shape[2], k.shape[2], block_n), programs * p.step, q.device) for p in parts]
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _part_splits(part, q: torch.Tensor, k: torch.Tensor) -> int:
-    from .triton_band import BandPart, key_tiles
+def _forward(parts: tuple, q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    from .triton_band import band_forward
+    from .triton_blocks import BlocksPart, blocks_forward
+    from .triton_merge import merge_partials
 
-    if not isinstance(part, BandPart):
-        return 1
-    return _splits(q.shape[2], key_tiles(part, q.shape[2], k.shape[2]), q.shape[0] * q.shape[1], q.device)
+    batch, n_heads, n_q, _ = q.shape
+    shape = (batch, n_heads, n_q, v.shape[-1])
+    splits = _decode_splits(parts, q, k, v)
+    if splits is not None and sum(splits) > 1:
+        partial_out = torch.empty(sum(splits), *shape, device=q.device, dtype=torch.float32)
+        partial_lse = torch.empty(sum(splits), *shape[:3], device=q.device, dtype=torch.float32)
+        for part, n, slot0 in zip(parts, splits, _starts(splits)):
+            band_forward(part, q, k, v, scale, partial_out, partial_lse, decode=(n, slot0))
+        return merge_partials(partial_out, partial_lse, q.dtype)
+    out = torch.empty(shape, device=q.device, dtype=q.dtype)
+    lse = torch.empty(shape[:3], device=q.device, dtype=torch.float32)
+    if splits is not None:  # one part, one share
+        band_forward(parts[0], q, k, v, scale, out, lse, decode=(1, 0))
+        return out, lse
+    if isinstance(parts[0], BlocksPart):  # always alone
+        blocks_forward(parts[0], q, k, v, scale, out, lse)
+        return out, lse
+    scratch = [(torch.empty(shape, device=q.device, dtype=torch.float32),
+                torch.empty(shape[:3], device=q.device, dtype=torch.float32)) for _ in range(min(2, len(parts) - 1))]
+    prev = None
+    for index, part in enumerate(parts):
+        target = (out, lse) if index == len(parts) - 1 else scratch[index % 2]
+        band_forward(part, q, k, v, scale, *target, prev=prev)
+        prev = target
+    return out, lse
 
 
-def _part_forward(part, q, k, v, scale: float, out_dtype: torch.dtype, splits: int):
-    from .triton_band import BandPart, band_forward
-    from .triton_blocks import blocks_forward
-
-    if isinstance(part, BandPart):
-        return band_forward(part, q, k, v, scale, out_dtype, splits)
-    return blocks_forward(part, q, k, v, scale, out_dtype)
+def _starts(counts: Sequence[int]) -> list[int]:
+    return [sum(counts[:n]) for n in range(len(counts))]
 
 
-def _part_backward(part, *args):
-    from .triton_band import BandPart, band_backward
-    from .triton_blocks import blocks_backward
+def _later_keys(parts: tuple, index: int) -> Optional[tuple[int, int]]:
+    """``touched_keys`` of the parts after ``index`` together (None: there are none)."""
+    from .triton_band import touched_keys
 
-    return (band_backward if isinstance(part, BandPart) else blocks_backward)(part, *args)
+    later = {touched_keys(p) for p in parts[index + 1:]}
+    if not later:
+        return None
+    if (1, 1) in later:
+        return (1, 1)
+    if len(later) > 1:
+        raise ValueError(f"parts {parts} touch key sets the kernels cannot describe together")
+    return later.pop()
 
 
-def _run_parts(parts: tuple, q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    splits = [_part_splits(part, q, k) for part in parts]
-    if splits == [1]:
-        out, lse = _part_forward(parts[0], q, k, v, scale, q.dtype, 1)
-        return out[0], lse[0]
-    shares = [_part_forward(part, q, k, v, scale, torch.float32, n) for part, n in zip(parts, splits)]
-    out, lse = _merge([o for o, _ in shares], [l for _, l in shares])
-    return out.to(q.dtype), lse
+def _backward(parts: tuple, q, k, v, out, lse, grad_out, grad_lse, scale: float) -> tuple[torch.Tensor, ...]:
+    """``(dq, dk, dv)`` in the inputs' dtypes, contiguous, given the merged ``out`` and ``lse`` (and
+    ``grad_lse``, None = zero)."""
+    from .triton_band import band_backward, touched_keys
+    from .triton_blocks import BlocksPart, blocks_backward
+    from .triton_merge import backward_delta
+
+    delta = backward_delta(out, grad_out, grad_lse)
+    grads = (torch.empty(q.shape, device=q.device, dtype=q.dtype), torch.empty(k.shape, device=k.device, dtype=k.dtype),
+             torch.empty(v.shape, device=v.device, dtype=v.dtype))
+    if isinstance(parts[0], BlocksPart):
+        blocks_backward(parts[0], q, k, v, grad_out, lse, delta, scale, grads)
+        return grads
+    if touched_keys(parts[0]) != (1, 1):  # Summary alone: the keys it does not reach get no gradient
+        grads[1].zero_()
+        grads[2].zero_()
+    scratch = [tuple(torch.empty(g.shape, device=g.device, dtype=torch.float32) for g in grads)
+               for _ in range(min(2, len(parts) - 1))]
+    for index, part in enumerate(parts):
+        last = index == len(parts) - 1
+        read = scratch[(index - 1) % 2] if index else None
+        write = None if last else scratch[index % 2]
+        band_backward(part, q, k, v, grad_out, lse, delta, scale, grads, (read, write), _later_keys(parts, index))
+    return grads
 
 
 class _TritonAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, parts, scale):
+        ctx.set_materialize_grads(False)  # an output nobody used gets None, not a tensor of zeros
         q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-        out, lse = _run_parts(parts, q, k, v, scale)
+        out, lse = _forward(parts, q, k, v, scale)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.parts, ctx.scale = parts, scale
         return out, lse
@@ -195,14 +241,29 @@ class _TritonAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
         q, k, v, out, lse = ctx.saved_tensors
-        grad_out = _last_dim_contiguous(grad_out)
-        delta = (grad_out.float() * out.float()).sum(-1)
-        if grad_lse is not None:  # d lse / d s = p: folds into the same ds = p * (dp - delta)
-            delta = delta - grad_lse.float()
-        with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-            grads = [_part_backward(part, q, k, v, grad_out, lse, delta.contiguous(), ctx.scale) for part in ctx.parts]
-        dq, dk, dv = (sum(g[n] for g in grads) for n in range(3))
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
+        grad_out = torch.zeros_like(out) if grad_out is None else _last_dim_contiguous(grad_out)
+        with _on_device(q):
+            dq, dk, dv = _backward(ctx.parts, q, k, v, out, lse, grad_out, grad_lse, ctx.scale)
+        return dq, dk, dv, None, None
+
+
+def _on_device(t: torch.Tensor):
+    # Triton launches on the current CUDA device, not the tensors' one: tensors on cuda:1 while
+    # cuda:0 is current would be read from the wrong device.
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _runs(pattern: Pattern, q: torch.Tensor, k: torch.Tensor):
+    """``(query heads, KV heads, parts)`` per run of query heads sharing one pattern."""
+    group = q.shape[1] // k.shape[1]
+    for first, stop, run_pattern in head_runs(pattern, q.shape[1], group):
+        yield slice(first, stop), slice(first // group, -(-stop // group)), kernel_parts(run_pattern)
+
+
+def _check_runnable(q: torch.Tensor) -> None:
+    reason = triton_available(q.device)
+    if reason is not None:
+        raise ValueError(f"backend 'triton' cannot run: {reason}")
 
 
 def triton_kernel(
@@ -217,23 +278,15 @@ def triton_kernel(
         ValueError: Triton cannot run here at all (not installed, no CUDA device, or CPU tensors
             without ``TRITON_INTERPRET=1``).
     """
-    reason = triton_available(q.device)
-    if reason is not None:
-        raise ValueError(f"backend 'triton' cannot run: {reason}")
+    _check_runnable(q)
     if triton_unsupported(q, k, v) is not None or q.shape[0] == 0:  # an empty grid cannot be launched
         from .sparse import sparse_kernel
 
         return sparse_kernel(q, k, v, pattern, scale)
-    runs = head_runs(pattern, q.shape[1], q.shape[1] // k.shape[1])
-    plans = [kernel_parts(p) for _, _, p in runs]
-    group = q.shape[1] // k.shape[1]
     outs, lses = [], []
-    # Triton launches on the current CUDA device, not the tensors' one: tensors on cuda:1 while
-    # cuda:0 is current would be read from the wrong device.
-    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-        for (first, stop, _), parts in zip(runs, plans):
-            kv = slice(first // group, -(-stop // group))
-            out, lse = _TritonAttention.apply(q[:, first:stop], k[:, kv], v[:, kv], parts, scale)
+    with _on_device(q):
+        for heads, kv_heads, parts in _runs(pattern, q, k):
+            out, lse = _TritonAttention.apply(q[:, heads], k[:, kv_heads], v[:, kv_heads], parts, scale)
             outs.append(out)
             lses.append(lse)
     if len(outs) == 1:
@@ -241,7 +294,33 @@ def triton_kernel(
     return torch.cat(outs, 1), torch.cat(lses, 1)
 
 
+def triton_grad_share(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    d_out: torch.Tensor, d_lse: Optional[torch.Tensor], pattern: Pattern, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The share of ``(dq, dk, dv)`` flowing through keys ``k``/``v`` when ``out``/``lse`` are the
+    results over a larger key set (see :meth:`attnkit.backends.base.Backend.grad_share`), by the
+    kernels' own backward. Inputs as :func:`triton_kernel` takes them (the kernels take them)."""
+    _check_runnable(q)
+    q, k, v, d_out = (_last_dim_contiguous(t) for t in (q, k, v, d_out))
+    out, lse = out.contiguous(), lse.float().contiguous()
+    d_lse = d_lse.float() if d_lse is not None else None
+    runs = list(_runs(pattern, q, k))
+    with _on_device(q):
+        if len(runs) == 1:
+            return _backward(runs[0][2], q, k, v, out, lse, d_out, d_lse, scale)
+        dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        for heads, kv_heads, parts in runs:
+            grads = _backward(parts, q[:, heads], k[:, kv_heads], v[:, kv_heads], out[:, heads].contiguous(),
+                              lse[:, heads].contiguous(), d_out[:, heads], None if d_lse is None else d_lse[:, heads],
+                              scale)
+            dq[:, heads] = grads[0]
+            dk[:, kv_heads] += grads[1]  # runs of single heads may share a KV head
+            dv[:, kv_heads] += grads[2]
+    return dq, dk, dv
+
+
 __all__ = [
-    "DECODE_QUERIES", "MAX_HEAD_DIM", "TRITON_DTYPES", "kernel_parts", "triton_available", "triton_kernel",
-    "triton_status", "triton_takes", "triton_unsupported",
+    "DECODE_QUERIES", "MAX_HEAD_DIM", "TRITON_DTYPES", "kernel_parts", "triton_available", "triton_grad_share",
+    "triton_kernel", "triton_status", "triton_takes", "triton_unsupported",
 ]

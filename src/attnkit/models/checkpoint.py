@@ -349,3 +349,36 @@ def read_tensors(
                     )
                 out[name] = tensor.to(device=device, dtype=dtype or tensor.dtype)
     return out
+
+
+def read_named_tensors(
+    directory: Path,
+    names: Mapping[str, str],
+    shapes: Mapping[str, torch.Size],
+    *,
+    ignored: Iterable[str] = (),
+    dtype: Optional[torch.dtype] = None,
+    device: str | torch.device = "cpu",
+) -> dict[str, torch.Tensor]:
+    """A model's tensors from the safetensors of ``directory``: ``names`` maps each of the model's
+    parameter names to the name the files use, ``shapes`` gives each parameter's shape. Returns
+    them under the model's names, cast to ``dtype`` (None keeps the file's) on ``device``.
+
+    The files must hold exactly those tensors, apart from the file names in ``ignored`` (a tied
+    head a checkpoint may still carry). Raises FileNotFoundError for missing files and ValueError
+    naming the directory or file for missing, unexpected, mis-shaped or non-floating-point
+    tensors, unreadable files, and index entries that are not file names inside ``directory``.
+    """
+    in_file = {names[name]: name for name in shapes}
+    file_shapes = {names[name]: shape for name, shape in shapes.items()}
+    files = weight_files(directory)
+    missing = sorted(set(file_shapes) - set(files))
+    if missing:
+        raise ValueError(f"{directory}: missing tensors {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    unexpected = sorted(set(files) - set(file_shapes) - set(ignored))
+    if unexpected:
+        raise ValueError(
+            f"{directory}: unexpected tensors {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}"
+        )
+    tensors = read_tensors(files, file_shapes, shapes=file_shapes, dtype=dtype, device=torch.device(device))
+    return {in_file[name]: tensor for name, tensor in tensors.items()}

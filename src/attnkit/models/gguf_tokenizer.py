@@ -1,5 +1,9 @@
 """The tokenizer a GGUF file describes, built on ``tokenizers``, and its chat template.
 
+Two kinds of vocabulary are read: SentencePiece BPE (``tokenizer.ggml.model = "llama"``, as
+Gemma's; see :mod:`attnkit.models.gguf_sentencepiece`, BOS added unless the file says otherwise,
+as llama.cpp does) and byte-level BPE.
+
 A byte-level BPE vocabulary (``tokenizer.ggml.model = "gpt2"``, as Llama 3, SmolLM and most recent
 models use) is rebuilt from ``tokenizer.ggml.tokens`` and ``tokenizer.ggml.merges``; tokens marked
 CONTROL (type 3) become special tokens and USER_DEFINED ones (type 4) plain added tokens, so both
@@ -19,6 +23,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from .gguf_file import metadata, metadata_int
+from .gguf_sentencepiece import sentencepiece_from_gguf
 from .template_sandbox import render_template
 
 CONTROL, USER_DEFINED = 3, 4
@@ -66,19 +71,28 @@ class ChatTemplate:
 
 
 def tokenizer_from_gguf(reader, path: str | os.PathLike):
-    """A ``tokenizers.Tokenizer`` for the byte-level BPE vocabulary in a GGUF ``reader`` (from
-    :func:`~attnkit.models.gguf_file.open_gguf`). Raises ValueError naming ``path`` for
-    another tokenizer model or missing metadata, ImportError naming the extra without ``tokenizers``."""
+    """A ``tokenizers.Tokenizer`` for the byte-level BPE or SentencePiece vocabulary in a GGUF
+    ``reader`` (from :func:`~attnkit.models.gguf_file.open_gguf`). Raises ValueError naming
+    ``path`` for another tokenizer model or missing metadata, ImportError naming the extra without
+    ``tokenizers``."""
     try:  # optional package (the llama extra), imported only when a tokenizer is built
-        from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+        from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     except ImportError:
         raise ImportError('a GGUF tokenizer needs tokenizers: pip install -e ".[llama]"') from None
     kind = metadata(reader, path, "tokenizer.ggml.model", required=True)
-    if kind != "gpt2":
-        raise ValueError(f"{path}: tokenizer.ggml.model {kind!r} is not supported (attnkit reads byte-level BPE, 'gpt2')")
+    if kind not in ("gpt2", "llama"):
+        raise ValueError(f"{path}: tokenizer.ggml.model {kind!r} is not supported (attnkit reads byte-level BPE, "
+                         "'gpt2', and SentencePiece BPE, 'llama')")
     tokens = metadata(reader, path, "tokenizer.ggml.tokens", required=True)
-    merges = metadata(reader, path, "tokenizer.ggml.merges", required=True)
     types = metadata(reader, path, "tokenizer.ggml.token_type", [])
+    if kind == "llama":
+        tokenizer = sentencepiece_from_gguf(reader, path)
+        # A user-defined token stays whole when the vocabulary holds it as written (Gemma's "\n");
+        # Gemma's runs of spaces are respelled, and BPE joins them.
+        vocab = tokenizer.get_vocab()
+        plain = [t for t, kind in zip(tokens, types) if kind == USER_DEFINED and t in vocab]
+        return _with_special_tokens(tokenizer, reader, path, tokens, types, plain, bos_default=True)
+    merges = metadata(reader, path, "tokenizer.ggml.merges", required=True)
     alphabet = _byte_alphabet()
     letters = set(alphabet.values())
     # A token written with characters outside the byte alphabet (a space, say) is respelled in it.
@@ -87,7 +101,6 @@ def tokenizer_from_gguf(reader, path: str | os.PathLike):
         for i, token in enumerate(tokens)
     }
     # A control token keeps its own text too, so a template that writes it out maps to its id.
-    control = [t for t, kind in zip(tokens, types) if kind == CONTROL]
     vocab.update({t: i for i, (t, kind) in enumerate(zip(tokens, types)) if kind == CONTROL and t not in vocab})
     tokenizer = Tokenizer(models.BPE(vocab, _merge_pairs(merges, path), fuse_unk=False))
     pre = metadata(reader, path, "tokenizer.ggml.pre")
@@ -99,13 +112,24 @@ def tokenizer_from_gguf(reader, path: str | os.PathLike):
     else:
         tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
+    plain = [t for t, kind in zip(tokens, types) if kind == USER_DEFINED and t in vocab]
+    return _with_special_tokens(tokenizer, reader, path, tokens, types, plain, bos_default=False)
+
+
+def _with_special_tokens(tokenizer, reader, path, tokens: list[str], types: list[int], plain: list[str], *,
+                         bos_default: bool):
+    """``tokenizer`` with the CONTROL tokens as special tokens, ``plain`` as added tokens that stay
+    whole, and BOS / EOS added as the file's flags say (BOS: ``bos_default`` when it says nothing)."""
+    from tokenizers import AddedToken, processors  # optional package, present (the caller imported it)
+
+    control = [t for t, kind in zip(tokens, types) if kind == CONTROL]
     tokenizer.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in control])
-    tokenizer.add_tokens([AddedToken(t, normalized=False, special=False)
-                          for t, kind in zip(tokens, types) if kind == USER_DEFINED and t in vocab])
+    tokenizer.add_tokens([AddedToken(t, normalized=False, special=False) for t in plain])
     template, specials = [], []
     for flag, key in (("add_bos_token", "bos_token_id"), ("add_eos_token", "eos_token_id")):
         token_id = token_id_of(reader, path, key, tokens)
-        if metadata(reader, path, f"tokenizer.ggml.{flag}", False) and token_id is not None:
+        default = bos_default if flag == "add_bos_token" else False
+        if metadata(reader, path, f"tokenizer.ggml.{flag}", default) and token_id is not None:
             specials.append((tokens[token_id], token_id))
             template.append(tokens[token_id])
             if flag == "add_bos_token":

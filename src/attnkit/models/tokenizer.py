@@ -79,6 +79,16 @@ class Tokenizer:
                 labels.append(("##" + piece) if token.startswith("##") else piece)
         return Tokens(list(enc.ids), labels, [bool(s) for s in enc.special_tokens_mask], list(enc.offsets))
 
+    def append(self, tokens: Tokens, ids: list[int]) -> Tokens:
+        """``tokens`` followed by ``ids`` that are not in the text (generated ones): each labelled
+        by decoding it alone (its token name when that is blank, ``<id N>`` for an id the
+        tokenizer lacks: a model's vocabulary may be larger), offsets ``(0, 0)``."""
+        special = {i for i, added in self._tok.get_added_tokens_decoder().items() if added.special}
+        labels = [self._tok.decode([i], skip_special_tokens=False).strip() or self._tok.id_to_token(i) or f"<id {i}>"
+                  for i in ids]
+        return Tokens(tokens.ids + list(ids), tokens.labels + labels,
+                      tokens.special + [i in special for i in ids], tokens.offsets + [(0, 0)] * len(ids))
+
 
 @dataclass
 class TextTokenizer:

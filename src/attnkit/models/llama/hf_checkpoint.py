@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 from ...nn.rope import Llama3RopeScaling
 from ..checkpoint import (CONFIG_FILE, INDEX_FILE, WEIGHTS_FILE, JsonFields, check_layer_count, has_weights, read_json,
-                          read_tensors, weight_files)
+                          read_named_tensors, weight_files)
 from .config import LlamaConfig
 
 # attnkit name <-> Hugging Face name, per layer.
@@ -165,21 +165,10 @@ def read_weights(
     file or tensor for missing, unexpected, mis-shaped or non-floating-point tensors, unreadable
     files, and index entries that are not file names inside ``path``.
     """
-    directory = Path(path)
-    names = {hf_name(name): name for name in shapes}
-    hf_shapes = {hf_name(name): shape for name, shape in shapes.items()}
-    files = weight_files(directory)
-    missing = sorted(set(hf_shapes) - set(files))
-    if missing:
-        raise ValueError(f"{directory}: missing tensors {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
     # A tied checkpoint may still carry the head; it is the embedding, so it is skipped.
-    unexpected = sorted(set(files) - set(hf_shapes) - ({"lm_head.weight"} if config.tie_embeddings else set()))
-    if unexpected:
-        raise ValueError(
-            f"{directory}: unexpected tensors {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}"
-        )
-    tensors = read_tensors(files, hf_shapes, shapes=hf_shapes, dtype=dtype, device=torch.device(device))
-    return {names[hf]: tensor for hf, tensor in tensors.items()}
+    tied_head = {"lm_head.weight"} if config.tie_embeddings else set()
+    return read_named_tensors(Path(path), {name: hf_name(name) for name in shapes}, shapes, ignored=tied_head,
+                              dtype=dtype, device=device)
 
 
 def write_checkpoint(config: LlamaConfig, state: Mapping[str, torch.Tensor], path: str | os.PathLike, *,

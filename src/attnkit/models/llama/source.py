@@ -36,15 +36,19 @@ def _load_hf(source: CheckpointPath, dtype: Optional[torch.dtype], device: str |
 
 
 def _load_gguf(source: CheckpointPath, dtype: Optional[torch.dtype], device: str | torch.device) -> Llama:
-    # Quantized GGUF types have no torch dtype of their own: they are dequantized to float32.
-    return load_gguf(source.path, dtype=dtype or torch.float32, device=device, reader=source.gguf)
+    # The stored form of a GGUF file's quantized tensors is their blocks: without a dtype they
+    # stay quantized (CPU, float32 activations); with one they are dequantized to it.
+    return load_gguf(source.path, dtype=dtype or torch.float32, device=device, reader=source.gguf,
+                     quantized=dtype is None)
 
 
 LOADERS: dict[str, Callable[[CheckpointPath, Optional[torch.dtype], str | torch.device], Llama]] = {
     "hf": _load_hf, "gguf": _load_gguf,
 }
 """Checkpoint format -> ``load(source, dtype, device)``; a directory keeps its stored dtype unless
-``dtype`` is given (GGUF: float32). A GGUF loader reuses ``source.gguf``, the file parsed once."""
+``dtype`` is given, and so does a GGUF file: its quantized tensors stay in their blocks
+(:mod:`attnkit.models.quant`, CPU only), its float tensors become float32. A GGUF loader reuses
+``source.gguf``, the file parsed once."""
 
 
 def read_llama_config(source: CheckpointPath) -> LlamaConfig:
@@ -60,8 +64,9 @@ def layers_and_heads(source: CheckpointPath) -> tuple[int, int]:
 
 def load_llama(path: str | os.PathLike, *, dtype: Optional[torch.dtype] = None,
                device: str | torch.device = "cpu") -> Llama:
-    """A :class:`Llama` from a Hugging Face directory or a ``.gguf`` file (GGUF weights are
-    dequantized to ``dtype``, float32 by default; a directory keeps its stored dtype unless given).
+    """A :class:`Llama` from a Hugging Face directory or a ``.gguf`` file, in ``dtype`` when given,
+    else as stored (a directory's dtype; a GGUF file's quantized tensors in their blocks, see
+    :func:`.gguf_checkpoint.load_gguf`, and its float tensors in float32).
     Raises FileNotFoundError naming what is missing (as
     :func:`~attnkit.models.checkpoint.checkpoint_format`), ValueError for another architecture or
     a Meta directory (saying how to load one)."""
