@@ -125,3 +125,10 @@ def test_options_for_numbers_the_kind_leaves_out_still_apply(capsys):
 def test_spelled_numbers_names_only_what_the_text_writes_out():
     assert spelled_numbers("window:3") == ("SIZE",) and spelled_numbers("fixed:4:1") == ("STRIDE", "SUMMARY")
     assert spelled_numbers("window") == () and spelled_numbers("fixed:4") == () and spelled_numbers("foo:1") == ()
+
+
+def test_patterns_seed_says_why_the_causal_plan_computes_more_than_the_block_mask(capsys):
+    assert main(["patterns", "seed", "-n", "8", "--at", "2048"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "The plan computes more than the block mask for causal: it runs query blocks of 128 rows" in out
+    assert "more than the block mask for sliding" not in out
