@@ -341,3 +341,24 @@ def test_a_failed_build_names_its_cause_and_is_tried_again_later(fresh_builds, m
     again = native_build.load_native("band_attention")
     assert "an earlier build" not in again.message and "No space left on device" in again.message
     assert calls.read_text().count("run") >= 2 * runs
+
+
+@has_compiler
+def test_two_processes_calibrating_at_once_share_the_first_published_choice(fresh_builds, monkeypatch):
+    from dataclasses import asdict
+
+    monkeypatch.setattr(band_calibration, "KNOWN_FAST", ())
+    library = native_build.load_native("band_attention").path
+    record_path = library.parent / (library.name + f".choice-{torch.get_num_threads()}.json")
+    other = band_calibration.BandDecision(True, "native kernel (the other process's calibration)", (1.0, 2.0),
+                                          (1.0, 2.0))
+
+    def calibrate_while_another_process_publishes():
+        key = band_calibration._calibration_key(str(library))
+        record_path.write_text(json.dumps({"key": key, **asdict(other)}))  # it finished first
+        return band_calibration.BandDecision(False, "the planner (this process's timings)", (2.0, 1.0), (2.0, 1.0))
+
+    monkeypatch.setattr(band_calibration, "_calibrate", calibrate_while_another_process_publishes)
+    assert band_calibration.band_decision() == other
+    assert json.loads(record_path.read_text())["native"] is True
+    assert not list(library.parent.glob("*.tmp"))
