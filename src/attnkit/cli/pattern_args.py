@@ -1,7 +1,8 @@
 """The one spelling of an attention pattern on the command line, shared by every subcommand.
 
 ``full``, ``causal``, ``window:SIZE`` (causal), ``window-bidi:SIZE``, ``strided:STRIDE`` and
-``fixed:STRIDE:SUMMARY``, with whole numbers up to :data:`MAX_NUMBER` that the pattern accepts. A command that also has options for the
+``fixed:STRIDE:SUMMARY``, with whole numbers up to :data:`MAX_NUMBER` that the pattern accepts
+(``window:0`` is refused by ``SlidingWindow``, named). A command that also has options for the
 numbers (``attnkit patterns --window 8 --stride 4 --summary 1``) passes them as ``defaults``,
 keyed by placeholder (``{"SIZE": 8, "STRIDE": 4, "SUMMARY": 1}``); a bare name then takes them
 (``window`` means ``window:8``), and the pattern's own constructor judges those values; a number

@@ -24,9 +24,10 @@ loader) is built again before anything loads it. Concurrent builds (several proc
 each write their own file and rename it into place.
 
 Without a C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang`` on the PATH), when the build
-fails (remembered in ``<library>.error`` for ten minutes or until the compiler or the flags change), or with
-``ATTNKIT_NATIVE=0``, a kernel is unavailable and attnkit runs the same computation with torch
-operations; :func:`native_status` says which and why (``attnkit info`` prints it).
+fails (remembered in ``<library>.error`` for ten minutes, or until the compiler or the flags
+change), or with ``ATTNKIT_NATIVE=0``, a kernel is unavailable and attnkit runs the same
+computation with torch operations; :func:`native_status` says which and why (``attnkit info``
+prints it).
 """
 
 from __future__ import annotations
