@@ -148,3 +148,11 @@ def test_a_backend_that_cannot_run_is_skipped_and_the_run_goes_on(monkeypatch, c
     assert main(["bench", "--seq", "64", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert "skipped: backend 'broken' cannot run torch.float32 on cpu" in out and "attnkit blockwise" in out
+
+
+def test_skipped_rows_show_empty_cells_not_nan_and_the_title_names_the_window(no_peers, capsys):
+    assert main(["bench", "--case", "window", "--seq", "64", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "window: SlidingWindow(size=256)" in out.splitlines()[0]
+    skipped = next(line for line in out.splitlines() if "skipped: local-attention is not installed" in line)
+    assert "nan" not in out and skipped.split()[:4] == ["window", "64", "local-attention", "skipped:"]

@@ -317,3 +317,48 @@ def test_every_kernel_source_compiles_for_each_vector_path(flags):
         result = subprocess.run([compiler, "-std=gnu11", "-fsyntax-only", "-pthread", *flags, str(source)],
                                 capture_output=True, text=True)
         assert result.returncode == 0, f"{source.name} {flags}: {result.stderr[:500]}"
+
+
+def test_a_failed_build_names_its_cause_and_is_tried_again_later(fresh_builds, monkeypatch):
+    compiler = fresh_builds / "full-disk-cc"
+    calls = fresh_builds / "calls"
+    compiler.write_text("#!/bin/sh\necho run >> " + str(calls) + "\n"
+                        "echo '/usr/bin/ld: final link failed: No space left on device' >&2\n"
+                        "echo 'collect2: error: ld returned 1 exit status' >&2\nexit 1\n")
+    compiler.chmod(0o755)
+    monkeypatch.setenv("CC", str(compiler))
+    monkeypatch.setenv("ATTNKIT_NATIVE_ISA", "generic")  # one tuning: one compiler run per build
+    first = native_build.load_native("band_attention")
+    assert first.library is None and "final link failed: No space left on device" in first.message
+    runs = calls.read_text().count("run")  # the build, and asking the compiler its version
+    native_build.clear_cache()
+    assert "an earlier build" in native_build.load_native("band_attention").message
+    assert calls.read_text().count("run") < 2 * runs  # the version asked again, no build
+    (record,) = (fresh_builds / "cache").glob("*.error")
+    old = record.stat().st_mtime - native_build.RETRY_AFTER_S - 1
+    os.utime(record, (old, old))  # the space may be free by now: built again
+    native_build.clear_cache()
+    again = native_build.load_native("band_attention")
+    assert "an earlier build" not in again.message and "No space left on device" in again.message
+    assert calls.read_text().count("run") >= 2 * runs
+
+
+@has_compiler
+def test_two_processes_calibrating_at_once_share_the_first_published_choice(fresh_builds, monkeypatch):
+    from dataclasses import asdict
+
+    monkeypatch.setattr(band_calibration, "KNOWN_FAST", ())
+    library = native_build.load_native("band_attention").path
+    record_path = library.parent / (library.name + f".choice-{torch.get_num_threads()}.json")
+    other = band_calibration.BandDecision(True, "native kernel (the other process's calibration)", (1.0, 2.0),
+                                          (1.0, 2.0))
+
+    def calibrate_while_another_process_publishes():
+        key = band_calibration._calibration_key(str(library))
+        record_path.write_text(json.dumps({"key": key, **asdict(other)}))  # it finished first
+        return band_calibration.BandDecision(False, "the planner (this process's timings)", (2.0, 1.0), (2.0, 1.0))
+
+    monkeypatch.setattr(band_calibration, "_calibrate", calibrate_while_another_process_publishes)
+    assert band_calibration.band_decision() == other
+    assert json.loads(record_path.read_text())["native"] is True
+    assert not list(library.parent.glob("*.tmp"))

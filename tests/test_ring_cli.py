@@ -67,11 +67,11 @@ def test_ring_command_window_skips_steps_on_four_ranks(tmp_path):
     "args, message",
     [
         (["--nproc", "3", "--seq", "1000"], "cannot be split by layout 'zigzag' over 3 ranks"),
-        (["--pattern", "window:0"], "--pattern must be one of full | causal | window:SIZE"),
+        (["--pattern", "window:0"], "--pattern window:0: SlidingWindow: size must be a positive integer, got 0"),
         (["--pattern", "fixed:8"], "--pattern must be one of full | causal | window:SIZE"),
         (["--heads", "6", "--kv-heads", "4"], "--heads (6) must be a multiple of --kv-heads (4)"),
         (["--nproc", "0"], "--nproc must be positive"),
-        (["--timeout", "0"], "--timeout must be positive"),
+        (["--timeout", "0"], "--timeout must be a positive, finite number of seconds"),
         (["--scheme", "ulysses", "--nproc", "4", "--heads", "2", "--seq", "64"],
          "--scheme ulysses needs --nproc (4) at most --heads (2)"),
         (["--scheme", "hybrid", "--nproc", "3", "--seq", "60"], "--scheme hybrid needs --ulysses-degree"),

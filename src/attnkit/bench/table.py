@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from typing import Iterable, Optional, Sequence
 
 from rich.markup import escape
 from rich.table import Table
@@ -13,10 +14,26 @@ COLUMNS = ("case", "N", "contender", "median ms", "GFLOP/s", "ratio", "max |err|
 _LEFT = ("case", "contender", "note")
 
 
+def _number(value: Optional[float], spec: str, suffix: str = "") -> str:
+    """``value`` formatted, or an empty cell where nothing was measured (None, NaN: a skipped row,
+    a compiled contender's tensors)."""
+    return "" if value is None or math.isnan(value) else f"{value:{spec}}{suffix}"
+
+
 def _cells(r: BenchRow) -> list[str]:
-    ratio = "" if r.vs_baseline is None else f"{r.vs_baseline:.2f}x"
-    return [r.case, str(r.seq), r.contender, f"{r.median_ms:.2f}", f"{r.gflops:.1f}", ratio, f"{r.max_abs_err:.1e}",
-            f"{r.largest_tensor_mib:.1f}", "" if r.peak_mib is None else f"{r.peak_mib:.1f}", r.note]
+    return [r.case, str(r.seq), r.contender, _number(r.median_ms, ".2f"), _number(r.gflops, ".1f"),
+            _number(r.vs_baseline, ".2f", "x"), _number(r.max_abs_err, ".1e"), _number(r.largest_tensor_mib, ".1f"),
+            _number(r.peak_mib, ".1f"), r.note]
+
+
+def describe_cases(workloads: Iterable) -> str:
+    """Each case's pattern with its sizes, once: ``"window: SlidingWindow(size=256)"``."""
+    described = {}
+    for w in workloads:
+        sizes = [f"{name}={getattr(w.pattern, name)}" for name in ("size", "stride", "summary", "block_size")
+                 if getattr(w.pattern, name, None) is not None]
+        described.setdefault(w.case, f"{w.case}: {type(w.pattern).__name__}({', '.join(sizes)})")
+    return "; ".join(described.values())
 
 
 def rich_table(rows: Sequence[BenchRow], title: str) -> Table:

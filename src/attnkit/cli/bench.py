@@ -22,7 +22,7 @@ from ..analysis.plots import plot_bench
 from ..bench.cases import CASE_SETS, DEFAULT_SEQS, QUICK_SEQS
 from ..bench.runner import count_steps, run_benchmark
 from ..bench.sparse_cases import QUICK_SPARSE_SEQS, SPARSE_CASE_SETS
-from ..bench.table import plain_table, rich_table
+from ..bench.table import describe_cases, plain_table, rich_table
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -92,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
     console = Console()
     with _progress(count_steps(workloads, backward=args.backward)) as step:
         rows = run_benchmark(workloads, repeats=repeats, backward=args.backward, device=args.device, on_step=step)
-    title = f"attnkit bench ({rows[0].mode}, {torch.get_num_threads()} threads; ratio = time / torch sdpa)"
+    title = (f"attnkit bench ({rows[0].mode}, {torch.get_num_threads()} threads; ratio = time / torch sdpa; "
+             f"{describe_cases(workloads)})")
     if console.is_terminal:
         console.print(rich_table(rows, title))
     else:  # piped or redirected: no width to fit, so no column is cut short

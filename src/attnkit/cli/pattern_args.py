@@ -1,7 +1,8 @@
 """The one spelling of an attention pattern on the command line, shared by every subcommand.
 
 ``full``, ``causal``, ``window:SIZE`` (causal), ``window-bidi:SIZE``, ``strided:STRIDE`` and
-``fixed:STRIDE:SUMMARY``, with positive whole numbers. A command that also has options for the
+``fixed:STRIDE:SUMMARY``, with whole numbers up to :data:`MAX_NUMBER` that the pattern accepts
+(``window:0`` is refused by ``SlidingWindow``, named). A command that also has options for the
 numbers (``attnkit patterns --window 8 --stride 4 --summary 1``) passes them as ``defaults``,
 keyed by placeholder (``{"SIZE": 8, "STRIDE": 4, "SUMMARY": 1}``); a bare name then takes them
 (``window`` means ``window:8``), and the pattern's own constructor judges those values; a number
@@ -15,6 +16,10 @@ from dataclasses import dataclass
 from typing import Callable, Collection, Mapping, Optional, Sequence
 
 from ..patterns import Causal, Fixed, Full, Pattern, SlidingWindow, Strided
+
+
+MAX_NUMBER = 2**62
+"""The largest number a spelling takes: positions are int64, and a band's bounds are added to them."""
 
 
 @dataclass(frozen=True)
@@ -59,15 +64,23 @@ def parse_titled_pattern(
     """
     name, *numbers = text.split(":")
     spelling = _SPELLINGS.get(name)
+    values = None
     if spelling is not None:
         wanted = spelling.placeholders
         if not numbers and defaults is not None and all(p in defaults for p in wanted):
             values = [defaults[p] for p in wanted]
-            return spelling.title(*values), spelling.make(*values)
         # [0-9] and not str.isdigit: "²" and "١" are digits to Python but no number on a command line
-        if len(numbers) == len(wanted) and all(re.fullmatch("[0-9]+", n) and int(n) > 0 for n in numbers):
+        elif len(numbers) == len(wanted) and all(re.fullmatch("[0-9]+", n) for n in numbers):
             values = [int(n) for n in numbers]
+    if values is not None:
+        for placeholder, value in zip(wanted, values):
+            if value > MAX_NUMBER:
+                raise ValueError(f"{option} {text}: {placeholder} {value} is more than 2**62, "
+                                 "the most that attnkit's int64 positions hold")
+        try:  # the pattern judges its numbers (a window of 0, a summary above the stride)
             return spelling.title(*values), spelling.make(*values)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{option} {text}: {exc}") from None
     accepted = " | ".join([*also, pattern_syntax(defaults or ())])
     raise ValueError(f"{option} must be one of {accepted}, got {text!r}")
 

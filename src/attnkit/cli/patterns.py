@@ -3,7 +3,8 @@
 ``attnkit patterns strided --stride 4 -n 32 --out strided.png`` prints the 32 x 32 mask, its
 density, and at ``--at`` tokens (default 8192) the share of the square that a block mask of
 ``--block`` (128) visits against the share attnkit's sparse plan computes; ``--out`` saves the mask
-as a PNG. ``attnkit patterns seed`` does this for the seed's variants (causal, sliding window,
+as a PNG; a note says why the plan computes more than the block mask where it does (causal).
+``attnkit patterns seed`` does this for the seed's variants (causal, sliding window,
 strided, fixed) and ``--out`` draws them side by side. The pattern is spelled as for every
 subcommand (:mod:`.pattern_args`); bare ``window``, ``strided`` and ``fixed`` take their numbers
 from ``--window``, ``--stride`` and ``--summary``.
@@ -18,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..analysis.pattern_view import block_costs, render, save_figure
+from ..kernels.sparse_plan import UNIT_ROWS
 from ..patterns import Pattern
 from .pattern_args import parse_titled_pattern, pattern_syntax, spelled_numbers
 
@@ -79,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
     for column in ("pattern", f"density (n={args.n})", "allowed", f"block mask ({args.block}x{args.block})",
                    "blocks visited", "attnkit sparse plan"):
         table.add_column(column, justify="left" if column == "pattern" else "right")
+    above_block_mask = []
     for title, pattern in named:
         console.print(f"[bold]{title}[/bold]  {pattern!r}")
         console.print(render(pattern, args.n), highlight=False)
@@ -87,7 +90,14 @@ def run(args: argparse.Namespace) -> int:
             title, f"{pattern.density(args.n):.1%}", f"{costs.allowed:.2%}", f"{costs.block_mask:.2%}",
             f"{costs.blocks}/{costs.blocks_total}", f"{costs.sparse_plan:.2%}",
         )
+        if costs.sparse_plan > costs.block_mask:
+            above_block_mask.append(title)
     console.print(table)
+    if above_block_mask:
+        console.print(f"The plan computes more than the block mask for {', '.join(above_block_mask)}: it runs "
+                      f"query blocks of {UNIT_ROWS} rows in a few calls of equal key width, each as wide as "
+                      "its widest block, trading computed entries for fewer, larger calls. "
+                      "The auto backend sends Full and Causal to SDPA instead.")
     if args.out is not None:
         save_figure(named, args.n, args.out)
         console.print(f"wrote {args.out}")

@@ -98,8 +98,8 @@ def case_from_args(args: argparse.Namespace, work_dir: str) -> RingCase:
     _positive("kv-heads", kv_heads)
     if args.heads % kv_heads:
         raise ValueError(f"--heads ({args.heads}) must be a multiple of --kv-heads ({kv_heads})")
-    if not args.timeout > 0:
-        raise ValueError(f"--timeout must be positive, got {args.timeout}")
+    if not 0 < args.timeout < float("inf"):
+        raise ValueError(f"--timeout must be a positive, finite number of seconds, got {args.timeout}")
     check_split(args.seq, args.layout, args.nproc)
     ulysses_degree = _ulysses_degree(args)
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):

@@ -107,8 +107,8 @@ class RingComm:
     def __init__(self, group: Optional[dist.ProcessGroup], timeout_s: float, stats: Optional[RingStats]):
         if not dist.is_initialized():
             raise RuntimeError("attnkit.distributed needs torch.distributed: call init_process_group first")
-        if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
-            raise ValueError(f"timeout must be a positive number of seconds, got {timeout_s!r}")
+        if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not 0 < timeout_s < float("inf"):
+            raise ValueError(f"timeout must be a positive, finite number of seconds, got {timeout_s!r}")
         self.group = group
         self.rank = dist.get_rank(group)
         self.size = dist.get_world_size(group)

@@ -103,7 +103,17 @@ def _stored_or_calibrated(library_path: str, record_path: str) -> BandDecision:
         handle, temporary = tempfile.mkstemp(dir=os.path.dirname(record_path), suffix=".tmp")
         with os.fdopen(handle, "w", encoding="utf-8") as record:
             json.dump({"key": key, **asdict(decision)}, record)
-        os.replace(temporary, record_path)
+        try:  # the first record published is every process's choice: the same bits for the same input
+            os.link(temporary, record_path)
+        except FileExistsError:
+            shared = _stored_decision(record_path, key)
+            if shared is not None:
+                decision = shared
+            else:  # a damaged record, or one for another library or CPU
+                os.replace(temporary, record_path)
+        finally:
+            if os.path.exists(temporary):
+                os.remove(temporary)
     except OSError:
         pass  # a read-only cache: decide again in the next process
     return decision

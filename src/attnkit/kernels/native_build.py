@@ -24,13 +24,15 @@ loader) is built again before anything loads it. Concurrent builds (several proc
 each write their own file and rename it into place.
 
 Without a C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang`` on the PATH), when the build
-fails (remembered in ``<library>.error`` until the compiler or the flags change), or with
-``ATTNKIT_NATIVE=0``, a kernel is unavailable and attnkit runs the same computation with torch
-operations; :func:`native_status` says which and why (``attnkit info`` prints it).
+fails (remembered in ``<library>.error`` for ten minutes, or until the compiler or the flags
+change), or with ``ATTNKIT_NATIVE=0``, a kernel is unavailable and attnkit runs the same
+computation with torch operations; :func:`native_status` says which and why (``attnkit info``
+prints it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -41,6 +43,7 @@ import shutil
 import stat
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -48,6 +51,9 @@ from typing import Callable, Optional
 SOURCE_DIR = Path(__file__).with_name("csrc")
 _FLAGS = ("-O3", "-std=gnu11", "-fPIC", "-shared", "-pthread")
 _BUILD_TIMEOUT_S = 300
+RETRY_AFTER_S = 600
+"""How long a failed build is remembered before a process tries it again (seconds)."""
+_CAUSE_WORDS = {"error", "fatal", "failed", "cannot", "space"}
 ISA_CHOICES: dict[str, tuple[tuple[str, ...], ...]] = {
     "auto": (("-march=native",), ()),  # tried in this order
     "avx512": (("-march=native",),),
@@ -174,8 +180,7 @@ def _build(compiler: list[str], tunings: tuple[tuple[str, ...], ...], source: Pa
                 os.replace(record.name, _sum_file(target))
                 os.replace(temporary, target)
                 return None
-            lines = [line for line in result.stderr.splitlines() if "error" in line] or result.stderr.splitlines()
-            error = lines[0] if lines else f"exit status {result.returncode}"
+            error = _cause(result.stderr) or f"exit status {result.returncode}"
         except (OSError, subprocess.SubprocessError) as failure:
             error = str(failure)
         finally:
@@ -184,18 +189,37 @@ def _build(compiler: list[str], tunings: tuple[tuple[str, ...], ...], source: Pa
     return error
 
 
+def _cause(stderr: str) -> Optional[str]:
+    """The compiler's first line that says what went wrong: not the linker driver's summary
+    ("collect2: error: ld returned 1 exit status"), which hides the cause ("No space left on device")."""
+    lines = stderr.splitlines()
+    summary = [line for line in lines if "ld returned" in line]
+    causes = [line for line in lines if _CAUSE_WORDS.intersection(line.lower().replace(":", " ").split())
+              and line not in summary]
+    found = causes or summary or lines
+    return found[0].strip() if found else None
+
+
 def _build_once(compiler: list[str], tunings, source: Path, target: Path) -> Optional[str]:
     """None when ``target`` is intact or was just built, else the error. A failure is remembered in
-    ``<target>.error``, so other processes do not repeat a failing build; the name hashes the
-    compiler, its version and the flags, so changing any of them tries again (or delete the file)."""
+    ``<target>.error`` for :data:`RETRY_AFTER_S`, so other processes do not repeat a failing build
+    meanwhile, and tried again after it (the cause may be gone: a full disk); the name hashes the
+    compiler, its version and the flags, so changing any of them tries again at once (as does
+    deleting the file)."""
     failed = target.with_suffix(".error")
     if _intact(target):
         return None
-    if failed.exists():
-        return f"{failed.read_text().strip()} (an earlier build; delete {failed} to retry)"
+    try:
+        age = time.time() - failed.stat().st_mtime
+        if age < RETRY_AFTER_S:
+            return (f"{failed.read_text().strip()} (an earlier build, {age / 60:.0f} min ago; tried again "
+                    f"{RETRY_AFTER_S / 60:.0f} min after it, or at once if you delete {failed})")
+    except OSError:  # no earlier failure
+        pass
     error = _build(compiler, tunings, source, target)
     if error is not None:
-        failed.write_text(error + "\n")
+        with contextlib.suppress(OSError):  # a full disk may refuse the record too: the next process retries
+            failed.write_text(error + "\n")
     return error
 
 

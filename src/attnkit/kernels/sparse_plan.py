@@ -118,6 +118,9 @@ def _runs(flags: torch.Tensor) -> list[tuple[int, int]]:
 
 
 def _band_geometry(lo: int, hi: int, offset: int, n_q: int, n_k: int, rows: int) -> list[tuple]:
+    # A band wider than the problem allows no more pairs than the problem's own span of i - j
+    # (a window of 10**9 over 8 tokens): plan that span, not the band's width.
+    lo, hi = max(lo, min(hi, offset - n_k + 1)), min(hi, max(lo, offset + n_q - 1))
     q_pos = _query_blocks(offset, n_q, rows)
     k_pos = (q_pos[:, :1] - hi) + torch.arange(rows + hi - lo)
     interior = ((q_pos >= offset) & (q_pos < offset + n_q)).all(1) & (k_pos[:, 0] >= 0) & (k_pos[:, -1] < n_k)

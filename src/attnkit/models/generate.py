@@ -15,6 +15,7 @@ drawn from a ``torch.Generator`` seeded with ``seed``.
 from __future__ import annotations
 
 import math
+import operator
 from numbers import Real
 from typing import Iterable, Iterator, Optional, Protocol, Sequence, runtime_checkable
 
@@ -92,7 +93,19 @@ def _stop_list(stop_tokens) -> list:
             f"generate: stop_tokens must be a sequence of token ids (e.g. [2]), got {type(stop_tokens).__name__} "
             f"{stop_tokens!r}"
         )
-    return list(stop_tokens)
+    return [_token_id(t) for t in stop_tokens]
+
+
+def _token_id(value):
+    """``value`` as a Python int when it is an integer of any kind (numpy, a one-element integer
+    tensor), so ``stop_tokens=torch.tensor([2])`` means ``[2]``; other values are returned as they
+    are, for the caller's check to name."""
+    if isinstance(value, (bool, int)):
+        return value
+    try:
+        return operator.index(value)
+    except TypeError:
+        return value
 
 
 def _check_finite(top: torch.Tensor, step: int) -> None:
@@ -109,7 +122,7 @@ def _as_rows(tokens, vocab_size: Optional[int] = None) -> list[list[int]]:
             raise ValueError(f"generate: tokens must be an integer tensor (batch, seq), got {tokens.dtype} {tuple(tokens.shape)}")
         rows = tokens.tolist()
     else:
-        rows = [list(row) for row in tokens]
+        rows = [[_token_id(t) for t in row] for row in tokens]
     if not rows:
         raise ValueError("generate: tokens holds no prompt")
     for i, row in enumerate(rows):

@@ -100,7 +100,14 @@ class TextTokenizer:
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
 
-    def decode(self, ids: list[int]) -> str:
+    def decode(self, ids) -> str:
+        """The text of token ``ids`` (a list, a 1-D integer tensor or array). Raises ValueError for
+        an id outside the vocabulary (``tokenizers`` would fail on -1 and skip 10**6 silently)."""
+        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+        size = self.tokenizer.get_vocab_size(with_added_tokens=True)
+        for token in ids:
+            if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < size:
+                raise ValueError(f"decode: token ids must be integers in [0, {size}), got {token!r}")
         return self.tokenizer.decode(ids)
 
     def chat_prompt(self, message: str, history: Optional[list[dict]] = None) -> list[int]:

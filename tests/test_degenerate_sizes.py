@@ -1,6 +1,7 @@
-"""A batch of zero sequences gives an empty output (and empty gradients) from every path, as the
-dense and reference backends do: the sparse planner's portable path (value width other than the
-key width) and the ring both divided by the batch size."""
+"""Sizes at the edges: a batch of zero sequences gives an empty output (and empty gradients) from
+every path, as the dense and reference backends do (the sparse planner's portable path, value width
+other than the key width, and the ring both divided by the batch size); a window far wider than the
+sequence is planned over the sequence (it allocated for the window: 2 TB for 10**9)."""
 
 from __future__ import annotations
 
@@ -38,3 +39,12 @@ def test_the_ring_returns_an_empty_batch():
     ranks = run_group(_ring_on_an_empty_batch, 2, deadline_s=120, group_timeout_s=60)
     assert [r.error for r in ranks if not r.ok] == []
     assert [r.value for r in ranks] == [((0, 4, 16, 8), (0, 4, 16, 8))] * 2
+
+
+def test_a_window_far_wider_than_the_sequence_is_planned_over_the_sequence():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 2, 9, 8, dtype=torch.float64), torch.randn(1, 2, 12, 8), torch.randn(1, 2, 12, 8)
+    k, v = k.double(), v.double()
+    expected = attention(q, k, v, pattern=Causal(), backend="reference")
+    got = attention(q, k, v, pattern=SlidingWindow(10**9), backend="sparse")
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
