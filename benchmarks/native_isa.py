@@ -1,9 +1,9 @@
 """The native band kernel of one instruction-set build against the planner and compiled FlexAttention.
 
 For ``--isa`` (``ATTNKIT_NATIVE_ISA``: auto, avx512, avx2, generic) and SlidingWindow(256) and
-Strided(128), B=1, H=8, D=64, float32, at each ``--seq``: the sparse backend with bands forced onto
-the native kernel, the same with bands forced onto the planner, ``auto`` (which takes the build's
-decision: known fast, or calibrated), and ``torch.compile(flex_attention)`` with a 128 x 128 block
+Strided(128), B=1, H=8, D=64, float32, at each ``--seq``: the sparse kernel told to run bands on
+the native kernel (``native_bands=True``), the same told to run them on the planner, ``attention``
+with ``auto`` (whose sparse backend takes the build's decision: known fast, or calibrated), and ``torch.compile(flex_attention)`` with a 128 x 128 block
 mask (forward only; it has no CPU backward). Contenders take turns (one warm-up each, then rounds in
 balanced orders: within the rounds each contender runs right after every other one equally often,
 so use a multiple of 4 rounds with FlexAttention, of 6 without; each round opens with one untimed
@@ -21,7 +21,6 @@ Writes JSON too.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -97,8 +96,8 @@ def main() -> None:
     from attnkit import SlidingWindow, Strided, attention
     from attnkit.bench.peers import flex as _flex
     from attnkit.kernels.band_calibration import band_decision
-    from attnkit.kernels.band_native import forced_band_path
     from attnkit.kernels.native_build import load_native
+    from attnkit.kernels.sparse import sparse_kernel
 
     if args.cpu_time:  # every contender then runs on this thread: its CPU time is the call's
         torch.set_num_threads(1)
@@ -121,12 +120,14 @@ def main() -> None:
         for n in args.seq or [8192, 32768]:
             q, k, v = (torch.randn(1, 8, n, 64, requires_grad=args.backward) for _ in range(3))
 
-            def path(forced, backward):
+            def path(told, backward):
                 def run():
-                    with forced_band_path(forced) if forced else contextlib.nullcontext():  # auto: its own decision
-                        out = attention(q, k, v, pattern, backend="sparse" if forced else "auto")
-                        if backward:
-                            out.sum().backward()
+                    if told:
+                        out = sparse_kernel(q, k, v, pattern, 64**-0.5, native_bands=told == "native")[0]
+                    else:  # auto: the backend's own decision
+                        out = attention(q, k, v, pattern)
+                    if backward:
+                        out.sum().backward()
                 return run
 
             for backward in ([False, True] if args.backward else [False]):

@@ -13,9 +13,12 @@ from attnkit import Causal, Fixed, PerHead, Predicate, SlidingWindow, Strided, a
 from attnkit.kernels import native_build
 from attnkit.kernels import band_native as band_native_module
 from attnkit.kernels import sparse as sparse_module
-from attnkit.kernels.band_native import band_forward, band_native_attention, band_native_supports, forced_band_path
+from attnkit.kernels.band_calibration import BandDecision
+from attnkit.kernels.band_native import band_forward, band_native_attention, band_native_takes
 from attnkit.backends import choose_backend
+from attnkit.backends import sparse as sparse_backend
 from attnkit.kernels.reference import reference_kernel
+from attnkit.kernels.sparse import sparse_kernel
 
 needs_native = pytest.mark.skipif(
     native_build.load_native("band_attention").library is None,
@@ -36,8 +39,14 @@ def _isa_params(isas: tuple[str, ...]) -> list:
 def _use_build(isa: str, monkeypatch):
     """Bands take the kernel of the ``isa`` build wherever it can run them (no calibration)."""
     monkeypatch.setenv("ATTNKIT_NATIVE_ISA", isa)
-    with forced_band_path("native"):
-        yield isa
+    _decide_native(monkeypatch)
+    yield isa
+
+
+def _decide_native(monkeypatch) -> None:
+    """The sparse backend decides for the native kernel wherever it takes the inputs, whatever
+    this CPU's calibration says."""
+    monkeypatch.setattr(sparse_backend, "band_decision", lambda: BandDecision(True, "the test's choice"))
 
 
 @pytest.fixture(params=_isa_params(("auto", *OTHER_ISAS)))
@@ -252,6 +261,7 @@ def test_sparse_backend_sends_float32_bands_to_the_native_kernel(monkeypatch):
         return band_native_attention(*args)
 
     monkeypatch.setattr(sparse_module, "band_native_attention", spy)
+    _decide_native(monkeypatch)
     q, k, v = (torch.randn(1, 4, 100, 32) for _ in range(3))
     patterns = [
         SlidingWindow(16),
@@ -260,13 +270,38 @@ def test_sparse_backend_sends_float32_bands_to_the_native_kernel(monkeypatch):
     ]
     for pattern in patterns:
         expected = reference_kernel(q.double(), k.double(), v.double(), pattern, 0.25)[0]
-        with forced_band_path("native"):  # whatever this CPU decided
-            actual = attention(q, k, v, pattern, scale=0.25, backend="sparse")
+        actual = attention(q, k, v, pattern, scale=0.25, backend="sparse")
         torch.testing.assert_close(actual.double(), expected, rtol=1e-5, atol=1e-6)
     assert calls == [(0, 15), (0, 8), (0, 3)]
     attention(q.double(), k.double(), v.double(), SlidingWindow(16), backend="sparse")  # float64: the plan
     attention(q[..., :8], k[..., :8], v[..., :8], SlidingWindow(16), backend="sparse")  # width 8: the plan
     assert len(calls) == 3
+
+
+@needs_native
+def test_the_sparse_kernel_runs_the_native_kernel_only_when_told(monkeypatch):
+    """The kernel decides nothing: ``native_bands`` is its caller's decision, and the sparse
+    backend's decision (here: the planner) is what reaches it."""
+    calls = []
+
+    def spying(kernel):
+        return lambda *args: calls.append(args[3]) or kernel(*args)
+
+    monkeypatch.setattr(sparse_module, "band_native_attention", spying(band_native_attention))
+    monkeypatch.setattr(sparse_module, "band_forward", spying(band_forward))
+    monkeypatch.setattr(sparse_backend, "band_decision", lambda: BandDecision(False, "the test's choice"))
+    q, k, v = (torch.randn(1, 2, 64, 16) for _ in range(3))
+    for pattern in (SlidingWindow(8), Strided(4)):
+        expected = reference_kernel(q.double(), k.double(), v.double(), pattern, 0.25)[0]
+        by_backend = attention(q, k, v, pattern, scale=0.25, backend="sparse")
+        for actual in (sparse_kernel(q, k, v, pattern, 0.25)[0], by_backend):
+            torch.testing.assert_close(actual.double(), expected, rtol=1e-5, atol=1e-6)
+        assert calls == []
+    for pattern in (SlidingWindow(8), Strided(4)):
+        expected = reference_kernel(q.double(), k.double(), v.double(), pattern, 0.25)[0]
+        actual = sparse_kernel(q, k, v, pattern, 0.25, native_bands=True)[0]
+        torch.testing.assert_close(actual.double(), expected, rtol=1e-5, atol=1e-6)
+    assert calls == [(0, 7), (0, 4)]  # the window whole, Strided's band piece
 
 
 @st.composite
@@ -324,24 +359,25 @@ def test_auto_sends_every_float32_window_to_the_native_kernel():
     torch.testing.assert_close(attention(q, k, v, SlidingWindow(64), scale=0.25).double(), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_supports_only_float32_cpu_and_widths_of_sixteen():
-    q = torch.randn(1, 1, 4, 16)
-    assert not band_native_supports(q.double(), q.double(), q.double())
-    assert not band_native_supports(q[..., :8], q[..., :8], q[..., :8])
-    assert not band_native_supports(q, q, torch.randn(1, 1, 4, 32))
+def test_takes_only_float32_cpu_and_widths_of_sixteen():
+    cpu = torch.device("cpu")
+    assert not band_native_takes(cpu, torch.float64, 16, 16)
+    assert not band_native_takes(cpu, torch.float32, 8, 8)
+    assert not band_native_takes(cpu, torch.float32, 16, 32)
+    assert not band_native_takes(torch.device("meta"), torch.float32, 16, 16)
 
 
 @pytest.mark.parametrize("change, message", [
     (lambda q, k, v: (q.double(), k.double(), v.double()), "q must be a float32 CPU tensor"),
-    (lambda q, k, v: (q.half(), k, v), "q must be a float32 CPU tensor"),
+    (lambda q, k, v: (q.half(), k.half(), v.half()), "q must be a float32 CPU tensor"),
     (lambda q, k, v: (q[..., :8], k[..., :8], v[..., :8]), "multiple of 16"),
-    (lambda q, k, v: (q[:, :1], k, v), "Hq a multiple of Hkv"),
-    (lambda q, k, v: (q, k, v[:, :, :3]), "Hq a multiple of Hkv"),
-    (lambda q, k, v: (q[0], k[0], v[0]), "must be 4-D"),
+    (lambda q, k, v: (q[:, :1], k, v), r"query heads \(1\) must be a multiple of key/value heads \(2\)"),
+    (lambda q, k, v: (q, k, v[:, :, :3]), "k and v must agree in batch, heads and seq"),
+    (lambda q, k, v: (q[0], k[0], v[0]), "q must have rank 4"),
 ])
 def test_bad_inputs_are_rejected_with_the_reason(change, message):
     q, k, v = torch.randn(1, 4, 6, 16), torch.randn(1, 2, 6, 16), torch.randn(1, 2, 6, 16)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match="band_native_attention: .*" + message):
         band_native_attention(*change(q, k, v), (0, 2), 1.0)
 
 

@@ -76,7 +76,7 @@ def test_attention_weights_and_hidden_states_match_transformers(minilm):
         assert len(traces) == len(expected.attentions) == 6
         for layer, t in enumerate(traces):
             assert t.weights.shape == (12, len(ids), len(ids))
-            torch.testing.assert_close(t.weights, expected.attentions[layer][0], atol=1e-5, rtol=0)
+            torch.testing.assert_close(t.weights.float(), expected.attentions[layer][0], atol=1e-5, rtol=0)
         torch.testing.assert_close(hidden, expected.last_hidden_state, atol=1e-4, rtol=0)
 
 
@@ -108,7 +108,7 @@ def test_tiny_random_bert_matches_transformers(tmp_path, hidden_act):
         expected = hf(tokens, token_type_ids=types, output_attentions=True)
         got = ours(tokens, types)
     torch.testing.assert_close(got, expected.last_hidden_state, atol=1e-4, rtol=1e-4)
-    weights = trace(ours, tokens[0].tolist())[1].weights
+    weights = trace(ours, tokens[0].tolist())[1].weights.float()
     assert float(weights.max()) > 0.9  # the oracle is sensitive: attention is far from uniform
     with torch.no_grad():
         single = hf(tokens[:1], output_attentions=True).attentions[1][0]

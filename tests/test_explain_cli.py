@@ -77,7 +77,7 @@ def test_model_dir_without_config(capsys, tmp_path):
 
 def test_unsupported_model_type(capsys, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    _fails(capsys, ["explain", SENTENCE, "--model", str(tmp_path)], "model_type 'gpt2'", "bert or llama")
+    _fails(capsys, ["explain", SENTENCE, "--model", str(tmp_path)], "model_type 'gpt2'", "bert or gemma3_text or llama")
 
 
 def test_default_model_not_installed(capsys, monkeypatch):

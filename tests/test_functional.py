@@ -7,10 +7,25 @@ import torch
 from hypothesis import given, strategies as st
 
 from attnkit import Causal, Predicate, SlidingWindow, attention, reference_attention
-from attnkit.backends import choose_backend
+from attnkit.backends import REGISTRY, choose_backend
 from strategies import Problem, problems
 
-BACKENDS = ["dense", "blockwise", "auto"]
+
+def _backends(*, with_reference: bool) -> list:
+    """Every registered backend, then ``auto``; the reference backend only where it is not its own
+    oracle. Without CUDA the Triton kernels run in Triton's interpreter (minutes per property
+    test): there they are marked slow, and tests/test_triton.py covers them in the default suite."""
+    params = []
+    for backend in REGISTRY:
+        if backend.name == "reference" and not with_reference:
+            continue
+        interpreted = backend.name == "triton" and not torch.cuda.is_available()
+        params.append(pytest.param(backend.name, marks=[pytest.mark.slow] if interpreted else []))
+    return [*params, "auto"]
+
+
+BACKENDS = _backends(with_reference=False)
+WITH_REFERENCE = _backends(with_reference=True)
 
 
 def _run(problem: Problem, backend: str, dtype=torch.float64, scale=None, contiguous=False):
@@ -77,7 +92,7 @@ def test_float32_within_1e5_relative_of_float64(backend, problem):
         assert _norm_rel(a, e) <= tolerance, f"{name} ({backend}) {problem.describe()}"
 
 
-@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("backend", WITH_REFERENCE)
 @given(problem=problems(max_len=120, max_head_dim=64))
 def test_bfloat16_within_2e2_relative_with_float32_statistics(backend, problem):
     problem = _rounded(problem, torch.bfloat16)
@@ -98,7 +113,7 @@ def test_bfloat16_within_2e2_relative_with_float32_statistics(backend, problem):
             assert _norm_rel(a, e) <= 2e-2, f"{name} ({backend}) {problem.describe()}"
 
 
-@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("backend", WITH_REFERENCE)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_with_large_scores_keeps_float32_statistics(backend, dtype):
     # Scores with a standard deviation near 2 (q and k scaled by 4): rounding the scores or the
@@ -117,7 +132,7 @@ def test_half_precision_with_large_scores_keeps_float32_statistics(backend, dtyp
             assert _norm_rel(a, e) <= 2e-2, name
 
 
-@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("backend", WITH_REFERENCE)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_fully_masked_rows_give_zeros_minus_inf_and_finite_gradients(backend, dtype):
     odd_rows_blind = Predicate(lambda i, j: (i % 2 == 0) & (j <= i))
@@ -143,7 +158,7 @@ def test_rows_with_no_key_when_queries_outnumber_keys(backend):
     torch.testing.assert_close(out, ref)
 
 
-@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("backend", WITH_REFERENCE)
 @given(data=st.data())
 def test_gqa_equals_mha_with_repeated_kv_and_mqa_equals_one_kv_head(backend, data):
     problem = data.draw(problems(max_len=80))
@@ -173,14 +188,14 @@ def test_reference_weights_are_the_two_steps_written_out():
     torch.testing.assert_close(out, weights @ v)
 
 
-@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("backend", WITH_REFERENCE)
 def test_explicit_scale_is_used(backend):
     q, k, v = (torch.randn(1, 2, 7, 8, dtype=torch.float64) for _ in range(3))
     expected, _ = reference_attention(q * 3.0, k, v, scale=1.0)
     torch.testing.assert_close(attention(q, k, v, backend=backend, scale=3.0), expected)
 
 
-@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("backend", WITH_REFERENCE)
 @pytest.mark.parametrize("scale", [0.0, -0.7])
 def test_zero_and_negative_scales_are_exact(backend, scale):
     # torch's fused causal kernel returns NaN for scale <= 0; such calls must not reach it.

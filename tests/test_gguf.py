@@ -157,6 +157,7 @@ def test_unsupported_tensor_type_is_named(tmp_path, model):
         writer.add_uint32(f"llama.{key}", value)
     block, size = gguf.GGML_QUANT_SIZES[T.IQ4_NL]
     writer.add_tensor("token_embd.weight", np.zeros((8, 256 // block * size), np.uint8), raw_dtype=T.IQ4_NL)
+    writer.add_tensor("blk.0.attn_norm.weight", np.ones(256, np.float32))  # the one layer block_count promises
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

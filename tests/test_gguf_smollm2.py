@@ -42,7 +42,7 @@ CHATS = [
 def models():
     # transformers refuses to load a GGUF model without accelerate (its tokenizer needs none).
     pytest.importorskip("accelerate", reason="transformers needs accelerate to load a GGUF model")
-    ours = load_llama(MODEL)
+    ours = load_llama(MODEL, dtype=torch.float32)  # the exact reference: dequantized, as transformers loads it
     hf = transformers.AutoModelForCausalLM.from_pretrained(MODEL.parent, gguf_file=MODEL.name,
                                                            dtype=torch.float32).eval()
     return ours, hf

@@ -14,8 +14,10 @@ import pytest
 import torch
 
 from attnkit import SlidingWindow, attention
-from attnkit.kernels import band_calibration, band_native, native_build, sparse
-from attnkit.kernels.band_native import band_native_attention, band_native_supports
+from attnkit.backends import Problem
+from attnkit.backends.sparse import native_bands
+from attnkit.kernels import band_calibration, native_build, sparse
+from attnkit.kernels.band_native import band_native_attention
 from attnkit.kernels.reference import reference_kernel
 
 has_compiler = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler here")
@@ -34,10 +36,14 @@ def fresh_builds(monkeypatch, tmp_path):
     for name in ("ATTNKIT_NATIVE", "ATTNKIT_NATIVE_ISA", "CC"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(band_calibration, "_decisions", {})
-    monkeypatch.setattr(band_native, "_runs_here_answers", {})
     native_build.clear_cache()
     yield tmp_path
     native_build.clear_cache()
+
+
+def _window_runs_natively() -> bool:
+    """The sparse backend's decision for a float32 window of head width 16 (2 heads, N=40)."""
+    return native_bands(Problem(SlidingWindow(7), 40, 40, 2, 16, 16))
 
 
 @has_compiler
@@ -56,7 +62,7 @@ def test_disabled_or_missing_compiler_falls_back_to_the_plan(fresh_builds, monke
         monkeypatch.setenv("ATTNKIT_NATIVE", value)
         native_build.clear_cache()
         assert native_build.load_native("band_attention") == native_build.NativeLibrary(None, f"disabled by ATTNKIT_NATIVE={value}")
-        assert not band_native_supports(*(torch.randn(1, 1, 4, 16) for _ in range(3)))
+        assert not _window_runs_natively()
     monkeypatch.setenv("ATTNKIT_NATIVE", "1")
     monkeypatch.setenv("CC", str(fresh_builds / "no-such-compiler"))
     native_build.clear_cache()
@@ -146,7 +152,7 @@ def test_an_unknown_isa_is_refused_by_name(fresh_builds, monkeypatch):
     status = native_build.load_native("band_attention")
     assert status.library is None
     assert "ATTNKIT_NATIVE_ISA must be one of auto, avx512, avx2, generic, got 'avx1024'" in status.message
-    assert not band_native_supports(*(torch.randn(1, 1, 4, 16) for _ in range(3)))
+    assert not _window_runs_natively()
 
 
 def test_an_isa_the_cpu_lacks_is_refused_not_run(fresh_builds, monkeypatch):
@@ -199,7 +205,7 @@ def test_other_paths_take_the_faster_of_a_cached_calibration(fresh_builds, monke
     monkeypatch.setattr(band_calibration, "KNOWN_FAST", ())
     measured = _fake_timings(monkeypatch, native_ms, planner_ms)
     q, k, v = (torch.randn(1, 2, 40, 16) for _ in range(3))
-    assert band_native_supports(q, k, v) is expected
+    assert _window_runs_natively() is expected
     assert sorted(measured) == ["native", "native", "planner", "planner"]  # a window and Strided
     library = native_build.load_native("band_attention").path
     record = json.loads((library.parent / (library.name + f".choice-{torch.get_num_threads()}.json")).read_text())
@@ -208,8 +214,7 @@ def test_other_paths_take_the_faster_of_a_cached_calibration(fresh_builds, monke
     usage = native_build.native_status()["band_attention use"]
     assert usage.startswith("native kernel" if expected else "the planner") and "calibrated" in usage
     monkeypatch.setattr(band_calibration, "_decisions", {})  # another process: reads the record
-    monkeypatch.setattr(band_native, "_runs_here_answers", {})
-    assert band_native_supports(q, k, v) is expected and len(measured) == 4
+    assert _window_runs_natively() is expected and len(measured) == 4
     if not expected:  # the planner runs the window
         monkeypatch.setattr(sparse, "band_native_attention", lambda *args: pytest.fail("the kernel ran"))
     expected_out = reference_kernel(q.double(), k.double(), v.double(), SlidingWindow(7), 0.3)[0]
@@ -228,7 +233,6 @@ def test_a_calibration_for_another_library_or_cpu_is_not_reused(fresh_builds, mo
     record = json.loads(record_path.read_text())
     record_path.write_text(json.dumps({**record, "key": record["key"].replace("x", "y", 1) + "0"}))
     monkeypatch.setattr(band_calibration, "_decisions", {})
-    monkeypatch.setattr(band_native, "_runs_here_answers", {})
     monkeypatch.setattr(band_calibration, "_best_ms", lambda runs, repeats: {"native": 1.0, "planner": 2.0})
     assert band_calibration.band_decision().native and len(measured) == 4  # measured again, and decided again
 
@@ -269,11 +273,9 @@ def test_a_damaged_calibration_record_is_measured_again_not_trusted(fresh_builds
         content = json.dumps({**record, "native": "false"})
     record_path.write_text(content)
     monkeypatch.setattr(band_calibration, "_decisions", {})
-    monkeypatch.setattr(band_native, "_runs_here_answers", {})
     decision = band_calibration.band_decision()
     assert decision.native is False and len(measured) == 8  # calibrated again (4 timings each), not an error
-    q, k, v = (torch.randn(1, 2, 40, 16) for _ in range(3))
-    assert band_native_supports(q, k, v) is False
+    assert _window_runs_natively() is False
 
 
 @has_compiler
@@ -285,7 +287,7 @@ def test_concurrent_first_decisions_calibrate_once_and_force_nothing_afterwards(
 
     def slow_best(runs, repeats):
         calls.append(1)
-        for run in runs.values():  # runs under a forced path in this thread only
+        for run in runs.values():  # each run tells the kernel its path: nothing is left set
             run()
         return {"native": 2.0, "planner": 1.0}
 
@@ -298,9 +300,7 @@ def test_concurrent_first_decisions_calibrate_once_and_force_nothing_afterwards(
         thread.join()
     assert len(calls) == 2  # one calibration (a window and Strided), not one per thread
     assert all(decision.native is False for decision in decisions)
-    assert getattr(band_native._forced, "path", None) is None
-    q, k, v = (torch.randn(1, 2, 40, 16) for _ in range(3))
-    assert band_native_supports(q, k, v) is False  # nothing left forcing the kernel
+    assert _window_runs_natively() is False  # nothing left forcing the kernel
 
 
 @pytest.mark.parametrize("flags", [(), ("-march=haswell",), ("-march=haswell", "-mno-fma"), ("-mavx512f", "-mfma")],

@@ -121,19 +121,18 @@ def test_block_sparse_is_one_part_and_per_head_layouts_plan_per_head():
     assert _sparse_planned(PerHead([Strided(4), SlidingWindow(3)]), 2)
 
 
-def test_planner_splits_by_parts_and_keeps_unplanned_patterns_whole():
-    assert split_parts(Strided(4) | Fixed(4, 1)) == [SlidingWindow(5), Periodic(4), BlockLocal(4), Summary(4, 1)]
-    causal = Causal()
-    assert split_parts(causal) == [causal]
+def test_planner_splits_by_pieces_and_keeps_patterns_without_pieces_whole():
+    assert split_parts(Strided(4) | Fixed(4, 1)) == [*Strided(4).pieces, *Fixed(4, 1).pieces]
+    assert split_parts(Causal()) == list(Causal().pieces)
     difference = Difference(Strided(4), Causal())
-    assert difference.parts is None and split_parts(difference) == [difference]
+    assert difference.parts is None and difference.pieces is None and split_parts(difference) == [difference]
 
 
-def test_planner_splits_a_union_by_its_sides_when_one_side_has_no_parts():
+def test_planner_splits_a_union_by_its_sides_when_one_side_has_no_pieces():
     # Predicate | Strided has no planned decomposition (auto does not plan it), but a forced
-    # sparse call must still give Strided's parts their own geometry rather than tiling the union.
+    # sparse call must still give Strided's pieces their own geometry rather than tiling the union.
     sink = Predicate(_diagonal)
     union = sink | Strided(4)
-    assert union.parts is None
-    assert split_parts(union) == [sink, SlidingWindow(5), Periodic(4)]
-    assert split_parts(Causal() | Fixed(4, 1)) == [Causal(), BlockLocal(4), Summary(4, 1)]
+    assert union.parts is None and union.pieces is None
+    assert split_parts(union) == [sink, *Strided(4).pieces]
+    assert split_parts(Causal() | Fixed(4, 1)) == [*Causal().pieces, *Fixed(4, 1).pieces]

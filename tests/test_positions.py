@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 
 from attnkit import BlockSparse, Causal, Full, PerHead, Predicate, SlidingWindow, Strided, attention
 from attnkit.backends import BY_NAME, Problem, make_problem, pick
+from attnkit.backends.sparse import native_bands
 from attnkit.kernels import dense as dense_kernel_module
 from attnkit.kernels.blockwise import blockwise_kernel
-from attnkit.kernels.band_native import band_native_takes
 
 PATTERNS = {
     "full": Full(),
@@ -250,7 +250,7 @@ def test_sparse_grad_share_of_all_keys_is_the_gradient(pattern):
     _shares_match_the_gradient("sparse", pattern, torch.float64, 8, (slice(0, 11),), 1e-10)
 
 
-@pytest.mark.skipif(not band_native_takes(torch.device("cpu"), torch.float32, 16, 16),
+@pytest.mark.skipif(not native_bands(Problem(SlidingWindow(3), 11, 11, 2, 16, 16)),
                     reason="the native band kernel does not run bands here")
 def test_native_band_grad_share_is_the_gradient():
     _shares_match_the_gradient("sparse", SlidingWindow(3), torch.float32, 16, (slice(0, 11),), 1e-4)

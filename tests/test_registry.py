@@ -43,7 +43,7 @@ def test_bert_is_an_encoder_that_generate_refuses(tmp_path):
     checkpoint = identify(tmp_path)
     assert (checkpoint.family.name, checkpoint.format, checkpoint.family.causal) == ("bert", "hf", False)
     assert checkpoint.layers_and_heads() == (3, 4)
-    with pytest.raises(ValueError, match="holds a bert encoder, which cannot generate text; give a llama checkpoint"):
+    with pytest.raises(ValueError, match="holds a bert encoder, which cannot generate text; give a llama or gemma3 checkpoint"):
         identify_causal(tmp_path)
 
 
@@ -59,7 +59,7 @@ def test_generate_command_refuses_an_encoder(capsys):
 
 def test_unknown_names_and_missing_configs_are_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    with pytest.raises(ValueError, match=r"model_type 'gpt2' in .*config\.json is not supported; use a bert or llama"):
+    with pytest.raises(ValueError, match=r"model_type 'gpt2' in .*config\.json is not supported; use a bert or gemma3_text or llama"):
         identify(tmp_path)
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -80,7 +80,7 @@ def test_gguf_files_are_recognised_by_architecture(tmp_path):
     assert checkpoint.layers_and_heads() == (model.config.n_layers, model.config.n_heads)
     other = write_gguf(tmp_path / "other.gguf", model, T.F32, arch="qwen2")
     with pytest.raises(ValueError, match="other.gguf: unsupported architecture 'qwen2'; attnkit loads GGUF files "
-                                         "of architecture llama"):
+                                         "of architecture gemma3 or llama"):
         identify(other)
 
 
@@ -115,7 +115,7 @@ def test_a_new_family_is_one_registry_entry(tmp_path, monkeypatch):
     assert checkpoint.family is toy and checkpoint.load() == "model" and loaded == [tmp_path]
     assert checkpoint.layers_and_heads() == (1, 1)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    with pytest.raises(ValueError, match="use a bert or llama or toy checkpoint"):
+    with pytest.raises(ValueError, match="use a bert or gemma3_text or llama or toy checkpoint"):
         identify(tmp_path)
 
 

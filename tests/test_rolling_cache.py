@@ -80,4 +80,4 @@ def test_bad_sizes_are_rejected(name, args, error, message):
 def test_update_checks_shapes():
     cache = RollingKVCache(1, 2, 4, 8)
     with pytest.raises(ValueError, match=r"RollingKVCache.update: k \(1, 3, 1, 8\)"):
-        cache.update(torch.randn(1, 3, 1, 8), torch.randn(1, 3, 1, 8))
+        cache.update(torch.tensor([0]), torch.randn(1, 3, 1, 8), torch.randn(1, 3, 1, 8))

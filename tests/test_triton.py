@@ -1,9 +1,10 @@
 """The Triton backend against float64 reference attention: out, LSE, dq, dk, dv, every pattern family.
 
 Without a GPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, set by
-``tests/conftest.py`` before the kernels are first imported) on CPU tensors, through the public ``attention(backend="triton")``.
-Sizes are small and odd so every edge of the kernels' blocks (16 x 16 in the interpreter) is hit:
-partial first/last blocks, ``Nq != Nk`` both ways, rows with no key, GQA groups.
+``tests/conftest.py`` before the kernels are first imported) on CPU tensors, through the public
+``attention(backend="triton")``. Sizes are small and odd so every edge of the kernels' tiles (16 x 16
+in the interpreter) is hit: partial first/last tiles, ``Nq != Nk`` both ways, rows with no key, GQA
+groups, decode-sized calls (packed heads, split keys), and grids folded under a lowered limit.
 """
 
 from __future__ import annotations
@@ -24,34 +25,32 @@ pytest.importorskip("triton")
 from attnkit import BlockSparse, Causal, Fixed, PerHead, Predicate, SlidingWindow, Strided, attention  # noqa: E402
 from attnkit.backends import make_problem, pick  # noqa: E402
 from attnkit.kernels.reference import reference_kernel  # noqa: E402
-from attnkit.kernels.triton_backend import (  # noqa: E402
-    MAX_SPLITS,
-    _part_splits,
-    _splits,
-    kernel_parts,
-    triton_available,
-)
-from attnkit.kernels.triton_blocks import BlocksPart, block_list  # noqa: E402
+from attnkit.kernels import triton_lists  # noqa: E402
+from attnkit.kernels.triton_blocks import BlocksPart  # noqa: E402
+from attnkit.kernels.triton_launch import MAX_SPLITS, _splits, kernel_parts, triton_available, triton_kernel  # noqa: E402
+from attnkit.kernels.triton_lists import block_list, build_block_list  # noqa: E402
+from attnkit.patterns import BlockLocal, Periodic, Piece, Summary  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TOLERANCE = {torch.float32: 3e-5, torch.float16: 6e-3, torch.bfloat16: 5e-2}
 
 
-def _layout(n_k: int, block: int, seed: int, heads: int = 0) -> torch.Tensor:
+def block_layout(n_k: int, block: int, seed: int, heads: int = 0) -> torch.Tensor:
     n_blocks = -(-n_k // block)
     shape = (heads, n_blocks, n_blocks) if heads else (n_blocks, n_blocks)
     return torch.rand(shape, generator=torch.Generator().manual_seed(seed)) < 0.45
 
 
-def _check(pattern, n_q: int, n_k: int, dtype=torch.float32, heads=(4, 2), dims=(24, 32), seed=0, strided=False):
+def check(pattern, n_q: int, n_k: int, dtype=torch.float32, heads=(4, 2), dims=(24, 32), seed=0, strided=False,
+          batch=1):
     """Forward and gradients (through out and LSE) against float64 reference attention."""
     gen = torch.Generator().manual_seed(seed)
     (hq, hkv), (d, dv) = heads, dims
-    q = torch.randn(1, hq, n_q, d, generator=gen).to(dtype)
-    k = torch.randn(1, hkv, n_k, d, generator=gen).to(dtype)
-    v = torch.randn(1, hkv, n_k, dv, generator=gen).to(dtype)
-    grad_out = torch.randn(1, hq, n_q, dv, generator=gen, dtype=torch.float64)
-    grad_lse = torch.randn(1, hq, n_q, generator=gen, dtype=torch.float64)
+    q = torch.randn(batch, hq, n_q, d, generator=gen).to(dtype)
+    k = torch.randn(batch, hkv, n_k, d, generator=gen).to(dtype)
+    v = torch.randn(batch, hkv, n_k, dv, generator=gen).to(dtype)
+    grad_out = torch.randn(batch, hq, n_q, dv, generator=gen, dtype=torch.float64)
+    grad_lse = torch.randn(batch, hq, n_q, generator=gen, dtype=torch.float64)
 
     exact = [t.double().requires_grad_() for t in (q, k, v)]
     ref_out, ref_lse, _ = reference_kernel(*exact, pattern, 0.37)
@@ -65,7 +64,7 @@ def _check(pattern, n_q: int, n_k: int, dtype=torch.float32, heads=(4, 2), dims=
         inputs = [t.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for t in ours]
         assert not inputs[0].is_contiguous()
     out, lse = attention(*inputs, pattern, scale=0.37, backend="triton", return_lse=True)
-    assert out.dtype == dtype and lse.dtype == torch.float32 and lse.shape == (1, hq, n_q)
+    assert out.dtype == dtype and lse.dtype == torch.float32 and lse.shape == (batch, hq, n_q)
     loss = (out.double() * grad_out.to(DEVICE)).sum() + (lse.double().masked_fill(~seen.to(DEVICE), 0) * grad_lse.to(DEVICE)).sum()
     grads = torch.autograd.grad(loss, inputs)
 
@@ -76,6 +75,7 @@ def _check(pattern, n_q: int, n_k: int, dtype=torch.float32, heads=(4, 2), dims=
     torch.testing.assert_close(lse.double().cpu()[seen], ref_lse.detach()[seen], atol=tol, rtol=tol)
     assert not out.cpu()[~seen].any()  # rows with no key give zeros
     for name, got, want in zip("qkv", grads, ref_grads):
+        assert got.dtype == dtype  # stored in the input dtype by the kernels
         scale = max(1.0, float(want.abs().max()))
         torch.testing.assert_close(got.double().cpu(), want, atol=2 * tol * scale, rtol=2 * tol, msg=f"d{name}")
 
@@ -85,68 +85,63 @@ FAMILIES = {
     "window_symmetric": SlidingWindow(5, causal=False),
     "strided": Strided(5),
     "fixed": Fixed(8, 3),
-    "block_sparse": BlockSparse(_layout(35, 8, seed=1), 8),
+    "periodic": Periodic(6),
+    "block_local": BlockLocal(20),
+    "summary": Summary(8, 3),
+    "block_sparse": BlockSparse(block_layout(35, 8, seed=1), 8),
     "union": SlidingWindow(3) | Strided(6),
+    "intersection": BlockLocal(12) & SlidingWindow(5),
     "predicate": Predicate(lambda i, j: (j <= i) & (j % 3 == 0)),
-    "per_head": PerHead((SlidingWindow(4), Strided(3), Fixed(4, 1), BlockSparse(_layout(35, 16, seed=2), 16))),
+    "per_head": PerHead((SlidingWindow(4), Strided(3), Fixed(4, 1), BlockSparse(block_layout(35, 16, seed=2), 16))),
 }
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_families_match_reference(family):
-    _check(FAMILIES[family], 29, 35)
+    check(FAMILIES[family], 29, 35)
 
 
-@pytest.mark.parametrize("pattern", [SlidingWindow(9), Fixed(6, 2), BlockSparse(_layout(40, 8, seed=3), 8)],
-                         ids=["window", "fixed", "block_sparse"])
+@pytest.mark.parametrize("pattern", [SlidingWindow(9), Fixed(6, 2), Strided(7), BlockSparse(block_layout(40, 8, seed=3), 8)],
+                         ids=["window", "fixed", "strided", "block_sparse"])
 def test_more_queries_than_keys_gives_empty_rows(pattern):
-    _check(pattern, 50, 40)  # the first 10 query rows sit at negative positions: no key
+    check(pattern, 50, 40)  # the first 10 query rows sit at negative positions: no key
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("pattern", [SlidingWindow(6), Strided(4)], ids=["window", "strided"])
+@pytest.mark.parametrize("pattern", [SlidingWindow(6), Strided(4), Fixed(6, 2)], ids=["window", "strided", "fixed"])
 def test_half_precision(pattern, dtype):
-    _check(pattern, 29, 33, dtype=dtype)
+    check(pattern, 29, 33, dtype=dtype)
 
 
 def test_mqa_and_odd_head_dims():
-    _check(Strided(3), 21, 21, heads=(3, 1), dims=(40, 20))  # dims padded to 64/32 inside
+    check(Strided(3), 21, 21, heads=(3, 1), dims=(40, 20))  # dims padded to 64/32 inside
+
+
+def test_segments_longer_than_tiles_have_interior_tiles():
+    # BlockLocal(40) and Fixed(40, 5) on 16 x 16 tiles: tiles wholly inside a segment run unmasked.
+    check(Fixed(40, 5), 90, 100, heads=(2, 1))
+    check(BlockLocal(37), 80, 80, heads=(2, 2))
 
 
 def test_non_contiguous_inputs():
-    _check(SlidingWindow(6, causal=False), 19, 26, strided=True)
+    check(SlidingWindow(6, causal=False), 19, 26, strided=True)
 
 
-@pytest.mark.parametrize("pattern", [SlidingWindow(60), Causal()], ids=["window", "causal"])
-def test_decoding_splits_keys_and_merges(pattern):
-    q, k = torch.zeros(1, 4, 3, 16), torch.zeros(1, 2, 90, 16)
-    assert max(_part_splits(part, q, k) for part in kernel_parts(pattern)) > 1
-    _check(pattern, 3, 90)
+@pytest.mark.parametrize("n_q", [1, 3, 16])
+@pytest.mark.parametrize("pattern", [SlidingWindow(60), Causal(), Strided(7), Fixed(16, 3)],
+                         ids=["window", "causal", "strided", "fixed"])
+def test_decode_sizes(pattern, n_q):
+    check(pattern, n_q, 90, heads=(4, 2))
 
 
-def test_split_counts_are_few_powers_of_two(monkeypatch):
-    # The split count is a compile-time constant: a growing decode cache must not compile a new
-    # kernel per length, so only powers of two (capped) may come out.
-    q = torch.zeros(1, 1, 1, 16)
-    counts = {_part_splits(part, q, torch.zeros(1, 1, n, 16)) for n in range(1, 1200, 7) for part in kernel_parts(Causal())}
-    assert counts == {1, 2, 4, 8, 16}
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=132))
-    big = {_splits(1, tiles, 1, torch.device("cuda")) for tiles in range(1, 3000)}
-    assert max(big) == MAX_SPLITS and all(n & (n - 1) == 0 for n in big) and len(big) == 7
+@pytest.mark.parametrize("heads", [(8, 1), (6, 3), (5, 5)], ids=["group8", "group2", "mha"])
+def test_decode_packs_a_group_into_the_query_tile(heads):
+    # group x queries: 8 x 3 = 24 rows span two 16-row tiles; 2 x 3 and 1 x 3 fit one.
+    check(SlidingWindow(30), 3, 77, heads=heads, batch=2)
 
 
-def test_parts_come_from_pattern_facts():
-    strided = kernel_parts(Strided(8))
-    assert [(p.lo, p.hi, p.step) for p in strided] == [(0, 8, 1), (2, float("inf"), 8)]
-    assert [p.keys for p in kernel_parts(Fixed(8, 2))] == ["lattice", "summary"]
-    assert isinstance(kernel_parts(SlidingWindow(3) | Strided(4))[0], BlocksPart)
-
-
-def test_aligned_block_sparse_needs_no_element_masks():
-    layout = _layout(64, 16, seed=4)
-    lists = block_list(BlockSparse(layout, 16), 64, 64, 16, torch.device("cpu"))
-    assert int(lists.kv_count.sum()) == int(layout.sum())
-    assert bool((lists.kv_mask == -1).all())
+def test_decode_with_more_queries_than_keys():
+    check(SlidingWindow(5), 12, 7)
 
 
 def test_float64_runs_the_sparse_backend_exactly():
@@ -182,32 +177,115 @@ def test_package_import_does_not_import_triton():
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
 
 
-def test_block_lists_do_not_depend_on_the_evaluation_chunk(monkeypatch):
-    import attnkit.kernels.triton_blocks as blocks
-
-    pattern = Predicate(lambda i, j: (j <= i) & ((i - j) % 5 != 1))
-    whole = block_list(pattern, 45, 50, 16, torch.device("cpu"))
-    block_list.cache_clear()
-    monkeypatch.setattr(blocks, "_EVAL_CHUNK", 16 * 16)  # one block per chunk
-    chunked = block_list(pattern, 45, 50, 16, torch.device("cpu"))
-    block_list.cache_clear()
-    for name in ("kv_index", "kv_count", "q_index", "q_count"):
-        assert torch.equal(getattr(whole, name), getattr(chunked, name))
-    for a, b in ((whole.kv_mask, chunked.kv_mask), (whole.q_mask, chunked.q_mask)):
-        assert torch.equal(a == -1, b == -1)
-        assert torch.equal(whole.masks[a.clamp(min=0)], chunked.masks[b.clamp(min=0)])
-
-
-@pytest.mark.slow
-def test_every_kernel_compiles_for_sm90():
-    """Triton's real compiler (not the interpreter) on every tile configuration: minutes on a CPU."""
-    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "gpu", "compile_check.py")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "TRITON_INTERPRET": "0"}
-    result = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-
-
 def test_empty_batch():
     q = torch.randn(0, 2, 5, 16, device=DEVICE, requires_grad=True)
     out, lse = attention(q, q, q, SlidingWindow(3), backend="triton", return_lse=True)
     assert out.shape == (0, 2, 5, 16) and lse.shape == (0, 2, 5)
+
+
+def test_lse_alone_gets_its_gradient():
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 20, 16, generator=gen, device=DEVICE, requires_grad=True) for _ in range(3))
+    _, lse = triton_kernel(q, k, v, Strided(4), 0.25)
+    grads = torch.autograd.grad(lse.sum(), (q, k, v))
+    exact = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    _, ref_lse, _ = reference_kernel(*exact, Strided(4), 0.25)
+    wanted = torch.autograd.grad(ref_lse.sum(), exact, allow_unused=True)  # v does not reach the LSE
+    for got, want, t in zip(grads, wanted, exact):
+        want = torch.zeros_like(t) if want is None else want
+        torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+
+
+def test_grids_fold_under_a_lowered_limit(monkeypatch):
+    # CUDA allows 65,535 programs on grid axes 1 and 2; with the limit at 3, (batch x heads) and the
+    # residues of Strided(5) overflow it, so every kernel runs on a folded one-axis grid.
+    from attnkit.kernels import triton_configs
+
+    folded = []
+    grid = triton_configs.grid
+
+    def recording_grid(*args, **kwargs):
+        shape, is_folded = grid(*args, **kwargs)
+        folded.append(is_folded)
+        return shape, is_folded
+
+    monkeypatch.setattr(triton_configs, "GRID_LIMIT", 3)
+    monkeypatch.setattr(triton_configs, "grid", recording_grid)
+    for pattern, n_q in ((Strided(5), 29), (Fixed(8, 3), 29), (FAMILIES["block_sparse"], 29), (SlidingWindow(30), 3)):
+        folded.clear()
+        check(pattern, n_q, 35, heads=(4, 2), batch=2)
+        assert folded and all(folded)
+
+
+def test_parts_come_from_pattern_facts():
+    strided = kernel_parts(Strided(8))
+    assert [(p.lo, p.hi, p.step) for p in strided] == [(0, 8, 1), (2, float("inf"), 8)]
+    assert [p.keys for p in kernel_parts(Fixed(8, 2))] == ["lattice", "summary"]
+    assert [p.segment for p in kernel_parts(BlockLocal(6))] == [6]
+    assert kernel_parts(BlockLocal(12) & SlidingWindow(5)) == (Piece(0, 4, segment=12),)  # the meet, one piece
+    assert isinstance(kernel_parts(SlidingWindow(3) | Strided(4))[0], BlocksPart)
+    assert isinstance(kernel_parts(Piece(0, 9, step=3, segment=6))[0], BlocksPart)  # segments need step 1
+
+
+def test_pieces_the_band_kernels_do_not_take_run_on_block_lists():
+    check(Piece(0, 9, step=3, segment=6), 29, 35)
+
+
+def test_decode_split_counts_are_few_powers_of_two(monkeypatch):
+    # The split count is a compile-time constant: a growing decode cache must not compile a new
+    # kernel per length, so only powers of two up to MAX_SPLITS may come out.
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=132))
+    counts = {_splits(tiles, programs, torch.device("cuda")) for tiles in range(1, 300) for programs in (1, 2, 16)}
+    assert counts == {1 << n for n in range(MAX_SPLITS.bit_length())}
+
+
+def dense_blocks(pattern, n_q: int, n_k: int, blk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(allowed, padding)``, each ``(nqb, nkb, blk, blk)`` bool: the pattern on every block pair
+    (keys past ``n_k`` not allowed) and which of their query rows lie past ``n_q``."""
+    rows = torch.arange(-(-n_q // blk) * blk)
+    cols = torch.arange(-(-n_k // blk) * blk)
+    ok = pattern.allows((rows + n_k - n_q).clamp(max=n_k - 1)[:, None], cols.clamp(max=n_k - 1)[None, :])
+    ok = ok & (cols < n_k)[None, :] & (rows < n_q)[:, None]
+    pad = (rows >= n_q)[:, None].expand_as(ok)
+    return tuple(t.reshape(len(rows) // blk, blk, len(cols) // blk, blk).transpose(1, 2) for t in (ok, pad))
+
+
+@pytest.mark.parametrize("pattern", [Predicate(lambda i, j: (j <= i) & ((i - j) % 5 != 1)),
+                                     SlidingWindow(9) | Strided(7), BlockSparse(block_layout(50, 8, seed=5), 8),
+                                     BlockSparse(block_layout(64, 16, seed=4), 16)],
+                         ids=["predicate", "union", "block_sparse", "aligned_block_sparse"])
+def test_block_lists_split_full_and_partial_blocks_exactly(pattern, monkeypatch):
+    n_q, n_k, blk = 45, 50, 16
+    lists = build_block_list(pattern, n_q, n_k, blk, torch.device("cpu"))
+    ok, pad = dense_blocks(pattern, n_q, n_k, blk)
+    nonempty = ok.flatten(2).any(2)
+    full = nonempty & (ok | pad).flatten(2).all(2)
+    for side, transposed in ((lists.by_query, False), (lists.by_key, True)):
+        want_full, want_partial = (full.T, (nonempty & ~full).T) if transposed else (full, nonempty & ~full)
+        for owner in range(want_full.shape[0]):
+            got_full = side.full[owner, : side.full_count[owner]].tolist()
+            got_partial = side.partial[owner, : side.partial_count[owner]].tolist()
+            assert got_full == want_full[owner].nonzero().flatten().tolist()
+            assert got_partial == want_partial[owner].nonzero().flatten().tolist()
+            for other, mask_id in zip(got_partial, side.mask[owner].tolist()):
+                pair = (other, owner) if transposed else (owner, other)
+                assert torch.equal(lists.masks[mask_id].bool() & ~pad[pair], ok[pair])  # padding rows: any
+    monkeypatch.setattr(triton_lists, "_EVAL_PAIRS", blk * blk)  # one block per evaluation chunk
+    chunked = build_block_list(pattern, n_q, n_k, blk, torch.device("cpu"))
+    for side in ("by_query", "by_key"):
+        for name in ("full", "full_count", "partial", "partial_count"):
+            assert torch.equal(getattr(getattr(lists, side), name), getattr(getattr(chunked, side), name))
+
+
+def test_block_lists_are_cached_by_the_patterns_value():
+    def lists(pattern):
+        return block_list(pattern, 40, 40, 16, torch.device("cpu"))
+
+    layout = block_layout(40, 8, seed=6)
+    assert lists(SlidingWindow(5) | Strided(7)) is lists(SlidingWindow(5) | Strided(7))  # rebuilt each step
+    assert lists(BlockSparse(layout.clone(), 8)) is lists(BlockSparse(layout.clone(), 8))
+    assert lists(BlockSparse(layout, 8)) is not lists(BlockSparse(~layout, 8))
+    assert lists(SlidingWindow(5) | Strided(7)) is not lists(SlidingWindow(5) | Strided(8))
+    rule = lambda i, j: j <= i  # noqa: E731
+    assert lists(Predicate(rule)) is lists(Predicate(rule))
+    assert lists(Predicate(rule)) is not lists(Predicate(lambda i, j: j <= i))  # functions by identity

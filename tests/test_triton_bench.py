@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -84,3 +88,60 @@ def test_display_failure_keeps_the_json(tmp_path, monkeypatch):
     result = gpu_table.run(tmp_path, "cpu", tiny=True, budget=1e9, repeats=1, only=["gpu-window"])
     assert len(result["rows"]) == 2 and not result["failures"]
     assert len(json.loads((tmp_path / "gpu_table.json").read_text())["rows"]) == 2
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_run_bench_records_a_failing_section_and_goes_on(tmp_path):
+    # python3 fails for the exactness section only: the summary must record it, the next
+    # section (bench: skipped without CUDA) must still come, and the exit status must say so.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    wrapper = bin_dir / "python3"
+    wrapper.write_text(f'#!/bin/sh\ncase "$*" in *check_exact*) echo boom >&2; exit 3;; esac\nexec {sys.executable} "$@"\n')
+    wrapper.chmod(0o755)
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "SECTIONS": "env exact bench", "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(["bash", str(REPO / "benchmarks/gpu/run_bench.sh")], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stdout + result.stderr
+    sections = {s["name"]: s for s in json.loads((out / "summary.json").read_text())["sections"]}
+    assert sections["env"]["status"] == "ok" and json.loads((out / "env.json").read_text())["torch"]
+    assert sections["exact"]["status"] == "failed" and sections["exact"]["exit_status"] == 3
+    assert "boom" in (out / "exact.log").read_text()
+    expected = "ok" if torch.cuda.is_available() else "skipped"
+    assert sections["bench"]["status"] in (expected, "failed")
+
+
+def test_static_check_lists_launches_with_their_specialisation(tmp_path):
+    # The recording step of the static check (no compile: seconds): the launcher's real launches,
+    # forward and backward, with pointers and strides known divisible by 16 as on a GPU.
+    listing = tmp_path / "launches.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    subprocess.run([sys.executable, str(REPO / "benchmarks/gpu/static_check.py"), "--list", "--cases",
+                    "window,decode-gqa", "--dtypes", "bf16", "--dims", "64", "--json", str(listing)],
+                   env=env, check=True, capture_output=True, timeout=300)
+    rows = json.loads(listing.read_text())
+    kernels = {row["kernel"] for row in rows}
+    assert kernels == {"_band_fwd", "_band_bwd_dq", "_band_bwd_dkdv", "_delta", "_merge_partials"}
+    forward = next(row for row in rows if row["kernel"] == "_band_fwd" and "window bf16 D=64" in row["cases"])
+    assert {"Q", "K", "V", "O", "LSE", "sqh", "skh"} <= set(forward["divisible_by_16"])
+    decode = [row for row in rows if "decode-gqa bf16 D=64" in row["cases"] and row["kernel"] == "_band_fwd"]
+    assert decode and all("PACKED=True" in row["config"] and "BM=16" in row["config"] for row in decode)
+
+
+def test_static_check_acceptance_rules():
+    sys.path.insert(0, str(REPO / "benchmarks/gpu"))
+    try:
+        from static_check import problems
+    finally:
+        sys.path.pop(0)
+    row = {"dtype": "bf16", "D": 128, "shared": 1024, "spills": 0, "warnings": []}
+    assert problems(row) == []
+    assert problems({**row, "spills": 8}) == ["8 spill bytes"]
+    serialised = "(C7515) Potential Performance Loss: wgmma.mma_async instructions are serialized"
+    assert problems({**row, "warnings": [serialised]}) == ["wgmma serialised (C7515)"]
+    assert problems({**row, "warnings": [serialised.replace("C7515", "C7512")]}) == ["wgmma serialised (C7512)"]
+    assert problems({**row, "dtype": "fp32", "spills": 8}) == []  # float32 is outside the acceptance
+    assert problems({**row, "shared": 300000}) == ["shared 300000 > 232448"]

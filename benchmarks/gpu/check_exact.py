@@ -7,7 +7,8 @@ in float32 (TF32 off) and bfloat16. Prints one line per case and writes JSON.
 
     PYTHONPATH=src python3 benchmarks/gpu/check_exact.py --json OUT.json
     TRITON_INTERPRET=1 PYTHONPATH=src python3 benchmarks/gpu/check_exact.py --device cpu --shrink 10
-      (the script's own check, in the interpreter at a tenth of the lengths)
+      (the script's own check, in the interpreter at a tenth of the lengths; --cases and --dtypes
+      pick a subset)
 """
 
 from __future__ import annotations
@@ -75,10 +76,18 @@ def main() -> int:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--shrink", type=int, default=1, help="divide every length by this")
+    parser.add_argument("--dtypes", default="bfloat16,float32", help="comma-separated torch dtype names")
+    parser.add_argument("--cases", help="comma-separated case names (default: all)")
     args = parser.parse_args()
+    known = [case[0] for case in _cases()]
+    wanted = args.cases.split(",") if args.cases else known
+    if set(wanted) - set(known):
+        parser.error(f"--cases: unknown {sorted(set(wanted) - set(known))}; known: {known}")
+    if set(args.dtypes.split(",")) - {"bfloat16", "float32"}:
+        parser.error(f"--dtypes: bfloat16 and float32 only, got {args.dtypes!r}")
     results = []
-    for dtype in (torch.bfloat16, torch.float32):
-        for case in _cases():
+    for dtype in (getattr(torch, name) for name in args.dtypes.split(",")):
+        for case in (c for c in _cases() if c[0] in wanted):
             try:
                 result = check(*case, dtype, args.device, args.shrink)
             except Exception as exc:  # report and go on: one broken case must not hide the others

@@ -1,25 +1,92 @@
 #!/usr/bin/env bash
-# attnkit on a lent CUDA machine (nothing else depends on a GPU), one call, under 6 minutes:
-#   1. the Triton kernels' exactness on the GPU (out, LSE, dq, dk, dv against float64);
-#   2. the GPU table of issue 10 (windows, strided, fixed, blocksparse, causal, a decoding step;
-#      SDPA, compiled FlexAttention, attnkit auto/triton/sparse; forward and forward+backward),
-#      section by section: a failing section is recorded and the next one runs.
-# The machine's image holds torch, triton, numpy, rich and matplotlib and cannot download
-# anything, so attnkit runs from the source tree. From the repository root:
-#   bash benchmarks/gpu/run_bench.sh
-# JSON, PNG and logs go to $OUT (the device tool's return folder) or benchmarks/gpu/out.
-# DRY=1 runs the same steps with tiny shapes on the CPU (a check of the script, not a benchmark).
+# Every GPU check and benchmark of attnkit in one call, section by section:
+#   env     versions and the device (always);
+#   static  the Triton kernels' launches as the launcher specialises them (benchmarks/gpu/static_check.py
+#           --list: seconds, no compile; STATIC=full compiles each for sm_90a and runs ptxas -v);
+#   exact   the Triton kernels against float64 (out, LSE, dq, dk, dv; benchmarks/gpu/check_exact.py);
+#           without CUDA it runs in Triton's interpreter on a few tiny cases;
+#   bench   the GPU table (python -m attnkit.bench.gpu_table: windows 256/4096, Strided, Fixed,
+#           BlockSparse, Causal, decode; SDPA, compiled FlexAttention, attnkit auto/triton/sparse).
+# Each section has its own time limit; one that fails or times out is recorded and the next runs.
+# $OUT/summary.json is rewritten after every section (name, status ok/failed/timeout/skipped, exit
+# status, seconds, log), so a run cut off still reports. Exit status 0 only when every section ran
+# and passed; without CUDA the bench section is skipped, so the exit status is 1.
+# From the repository root (the GPU machine's image has torch, triton, numpy, rich, matplotlib):
+#   bash benchmarks/gpu/run_bench.sh                 # JSON, PNG and logs under $OUT (or benchmarks/gpu/out)
+#   SECTIONS="env exact" bash benchmarks/gpu/run_bench.sh
 set -uo pipefail
 out="${OUT:-benchmarks/gpu/out}"
 mkdir -p "$out"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
-if [ "${DRY:-0}" = "1" ]; then
-    python3 -m attnkit.bench.gpu_table --out "$out" --device cpu --tiny --repeats 1 --only gpu-window 2>&1 | tee "$out/gpu_table.log"
-    exit "${PIPESTATUS[0]}"
+sections="${SECTIONS:-env static exact bench}"
+summary="$out/summary.json"
+failed=0
+
+if python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    cuda=1
+else
+    cuda=0
 fi
-python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.__version__, torch.cuda.get_device_name(0))" || exit 1
-python3 -m attnkit.cli info 2>&1 | tee "$out/info.txt"
-timeout 100 python3 benchmarks/gpu/check_exact.py --json "$out/check_exact.json" 2>&1 | tee "$out/check_exact.log"
-echo "check_exact exit status: ${PIPESTATUS[0]}"
-timeout 240 python3 -m attnkit.bench.gpu_table --out "$out" --budget 190 2>&1 | tee "$out/gpu_table.log"
-echo "gpu_table exit status: ${PIPESTATUS[0]}"
+
+record() {  # record NAME STATUS RC SECONDS: add one section to the summary
+    python3 - "$summary" "$@" <<'EOF'
+import json, os, sys
+path, name, status, rc, seconds = sys.argv[1:]
+data = json.load(open(path)) if os.path.exists(path) else {"sections": []}
+data["sections"].append({"name": name, "status": status, "exit_status": int(rc), "seconds": int(seconds),
+                         "log": f"{name}.log"})
+json.dump(data, open(path, "w"), indent=1)
+EOF
+}
+
+section() {  # section NAME LIMIT COMMAND...: run it under a time limit, log it, record it
+    local name="$1" limit="$2" start rc status
+    shift 2
+    case " $sections " in *" $name "*) ;; *) return 0 ;; esac
+    echo "=== $name (at most ${limit} s)"
+    start=$(date +%s)
+    timeout "$limit" "$@" 2>&1 | tee "$out/$name.log"
+    rc=${PIPESTATUS[0]}
+    case "$rc" in 0) status=ok ;; 124) status=timeout ;; *) status=failed ;; esac
+    [ "$rc" = 0 ] || failed=1
+    record "$name" "$status" "$rc" "$(( $(date +%s) - start ))"
+    echo "=== $name: $status (exit status $rc)"
+}
+
+skip() {  # skip NAME WHY
+    case " $sections " in *" $1 "*) ;; *) return 0 ;; esac
+    echo "=== $1: skipped ($2)" | tee "$out/$1.log"
+    record "$1" skipped 0 0
+    failed=1
+}
+
+rm -f "$summary"
+section env 60 python3 -c "
+import json, platform, sys, torch
+info = {'python': sys.version.split()[0], 'torch': torch.__version__, 'cuda': torch.cuda.is_available(),
+        'device': torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor()}
+try:
+    import triton
+    info['triton'] = triton.__version__
+except ImportError as exc:
+    info['triton'] = f'not installed: {exc}'
+print(json.dumps(info))
+json.dump(info, open('$out/env.json', 'w'), indent=1)
+"
+if [ "${STATIC:-list}" = "full" ]; then
+    section static 300 python3 benchmarks/gpu/static_check.py --json "$out/static_check.json" --dtypes bf16,fp16 \
+        --dims 64,128 --jobs "$(nproc)"
+else
+    section static 120 python3 benchmarks/gpu/static_check.py --list --json "$out/static_launches.json"
+fi
+if [ "$cuda" = 1 ]; then
+    section exact 120 python3 benchmarks/gpu/check_exact.py --json "$out/check_exact.json"
+    section bench 300 python3 -m attnkit.bench.gpu_table --out "$out" --budget 240
+else
+    section exact 300 env TRITON_INTERPRET=1 python3 benchmarks/gpu/check_exact.py --device cpu --shrink 20 \
+        --dtypes float32 --cases "window 255,strided 64" --json "$out/check_exact.json"
+    skip bench "no CUDA device"
+fi
+echo "summary: $summary"
+cat "$summary"
+exit "$failed"

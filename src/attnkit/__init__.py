@@ -4,49 +4,29 @@
 SlidingWindow, Strided, Fixed, BlockSparse, Predicate, their unions/intersections, PerHead); ``reference_attention`` spells out
 the two steps (relevance scores, weighted sum); ``attnkit.nn.MultiHeadAttention`` is the layer;
 ``attnkit.distributed.ring_attention`` runs attention over a sequence sharded across processes.
+
+The names are imported on first use (``attnkit.attention`` imports the functional layer, and torch
+with it), so that ``import attnkit`` is quick and the ``attnkit`` command can check its arguments
+before torch loads.
 """
 
-from . import distributed, nn
-from .functional import BACKENDS, attention, reference_attention
-from .kernels.blockwise import merge_lse
-from .patterns import (
-    BlockLocal,
-    BlockSparse,
-    Causal,
-    Fixed,
-    Full,
-    Intersection,
-    Pattern,
-    Periodic,
-    PerHead,
-    Predicate,
-    SlidingWindow,
-    Strided,
-    Summary,
-    Union,
-)
+from ._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "BACKENDS",
-    "BlockLocal",
-    "BlockSparse",
-    "Causal",
-    "Fixed",
-    "Full",
-    "Intersection",
-    "Pattern",
-    "Periodic",
-    "PerHead",
-    "Predicate",
-    "SlidingWindow",
-    "Strided",
-    "Summary",
-    "Union",
-    "attention",
-    "distributed",
-    "merge_lse",
-    "nn",
-    "reference_attention",
-]
+# Public name -> the module that defines it, imported when the name is first read.
+_EXPORTS = {
+    "BACKENDS": "functional",
+    "attention": "functional",
+    "reference_attention": "functional",
+    "merge_lse": "kernels.common",
+    **dict.fromkeys(
+        ("BlockLocal", "BlockSparse", "Causal", "Fixed", "Full", "Intersection", "Pattern", "Periodic", "PerHead",
+         "Predicate", "SlidingWindow", "Strided", "Summary", "Union"),
+        "patterns",
+    ),
+}
+
+__all__ = sorted([*_EXPORTS, "distributed", "nn"])
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

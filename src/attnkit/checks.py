@@ -63,6 +63,20 @@ def _short(value: object) -> str:
     return text if len(text) <= 60 else f"{text[:57]}..."
 
 
+def check_token_ids(owner: str, tokens: object, vocab_size: int) -> None:
+    """Check a language model's input ``tokens``: an integer tensor ``(batch, seq)`` with ``seq >= 1``
+    and ids in ``[0, vocab_size)`` (not read on the meta device). Raises ValueError naming ``owner``."""
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.is_floating_point():
+        got = f"{tokens.dtype} {tuple(tokens.shape)}" if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+        raise ValueError(f"{owner}: tokens must be an integer tensor (batch, seq), got {got}")
+    if tokens.shape[1] == 0:
+        raise ValueError(f"{owner}: tokens is empty (seq = 0)")
+    if tokens.device.type != "meta" and tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size):
+        raise ValueError(
+            f"{owner}: token ids must lie in [0, {vocab_size}), got [{int(tokens.min())}, {int(tokens.max())}]"
+        )
+
+
 # ---------------------------------------------------------------------------------------------
 # Attention inputs: q, k, v, scale, positions and key padding, worded the same in every caller.
 

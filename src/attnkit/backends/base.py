@@ -32,9 +32,9 @@ class Problem:
 
     ``positions`` is ``(q_pos (Nq,), k_pos (Nk,))`` int64 when the caller gave absolute positions,
     None for bottom-right alignment. ``key_padding_mask`` is ``(B, Nk)`` bool, True = a real key,
-    or None. ``native_band`` answers whether the native band kernel takes the inputs: None asks
-    the kernel (what :func:`attnkit.attention` does), True or False is taken as given (what-if
-    questions such as :func:`~.policy.choose_backend`). ``memo`` holds facts the backends derive
+    or None. ``native_band`` says whether bands run the native band kernel: None lets the sparse
+    backend decide (:func:`~.sparse.native_bands`, what :func:`attnkit.attention` does), True or
+    False is taken as given (what-if questions such as :func:`~.policy.choose_backend`). ``memo`` holds facts the backends derive
     from the pattern (see :mod:`.facts`), so that ``auto`` derives each once per call.
     """
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..kernels.dense import fused_lse_available
-from ..patterns import finite_band, head_runs
+from ..patterns import finite_band, head_runs, shared_band
 from .base import Problem
 
 
@@ -39,7 +39,7 @@ def _head_facts(problem: Problem) -> tuple[bool, bool]:
 def full_or_causal(problem: Problem) -> bool:
     """Whether the pattern is Full or Causal for every head (SDPA runs them without a mask)."""
     pattern = problem.pattern
-    band = pattern.band() if pattern.n_heads is None else None
+    band = shared_band(pattern)
     return band is not None and band[1] == float("inf") and band[0] in (0, -float("inf"))
 
 

@@ -82,9 +82,9 @@ def choose_backend(
     scale: float = 1.0,
 ) -> str:
     """The name of the backend ``auto`` runs for a problem described by its sizes; ``native_band``
-    says whether the native band kernel takes such inputs (``attention()`` asks the kernel). On a
-    CUDA ``device`` the answer is ``"triton"`` for every pattern but Full and Causal when the
-    Triton kernels take the problem (step 1 of the module docstring)."""
+    says whether bands run the native band kernel (``attention()`` lets the sparse backend
+    decide). On a CUDA ``device`` the answer is ``"triton"`` for every pattern but Full and Causal
+    when the Triton kernels take the problem (step 1 of the module docstring)."""
     problem = Problem(
         pattern, n_q, n_k, n_q_heads, head_dim, value_dim, device=device, dtype=dtype,
         scale=scale, need_lse=need_lse, native_band=native_band,

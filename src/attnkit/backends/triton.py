@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from ..kernels.triton_backend import triton_available, triton_kernel, triton_takes
+from ..kernels.triton_launch import triton_available, triton_grad_share, triton_kernel, triton_takes
 from .base import Backend, Problem, tiled_grad_share
 
 
@@ -26,5 +26,6 @@ class TritonBackend(Backend):
         return triton_kernel(q, k, v, problem.pattern, problem.scale)
 
     def grad_share(self, problem, q, k, v, out, lse, d_out, d_lse):
-        # The kernels' per-part backward is not wired to an outside merged LSE: the blockwise share.
-        return tiled_grad_share(problem, q, k, v, out, lse, d_out, d_lse)
+        if self.kernels_take(problem) is not None or problem.batch == 0:  # what the sparse backend stands in for
+            return tiled_grad_share(problem, q, k, v, out, lse, d_out, d_lse)
+        return triton_grad_share(q, k, v, out, lse, d_out, d_lse, problem.pattern, problem.scale)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import platform
 import sys
 import time
@@ -31,8 +32,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Median time, useful GFLOP/s, error against float64 reference_attention and "
         "the largest tensor allocated, for every contender on every workload.",
     )
-    parser.add_argument("--case", action="append", choices=sorted(CASE_SETS),
-                        help="workload set (repeatable; default: causal)")
+    parser.add_argument("--case", action="append", choices=sorted([*CASE_SETS, "decode"]),
+                        help="workload set (repeatable; default: causal); decode: whole-model generation of "
+                        "--model against llama.cpp, alone")
     parser.add_argument("--seq", type=int, action="append", metavar="N",
                         help=f"sequence length (repeatable; default: {', '.join(map(str, DEFAULT_SEQS))})")
     parser.add_argument("--quick", action="store_true",
@@ -43,6 +45,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default="cpu", help="torch device to run on (default cpu)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="write the rows as JSON")
     parser.add_argument("--plot", type=Path, metavar="PATH", help="write a PNG of time against N")
+    decode = parser.add_argument_group("--case decode")
+    decode.add_argument("--model", metavar="NAME|PATH", help="the GGUF file (or model name) both contenders run "
+                        "(default: smollm2)")
+    decode.add_argument("--threads", type=int, default=None, help="threads of every contender (default: torch's)")
+    decode.add_argument("--prompt-tokens", type=int, default=512, help="prompt length (default 512)")
+    decode.add_argument("--new-tokens", type=int, default=128, help="tokens generated per run (default 128)")
+    decode.add_argument("--variant", action="append", default=[], choices=("bf16", "fp32", "int8", "no-pack", "compile"),
+                        help="an extra attnkit contender beside the defaults (repeatable)")
+    decode.add_argument("--no-llama-cpp", action="store_true", help="attnkit contenders only")
     parser.set_defaults(func=run)
 
 
@@ -74,6 +85,8 @@ def _check(args: argparse.Namespace) -> tuple[list[str], dict[str, tuple[int, ..
 
 
 def run(args: argparse.Namespace) -> int:
+    if "decode" in (args.case or ()):
+        return _run_decode(args)
     cases, seqs, repeats = _check(args)
     workloads = [w for case in cases for w in CASE_SETS[case](seqs[case])]
     console = Console()
@@ -99,6 +112,42 @@ def run(args: argparse.Namespace) -> int:
     if args.plot:
         plot_bench(rows, args.plot)
         print(f"wrote {args.plot}")
+    return 0
+
+
+def _run_decode(args: argparse.Namespace) -> int:
+    """``--case decode``: :func:`attnkit.bench.decode_peers.run_decode_peers` on ``--model``."""
+    import tempfile
+
+    from ..bench import decode_peers
+    from ..models.catalog import resolve_model
+
+    if args.case != ["decode"]:
+        raise ValueError("--case decode runs alone; give it without other cases")
+    if args.threads is not None and args.threads <= 0:
+        raise ValueError(f"--threads must be positive, got {args.threads}")
+    model = resolve_model(args.model, default="smollm2")
+    threads = args.threads or torch.get_num_threads()
+    with_peer = not args.no_llama_cpp and decode_peers.llama_cpp_available()
+    if not args.no_llama_cpp and not with_peer:
+        print("note: xllamacpp is not installed (pip install -e '.[llamacpp]'); only attnkit runs", file=sys.stderr)
+    contenders = decode_peers.default_contenders(with_peer, tuple(args.variant))
+    repeats = args.repeats or 3
+    logs = Path(tempfile.mkdtemp(prefix="attnkit-decode-"))  # kept: a failed worker's error names its log
+    with _progress(len(contenders) * (2 + repeats)) as step:
+        results = decode_peers.run_decode_peers(model, contenders, threads=threads, prompt_tokens=args.prompt_tokens,
+                                                new_tokens=args.new_tokens, repeats=repeats, log_dir=logs,
+                                                on_step=step)
+    title = (f"{model.name}: prompt {args.prompt_tokens} tokens, {args.new_tokens} new, {threads} threads, "
+             f"median of {repeats}")
+    Console().print(decode_peers.results_table(results, title))
+    if args.json:
+        meta = {"command": "attnkit " + " ".join(args.argv), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "model": str(model), "threads": threads, "prompt_tokens": args.prompt_tokens,
+                "new_tokens": args.new_tokens, "torch": torch.__version__, "xllamacpp": decode_peers.llama_cpp_version(),
+                "load_average": os.getloadavg()}
+        args.json.write_text(decode_peers.results_json(results, meta))
+        print(f"wrote {args.json}")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""``attnkit info``: versions, backends, native and GPU kernel status, threads and devices."""
+"""``attnkit info``: versions, backends, native and GPU kernel status, threads, devices, and the models
+``--model NAME`` finds (:mod:`attnkit.models.catalog`), with where each is installed."""
 
 from __future__ import annotations
 
@@ -12,18 +13,19 @@ from rich.table import Table
 import attnkit
 from attnkit.backends import REGISTRY
 from attnkit.kernels.native_build import native_status
-from attnkit.kernels.triton_backend import triton_status
+from attnkit.kernels.triton_launch import triton_status
+from attnkit.models.catalog import installed_models
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("info", help="versions, backends, threads and devices")
+    parser = subparsers.add_parser("info", help="versions, backends, threads, devices and installed models")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     table = Table(title="attnkit info", show_header=False)
     table.add_column("what", style="bold")
-    table.add_column("value")
+    table.add_column("value", overflow="fold")  # paths whole, folded rather than cut
     table.add_row("attnkit", attnkit.__version__)
     table.add_row("torch", torch.__version__)
     table.add_row("python", platform.python_version())
@@ -38,5 +40,8 @@ def run(args: argparse.Namespace) -> int:
         table.add_row("cuda devices", "; ".join(names))
     else:
         table.add_row("cuda devices", "none")
+    table.add_row("models (--model NAME)", "\n".join(
+        f"{model.name}: {model.what}\n  " + (str(path) if path is not None else f"not installed: {model.install}")
+        for model, path in installed_models()))
     Console().print(table)
     return 0

@@ -27,8 +27,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ..kernels.blockwise import merge_lse
-from ..kernels.common import compute_dtype
+from ..kernels.common import compute_dtype, merge_lse
 from ..patterns import Pattern
 from .agreement import check_same_everywhere, checked_arguments
 from .comm import DEFAULT_TIMEOUT_S, RingComm, current_stats
@@ -120,7 +119,7 @@ def _head_groups(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pat
     """``(query head slice, KV head slice)`` pairs whose K/V message stays near
     :data:`MESSAGE_BYTES` (a per-head pattern keeps all heads together)."""
     n_kv_heads, groups = k.shape[1], q.shape[1] // k.shape[1]
-    per_head = (k[:, :1].numel() + v[:, :1].numel()) * k.element_size()
+    per_head = max(1, (k[:, :1].numel() + v[:, :1].numel()) * k.element_size())  # 0 in an empty batch
     size = n_kv_heads if pattern.n_heads is not None else max(1, min(n_kv_heads, MESSAGE_BYTES // per_head))
     return [
         (slice(h * groups, min(h + size, n_kv_heads) * groups), slice(h, min(h + size, n_kv_heads)))

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..patterns import Band, Pattern
+from ..patterns import Band, Pattern, shared_band
 from .layouts import shard_positions
 
 
@@ -52,7 +52,7 @@ def ring_schedule(pattern: Pattern, layout: str, seq_len: int, world_size: int) 
 def schedule_for(pattern: Pattern, positions: list[torch.Tensor]) -> RingSchedule:
     """The schedule of a ring whose rank ``r`` holds the tokens at ``positions[r]`` (sorted)."""
     world_size = len(positions)
-    band = pattern.band() if pattern.n_heads is None else None
+    band = shared_band(pattern)
     positions = [p.cpu() for p in positions]
     needed = []
     for rank in range(world_size):

@@ -1,7 +1,8 @@
 """Whether bands run the native kernel or the sparse planner on this machine: known for the
 vector paths measured, else calibrated once per machine (both paths timed on a window and on
 Strided). It sits above both kernels: it times :func:`~attnkit.kernels.sparse.sparse_kernel` with
-each path forced, and hands its decision to :mod:`.band_native` on import."""
+``native_bands`` True and False. The sparse backend asks :func:`band_decision` and passes the
+answer to the kernel; nothing here changes a kernel's behaviour."""
 
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ from typing import Callable, Optional
 import torch
 
 from ..patterns import Pattern, SlidingWindow, Strided
-from .band_native import decide_bands_with, forced_band_path
 from .native_build import add_status_note, cpu_identity, load_native
 from .sparse import sparse_kernel
 
@@ -131,10 +131,7 @@ def _calibrate() -> BandDecision:
     """Times both paths on SlidingWindow(256) and Strided(128) at N=1024, 2 heads, D=64 (forward;
     the backward passes scale alike)."""
     def on(path: str, pattern: Pattern) -> Callable[[], object]:
-        def run():
-            with forced_band_path(path):
-                return sparse_kernel(q, k, v, pattern, 64**-0.5)
-        return run
+        return lambda: sparse_kernel(q, k, v, pattern, 64**-0.5, native_bands=path == "native")
 
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, _CALIBRATION_HEADS, _CALIBRATION_SEQ, 64, generator=gen) for _ in range(3))
@@ -151,8 +148,6 @@ def _calibrate() -> BandDecision:
 
 
 add_status_note("band_attention", lambda: band_decision().reason)
-
-decide_bands_with(lambda: band_decision().native)
 
 
 __all__ = ["BandDecision", "KNOWN_FAST", "band_decision"]

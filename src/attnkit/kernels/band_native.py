@@ -7,23 +7,23 @@ float32; its backward pass is FlashAttention's (recompute the probabilities from
 summed in a fixed order). Work and memory follow the band: the largest buffers are the inputs, the
 outputs and per-thread scratch of a few hundred keys.
 
-:func:`band_native_supports` says when it runs: float32 CPU tensors, equal key and value widths
-that are multiples of 16, a built library (see :mod:`~attnkit.kernels.native_build`), and a kernel
-that is not slower than the planner on this machine (:func:`~.band_calibration.band_decision`).
-The sparse backend and ``auto`` call it for windows and for the band parts of plans (Strided's
-local band) and run the planner otherwise.
+:func:`band_native_takes` says whether it can run: float32 CPU tensors, equal key and value widths
+that are multiples of 16, and a built library (see :mod:`~attnkit.kernels.native_build`). Whether
+it *should* run (it is not slower than the planner on this CPU: :mod:`.band_calibration`) is
+decided once per call by the sparse backend, which tells the sparse kernel through its
+``native_bands`` argument; the kernel then runs windows and the band parts of plans (Strided's
+local band) here, and the planner otherwise.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import math
-import threading
-from typing import Callable, Iterator, Optional
+from typing import Optional
 
 import torch
 
+from ..checks import check_inputs
 from .native_build import load_native
 
 _LANES = 16
@@ -41,37 +41,12 @@ def _library() -> Optional[ctypes.CDLL]:
     return library
 
 
-def band_native_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether the native kernel runs these inputs: it can take them and it is not slower than the
-    planner here (see :func:`~.band_calibration.band_decision`). Builds the library, and calibrates,
-    on first call."""
-    return _unsupported(q, k, v) is None and _runs_here()
-
-
 def band_native_takes(device: torch.device, dtype: torch.dtype, head_dim: int, value_dim: int) -> bool:
-    """:func:`band_native_supports` for inputs described by their device, dtype and widths."""
+    """Whether the kernel can run inputs of this device, dtype and key/value widths here (the
+    library builds on first call). It says nothing about speed: see :mod:`.band_calibration`."""
     if device.type != "cpu" or dtype != torch.float32 or head_dim != value_dim or head_dim % _LANES:
         return False
-    return _runs_here()
-
-
-def _runs_here() -> bool:
-    """Whether the library is built and the kernel runs bands here (forced, or decided); asked on
-    every call, so the answer is kept per (library loaded for the ISA asked for, thread count,
-    forced path)."""
-    forced = getattr(_forced, "path", None)
-    key = (load_native("band_attention"), torch.get_num_threads(), forced)
-    answer = _runs_here_answers.get(key)
-    if answer is None:
-        if _library() is None:
-            answer = False
-        else:
-            answer = forced == "native" if forced else _decider is not None and _decider()
-        _runs_here_answers[key] = answer
-    return answer
-
-
-_runs_here_answers: dict[tuple[object, int, Optional[str]], bool] = {}
+    return _library() is not None
 
 
 def _unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[str]:
@@ -152,22 +127,18 @@ def band_native_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention over the band ``band[0] <= i - j <= band[1]`` (finite bounds), bottom-right
     aligned: q ``(B, Hq, Nq, D)``, k and v ``(B, Hkv, Nk, D)`` with ``Hq`` a multiple of ``Hkv``,
-    float32 on the CPU, ``D`` a multiple of 16 (see :func:`band_native_supports`). Returns
+    float32 on the CPU, ``D`` a multiple of 16 (see :func:`band_native_takes`). Returns
     ``(out (B, Hq, Nq, D), lse (B, Hq, Nq))``; rows with no key give zeros and ``-inf``.
-    Differentiable in q, k, v through out and lse. Raises ValueError for inputs it cannot take and
-    RuntimeError when the library is unavailable.
+    Differentiable in q, k, v through out and lse. Raises TypeError / ValueError for inputs it
+    cannot take (:func:`~attnkit.checks.check_inputs`'s, then its own) and RuntimeError when the
+    library is unavailable.
     """
     if len(band) != 2 or not all(math.isfinite(edge) for edge in band):
         raise ValueError(f"band_native_attention: band must be two finite numbers, got {band}")
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(
-            f"band_native_attention: q, k, v must be 4-D (B, H, N, D), got {q.dim()}, {k.dim()}, {v.dim()} dims"
-        )
-    if k.shape[:3] != v.shape[:3] or q.shape[0] != k.shape[0] or k.shape[1] < 1 or q.shape[1] % k.shape[1]:
-        raise ValueError(
-            "band_native_attention: expected q (B, Hq, Nq, D) and k, v (B, Hkv, Nk, D) with Hq a multiple "
-            f"of Hkv, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
-        )
+    try:
+        check_inputs(q, k, v)
+    except (TypeError, ValueError) as bad:
+        raise type(bad)(f"band_native_attention: {bad}") from None
     problem = _unsupported(q, k, v)
     if problem is not None:
         raise ValueError(f"band_native_attention: {problem}")
@@ -177,36 +148,4 @@ def band_native_attention(
     return _BandAttention.apply(q, k, v, tuple(band), float(scale))
 
 
-
-# ---------------------------------------------------------------------------------------------
-# Native kernel or planner: :mod:`.band_calibration` decides (it runs the sparse kernel, which
-# runs this one, so it sits above both and hands its decision down through decide_bands_with).
-
-_forced = threading.local()  # .path: the path forced_band_path set in this thread, if any
-_decider: Optional[Callable[[], bool]] = None
-
-
-def decide_bands_with(decider: Callable[[], bool]) -> None:
-    """Let ``decider`` answer whether bands run the native kernel where it is built and nothing
-    forces a path (:mod:`.band_calibration` sets it on import; until then bands run the planner)."""
-    global _decider
-    _decider = decider
-    _runs_here_answers.clear()
-
-
-@contextlib.contextmanager
-def forced_band_path(path: str) -> Iterator[None]:
-    """Within the block, bands take ``path`` (``"native"`` or ``"planner"``) wherever the kernel can
-    run them, whatever :func:`~.band_calibration.band_decision` says: for calibration and
-    benchmarks. It applies to the calling thread only."""
-    if path not in ("native", "planner"):
-        raise ValueError(f"forced_band_path: path must be 'native' or 'planner', got {path!r}")
-    previous, _forced.path = getattr(_forced, "path", None), path
-    try:
-        yield
-    finally:
-        _forced.path = previous
-
-
-__all__ = ["band_backward", "band_forward", "band_native_attention", "band_native_supports", "band_native_takes",
-           "decide_bands_with", "forced_band_path"]
+__all__ = ["band_backward", "band_forward", "band_native_attention", "band_native_takes"]

@@ -21,21 +21,16 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Optional, Sequence
-
-import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from ..patterns import Pattern, query_key_positions
-from .common import compute_dtype, kv_groups
+from ..patterns import Pattern, query_key_positions, shared_band
+from .common import LOG2E, compute_dtype, kv_groups
 
 DEFAULT_BLOCK_Q = 256
 DEFAULT_BLOCK_K = 512
-# Scores are kept in base-2 units (scaled by log2(e)) because exp2 is several times faster than
-# exp on CPU; the returned LSE is converted back to natural log.
-_LOG2E = math.log2(math.e)
 
 Positions = tuple[torch.Tensor, torch.Tensor]
 """``(q_pos, k_pos)``: absolute int64 positions of the query rows and key columns."""
@@ -112,7 +107,7 @@ def _default_plan(pattern: Pattern, n_q: int, n_k: int, block_q: int, block_k: i
 
 
 def _plan(pattern, n_q, n_k, block_q, block_k, positions) -> list[QueryBlock]:
-    band = pattern.band() if pattern.n_heads is None else None
+    band = shared_band(pattern)
     q_pos, k_pos = (p.cpu() for p in _positions(positions, n_q, n_k, None))
     k_starts = torch.arange(0, n_k, block_k)
     k_stops = (k_starts + block_k).clamp(max=n_k)
@@ -172,7 +167,9 @@ def _forward(q, k, v, pattern, scale, blocks, positions, padding):
     dtype = compute_dtype(q.dtype)
     groups, out_dtype = kv_groups(q, k), q.dtype
     q, k, v = (t.to(dtype) for t in (q, k, v))
-    q_scaled = (q * (scale * _LOG2E)).unflatten(1, (k.shape[1], groups))  # (B, Hkv, g, Nq, D)
+    # Scores in base-2 units (scaled by log2(e)): exp2 is several times faster than exp on CPU;
+    # the returned LSE is converted back to natural log.
+    q_scaled = (q * (scale * LOG2E)).unflatten(1, (k.shape[1], groups))  # (B, Hkv, g, Nq, D)
     out = torch.zeros(*q_scaled.shape[:-1], v.shape[-1], dtype=dtype, device=q.device)
     lse = torch.full(q_scaled.shape[:-1], float("-inf"), dtype=dtype, device=q.device)
     for block in blocks:
@@ -197,7 +194,7 @@ def _forward(q, k, v, pattern, scale, blocks, positions, padding):
         seen = row_sum > 0
         out[..., rows, :] = acc / torch.where(seen, row_sum, 1.0).unsqueeze(-1)
         log2_sum = row_max + torch.log2(torch.where(seen, row_sum, 1.0))
-        lse[..., rows] = torch.where(seen, log2_sum / _LOG2E, float("-inf"))
+        lse[..., rows] = torch.where(seen, log2_sum / LOG2E, float("-inf"))
     return out.flatten(1, 2).to(out_dtype), lse.flatten(1, 2)
 
 
@@ -206,12 +203,12 @@ def _backward(q, k, v, out, lse, d_out, d_lse, pattern, scale, blocks, positions
     groups = kv_groups(q, k)
     grad_dtypes = (q.dtype, k.dtype, v.dtype)
     q, k, v, out, d_out = (t.to(dtype) for t in (q, k, v, out, d_out))
-    q_scaled = (q * (scale * _LOG2E)).unflatten(1, (k.shape[1], groups))
+    q_scaled = (q * (scale * LOG2E)).unflatten(1, (k.shape[1], groups))
     d_out_g = d_out.unflatten(1, (k.shape[1], groups))
     # delta_i = sum_j p_ij dP_ij = rowsum(dO * O); a gradient on the LSE enters as -dLSE.
     delta = (d_out * out).sum(-1) - d_lse.to(dtype)
     delta = delta.unflatten(1, (k.shape[1], groups))
-    lse_g = (lse.to(dtype) * _LOG2E).unflatten(1, (k.shape[1], groups))
+    lse_g = (lse.to(dtype) * LOG2E).unflatten(1, (k.shape[1], groups))
     lse_g = lse_g.masked_fill(lse_g == float("-inf"), 0.0)  # such rows are fully masked: p = 0
     d_q = torch.zeros(q_scaled.shape, dtype=dtype, device=q.device)
     d_k = torch.zeros(k.shape, dtype=dtype, device=q.device)
@@ -230,7 +227,7 @@ def _backward(q, k, v, out, lse, d_out, d_lse, pattern, scale, blocks, positions
             d_q_block += torch.matmul(d_scores, k[:, :, cols].unsqueeze(2))
             d_k[:, :, cols] += torch.matmul(d_scores.transpose(-1, -2), q_block).sum(2)
     d_q = (d_q * scale).flatten(1, 2)
-    d_k = d_k / _LOG2E  # d_k was accumulated against q * scale * log2(e)
+    d_k = d_k / LOG2E  # d_k was accumulated against q * scale * log2(e)
     return tuple(g.to(t) for g, t in zip((d_q, d_k, d_v), grad_dtypes))
 
 
@@ -308,37 +305,4 @@ def blockwise_grads(
     return _backward(q, k, v, out, lse, d_out, d_lse, pattern, scale, blocks, positions, key_padding_mask)
 
 
-def merge_lse(
-    outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Combine attention results over disjoint key sets into the result over their union.
-
-    Args:
-        outs: partial outputs, each ``(B, H, Nq, Dv)``.
-        lses: their log-sum-exps, each ``(B, H, Nq)``; ``-inf`` marks a row that saw no key.
-    Returns:
-        ``(out, lse)`` with ``lse = logsumexp_i lse_i`` and ``out = sum_i exp(lse_i - lse) * out_i``;
-        rows that saw no key in any part give zeros and ``-inf``. Differentiable (finite gradients
-        on such rows too). ``out`` keeps the dtype of ``outs[0]``; weights are computed in the
-        dtype of the LSEs.
-    """
-    if len(outs) == 0 or len(outs) != len(lses):
-        raise ValueError(
-            f"merge_lse: outs and lses must be non-empty and of equal length, got {len(outs)} and {len(lses)}"
-        )
-    lse_stack = torch.stack(list(lses))  # (P, B, H, Nq)
-    top = lse_stack.amax(0)
-    top = top.masked_fill(top == float("-inf"), 0.0)
-    weights = torch.exp(lse_stack - top)
-    total = weights.sum(0)
-    seen = total > 0
-    lse = torch.where(seen, top + torch.log(torch.where(seen, total, 1.0)), float("-inf"))
-    weights = weights / torch.where(seen, total, 1.0)
-    out = sum(w.unsqueeze(-1) * o.to(w.dtype) for w, o in zip(weights, outs))
-    return out.to(outs[0].dtype), lse
-
-
-__all__ = [
-    "Positions", "QueryBlock", "blockwise_grads", "blockwise_kernel", "merge_lse", "plan_tiles",
-    "tile_pairs",
-]
+__all__ = ["Positions", "QueryBlock", "blockwise_grads", "blockwise_kernel", "plan_tiles", "tile_pairs"]

@@ -1,16 +1,20 @@
-"""Small helpers shared by the kernels: dtypes, GQA grouping and pattern masks shaped for them."""
+"""Small helpers shared by the kernels: dtypes, GQA grouping, pattern masks shaped for them, the
+log-sum-exp merge of results over disjoint key sets, and the NaN/inf visibility rule."""
 
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
-from ..patterns import Pattern
+from ..patterns import Pattern, shared_band
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
+LOG2E = math.log2(math.e)
+"""``log2(e)``: kernels that take exp2 scale scores by it, and divide base-2 LSEs by it."""
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -68,6 +72,36 @@ _SEEN_ELEMENTS = 1 << 22  # (row, bad key) pairs evaluated at once by rows_seein
 _HALF_EXPONENT = {torch.float16: 0x7C00, torch.bfloat16: 0x7F80}
 
 
+def merge_lse(
+    outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine attention results over disjoint key sets into the result over their union.
+
+    Args:
+        outs: partial outputs, each ``(B, H, Nq, Dv)``.
+        lses: their log-sum-exps, each ``(B, H, Nq)``; ``-inf`` marks a row that saw no key.
+    Returns:
+        ``(out, lse)`` with ``lse = logsumexp_i lse_i`` and ``out = sum_i exp(lse_i - lse) * out_i``;
+        rows that saw no key in any part give zeros and ``-inf``. Differentiable (finite gradients
+        on such rows too). ``out`` keeps the dtype of ``outs[0]``; weights are computed in the
+        dtype of the LSEs.
+    """
+    if len(outs) == 0 or len(outs) != len(lses):
+        raise ValueError(
+            f"merge_lse: outs and lses must be non-empty and of equal length, got {len(outs)} and {len(lses)}"
+        )
+    lse_stack = torch.stack(list(lses))  # (P, B, H, Nq)
+    top = lse_stack.amax(0)
+    top = top.masked_fill(top == float("-inf"), 0.0)
+    weights = torch.exp(lse_stack - top)
+    total = weights.sum(0)
+    seen = total > 0
+    lse = torch.where(seen, top + torch.log(torch.where(seen, total, 1.0)), float("-inf"))
+    weights = weights / torch.where(seen, total, 1.0)
+    out = sum(w.unsqueeze(-1) * o.to(w.dtype) for w, o in zip(weights, outs))
+    return out.to(outs[0].dtype), lse
+
+
 def all_finite(out: torch.Tensor) -> bool:
     """Whether ``out`` holds no NaN or inf.
 
@@ -91,7 +125,7 @@ def all_finite(out: torch.Tensor) -> bool:
 def _sees_every_key(pattern: Pattern, n_q: int, n_k: int) -> bool:
     """Whether every row may see every key: the band covers every offset ``i - j`` in
     ``[1 - n_q, n_k - 1]`` (bottom-right alignment)."""
-    band = pattern.band() if pattern.n_heads is None else None
+    band = shared_band(pattern)
     return band is not None and band[0] <= 1 - n_q and band[1] >= n_k - 1
 
 

@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..patterns import Pattern
+from ..patterns import Pattern, shared_band
 from .blockwise import blockwise_kernel
 from .common import allowed_mask, kv_groups
 
@@ -49,7 +49,7 @@ def _mask_free(pattern: Pattern, n_q: int, n_k: int, scale: float) -> Optional[b
 
     torch's ``is_causal`` CPU kernel returns NaN for ``scale <= 0``, so such calls get a mask.
     """
-    band = pattern.band() if pattern.n_heads is None else None
+    band = shared_band(pattern)
     if band is not None:
         lo, hi = band
         # i - j ranges over [1 - n_q, n_k - 1] under bottom-right alignment.

@@ -13,6 +13,8 @@ instruction set it targets is ``$ATTNKIT_NATIVE_ISA``:
 A kernel source picks its vector width and register blocks from the compiler's predefined macros and
 says which it took through an exported ``<NAME>_isa()`` string, shown by :func:`native_status`.
 
+A source may include headers of ``kernels/csrc`` (``*.h``), which count as part of every source.
+
 Libraries are cached in ``$ATTNKIT_CACHE_DIR`` (default ``~/.cache/attnkit``; a private temporary
 directory when that one cannot be written) under a name that hashes the source, the compiler, the
 flags and the CPU, so a rebuild happens only when one of them changes, and each instruction set has
@@ -227,7 +229,9 @@ def _load(name: str, isa: str) -> NativeLibrary:
         return NativeLibrary(None, f"compiler {' '.join(compiler)} does not run: {failure}")
     tunings = ISA_CHOICES[isa]
     key = hashlib.sha256()
-    for part in (source.read_bytes(), " ".join(compiler).encode(), version.encode(), " ".join(_FLAGS).encode(),
+    # Every header of csrc counts too: a source may include them (``#include "gguf_pool.h"``).
+    headers = b"".join(header.read_bytes() for header in sorted(SOURCE_DIR.glob("*.h")))
+    for part in (source.read_bytes(), headers, " ".join(compiler).encode(), version.encode(), " ".join(_FLAGS).encode(),
                  repr(tunings).encode(), cpu_identity().encode()):
         key.update(part)
         key.update(b"\0")

@@ -7,9 +7,10 @@ strided views wherever their positions are evenly spaced (band blocks, residue c
 so most plans gather nothing; other units are gathered with ``index_select``. Parts are merged by
 their log-sum-exp. Cost and memory follow the pairs the units cover, never ``Nq x Nk``.
 
-Band patterns (sliding windows and their compositions) in float32 on the CPU go to the native band
-kernel of :mod:`~attnkit.kernels.band_native` when it is built; everything else runs a plan, with
-one of two executions:
+With ``native_bands=True`` (the caller decided that the native band kernel of
+:mod:`~attnkit.kernels.band_native` runs these inputs: the sparse backend does, once per call),
+band patterns (sliding windows and their compositions) and the band parts of plans (Strided's
+local band) run that kernel; everything else runs a plan, with one of two executions:
 
 - on CPU (and when the value width equals the key width) each group is one call of torch's fused
   CPU flash-attention kernel, which never writes the scores to memory. The backward pass is
@@ -31,22 +32,19 @@ from __future__ import annotations
 
 from typing import Iterator, Optional
 
-import math
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..patterns import Pattern, finite_band, head_runs
-from .band_native import band_backward, band_forward, band_native_attention, band_native_supports
-from .common import compute_dtype, kv_groups
+from .band_native import band_backward, band_forward, band_native_attention
+from .common import LOG2E, compute_dtype, kv_groups, merge_lse
 from .sparse_plan import BACKWARD_BAND_ROWS, BAND_ROWS, UNIT_ROWS, SparsePlan, UnitGroup, plan_sparse
 
 _FUSED = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _FUSED_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
 CHUNK_SCORES = 1 << 21
 """Score entries the portable path computes at once (batch x KV heads x units x rows x keys)."""
-_LOG2E = math.log2(math.e)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,15 +184,6 @@ def _unstack_heads(units: torch.Tensor, groups: int) -> torch.Tensor:
 # Fused CPU execution with FlashAttention's backward.
 
 
-def _merge_into(out, lse, part_out, part_lse) -> None:
-    """In place: ``(out, lse)`` becomes the LSE merge of itself with a disjoint part's result."""
-    total = torch.logaddexp(lse, part_lse)
-    finite = torch.where(total == float("-inf"), 0.0, total)
-    out.mul_(torch.exp(lse - finite).unsqueeze(-1).to(out.dtype))
-    out.addcmul_(part_out, torch.exp(part_lse - finite).unsqueeze(-1).to(out.dtype))
-    lse.copy_(total)
-
-
 def _part_buffers(q3, part, plan: SparsePlan, dim: int, dtype: torch.dtype):
     """Uninitialised ``(out (B', Nq, Dv), lse (B', Nq, 1))``; rows no unit writes get 0 / -inf."""
     out = q3.new_empty(q3.shape[0], plan.n_q, dim)
@@ -243,36 +232,34 @@ def _fused_part_backward(q3, k3, v3, out3, lse3, d_out3, part, plan: SparsePlan,
         k_index.write(d_v, d_v_u, accumulate=True)
 
 
-def _native_bands(plan: SparsePlan, q3, k3, v3) -> list:
+def _native_bands(plan: SparsePlan, native_bands: bool) -> list:
     """Per part, the band the native kernel runs instead of the part's units (Strided's local
     band, say), else None."""
-    bands = plan.bands or (None,) * len(plan.parts)
-    native = any(band is not None for band in bands) and band_native_supports(q3, k3, v3)
-    return [band if native else None for band in bands]
+    return list(plan.bands) if native_bands and plan.bands else [None] * len(plan.parts)
 
 
-def _fused_forward(q3, k3, v3, plan: SparsePlan, scale: float, groups: int):
+def _fused_forward(q3, k3, v3, plan: SparsePlan, scale: float, groups: int, native_bands: bool):
     """``q3 (B*Hq, Nq, D)``, ``k3/v3 (B*Hkv, Nk, D)`` (contiguous) -> merged
     ``(out (B*Hq, Nq, D), lse (B*Hq, Nq))``."""
-    out = lse = None
-    for part, band in zip(plan.parts, _native_bands(plan, q3, k3, v3)):
+    outs, lses = [], []
+    for part, band in zip(plan.parts, _native_bands(plan, native_bands)):
         if band is not None:
             part_out, part_lse = band_forward(q3, k3, v3, band, scale)
         else:
             part_out, part_lse = _fused_part(q3, k3, v3, part, plan, scale, groups)
             part_lse = part_lse.squeeze(-1)
-        if out is None:
-            out, lse = part_out, part_lse
-        else:
-            _merge_into(out, lse, part_out, part_lse)
-    return out, lse
+        outs.append(part_out)
+        lses.append(part_lse)
+    return (outs[0], lses[0]) if len(outs) == 1 else merge_lse(outs, lses)
 
 
-def _fused_backward(q3, k3, v3, out3, lse3, d_out3, plan: SparsePlan, scale: float, groups: int):
+def _fused_backward(
+    q3, k3, v3, out3, lse3, d_out3, plan: SparsePlan, scale: float, groups: int, native_bands: bool
+):
     """dq, dk, dv of the merged attention: each part's backward sees the final out and LSE."""
     dtype = compute_dtype(q3.dtype)
     grads = tuple(torch.zeros(t.shape, dtype=dtype, device=q3.device) for t in (q3, k3, v3))
-    native_bands = _native_bands(plan, q3, k3, v3)
+    native_bands = _native_bands(plan, native_bands)
     delta = (d_out3 * out3).sum(-1) if any(band is not None for band in native_bands) else None
     lse_masked = lse3.masked_fill(lse3 == float("-inf"), 0.0).unsqueeze(-1)
     for part, band in zip(plan.parts, native_bands):
@@ -287,13 +274,13 @@ def _fused_backward(q3, k3, v3, out3, lse3, d_out3, plan: SparsePlan, scale: flo
 
 class _FusedSparseAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, plan, backward_plan, scale):
+    def forward(ctx, q, k, v, plan, backward_plan, scale, native_bands):
         batch, n_q_heads, n_q, dim = q.shape
         groups = kv_groups(q, k)
         q3, k3, v3 = (t.reshape(-1, t.shape[2], dim).contiguous() for t in (q, k, v))
-        out, lse = _fused_forward(q3, k3, v3, plan, scale, groups)
+        out, lse = _fused_forward(q3, k3, v3, plan, scale, groups, native_bands)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.plan, ctx.backward_plan, ctx.scale = plan, backward_plan, scale
+        ctx.plan, ctx.backward_plan, ctx.scale, ctx.native_bands = plan, backward_plan, scale, native_bands
         return out.view(batch, n_q_heads, n_q, dim), lse.view(batch, n_q_heads, n_q)
 
     @staticmethod
@@ -304,14 +291,14 @@ class _FusedSparseAttention(torch.autograd.Function):
                 leaves = [t.detach().requires_grad_() for t in (q, k, v)]
                 result = _portable(*leaves, ctx.plan, ctx.scale)
                 grads = torch.autograd.grad(result, leaves, (d_out, d_lse))
-            return (*grads, None, None, None)
+            return (*grads, None, None, None, None)
         dim = q.shape[-1]
         d_q, d_k, d_v = _fused_backward(
             *(t.reshape(-1, t.shape[2], dim).contiguous() for t in (q, k, v)),
-            out, lse, d_out.reshape(out.shape), ctx.backward_plan, ctx.scale, kv_groups(q, k),
+            out, lse, d_out.reshape(out.shape), ctx.backward_plan, ctx.scale, kv_groups(q, k), ctx.native_bands,
         )
         grads = d_q.view(q.shape).to(q.dtype), d_k.view(k.shape).to(k.dtype), d_v.view(v.shape).to(v.dtype)
-        return (*grads, None, None, None)
+        return (*grads, None, None, None, None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,7 +332,7 @@ def _portable_group(q_flat, k, v, group: UnitGroup, plan: SparsePlan, groups: in
     dest = torch.where(real[:, None, :], safe_rows, groups * n_q).flatten()
     k_index = group.k_pos.clamp(0, plan.n_k - 1)
     batch, kv_heads = k.shape[:2]
-    chunk = max(1, CHUNK_SCORES // (batch * kv_heads * groups * rows_per_unit * n_cols))
+    chunk = max(1, CHUNK_SCORES // max(1, batch * kv_heads * groups * rows_per_unit * n_cols))  # batch may be 0
     blocked = group.blocked.unsqueeze(1)  # (U or 1, 1, R, C)
     outs, maxes, log_sums = [], [], []
     inputs = zip(_chunks(q_flat, safe_rows.flatten(1), chunk), _chunks(k, k_index, chunk), _chunks(v, k_index, chunk))
@@ -404,7 +391,7 @@ def _portable(q, k, v, plan: SparsePlan, scale: float) -> tuple[torch.Tensor, to
     dtype = compute_dtype(q.dtype)
     batch, n_q_heads, n_q, _ = q.shape
     kv_heads, groups = k.shape[1], kv_groups(q, k)
-    q_flat = (q.to(dtype) * (scale * _LOG2E)).reshape(batch, kv_heads, groups * n_q, q.shape[-1])
+    q_flat = (q.to(dtype) * (scale * LOG2E)).reshape(batch, kv_heads, groups * n_q, q.shape[-1])
     k, v = k.to(dtype), v.to(dtype)
     k_ref = _shared_key(k)
     row_offset = (q_flat * k_ref).sum(-1).reshape(batch, n_q_heads, n_q)
@@ -419,14 +406,14 @@ def _portable(q, k, v, plan: SparsePlan, scale: float) -> tuple[torch.Tensor, to
             out = out.index_copy(2, dest, group_out)
             row_max = row_max.index_copy(2, dest, group_max)
             log_sum = log_sum.index_copy(2, dest, group_log_sum)
-        outs.append(out[:, :, :-1].reshape(batch, n_q_heads, n_q, -1))
+        outs.append(out[:, :, :-1].reshape(batch, n_q_heads, n_q, v.shape[-1]))
         maxes.append(row_max[:, :, :-1].reshape(batch, n_q_heads, n_q))
         log_sums.append(log_sum[:, :, :-1].reshape(batch, n_q_heads, n_q))
     out, lse2 = _merge_by_maxima(outs, maxes, log_sums)
     # A row that saw no key keeps LSE -inf, and no gradient of it reaches q or k through the offset.
     unseen = lse2 == float("-inf")
     lse2 = torch.where(unseen, lse2, lse2 + row_offset.masked_fill(unseen, 0.0))
-    return out.to(q.dtype), lse2 / _LOG2E
+    return out.to(q.dtype), lse2 / LOG2E
 
 
 _MERGE_ERROR = 2.0**-16
@@ -454,10 +441,12 @@ def _merge_imprecise(plan: SparsePlan, lse: torch.Tensor) -> bool:
 # Heads and the kernel entry point.
 
 
-def _run(q, k, v, pattern: Pattern, scale: float, unit_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _run(
+    q, k, v, pattern: Pattern, scale: float, unit_rows: int, native_bands: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     n_q, n_k, device = q.shape[2], k.shape[2], q.device
-    band = finite_band(pattern)
-    if band is not None and band_native_supports(q, k, v):
+    band = finite_band(pattern) if native_bands else None
+    if band is not None:
         return band_native_attention(q, k, v, band, scale)
     plan = plan_sparse(pattern, n_q, n_k, device, unit_rows, min(unit_rows, BAND_ROWS))
     fused = _FUSED is not None and device.type == "cpu" and v.shape[-1] == q.shape[-1]
@@ -467,7 +456,7 @@ def _run(q, k, v, pattern: Pattern, scale: float, unit_rows: int) -> tuple[torch
         backward_plan = plan_sparse(pattern, n_q, n_k, device, unit_rows, min(unit_rows, BACKWARD_BAND_ROWS))
     else:
         backward_plan = plan
-    out, lse = _FusedSparseAttention.apply(q, k, v, plan, backward_plan, scale)
+    out, lse = _FusedSparseAttention.apply(q, k, v, plan, backward_plan, scale, native_bands)
     if _merge_imprecise(plan, lse):  # rare (huge scores): rerun, merging by exact row maxima
         return _portable(q, k, v, plan, scale)
     return out, lse
@@ -480,19 +469,24 @@ def sparse_kernel(
     pattern: Pattern,
     scale: float,
     *,
+    native_bands: bool = False,
     unit_rows: int = UNIT_ROWS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention by the sparse planner. Inputs validated: q ``(B, Hq, Nq, D)``,
     k ``(B, Hkv, Nk, D)``, v ``(B, Hkv, Nk, Dv)``. Returns ``(out (B, Hq, Nq, Dv), lse (B, Hq, Nq))``
     (lse float32 for float16/bfloat16 inputs). Differentiable in q, k, v through out and lse.
-    ``unit_rows`` bounds the query block of the plan's units (see :func:`~.sparse_plan.plan_sparse`);
-    the backward pass uses larger band units than the forward pass.
+
+    ``native_bands``: run bands with finite bounds (a head's whole pattern, or a part of its plan)
+    by the native band kernel, whose :func:`~.band_native.band_native_takes` the caller has
+    checked for these inputs; it is the caller's decision (the sparse backend's), not this
+    kernel's. ``unit_rows`` bounds the query block of the plan's units (see
+    :func:`~.sparse_plan.plan_sparse`); the backward pass uses larger band units than the forward pass.
     """
     groups = kv_groups(q, k)
     outs, lses = [], []
     for first, stop, head_pat in head_runs(pattern, q.shape[1], groups):
         kv = slice(first // groups, -(-stop // groups))
-        out, lse = _run(q[:, first:stop], k[:, kv], v[:, kv], head_pat, scale, unit_rows)
+        out, lse = _run(q[:, first:stop], k[:, kv], v[:, kv], head_pat, scale, unit_rows, native_bands)
         outs.append(out)
         lses.append(lse)
     if len(outs) == 1:

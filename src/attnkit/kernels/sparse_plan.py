@@ -1,27 +1,29 @@
 """The sparse planner: turn a pattern into disjoint parts of equally shaped attention *units*.
 
 A plan is a list of *parts*, exact sub-attentions over disjoint key sets whose results are merged
-by their log-sum-exp. The parts are the pattern's own ``.parts`` (see
-:attr:`~attnkit.patterns.Pattern.parts`: ``Strided`` and ``Fixed`` give their two parts, a union
-``a | b`` the parts of ``a`` followed by those of ``b``, also when only one side has parts), each
-with the pairs of the earlier parts masked out, so no key is counted twice; any other pattern
-without parts is one part. Each part is a few
-groups of units: a unit is ``R`` query positions that see the same ``C`` key positions, and a group
-runs as one batched attention call. Geometries:
+by their log-sum-exp. The parts are the pattern's own pieces (see
+:attr:`~attnkit.patterns.Pattern.pieces`: ``Strided`` and ``Fixed`` declare two, a band one); a
+union without pieces of its own gives the pieces of each side, also when only one side has some;
+any other pattern is one part. Each part keeps only the pairs that no earlier part allows, so no
+key is counted twice. Each part is a few groups of units: a unit is ``R`` query positions that see
+the same ``C`` key positions, and a group runs as one batched attention call. The geometry of a
+unit follows the kind of the piece (:class:`~attnkit.patterns.Piece`):
 
-- band patterns (``SlidingWindow`` and compositions with a finite band): units are blocks of
-  ``BAND_ROWS`` consecutive queries; each sees the ``BAND_ROWS + hi - lo`` keys its band reaches.
-  Blocks at the two ends of the sequence form groups of their own, so the interior group shares
-  one ``R x C`` element mask;
-- ``Periodic`` (Strided's ``(i - j) % stride == 0`` part, the local band excluded): the positions
-  of one residue modulo the stride form one unit, an independent causal sequence of
-  ``n / stride`` positions;
-- ``BlockLocal`` (Fixed's block part): one unit per block of ``stride`` positions, causal inside;
-- ``Summary`` (Fixed's summary part, keys of the query's own block excluded): blocks of queries
-  see the prefix of the summary columns that lies before them; blocks are bucketed by prefix
-  length so the padding stays small;
-- anything else (``BlockSparse``, ``Predicate``, ``Causal``, intersections): blocks of queries
-  gather the key tiles where the pattern allows at least one pair, bucketed by tile count.
+- a band with finite bounds (``SlidingWindow`` and compositions with a finite band): units are
+  blocks of ``BAND_ROWS`` consecutive queries; each sees the ``BAND_ROWS + hi - lo`` keys its band
+  reaches. Blocks at the two ends of the sequence form groups of their own, so the interior group
+  shares one ``R x C`` element mask;
+- residues modulo a ``step`` (``Periodic``, Strided's periodic keys): the positions of one residue
+  form one unit, an independent sequence of ``n / step`` positions;
+- blocks of ``segment`` positions (``BlockLocal``, Fixed's blocks): one unit per block, unless
+  the piece's band is narrower than its blocks (then the band's units);
+- summary keys (Fixed's summary columns, seen up to the query): blocks of queries see the prefix
+  of the summary columns that lies before them; blocks are bucketed by prefix length so the
+  padding stays small;
+- anything else (bands without finite bounds such as ``Causal``, ``BlockSparse``, ``Predicate``,
+  intersections without pieces, summary keys seen ahead of the query): blocks of queries gather
+  the key tiles where the pattern allows at least one pair, bucketed by tile count; tiles follow
+  the pattern's ``block_size`` when it has one.
 
 Each unit carries an exact element mask evaluated once from the part's predicate; plans are cached
 per (pattern, sizes, device). Nothing here is ``Nq x Nk``: positions, masks and the work that
@@ -31,12 +33,13 @@ follows are proportional to the pairs the units cover.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
-from ..patterns import BlockLocal, BlockSparse, Difference, Pattern, Periodic, Summary, Union, finite_band
+from ..patterns import SUMMARY, Difference, Pattern, Piece, Union, finite_band
 
 UNIT_ROWS = 128
 """Query rows per unit of the summary and tile geometries."""
@@ -174,27 +177,40 @@ def _tile_geometry(pattern: Pattern, offset: int, n_q: int, n_k: int, rows: int,
     return _bucketed(q_pos, k_pos, nonempty.sum(1) * tile)
 
 
-def _geometry(pattern: Pattern, offset: int, n_q: int, n_k: int, rows: int, band_rows: int) -> list[tuple]:
+def _piece_geometry(piece: Piece, offset: int, n_q: int, n_k: int, rows: int, band_rows: int) -> Optional[list]:
+    """The units of a piece by its kind, or None where tiles serve (a band without finite bounds,
+    summary keys a query may see ahead of itself)."""
+    if piece.keys == SUMMARY:
+        if piece.lo < 0:  # the summary units hold the keys up to their last query only
+            return None
+        return _summary_geometry(piece.period, piece.width, offset, n_q, n_k, rows)
+    if piece.step > 1:
+        return _periodic_geometry(piece.step, offset, n_q, n_k)
+    bounded = math.isfinite(piece.lo) and math.isfinite(piece.hi)
+    if bounded and piece.lo > piece.hi:  # an empty band: no units
+        return []
+    if piece.segment and not (bounded and piece.hi - piece.lo + 1 < piece.segment):
+        return _block_local_geometry(piece.segment, offset, n_q, n_k)
+    if bounded:
+        return _band_geometry(int(piece.lo), int(piece.hi), offset, n_q, n_k, band_rows)
+    return None
+
+
+def _geometry(part: Pattern, offset: int, n_q: int, n_k: int, rows: int, band_rows: int) -> list[tuple]:
     """Units ``(q_pos (U, R), k_pos (U, C))`` in absolute positions covering every allowed pair."""
-    band = finite_band(pattern)
-    if band is not None:
-        return _band_geometry(int(band[0]), int(band[1]), offset, n_q, n_k, band_rows)
-    if isinstance(pattern, Periodic):
-        return _periodic_geometry(pattern.stride, offset, n_q, n_k)
-    if isinstance(pattern, BlockLocal):
-        return _block_local_geometry(pattern.stride, offset, n_q, n_k)
-    if isinstance(pattern, Summary):
-        return _summary_geometry(pattern.stride, pattern.summary, offset, n_q, n_k, rows)
-    tile = pattern.block_size if isinstance(pattern, BlockSparse) else rows
-    return _tile_geometry(pattern, offset, n_q, n_k, rows, tile)
+    units = _piece_geometry(part, offset, n_q, n_k, rows, band_rows) if isinstance(part, Piece) else None
+    if units is not None:
+        return units
+    return _tile_geometry(part, offset, n_q, n_k, rows, part.block_size or rows)
 
 
 def split_parts(pattern: Pattern) -> list[Pattern]:
-    """The pieces the planner gives a geometry of their own; their union is ``pattern``. A
-    pattern's ``.parts`` when it has them; a union whose side has none (``Predicate | Strided``)
-    is still split by its sides, so the planned side keeps its geometry; else the pattern itself."""
-    if pattern.parts is not None:
-        return list(pattern.parts)
+    """The parts the planner gives a geometry of their own; their union is ``pattern``. The
+    pattern's :attr:`~attnkit.patterns.Pattern.pieces` when it has them; a union without pieces
+    (``Predicate | Strided``) is split by its sides, so the side with pieces keeps their
+    geometry; else the pattern itself (gathered by tiles)."""
+    if pattern.pieces is not None:
+        return list(pattern.pieces)
     if isinstance(pattern, Union):
         return split_parts(pattern.left) + split_parts(pattern.right)
     return [pattern]

@@ -1,7 +1,8 @@
 """Triton kernels for attention whose allowed keys form a band on a lattice: forward and backward.
 
-One geometry covers sliding windows, Strided's two parts and Fixed's two parts. Each query row and
-each key get a *logical* index:
+One geometry, a :class:`~attnkit.patterns.Piece` (the pattern declares its pieces once; the CPU
+planner reads the same ones), covers sliding windows, Strided's two parts and Fixed's two parts.
+Each query row and each key get a *logical* index:
 
 - ``keys="lattice"``: with a lattice step ``S`` (1 for ordinary bands), residue ``r = pos % S``
   runs as its own sequence: query ``i = base + r + S*a`` has coordinate ``u = base // S + a`` and
@@ -14,16 +15,22 @@ each key get a *logical* index:
 
 A pair is allowed when ``lo <= u - b <= hi`` and, with a ``segment``, when both positions lie in
 the same block of ``segment`` (BlockLocal). Each query block walks exactly the key blocks its
-band reaches; only blocks cut by an edge of the band evaluate the element mask (from the formula
-above, nothing precomputed). Softmax runs online in float32 with exp2; the backward pass is
-FlashAttention-2's: probabilities recomputed from the saved LSE, one pass for dK/dV (each program
-owns one key block and loops over the query heads of its KV group: GQA without repeating K/V and
-without atomics) and one for dQ.
+band reaches, and each key block (dK/dV) exactly the query blocks that reach it; the tiles cut
+by an edge of the band run in separate loops from the interior ones (a ``constexpr`` choice per
+loop), so only they evaluate the element mask (from the formula above, nothing precomputed)
+and the interior loops stay free of branches for the compiler to pipeline. Softmax runs online
+in float32 with exp2; the backward pass is FlashAttention-2's: probabilities recomputed from the
+saved LSE, one pass for dK/dV (each program owns one key block and loops over the query heads of
+its KV group: GQA without repeating K/V and without atomics) and one for dQ, both storing the
+gradients in the input dtype (or, between the parts of a plan, in float32 scratch).
+
+Decode-sized calls (``PACKED``) put a GQA group's heads and its few queries into one 16-row
+query tile with a wide key tile, and split the keys across programs (``SPLITS``); the shares go to
+float32 partials that :mod:`~attnkit.kernels.triton_merge` combines in one kernel.
 
 Tensors: ``q (B, Hq, Nq, D)``, ``k (B, Hkv, Nk, D)``, ``v (B, Hkv, Nk, Dv)`` with unit stride on the
 last axis (other strides are free); outputs are allocated contiguous. Query row ``r`` sits at
-position ``r + Nk - Nq``. Row and key indices are widened to int64 before they meet a stride:
-``row * stride`` passes 2**31 at long sequences with large strides, and int32 would wrap.
+position ``r + Nk - Nq``.
 """
 
 from __future__ import annotations
@@ -35,26 +42,23 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_tiles import dkdv_step, dot, dq_inputs, dq_step, head_base, load_cols, load_rows, query_heads, row_stats
-from .triton_tiles import softmax_step, store_forward, store_rows
+from ..patterns import SUMMARY, Piece
+from . import triton_configs as configs
+from .triton_tiles import LOG2E, dkdv_step, dq_step, head_base, load_cols, load_rows, program_coords, query_heads
+from .triton_tiles import row_stats, scores, softmax_step, store_forward, store_grad_rows
 
 _BIG_EDGE = 1 << 29  # stands for an infinite band edge in int32 arithmetic (sums of two stay in range)
 _BIG = tl.constexpr(_BIG_EDGE)
-_LOG2E = math.log2(math.e)
 
 
-@dataclass(frozen=True)
-class BandPart:
-    """One band geometry (see the module docstring). ``lo``/``hi`` may be +-inf."""
+def touched_keys(part: Piece) -> tuple[int, int]:
+    """``(period, width)``: the keys a part reaches are those with ``j % period >= period - width``
+    (``(1, 1)``: every key)."""
+    return (part.period, part.width) if part.keys == SUMMARY else (1, 1)
 
-    lo: float
-    hi: float
-    step: int = 1
-    keys: str = "lattice"
-    period: int = 1
-    width: int = 1
-    own: bool = False
-    segment: int = 0
+
+# ---------------------------------------------------------------------------------------------
+# Geometry in the kernels
 
 
 @triton.jit
@@ -83,13 +87,6 @@ def _key_positions(b, r, step, period, width, KEYS: tl.constexpr):
 
 
 @triton.jit
-def _key_tile(b0, r, step, period, width, n_keys, BN: tl.constexpr, KEYS: tl.constexpr):
-    """Logical indices ``b``, positions ``j`` and validity of the key tile starting at ``b0``."""
-    b = b0 + tl.arange(0, BN)
-    return b, _key_positions(b, r, step, period, width, KEYS), b < n_keys
-
-
-@triton.jit
 def _key_count(n_k, r, step, n_summary, KEYS: tl.constexpr):
     if KEYS == 0:
         count = (n_k - r + step - 1) // step
@@ -99,61 +96,107 @@ def _key_count(n_k, r, step, n_summary, KEYS: tl.constexpr):
 
 
 @triton.jit
-def _band_mask(u, b, i, j, n_keys, lo, hi, segment, SEGMENTED: tl.constexpr):
-    d = u[:, None] - b[None, :]
-    ok = (d >= lo) & (d <= hi) & (b < n_keys)[None, :]
-    if SEGMENTED:
-        ok = ok & ((tl.maximum(i, 0) // segment)[:, None] == (j // segment)[None, :])
-    return ok
-
-
-@triton.jit
-def _band_mask_t(u, b, i, j, n_keys, lo, hi, segment, SEGMENTED: tl.constexpr):
-    """:func:`_band_mask` laid out ``(keys, queries)`` for the dK/dV pass."""
-    d = u[None, :] - b[:, None]
-    ok = (d >= lo) & (d <= hi) & (b < n_keys)[:, None]
-    if SEGMENTED:
-        ok = ok & ((tl.maximum(i, 0) // segment)[None, :] == (j // segment)[:, None])
+def _band_mask(u, b, i, j, n_keys, lo, hi, segment, SEGMENTED: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """Which pairs of a tile are allowed: ``(queries, keys)``, or ``(keys, queries)`` when ``TRANSPOSED``."""
+    if TRANSPOSED:
+        d = u[None, :] - b[:, None]
+        ok = (d >= lo) & (d <= hi) & (b < n_keys)[:, None]
+        if SEGMENTED:
+            ok = ok & ((tl.maximum(i, 0) // segment)[None, :] == (j // segment)[:, None])
+    else:
+        d = u[:, None] - b[None, :]
+        ok = (d >= lo) & (d <= hi) & (b < n_keys)[None, :]
+        if SEGMENTED:
+            ok = ok & ((tl.maximum(i, 0) // segment)[:, None] == (j // segment)[None, :])
     return ok
 
 
 @triton.jit
 def _query_span(u, i, valid_q):
-    """Smallest and largest band coordinate, and smallest position, of the valid queries of a tile."""
+    """Smallest and largest band coordinate, and smallest and largest position, of the valid queries of a tile."""
     u_min = tl.min(tl.where(valid_q, u, _BIG), 0)
     u_max = tl.max(tl.where(valid_q, u, -_BIG), 0)
     i_min = tl.min(tl.where(valid_q, i, _BIG), 0)
-    return u_min, u_max, i_min
+    i_max = tl.max(tl.where(valid_q, i, -_BIG), 0)
+    return u_min, u_max, i_min, i_max
 
 
 @triton.jit
-def _key_range(u_min, u_max, i_min, n_keys, lo, hi, segment, SEGMENTED: tl.constexpr, BN: tl.constexpr):
+def _tile_split(n_items, start, full_from, full_to, B: tl.constexpr):
+    """Tiles ``start + t*B`` (``t < n_tiles``) over ``n_items`` indices; tiles in ``[t_full,
+    t_stop)`` lie in ``[full_from, full_to]`` (no element mask)."""
+    n_tiles = (tl.maximum(n_items, 0) + B - 1) // B
+    t_full = (tl.maximum(full_from - start, 0) + B - 1) // B
+    x = full_to - B + 1 - start
+    t_stop = tl.where(x >= 0, x // B + 1, 0)
+    return n_tiles, t_full, t_stop
+
+
+@triton.jit
+def _key_range(u_min, u_max, i_min, i_max, n_keys, lo, hi, segment, SEGMENTED: tl.constexpr, BN: tl.constexpr):
     """Key blocks ``b_start + t*BN`` (``t < n_tiles``) a query block reaches; tiles in
     ``[t_full, t_stop)`` need no element mask."""
     b_start = tl.maximum(u_min - hi, 0)
     if SEGMENTED:
         b_start = tl.maximum(b_start, (tl.maximum(i_min, 0) // segment) * segment)
     b_end = tl.minimum(u_max - lo + 1, n_keys)
-    n_tiles = tl.maximum(b_end - b_start + BN - 1, 0) // BN
-    t_full = tl.maximum(u_max - hi - b_start + BN - 1, 0) // BN
-    x = tl.minimum(u_min - lo, n_keys - 1) - BN + 1 - b_start
-    t_stop = tl.where(x >= 0, x // BN + 1, 0)
-    if SEGMENTED:
-        t_stop = t_full
+    full_to = tl.minimum(u_min - lo, n_keys - 1)
+    if SEGMENTED:  # a query block across two segments masks every tile
+        full_to = tl.where(tl.maximum(i_min, 0) // segment == i_max // segment, full_to, -_BIG)
+    n_tiles, t_full, t_stop = _tile_split(b_end - b_start, b_start, u_max - hi, full_to, BN)
     return b_start, n_tiles, t_full, t_stop
 
 
 @triton.jit
-def _query_block(pid_m, r, base, offset, n_q, n_k, step, ubase, period, width, own, n_summary, lo, hi, segment,
-                 BM: tl.constexpr, BN: tl.constexpr, KEYS: tl.constexpr, SEGMENTED: tl.constexpr):
-    """Query block ``pid_m`` of residue ``r``: its :func:`_query_coords`, the key count, and the key
-    tiles it walks (:func:`_key_range`)."""
-    a = pid_m * BM + tl.arange(0, BM)
+def _query_block(a, r, base, offset, n_q, n_k, step, ubase, period, width, own, n_summary, lo, hi, segment,
+                 BN: tl.constexpr, KEYS: tl.constexpr, SEGMENTED: tl.constexpr):
+    """A tile of logical query indices ``a`` of residue ``r``: its :func:`_query_coords`, the key
+    count, and the key tiles it walks (:func:`_key_range`)."""
     i, row, valid_q, u = _query_coords(a, base, offset, n_q, step, r, ubase, period, width, own, KEYS)
     n_keys = _key_count(n_k, r, step, n_summary, KEYS)
-    u_min, u_max, i_min = _query_span(u, i, valid_q)
-    b_start, n_tiles, t_full, t_stop = _key_range(u_min, u_max, i_min, n_keys, lo, hi, segment, SEGMENTED, BN)
+    u_min, u_max, i_min, i_max = _query_span(u, i, valid_q)
+    b_start, n_tiles, t_full, t_stop = _key_range(u_min, u_max, i_min, i_max, n_keys, lo, hi, segment, SEGMENTED, BN)
     return i, row, valid_q, u, n_keys, b_start, n_tiles, t_full, t_stop
+
+
+@triton.jit
+def _first_summary_query(x, period, width, own):
+    """The first position whose summary coordinate ``u`` reaches ``x`` (``u`` grows with position)."""
+    if own:
+        i = (x // width) * period + (period - width) + x % width
+    else:
+        i = ((x + width) // width) * period
+    return i
+
+
+@triton.jit
+def _query_range(b0, b_last, r, lo, hi, base, ubase, n_lattice, step, period, width, own, segment,
+                 KEYS: tl.constexpr, SEGMENTED: tl.constexpr, BM: tl.constexpr):
+    """Query tiles ``a_start + t*BM`` (``t < n_tiles``) that reach keys ``b0..b_last``; tiles in
+    ``[t_full, t_stop)`` see every one of them (no element mask). Summary keys have no upper edge."""
+    if KEYS == 0:
+        a_start = tl.maximum(b0 + lo - ubase, 0)
+        a_end = tl.minimum(b_last + hi - ubase + 1, n_lattice)
+        full_from = b_last + lo - ubase
+        full_to = b0 + hi - ubase
+    else:
+        a_start = tl.maximum(_first_summary_query(b0 + lo, period, width, own) - base, 0)
+        a_end = n_lattice
+        full_from = _first_summary_query(b_last + lo, period, width, own) - base
+        full_to = _BIG
+    if SEGMENTED:  # a lattice of step 1: a = position - base
+        j0 = r + step * b0
+        j_last = r + step * b_last
+        segment_end = (j_last // segment + 1) * segment
+        a_end = tl.minimum(a_end, segment_end - base)
+        full_from = tl.maximum(full_from, (j0 // segment) * segment - base)
+        full_to = tl.where(j0 // segment == j_last // segment, tl.minimum(full_to, segment_end - 1 - base), -_BIG)
+    n_tiles, t_full, t_stop = _tile_split(a_end - a_start, a_start, full_from, full_to, BM)
+    return a_start, n_tiles, t_full, t_stop
+
+
+# ---------------------------------------------------------------------------------------------
+# One tile
 
 
 @triton.jit
@@ -162,10 +205,12 @@ def _fwd_tile(acc, m_i, l_i, q, k_base, v_base, b0, u, i, n_keys, lo, hi, segmen
               BN: tl.constexpr, KEYS: tl.constexpr, SEGMENTED: tl.constexpr, MASKED: tl.constexpr,
               PRECISION: tl.constexpr):
     """One key tile of the forward pass: online-softmax update of ``acc, m_i, l_i``."""
-    b, j, valid_k = _key_tile(b0, r, step, period, width, n_keys, BN, KEYS)
-    s = dot(q, load_cols(k_base, j, skn, valid_k, D, BD), PRECISION) * scale2
+    b = b0 + tl.arange(0, BN)
+    j = _key_positions(b, r, step, period, width, KEYS)
+    valid_k = b < n_keys
+    s = scores(q, load_cols(k_base, j, skn, valid_k, D, BD), scale2, PRECISION)
     if MASKED:
-        s = tl.where(_band_mask(u, b, i, j, n_keys, lo, hi, segment, SEGMENTED), s, float("-inf"))
+        s = tl.where(_band_mask(u, b, i, j, n_keys, lo, hi, segment, SEGMENTED, False), s, float("-inf"))
     return softmax_step(acc, m_i, l_i, s, load_rows(v_base, j, svn, valid_k, DV, BDV), PRECISION)
 
 
@@ -175,46 +220,77 @@ def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, b0, u, i, n_keys, lo, hi, s
              BN: tl.constexpr, KEYS: tl.constexpr, SEGMENTED: tl.constexpr, MASKED: tl.constexpr,
              PRECISION: tl.constexpr):
     """One key tile of the dQ pass."""
-    b, j, valid_k = _key_tile(b0, r, step, period, width, n_keys, BN, KEYS)
+    b = b0 + tl.arange(0, BN)
+    j = _key_positions(b, r, step, period, width, KEYS)
+    valid_k = b < n_keys
     kk = load_rows(k_base, j, skn, valid_k, D, BD)
     vt = load_cols(v_base, j, svn, valid_k, DV, BDV)
-    p = tl.math.exp2(dot(q, tl.trans(kk), PRECISION) * scale2 - lse2[:, None])
+    p = tl.math.exp2(scores(q, tl.trans(kk), scale2, PRECISION) - lse2[:, None])
     if MASKED:
-        p = tl.where(_band_mask(u, b, i, j, n_keys, lo, hi, segment, SEGMENTED), p, 0.0)
+        p = tl.where(_band_mask(u, b, i, j, n_keys, lo, hi, segment, SEGMENTED, False), p, 0.0)
     return dq_step(dq, p, do, vt, kk, delta, PRECISION)
 
 
 @triton.jit
-def _band_fwd(
-    Q, K, V, O, LSE,
-    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
-    n_batch, n_heads, group, n_q, n_k, offset, lo, hi,
-    step, base, ubase, period, width, own, n_summary, segment, scale2,
-    D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, KEYS: tl.constexpr, SEGMENTED: tl.constexpr,
-    SPLITS: tl.constexpr, PRECISION: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    r = tl.program_id(2) // SPLITS
-    split = tl.program_id(2) % SPLITS
-    batch, head, kv_head = query_heads(bh, n_heads, group)
+def _dkdv_tile(dk, dvv, kk, vv, b, j, n_keys, a0, q_base, do_base, stat_base, LSE, DELTA, base, offset, n_q, step,
+               r, ubase, period, width, own, lo, hi, segment, sqn, sdn, scale2, D: tl.constexpr, DV: tl.constexpr,
+               BD: tl.constexpr, BDV: tl.constexpr, BM: tl.constexpr, KEYS: tl.constexpr,
+               SEGMENTED: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
+    """One query tile of the dK/dV pass (scores laid out ``(keys, queries)``)."""
+    a = a0 + tl.arange(0, BM)
+    i, row, valid_q, u = _query_coords(a, base, offset, n_q, step, r, ubase, period, width, own, KEYS)
+    qq = load_rows(q_base, row, sqn, valid_q, D, BD)
+    do = load_rows(do_base, row, sdn, valid_q, DV, BDV)
+    lse2, delta = row_stats(LSE, DELTA, stat_base + row, valid_q)
+    pt = tl.math.exp2(scores(kk, tl.trans(qq), scale2, PRECISION) - lse2[None, :])
+    if MASKED:
+        pt = tl.where(_band_mask(u, b, i, j, n_keys, lo, hi, segment, SEGMENTED, True), pt, 0.0)
+    return dkdv_step(dk, dvv, pt, qq, do, vv, delta, PRECISION)
 
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+
+
+@triton.jit
+def _band_fwd(
+    Q, K, V, O, LSE, O_PREV, LSE_PREV,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
+    n_batch, n_heads, n_kv_heads, group, n_q, n_k, offset, lo, hi,
+    step, base, ubase, period, width, own, n_summary, segment, n_rows, n_mid, slot0, scale2,
+    D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    KEYS: tl.constexpr, SEGMENTED: tl.constexpr, SPLITS: tl.constexpr, PACKED: tl.constexpr,
+    MERGE: tl.constexpr, FOLDED: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_m, pid_mid, pid_z = program_coords(tl.cdiv(n_rows, BM), n_mid, FOLDED)
+    r = pid_z // SPLITS
+    split = pid_z % SPLITS
+    f = pid_m * BM + tl.arange(0, BM)
+    if PACKED:  # program axis 1 runs over (batch, KV head); the tile's rows over its group's heads
+        batch = pid_mid // n_kv_heads
+        kv_head = pid_mid % n_kv_heads
+        head_rows = n_rows // group
+        head = kv_head * group + f // head_rows
+        a = f % head_rows
+    else:
+        batch, head, kv_head = query_heads(pid_mid, n_heads, group)
+        a = f
     i, row, valid_q, u, n_keys, b_start, n_tiles, t_full, t_stop = _query_block(
-        pid_m, r, base, offset, n_q, n_k, step, ubase, period, width, own, n_summary, lo, hi, segment,
-        BM, BN, KEYS, SEGMENTED)
+        a, r, base, offset, n_q, n_k, step, ubase, period, width, own, n_summary, lo, hi, segment,
+        BN, KEYS, SEGMENTED)
+    if PACKED:
+        valid_q = valid_q & (f < n_rows)
     per_split = (n_tiles + SPLITS - 1) // SPLITS
     t0 = split * per_split
     t1 = tl.minimum(t0 + per_split, n_tiles)
 
-    q = load_rows(head_base(Q, batch, head, sqb, sqh), row, sqn, valid_q, D, BD)
+    q_rows = head.to(tl.int64) * sqh + row.to(tl.int64) * sqn
+    q = load_rows(Q + batch.to(tl.int64) * sqb, q_rows, 1, valid_q, D, BD)
     k_base, v_base = head_base(K, batch, kv_head, skb, skh), head_base(V, batch, kv_head, svb, svh)
 
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, BDV], tl.float32)
-    # Three loops (masked edge, unmasked interior, masked edge) keep the interior loop free of
-    # branches, so the compiler can pipeline its loads.
     for t in range(t0, tl.minimum(t_full, t1)):
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, b_start + t * BN, u, i, n_keys, lo, hi, segment,
                                   r, step, period, width, skn, svn, scale2, D, DV, BD, BDV, BN, KEYS, SEGMENTED,
@@ -228,30 +304,30 @@ def _band_fwd(
                                   r, step, period, width, skn, svn, scale2, D, DV, BD, BDV, BN, KEYS, SEGMENTED,
                                   True, PRECISION)
 
-    slot = ((split * n_batch + batch) * n_heads + head).to(tl.int64) * n_q + row
-    store_forward(O, LSE, slot, acc, m_i, l_i, valid_q, DV, BDV)
+    slot = (((slot0 + split) * n_batch + batch) * n_heads + head).to(tl.int64) * n_q + row
+    store_forward(O, LSE, O_PREV, LSE_PREV, slot, acc, m_i, l_i, valid_q, DV, BDV, MERGE)
 
 
 @triton.jit
 def _band_bwd_dq(
-    Q, K, V, DO, LSE, DELTA, DQ,
+    Q, K, V, DO, LSE, DELTA, DQ, DQ_IN, DQ_ACC,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
     n_heads, group, n_q, n_k, offset, lo, hi,
-    step, base, ubase, period, width, own, n_summary, segment, scale2, scale,
-    D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, KEYS: tl.constexpr, SEGMENTED: tl.constexpr, PRECISION: tl.constexpr,
+    step, base, ubase, period, width, own, n_summary, segment, n_rows, n_mid, scale2, scale,
+    D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    KEYS: tl.constexpr, SEGMENTED: tl.constexpr, READ_ACC: tl.constexpr, WRITE_ACC: tl.constexpr,
+    FOLDED: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    r = tl.program_id(2)
-    batch, head, kv_head = query_heads(bh, n_heads, group)
-
+    pid_m, pid_mid, r = program_coords(tl.cdiv(n_rows, BM), n_mid, FOLDED)
+    batch, head, kv_head = query_heads(pid_mid, n_heads, group)
     i, row, valid_q, u, n_keys, b_start, n_tiles, t_full, t_stop = _query_block(
-        pid_m, r, base, offset, n_q, n_k, step, ubase, period, width, own, n_summary, lo, hi, segment,
-        BM, BN, KEYS, SEGMENTED)
+        pid_m * BM + tl.arange(0, BM), r, base, offset, n_q, n_k, step, ubase, period, width, own, n_summary, lo, hi,
+        segment, BN, KEYS, SEGMENTED)
 
-    q, do, stat, lse2, delta = dq_inputs(Q, DO, LSE, DELTA, batch, head, row, valid_q, sqb, sqh, sqn, sdb, sdh, sdn,
-                                         n_heads, n_q, D, DV, BD, BDV)
+    q = load_rows(head_base(Q, batch, head, sqb, sqh), row, sqn, valid_q, D, BD)
+    do = load_rows(head_base(DO, batch, head, sdb, sdh), row, sdn, valid_q, DV, BDV)
+    stat = (batch * n_heads + head).to(tl.int64) * n_q + row
+    lse2, delta = row_stats(LSE, DELTA, stat, valid_q)
     k_base, v_base = head_base(K, batch, kv_head, skb, skh), head_base(V, batch, kv_head, svb, svh)
 
     dq = tl.zeros([BM, BD], tl.float32)
@@ -264,23 +340,23 @@ def _band_bwd_dq(
     for t in range(tl.maximum(t_full, t_stop), n_tiles):
         dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, b_start + t * BN, u, i, n_keys, lo, hi, segment, r, step,
                       period, width, skn, svn, scale2, D, DV, BD, BDV, BN, KEYS, SEGMENTED, True, PRECISION)
-    store_rows(DQ, stat, dq * scale, valid_q, D, BD)
+    store_grad_rows(DQ, DQ_IN, DQ_ACC, stat, dq * scale, valid_q, valid_q, D, BD, READ_ACC, WRITE_ACC)
 
 
 @triton.jit
 def _band_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV_OUT,
+    Q, K, V, DO, LSE, DELTA, DK, DV_OUT, DK_IN, DV_IN, DK_ACC, DV_ACC,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
     n_heads, n_kv_heads, group, n_q, n_k, offset, lo, hi,
-    step, base, ubase, period, width, own, n_summary, segment, n_lattice, scale2, scale,
-    D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, KEYS: tl.constexpr, SEGMENTED: tl.constexpr, PRECISION: tl.constexpr,
+    step, base, ubase, period, width, own, n_summary, segment, n_lattice, later_period, later_width,
+    n_rows, n_mid, scale2, scale,
+    D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    KEYS: tl.constexpr, SEGMENTED: tl.constexpr, READ_ACC: tl.constexpr, WRITE_ACC: tl.constexpr,
+    FOLDED: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
-    r = tl.program_id(2)
-    batch = bh // n_kv_heads
-    kv_head = bh % n_kv_heads
+    pid_n, pid_mid, r = program_coords(tl.cdiv(n_rows, BN), n_mid, FOLDED)
+    batch = pid_mid // n_kv_heads
+    kv_head = pid_mid % n_kv_heads
 
     n_keys = _key_count(n_k, r, step, n_summary, KEYS)
     b0 = pid_n * BN
@@ -288,60 +364,50 @@ def _band_bwd_dkdv(
     valid_k = b < n_keys
     j = _key_positions(b, r, step, period, width, KEYS)
     b_last = tl.minimum(b0 + BN, n_keys) - 1
-    # Logical query indices whose band reaches these keys (u is increasing in a).
-    if KEYS == 0:
-        a_start = tl.maximum(b0 + lo - ubase, 0)
-        a_end = tl.minimum(b_last + hi - ubase + 1, n_lattice)
-    else:
-        first = b0 + lo  # smallest u that reaches key b0 (lo >= 0 for summary keys)
-        if own:
-            i_first = (first // width) * period + (period - width) + first % width
-        else:
-            i_first = ((first + width) // width) * period
-        a_start = tl.maximum(i_first - base, 0)
-        a_end = n_lattice  # summary parts have no upper band edge
-    if SEGMENTED:
-        j_last = r + step * b_last
-        a_end = tl.minimum(a_end, ((j_last // segment + 1) * segment - base - r + step - 1) // step)
+    a_start, n_tiles, t_full, t_stop = _query_range(b0, b_last, r, lo, hi, base, ubase, n_lattice, step, period,
+                                                     width, own, segment, KEYS, SEGMENTED, BM)
 
     kk = load_rows(head_base(K, batch, kv_head, skb, skh), j, skn, valid_k, D, BD)
     vv = load_rows(head_base(V, batch, kv_head, svb, svh), j, svn, valid_k, DV, BDV)
     dk = tl.zeros([BN, BD], tl.float32)
     dvv = tl.zeros([BN, BDV], tl.float32)
-    full_keys = b0 + BN <= n_keys
     for g in range(0, group):
         head = kv_head * group + g
         q_base = head_base(Q, batch, head, sqb, sqh)
         do_base = head_base(DO, batch, head, sdb, sdh)
         stat_base = (batch * n_heads + head).to(tl.int64) * n_q
-        for a0 in range(a_start, a_end, BM):
-            a = a0 + tl.arange(0, BM)
-            i, row, valid_q, u = _query_coords(a, base, offset, n_q, step, r, ubase, period, width, own, KEYS)
-            qq = load_rows(q_base, row, sqn, valid_q, D, BD)
-            do = load_rows(do_base, row, sdn, valid_q, DV, BDV)
-            lse2, delta = row_stats(LSE, DELTA, stat_base + row, valid_q)
-            pt = tl.math.exp2(dot(kk, tl.trans(qq), PRECISION) * scale2 - lse2[None, :])
-            u_min, u_max, _ = _query_span(u, i, valid_q)
-            full = full_keys & (u_min - (b0 + BN - 1) >= lo) & (u_max - b0 <= hi)
-            if SEGMENTED:
-                pt = tl.where(_band_mask_t(u, b, i, j, n_keys, lo, hi, segment, SEGMENTED), pt, 0.0)
-            elif not full:
-                pt = tl.where(_band_mask_t(u, b, i, j, n_keys, lo, hi, segment, SEGMENTED), pt, 0.0)
-            dk, dvv = dkdv_step(dk, dvv, pt, qq, do, vv, delta, PRECISION)
+        for t in range(0, tl.minimum(t_full, n_tiles)):
+            dk, dvv = _dkdv_tile(dk, dvv, kk, vv, b, j, n_keys, a_start + t * BM, q_base, do_base, stat_base, LSE,
+                                 DELTA, base, offset, n_q, step, r, ubase, period, width, own, lo, hi, segment, sqn,
+                                 sdn, scale2, D, DV, BD, BDV, BM, KEYS, SEGMENTED, True, PRECISION)
+        for t in range(t_full, tl.minimum(t_stop, n_tiles)):
+            dk, dvv = _dkdv_tile(dk, dvv, kk, vv, b, j, n_keys, a_start + t * BM, q_base, do_base, stat_base, LSE,
+                                 DELTA, base, offset, n_q, step, r, ubase, period, width, own, lo, hi, segment, sqn,
+                                 sdn, scale2, D, DV, BD, BDV, BM, KEYS, SEGMENTED, False, PRECISION)
+        for t in range(tl.maximum(t_full, t_stop), n_tiles):
+            dk, dvv = _dkdv_tile(dk, dvv, kk, vv, b, j, n_keys, a_start + t * BM, q_base, do_base, stat_base, LSE,
+                                 DELTA, base, offset, n_q, step, r, ubase, period, width, own, lo, hi, segment, sqn,
+                                 sdn, scale2, D, DV, BD, BDV, BM, KEYS, SEGMENTED, True, PRECISION)
     slot = (batch * n_kv_heads + kv_head).to(tl.int64) * n_k + j
-    store_rows(DK, slot, dk * scale, valid_k, D, BD)
-    store_rows(DV_OUT, slot, dvv, valid_k, DV, BDV)
+    later = j % later_period >= later_period - later_width
+    store_grad_rows(DK, DK_IN, DK_ACC, slot, dk * scale, valid_k, later, D, BD, READ_ACC, WRITE_ACC)
+    store_grad_rows(DV_OUT, DV_IN, DV_ACC, slot, dvv, valid_k, later, DV, BDV, READ_ACC, WRITE_ACC)
+
+
+_band_fwd_tuned = configs.autotuned("fwd", ["n_q", "n_k", "lo", "hi", "step", "D", "DV", "KEYS", "SEGMENTED", "MERGE"])(
+    _band_fwd)
+_band_bwd_dq_tuned = configs.autotuned("dq", ["n_q", "n_k", "lo", "hi", "step", "D", "DV", "KEYS", "SEGMENTED"])(
+    _band_bwd_dq)
+_band_bwd_dkdv_tuned = configs.autotuned("dkdv", ["n_q", "n_k", "lo", "hi", "step", "D", "DV", "KEYS", "SEGMENTED"])(
+    _band_bwd_dkdv)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
 
 
 def _edge(x: float) -> int:
     return max(-_BIG_EDGE, min(_BIG_EDGE, int(x))) if math.isfinite(x) else (_BIG_EDGE if x > 0 else -_BIG_EDGE)
-
-
-def interpreting() -> bool:
-    """Whether Triton runs its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    import os
-
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @dataclass(frozen=True)
@@ -358,15 +424,17 @@ class _Geometry:
     residues: int
     key_slots: int  # logical keys per residue (the dK/dV grid)
 
-    def args(self, part: BandPart) -> tuple:
+    def args(self, part: Piece) -> tuple:
         return (self.lo, self.hi, self.step, self.base, self.ubase, part.period, part.width,
                 int(part.own), self.n_summary, max(part.segment, 1))
 
 
-def _geometry(part: BandPart, n_q: int, n_k: int) -> _Geometry:
+def _geometry(part: Piece, n_q: int, n_k: int) -> _Geometry:
     offset = n_k - n_q
     lo, hi = _edge(part.lo), _edge(part.hi)
-    if part.keys == "summary":
+    if part.keys == SUMMARY:
+        if math.isfinite(part.hi) or part.lo < 0:  # the dK/dV pass's query range assumes it
+            raise ValueError(f"summary keys need a band (lo >= 0, hi = inf), got {part}")
         n_summary = (n_k // part.period) * part.width + max(0, n_k % part.period - (part.period - part.width))
         return _Geometry(lo, hi, 1, offset, 0, n_q, n_summary, 1, n_summary)
     step = part.step
@@ -375,85 +443,85 @@ def _geometry(part: BandPart, n_q: int, n_k: int) -> _Geometry:
     return _Geometry(lo, hi, step, base, base // step, n_lattice, 0, step, -(-n_k // step))
 
 
-def block_sizes(head_dim: int, value_dim: int, backward: bool, element_size: int = 2) -> tuple[int, int, int, int]:
-    """``(BM, BN, num_warps, num_stages)``: small tiles in the interpreter (more edge cases per
-    test and less numpy work), FlashAttention-like tiles on a GPU, halved when a row holds more
-    than 256 bytes (head dims over 128 in half precision, over 64 in float32) so the tiles fit
-    in shared memory."""
-    if interpreting():
-        return 16, 16, 1, 1
-    wide = max(head_dim, value_dim) * element_size > 256
-    if backward:
-        return (32, 32, 4, 1) if wide else (64, 64, 4, 2)
-    return (64, 32, 4, 2) if wide else (128, 64, 8, 3)
+def _part_flags(part: Piece) -> dict:
+    return dict(KEYS=int(part.keys == SUMMARY), SEGMENTED=part.segment > 0)
 
 
-def _pow2(n: int) -> int:
-    return max(16, 1 << (n - 1).bit_length())
+def band_forward(part: Piece, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                 out: torch.Tensor, lse: torch.Tensor, prev: tuple | None = None,
+                 decode: tuple[int, int] | None = None) -> None:
+    """Run one part forward into ``out``/``lse``.
 
-
-def _precision(q: torch.Tensor) -> str:
-    if q.dtype == torch.bfloat16 and interpreting():
-        return "upcast"
-    # float32 inputs take IEEE float32 FMA (no tensor cores: exact, slower); TF32 would round the
-    # inputs to 10 mantissa bits. float16/bfloat16 products are exact on tensor cores.
-    return "ieee" if q.dtype == torch.float32 else "tf32"
-
-
-def band_forward(part: BandPart, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                 out_dtype: torch.dtype, splits: int = 1, block_m: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run one part forward. Returns ``out (splits, B, Hq, Nq, Dv)`` in ``out_dtype`` and
-    ``lse (splits, B, Hq, Nq)`` float32 (natural log; ``-inf`` where a row saw no key). With
-    ``splits > 1`` every program takes one share of a query block's key blocks (flash-decoding);
-    the caller merges the shares by their LSE. ``block_m`` overrides the query tile."""
-    batch, n_heads, n_q, head_dim = q.shape
-    n_kv, n_k, value_dim = k.shape[1], k.shape[2], v.shape[-1]
+    A full-size call: ``out (B, Hq, Nq, Dv)`` in its dtype and ``lse (B, Hq, Nq)`` float32, merged
+    by LSE with ``prev = (out, lse)`` of the parts before (float32) when given. A decode-sized call
+    (``decode = (splits, slot0)``: the decode configuration, a GQA group's heads packed into the
+    query tile): float32 partials ``out (S, B, Hq, Nq, Dv)`` and ``lse (S, B, Hq, Nq)``, this
+    part's ``splits`` key shares at slots ``slot0, slot0 + 1, ...``, for
+    :func:`~attnkit.kernels.triton_merge.merge_partials`."""
+    batch, n_heads, n_q, _ = q.shape
+    n_kv, n_k = k.shape[1], k.shape[2]
+    group = n_heads // n_kv
     geo = _geometry(part, n_q, n_k)
-    bm, bn, warps, stages = block_sizes(head_dim, value_dim, False, q.element_size())
-    bm = block_m or bm
-    out = torch.empty(splits, batch, n_heads, n_q, value_dim, device=q.device, dtype=out_dtype)
-    lse = torch.empty(splits, batch, n_heads, n_q, device=q.device, dtype=torch.float32)
-    grid = (triton.cdiv(geo.n_lattice, bm), batch * n_heads, geo.residues * splits)
-    _band_fwd[grid](
-        q, k, v, out, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-        batch, n_heads, n_heads // n_kv, n_q, n_k, n_k - n_q, *geo.args(part), scale * _LOG2E,
-        D=head_dim, DV=value_dim, BD=_pow2(head_dim), BDV=_pow2(value_dim), BM=bm, BN=bn,
-        KEYS=int(part.keys == "summary"), SEGMENTED=part.segment > 0, SPLITS=splits,
-        PRECISION=_precision(q), num_warps=warps, num_stages=stages,
-    )
-    return out, lse
+    common = dict(configs.kernel_dims(q, v), **_part_flags(part))
+    merge = prev is not None
+    prev_out, prev_lse = prev if merge else (out, lse)
+    packed = decode is not None
+    splits, slot0 = decode or (1, 0)
+    rows, mid = (geo.n_lattice * group, batch * n_kv) if packed else (geo.n_lattice, batch * n_heads)
+    shape, folded = configs.grid(rows, mid, geo.residues * splits)
+    args = (q, k, v, out, lse, prev_out, prev_lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+            batch, n_heads, n_kv, group, n_q, n_k, n_k - n_q, *geo.args(part), rows, mid, slot0, scale * LOG2E)
+    flags = dict(common, SPLITS=splits, PACKED=packed, MERGE=merge, FOLDED=folded)
+    if packed:
+        bm, bn, warps, stages = decode_tiles(q, v)
+        configs.launch(_band_fwd, shape, *args, BM=bm, BN=bn, **flags, num_warps=warps, num_stages=stages)
+    else:
+        configs.launch(_band_fwd_tuned, shape, *args, **flags)
 
 
-def band_backward(part: BandPart, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor,
-                  lse: torch.Tensor, delta: torch.Tensor, scale: float) -> tuple[torch.Tensor, ...]:
-    """Gradients of one part given the *final* ``lse`` and ``delta = rowsum(dO * O) - dLSE``
-    (both ``(B, Hq, Nq)`` float32 contiguous): ``(dq, dk, dv)`` in float32, contiguous."""
-    batch, n_heads, n_q, head_dim = q.shape
-    n_kv, n_k, value_dim = k.shape[1], k.shape[2], v.shape[-1]
+def decode_tiles(q: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int, int]:
+    """``(BM, BN, warps, stages)`` of the decode configuration for these inputs."""
+    if configs.interpreting():
+        return configs.INTERPRETER
+    wide = configs.wide_rows(q.shape[-1], v.shape[-1], q.element_size())
+    return configs.DECODE["wide" if wide else "narrow"]
+
+
+def band_backward(part: Piece, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor,
+                  lse: torch.Tensor, delta: torch.Tensor, scale: float, grads: tuple, accumulate: tuple,
+                  later: tuple[int, int] | None) -> None:
+    """One part's share of the gradients given the *final* ``lse`` and ``delta = rowsum(dO * O) -
+    dLSE`` (both ``(B, Hq, Nq)`` float32 contiguous), stored into ``grads = (dq, dk, dv)``
+    (contiguous, the input dtypes) as :func:`~attnkit.kernels.triton_tiles.store_grad_rows` says:
+    ``accumulate = (read, write)``, each None or a float32 ``(dq, dk, dv)`` scratch; ``later`` is
+    the ``touched_keys`` of the parts after this one (None: none)."""
+    batch, n_heads, n_q, _ = q.shape
+    n_kv, n_k = k.shape[1], k.shape[2]
     geo = _geometry(part, n_q, n_k)
-    bm, bn, warps, stages = block_sizes(head_dim, value_dim, True, q.element_size())
-    dq = torch.empty(batch, n_heads, n_q, head_dim, device=q.device, dtype=torch.float32)
-    dk = torch.zeros(batch, n_kv, n_k, head_dim, device=q.device, dtype=torch.float32)
-    dv = torch.zeros(batch, n_kv, n_k, value_dim, device=q.device, dtype=torch.float32)
-    common = dict(D=head_dim, DV=value_dim, BD=_pow2(head_dim), BDV=_pow2(value_dim), BM=bm, BN=bn,
-                  KEYS=int(part.keys == "summary"), SEGMENTED=part.segment > 0, PRECISION=_precision(q),
-                  num_warps=warps, num_stages=stages)
+    read, write = accumulate
+    dq, dk, dv = grads
+    dq_in, dk_in, dv_in = read or grads
+    dq_acc, dk_acc, dv_acc = write or grads
+    common = dict(configs.kernel_dims(q, v), **_part_flags(part), READ_ACC=read is not None,
+                  WRITE_ACC=write is not None)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3])
-    _band_bwd_dq[(triton.cdiv(geo.n_lattice, bm), batch * n_heads, geo.residues)](
-        q, k, v, grad_out, lse, delta, dq, *strides,
-        n_heads, n_heads // n_kv, n_q, n_k, n_k - n_q, *geo.args(part), scale * _LOG2E, scale, **common,
+    shape, folded = configs.grid(geo.n_lattice, batch * n_heads, geo.residues)
+    configs.launch(
+        _band_bwd_dq_tuned, shape, q, k, v, grad_out, lse, delta, dq, dq_in, dq_acc, *strides,
+        n_heads, n_heads // n_kv, n_q, n_k, n_k - n_q, *geo.args(part), geo.n_lattice, batch * n_heads,
+        scale * LOG2E, scale, **common, FOLDED=folded,
     )
-    _band_bwd_dkdv[(triton.cdiv(geo.key_slots, bn), batch * n_kv, geo.residues)](
-        q, k, v, grad_out, lse, delta, dk, dv, *strides,
-        n_heads, n_kv, n_heads // n_kv, n_q, n_k, n_k - n_q, *geo.args(part), geo.n_lattice,
-        scale * _LOG2E, scale, **common,
+    later_period, later_width = later or (1, 0)  # (1, 0): no key is touched later
+    shape, folded = configs.grid(geo.key_slots, batch * n_kv, geo.residues, block="BN")
+    configs.launch(
+        _band_bwd_dkdv_tuned, shape, q, k, v, grad_out, lse, delta, dk, dv, dk_in, dv_in, dk_acc, dv_acc, *strides,
+        n_heads, n_kv, n_heads // n_kv, n_q, n_k, n_k - n_q, *geo.args(part), geo.n_lattice, later_period,
+        later_width, geo.key_slots, batch * n_kv, scale * LOG2E, scale, **common, FOLDED=folded,
     )
-    return dq, dk, dv
 
 
-def key_tiles(part: BandPart, n_q: int, n_k: int) -> int:
-    """Key tiles the widest query block of a decode-sized call (``n_q`` small) walks."""
+def key_tiles(part: Piece, n_q: int, n_k: int, block_n: int) -> int:
+    """Key tiles of ``block_n`` keys the widest query tile of a decode-sized call (``n_q`` small) walks."""
     geo = _geometry(part, n_q, n_k)
-    _, bn, _, _ = block_sizes(16, 16, backward=False)
     span = min(geo.hi - geo.lo + 1 + n_q, geo.key_slots)
-    return triton.cdiv(max(span, 1), bn)
+    return triton.cdiv(max(span, 1), block_n)

@@ -3,7 +3,7 @@
 Modules: :mod:`.tasks` (MQAR, byte-level standard-library text), :mod:`.variants` (the attention
 variants as Llama configs, and their costs), :mod:`.train` (one resumable run), :mod:`.decode`
 (decode speed at a long context), :mod:`.experiment` (the whole comparison), :mod:`.report`
-(tables, plots), :mod:`.presets`, :mod:`.command` (the CLI).
+(tables, plots) and :mod:`.presets`; the command is :mod:`attnkit.cli.lab`.
 """
 
 from .tasks import MQAR, StdlibText

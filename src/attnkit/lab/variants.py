@@ -16,7 +16,7 @@ import torch
 
 from ..analysis.llama_costs import kv_bytes_per_token, parameters
 from ..models.llama import LlamaConfig
-from ..patterns import Causal, Fixed, Pattern, SlidingWindow, Strided
+from ..patterns import Causal, Fixed, Pattern, SlidingWindow, Strided, shared_band
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ def kept_keys(pattern: Optional[Pattern], context: int) -> int:
     ``context``; ``SlidingWindow(w)`` keeps ``w - 1``; a periodic pattern keeps its residues.
     (Counted from the pattern itself; queries more than ``context`` ahead are not looked at.)"""
     pattern = pattern or Causal()
-    band = pattern.band() if pattern.n_heads is None else None
+    band = shared_band(pattern)
     if band is not None and band[0] >= 0 and band[1] != float("inf"):
         return min(int(band[1]), context)  # keys with context - j <= the band's reach
     j = torch.arange(context)[None, :]

@@ -9,6 +9,11 @@ One reader for every model family: which format a checkpoint path holds (:func:`
 JSON types are strict: a boolean field takes ``true``/``false`` (not ``"false"``, which Python
 would read as true), an integer field takes an integer (not ``2048.0`` or ``"2048"``), a float
 field takes a finite number. ``null`` counts as absent where a field has a default.
+
+A damaged config must fail before a model is built from it: a size beyond :data:`MAX_SIZE` is
+refused (:func:`bounded_size`, which the config classes call), and the layer count is checked
+against the layers whose tensors the checkpoint holds (:func:`check_layer_count`), so a
+``num_hidden_layers`` of 100000 costs a glance at tensor names rather than 100000 layers.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -32,6 +38,37 @@ CONFIG_FILE = "config.json"
 META_PARAMS_FILE = "params.json"
 
 _REQUIRED = object()
+
+MAX_SIZE = 2**24
+"""The largest size (width, vocabulary, heads, layers) a model config may give: 16,777,216, far
+above any published model (the largest widths and vocabularies are in the hundreds of
+thousands), and low enough that no tensor of a model built from such sizes overflows."""
+
+
+def bounded_size(owner: str, name: str, value: int) -> int:
+    """``value`` when it is at most :data:`MAX_SIZE`; ValueError naming ``owner`` and ``name``
+    otherwise (a corrupt config, which would allocate gigabytes or overflow)."""
+    if value > MAX_SIZE:
+        raise ValueError(f"{owner}: {name} is {value}, more than {MAX_SIZE:,}, which no model has; "
+                         "the config is damaged")
+    return value
+
+
+def check_layer_count(count: int, names: Iterable[str], pattern: str, source: str | os.PathLike, field: str) -> None:
+    r"""ValueError naming ``source`` and the config ``field`` unless the tensor ``names`` hold the
+    layers ``0 .. count - 1`` exactly. ``pattern`` is a regular expression matched at the start of a
+    tensor name whose first group is the layer index (``r"blk\.(\d+)\."``)."""
+    found = sorted({int(match[1]) for name in names if (match := re.match(pattern, name))})
+    if found == list(range(count)):
+        return
+    if not found:
+        held = "no layer tensors"
+    elif found == list(range(len(found))):
+        held = f"tensors for {len(found)} layers (0 to {found[-1]})"
+    else:
+        gap = next(i for i in range(found[-1] + 1) if i not in set(found))
+        held = f"tensors for layers {found[0]} to {found[-1]} with layer {gap} missing"
+    raise ValueError(f"{source}: {field} is {count}, but the checkpoint holds {held}")
 
 
 def describe(value: object) -> str:
@@ -103,6 +140,8 @@ def read_json(file: Path) -> dict:
         raise ValueError(f"{file}: not valid JSON ({exc})") from None
     except ValueError as exc:  # an integer too long to convert (over 4300 digits)
         raise ValueError(f"{file}: cannot read it as JSON ({exc})") from None
+    except RecursionError:
+        raise ValueError(f"{file}: cannot read it as JSON (arrays or objects nested too deeply)") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{file}: expected a JSON object, got {describe(raw)}")
     return raw
@@ -170,6 +209,16 @@ class JsonFields:
             raise self._wrong(name, "a string", value)
         return value
 
+    def strings(self, name: str, default: object = _REQUIRED) -> Optional[list[str]]:
+        """A string or a list of strings, as a list (``architectures`` is written either way)."""
+        found, value = self._value(name, default)
+        if not found:
+            return value
+        items = value if isinstance(value, list) else [value]
+        if not all(isinstance(v, str) for v in items):
+            raise self._wrong(name, "a string or a list of strings", value)
+        return items
+
     def integers(self, name: str, default: object = _REQUIRED) -> Optional[list[int]]:
         """An integer or a list of integers, as a list (``eos_token_id`` takes either form)."""
         found, value = self._value(name, default)
@@ -223,6 +272,11 @@ def _index_files(index: Path) -> dict[str, Path]:
         if not file.is_file():
             raise FileNotFoundError(f"{index}: lists shard {file.name}, which does not exist")
     return files
+
+
+def has_weights(directory: Path) -> bool:
+    """Whether ``directory`` holds safetensors weights (``model.safetensors`` or an index)."""
+    return (directory / INDEX_FILE).is_file() or (directory / WEIGHTS_FILE).is_file()
 
 
 def weight_files(directory: Path) -> dict[str, Path]:
@@ -295,3 +349,36 @@ def read_tensors(
                     )
                 out[name] = tensor.to(device=device, dtype=dtype or tensor.dtype)
     return out
+
+
+def read_named_tensors(
+    directory: Path,
+    names: Mapping[str, str],
+    shapes: Mapping[str, torch.Size],
+    *,
+    ignored: Iterable[str] = (),
+    dtype: Optional[torch.dtype] = None,
+    device: str | torch.device = "cpu",
+) -> dict[str, torch.Tensor]:
+    """A model's tensors from the safetensors of ``directory``: ``names`` maps each of the model's
+    parameter names to the name the files use, ``shapes`` gives each parameter's shape. Returns
+    them under the model's names, cast to ``dtype`` (None keeps the file's) on ``device``.
+
+    The files must hold exactly those tensors, apart from the file names in ``ignored`` (a tied
+    head a checkpoint may still carry). Raises FileNotFoundError for missing files and ValueError
+    naming the directory or file for missing, unexpected, mis-shaped or non-floating-point
+    tensors, unreadable files, and index entries that are not file names inside ``directory``.
+    """
+    in_file = {names[name]: name for name in shapes}
+    file_shapes = {names[name]: shape for name, shape in shapes.items()}
+    files = weight_files(directory)
+    missing = sorted(set(file_shapes) - set(files))
+    if missing:
+        raise ValueError(f"{directory}: missing tensors {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    unexpected = sorted(set(files) - set(file_shapes) - set(ignored))
+    if unexpected:
+        raise ValueError(
+            f"{directory}: unexpected tensors {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}"
+        )
+    tensors = read_tensors(files, file_shapes, shapes=file_shapes, dtype=dtype, device=torch.device(device))
+    return {in_file[name]: tensor for name, tensor in tensors.items()}

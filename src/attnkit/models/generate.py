@@ -20,6 +20,8 @@ from typing import Iterable, Iterator, Optional, Protocol, Sequence, runtime_che
 
 import torch
 
+from .decode_step import DecodeStep
+
 
 class DecoderConfig(Protocol):
     """The config fields generation reads."""
@@ -45,11 +47,14 @@ class CausalLM(Protocol):
     - ``device``: where the token ids, positions and masks are put.
     - ``make_caches(batch, max_len)``: fresh, empty key/value caches (one per layer, whatever the
       model keeps) able to hold ``max_len`` positions of ``batch`` rows.
-    - ``model(tokens, *, positions, caches, key_mask, last_only=True)``: ``tokens (B, N)`` int64
-      sit at ``positions`` (``(N,)`` when every row agrees, else ``(B, N)``); their keys and values
-      are appended to ``caches`` after the ones already there; ``key_mask`` ``(B, cached + N)``
-      (True = a real token) is None when no row is padded. Returns logits ``(B, 1, vocab)`` of the
-      last position.
+    - ``model(tokens, *, positions, cache_positions, caches, key_mask, last_only=True)``: ``tokens
+      (B, N)`` int64 sit at rotary ``positions`` (``(N,)`` when every row agrees, else ``(B, N)``);
+      their keys and values go into ``caches`` at ``cache_positions (N,)`` (the cache protocol of
+      :mod:`attnkit.nn.kv_cache`); ``key_mask`` ``(B, max_len)`` over the cache positions (True =
+      a real token) is None when no row is padded. Returns logits ``(B, 1, vocab)`` of the last
+      position. This call checks its input (the prompt enters here).
+    - ``model.forward_unchecked(...)``: the same without input checks and without reading
+      anything back to the host; each decoding step calls it (:mod:`attnkit.models.decode_step`).
     """
 
     @property
@@ -60,8 +65,12 @@ class CausalLM(Protocol):
 
     def make_caches(self, batch: int, max_len: int) -> Sequence[object]: ...
 
-    def __call__(self, tokens: torch.Tensor, *, positions: torch.Tensor, caches: Sequence[object],
-                 key_mask: Optional[torch.Tensor], last_only: bool) -> torch.Tensor: ...
+    def __call__(self, tokens: torch.Tensor, *, positions: torch.Tensor, cache_positions: torch.Tensor,
+                 caches: Sequence[object], key_mask: Optional[torch.Tensor], last_only: bool) -> torch.Tensor: ...
+
+    def forward_unchecked(self, tokens: torch.Tensor, *, positions: torch.Tensor, cache_positions: torch.Tensor,
+                          caches: Sequence[object], key_mask: Optional[torch.Tensor],
+                          last_only: bool) -> torch.Tensor: ...
 
 
 def _check_options(max_new_tokens, temperature, top_k, top_p, seed) -> None:
@@ -86,14 +95,15 @@ def _stop_list(stop_tokens) -> list:
     return list(stop_tokens)
 
 
-def _check_logits(logits: torch.Tensor, step: int) -> None:
-    # A NaN or +inf logit makes argmax and the softmax meaningless; say so instead of emitting a token.
-    if bool(torch.isnan(logits).any() | torch.isposinf(logits).any() | torch.isneginf(logits).all(-1).any()):
+def _check_finite(top: torch.Tensor, step: int) -> None:
+    """Raise when a row's largest logit ``top (B,)`` is not finite: a NaN logit (the maximum
+    propagates it), a +inf one, or a row of -inf. Either makes argmax and the softmax meaningless."""
+    if not bool(torch.isfinite(top).all()):
         where = "the prompt" if step == 0 else f"decode step {step}"
         raise ValueError(f"generate: the model produced NaN, +inf or all -inf logits after {where}; its weights or inputs hold non-finite values")
 
 
-def _as_rows(tokens) -> list[list[int]]:
+def _as_rows(tokens, vocab_size: Optional[int] = None) -> list[list[int]]:
     if isinstance(tokens, torch.Tensor):
         if tokens.dim() != 2 or tokens.is_floating_point():
             raise ValueError(f"generate: tokens must be an integer tensor (batch, seq), got {tokens.dtype} {tuple(tokens.shape)}")
@@ -107,6 +117,8 @@ def _as_rows(tokens) -> list[list[int]]:
             raise ValueError(f"generate: prompt {i} is empty")
         if any(isinstance(t, bool) or not isinstance(t, int) for t in row):
             raise ValueError(f"generate: prompt {i} must hold integer token ids")
+        if vocab_size is not None and not 0 <= min(row) <= max(row) < vocab_size:
+            raise ValueError(f"generate: token ids must lie in [0, {vocab_size}), prompt {i} holds [{min(row)}, {max(row)}]")
     return rows
 
 
@@ -119,13 +131,32 @@ def sample(
 ) -> torch.Tensor:
     """Next tokens ``(B,)`` from ``logits (B, vocab)``: argmax when ``temperature == 0``, else a draw
     from the temperature softmax limited to the ``top_k`` best and the ``top_p`` nucleus (the most
-    likely token always stays eligible)."""
+    likely token always stays eligible). Raises ValueError when a row holds a NaN or +inf logit
+    or only -inf ones."""
+    token, top = sample_and_top(logits, temperature, top_k, top_p, generator)
+    if not bool(torch.isfinite(top).all()):
+        raise ValueError("sample: logits hold NaN, +inf or a row of only -inf values")
+    return token
+
+
+def sample_and_top(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    generator: Optional[torch.Generator] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sample` without its check, and each row's largest logit ``(B,)`` found on the way
+    (NaN when the row holds one; the token is then meaningless): :func:`stream` checks it once
+    per step, at no extra pass over the vocabulary."""
     if temperature == 0:
-        return logits.argmax(-1)
+        top, token = logits.max(-1)
+        return token, top
     # Shift the maximum to 0 before dividing, in float64: a tiny temperature then sends the other
     # logits to -inf (a greedy choice) rather than everything to inf (NaN probabilities).
     logits = logits.double()
-    logits = (logits - logits.amax(-1, keepdim=True)) / temperature
+    top = logits.amax(-1, keepdim=True)
+    logits = (logits - top) / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -135,8 +166,10 @@ def sample(
         # Drop a token when the tokens ranked above it already reach top_p.
         drop = probs.cumsum(-1) - probs >= top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    if not bool(torch.isfinite(top).all()):  # NaN probabilities would make multinomial raise its own error
+        return torch.zeros(top.shape[0], dtype=torch.long, device=top.device), top[:, 0]
     probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1), top[:, 0]
 
 
 @torch.no_grad()
@@ -150,13 +183,14 @@ def stream(
     top_p: Optional[float] = None,
     seed: Optional[int] = None,
     stop_tokens: Optional[Sequence[int]] = None,
+    compile: bool = False,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, ``(B,)`` int64 per step; the first yield follows the
     prefill. A row that has produced a stop token repeats it; the stream ends when every row has
     stopped or after ``max_new_tokens`` steps. Arguments as :func:`generate`."""
     _check_options(max_new_tokens, temperature, top_k, top_p, seed)
-    rows = _as_rows(tokens)
     config = model.config
+    rows = _as_rows(tokens, config.vocab_size)
     stops = _stop_list(config.eos_token_ids if stop_tokens is None else stop_tokens)
     bad = [t for t in stops if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < config.vocab_size]
     if bad:
@@ -179,7 +213,8 @@ def stream(
         batch[i, int(pads[i]):] = torch.tensor(row, dtype=torch.long)
     batch = batch.to(device)
     padded = bool((pads > 0).any())
-    # Row i's first real token sits at position 0 (its padding at 0 too, hidden by the key mask).
+    # Row i's first real token sits at rotary position 0 (its padding at 0 too, hidden by the key
+    # mask); in the caches every row's tokens sit at the same positions, 0 .. total - 1.
     positions = (torch.arange(prompt_len)[None, :] - pads[:, None]).clamp(min=0)  # (B, prompt_len)
     key_mask = (torch.arange(total)[None, :] >= pads[:, None]).to(device) if padded else None  # (B, total)
     caches = model.make_caches(len(rows), total)
@@ -193,11 +228,12 @@ def stream(
     stops = stops.to(device)
     done = torch.zeros(len(rows), dtype=torch.bool, device=device)
     finished_with = torch.zeros(len(rows), dtype=torch.long, device=device)
-    logits = model(batch, positions=_rows_or_one(positions, padded, device), caches=caches,
-                   key_mask=None if key_mask is None else key_mask[:, :prompt_len], last_only=True)
+    logits = model(batch, positions=_rows_or_one(positions, padded, device), caches=caches, key_mask=key_mask,
+                   cache_positions=torch.arange(prompt_len, device=device), last_only=True)[:, -1]
+    step_logits = DecodeStep(model, caches, key_mask, compile=compile)
     for step in range(max_new_tokens):
-        _check_logits(logits, step)
-        token = sample(logits[:, -1], temperature, top_k, top_p, generator)
+        token, top = sample_and_top(logits, temperature, top_k, top_p, generator)
+        _check_finite(top, step)
         token = torch.where(done, finished_with, token)
         yield token
         is_stop = torch.isin(token, stops)
@@ -205,9 +241,8 @@ def stream(
         done |= is_stop
         if bool(done.all()) or step + 1 == max_new_tokens:
             return
-        length = prompt_len + step + 1
-        logits = model(token[:, None], positions=_rows_or_one((lengths + step)[:, None], padded, device),
-                       caches=caches, key_mask=None if key_mask is None else key_mask[:, :length], last_only=True)
+        logits = step_logits(token, _rows_or_one((lengths + step)[:, None], padded, device),
+                             torch.tensor([prompt_len + step], device=device))
 
 
 def _rows_or_one(positions: torch.Tensor, padded: bool, device: torch.device) -> torch.Tensor:
@@ -227,6 +262,7 @@ def generate(
     seed: Optional[int] = None,
     stop_tokens: Optional[Sequence[int]] = None,
     on_token=None,
+    compile: bool = False,
 ):
     """Continue each prompt of ``tokens`` by up to ``max_new_tokens`` tokens.
 
@@ -239,6 +275,8 @@ def generate(
         stop_tokens: ids that end a row (default: the config's ``eos_token_ids``); the stop token
             is kept. After a row stops, it is filled with its stop token until all rows stop.
         on_token: optional callback ``on_token(tokens (B,))`` after each step (for streaming).
+        compile: compile the decoding step with ``torch.compile`` (see
+            :mod:`attnkit.models.decode_step`: the same tokens, a compilation on the first step).
     Returns:
         A tensor ``(B, N + steps)`` for tensor input, else a list of lists (prompt + new tokens,
         each ending at its stop token).
@@ -248,7 +286,7 @@ def generate(
     """
     steps = []
     for token in stream(model, tokens, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                        seed=seed, stop_tokens=stop_tokens):
+                        seed=seed, stop_tokens=stop_tokens, compile=compile):
         steps.append(token)
         if on_token is not None:
             on_token(token)

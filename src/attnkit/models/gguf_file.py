@@ -1,7 +1,7 @@
 """GGUF files (llama.cpp's single-file format): opening, typed metadata, dequantized tensors.
 
 Nothing here knows a model family: the ``gguf`` package (written by llama.cpp's authors) parses the
-file, and this module checks it (magic, truncation), reads metadata with errors that name the file
+file, and this module checks it (magic, truncation, tensor shapes and placement), reads metadata with errors that name the file
 and key, and dequantizes tensors to float32. A family's ``gguf_checkpoint`` module maps the names
 and metadata of its architecture (``general.architecture``) onto its model.
 """
@@ -50,7 +50,26 @@ def open_gguf(path: str | os.PathLike):
                 f"{path}: truncated GGUF file: tensor {tensor.name} needs {tensor.n_bytes} bytes, "
                 f"the file holds {tensor.data.nbytes}"
             )
+    _check_placement(reader, path)
     return reader
+
+
+def _check_placement(reader, path: Path) -> None:
+    """ValueError naming the file and tensor for a zero dimension, a tensor whose data does not
+    start on the file's alignment, or two tensors sharing bytes: the reader accepts all three,
+    and the model would read another tensor's bytes (NaN, or wrong numbers, later)."""
+    previous = None
+    for tensor in sorted(reader.tensors, key=lambda t: t.data_offset):
+        shape = tuple(reversed(tensor.shape.tolist()))  # GGUF lists dims innermost first
+        if 0 in shape:
+            raise ValueError(f"{path}: tensor {tensor.name} has a zero dimension (shape {shape})")
+        offset = tensor.data_offset - reader.data_offset
+        if offset % reader.alignment:
+            raise ValueError(f"{path}: tensor {tensor.name} starts at data offset {offset}, "
+                             f"which is not a multiple of the file's alignment {reader.alignment}")
+        if previous is not None and tensor.data_offset < previous.data_offset + previous.n_bytes:
+            raise ValueError(f"{path}: tensors {previous.name} and {tensor.name} overlap in the file")
+        previous = tensor
 
 
 def metadata(reader, path: str | os.PathLike, key: str, default=None, *, required: bool = False):

@@ -27,11 +27,16 @@ from typing import Callable, Mapping, Optional
 import torch
 from torch import nn
 
-from . import bert, llama
+from . import bert, gemma3, llama
 from .checkpoint import CONFIG_FILE, CheckpointPath, JsonFields, checkpoint_format, read_json
 from .gguf_file import metadata
+from .gguf_tokenizer import ChatTemplate
+from .gemma3.chat import CHAT_TEMPLATE as GEMMA3_CHAT_TEMPLATE
+from .gemma3.gguf_checkpoint import ARCHITECTURE as GEMMA3_GGUF_ARCHITECTURE
+from .gemma3.hf_checkpoint import MODEL_TYPE as GEMMA3_MODEL_TYPE
 from .llama.gguf_checkpoint import ARCHITECTURE as LLAMA_GGUF_ARCHITECTURE
 from .llama.meta_checkpoint import meta_refusal
+from .tokenizer import TextTokenizer, load_text_tokenizer
 
 FORMATS = ("hf", "gguf")
 """The checkpoint formats a family may have loaders for, as
@@ -51,7 +56,8 @@ class Family:
     config. ``quantizable``: ``generate --int8`` and the CPU weight packing of ``generate`` and
     ``chat`` apply to its models; they replace every bias-free ``nn.Linear`` and read the model's
     ``embed_tokens`` (an ``nn.Embedding``) and ``lm_head`` (an ``nn.Linear``, None when tied to
-    the embedding), so only a family whose models have those may say True.
+    the embedding), so only a family whose models have those may say True. ``chat_template``: the
+    family's own chat format, for its checkpoints that carry none (Gemma 3's GGUF files).
 
     Raises ValueError when the entry contradicts itself: a loader for an unknown format, or
     checkpoint names (``model_types``, ``gguf_architectures``) of a format it has no loader for.
@@ -64,6 +70,7 @@ class Family:
     model_types: tuple[str, ...] = ()
     gguf_architectures: tuple[str, ...] = ()
     quantizable: bool = field(default=False, kw_only=True)
+    chat_template: Optional[ChatTemplate] = field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.loaders) - set(FORMATS))
@@ -84,6 +91,9 @@ FAMILIES: tuple[Family, ...] = (
            model_types=("bert",)),
     Family("llama", causal=True, loaders=llama.LOADERS, layers_and_heads=llama.layers_and_heads,
            model_types=("llama",), gguf_architectures=(LLAMA_GGUF_ARCHITECTURE,), quantizable=True),
+    Family("gemma3", causal=True, loaders=gemma3.LOADERS, layers_and_heads=gemma3.layers_and_heads,
+           model_types=(GEMMA3_MODEL_TYPE,), gguf_architectures=(GEMMA3_GGUF_ARCHITECTURE,), quantizable=True,
+           chat_template=GEMMA3_CHAT_TEMPLATE),
 )
 
 
@@ -112,6 +122,14 @@ class Checkpoint:
     def load(self, *, dtype: Optional[torch.dtype] = None, device: str | torch.device = "cpu") -> nn.Module:
         """The model (eval mode), in ``dtype`` when given (else as stored; GGUF: float32)."""
         return self.family.load(self.source, dtype=dtype, device=device)
+
+    def text_tokenizer(self) -> TextTokenizer:
+        """The checkpoint's tokenizer and chat template (the family's own template when the
+        checkpoint carries none); errors as :func:`~attnkit.models.tokenizer.load_text_tokenizer`."""
+        tokenizer = load_text_tokenizer(self.source)
+        if tokenizer.chat_template is None:
+            tokenizer.chat_template = self.family.chat_template
+        return tokenizer
 
 
 def _names(attribute: str) -> str:

@@ -10,13 +10,12 @@ specials included.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .checkpoint import CheckpointPath, checkpoint_format
+from .checkpoint import CheckpointPath, checkpoint_format, describe, read_json
 from .gguf_file import is_gguf, open_gguf
 from .gguf_tokenizer import ChatTemplate, chat_template_from_gguf, tokenizer_from_gguf
 
@@ -62,10 +61,10 @@ class Tokenizer:
         if not file.is_file():
             raise FileNotFoundError(f"no tokenizer.json in {file.parent}")
         try:  # optional package (the demo and llama extras), imported only when a file is read
-            from tokenizers import Tokenizer as HFTokenizer
+            import tokenizers  # noqa: F401
         except ImportError:
             raise ImportError('reading tokenizer.json needs tokenizers: pip install -e ".[demo]"') from None
-        self._tok = HFTokenizer.from_file(str(file))
+        self._tok = read_tokenizer_json(file)
         self._tok.no_padding()
         self._tok.no_truncation()
 
@@ -79,6 +78,16 @@ class Tokenizer:
                 piece = text[start:end].strip() or token
                 labels.append(("##" + piece) if token.startswith("##") else piece)
         return Tokens(list(enc.ids), labels, [bool(s) for s in enc.special_tokens_mask], list(enc.offsets))
+
+    def append(self, tokens: Tokens, ids: list[int]) -> Tokens:
+        """``tokens`` followed by ``ids`` that are not in the text (generated ones): each labelled
+        by decoding it alone (its token name when that is blank, ``<id N>`` for an id the
+        tokenizer lacks: a model's vocabulary may be larger), offsets ``(0, 0)``."""
+        special = {i for i, added in self._tok.get_added_tokens_decoder().items() if added.special}
+        labels = [self._tok.decode([i], skip_special_tokens=False).strip() or self._tok.id_to_token(i) or f"<id {i}>"
+                  for i in ids]
+        return Tokens(tokens.ids + list(ids), tokens.labels + labels,
+                      tokens.special + [i in special for i in ids], tokens.offsets + [(0, 0)] * len(ids))
 
 
 @dataclass
@@ -123,23 +132,45 @@ def load_text_tokenizer(path: str | os.PathLike | CheckpointPath) -> TextTokeniz
     if source.format == "gguf":
         reader = source.gguf
         return TextTokenizer(tokenizer_from_gguf(reader, path), chat_template_from_gguf(reader, path))
-    from tokenizers import Tokenizer as HFTokenizer  # optional package, present (checked above)
-
     file = path / "tokenizer.json"
     if not file.is_file():
         raise FileNotFoundError(f"model directory {path} has no tokenizer.json, which generate needs to read the prompt")
+    return TextTokenizer(read_tokenizer_json(file), _chat_template(path))
+
+
+def read_tokenizer_json(file: Path):
+    """A ``tokenizers.Tokenizer`` from ``file``; ValueError naming the file when it is damaged
+    (``tokenizers`` raises a bare ``Exception`` that does not name it)."""
+    from tokenizers import Tokenizer as HFTokenizer  # optional package, present (the callers check)
+
     try:
-        tokenizer = HFTokenizer.from_file(str(file))
+        return HFTokenizer.from_file(str(file))
     except Exception as exc:  # tokenizers raises its own exception type for a bad file
         raise ValueError(f"{file}: cannot load tokenizer ({exc})") from None
-    template = None
+
+
+def _chat_template(path: Path) -> Optional[ChatTemplate]:
+    """The chat template of a Hugging Face directory: ``chat_template.jinja`` (where transformers 5
+    saves it) or else ``tokenizer_config.json``'s ``chat_template``, a string or a list of named
+    templates (``[{"name": "default", "template": ...}, ...]``, of which ``default`` is the chat's);
+    the BOS/EOS tokens from ``tokenizer_config.json``. None when there is none."""
     config_file = path / "tokenizer_config.json"
-    if config_file.is_file():
+    config = read_json(config_file) if config_file.is_file() else {}
+    specials = _special(config.get("bos_token")), _special(config.get("eos_token"))
+    jinja_file = path / "chat_template.jinja"
+    if jinja_file.is_file():
         try:
-            config = json.loads(config_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValueError(f"{config_file}: not valid JSON ({exc})") from None
-        source = config.get("chat_template") if isinstance(config, dict) else None
-        if isinstance(source, str) and source:
-            template = ChatTemplate(source, _special(config.get("bos_token")), _special(config.get("eos_token")))
-    return TextTokenizer(tokenizer, template)
+            return ChatTemplate(jinja_file.read_text(encoding="utf-8"), *specials, str(jinja_file))
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{jinja_file}: not UTF-8 text ({exc})") from None
+    source = config.get("chat_template")
+    if isinstance(source, list):
+        named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
+        if not isinstance(named.get("default"), str):
+            raise ValueError(f"{config_file}: chat_template lists templates {sorted(map(str, named))} "
+                             "but none named 'default' (a string), which a chat uses")
+        source = named["default"]
+    if source is not None and not isinstance(source, str):
+        raise ValueError(f"{config_file}: chat_template must be a string or a list of named templates, "
+                         f"got {describe(source)}")
+    return ChatTemplate(source, *specials, str(config_file)) if source else None

@@ -3,8 +3,9 @@
 from .attention import MultiHeadAttention
 from .kv_cache import KVCache
 from .rolling_cache import RollingKVCache
-from .mlp import SwiGLU
-from .norm import RMSNorm
-from .rope import Llama3RopeScaling, RotaryEmbedding
+from .mlp import GeGLU, SwiGLU
+from .norm import RMSNorm, ZeroCenteredRMSNorm
+from .rope import LinearRopeScaling, Llama3RopeScaling, RotaryEmbedding
 
-__all__ = ["KVCache", "Llama3RopeScaling", "MultiHeadAttention", "RollingKVCache", "RMSNorm", "RotaryEmbedding", "SwiGLU"]
+__all__ = ["GeGLU", "KVCache", "LinearRopeScaling", "Llama3RopeScaling", "MultiHeadAttention", "RollingKVCache", "RMSNorm",
+           "RotaryEmbedding", "SwiGLU", "ZeroCenteredRMSNorm"]

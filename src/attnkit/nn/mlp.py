@@ -1,4 +1,5 @@
-"""The SwiGLU feed-forward block of Llama: ``down(silu(gate(x)) * up(x))``."""
+"""Gated feed-forward blocks: Llama's SwiGLU ``down(silu(gate(x)) * up(x))`` and Gemma's GeGLU
+``down(gelu_tanh(gate(x)) * up(x))``."""
 
 from __future__ import annotations
 
@@ -22,10 +23,21 @@ class SwiGLU(nn.Module):
     def __init__(self, dim: int, hidden_dim: int) -> None:
         super().__init__()
         for name, value in (("dim", dim), ("hidden_dim", hidden_dim)):
-            positive_int("SwiGLU", name, value)
+            positive_int(type(self).__name__, name, value)
         self.gate_proj = nn.Linear(dim, hidden_dim, bias=False)
         self.up_proj = nn.Linear(dim, hidden_dim, bias=False)
         self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class GeGLU(SwiGLU):
+    """Gated feed-forward with the tanh approximation of GELU as gate (Gemma), no biases.
+
+    Same parameters and shapes as :class:`SwiGLU`: ``gate_proj (F, C)``, ``up_proj (F, C)``,
+    ``down_proj (C, F)``; ``x (..., C) -> (..., C)``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))

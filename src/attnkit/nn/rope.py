@@ -1,4 +1,4 @@
-"""Rotary position embedding (Su et al., 2021) in the half-split layout, with Llama 3.1 scaling.
+"""Rotary position embedding (Su et al., 2021) in the half-split layout, with Llama 3.1 or linear scaling.
 
 Half-split ("Hugging Face") layout: the ``D`` features of a head form ``D/2`` pairs
 ``(x[f], x[f + D/2])``; pair ``f`` is rotated by the angle ``position * inv_freq[f]`` with
@@ -10,14 +10,18 @@ Llama 3.1 frequency scaling stretches long wavelengths so a model trained on
 ``wavelen = 2 pi / inv_freq``, wavelengths shorter than ``original / high_freq_factor`` keep their
 frequency, those longer than ``original / low_freq_factor`` are divided by ``factor``, and those in
 between blend the two linearly in ``original / wavelen``. Every value comes from the config (Llama
-3.2 uses ``factor = 32``).
+3.2 uses ``factor = 32``). Linear scaling (Gemma 3's global layers from 4B up) divides every
+frequency by ``factor``.
+
+Angles and rotations are computed in float32 for float32 and narrower inputs, and in float64 for
+float64 inputs (so a float64 model is float64 throughout).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -45,9 +49,21 @@ class Llama3RopeScaling:
             raise ValueError(f"original_max_position_embeddings must be a positive integer, got {original!r}")
 
 
-def rope_frequencies(
-    head_dim: int, theta: float, scaling: Optional[Llama3RopeScaling] = None
-) -> torch.Tensor:
+@dataclass(frozen=True)
+class LinearRopeScaling:
+    """``rope_type = "linear"``: every frequency divided by ``factor`` (positions stretched by it)."""
+
+    factor: float
+
+    def __post_init__(self) -> None:
+        if isinstance(self.factor, bool) or not isinstance(self.factor, (int, float)) or not 1 <= self.factor < math.inf:
+            raise ValueError(f"linear rope scaling factor must be a finite number >= 1, got {self.factor!r}")
+
+
+RopeScaling = Union[Llama3RopeScaling, LinearRopeScaling]
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: Optional[RopeScaling] = None) -> torch.Tensor:
     """``inv_freq (head_dim / 2,)`` in float64: the angle per position of each feature pair."""
     if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim <= 0 or head_dim % 2:
         raise ValueError(f"rope: head_dim must be a positive even integer, got {head_dim!r}")
@@ -56,6 +72,8 @@ def rope_frequencies(
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     if scaling is None:
         return inv_freq
+    if isinstance(scaling, LinearRopeScaling):
+        return inv_freq / scaling.factor
     original = scaling.original_max_position_embeddings
     wavelen = 2 * math.pi / inv_freq
     # 0 at wavelen = original / low_freq_factor (fully scaled), 1 at original / high_freq_factor (kept).
@@ -64,11 +82,16 @@ def rope_frequencies(
     return blend * inv_freq + (1 - blend) * inv_freq / scaling.factor
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype rotary angles and rotations use for inputs of ``dtype``: float32, or float64 for float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x (B, H, N, D)`` by float32 ``cos``/``sin`` ``(N, D/2)`` or ``(B, 1, N, D/2)``;
-    computed in float32 and returned in x's dtype."""
+    """Rotate ``x (B, H, N, D)`` by ``cos``/``sin`` ``(N, D/2)`` or ``(B, 1, N, D/2)`` (in
+    :func:`compute_dtype` of x); computed in that dtype and returned in x's dtype."""
     half = x.shape[-1] // 2
-    x1, x2 = x.float().split(half, dim=-1)
+    x1, x2 = x.to(cos.dtype).split(half, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
 
@@ -78,34 +101,35 @@ class RotaryEmbedding(nn.Module):
     Args:
         head_dim: ``D`` (even).
         theta: base of the frequencies (Llama 3: 500000).
-        scaling: Llama 3.1 frequency scaling, or None.
+        scaling: Llama 3.1 or linear frequency scaling, or None.
     Call: ``q (B, Hq, N, D)``, ``k (B, Hkv, N, D)``, integer ``positions`` ``(N,)`` or ``(B, N)``
-    -> rotated ``(q, k)`` in their dtypes. Angles are computed in float32 from float64 frequencies.
+    -> rotated ``(q, k)`` in their dtypes. Angles are computed from float64 frequencies in float32
+    (float64 for float64 inputs).
     """
 
-    def __init__(self, head_dim: int, theta: float = 500000.0, scaling: Optional[Llama3RopeScaling] = None) -> None:
+    def __init__(self, head_dim: int, theta: float = 500000.0, scaling: Optional[RopeScaling] = None) -> None:
         super().__init__()
         self.head_dim, self.theta, self.scaling = head_dim, float(theta), scaling
-        self.register_buffer("inv_freq", torch.empty(head_dim // 2), persistent=False)
+        self.register_buffer("inv_freq", torch.empty(head_dim // 2, dtype=torch.float64), persistent=False)
         self.reset_frequencies()
 
     def reset_frequencies(self, device: torch.device | str | None = None) -> None:
-        """(Re)compute ``inv_freq`` in float32 on ``device`` (default: where it is; a model built on
+        """(Re)compute ``inv_freq`` (float64) on ``device`` (default: where it is; a model built on
         the meta device calls this after its weights are loaded)."""
         device = self.inv_freq.device if device is None else device
         if torch.device(device).type == "meta":
-            self.inv_freq = torch.empty(self.head_dim // 2, device="meta")
+            self.inv_freq = torch.empty(self.head_dim // 2, dtype=torch.float64, device="meta")
             return
-        self.inv_freq = rope_frequencies(self.head_dim, self.theta, self.scaling).to(device, torch.float32)
+        self.inv_freq = rope_frequencies(self.head_dim, self.theta, self.scaling).to(device)
 
-    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """float32 ``(cos, sin)`` of shape ``(N, D/2)`` for ``(N,)`` positions or
-        ``(B, 1, N, D/2)`` for ``(B, N)`` positions."""
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)`` in ``dtype`` (float32 or float64) of shape ``(N, D/2)`` for ``(N,)``
+        positions or ``(B, 1, N, D/2)`` for ``(B, N)`` positions."""
         if positions.dim() not in (1, 2) or positions.is_floating_point():
             raise ValueError(
                 f"rope: positions must be integer (N,) or (batch, N), got {positions.dtype} {tuple(positions.shape)}"
             )
-        angles = positions.to(self.inv_freq.device, torch.float32).unsqueeze(-1) * self.inv_freq
+        angles = positions.to(self.inv_freq.device, dtype).unsqueeze(-1) * self.inv_freq.to(dtype)
         if angles.dim() == 3:
             angles = angles.unsqueeze(1)  # broadcast over heads
         return angles.cos(), angles.sin()
@@ -113,5 +137,5 @@ class RotaryEmbedding(nn.Module):
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        cos, sin = self.cos_sin(positions)
+        cos, sin = self.cos_sin(positions, compute_dtype(q.dtype))
         return rotate(q, cos, sin), rotate(k, cos, sin)

@@ -11,30 +11,38 @@ pattern correct for KV-cache decoding, where a few new queries see a long cache.
 
 The sparse patterns of Child et al. (2019), :class:`Strided` and :class:`Fixed`, expose their two
 parts (``.parts``) so a model can give each head or layer one of them. :class:`BlockSparse` allows
-whole blocks of a layout. Every pattern answers :attr:`Pattern.parts`: the pieces the sparse planner
-computes directly, or None when it has no planned decomposition.
+whole blocks of a layout.
+
+Every pattern declares its geometry once, as :attr:`Pattern.pieces`: disjoint :class:`Piece` s of
+closed form (a band, residues modulo a stride, causal blocks, summary columns) whose union is the
+pattern, or None when it has none; planners run these pieces.
+:attr:`Pattern.parts` are the patterns a model may give each head (Strided's and Fixed's two
+parts), and what ``auto`` counts as the sparse planner's work.
 
 Patterns whose allowed set is a diagonal band ``lo <= i - j <= hi`` (Full, Causal, SlidingWindow and
 their intersections) report it through :meth:`Pattern.band`; kernels use it to skip tiles and to know
 which tiles need no element mask without evaluating the predicate.
 
-The package: :mod:`.base` (the :class:`Pattern` base class, band helpers, Union and Intersection),
-:mod:`.bands` (Full, Causal, SlidingWindow), :mod:`.sparse_transformer` (Strided, Fixed and their
-parts), :mod:`.blocks` (BlockSparse), :mod:`.custom` (Predicate), :mod:`.compose` (PerHead,
-Difference, :func:`as_pattern`) and :mod:`.facts` (per-head patterns and runs). Kernels ask these
-modules about patterns (bands, parts, heads); nothing here imports a kernel.
+The package: :mod:`.base` (the :class:`Pattern` base class, band helpers, :class:`Piece`, Union
+and Intersection), :mod:`.bands` (Full, Causal, SlidingWindow), :mod:`.sparse_transformer`
+(Strided, Fixed and their parts), :mod:`.blocks` (BlockSparse), :mod:`.custom` (Predicate),
+:mod:`.compose` (PerHead, Difference, :func:`as_pattern`) and :mod:`.heads` (per-head patterns
+and runs). Kernels ask these modules about patterns (bands, pieces, parts, heads); nothing here
+imports a kernel.
 """
 
 from .bands import Causal, Full, SlidingWindow
-from .base import Band, Intersection, Pattern, Union, finite_band, query_key_positions
+from .base import (
+    LATTICE, SUMMARY, Band, Intersection, Pattern, Piece, Union, finite_band, query_key_positions, shared_band,
+)
 from .blocks import BlockSparse
 from .compose import Difference, PerHead, as_pattern
 from .custom import Predicate
-from .facts import head_pattern, head_runs
+from .heads import head_pattern, head_runs
 from .sparse_transformer import BlockLocal, Fixed, Periodic, Strided, Summary
 
 __all__ = [
-    "Band", "BlockLocal", "BlockSparse", "Causal", "Difference", "Fixed", "Full", "Intersection",
-    "Pattern", "PerHead", "Periodic", "Predicate", "SlidingWindow", "Strided", "Summary", "Union",
-    "as_pattern", "finite_band", "head_pattern", "head_runs", "query_key_positions",
+    "Band", "BlockLocal", "BlockSparse", "Causal", "Difference", "Fixed", "Full", "Intersection", "LATTICE",
+    "Pattern", "PerHead", "Periodic", "Piece", "Predicate", "SUMMARY", "SlidingWindow", "Strided", "Summary", "Union",
+    "as_pattern", "finite_band", "head_pattern", "head_runs", "query_key_positions", "shared_band",
 ]

@@ -1,20 +1,24 @@
-"""The pattern base class, its band helpers, and the pattern algebra (``a | b``, ``a & b``).
+"""The pattern base class, its band helpers, its pieces, and the pattern algebra (``a | b``, ``a & b``).
 
-Every pattern answers three questions about itself: which pairs it allows (:meth:`Pattern.allows`),
+Every pattern answers four questions about itself: which pairs it allows (:meth:`Pattern.allows`),
 whether its allowed set is a diagonal band (:meth:`Pattern.band`, with :func:`finite_band` for
-bands of finite width), and how the sparse planner splits it (:attr:`Pattern.parts`). Union and
-Intersection live here because ``|`` and ``&`` on every pattern build them.
+bands of finite width), which disjoint pieces of closed-form geometry it is made of
+(:attr:`Pattern.pieces`, each a :class:`Piece`: what every planner runs), and which patterns a
+model may give each head and ``auto`` counts as planned (:attr:`Pattern.parts`). Union and
+Intersection live here because ``|`` and ``&`` on every pattern build them; :class:`Piece` because
+the band patterns and both of them answer their pieces with it.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
 
-from ..checks import positive_int
+from ..checks import boolean, positive_int
 
 Band = tuple[float, float]
 """An inclusive range ``(lo, hi)`` of allowed ``i - j``; either end may be infinite."""
@@ -42,27 +46,46 @@ class Pattern:
     """
 
     n_heads: Optional[int] = None
+    block_size: Optional[int] = None
+    """Set by patterns whose allowed set is made of aligned square blocks of this many positions
+    (:class:`~attnkit.patterns.BlockSparse`): a planner that gathers key tiles cuts them on this grid."""
 
     def allows(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         """BoolTensor: may query position ``i`` see key position ``j``? (broadcasting int64 tensors)"""
         raise NotImplementedError
 
     def band(self) -> Optional[Band]:
-        """``(lo, hi)`` when the allowed set is exactly ``lo <= i - j <= hi``, else None."""
+        """``(lo, hi)`` when the allowed set is exactly ``lo <= i - j <= hi``, else None. Per-head
+        patterns (``n_heads`` set) have none: their heads may differ."""
         return None
 
     @property
-    def parts(self) -> Optional[tuple["Pattern", ...]]:
-        """The pieces the sparse planner computes directly, whose union is this pattern, or None
-        when the pattern has no planned decomposition (the planner would fall back to gathering
-        tiles, which the blockwise kernel does as well).
+    def pieces(self) -> Optional[tuple["Piece", ...]]:
+        """The pattern as disjoint :class:`Piece` s whose union is exactly its allowed set, or None
+        when it has no closed-form geometry (planners then gather blocks of it, evaluating
+        :meth:`allows`). Planners read these instead of asking which class a pattern is (the CPU
+        planner of ``kernels/sparse_plan.py``; the Triton kernels run the same pieces), so a
+        pattern's geometry is declared once, here.
 
-        By default a pattern whose band has finite bounds is one piece, ``(self,)``, and any
-        other has none; so are the patterns the planner has a geometry for (Periodic, BlockLocal,
-        Summary, BlockSparse). :class:`Strided` and :class:`Fixed` give their two parts, a
-        :class:`Union` the parts of both sides when both have some. Full, Causal and Predicate
-        have none. For per-head patterns the answer is not used: they are planned head by head
+        By default a band is one piece, ``(Piece(lo, hi),)``, and any other pattern has none;
+        :class:`Strided`, :class:`Fixed`, their parts and an :class:`Intersection` of one-piece
+        patterns declare theirs. Per-head patterns have none: planners run them head by head
         (:func:`~attnkit.patterns.head_runs` first).
+        """
+        band = self.band()
+        return None if band is None else (Piece(*band),)
+
+    @property
+    def parts(self) -> Optional[tuple["Pattern", ...]]:
+        """The patterns this one is the union of, as a model may give one to each head or layer
+        (the paper's arrangements of :class:`Strided` and :class:`Fixed`), or None when ``auto``
+        does not count it as the sparse planner's pattern (the planner still runs it, exactly).
+
+        By default a pattern whose band has finite bounds is one part, ``(self,)``, and any
+        other has none; so are Periodic, BlockLocal, Summary and BlockSparse. :class:`Strided`
+        and :class:`Fixed` give their two parts, a :class:`Union` the parts of both sides when
+        both have some. Full, Causal and Predicate have none. For per-head patterns the answer
+        is not used: ``auto`` asks it head by head (:func:`~attnkit.patterns.head_runs` first).
         """
         return (self,) if finite_band(self) is not None else None
 
@@ -187,11 +210,120 @@ def _offset(edge: int) -> int:
     return max(-(2**62), min(edge, 2**62))
 
 
+def shared_band(pattern: Pattern) -> Optional[Band]:
+    """The band ``(lo, hi)`` of every head of ``pattern``, or None: a per-head pattern has none
+    (its heads may differ), whatever its ``band()`` says. Ask this, not ``band()``, of a pattern
+    that may be per-head."""
+    return pattern.band() if pattern.n_heads is None else None
+
+
 def finite_band(pattern: Pattern) -> Optional[Band]:
     """The pattern's band ``(lo, hi)`` when it has one with finite bounds (the work of the native
     band kernel and of the planner's band geometry), else None."""
-    band = pattern.band()
+    band = shared_band(pattern)
     return band if band is not None and math.isfinite(band[0]) and math.isfinite(band[1]) else None
+
+
+LATTICE, SUMMARY = "lattice", "summary"
+"""The two kinds of keys a :class:`Piece` runs over."""
+
+
+@dataclass(frozen=True)
+class Piece(Pattern):
+    """One piece of a pattern's geometry: pairs whose *band coordinates* ``u`` (of the query)
+    and ``b`` (of the key) satisfy ``lo <= u - b <= hi`` (either bound may be infinite).
+
+    - ``keys="lattice"``: a query ``i`` and a key ``j`` pair only when ``i % step == j % step``;
+      their coordinates are ``u = i // step`` and ``b = j // step``. With ``step=1`` the piece
+      is the ordinary band ``lo <= i - j <= hi`` (``SlidingWindow(w)`` is ``Piece(0, w - 1)``);
+      ``Piece(0, inf, step=s)`` is :class:`Periodic`.
+    - ``keys="summary"``: the keys are the last ``width`` positions of every block of
+      ``period`` (:class:`Fixed`'s summary columns), numbered ``b = 0, 1, ...`` in order; a
+      query's ``u`` is the number of them it may see minus one: those of earlier blocks and, with
+      ``own``, those of its own block up to itself. Queries at negative positions have ``u = -1``.
+    - ``segment > 0`` (lattice keys): both positions must also lie in one block of ``segment``
+      positions (``BlockLocal(s)`` is ``Piece(0, s - 1, segment=s)``).
+
+    A piece is a pattern (``allows`` evaluates the formula above), so a planner can mask it
+    exactly; the Triton kernels (:mod:`attnkit.kernels.triton_band`) evaluate the same formulas in
+    their tiles, reading these fields. A new cut (per-document bounds, say)
+    is one more field here, met with a band by :meth:`meet`.
+
+    Example: ``Strided(4).pieces == (Piece(0, 4), Piece(2, inf, step=4))``; ``Fixed(4, 1).pieces
+    == (Piece(0, 3, segment=4), Piece(0, inf, keys="summary", period=4, width=1))``.
+    """
+
+    lo: float
+    hi: float
+    step: int = 1
+    keys: str = LATTICE
+    period: int = 1
+    width: int = 1
+    own: bool = False
+    segment: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("lo", "hi"):
+            edge = getattr(self, name)
+            if isinstance(edge, bool) or not isinstance(edge, numbers.Real) or math.isnan(edge):
+                raise TypeError(f"Piece: {name} must be a number or an infinity, got {edge!r}")
+        for name in ("step", "period", "width"):
+            positive_int("Piece", name, getattr(self, name))
+        if self.segment != 0:
+            positive_int("Piece", "segment", self.segment)
+        boolean("Piece", "own", self.own)
+        if self.keys not in (LATTICE, SUMMARY):
+            raise ValueError(f"Piece: keys must be {LATTICE!r} or {SUMMARY!r}, got {self.keys!r}")
+        if self.width > self.period:
+            raise ValueError(f"Piece: width must be at most period ({self.period}), got {self.width}")
+        if self.keys == SUMMARY and (self.step != 1 or self.segment):
+            raise ValueError(f"Piece: summary keys take no step or segment, got {self.step}, {self.segment}")
+
+    def allows(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        if self.keys == SUMMARY:
+            return self._summary_allows(i, j)
+        if self.step == 1:
+            allowed = _band_allows((self.lo, self.hi), i, j)
+        else:  # coordinates of index vectors, so the only broadcast result is the boolean one
+            same_residue = (i % self.step) == (j % self.step)
+            allowed = same_residue & _band_allows((self.lo, self.hi), i // self.step, j // self.step)
+        if self.segment:
+            allowed = allowed & ((i // self.segment) == (j // self.segment))
+        return allowed
+
+    def _summary_allows(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        first = self.period - self.width  # offset of the first summary key in a block
+        is_summary = (j % self.period) >= first
+        b = (j // self.period) * self.width + (j % self.period - first)
+        u = (i // self.period) * self.width - 1
+        if self.own:
+            u = u + (i % self.period - first + 1).clamp(min=0)
+        u = torch.where(i >= 0, u, -1)
+        return is_summary & _band_allows((self.lo, self.hi), u, b)
+
+    def band(self) -> Optional[Band]:
+        plain = self.keys == LATTICE and self.step == 1 and not self.segment
+        return (self.lo, self.hi) if plain else None
+
+    @property
+    def pieces(self) -> tuple["Piece"]:
+        return (self,)
+
+    @property
+    def parts(self) -> Optional[tuple["Piece"]]:
+        """``(self,)`` unless the piece is a band without finite bounds (as Causal, Full)."""
+        band = self.band()
+        return None if band is not None and finite_band(self) is None else (self,)
+
+    def meet(self, other: "Piece") -> Optional["Piece"]:
+        """The pairs both pieces allow, as one piece, or None when that is not one piece: lattice
+        pieces of one step meet in the overlap of their bounds, cut by the segment of either
+        (when both cut, only at the same segment)."""
+        if self.keys != LATTICE or other.keys != LATTICE or self.step != other.step:
+            return None
+        if self.segment and other.segment and self.segment != other.segment:
+            return None
+        return Piece(max(self.lo, other.lo), min(self.hi, other.hi), self.step, segment=self.segment or other.segment)
 
 
 def _joint_heads(parts: Sequence[Pattern]) -> Optional[int]:
@@ -253,6 +385,16 @@ class Intersection(_Combination):
         if a is None or b is None or self.n_heads is not None:
             return None
         return (max(a[0], b[0]), min(a[1], b[1]))
+
+    @property
+    def pieces(self) -> Optional[tuple[Piece, ...]]:
+        """The meet of the two sides' pieces when each side is one piece and they meet in one
+        (two bands; ``BlockLocal(s) & SlidingWindow(w)``), else None."""
+        left, right = self.left.pieces, self.right.pieces
+        if left is None or right is None or len(left) != 1 or len(right) != 1:
+            return None
+        met = left[0].meet(right[0])
+        return None if met is None else (met,)
 
 
 def _check_pattern_args(owner: str, *parts: object) -> None:

@@ -7,13 +7,14 @@ head or layer one of them; the parts are patterns of their own (:class:`SlidingW
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from ..checks import positive_int
 from .bands import SlidingWindow
-from .base import Pattern
+from .base import SUMMARY, Pattern, Piece
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,12 @@ class Strided(Pattern):
     def parts(self) -> tuple["SlidingWindow", "Periodic"]:
         return (SlidingWindow(self.stride + 1), Periodic(self.stride))
 
+    @property
+    def pieces(self) -> tuple[Piece, Piece]:
+        """The band ``0 <= i - j <= stride``, and the periodic keys it does not hold: those of
+        the query's residue at least two strides back."""
+        return Piece(0, self.stride), Piece(2, math.inf, step=self.stride)
+
     def allows(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         # (i - j) % stride == 0 as equal residues: no int64 i - j table is broadcast.
         same_residue = (i % self.stride) == (j % self.stride)
@@ -56,6 +63,10 @@ class Periodic(Pattern):
     @property
     def parts(self) -> tuple["Periodic"]:
         return (self,)
+
+    @property
+    def pieces(self) -> tuple[Piece]:
+        return (Piece(0, math.inf, step=self.stride),)
 
     def allows(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         return (j <= i) & ((i % self.stride) == (j % self.stride))
@@ -84,6 +95,15 @@ class Fixed(Pattern):
     def parts(self) -> tuple["BlockLocal", "Summary"]:
         return (BlockLocal(self.stride), Summary(self.stride, self.summary))
 
+    @property
+    def pieces(self) -> tuple[Piece, Piece]:
+        """The causal blocks, and the summary keys of earlier blocks (those of the query's own
+        block are in its block already)."""
+        return (
+            Piece(0, self.stride - 1, segment=self.stride),
+            Piece(0, math.inf, keys=SUMMARY, period=self.stride, width=self.summary),
+        )
+
     def allows(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         same_block = (j // self.stride) == (i // self.stride)
         return (j <= i) & (same_block | (j % self.stride >= self.stride - self.summary))
@@ -102,6 +122,10 @@ class BlockLocal(Pattern):
     @property
     def parts(self) -> tuple["BlockLocal"]:
         return (self,)
+
+    @property
+    def pieces(self) -> tuple[Piece]:
+        return (Piece(0, self.stride - 1, segment=self.stride),)
 
     def allows(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         return (j <= i) & ((j // self.stride) == (i // self.stride))
@@ -122,6 +146,10 @@ class Summary(Pattern):
     @property
     def parts(self) -> tuple["Summary"]:
         return (self,)
+
+    @property
+    def pieces(self) -> tuple[Piece]:
+        return (Piece(0, math.inf, keys=SUMMARY, period=self.stride, width=self.summary, own=True),)
 
     def allows(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         return (j <= i) & (j % self.stride >= self.stride - self.summary)

@@ -5,9 +5,9 @@
 """
 
 from .config import ACTIVATIONS, BertConfig
-from .hf_checkpoint import DEMO_HINT, default_model_dir, read_config
+from .hf_checkpoint import default_model_dir, read_config
 from .model import Bert, sentence_embeddings
 from .source import LOADERS, layers_and_heads, load_bert
 
-__all__ = ["ACTIVATIONS", "DEMO_HINT", "LOADERS", "Bert", "BertConfig", "default_model_dir", "layers_and_heads",
+__all__ = ["ACTIVATIONS", "LOADERS", "Bert", "BertConfig", "default_model_dir", "layers_and_heads",
            "load_bert", "read_config", "sentence_embeddings"]

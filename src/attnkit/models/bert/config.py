@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields
 from torch import nn
 
 from ...checks import finite_real, positive_int
-from ..checkpoint import JsonFields
+from ..checkpoint import JsonFields, bounded_size
 
 ACTIVATIONS = {
     "gelu": nn.functional.gelu,
@@ -23,7 +23,7 @@ class BertConfig:
 
     ``hidden_size`` must be a multiple of ``num_attention_heads`` (head width
     ``hidden_size // num_attention_heads``). Raises ValueError (TypeError for a non-integer size)
-    naming the first bad field.
+    naming the first bad field; a size above :data:`~attnkit.models.checkpoint.MAX_SIZE` is refused.
     """
 
     vocab_size: int = 30522
@@ -39,7 +39,8 @@ class BertConfig:
     def __post_init__(self) -> None:
         for f in fields(self):
             if f.type == "int":
-                object.__setattr__(self, f.name, positive_int("BertConfig", f.name, getattr(self, f.name)))
+                size = positive_int("BertConfig", f.name, getattr(self, f.name))
+                object.__setattr__(self, f.name, bounded_size("BertConfig", f.name, size))
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"BertConfig: hidden_size ({self.hidden_size}) must be a multiple of "

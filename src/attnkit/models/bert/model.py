@@ -99,12 +99,15 @@ class Bert(nn.Module):
         truncated weights file, or missing, misshapen or non-floating-point weights.
         """
         path = Path(path)
-        model = cls(hf_checkpoint.read_config(path))
+        config = hf_checkpoint.read_config(path)
+        with torch.device("meta"):  # shapes only: the weights are checked before anything is allocated
+            model = cls(config)
         try:
-            model.load_hf_state_dict(hf_checkpoint.read_weights(path, model.config))
+            state = hf_checkpoint.state_from_hf(hf_checkpoint.read_weights(path, config), config, model.state_dict())
         except ValueError as exc:
             message = str(exc)
             raise ValueError(message if message.startswith(str(path)) else f"{path}: {message}") from None
+        model.load_state_dict(state, assign=True)
         return model.eval()
 
     def load_hf_state_dict(self, hf: dict[str, torch.Tensor]) -> None:

@@ -8,7 +8,7 @@ model registry calls, and the default SmolLM2 model).
 
 from .config import PRESETS, LlamaConfig
 from .model import Llama, count_parameters, parameter_shapes
-from .source import LOADERS, default_model, layers_and_heads, load_llama
+from .source import LOADERS, default_model, layers_and_heads, load_llama, read_llama_config
 
 __all__ = ["LOADERS", "PRESETS", "Llama", "LlamaConfig", "count_parameters", "default_model", "layers_and_heads",
-           "load_llama", "parameter_shapes"]
+           "load_llama", "parameter_shapes", "read_llama_config"]

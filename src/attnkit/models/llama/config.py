@@ -9,6 +9,7 @@ from typing import Optional
 from ...nn.rope import Llama3RopeScaling
 from ...checks import boolean, finite_real, positive_int
 from ...patterns import Pattern
+from ..checkpoint import bounded_size
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,8 @@ class LlamaConfig:
     Derived: ``head_dim``, ``n_kv_heads`` (filled in on construction, so ``dataclasses.replace``
     keeps them: pass ``head_dim=None`` when changing ``dim``), ``kv_groups = n_heads // n_kv_heads``.
     Raises TypeError naming the field for a value of the wrong type (``tie_embeddings="false"``,
-    a float ``dim``), ValueError for any inconsistent value.
+    a float ``dim``), ValueError for any inconsistent value or a size (all but
+    ``max_position_embeddings``) above :data:`~attnkit.models.checkpoint.MAX_SIZE`.
     """
 
     dim: int
@@ -63,6 +65,8 @@ class LlamaConfig:
         if self.n_kv_heads is None:
             self._set("n_kv_heads", self.n_heads)
         self._set("n_kv_heads", positive_int("LlamaConfig", "n_kv_heads", self.n_kv_heads))
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size"):
+            bounded_size("LlamaConfig", name, getattr(self, name))
         for name in ("norm_eps", "rope_theta"):
             self._set(name, finite_real("LlamaConfig", name, getattr(self, name)))
         self._set("tie_embeddings", boolean("LlamaConfig", "tie_embeddings", self.tie_embeddings))
@@ -77,7 +81,7 @@ class LlamaConfig:
                     "unless head_dim is given"
                 )
             self._set("head_dim", self.dim // self.n_heads)
-        self._set("head_dim", positive_int("LlamaConfig", "head_dim", self.head_dim))
+        self._set("head_dim", bounded_size("LlamaConfig", "head_dim", positive_int("LlamaConfig", "head_dim", self.head_dim)))
         if self.head_dim % 2:
             raise ValueError(f"LlamaConfig: head_dim must be even for RoPE, got {self.head_dim}")
         if not self.norm_eps > 0:

@@ -13,7 +13,10 @@ what it reads from a file of architecture ``llama`` onto attnkit's model:
   pairs are adjacent (its rotation pairs neighbouring features; Hugging Face's pairs the two
   halves); :func:`unpermute_rows` puts them back.
 
-Supported tensor types: :data:`~attnkit.models.gguf_file.SUPPORTED_TYPE_NAMES`.
+Supported tensor types: :data:`~attnkit.models.gguf_file.SUPPORTED_TYPE_NAMES`. With
+``quantized=True`` the tensors of :data:`~attnkit.models.quant.QUANTIZED_TYPE_NAMES` stay in their
+blocks (:class:`~attnkit.models.quant.QuantizedLinear`, :class:`~attnkit.models.quant.QuantizedEmbedding`,
+and a tied head that shares the embedding's blocks); the others are dequantized to float32.
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ from typing import Optional
 import torch
 
 from ...nn.rope import Llama3RopeScaling, rope_frequencies
+from ..checkpoint import check_layer_count
 from ..gguf_file import dequantize, metadata, metadata_float, metadata_int, open_gguf
+from ..quant import QUANTIZED_TYPE_NAMES, QuantizedEmbedding, QuantizedLinear, gguf_rows
 from .config import LlamaConfig
 from .model import Llama, parameter_shapes
 
@@ -155,7 +160,7 @@ def config_from_gguf(reader, path: str | os.PathLike) -> LlamaConfig:
     bos = metadata_int(reader, path, "tokenizer.ggml.bos_token_id")
     eos = [metadata_int(reader, path, f"tokenizer.ggml.{name}_token_id") for name in ("eos", "eot")]
     try:
-        return LlamaConfig(
+        config = LlamaConfig(
             dim=dim, n_layers=metadata_int(reader, path, key("block_count"), required=True), n_heads=n_heads,
             n_kv_heads=metadata_int(reader, path, key("attention.head_count_kv"), n_heads),
             ffn_dim=metadata_int(reader, path, key("feed_forward_length"), required=True), vocab_size=vocab,
@@ -167,39 +172,70 @@ def config_from_gguf(reader, path: str | os.PathLike) -> LlamaConfig:
         )
     except (ValueError, TypeError) as exc:
         raise ValueError(f"{path}: {exc}") from None
+    check_layer_count(config.n_layers, names, r"blk\.(\d+)\.", path, key("block_count"))
+    return config
 
 
 def load_gguf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
-              device: str | torch.device = "cpu", reader=None) -> Llama:
-    """A :class:`Llama` (eval mode) from a Llama-architecture GGUF file, weights dequantized to
-    ``dtype`` (float32 by default: quantized types have no torch dtype of their own). ``reader``,
-    when given, is the already parsed file at ``path`` (it is parsed here otherwise).
+              device: str | torch.device = "cpu", reader=None, quantized: bool = False) -> Llama:
+    """A :class:`Llama` (eval mode) from a Llama-architecture GGUF file. ``reader``, when given, is
+    the already parsed file at ``path`` (it is parsed here otherwise).
+
+    Weights are dequantized to ``dtype`` (float32 by default: the exact reference of the file),
+    or, with ``quantized``, the quantized ones stay in their blocks (see the module docstring; CPU
+    only, float32 activations, so ``dtype`` must be float32).
 
     Raises FileNotFoundError for a missing file; ValueError naming the file for a non-GGUF or
     truncated file, another architecture, an unsupported tensor type, and missing, unexpected or
-    mis-shaped tensors.
+    mis-shaped tensors, and for ``quantized`` with another dtype or device.
     """
+    if quantized and (torch.device(device).type != "cpu" or dtype != torch.float32):
+        raise ValueError(f"{path}: quantized GGUF weights run on the CPU with float32 activations; got "
+                         f"device {device} and dtype {dtype} (give a dtype to dequantize the weights instead)")
     reader = reader if reader is not None else open_gguf(path)
     config = config_from_gguf(reader, path)
     shapes = parameter_shapes(config)
-    state = {}
+    state, kept = {}, {}
     for tensor in reader.tensors:
         if tensor.name == _ROPE_FREQS:
             continue
         name = attnkit_name(tensor.name)
         if name is None or name not in shapes:
             raise ValueError(f"{path}: unexpected tensor {tensor.name} for a {config.n_layers}-layer Llama")
-        weight = torch.from_numpy(dequantize(tensor, path))
-        if weight.shape != shapes[name]:
-            raise ValueError(
-                f"{path}: tensor {tensor.name} has shape {tuple(weight.shape)}, expected {tuple(shapes[name])}"
-            )
+        shape = torch.Size(reversed([int(d) for d in tensor.shape]))
+        if shape != shapes[name]:
+            raise ValueError(f"{path}: tensor {tensor.name} has shape {tuple(shape)}, expected {tuple(shapes[name])}")
+        if quantized and tensor.tensor_type.name in QUANTIZED_TYPE_NAMES:
+            weight, kind = gguf_rows(tensor)  # rows of blocks: row permutations apply as to floats
+        else:
+            weight, kind = torch.from_numpy(dequantize(tensor, path)).reshape(shape), None
         if name.endswith("attn.q_proj.weight"):
             weight = unpermute_rows(weight, config.n_heads)
         elif name.endswith("attn.k_proj.weight"):
             weight = unpermute_rows(weight, config.n_kv_heads)
-        state[name] = weight.to(device=device, dtype=dtype)
-    missing = sorted(set(shapes) - set(state))
+        if kind is None:
+            state[name] = weight.to(device=device, dtype=dtype)
+        else:
+            kept[name] = (weight.contiguous(), kind)
+    missing = sorted(set(shapes) - set(state) - set(kept))
     if missing:
         raise ValueError(f"{path}: missing tensors {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-    return Llama.from_state(config, state, device)
+    return _with_quantized(config, state, kept) if kept else Llama.from_state(config, state, device)
+
+
+def _with_quantized(config: LlamaConfig, state: dict[str, torch.Tensor],
+                    kept: dict[str, tuple[torch.Tensor, str]]) -> Llama:
+    """A CPU :class:`Llama` whose parameters named in ``kept`` are quantized layers on those rows
+    ``(rows, format)``, the others taken from ``state``; a tied head shares the embedding's blocks."""
+    with torch.device("meta"):
+        model = Llama(config)
+    for name, (rows, kind) in kept.items():
+        owner, _, attribute = name.removesuffix(".weight").rpartition(".")
+        layer = QuantizedEmbedding if name == "embed_tokens.weight" else QuantizedLinear
+        setattr(model.get_submodule(owner), attribute, layer.from_gguf_rows(rows, kind))
+    if config.tie_embeddings and isinstance(model.embed_tokens, QuantizedEmbedding):
+        model.lm_head = model.embed_tokens.as_linear()
+    blocks = {name: tensor for name, tensor in model.state_dict().items() if name not in state}
+    model.load_state_dict({**state, **blocks}, assign=True, strict=True)
+    model.rope.reset_frequencies("cpu")
+    return model.eval()

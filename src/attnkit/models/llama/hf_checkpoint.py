@@ -23,7 +23,8 @@ import torch
 from safetensors.torch import save_file
 
 from ...nn.rope import Llama3RopeScaling
-from ..checkpoint import CONFIG_FILE, INDEX_FILE, WEIGHTS_FILE, JsonFields, read_json, read_tensors, weight_files
+from ..checkpoint import (CONFIG_FILE, INDEX_FILE, WEIGHTS_FILE, JsonFields, check_layer_count, has_weights, read_json,
+                          read_named_tensors, weight_files)
 from .config import LlamaConfig
 
 # attnkit name <-> Hugging Face name, per layer.
@@ -79,11 +80,11 @@ def config_from_hf(hf: dict, source: str = CONFIG_FILE) -> LlamaConfig:
     non-SiLU activation, an unsupported rope type, a missing field or a value of the wrong type.
     """
     fields = JsonFields(hf, source)
-    architectures = hf.get("architectures") or ["LlamaForCausalLM"]
+    architectures = fields.strings("architectures", None) or ["LlamaForCausalLM"]
     if "model_type" not in fields:
         raise ValueError(f"{source} has no model_type field (a Llama's config.json says \"model_type\": \"llama\")")
     model_type = fields.string("model_type")
-    if not isinstance(architectures, list) or "LlamaForCausalLM" not in architectures or model_type != "llama":
+    if "LlamaForCausalLM" not in architectures or model_type != "llama":
         raise ValueError(
             f"{source}: unsupported architecture {architectures} / model_type {model_type!r}; "
             "attnkit loads LlamaForCausalLM"
@@ -140,12 +141,18 @@ def config_to_hf(config: LlamaConfig) -> dict:
 
 
 def read_config(path: str | os.PathLike) -> LlamaConfig:
-    """The :class:`LlamaConfig` of a checkpoint directory (or of a ``config.json`` path)."""
+    """The :class:`LlamaConfig` of a checkpoint directory (or of a ``config.json`` path).
+
+    A directory's ``num_hidden_layers`` is checked against the layers its weights hold, when it
+    holds weights, before anything is built from the config (ValueError naming the file)."""
     path = Path(path)
     file = path / CONFIG_FILE if path.is_dir() else path
     if not file.is_file():
         raise FileNotFoundError(f"{file}: no such config file")
-    return config_from_hf(read_json(file), str(file))
+    config = config_from_hf(read_json(file), str(file))
+    if path.is_dir() and has_weights(path):
+        check_layer_count(config.n_layers, weight_files(path), r"model\.layers\.(\d+)\.", file, "num_hidden_layers")
+    return config
 
 
 def read_weights(
@@ -158,21 +165,10 @@ def read_weights(
     file or tensor for missing, unexpected, mis-shaped or non-floating-point tensors, unreadable
     files, and index entries that are not file names inside ``path``.
     """
-    directory = Path(path)
-    names = {hf_name(name): name for name in shapes}
-    hf_shapes = {hf_name(name): shape for name, shape in shapes.items()}
-    files = weight_files(directory)
-    missing = sorted(set(hf_shapes) - set(files))
-    if missing:
-        raise ValueError(f"{directory}: missing tensors {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
     # A tied checkpoint may still carry the head; it is the embedding, so it is skipped.
-    unexpected = sorted(set(files) - set(hf_shapes) - ({"lm_head.weight"} if config.tie_embeddings else set()))
-    if unexpected:
-        raise ValueError(
-            f"{directory}: unexpected tensors {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}"
-        )
-    tensors = read_tensors(files, hf_shapes, shapes=hf_shapes, dtype=dtype, device=torch.device(device))
-    return {names[hf]: tensor for hf, tensor in tensors.items()}
+    tied_head = {"lm_head.weight"} if config.tie_embeddings else set()
+    return read_named_tensors(Path(path), {name: hf_name(name) for name in shapes}, shapes, ignored=tied_head,
+                              dtype=dtype, device=device)
 
 
 def write_checkpoint(config: LlamaConfig, state: Mapping[str, torch.Tensor], path: str | os.PathLike, *,

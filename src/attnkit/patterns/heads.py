@@ -1,4 +1,4 @@
-"""Per-head facts: the pattern each query head uses, and runs of heads that share one.
+"""Per-head patterns: the pattern each query head uses, and runs of heads that share one.
 
 Kernels run patterns without a head dimension; a per-head pattern (:class:`PerHead`, a per-head
 :class:`BlockSparse`, or a composition holding one) is split here into runs of equal heads, so

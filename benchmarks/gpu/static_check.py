@@ -1,0 +1,339 @@
+"""What ptxas says about every Triton kernel configuration attnkit's launcher can choose, for an
+H100/H200 (sm_90a), without a GPU.
+
+Runs the launcher (``attnkit.kernels.triton_launch``, forward and backward) on CPU tensors of the
+benchmark's shapes with Triton's launch replaced by a recorder, so each kernel is specialised
+exactly as a real launch would be (``tt.divisibility=16`` on pointers and strides, integers equal
+to 1 folded in, the constexprs the launcher picks). Each recorded launch, and every candidate of
+an autotuned kernel, is compiled by Triton for ``GPUTarget("cuda", 90, 32)`` into a fresh
+``TRITON_CACHE_DIR``; the PTX then goes through the ``ptxas`` Triton itself uses for sm_90
+(bundled in the wheel) with ``-v``. The table: kernel, case, config, registers, spill bytes
+(stores + loads), shared memory, warnings (C7515/C7512: wgmma serialised).
+
+Acceptance (exit status 1 when broken): for float16 and bfloat16 at D in {64, 128}, no
+serialised-wgmma notice (C7515 or C7512) and no spill; shared memory within 227 KiB per block
+everywhere. Configurations above 99 KiB (they cannot run on sm_86/sm_89) are marked ``>99K``.
+
+    PYTHONPATH=src python benchmarks/gpu/static_check.py [--json OUT.json] [--cases window,strided]
+        [--dtypes bf16,fp16,fp32] [--dims 64,128,256] [--forward-only] [--kernels _band_fwd,...] [--limit N]
+        [--list]   (record and list the launches only: seconds, no compile)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+if __name__ == "__main__":  # before Triton is imported: it reads TRITON_INTERPRET then (imported, nothing changes)
+    os.environ["TRITON_INTERPRET"] = "0"  # compile for real, even when the caller interprets
+    os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="attnkit-static-"))  # fresh: nothing reused
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, without its warning
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
+from triton.compiler import ASTSource, make_backend  # noqa: E402
+from triton.runtime.autotuner import Autotuner  # noqa: E402
+from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
+
+from attnkit.bench.sparse_cases import bigbird_layout  # noqa: E402
+from attnkit.kernels import triton_launch  # noqa: E402
+from attnkit.patterns import BlockSparse, Causal, Fixed, SlidingWindow, Strided  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+SHARED_LIMIT = 232448  # bytes per block on sm_90 (227 KiB)
+SMALL_SHARED = 101376  # sm_86 / sm_89 (99 KiB)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One call of the launcher: what the benchmark (or a decode step) runs."""
+
+    name: str
+    pattern: Callable[[int], object]
+    n_q: int
+    n_k: int
+    heads: tuple[int, int] = (16, 16)
+    batch: int = 2
+    backward: bool = True
+
+
+CASES = (
+    Case("window", lambda n: SlidingWindow(256), 8192, 8192),
+    Case("window-noncausal", lambda n: SlidingWindow(256, causal=False), 8192, 8192),
+    Case("causal", lambda n: Causal(), 8192, 8192),
+    Case("strided", lambda n: Strided(128), 16384, 16384),
+    Case("fixed", lambda n: Fixed(128, 8), 16384, 16384),
+    Case("blocksparse", lambda n: BlockSparse(bigbird_layout(-(-n // 128)), 128), 8192, 8192),
+    Case("union", lambda n: SlidingWindow(64) | Strided(100), 4096, 4096),
+    Case("decode-mha", lambda n: SlidingWindow(4096), 1, 32768, backward=False),
+    Case("decode-gqa", lambda n: SlidingWindow(4096), 1, 32768, heads=(16, 2), backward=False),
+    Case("decode-strided", lambda n: Strided(128), 1, 16384, heads=(16, 2), backward=False),
+)
+
+
+@dataclass
+class Launch:
+    """One kernel specialisation to compile: the kernel, its bound arguments and options."""
+
+    fn: JITFunction
+    args: tuple
+    kwargs: dict
+    cases: list[str] = field(default_factory=list)
+    candidate: bool = False  # an autotune candidate (not necessarily the one a GPU would pick)
+
+
+@dataclass(frozen=True)
+class _Pointer:
+    """What specialisation reads of a tensor argument (its dtype and address), without its memory."""
+
+    dtype: torch.dtype
+    address: int
+
+    def data_ptr(self) -> int:
+        return self.address
+
+
+def _light(args: tuple) -> tuple:
+    return tuple(_Pointer(a.dtype, a.data_ptr()) if isinstance(a, torch.Tensor) else a for a in args)
+
+
+class _Recorder:
+    """Stands in for Triton's launch: collects what would have been launched."""
+
+    def __init__(self) -> None:
+        self.launches: list[tuple[JITFunction, tuple, dict, bool]] = []
+
+    def jit_run(self, fn: JITFunction, *args, grid, warmup, **kwargs):
+        self.launches.append((fn, _light(args), kwargs, False))
+
+    def autotuned_run(self, tuner: Autotuner, *args, **kwargs):
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
+        fn = tuner.fn
+        for config in tuner.configs:  # every candidate, whatever the tuner would pick on a GPU
+            self.launches.append((fn, _light(args), {**kwargs, **config.all_kwargs()}, len(tuner.configs) > 1))
+
+
+def record(cases, dtypes, dims) -> list[Launch]:
+    """Run the launcher on every case; returns the distinct launches with the cases that reach them."""
+    recorder = _Recorder()
+    saved = JITFunction.run, Autotuner.run, triton_launch.triton_available
+    JITFunction.run = lambda self, *a, **k: recorder.jit_run(self, *a, **k)
+    Autotuner.run = lambda self, *a, **k: recorder.autotuned_run(self, *a, **k)
+    triton_launch.triton_available = lambda device=None: None  # CPU tensors stand in for CUDA ones
+    found: dict[str, Launch] = {}
+    try:
+        for case in cases:
+            for dtype_name in dtypes:
+                for dim in dims:
+                    recorder.launches.clear()
+                    _run_case(case, DTYPES[dtype_name], dim)
+                    label = f"{case.name} {dtype_name} D={dim}"
+                    for fn, args, kwargs, candidate in recorder.launches:
+                        key = _key(fn, args, kwargs)
+                        launch = found.setdefault(key, Launch(fn, args, kwargs, candidate=candidate))
+                        if label not in launch.cases:
+                            launch.cases.append(label)
+    finally:
+        JITFunction.run, Autotuner.run, triton_launch.triton_available = saved
+    return list(found.values())
+
+
+def _run_case(case: Case, dtype: torch.dtype, dim: int) -> None:
+    hq, hkv = case.heads
+    # Uninitialised: nothing computes (the launches are recorded), so the pages are never touched.
+    q = torch.empty(case.batch, hq, case.n_q, dim, dtype=dtype, requires_grad=case.backward)
+    k = torch.empty(case.batch, hkv, case.n_k, dim, dtype=dtype, requires_grad=case.backward)
+    v = torch.empty(case.batch, hkv, case.n_k, dim, dtype=dtype, requires_grad=case.backward)
+    out, lse = triton_launch.triton_kernel(q, k, v, case.pattern(case.n_k), dim ** -0.5)
+    if case.backward:
+        torch.autograd.backward((out, lse), (torch.empty_like(out), torch.empty_like(lse)))
+
+
+def _bind(fn: JITFunction, args: tuple, kwargs: dict):
+    """``(signature, constexprs, attrs, options)`` exactly as ``JITFunction.run`` derives them."""
+    backend = make_backend(TARGET)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    return signature, constexprs, attrs, options
+
+
+def _key(fn: JITFunction, args: tuple, kwargs: dict) -> str:
+    signature, constexprs, attrs, options = _bind(fn, args, kwargs)
+    return repr((fn.__name__, signature, sorted(constexprs.items()), sorted(attrs.items()), options))
+
+
+def _config(fn: JITFunction, kwargs: dict) -> str:
+    shown = {k: v for k, v in kwargs.items() if k in fn.arg_names and k not in ("D", "DV", "BD", "BDV")}
+    parts = [f"{k}={v}" for k, v in shown.items()]
+    return " ".join(parts + [f"w{kwargs.get('num_warps', 4)}", f"s{kwargs.get('num_stages', 3)}"])
+
+
+_PTXAS_USED = re.compile(r"Used (\d+) registers")
+_PTXAS_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+_NOTICE = re.compile(r"warning|\(C\d{4}\)")  # ptxas reports C7515 (wgmma serialised) as "info"
+
+
+def _message(line: str) -> str:
+    """A ptxas notice without its tool prefix and the PTX line number (same notice, same text)."""
+    text = re.sub(r"^\S+ (info|warning)\s*: ", "", line.strip())
+    return re.sub(r" in line \d+$", "", text)
+
+
+def compile_one(launch: Launch) -> dict:
+    """Compile for sm_90a and run ptxas -v on the PTX: one table row."""
+    signature, constexprs, attrs, options = _bind(launch.fn, launch.args, launch.kwargs)
+    dtype = signature.get("Q", "?").lstrip("*")
+    dims = [v for (i,), v in constexprs.items() if launch.fn.arg_names[i] == "D"]
+    row = {"kernel": launch.fn.__name__, "dtype": dtype, "D": dims[0] if dims else None,
+           "config": _config(launch.fn, launch.kwargs), "cases": launch.cases, "candidate": launch.candidate}
+    start = time.monotonic()
+    try:
+        compiled = triton.compile(ASTSource(launch.fn, signature, constexprs, attrs), target=TARGET,
+                                  options=options.__dict__)
+    except Exception as exc:  # report every configuration, not only the first failure
+        return {**row, "error": f"{type(exc).__name__}: {str(exc)[:1500]}"}
+    row["shared"] = compiled.metadata.shared
+    with tempfile.TemporaryDirectory() as scratch:
+        ptx = os.path.join(scratch, "kernel.ptx")
+        with open(ptx, "w") as f:
+            f.write(compiled.asm["ptx"])
+        result = subprocess.run([get_ptxas(TARGET.arch).path, "-lineinfo", "-v", "--regAllocOptLevel=2",
+                                 "--gpu-name=sm_90a", ptx, "-o", os.path.join(scratch, "kernel.cubin")],
+                                capture_output=True, text=True)
+    log = result.stdout + result.stderr
+    used, spill = _PTXAS_USED.search(log), _PTXAS_SPILL.search(log)
+    row["registers"] = int(used.group(1)) if used else None
+    row["spills"] = int(spill.group(1)) + int(spill.group(2)) if spill else None
+    row["warnings"] = sorted({_message(line) for line in log.splitlines() if _NOTICE.search(line)})
+    row["seconds"] = round(time.monotonic() - start, 1)
+    return row
+
+
+_LAUNCHES: list[Launch] = []
+
+
+def _compile_nth(number: int) -> dict:
+    return compile_one(_LAUNCHES[number])
+
+
+def problems(row: dict) -> list[str]:
+    """Why a row breaks the acceptance (empty when it does not)."""
+    if "error" in row:
+        return ["does not compile"]
+    found = []
+    if row["shared"] > SHARED_LIMIT:
+        found.append(f"shared {row['shared']} > {SHARED_LIMIT}")
+    if row["dtype"] in ("bf16", "fp16") and row["D"] in (64, 128):
+        if row["spills"]:
+            found.append(f"{row['spills']} spill bytes")
+        for code in sorted({_code(w) for w in row["warnings"] if "serialized" in w}):
+            found.append(f"wgmma serialised ({code})")
+    return found
+
+
+def _code(notice: str) -> str:
+    """A ptxas notice's code (``C7515``, ``C7512``, ...)."""
+    found = re.search(r"\((C\d{4})\)", notice)
+    return found.group(1) if found else "?"
+
+
+def _short(notice: str) -> str:
+    return f"{_code(notice)} wgmma serialised" if "serialized" in notice else notice[:80]
+
+
+def _print_table(rows: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="Triton kernels for sm_90a (ptxas -v)")
+    for column in ("kernel", "dtype", "D", "config", "regs", "spills", "shared", "warnings", "cases"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        if "error" in row:
+            table.add_row(row["kernel"], row["dtype"], str(row["D"]), row["config"], "", "", "",
+                          "[red]" + row["error"][:200], ", ".join(row["cases"]))
+            continue
+        shared = f"{row['shared'] / 1024:.0f}K" + (" >99K" if row["shared"] > SMALL_SHARED else "")
+        bad = problems(row)
+        style = "[red]" if bad else ""
+        table.add_row(row["kernel"], row["dtype"], str(row["D"]), row["config"] + (" (candidate)" if row["candidate"] else ""),
+                      str(row["registers"]), style + str(row["spills"]), shared,
+                      style + "; ".join(map(_short, row["warnings"])), ", ".join(row["cases"]))
+    Console(width=220).print(table)
+
+
+def _list(launches: list[Launch], path: Optional[str]) -> int:
+    """Print (and write) the recorded launches: kernel, specialisation, config, the cases reaching them."""
+    rows = []
+    for launch in launches:
+        _, _, attrs, _ = _bind(launch.fn, launch.args, launch.kwargs)
+        divisible = sorted(launch.fn.arg_names[i] for (i,), values in attrs.items() if ["tt.divisibility", 16] in values)
+        rows.append({"kernel": launch.fn.__name__, "config": _config(launch.fn, launch.kwargs),
+                     "divisible_by_16": divisible, "candidate": launch.candidate, "cases": launch.cases})
+        print(f"{rows[-1]['kernel']} {rows[-1]['config']}: {', '.join(launch.cases)}")
+    if path:
+        with open(path, "w") as f:
+            json.dump(rows, f, indent=1)
+    print(f"{len(rows)} kernel configurations")
+    return 0 if rows else 1
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", help="write the rows here")
+    parser.add_argument("--cases", default=",".join(c.name for c in CASES), help="comma-separated case names")
+    parser.add_argument("--dtypes", default="bf16,fp16,fp32")
+    parser.add_argument("--dims", default="64,128,256")
+    parser.add_argument("--forward-only", action="store_true")
+    parser.add_argument("--kernels", help="comma-separated kernel names (e.g. _band_fwd): compile only these")
+    parser.add_argument("--limit", type=int, default=0, help="compile at most this many launches (a quick check)")
+    parser.add_argument("--list", action="store_true", help="record and list the launches, compile nothing")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="compiles at once")
+    args = parser.parse_args(argv)
+    wanted = args.cases.split(",")
+    unknown = set(wanted) - {c.name for c in CASES}
+    if unknown:
+        parser.error(f"--cases: unknown {sorted(unknown)}; known: {[c.name for c in CASES]}")
+    cases = [c if not args.forward_only else Case(**{**c.__dict__, "backward": False}) for c in CASES if c.name in wanted]
+    launches = record(cases, args.dtypes.split(","), [int(d) for d in args.dims.split(",")])
+    if args.kernels:
+        launches = [launch for launch in launches if launch.fn.__name__ in args.kernels.split(",")]
+    if args.limit:
+        launches = launches[: args.limit]
+    if args.list:
+        return _list(launches, args.json)
+    rows = []
+    _LAUNCHES[:] = launches  # the workers (forked) find them here
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+        for number, row in enumerate(pool.map(_compile_nth, range(len(launches))), 1):
+            rows.append(row)
+            print(f"[{number}/{len(launches)}] {row['kernel']} {row['dtype']} D={row['D']} {row['config']}: "
+                  f"{row.get('registers')} regs, {row.get('spills')} spill bytes, shared {row.get('shared')}, "
+                  f"{row.get('warnings') or row.get('error') or ''}", flush=True)
+            if args.json:  # rewritten after every kernel: a run cut short keeps what it compiled
+                with open(args.json, "w") as f:
+                    json.dump(rows, f, indent=1)
+    _print_table(rows)
+    broken = [(row, problems(row)) for row in rows if problems(row)]
+    for row, why in broken:
+        print(f"FAIL {row['kernel']} {row['dtype']} D={row['D']} {row['config']}: {'; '.join(why)}")
+    print(f"{len(rows)} kernel configurations, {len(broken)} break the acceptance")
+    return 1 if broken else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

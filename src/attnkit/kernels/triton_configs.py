@@ -1,0 +1,204 @@
+"""Tile configurations of the Triton kernels, their autotune candidates, and how they are launched.
+
+Each kernel kind has a short list of candidates (``(BM, BN, warps, stages)``), among them
+FlexAttention's ``(64, 128, 8, 3)`` and the Triton tutorial's shapes; ``@triton.autotune`` times
+those that fit the call (row width and the device's shared memory, :func:`prune`) once per shape
+and caches its choice. Under a CUDA-graph capture nothing is timed (:func:`launch`): a shape seen
+before keeps its choice, a new one takes the first candidate that fits, so warm up (run each shape
+once) before capturing. In the interpreter every kernel has one small configuration (16 x 16
+tiles: more edge cases per test, less numpy work).
+
+Shared memory: :func:`shared_bytes` estimates a candidate's need (the pipelined K/V or Q/dO
+tiles plus the resident ones); ``benchmarks/gpu/static_check.py`` compares it with what Triton
+allocates for sm_90. Candidates above 99 KiB cannot run on sm_86/sm_89 cards (their per-block
+limit) and are pruned there; sm_90 allows 227 KiB.
+
+Grids: CUDA limits grid axes 1 and 2 to 65,535 programs. :func:`grid` folds a logical
+``(n0, n1, n2)`` grid into one axis when axis 1 or 2 would exceed :data:`GRID_LIMIT`, and the
+kernels unfold it (:func:`~attnkit.kernels.triton_tiles.program_coords`).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import torch
+import triton
+from triton.runtime.autotuner import Autotuner
+
+GRID_LIMIT = 65535
+"""CUDA's limit on grid axes 1 and 2 (tests lower it to exercise folding)."""
+MAX_PROGRAMS = 2**31 - 1
+"""CUDA's limit on grid axis 0, which a folded grid uses alone."""
+SM90_SHARED = 232448
+"""Shared memory per block on sm_90 (227 KiB): the limit for CPU tensors (interpreter, static check)."""
+
+# (BM, BN, warps, stages). "Narrow" rows hold at most 256 bytes (head dims up to 128 in half
+# precision); wider rows (head dim 256, float32) take smaller tiles so they fit shared memory.
+NARROW = {
+    "fwd": ((128, 64, 8, 3), (64, 128, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)),
+    "dq": ((64, 64, 4, 2), (128, 32, 4, 3), (64, 128, 8, 2)),
+    "dkdv": ((64, 64, 4, 2), (32, 128, 4, 3), (64, 128, 8, 2)),
+}
+WIDE = {
+    "fwd": ((64, 32, 4, 2), (64, 64, 4, 2)),
+    "dq": ((32, 32, 4, 2), (64, 32, 4, 2)),
+    "dkdv": ((32, 32, 4, 2), (32, 64, 4, 2)),
+}
+BLOCKS = {"narrow": 64, "wide": 32}
+"""Block size of the block-list kernels (fixed per call: the lists are built for it)."""
+BLOCKS_RUNS = ((4, 2), (4, 3), (8, 2))
+"""The block-list kernels' candidates: (warps, stages)."""
+DECODE = {"narrow": (16, 128, 4, 3), "wide": (16, 64, 4, 2)}
+"""The decode configuration: a 16-row query tile (a GQA group's heads packed into it), wide key tiles."""
+INTERPRETER = (16, 16, 1, 1)
+
+
+def interpreting() -> bool:
+    """Whether Triton runs its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def wide_rows(head_dim: int, value_dim: int, element_size: int) -> bool:
+    """Rows over 256 bytes take the smaller tiles."""
+    return max(head_dim, value_dim) * element_size > 256
+
+
+def pow2(n: int) -> int:
+    """The padded tile width of a head dim (a power of two, at least 16: ``tl.dot``'s minimum)."""
+    return max(16, 1 << (n - 1).bit_length())
+
+
+def precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s input precision for inputs of ``dtype``: float16/bfloat16 products are exact on
+    tensor cores ("tf32" leaves them alone); float32 takes three TF32 products per product
+    ("tf32x3": about float32 FMA's error on tensor cores, where one TF32 product would round the
+    inputs to 10 mantissa bits). The interpreter's bfloat16 dot is wrong, so there bfloat16 is
+    upcast (its products are exact in float32)."""
+    if dtype == torch.bfloat16 and interpreting():
+        return "upcast"
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+def kernel_dims(q: torch.Tensor, v: torch.Tensor) -> dict:
+    """The head-dim constexprs every kernel takes: ``D, DV`` and their tile widths, and the precision."""
+    d, dv = q.shape[-1], v.shape[-1]
+    return dict(D=d, DV=dv, BD=pow2(d), BDV=pow2(dv), PRECISION=precision(q.dtype))
+
+
+def shared_bytes(kind: str, tiles: tuple[int, int, int, int], head_dim: int, value_dim: int,
+                 element_size: int) -> int:
+    """Estimated shared memory of one program: pipelined tiles times stages plus resident tiles."""
+    bm, bn, _, stages = tiles
+    d, dv = pow2(head_dim), pow2(value_dim)
+    if kind in ("fwd", "blocks"):  # resident q; K and V streamed
+        return element_size * (bm * d + stages * bn * (d + dv)) + 4 * bm * bn
+    if kind == "dq":  # resident q, dO; K and V streamed
+        return element_size * (bm * (d + dv) + stages * bn * (d + dv)) + 4 * bm * bn
+    return element_size * (bn * (d + dv) + stages * bm * (d + dv)) + 8 * stages * bm  # dkdv: Q, dO, stats streamed
+
+
+def candidates(kind: str, head_dim: int, value_dim: int, element_size: int, block: int = 0) -> tuple:
+    """The autotune candidates ``(BM, BN, warps, stages)`` of a kernel kind for rows of this width
+    (``block``: the block-list kernels' block size)."""
+    if interpreting():
+        return (INTERPRETER,)
+    if kind == "blocks":
+        return tuple((block, block, warps, stages) for warps, stages in BLOCKS_RUNS)
+    return (WIDE if wide_rows(head_dim, value_dim, element_size) else NARROW)[kind]
+
+
+def block_size(head_dim: int, value_dim: int, element_size: int) -> int:
+    """The block size of the block-list kernels for rows of this width."""
+    if interpreting():
+        return INTERPRETER[0]
+    return BLOCKS["wide" if wide_rows(head_dim, value_dim, element_size) else "narrow"]
+
+
+def configs(kind: str) -> list[triton.Config]:
+    """Every candidate of ``kind`` as Triton configs (narrow and wide rows alike; :func:`pruner`
+    keeps the ones that fit a call). The block-list kernels take their block size from the
+    launcher (their lists are built for it): their candidates are warps and stages only."""
+    if interpreting():
+        return [triton.Config({} if kind == "blocks" else {"BM": 16, "BN": 16}, num_warps=1, num_stages=1)]
+    if kind == "blocks":
+        return [triton.Config({}, num_warps=warps, num_stages=stages) for warps, stages in BLOCKS_RUNS]
+    tiles = dict.fromkeys(NARROW[kind] + WIDE[kind])
+    return [triton.Config({"BM": bm, "BN": bn}, num_warps=warps, num_stages=stages) for bm, bn, warps, stages in tiles]
+
+
+def shared_limit(device: torch.device) -> int:
+    """Shared memory one block may use on ``device`` (sm_90's for CPU tensors)."""
+    if device.type != "cuda":
+        return SM90_SHARED
+    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+
+
+def _tiles(config: triton.Config, block: int) -> tuple[int, int, int, int]:
+    kw = config.kwargs
+    return kw.get("BM", block), kw.get("BN", block), config.num_warps, config.num_stages
+
+
+def pruner(kind: str) -> Callable:
+    """``early_config_prune`` for ``kind``: the candidates for the call's row width that fit the
+    device's shared memory (at least the last of them, the smallest)."""
+    def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+        q = named_args["Q"]
+        head_dim, value_dim, block = kwargs["D"], kwargs["DV"], kwargs.get("BLK", 0)
+        wanted = candidates(kind, head_dim, value_dim, q.element_size(), block)
+        fitting = [c for c in configs if _tiles(c, block) in wanted]
+        limit = shared_limit(q.device)
+        small = [c for c in fitting
+                 if shared_bytes(kind, _tiles(c, block), head_dim, value_dim, q.element_size()) <= limit]
+        return small or fitting[-1:]
+    return prune
+
+
+def autotuned(kind: str, key: list[str]) -> Callable:
+    """``@triton.autotune`` over the candidates of ``kind``, keyed by ``key`` (and the dtypes)."""
+    return triton.autotune(configs=configs(kind), key=key, prune_configs_by={"early_config_prune": pruner(kind)})
+
+
+def grid(n_rows: int, n1: int, n2: int, block: str = "BM") -> tuple[Callable, bool]:
+    """``(grid, folded)`` for a logical grid of ``cdiv(n_rows, META[block])`` x ``n1`` x ``n2``
+    programs: 3-D while axes 1 and 2 fit :data:`GRID_LIMIT`, else folded into axis 0. Raises
+    ValueError when even one axis cannot hold the programs."""
+    folded = max(n1, n2) > GRID_LIMIT
+
+    def shape(meta: dict) -> tuple[int, ...]:
+        n0 = triton.cdiv(n_rows, meta[block])
+        if not folded:
+            return n0, n1, n2
+        if n0 * n1 * n2 > MAX_PROGRAMS:
+            raise ValueError(f"the Triton kernels cannot launch {n0 * n1 * n2} programs (more than {MAX_PROGRAMS})")
+        return (n0 * n1 * n2,)
+
+    return shape, folded
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _tuning_key(tuner: Autotuner, args: tuple, kwargs: dict) -> tuple:
+    """The key under which ``tuner`` caches its choice for these arguments (as ``Autotuner.run``)."""
+    named = {**dict(zip(tuner.arg_names, args)), **kwargs}
+    named = {k: v for k, v in named.items() if k in tuner.arg_names}
+    key = [named[k] for k in tuner.keys if k in named]
+    key += [str(v.dtype) for v in named.values() if hasattr(v, "dtype")]
+    return tuple(key)
+
+
+def launch(kernel, shape: Callable, *args, **kwargs) -> None:
+    """Launch a (possibly autotuned) kernel on grid ``shape``. During a CUDA-graph capture an
+    autotuned kernel is not timed: it runs its cached choice for this shape, else the first
+    candidate that fits."""
+    if isinstance(kernel, Autotuner) and _capturing():
+        config = kernel.cache.get(_tuning_key(kernel, args, kwargs))
+        if config is None:
+            named = dict(zip(kernel.arg_names, args))
+            config = kernel.early_config_prune(kernel.configs, named, **kwargs)[0]
+        kernel.fn[shape](*args, **kwargs, **config.all_kwargs())
+        return
+    kernel[shape](*args, **kwargs)

@@ -1,0 +1,196 @@
+"""GGUF quantized weights kept in their blocks: the native kernels of ``csrc/gguf_matmul.c`` on every
+instruction-set build this CPU runs (AVX-512, AVX2, generic), the product ops, the layers, and a
+GGUF file loaded with its blocks kept.
+
+The oracle is the ``gguf`` package: its dequantization must come back bit for bit, and every
+product must equal ``x @ dequantized(W).T`` at float32 rounding: elementwise within ``1e-5`` of
+``|x| @ |W|.T`` (the scale of the rounding error of any float32 summation order), on random
+blocks of every format (quantized random weights for the 32-weight formats, random bytes with small
+finite scales for the K-quants, which the package cannot produce).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from gguf_files import T, gguf, random_blocks, tiny_config, tiny_model, write_gguf
+from attnkit.kernels import native_build, quant_native, quant_ops
+from attnkit.kernels.quant_native import (FORMATS, quant_dequantize, quant_format, quant_matmul, to_gguf_layout,
+                                          to_kernel_layout)
+from attnkit.kernels.quant_ops import NATIVE_ROWS, quant_embedding, quant_linear
+from attnkit.models.llama.gguf_checkpoint import load_gguf
+from attnkit.models.quant import QuantizedEmbedding, QuantizedLinear, is_quantized
+
+IN_FEATURES = 512  # whole blocks of every format (256 for the K-quants)
+OUT_FEATURES = 67  # several chunks of work, and an odd last one
+
+
+def _isa_params() -> list:
+    params = []
+    for isa in ("auto", "avx512", "avx2", "generic"):
+        built = native_build.load_native("gguf_matmul", isa)
+        params.append(pytest.param(isa, marks=pytest.mark.skipif(built.library is None, reason=built.message)))
+    return params
+
+
+ISAS = _isa_params()
+
+
+def file_rows(fmt: str, out_features: int = OUT_FEATURES, in_features: int = IN_FEATURES, seed: int = 0):
+    """``(rows, weight)``: GGUF rows ``(out, row_bytes)`` uint8 of format ``fmt`` and their float32
+    values by the ``gguf`` package."""
+    kind, rng = T[fmt], np.random.default_rng(seed)
+    if kind in (T.Q4_K, T.Q6_K):
+        raw = random_blocks(kind, out_features, in_features, rng)
+    else:
+        raw = gguf.quants.quantize(rng.standard_normal((out_features, in_features)).astype(np.float32), kind)
+    weight = gguf.quants.dequantize(raw, kind).astype(np.float32).reshape(out_features, in_features)
+    return torch.from_numpy(np.ascontiguousarray(raw)), torch.from_numpy(weight)
+
+
+def assert_float32_product(y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> None:
+    """``y`` equals ``x @ weight.T`` within float32 rounding (see the module docstring)."""
+    exact = x.double() @ weight.double().T
+    scale = x.double().abs() @ weight.double().abs().T
+    assert y.dtype == torch.float32 and y.shape == exact.shape
+    error = ((y.double() - exact).abs() / scale.clamp_min(1e-30)).max().item()
+    assert error <= 1e-5, error
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("isa", ISAS)
+def test_dequantize_equals_the_gguf_package_bit_for_bit(isa, fmt):
+    rows, weight = file_rows(fmt)
+    blocks = to_kernel_layout(rows, FORMATS[fmt])
+    assert torch.equal(quant_dequantize(blocks, FORMATS[fmt], isa=isa), weight)
+    ids = torch.tensor([[5, 0], [OUT_FEATURES - 1, 5]])
+    assert torch.equal(quant_dequantize(blocks, FORMATS[fmt], ids, isa=isa), weight[ids])
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("isa", ISAS)
+def test_matmul_equals_x_times_the_dequantized_weight(isa, fmt, threads):
+    """One row (decoding), a row block and a ragged last block, on one thread and on the pool."""
+    rows, weight = file_rows(fmt, seed=threads)
+    blocks = to_kernel_layout(rows, FORMATS[fmt])
+    generator = torch.Generator().manual_seed(3)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for m in (1, 2, 4, 7):
+            x = torch.randn(m, IN_FEATURES, generator=generator)
+            assert_float32_product(quant_matmul(x, blocks, FORMATS[fmt], isa=isa), x, weight)
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("fmt", ["Q8_0", "Q4_1", "Q6_K"])
+def test_quant_linear_for_every_row_count_and_tile(fmt, monkeypatch):
+    """The native kernel up to NATIVE_ROWS rows, dequantized tiles (whole, and several) beyond."""
+    rows, weight = file_rows(fmt)
+    blocks = to_kernel_layout(rows, FORMATS[fmt])
+    generator = torch.Generator().manual_seed(4)
+    for m in (1, NATIVE_ROWS, NATIVE_ROWS + 1, 40):
+        x = torch.randn(m, IN_FEATURES, generator=generator)
+        assert_float32_product(quant_linear(x, blocks, fmt), x, weight)
+    monkeypatch.setattr(quant_ops, "TILE_BYTES", 4 * IN_FEATURES * 10)  # tiles of 10 rows, a last one of 7
+    x = torch.randn(33, IN_FEATURES, generator=generator)
+    assert_float32_product(quant_linear(x, blocks, fmt), x, weight)
+
+
+@pytest.mark.parametrize("fmt", ["Q4_1", "Q4_K"])
+def test_without_the_library_the_values_are_the_same(fmt, monkeypatch):
+    rows, weight = file_rows(fmt)
+    blocks = to_kernel_layout(rows, FORMATS[fmt])
+    monkeypatch.setattr(quant_native, "_library", lambda isa=None: None)
+    x = torch.randn(3, IN_FEATURES, generator=torch.Generator().manual_seed(5))
+    assert_float32_product(quant_matmul(x, blocks, FORMATS[fmt]), x, weight)
+    assert torch.equal(quant_dequantize(blocks, FORMATS[fmt], torch.tensor([2, 0])), weight[[2, 0]])
+    with pytest.raises(IndexError, match=r"\[0, 67\)"):
+        quant_dequantize(blocks, FORMATS[fmt], torch.tensor([OUT_FEATURES]))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_kernel_layout_keeps_rows_and_round_trips(fmt):
+    """A row of the kernel layout is a row of the file: row permutations commute with it."""
+    rows, _ = file_rows(fmt, out_features=5)
+    quant = FORMATS[fmt]
+    blocks = to_kernel_layout(rows, quant)
+    assert blocks.shape == rows.shape and torch.equal(to_gguf_layout(blocks, quant), rows)
+    order = torch.tensor([3, 0, 4, 1, 2])
+    assert torch.equal(to_kernel_layout(rows[order].contiguous(), quant), blocks[order])
+
+
+def test_bad_inputs_are_rejected_with_the_reason():
+    rows, _ = file_rows("Q8_0", out_features=4)
+    blocks, quant = to_kernel_layout(rows, FORMATS["Q8_0"]), FORMATS["Q8_0"]
+    with pytest.raises(ValueError, match="x must be a float32 CPU tensor"):
+        quant_matmul(torch.randn(2, IN_FEATURES, dtype=torch.float64), blocks, quant)
+    with pytest.raises(ValueError, match=r"x must be .*\(rows, 512\)"):
+        quant_matmul(torch.randn(2, IN_FEATURES - 32), blocks, quant)
+    with pytest.raises(ValueError, match="not whole Q8_0 blocks"):
+        quant_matmul(torch.randn(2, IN_FEATURES), blocks[:, :-1], quant)
+    with pytest.raises(ValueError, match="2-D uint8"):
+        quant_matmul(torch.randn(2, IN_FEATURES), blocks.float(), quant)
+    with pytest.raises(ValueError, match="'Q3_K' is not supported"):
+        quant_format("Q3_K")
+    with pytest.raises(IndexError, match=r"\[0, 4\)"):
+        quant_embedding(torch.tensor([0, 4]), blocks, "Q8_0")
+    with pytest.raises(IndexError, match=r"\[0, 4\)"):
+        quant_embedding(torch.tensor([-1]), blocks, "Q8_0")
+    with pytest.raises(ValueError, match="ids must be integers"):
+        QuantizedEmbedding(blocks, "Q8_0")(torch.tensor([0.0]))
+    with pytest.raises(ValueError, match="x has 480 features, the layer takes 512"):
+        QuantizedLinear(blocks, "Q8_0")(torch.randn(1, 480))
+    with pytest.raises(ValueError, match="whole Q4_1 blocks"):
+        QuantizedLinear(blocks, "Q4_1")
+
+
+def test_layers_keep_the_input_dtype_and_a_tied_head_shares_the_blocks():
+    rows, weight = file_rows("Q8_0")
+    embedding = QuantizedEmbedding.from_gguf_rows(rows, "Q8_0")
+    ids = torch.tensor([[1, 2, 3]])
+    assert torch.equal(embedding(ids), weight[ids])
+    head = embedding.as_linear()
+    assert head.blocks.data_ptr() == embedding.blocks.data_ptr()
+    assert torch.equal(head.dequantized(), weight) and torch.equal(embedding.dequantized(), weight)
+    x = torch.randn(2, 3, IN_FEATURES, generator=torch.Generator().manual_seed(6))
+    assert_float32_product(head(x).reshape(6, -1), x.reshape(6, -1), weight)
+    assert head(x.bfloat16()).dtype == torch.bfloat16
+    assert "fmt=Q8_0" in repr(head) and "fmt=Q8_0" in repr(embedding)
+
+
+@pytest.mark.parametrize("kind,tied", [(T.Q8_0, True), (T.Q4_1, False), (T.Q4_K, False), (T.Q6_K, True)],
+                         ids=["Q8_0-tied", "Q4_1", "Q4_K", "Q6_K-tied"])
+def test_a_gguf_file_loads_with_its_blocks_kept(tmp_path, kind, tied):
+    """Every matrix stays quantized (Q/K rows restored as for floats), a tied head shares the
+    embedding's blocks, and the model computes what the dequantized float32 model computes."""
+    path = write_gguf(tmp_path / "m.gguf", tiny_model(tiny_config(tie_embeddings=tied)), kind)
+    reference, quantized = load_gguf(path), load_gguf(path, quantized=True)
+    assert is_quantized(quantized) and not is_quantized(reference)
+    assert isinstance(quantized.embed_tokens, QuantizedEmbedding)
+    if tied:
+        assert quantized.lm_head.blocks.data_ptr() == quantized.embed_tokens.blocks.data_ptr()
+    floats = reference.state_dict()
+    for name, module in quantized.named_modules():
+        if isinstance(module, (QuantizedLinear, QuantizedEmbedding)):
+            assert module.fmt == kind.name
+            assert torch.equal(module.dequantized(), reference.head_weight if name == "lm_head" else floats[f"{name}.weight"])
+    tokens = torch.randint(0, reference.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        expected, got = reference(tokens), quantized(tokens)
+        caches = quantized.make_caches(2, 9)
+        stepped = torch.cat([quantized(tokens[:, i:i + 1], caches=caches) for i in range(9)], dim=1)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4 * float(expected.abs().max()))
+    torch.testing.assert_close(stepped, expected, rtol=0, atol=1e-4 * float(expected.abs().max()))
+
+
+def test_quantized_loading_refuses_another_dtype_or_saving(tmp_path):
+    path = write_gguf(tmp_path / "m.gguf", tiny_model(tiny_config()), T.Q8_0)
+    with pytest.raises(ValueError, match="float32 activations.*bfloat16"):
+        load_gguf(path, quantized=True, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="keeps GGUF quantized weights"):
+        load_gguf(path, quantized=True).save_pretrained(tmp_path / "out")
