@@ -425,7 +425,7 @@ def test_a_peer_that_never_calls_times_out_within_the_timeout():
 
 def test_a_peer_that_never_joins_fails_the_rendezvous_within_its_timeout():
     start = time.monotonic()
-    ranks = run_group(_never_calls, 2, deadline_s=60, group_timeout_s=3, absent=(1,))
+    ranks = run_group(_never_calls, 2, deadline_s=120, group_timeout_s=3, absent=(1,))
     assert len(ranks) == 1 and not ranks[0].ok
     assert "DistStoreError" in ranks[0].error or "timed out" in ranks[0].error.lower()
-    assert time.monotonic() - start < 30
+    assert time.monotonic() - start < 50  # spawning and importing torch took 31 s at load 20
