@@ -93,7 +93,8 @@ def plot_scheme_costs(shape: CallShape, worlds: Sequence[int], title: str, path:
         ax.set_title(f"{world} ranks ({shape.seq // world:,} tokens each)")
         reason = why_not_ulysses(shape, world)
         if reason:
-            ax.text(0.98, 0.02, f"no pure Ulysses: {reason}\n(each rank needs a whole query head)", transform=ax.transAxes, ha="right", va="bottom", fontsize=8, style="italic")
+            ax.text(0.98, 0.02, f"no pure Ulysses: {reason}\n(each rank needs a whole query head)",
+                    transform=ax.transAxes, ha="right", va="bottom", fontsize=8, style="italic")
         ax.grid(True, axis="x", alpha=0.3)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()

@@ -88,6 +88,7 @@ def run_group(
     group_timeout_s: float = 60.0,
     threads: int | None = None,
     absent: Sequence[int] = (),
+    exit_grace_s: float = 5.0,
 ) -> list[RankResult]:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` new processes joined in a gloo group.
 
@@ -95,7 +96,8 @@ def run_group(
     group's own timeout (rendezvous included); ``deadline_s`` bounds the whole run. Ranks in
     ``absent`` are never started (to test a peer that never joins). ``threads`` per process
     defaults to the CPU count divided among the ranks. Returns one :class:`RankResult` per
-    started rank, in rank order; a process still alive 5 s after the last result is killed.
+    started rank, in rank order; a process still alive ``exit_grace_s`` after the last result is
+    killed (its ``exit_code`` is then negative).
     """
     context = mp.get_context("spawn")
     results = context.Queue()
@@ -131,7 +133,7 @@ def run_group(
             collected[rank] = RankResult(rank, ok, _from_wire(value), error)
     finally:
         for process in processes.values():
-            process.join(timeout=5)
+            process.join(timeout=exit_grace_s)
             if process.is_alive():
                 process.kill()
                 process.join()
