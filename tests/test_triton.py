@@ -289,3 +289,22 @@ def test_block_lists_are_cached_by_the_patterns_value():
     rule = lambda i, j: j <= i  # noqa: E731
     assert lists(Predicate(rule)) is lists(Predicate(rule))
     assert lists(Predicate(rule)) is not lists(Predicate(lambda i, j: j <= i))  # functions by identity
+
+
+def test_configurations_over_the_devices_shared_memory_are_avoided(monkeypatch):
+    # sm_86/sm_89 allow 99 KiB per block: block lists of 64 at head dim 128 do not fit there
+    # (static_check measured 100-102 KiB on sm_90), the candidates over the limit are pruned.
+    from attnkit.kernels import triton_configs as configs
+
+    monkeypatch.setattr(configs, "interpreting", lambda: False)
+    cuda = torch.device("cuda")
+    for limit, block in ((configs.SM90_SHARED, 64), (101376, 32)):
+        monkeypatch.setattr(configs, "shared_limit", lambda device, limit=limit: limit)
+        assert configs.block_size(128, 128, 2, cuda) == block
+        q = SimpleNamespace(element_size=lambda: 2, device=cuda)
+        for kind in ("fwd", "dq", "dkdv"):
+            kept = configs.pruner(kind)(configs.configs(kind), {"Q": q}, D=128, DV=128)
+            tiles = [(c.kwargs["BM"], c.kwargs["BN"], c.num_warps, c.num_stages) for c in kept]
+            assert tiles and set(tiles) <= set(configs.NARROW[kind])
+            assert all(configs.shared_bytes(kind, t, 128, 128, 2) <= limit for t in tiles)
+    assert configs.block_size(64, 64, 2, cuda) == 64  # compact rows fit 64 even in 99 KiB

@@ -83,7 +83,7 @@ if [ "$cuda" = 1 ]; then
     section exact 120 python3 benchmarks/gpu/check_exact.py --json "$out/check_exact.json"
     section bench 300 python3 -m attnkit.bench.gpu_table --out "$out" --budget 240
 else
-    section exact 300 env TRITON_INTERPRET=1 python3 benchmarks/gpu/check_exact.py --device cpu --shrink 20 \
+    section exact 600 env TRITON_INTERPRET=1 python3 benchmarks/gpu/check_exact.py --device cpu --shrink 20 \
         --dtypes float32 --cases "window 255,strided 64" --json "$out/check_exact.json"
     skip bench "no CUDA device"
 fi

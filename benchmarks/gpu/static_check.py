@@ -54,6 +54,7 @@ from attnkit.patterns import BlockSparse, Causal, Fixed, SlidingWindow, Strided 
 TARGET = GPUTarget("cuda", 90, 32)
 SHARED_LIMIT = 232448  # bytes per block on sm_90 (227 KiB)
 SMALL_SHARED = 101376  # sm_86 / sm_89 (99 KiB)
+H100_SMS = 132  # streaming multiprocessors of an H100 SXM: the decode split counts depend on it
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -121,18 +122,21 @@ class _Recorder:
 
     def autotuned_run(self, tuner: Autotuner, *args, **kwargs):
         kwargs = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
-        fn = tuner.fn
-        for config in tuner.configs:  # every candidate, whatever the tuner would pick on a GPU
-            self.launches.append((fn, _light(args), {**kwargs, **config.all_kwargs()}, len(tuner.configs) > 1))
+        configs = tuner.configs
+        if tuner.early_config_prune:  # the candidates for this call (row width, shared memory)
+            configs = tuner.early_config_prune(configs, dict(zip(tuner.arg_names, args)), **kwargs)
+        for config in configs:  # every candidate, whatever the tuner would pick on a GPU
+            self.launches.append((tuner.fn, _light(args), {**kwargs, **config.all_kwargs()}, len(configs) > 1))
 
 
 def record(cases, dtypes, dims) -> list[Launch]:
     """Run the launcher on every case; returns the distinct launches with the cases that reach them."""
     recorder = _Recorder()
-    saved = JITFunction.run, Autotuner.run, triton_launch.triton_available
+    saved = JITFunction.run, Autotuner.run, triton_launch.triton_available, triton_launch._multiprocessors
     JITFunction.run = lambda self, *a, **k: recorder.jit_run(self, *a, **k)
     Autotuner.run = lambda self, *a, **k: recorder.autotuned_run(self, *a, **k)
     triton_launch.triton_available = lambda device=None: None  # CPU tensors stand in for CUDA ones
+    triton_launch._multiprocessors = lambda device: H100_SMS  # decode splits as on an H100
     found: dict[str, Launch] = {}
     try:
         for case in cases:
@@ -147,7 +151,7 @@ def record(cases, dtypes, dims) -> list[Launch]:
                         if label not in launch.cases:
                             launch.cases.append(label)
     finally:
-        JITFunction.run, Autotuner.run, triton_launch.triton_available = saved
+        JITFunction.run, Autotuner.run, triton_launch.triton_available, triton_launch._multiprocessors = saved
     return list(found.values())
 
 

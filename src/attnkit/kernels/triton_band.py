@@ -483,7 +483,7 @@ def decode_tiles(q: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int, int]:
     """``(BM, BN, warps, stages)`` of the decode configuration for these inputs."""
     if configs.interpreting():
         return configs.INTERPRETER
-    wide = configs.wide_rows(q.shape[-1], v.shape[-1], q.element_size())
+    wide = configs.row_class(q.shape[-1], v.shape[-1], q.element_size()) == "wide"
     return configs.DECODE["wide" if wide else "narrow"]
 
 

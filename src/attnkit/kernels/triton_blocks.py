@@ -178,8 +178,8 @@ def _blocks_bwd_dkdv(
 
 _KEY = ["n_q", "n_k", "D", "DV", "BLK"]
 _blocks_fwd_tuned = configs.autotuned("blocks", _KEY)(_blocks_fwd)
-_blocks_bwd_dq_tuned = configs.autotuned("blocks", _KEY)(_blocks_bwd_dq)
-_blocks_bwd_dkdv_tuned = configs.autotuned("blocks", _KEY)(_blocks_bwd_dkdv)
+_blocks_bwd_dq_tuned = configs.autotuned("blocks_dq", _KEY)(_blocks_bwd_dq)
+_blocks_bwd_dkdv_tuned = configs.autotuned("blocks_dkdv", _KEY)(_blocks_bwd_dkdv)
 
 
 @dataclass(frozen=True, eq=False)
@@ -189,7 +189,7 @@ class BlocksPart:
     pattern: Pattern
 
     def lists(self, q: torch.Tensor, n_k: int, value_dim: int) -> BlockList:
-        blk = configs.block_size(q.shape[-1], value_dim, q.element_size())
+        blk = configs.block_size(q.shape[-1], value_dim, q.element_size(), q.device)
         return block_list(self.pattern, q.shape[2], n_k, blk, q.device)
 
 

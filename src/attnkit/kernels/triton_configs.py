@@ -1,9 +1,9 @@
 """Tile configurations of the Triton kernels, their autotune candidates, and how they are launched.
 
-Each kernel kind has a short list of candidates (``(BM, BN, warps, stages)``), among them
-FlexAttention's ``(64, 128, 8, 3)`` and the Triton tutorial's shapes; ``@triton.autotune`` times
-those that fit the call (row width and the device's shared memory, :func:`prune`) once per shape
-and caches its choice. Under a CUDA-graph capture nothing is timed (:func:`launch`): a shape seen
+Each kernel kind has a short list of candidates (``(BM, BN, warps, stages)``) per row width, the
+Triton tutorial's shapes among them (FlexAttention's ``(64, 128, 8, 3)`` spills on sm_90a, see
+below); ``@triton.autotune`` times those that fit the call (row width and the device's shared
+memory, :func:`pruner`) once per shape and caches its choice. Under a CUDA-graph capture nothing is timed (:func:`launch`): a shape seen
 before keeps its choice, a new one takes the first candidate that fits, so warm up (run each shape
 once) before capturing. In the interpreter every kernel has one small configuration (16 x 16
 tiles: more edge cases per test, less numpy work).
@@ -34,22 +34,40 @@ MAX_PROGRAMS = 2**31 - 1
 SM90_SHARED = 232448
 """Shared memory per block on sm_90 (227 KiB): the limit for CPU tensors (interpreter, static check)."""
 
-# (BM, BN, warps, stages). "Narrow" rows hold at most 256 bytes (head dims up to 128 in half
-# precision); wider rows (head dim 256, float32) take smaller tiles so they fit shared memory.
+# (BM, BN, warps, stages), by the width of a row (head dim x element size): "compact" rows hold
+# at most 128 bytes (head dim 64 in half precision), "narrow" ones 256 (128), "wide" ones more
+# (256, or float32 at 128), which take smaller tiles so they fit shared memory. The compact and
+# narrow lists hold only configurations that ptxas compiles for sm_90a without spills or
+# serialised wgmma (benchmarks/gpu/static_check.py; benchmarks/results/2026-12-07-triton.md):
+# (128, 128, 8, 3) spills at head dim 128, so only compact rows take it; FlexAttention's
+# (64, 128, 8, 3) spills at 128 and, at 64, in Fixed's segmented part, so it is no candidate; at 128
+# the backward keeps 64-key tiles (128 spill in the parts of a multi-part plan) and the dK/dV pass
+# 32-query tiles (64 or more spill or serialise).
+COMPACT = {
+    "fwd": ((128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 8, 3)),
+    "dq": ((64, 64, 8, 2), (128, 64, 8, 2), (64, 128, 8, 2), (64, 32, 4, 2)),
+    "dkdv": ((32, 64, 8, 2), (32, 128, 8, 2), (64, 64, 8, 2), (32, 32, 4, 2)),
+}
 NARROW = {
-    "fwd": ((128, 64, 8, 3), (64, 128, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)),
-    "dq": ((64, 64, 4, 2), (128, 32, 4, 3), (64, 128, 8, 2)),
-    "dkdv": ((64, 64, 4, 2), (32, 128, 4, 3), (64, 128, 8, 2)),
+    "fwd": ((128, 64, 8, 3), (64, 64, 8, 3), (128, 64, 8, 2), (64, 32, 4, 2)),
+    "dq": ((64, 64, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2)),
+    "dkdv": ((32, 64, 8, 2), (32, 32, 4, 2)),
 }
 WIDE = {
     "fwd": ((64, 32, 4, 2), (64, 64, 4, 2)),
     "dq": ((32, 32, 4, 2), (64, 32, 4, 2)),
     "dkdv": ((32, 32, 4, 2), (32, 64, 4, 2)),
 }
-BLOCKS = {"narrow": 64, "wide": 32}
-"""Block size of the block-list kernels (fixed per call: the lists are built for it)."""
-BLOCKS_RUNS = ((4, 2), (4, 3), (8, 2))
-"""The block-list kernels' candidates: (warps, stages)."""
+TILES = {"compact": COMPACT, "narrow": NARROW, "wide": WIDE}
+BLOCKS = (64, 32)
+"""Block sizes of the block-list kernels, largest first: a call takes the largest whose every
+candidate fits the device's shared memory (fixed per call: the lists are built for it)."""
+BLOCKS_RUNS = {"blocks": ((4, 2), (4, 3), (8, 2)), "blocks_dq": ((4, 2), (4, 3), (8, 2)),
+               "blocks_dkdv": ((8, 2), (8, 3))}
+"""The block-list kernels' candidates, (warps, stages): forward, dQ, dK/dV (with 4 warps it
+spills at head dim 128)."""
+_SCRATCH = 4096
+"""Shared memory Triton adds to the tiles (layout conversions, reductions), in the estimate."""
 DECODE = {"narrow": (16, 128, 4, 3), "wide": (16, 64, 4, 2)}
 """The decode configuration: a 16-row query tile (a GQA group's heads packed into it), wide key tiles."""
 INTERPRETER = (16, 16, 1, 1)
@@ -60,9 +78,10 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def wide_rows(head_dim: int, value_dim: int, element_size: int) -> bool:
-    """Rows over 256 bytes take the smaller tiles."""
-    return max(head_dim, value_dim) * element_size > 256
+def row_class(head_dim: int, value_dim: int, element_size: int) -> str:
+    """"compact" (rows of at most 128 bytes), "narrow" (256) or "wide": which tiles a call takes."""
+    row_bytes = max(head_dim, value_dim) * element_size
+    return "compact" if row_bytes <= 128 else "narrow" if row_bytes <= 256 else "wide"
 
 
 def pow2(n: int) -> int:
@@ -89,14 +108,16 @@ def kernel_dims(q: torch.Tensor, v: torch.Tensor) -> dict:
 
 def shared_bytes(kind: str, tiles: tuple[int, int, int, int], head_dim: int, value_dim: int,
                  element_size: int) -> int:
-    """Estimated shared memory of one program: pipelined tiles times stages plus resident tiles."""
+    """Estimated shared memory of one program: pipelined tiles times stages plus resident tiles
+    (an upper bound of what Triton allocated for sm_90 in every configuration static_check compiled)."""
     bm, bn, _, stages = tiles
     d, dv = pow2(head_dim), pow2(value_dim)
     if kind in ("fwd", "blocks"):  # resident q; K and V streamed
-        return element_size * (bm * d + stages * bn * (d + dv)) + 4 * bm * bn
-    if kind == "dq":  # resident q, dO; K and V streamed
-        return element_size * (bm * (d + dv) + stages * bn * (d + dv)) + 4 * bm * bn
-    return element_size * (bn * (d + dv) + stages * bm * (d + dv)) + 8 * stages * bm  # dkdv: Q, dO, stats streamed
+        return element_size * (bm * d + stages * bn * (d + dv)) + 4 * bm * bn + _SCRATCH
+    if kind in ("dq", "blocks_dq"):  # resident q, dO; K and V streamed
+        return element_size * (bm * (d + dv) + stages * bn * (d + dv)) + 4 * bm * bn + _SCRATCH
+    # dK/dV: resident k, v; Q, dO and the row statistics streamed
+    return element_size * (bn * (d + dv) + stages * bm * (d + dv)) + 8 * stages * bm + _SCRATCH
 
 
 def candidates(kind: str, head_dim: int, value_dim: int, element_size: int, block: int = 0) -> tuple:
@@ -104,27 +125,35 @@ def candidates(kind: str, head_dim: int, value_dim: int, element_size: int, bloc
     (``block``: the block-list kernels' block size)."""
     if interpreting():
         return (INTERPRETER,)
-    if kind == "blocks":
-        return tuple((block, block, warps, stages) for warps, stages in BLOCKS_RUNS)
-    return (WIDE if wide_rows(head_dim, value_dim, element_size) else NARROW)[kind]
+    if kind in BLOCKS_RUNS:
+        return tuple((block, block, warps, stages) for warps, stages in BLOCKS_RUNS[kind])
+    return TILES[row_class(head_dim, value_dim, element_size)][kind]
 
 
-def block_size(head_dim: int, value_dim: int, element_size: int) -> int:
-    """The block size of the block-list kernels for rows of this width."""
+def block_size(head_dim: int, value_dim: int, element_size: int, device: torch.device) -> int:
+    """The block size of the block-list kernels for rows of this width on ``device``: the largest
+    of :data:`BLOCKS` whose every candidate fits its shared memory (64 on sm_90 up to head dim 128
+    in half precision; 32 on sm_86/sm_89 there, and for wide rows)."""
     if interpreting():
         return INTERPRETER[0]
-    return BLOCKS["wide" if wide_rows(head_dim, value_dim, element_size) else "narrow"]
+    limit = shared_limit(device)
+    for block in BLOCKS:
+        needs = [shared_bytes(kind, tiles, head_dim, value_dim, element_size)
+                 for kind in BLOCKS_RUNS for tiles in candidates(kind, head_dim, value_dim, element_size, block)]
+        if max(needs) <= limit:
+            return block
+    return BLOCKS[-1]
 
 
 def configs(kind: str) -> list[triton.Config]:
-    """Every candidate of ``kind`` as Triton configs (narrow and wide rows alike; :func:`pruner`
+    """Every candidate of ``kind`` as Triton configs (every row width alike; :func:`pruner`
     keeps the ones that fit a call). The block-list kernels take their block size from the
     launcher (their lists are built for it): their candidates are warps and stages only."""
     if interpreting():
-        return [triton.Config({} if kind == "blocks" else {"BM": 16, "BN": 16}, num_warps=1, num_stages=1)]
-    if kind == "blocks":
-        return [triton.Config({}, num_warps=warps, num_stages=stages) for warps, stages in BLOCKS_RUNS]
-    tiles = dict.fromkeys(NARROW[kind] + WIDE[kind])
+        return [triton.Config({} if kind in BLOCKS_RUNS else {"BM": 16, "BN": 16}, num_warps=1, num_stages=1)]
+    if kind in BLOCKS_RUNS:
+        return [triton.Config({}, num_warps=warps, num_stages=stages) for warps, stages in BLOCKS_RUNS[kind]]
+    tiles = dict.fromkeys(COMPACT[kind] + NARROW[kind] + WIDE[kind])
     return [triton.Config({"BM": bm, "BN": bn}, num_warps=warps, num_stages=stages) for bm, bn, warps, stages in tiles]
 
 
