@@ -97,8 +97,10 @@ def merge_lse(
     total = weights.sum(0)
     seen = total > 0
     lse = torch.where(seen, top + torch.log(torch.where(seen, total, 1.0)), float("-inf"))
-    weights = weights / torch.where(seen, total, 1.0)
-    out = sum(w.unsqueeze(-1) * o.to(w.dtype) for w, o in zip(weights, outs))
+    weights = (weights / torch.where(seen, total, 1.0)).unsqueeze(-1)
+    out = outs[0].to(weights.dtype) * weights[0]  # then accumulated in place: one pass per part
+    for weight, part in zip(weights[1:], outs[1:]):
+        out.addcmul_(part.to(weights.dtype), weight)
     return out.to(outs[0].dtype), lse
 
 

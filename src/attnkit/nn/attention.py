@@ -237,7 +237,7 @@ class MultiHeadAttention(nn.Module):
         first, n_q = int(k_positions[0]), q_positions.shape[0]
         aligned = (torch.equal(k_positions, in_place + first)
                    and torch.equal(q_positions, in_place[n_k - n_q:] + first)
-                   and (first == 0 or (self.pattern.n_heads is None and self.pattern.band() is not None)))
+                   and (first == 0 or shared_band(self.pattern) is not None))
         if aligned:
             return attention(q, keys, values, self.pattern, scale=self.scale,
                              backend=self._backend(key_mask is not None, False), key_padding_mask=key_mask)
