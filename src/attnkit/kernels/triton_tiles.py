@@ -15,13 +15,12 @@ derivative to ``ds`` in :func:`dq_step` / :func:`dkdv_step`); an extra mask term
 
 from __future__ import annotations
 
-import math
-
 import triton
 import triton.language as tl
 
-LOG2E = math.log2(math.e)
-"""log2(e): the kernels' scores and statistics are base 2 (``exp2``), their LSEs natural."""
+from .common import LOG2E
+
+# The kernels' scores and statistics are base 2 (``exp2``), their LSEs natural.
 _LOG2E = tl.constexpr(LOG2E)
 
 
