@@ -8,11 +8,13 @@ and metadata of its architecture (``general.architecture``) onto its model.
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
+import torch
 
 GGUF_MAGIC = b"GGUF"
 
@@ -24,6 +26,28 @@ SUPPORTED_TYPE_NAMES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q
 def is_gguf(path: str | os.PathLike) -> bool:
     """Whether ``path`` names a GGUF file (by its ``.gguf`` suffix; the content is checked on reading)."""
     return Path(path).suffix.lower() == ".gguf"
+
+
+@functools.lru_cache(maxsize=1)
+def _light_reader_class(gguf):
+    """``gguf.GGUFReader`` whose parsed values are plain numpy views of the file's memory map.
+
+    The reader keeps every metadata value as a view (two per string of a 50k-token vocabulary);
+    views of its ``np.memmap`` are ``np.memmap`` objects too, each carrying the map's attributes,
+    which makes the parse of SmolLM2's file hold about 155 MiB. Plain ``ndarray`` views of the
+    same bytes hold about 70 MiB, and read the same values."""
+
+    class LightReader(gguf.GGUFReader):
+        def _get(self, offset, dtype, count=1, override_order=None):
+            plain = self.__dict__.get("_plain")
+            if plain is None:
+                plain = self._plain = self.data.view(np.ndarray)
+            count = int(count)
+            end = offset + np.dtype(dtype).itemsize * count
+            values = plain[offset:end].view(dtype=dtype)[:count]
+            return values.view(values.dtype.newbyteorder(self.byte_order if override_order is None else override_order))
+
+    return LightReader
 
 
 def open_gguf(path: str | os.PathLike):
@@ -41,7 +65,7 @@ def open_gguf(path: str | os.PathLike):
     except ImportError:
         raise ImportError('reading GGUF files needs the gguf package: pip install -e ".[llama]"') from None
     try:
-        reader = gguf.GGUFReader(path)
+        reader = _light_reader_class(gguf)(path)
     except Exception as exc:  # the reader raises ValueError, IndexError, ... on a damaged header
         raise ValueError(f"{path}: unreadable GGUF file, truncated or damaged ({type(exc).__name__}: {exc})") from None
     for tensor in reader.tensors:
@@ -99,6 +123,33 @@ def metadata_float(reader, path, key: str, default: float) -> float:
     # GGUF stores float32: 1e-5 reads back as 9.99999974e-06; keep the shortest decimal that
     # rounds to the same float32, which is the value the model's authors wrote.
     return float(str(np.float32(value)))
+
+
+def read_rows(tensor, path: str | os.PathLike, layout: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+              *, chunk_bytes: int = 1 << 24) -> torch.Tensor:
+    """The bytes of one GGUF tensor as ``(rows, row_bytes)`` uint8, read from the file into memory
+    of their own, through ``layout`` (rows -> rows of the same shape, e.g. the quantized kernels'
+    layout) when given.
+
+    Not through the reader's memory map: every page of the map that a copy touches stays in the
+    process's resident memory while the reader lives (the whole file, at load). Read and laid out
+    ``chunk_bytes`` of whole rows at a time, into the result: a 170 MiB embedding then needs
+    170 MiB and one chunk, not two or three copies of itself."""
+    n_bytes = int(tensor.n_bytes)
+    rows = int(np.prod([int(d) for d in tensor.shape[1:]]))
+    row_bytes = n_bytes // rows
+    out = torch.empty(rows, row_bytes, dtype=torch.uint8)
+    step = max(1, chunk_bytes // row_bytes)
+    with open(path, "rb") as handle:
+        for start in range(0, rows, step):
+            stop = min(rows, start + step)
+            handle.seek(int(tensor.data_offset) + start * row_bytes)
+            chunk = np.frombuffer(handle.read((stop - start) * row_bytes), dtype=np.uint8)
+            if chunk.size != (stop - start) * row_bytes:
+                raise ValueError(f"{path}: tensor {tensor.name} is cut short")
+            chunk = torch.from_numpy(chunk.copy()).view(stop - start, row_bytes)
+            out[start:stop] = chunk if layout is None else layout(chunk)
+    return out
 
 
 def dequantize(tensor, path):

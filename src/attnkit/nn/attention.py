@@ -95,6 +95,9 @@ class MultiHeadAttention(nn.Module):
         self.k_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)
         self.v_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)
         self.o_proj = nn.Linear(n_heads * head_dim, dim, bias=bias)
+        # Optional x -> cat(q_proj(x), k_proj(x), v_proj(x), -1) in one call, set by a model that
+        # concatenated the three weights (attnkit.models.fuse); not a submodule: same weights.
+        self.fused_qkv: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
     def make_cache(self, batch: int, max_len: int, *, dtype=None, device=None) -> KVCache:
         """A static :class:`KVCache` sized for this layer."""
@@ -127,9 +130,13 @@ class MultiHeadAttention(nn.Module):
         ``q_norm``/``k_norm`` and rotated by ``rope`` when set (positions default to
         ``0 .. N - 1``)."""
         batch, n, _ = x.shape
-        q = self.q_proj(x).view(batch, n, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.fused_qkv is not None:
+            heads = self.fused_qkv(x).view(batch, n, -1, self.head_dim).transpose(1, 2)
+            q, k, v = heads.split((self.n_heads, self.n_kv_heads, self.n_kv_heads), dim=1)
+        else:
+            q = self.q_proj(x).view(batch, n, self.n_heads, self.head_dim).transpose(1, 2)
+            k = self.k_proj(x).view(batch, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            v = self.v_proj(x).view(batch, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rope is not None:

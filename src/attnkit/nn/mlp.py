@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,9 +29,19 @@ class SwiGLU(nn.Module):
         self.gate_proj = nn.Linear(dim, hidden_dim, bias=False)
         self.up_proj = nn.Linear(dim, hidden_dim, bias=False)
         self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
+        # Optional x -> cat(gate_proj(x), up_proj(x), -1) in one call, set by a model that
+        # concatenated the two weights (attnkit.models.fuse); not a submodule: same weights.
+        self.fused_gate_up: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+
+    def gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(gate_proj(x), up_proj(x))``, each ``(..., F)``."""
+        if self.fused_gate_up is not None:
+            return self.fused_gate_up(x).chunk(2, dim=-1)
+        return self.gate_proj(x), self.up_proj(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class GeGLU(SwiGLU):
@@ -40,4 +52,5 @@ class GeGLU(SwiGLU):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+        gate, up = self.gate_up(x)
+        return self.down_proj(F.gelu(gate, approximate="tanh") * up)

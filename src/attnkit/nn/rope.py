@@ -105,18 +105,25 @@ class RotaryEmbedding(nn.Module):
     Call: ``q (B, Hq, N, D)``, ``k (B, Hkv, N, D)``, integer ``positions`` ``(N,)`` or ``(B, N)``
     -> rotated ``(q, k)`` in their dtypes. Angles are computed from float64 frequencies in float32
     (float64 for float64 inputs).
+
+    A model shares one module between its layers, and each layer calls it with the same
+    ``positions`` tensor: the module keeps the last ``(cos, sin)`` it computed and reuses them while
+    the call passes that same tensor object, unmodified (its in-place version counter unchanged),
+    in the same dtype, so a forward pass computes its angles once, not once per layer.
     """
 
     def __init__(self, head_dim: int, theta: float = 500000.0, scaling: Optional[RopeScaling] = None) -> None:
         super().__init__()
         self.head_dim, self.theta, self.scaling = head_dim, float(theta), scaling
         self.register_buffer("inv_freq", torch.empty(head_dim // 2, dtype=torch.float64), persistent=False)
+        self._last: Optional[tuple] = None  # (positions, its version, dtype, cos, sin)
         self.reset_frequencies()
 
     def reset_frequencies(self, device: torch.device | str | None = None) -> None:
         """(Re)compute ``inv_freq`` (float64) on ``device`` (default: where it is; a model built on
         the meta device calls this after its weights are loaded)."""
         device = self.inv_freq.device if device is None else device
+        self._last = None
         if torch.device(device).type == "meta":
             self.inv_freq = torch.empty(self.head_dim // 2, dtype=torch.float64, device="meta")
             return
@@ -137,5 +144,17 @@ class RotaryEmbedding(nn.Module):
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        cos, sin = self.cos_sin(positions, compute_dtype(q.dtype))
+        cos, sin = self._shared_cos_sin(positions, compute_dtype(q.dtype))
         return rotate(q, cos, sin), rotate(k, cos, sin)
+
+    def _shared_cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`cos_sin`, reused from the previous call for the same, unmodified ``positions``
+        (traced anew under ``torch.compile``, which sees the layers' calls in one graph anyway)."""
+        if torch.compiler.is_compiling():
+            return self.cos_sin(positions, dtype)
+        last = self._last
+        if last is not None and last[0] is positions and last[1] == positions._version and last[2] == dtype:
+            return last[3], last[4]
+        cos, sin = self.cos_sin(positions, dtype)
+        self._last = (positions, positions._version, dtype, cos, sin)
+        return cos, sin

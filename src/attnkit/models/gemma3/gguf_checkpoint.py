@@ -21,13 +21,17 @@ and a tied head that shares the embedding's blocks, so the output product reads 
 from __future__ import annotations
 
 import os
+from functools import partial
 from typing import Optional
 
 import torch
+from torch import nn
 
 from ...nn.rope import LinearRopeScaling
-from ..gguf_file import dequantize, metadata, metadata_float, metadata_int, open_gguf
-from ..quant import QUANTIZED_TYPE_NAMES, QuantizedEmbedding, QuantizedLinear, gguf_rows
+from ..gguf_file import dequantize, metadata, metadata_float, metadata_int, open_gguf, read_rows
+from ..fuse import fuse_quantized_projections
+from ...kernels.quant_native import FORMATS, to_kernel_layout
+from ..quant import QUANTIZED_TYPE_NAMES, QuantizedEmbedding, QuantizedLinear
 from .config import END_OF_TURN, LOCAL_ROPE_THETA, Gemma3Config, default_layer_types, published_query_scalar
 from .model import Gemma3, parameter_shapes
 
@@ -147,7 +151,9 @@ def load_gguf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
         if shape != shapes[name]:
             raise ValueError(f"{path}: tensor {tensor.name} has shape {tuple(shape)}, expected {tuple(shapes[name])}")
         if quantized and tensor.tensor_type.name in QUANTIZED_TYPE_NAMES:
-            kept[name] = gguf_rows(tensor)
+            kind = tensor.tensor_type.name
+            layer = QuantizedEmbedding if name == "embed_tokens.weight" else QuantizedLinear
+            kept[name] = layer(read_rows(tensor, path, partial(to_kernel_layout, fmt=FORMATS[kind])), kind)
             continue
         weight = torch.from_numpy(dequantize(tensor, path)).reshape(shape)
         if name.endswith("norm.weight"):
@@ -159,16 +165,17 @@ def load_gguf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
     return _with_quantized(config, state, kept) if kept else Gemma3.from_state(config, state, device)
 
 
-def _with_quantized(config: Gemma3Config, state: dict[str, torch.Tensor],
-                    kept: dict[str, tuple[torch.Tensor, str]]) -> Gemma3:
-    """A CPU :class:`Gemma3` whose parameters named in ``kept`` are quantized layers on those rows
-    ``(rows, format)``, the others from ``state``; a tied head shares the embedding's blocks."""
+def _with_quantized(config: Gemma3Config, state: dict[str, torch.Tensor], kept: dict[str, nn.Module]) -> Gemma3:
+    """A CPU :class:`Gemma3` whose parameters named in ``kept`` are those quantized layers, the
+    others from ``state``; a tied head shares the embedding's blocks,
+    and projections of one input in one format are fused (:mod:`attnkit.models.fuse`)."""
     with torch.device("meta"):
         model = Gemma3(config)
-    for name, (rows, kind) in kept.items():
+    for name, layer in kept.items():
         owner, _, attribute = name.removesuffix(".weight").rpartition(".")
-        layer = QuantizedEmbedding if name == "embed_tokens.weight" else QuantizedLinear
-        setattr(model.get_submodule(owner), attribute, layer.from_gguf_rows(rows.contiguous(), kind))
+        setattr(model.get_submodule(owner), attribute, layer)
     if config.tie_embeddings and isinstance(model.embed_tokens, QuantizedEmbedding):
         model.lm_head = model.embed_tokens.as_linear()
-    return Gemma3.from_state(config, state, "cpu", model=model)
+    model = Gemma3.from_state(config, state, "cpu", model=model)
+    fuse_quantized_projections(model)
+    return model

@@ -23,14 +23,18 @@ from __future__ import annotations
 
 import math
 import os
+from functools import partial
 from typing import Optional
 
 import torch
+from torch import nn
 
 from ...nn.rope import Llama3RopeScaling, rope_frequencies
 from ..checkpoint import check_layer_count
-from ..gguf_file import dequantize, metadata, metadata_float, metadata_int, open_gguf
-from ..quant import QUANTIZED_TYPE_NAMES, QuantizedEmbedding, QuantizedLinear, gguf_rows
+from ..gguf_file import dequantize, metadata, metadata_float, metadata_int, open_gguf, read_rows
+from ..fuse import fuse_quantized_projections
+from ...kernels.quant_native import FORMATS, to_kernel_layout
+from ..quant import QUANTIZED_TYPE_NAMES, QuantizedEmbedding, QuantizedLinear
 from .config import LlamaConfig
 from .model import Llama, parameter_shapes
 
@@ -205,10 +209,12 @@ def load_gguf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
         shape = torch.Size(reversed([int(d) for d in tensor.shape]))
         if shape != shapes[name]:
             raise ValueError(f"{path}: tensor {tensor.name} has shape {tuple(shape)}, expected {tuple(shapes[name])}")
-        if quantized and tensor.tensor_type.name in QUANTIZED_TYPE_NAMES:
-            weight, kind = gguf_rows(tensor)  # rows of blocks: row permutations apply as to floats
+        kind = tensor.tensor_type.name if quantized and tensor.tensor_type.name in QUANTIZED_TYPE_NAMES else None
+        if kind is not None:
+            # rows of blocks in the kernels' layout: row permutations apply as to floats
+            weight = read_rows(tensor, path, partial(to_kernel_layout, fmt=FORMATS[kind]))
         else:
-            weight, kind = torch.from_numpy(dequantize(tensor, path)).reshape(shape), None
+            weight = torch.from_numpy(dequantize(tensor, path)).reshape(shape)
         if name.endswith("attn.q_proj.weight"):
             weight = unpermute_rows(weight, config.n_heads)
         elif name.endswith("attn.k_proj.weight"):
@@ -216,26 +222,27 @@ def load_gguf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
         if kind is None:
             state[name] = weight.to(device=device, dtype=dtype)
         else:
-            kept[name] = (weight.contiguous(), kind)
+            layer = QuantizedEmbedding if name == "embed_tokens.weight" else QuantizedLinear
+            kept[name] = layer(weight.contiguous(), kind)
     missing = sorted(set(shapes) - set(state) - set(kept))
     if missing:
         raise ValueError(f"{path}: missing tensors {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
     return _with_quantized(config, state, kept) if kept else Llama.from_state(config, state, device)
 
 
-def _with_quantized(config: LlamaConfig, state: dict[str, torch.Tensor],
-                    kept: dict[str, tuple[torch.Tensor, str]]) -> Llama:
-    """A CPU :class:`Llama` whose parameters named in ``kept`` are quantized layers on those rows
-    ``(rows, format)``, the others taken from ``state``; a tied head shares the embedding's blocks."""
+def _with_quantized(config: LlamaConfig, state: dict[str, torch.Tensor], kept: dict[str, nn.Module]) -> Llama:
+    """A CPU :class:`Llama` whose parameters named in ``kept`` are those quantized layers, the
+    others taken from ``state``; a tied head shares the embedding's blocks,
+    and projections of one input in one format are fused (:mod:`attnkit.models.fuse`)."""
     with torch.device("meta"):
         model = Llama(config)
-    for name, (rows, kind) in kept.items():
+    for name, layer in kept.items():
         owner, _, attribute = name.removesuffix(".weight").rpartition(".")
-        layer = QuantizedEmbedding if name == "embed_tokens.weight" else QuantizedLinear
-        setattr(model.get_submodule(owner), attribute, layer.from_gguf_rows(rows, kind))
+        setattr(model.get_submodule(owner), attribute, layer)
     if config.tie_embeddings and isinstance(model.embed_tokens, QuantizedEmbedding):
         model.lm_head = model.embed_tokens.as_linear()
     blocks = {name: tensor for name, tensor in model.state_dict().items() if name not in state}
     model.load_state_dict({**state, **blocks}, assign=True, strict=True)
     model.rope.reset_frequencies("cpu")
+    fuse_quantized_projections(model)
     return model.eval()
