@@ -15,13 +15,14 @@ inf) and passes no gradient back.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from .backends import BACKENDS, backend_named, make_problem, pick
 from .kernels.common import keep_visible
 from .kernels.reference import reference_kernel
+from .kernels.score_mods import ScoreMod
 from .patterns import Pattern
 
 __all__ = ["BACKENDS", "attention", "reference_attention"]
@@ -39,6 +40,7 @@ def attention(
     q_positions: Optional[torch.Tensor] = None,
     k_positions: Optional[torch.Tensor] = None,
     key_padding_mask: Optional[torch.Tensor] = None,
+    score_mod: Optional[ScoreMod | Callable] = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact scaled dot-product attention restricted to ``pattern``.
 
@@ -61,6 +63,14 @@ def attention(
             blockwise.
         key_padding_mask: ``(B, Nk)`` bool, True = a real key: padding keys are hidden from every
             row (batches of sequences of different lengths). Taken by reference and dense.
+        score_mod: a change of each score ``s = q . k * scale`` before the softmax, at the
+            absolute positions ``i`` (query) and ``j`` (key) and query head ``h``:
+            ``attnkit.softcap(c)`` (``c * tanh(s / c)``), ``attnkit.alibi(slopes (Hq,))``
+            (``s + slopes[h] * (j - i)``) or ``attnkit.distance_bias(table (Hq, R))``
+            (``s + table[h, min(|i - j|, R - 1)]``); slopes and table may require grad. Hidden
+            pairs stay hidden. Applied by reference and blockwise; dense takes alibi and
+            distance_bias, not softcap. A Python callable ``fn(s, b, h, i, j)`` (see
+            :func:`attnkit.kernels.score_mods.score_callable`) runs on reference and dense only.
     Returns:
         ``out (B, Hq, Nq, Dv)`` in q's dtype, or ``(out, lse)`` with lse ``(B, Hq, Nq)`` (float32
         for half inputs, float64 for float64). Rows that see no key (fully masked, or only
@@ -70,7 +80,8 @@ def attention(
             positions that are not integer tensors, a key_padding_mask that is not bool.
         ValueError: rank not 4, batch/head_dim/seq mismatch, ``Hq % Hkv != 0``, mixed devices,
             a per-head pattern whose head count differs from ``Hq``, an unknown backend,
-            positions or a padding mask of the wrong shape or device, a backend that cannot run
+            positions or a padding mask of the wrong shape or device, score mod slopes / table
+            whose head count or device differs from q's, a backend that cannot run
             the call (say ``backend="sparse"`` with positions, or ``backend="dense"`` for a
             pattern whose mask would take more than a quarter of the free memory: the message
             names the backends that run it without one).
@@ -79,7 +90,8 @@ def attention(
     docstring); the check costs one sum over ``out`` (plus one over ``k`` and ``v`` when
     autograd will differentiate the call) and reruns the call only when it fails.
     """
-    problem = make_problem(q, k, v, pattern, scale, return_lse, q_positions, k_positions, key_padding_mask)
+    problem = make_problem(q, k, v, pattern, scale, return_lse, q_positions, k_positions, key_padding_mask,
+                           score_mod)
     if problem.positions is None:  # with explicit positions the sequence length is the caller's
         problem.pattern.validate(problem.n_q, problem.n_k)
     if backend == "auto":
