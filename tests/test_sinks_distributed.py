@@ -13,14 +13,19 @@ from attnkit.distributed import (
     hybrid_attention,
     make_grid,
     ring_attention,
+    sequence_parallel,
     shard,
     ulysses_attention,
 )
 from attnkit.distributed.launch import run_group
+from attnkit.nn import MultiHeadAttention
 from attnkit.patterns import Strided
 
 WORLD, N = 4, 32
-CASES = {"causal-zigzag": (Causal(), "zigzag"), "window-union-contiguous": (SlidingWindow(3) | Strided(5), "contiguous")}
+CASES = {
+    "causal-zigzag": (Causal(), "zigzag"),
+    "window-union-contiguous": (SlidingWindow(3) | Strided(5), "contiguous"),
+}
 
 
 def _problem(name):
@@ -52,7 +57,24 @@ def _run_cases(rank, world):
         return hybrid_attention(*args, ulysses_group=grid.ulysses_group, ring_group=grid.ring_group, **kwargs)
 
     calls = {"ring": ring_attention, "ulysses": ulysses_attention, "hybrid": hybrid}
-    return {(scheme, name): _run(call, name) for scheme, call in calls.items() for name in CASES}
+    results = {(scheme, name): _run(call, name) for scheme, call in calls.items() for name in CASES}
+    layer, x = _layer_problem()
+    for scheme in ("ring", "ulysses", "hybrid"):
+        layer.zero_grad()
+        sharded = sequence_parallel(layer, scheme, grid, layout="zigzag", timeout=60)
+        out = sharded(shard(x, "zigzag", dim=1))
+        out.square().sum().backward()
+        torch.distributed.all_reduce(layer.sinks.grad)
+        results["layer", scheme] = {"out": out.detach(), "dsinks": layer.sinks.grad.clone()}
+    return results
+
+
+def _layer_problem():
+    torch.manual_seed(5)
+    layer = MultiHeadAttention(24, 4, 2, pattern=SlidingWindow(5), sinks=True).double()
+    with torch.no_grad():
+        layer.sinks.normal_(0.0, 3.0)
+    return layer, torch.randn(2, N, 24, dtype=torch.float64)
 
 
 @pytest.fixture(scope="module")
@@ -79,4 +101,15 @@ def test_sinks_across_ranks_equal_single_process_attention(ranks, scheme, name):
     for key, want in _expected(name).items():
         parts = [value[scheme, name][key] for value in ranks]
         got = parts[0] if key == "dsinks" else assemble(parts, layout)
-        torch.testing.assert_close(got, want.detach(), atol=1e-9, rtol=1e-9, msg=lambda m: f"{scheme} {name} {key}: {m}")
+        torch.testing.assert_close(got, want.detach(), atol=1e-9, rtol=1e-9,
+                                   msg=lambda m, key=key: f"{scheme} {name} {key}: {m}")
+
+
+@pytest.mark.parametrize("scheme", ["ring", "ulysses", "hybrid"])
+def test_a_layer_with_sinks_sharded_by_each_scheme_equals_the_unsharded_layer(ranks, scheme):
+    layer, x = _layer_problem()
+    out = layer(x)
+    out.square().sum().backward()
+    got = assemble([value["layer", scheme]["out"] for value in ranks], "zigzag", dim=1)
+    torch.testing.assert_close(got, out.detach(), atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(ranks[0]["layer", scheme]["dsinks"], layer.sinks.grad, atol=1e-9, rtol=1e-9)
