@@ -353,12 +353,14 @@ def document_piece(pattern: Pattern) -> Optional[Piece]:
     return piece if plain and piece.documents else None
 
 
-def plan_documents(piece: Piece, n_q: int, n_k: int) -> DocumentPlan:
-    """The plan of a :func:`document_piece` for an ``n_q x n_k`` problem, cached. The piece's
+def plan_documents(piece: Piece, n_q: int, n_k: int, *, cached: bool = True) -> DocumentPlan:
+    """The plan of a :func:`document_piece` for an ``n_q x n_k`` problem, cached unless
+    ``cached=False`` (what a new batch of lengths costs: the benchmark's measure). The piece's
     documents must cover the ``n_k`` keys (``Document.validate``). Per document ``[s, e)``: keys
     ``s .. e - 1``, queries the positions ``max(s, n_k - n_q) .. e - 1``; documents without
     queries or without allowed pairs are left out (rows of the latter give zeros and -inf)."""
-    return _plan_documents(piece.documents, piece.lo, piece.hi, n_q, n_k)
+    make = _plan_documents if cached else _plan_documents.__wrapped__
+    return make(piece.documents, piece.lo, piece.hi, n_q, n_k)
 
 
 @functools.lru_cache(maxsize=16)
