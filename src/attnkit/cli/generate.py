@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from collections import Counter
@@ -54,7 +55,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                         help="weight-only int8 linear layers (per-output-channel scales): half the bytes of bf16")
     parser.add_argument("--no-pack", action="store_true", help="skip oneDNN weight packing on CPU")
     parser.add_argument("--threads", type=int, metavar="N",
-                        help="CPU threads of the model (default: torch's, one per core)")
+                        help="CPU threads of the model (default: the cores that the 1-minute load average "
+                        "leaves idle, at least 1: with cores shared, fewer threads decode faster)")
     parser.add_argument("--compile", action="store_true",
                         help="compile the decoding step with torch.compile (the same tokens; the first step "
                         "compiles, which takes minutes on a small CPU)")
@@ -101,6 +103,23 @@ def check_model_options(args: argparse.Namespace) -> Path:
     return path
 
 
+def default_threads() -> int:
+    """CPU threads when ``--threads`` is not given: the cores this process may run on, less those
+    the 1-minute load average says are busy, and at least 1 (all of them where the load average
+    is unavailable).
+
+    Why (``benchmarks/results/2026-12-07-decode-step.md``): on a 2-core machine whose cores
+    other processes share, 2 threads decode many times slower than 1, for attnkit and llama.cpp
+    alike, because each step waits at every barrier for the thread that lost its core; on idle
+    cores the second thread helps (the prefill most)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        busy = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return cores
+    return max(1, cores - int(busy))
+
+
 def load(args: argparse.Namespace, path: Path):
     """``(model, TextTokenizer)`` of the checkpoint at ``path`` (from :func:`check_model_options`),
     the model packed for the CPU or quantized to int8 as asked, with a spinner on a terminal."""
@@ -111,8 +130,7 @@ def load(args: argparse.Namespace, path: Path):
     from ..models.quant import is_quantized
     from ..models.registry import identify_causal
 
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads if args.threads is not None else default_threads())
     with Console(stderr=True).status(f"loading {path.name}"):
         checkpoint = identify_causal(path)
         if args.int8 and not checkpoint.family.quantizable:
