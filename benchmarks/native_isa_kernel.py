@@ -6,8 +6,9 @@ prints the best and the median of ``--repeats`` rounds of the thread's CPU time,
 per second of the forward pass, and backward / forward. ``--source DIR`` also builds
 ``DIR/band_attention.c`` (an older version, say: ``git show REV:src/attnkit/kernels/csrc/band_attention.c
 > DIR/band_attention.c``) for the same builds, to compare versions: the two builds of each ISA take
-turns round by round, so that both see the same load. CPU time on one thread is what other processes on a
-shared machine change least. Writes JSON too.
+turns round by round, so that both see the same load. ``--softcap C`` also times each build with
+soft-capping at C (``attnkit.softcap``), taking turns with the plain kernel in the same way. CPU time on
+one thread is what other processes on a shared machine change least. Writes JSON too.
 """
 
 from __future__ import annotations
@@ -23,16 +24,19 @@ from pathlib import Path
 import torch
 
 from attnkit.kernels import band_native, native_build
+from attnkit.kernels.score_mods import softcap
 
 
 _SIZE_TYPES = [ctypes.c_int64] * 7 + [ctypes.c_float, ctypes.c_int]
+_MOD_TYPES = [ctypes.c_int, ctypes.c_float, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
 
 
-def _entry_points(library: ctypes.CDLL, q, k, v, band, scale: float):
-    """``(forward, backward)`` calls of one library's entry points on these inputs (one thread)."""
-    library.band_attention_forward.argtypes = [ctypes.c_void_p] * 5 + _SIZE_TYPES
-    library.band_attention_backward.argtypes = [ctypes.c_void_p] * 9 + _SIZE_TYPES
-    sizes = band_native._sizes(q, k, band, scale)
+def _entry_points(library: ctypes.CDLL, q, k, v, band, scale: float, score_mod=None):
+    """``(forward, backward)`` calls of one library's entry points on these inputs (one thread),
+    with ``score_mod`` (None, or a soft-cap: no parameter to differentiate)."""
+    library.band_attention_forward.argtypes = [ctypes.c_void_p] * 5 + _SIZE_TYPES + _MOD_TYPES
+    library.band_attention_backward.argtypes = [ctypes.c_void_p] * 9 + _SIZE_TYPES + _MOD_TYPES + [ctypes.c_void_p]
+    sizes = band_native._sizes(q, k, band, scale) + band_native.mod_arguments(q, score_mod)[0]
     out, lse = torch.empty_like(q), torch.empty(q.shape[:-1])
     d_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
 
@@ -46,7 +50,7 @@ def _entry_points(library: ctypes.CDLL, q, k, v, band, scale: float):
     def backward():
         d_k.zero_(), d_v.zero_()  # the entry point adds into them
         library.band_attention_backward(q.data_ptr(), k.data_ptr(), v.data_ptr(), lse.data_ptr(), d_out.data_ptr(),
-                                        delta.data_ptr(), d_q.data_ptr(), d_k.data_ptr(), d_v.data_ptr(), *sizes)
+                                        delta.data_ptr(), d_q.data_ptr(), d_k.data_ptr(), d_v.data_ptr(), *sizes, None)
 
     return forward, backward
 
@@ -72,6 +76,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=8192)
     parser.add_argument("--window", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--softcap", type=float, help="also time soft-capping at this cap")
     parser.add_argument("--json", default="benchmarks/results/native_isa_kernel.json")
     args = parser.parse_args()
     torch.set_num_threads(1)  # the kernel then runs on this thread: its CPU time is the call's
@@ -81,7 +86,7 @@ def main() -> None:
     sources = {"current": native_build.SOURCE_DIR, **({"--source": Path(args.source)} if args.source else {})}
     multiply_adds = 2 * 8 * args.seq * args.window * 64  # the band's q.k and p.v products
     rows = []
-    print(f"{'source':<9} {'build':<48} {'forward ms':>10} {'median':>7} {'GFMA/s':>7} {'backward ms':>11} "
+    print(f"{'source':<16} {'build':<48} {'forward ms':>10} {'median':>7} {'GFMA/s':>7} {'backward ms':>11} "
           f"{'median':>7} {'bwd / fwd':>9}")
     for isa in args.isa or ["auto", "avx2", "generic"]:
         calls, paths = {}, {}
@@ -90,10 +95,15 @@ def main() -> None:
             native_build.clear_cache()
             built = native_build.load_native("band_attention", isa)
             if built.library is None:
-                print(f"{label:<9} {isa}: {built.message}")
+                print(f"{label:<16} {isa}: {built.message}")
                 continue
             paths[label] = built.isa or "(not reported)"
             calls[f"{label} forward"], calls[f"{label} backward"] = _entry_points(built.library, q, k, v, band, 0.125)
+            if args.softcap is not None:
+                capped = f"{label}+softcap"
+                paths[capped] = paths[label]
+                calls[f"{capped} forward"], calls[f"{capped} backward"] = _entry_points(
+                    built.library, q, k, v, band, 0.125, softcap(args.softcap))
         times = _cpu_ms(calls, args.repeats)
         for label, path in paths.items():
             forward, backward = times[f"{label} forward"], times[f"{label} backward"]
@@ -103,13 +113,14 @@ def main() -> None:
                    "forward_gfma_s": multiply_adds / min(forward) / 1e6, "forward_samples_ms": forward,
                    "backward_samples_ms": backward}
             rows.append(row)
-            print(f"{label:<9} {isa + ': ' + path:<48} {row['forward_ms']:>10.1f} {row['forward_median_ms']:>7.1f} "
+            print(f"{label:<16} {isa + ': ' + path:<48} {row['forward_ms']:>10.1f} {row['forward_median_ms']:>7.1f} "
                   f"{row['forward_gfma_s']:>7.1f} {row['backward_ms']:>11.1f} {row['backward_median_ms']:>7.1f} "
                   f"{row['backward_ms'] / row['forward_ms']:>9.2f}", flush=True)
     native_build.SOURCE_DIR = sources["current"]
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
     with open(args.json, "w", encoding="utf-8") as out_file:
-        json.dump({"seq": args.seq, "window": args.window, "clock": "thread CPU time, one thread", "rows": rows},
+        json.dump({"seq": args.seq, "window": args.window, "softcap": args.softcap,
+                   "clock": "thread CPU time, one thread", "rows": rows},
                   out_file, indent=1)
     print(f"wrote {args.json}")
 

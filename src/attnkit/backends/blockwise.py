@@ -19,7 +19,7 @@ class BlockwiseBackend(Backend):
     def cost(self, problem):
         bottom_right = problem.positions is None
         # The sparse planner's patterns: it computes fewer pairs, but it takes no padding mask.
-        if bottom_right and problem.key_padding_mask is None and planned(problem) and problem.score_mod is None:
+        if bottom_right and problem.key_padding_mask is None and planned(problem):
             return math.inf
         if bottom_right and full_or_causal(problem):  # tiles cover at least half of the square
             return float(problem.square)
