@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import attnkit
-from attnkit import Causal, Full, PerHead, SlidingWindow, Strided, attention
+from attnkit import Causal, Document, Full, PerHead, SlidingWindow, Strided, attention
 from attnkit.backends import make_problem
 from attnkit.backends.registry import BY_NAME
 from attnkit.backends import sparse as sparse_backend
@@ -76,6 +76,9 @@ def cases(draw):
                                     Strided(4), Causal() & SlidingWindow(17)]))
     kind = draw(st.sampled_from(KINDS))
     explicit = draw(st.booleans())
+    if not explicit and draw(st.booleans()):  # packed documents, empty and 1-token ones included
+        cuts = sorted(draw(st.lists(st.integers(0, n_k), max_size=4)))
+        pattern = pattern & Document([b - a for a, b in zip([0, *cuts], [*cuts, n_k])])
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
     n_q_heads = n_kv_heads * groups
     # Large scores, so that softcap bends them (tanh far from linear).
@@ -129,6 +132,12 @@ def test_score_mod_equals_the_float64_formula(backend, case):
     q, k, v, pattern, kind, parameter, positions = case
     if backend == "dense" and kind == "softcap":
         return  # dense refuses it: test_dense_refuses_softcap_and_auto_routes_around_it
+    mod = make_mod(kind, parameter)
+    if backend == "sparse" and BY_NAME["sparse"].accepts(make_problem(q, k, v, pattern, None, True, score_mod=mod)):
+        assert "Document" in repr(pattern)  # its document kernel applies no score mod yet
+        with pytest.raises(ValueError, match="does not apply a score_mod to Document patterns yet"):
+            _check(backend, case)
+        return
     _check(backend, case)
 
 
