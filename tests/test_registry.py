@@ -161,13 +161,13 @@ def test_a_gguf_file_is_parsed_once_per_command(tmp_path, monkeypatch, capsys):
 
     file = write_gguf(tmp_path / "tiny.gguf", tiny_model(tiny_config()), T.F32)
     parses = []
-    reader = gguf.GGUFReader
+    parse = gguf.GGUFReader.__init__
 
-    def counting_reader(*args, **kwargs):
-        parses.append(args[0])
-        return reader(*args, **kwargs)
+    def counting_parse(self, path, *args, **kwargs):  # attnkit's reader is a subclass: count the parse itself
+        parses.append(path)
+        parse(self, path, *args, **kwargs)
 
-    monkeypatch.setattr(gguf, "GGUFReader", counting_reader)
+    monkeypatch.setattr(gguf.GGUFReader, "__init__", counting_parse)
     assert main(["generate", "--model", str(file), "--chat", "hi", "--max-new-tokens", "1", "--no-pack"]) == 0
     assert len(parses) == 1
     parses.clear()
