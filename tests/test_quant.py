@@ -17,11 +17,11 @@ import torch
 
 from gguf_files import T, gguf, random_blocks, tiny_config, tiny_model, write_gguf
 from attnkit.kernels import native_build, quant_native, quant_ops
-from attnkit.kernels.quant_native import (FORMATS, quant_dequantize, quant_format, quant_matmul, to_gguf_layout,
-                                          to_kernel_layout)
+from attnkit.kernels.quant_native import (ACTIVATION_BLOCK, FORMATS, quant_dequantize, quant_format, quant_matmul,
+                                          quantize_activations, to_gguf_layout, to_kernel_layout)
 from attnkit.kernels.quant_ops import NATIVE_ROWS, quant_embedding, quant_linear
 from attnkit.models.llama.gguf_checkpoint import load_gguf
-from attnkit.models.quant import QuantizedEmbedding, QuantizedLinear, is_quantized
+from attnkit.models.quant import QuantizedEmbedding, QuantizedLinear, is_quantized, set_quant_activations
 
 IN_FEATURES = 512  # whole blocks of every format (256 for the K-quants)
 OUT_FEATURES = 67  # several chunks of work, and an odd last one
@@ -87,6 +87,76 @@ def test_matmul_equals_x_times_the_dequantized_weight(isa, fmt, threads):
         torch.set_num_threads(previous)
 
 
+def assert_int8_product(y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> float:
+    """``y`` equals ``x @ weight.T`` within the error of int8 activations: per block of 32, the
+    block's scale ``d`` over 2 times ``sum |w|`` of the block (``|x - xq d| <= d / 2``), plus float32
+    rounding. Returns the largest error as a fraction of that bound."""
+    _, d = quantize_activations(x)
+    per_block = weight.double().abs().reshape(weight.shape[0], -1, ACTIVATION_BLOCK).sum(-1)
+    bound = (d.double() / 2) @ per_block.T + 1e-5 * (x.double().abs() @ weight.double().abs().T)
+    error = (y.double() - x.double() @ weight.double().T).abs()
+    assert y.dtype == torch.float32 and y.shape == bound.shape
+    assert bool((error <= bound).all()), float((error / bound).max())
+    return float((error / bound).max())
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("isa", ISAS)
+def test_int8_activations_stay_within_their_error_bound(isa, fmt, threads):
+    """Every format, every build (VNNI, AVX2's maddubs, plain C), one row, a row block and a
+    ragged one: within the bound of the activations' rounding, and exactly the product of the
+    rounded activations where the format has no offset term (Q8_0: nothing but the integer sums)."""
+    rows, weight = file_rows(fmt, seed=threads)
+    blocks = to_kernel_layout(rows, FORMATS[fmt])
+    generator = torch.Generator().manual_seed(9)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for m in (1, 2, 4, 7):
+            x = torch.randn(m, IN_FEATURES, generator=generator) * torch.rand(m, 1, generator=generator) * 10
+            x[0, :ACTIVATION_BLOCK] = 0  # a block of zeros: d = 0
+            y = quant_matmul(x, blocks, FORMATS[fmt], activations="int8", isa=isa)
+            fraction = assert_int8_product(y, x, weight)
+            assert fraction > 1e-3  # the activations were rounded: not the float32 path
+            if fmt == "Q8_0":
+                xq, d = quantize_activations(x)
+                rounded = (xq.float().reshape(m, -1, ACTIVATION_BLOCK) * d.unsqueeze(-1)).reshape(m, -1)
+                assert_float32_product(y, rounded, weight)
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_int8_activations_carry_nan_and_infinity(isa):
+    rows, weight = file_rows("Q4_1")
+    blocks = to_kernel_layout(rows, FORMATS["Q4_1"])
+    x = torch.randn(2, IN_FEATURES)
+    x[0, 40], x[1, 100] = float("nan"), float("inf")
+    y = quant_matmul(x, blocks, FORMATS["Q4_1"], activations="int8", isa=isa)
+    assert bool(y.isnan().all())  # as in float32: NaN, and inf times weights of both signs
+
+
+def test_quantized_activations_round_half_to_even_per_block():
+    x = torch.zeros(1, 64)
+    x[0, 0], x[0, 1], x[0, 2], x[0, 3] = 127.0, 0.5, 1.5, -2.5  # d = 1 in the first block
+    x[0, 32] = -254.0  # d = 2 in the second
+    xq, d = quantize_activations(x)
+    assert d.tolist() == [[1.0, 2.0]]
+    assert xq[0, :4].tolist() == [127, 0, 2, -2] and xq[0, 32] == -127 and xq.dtype == torch.int8
+
+
+@pytest.mark.parametrize("fmt", ["Q4_1", "Q6_K"])
+def test_int8_activations_without_the_library_stay_within_the_bound(fmt, monkeypatch):
+    """The fallback multiplies the rounded activations by the dequantized weight (the native kernel
+    keeps the float sums of x for the formats' offsets, so the two differ, each within the bound)."""
+    rows, weight = file_rows(fmt)
+    blocks = to_kernel_layout(rows, FORMATS[fmt])
+    monkeypatch.setattr(quant_native, "_library", lambda isa=None: None)
+    x = torch.randn(3, IN_FEATURES, generator=torch.Generator().manual_seed(10))
+    assert assert_int8_product(quant_matmul(x, blocks, FORMATS[fmt], activations="int8"), x, weight) > 1e-3
+
+
 @pytest.mark.parametrize("fmt", ["Q8_0", "Q4_1", "Q6_K"])
 def test_quant_linear_for_every_row_count_and_tile(fmt, monkeypatch):
     """The native kernel up to NATIVE_ROWS rows, dequantized tiles (whole, and several) beyond."""
@@ -147,6 +217,10 @@ def test_bad_inputs_are_rejected_with_the_reason():
         QuantizedLinear(blocks, "Q8_0")(torch.randn(1, 480))
     with pytest.raises(ValueError, match="whole Q4_1 blocks"):
         QuantizedLinear(blocks, "Q4_1")
+    with pytest.raises(ValueError, match="activations must be one of float32, int8, got 'int4'"):
+        quant_matmul(torch.randn(2, IN_FEATURES), blocks, quant, activations="int4")
+    with pytest.raises(ValueError, match="activations must be one of float32, int8, got 'fp8'"):
+        set_quant_activations(QuantizedLinear(blocks, "Q8_0"), "fp8")
 
 
 def test_layers_keep_the_input_dtype_and_a_tied_head_shares_the_blocks():
@@ -161,6 +235,11 @@ def test_layers_keep_the_input_dtype_and_a_tied_head_shares_the_blocks():
     assert_float32_product(head(x).reshape(6, -1), x.reshape(6, -1), weight)
     assert head(x.bfloat16()).dtype == torch.bfloat16
     assert "fmt=Q8_0" in repr(head) and "fmt=Q8_0" in repr(embedding)
+    set_quant_activations(head, "int8")
+    assert "activations=int8" in repr(head)
+    assert_int8_product(head(x).reshape(6, -1), x.reshape(6, -1), weight)
+    many = torch.randn(NATIVE_ROWS + 1, IN_FEATURES)  # a prefill: dequantized tiles, float32 activations
+    assert_float32_product(head(many), many, weight)
 
 
 @pytest.mark.parametrize("kind,tied", [(T.Q8_0, True), (T.Q4_1, False), (T.Q4_K, False), (T.Q6_K, True)],

@@ -52,6 +52,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                         "blocks, and fp32 dequantizes them: the exact reference)")
     parser.add_argument("--int8", action="store_true",
                         help="weight-only int8 linear layers (per-output-channel scales): half the bytes of bf16")
+    parser.add_argument("--activations", choices=("float32", "int8"),
+                        help="GGUF blocks kept quantized: multiply float32 activations (exact) or quantize them "
+                        "to int8 per block of 32 for integer dot products (default: the library's)")
     parser.add_argument("--no-pack", action="store_true", help="skip oneDNN weight packing on CPU")
     parser.add_argument("--threads", type=int, metavar="N",
                         help="CPU threads of the model (default: torch's, one per core)")
@@ -108,7 +111,7 @@ def load(args: argparse.Namespace, path: Path):
 
     from ..models.cpu_pack import pack_for_cpu
     from ..models.int8 import quantize_int8
-    from ..models.quant import is_quantized
+    from ..models.quant import is_quantized, set_quant_activations
     from ..models.registry import identify_causal
 
     if args.threads is not None:
@@ -122,6 +125,8 @@ def load(args: argparse.Namespace, path: Path):
         if args.int8 and dtype is None and checkpoint.format == "gguf":
             dtype = torch.float32  # int8 quantizes float weights: a GGUF file's blocks are dequantized first
         model = checkpoint.load(dtype=dtype)
+    if getattr(args, "activations", None):
+        set_quant_activations(model, args.activations)
     if args.int8:
         quantize_int8(model)
     elif (not args.no_pack and checkpoint.family.quantizable and torch.backends.mkldnn.is_available()
