@@ -126,6 +126,23 @@ def _library(isa: Optional[str] = None) -> Optional[ctypes.CDLL]:
     return library
 
 
+_threads: Optional[int] = None
+
+
+def set_kernel_threads(threads: Optional[int]) -> None:
+    """Threads of the kernels' pool: ``threads`` (>= 1), or None to follow ``torch.get_num_threads()``
+    (the default). ValueError for another value."""
+    global _threads
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"set_kernel_threads: threads must be a positive int or None, got {threads!r}")
+    _threads = threads
+
+
+def kernel_threads() -> int:
+    """Threads the next kernel call may use (see :func:`set_kernel_threads`)."""
+    return torch.get_num_threads() if _threads is None else _threads
+
+
 def quant_native_available(isa: Optional[str] = None) -> bool:
     """Whether the kernel library is built for ``isa`` (``$ATTNKIT_NATIVE_ISA`` when None)."""
     return _library(isa) is not None
@@ -195,7 +212,7 @@ def quant_dequantize(blocks: torch.Tensor, fmt: QuantFormat, rows: Optional[torc
     index = None if rows is None else rows.reshape(-1).to(torch.int64).contiguous()
     status = library.gguf_dequantize(fmt.ggml_type, blocks.data_ptr(), blocks.shape[0], in_features,
                                      None if index is None else index.data_ptr(), count, out.data_ptr(),
-                                     torch.get_num_threads())
+                                     kernel_threads())
     if status == 3:
         raise IndexError(f"quant_dequantize: row indices must lie in [0, {blocks.shape[0]})")
     _status("quant_dequantize", status)
@@ -253,11 +270,12 @@ def quant_matmul(x: torch.Tensor, blocks: torch.Tensor, fmt: QuantFormat, *, act
     out = torch.empty(x.shape[0], blocks.shape[0])
     _status("quant_matmul", library.gguf_matmul(fmt.ggml_type, x.data_ptr(), x.shape[0], in_features,
                                                 blocks.data_ptr(), blocks.shape[0], out.data_ptr(),
-                                                torch.get_num_threads(), activations == "int8"))
+                                                kernel_threads(), activations == "int8"))
     return out
 
 
 add_status_note(_SOURCE, lambda: "GGUF quantized weights kept in their blocks (Q8_0 Q4_1 Q5_0 Q4_K Q6_K)")
 
 __all__ = ["ACTIVATIONS", "ACTIVATION_BLOCK", "FORMATS", "QuantFormat", "quant_dequantize", "quant_format",
-           "quant_matmul", "quant_native_available", "quantize_activations", "to_gguf_layout", "to_kernel_layout"]
+           "kernel_threads", "quant_matmul", "quant_native_available", "quantize_activations",
+           "set_kernel_threads", "to_gguf_layout", "to_kernel_layout"]
