@@ -17,8 +17,9 @@ import torch
 
 from gguf_files import T, gguf, random_blocks, tiny_config, tiny_model, write_gguf
 from attnkit.kernels import native_build, quant_native, quant_ops
-from attnkit.kernels.quant_native import (ACTIVATION_BLOCK, FORMATS, quant_dequantize, quant_format, quant_matmul,
-                                          quantize_activations, to_gguf_layout, to_kernel_layout)
+from attnkit.kernels.quant_native import (ACTIVATION_BLOCK, FORMATS, kernel_threads, quant_dequantize, quant_format,
+                                          quant_matmul, quantize_activations, set_kernel_threads, to_gguf_layout,
+                                          to_kernel_layout)
 from attnkit.kernels.quant_ops import NATIVE_ROWS, quant_embedding, quant_linear
 from attnkit.models.llama.gguf_checkpoint import load_gguf
 from attnkit.models.quant import QuantizedEmbedding, QuantizedLinear, is_quantized, set_quant_activations
@@ -105,8 +106,8 @@ def assert_int8_product(y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) 
 @pytest.mark.parametrize("isa", ISAS)
 def test_int8_activations_stay_within_their_error_bound(isa, fmt, threads):
     """Every format, every build (VNNI, AVX2's maddubs, plain C), one row, a row block and a
-    ragged one: within the bound of the activations' rounding, and exactly the product of the
-    rounded activations where the format has no offset term (Q8_0: nothing but the integer sums)."""
+    ragged one: the product of the rounded activations at float32 rounding, so within the bound
+    of the activations' rounding."""
     rows, weight = file_rows(fmt, seed=threads)
     blocks = to_kernel_layout(rows, FORMATS[fmt])
     generator = torch.Generator().manual_seed(9)
@@ -119,10 +120,9 @@ def test_int8_activations_stay_within_their_error_bound(isa, fmt, threads):
             y = quant_matmul(x, blocks, FORMATS[fmt], activations="int8", isa=isa)
             fraction = assert_int8_product(y, x, weight)
             assert fraction > 1e-3  # the activations were rounded: not the float32 path
-            if fmt == "Q8_0":
-                xq, d = quantize_activations(x)
-                rounded = (xq.float().reshape(m, -1, ACTIVATION_BLOCK) * d.unsqueeze(-1)).reshape(m, -1)
-                assert_float32_product(y, rounded, weight)
+            xq, d = quantize_activations(x)
+            rounded = (xq.float().reshape(m, -1, ACTIVATION_BLOCK) * d.unsqueeze(-1)).reshape(m, -1)
+            assert_float32_product(y, rounded, weight)
     finally:
         torch.set_num_threads(previous)
 
@@ -147,14 +147,52 @@ def test_quantized_activations_round_half_to_even_per_block():
 
 
 @pytest.mark.parametrize("fmt", ["Q4_1", "Q6_K"])
-def test_int8_activations_without_the_library_stay_within_the_bound(fmt, monkeypatch):
-    """The fallback multiplies the rounded activations by the dequantized weight (the native kernel
-    keeps the float sums of x for the formats' offsets, so the two differ, each within the bound)."""
+def test_int8_activations_without_the_library_are_the_same_product(fmt, monkeypatch):
+    """The fallback multiplies the rounded activations by the dequantized weight, as the kernel."""
     rows, weight = file_rows(fmt)
     blocks = to_kernel_layout(rows, FORMATS[fmt])
-    monkeypatch.setattr(quant_native, "_library", lambda isa=None: None)
     x = torch.randn(3, IN_FEATURES, generator=torch.Generator().manual_seed(10))
-    assert assert_int8_product(quant_matmul(x, blocks, FORMATS[fmt], activations="int8"), x, weight) > 1e-3
+    native = quant_matmul(x, blocks, FORMATS[fmt], activations="int8")
+    monkeypatch.setattr(quant_native, "_library", lambda isa=None: None)
+    fallback = quant_matmul(x, blocks, FORMATS[fmt], activations="int8")
+    assert assert_int8_product(fallback, x, weight) > 1e-3
+    scale = x.abs() @ weight.abs().T
+    assert float(((fallback - native).abs() / scale).max()) <= 2e-5
+
+
+def test_kernel_threads_apart_from_torchs():
+    """The pool may run more threads than torch's ops (torch on one, the kernels on two)."""
+    rows, weight = file_rows("Q4_1", out_features=3000)  # enough chunks for two threads
+    blocks = to_kernel_layout(rows, FORMATS["Q4_1"])
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert kernel_threads() == 1
+        set_kernel_threads(2)
+        assert kernel_threads() == 2 and torch.get_num_threads() == 1
+        x = torch.randn(1, IN_FEATURES, generator=torch.Generator().manual_seed(11))
+        for activations, check in (("float32", assert_float32_product), ("int8", assert_int8_product)):
+            check(quant_matmul(x, blocks, FORMATS["Q4_1"], activations=activations), x, weight)
+    finally:
+        set_kernel_threads(None)
+        torch.set_num_threads(previous)
+    assert kernel_threads() == previous
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="threads must be a positive int or None"):
+            set_kernel_threads(bad)
+
+
+def test_generate_cli_sets_the_activations(tmp_path):
+    import argparse
+
+    from attnkit.cli.generate import add_model_options, load
+
+    path = write_gguf(tmp_path / "m.gguf", tiny_model(tiny_config()), T.Q4_1)
+    parser = argparse.ArgumentParser()
+    add_model_options(parser)
+    for flags, expected in (([], "float32"), (["--activations", "int8"], "int8")):
+        model, _ = load(parser.parse_args(flags), path)
+        assert {m.activations for m in model.modules() if isinstance(m, QuantizedLinear)} == {expected}
 
 
 @pytest.mark.parametrize("fmt", ["Q8_0", "Q4_1", "Q6_K"])

@@ -4,11 +4,12 @@
  * xq_i = round(x_i / d), an int8 in [-127, 127] (quantize_activations). The share of a group of
  * weights w_i = s (q_i - z) + o in an output is then computed as
  *
- *     s d (sum_i q_i xq_i) + (o - z s) (sum_i x_i)
+ *     s d (sum_i q_i xq_i) + (o - z s) d (sum_i xq_i)
  *
- * with the integer sum exact (32 products of a byte by an int8, at most 32 * 255 * 127), the sum
- * of x the float one (unchanged), so the only error against x @ dequantized(w)^T besides float32
- * rounding is that of xq: |x_i - d xq_i| <= d / 2, at most (d / 2) sum_i |w_i| per block of 32.
+ * with the integer sums exact (32 products of a byte by an int8, at most 32 * 255 * 127): the
+ * product of the rounded activations d xq by the weights, so the only error against
+ * x @ dequantized(w)^T besides float32 rounding is that of xq: |x_i - d xq_i| <= d / 2, at most
+ * (d / 2) sum_i |w_i| per block of 32.
  *
  * The 32 weights of a block of x are 32 bytes of one 256-bit vector (their q, unsigned, except
  * Q8_0's signed q), multiplied with the block's 32 xq into 8 int32 sums of 4 neighbours:

@@ -237,14 +237,25 @@ int gguf_matmul(int type, const float *x, int64_t m, int64_t k, const uint8_t *w
     const int64_t floats = m * groups + (int8_x ? m * k / XBLOCK : 0);
     float *xsum = malloc((size_t)floats * sizeof(float) + (int8_x ? (size_t)(m * k) : 1));
     if (xsum == NULL) return STATUS_NO_MEMORY;
-    for (int64_t i = 0; i < m * groups; i++) {
-        float total = 0.0f;
-        for (int64_t j = 0; j < group; j++) total += x[i * group + j];
-        xsum[i] = total;
-    }
     float *xd = int8_x ? xsum + m * groups : NULL;
     int8_t *xq = int8_x ? (int8_t *)(xsum + floats) : NULL;
-    if (int8_x) quantize_activations(x, m, k, xq, xd);
+    if (int8_x) {
+        /* The group sums of the quantized x: a weight's offset then meets the same x as its
+         * integer part, and the error is that of x @ w^T with x rounded (sum |w| d / 2 per block),
+         * not the larger one of its integer part alone. */
+        quantize_activations(x, m, k, xq, xd);
+        for (int64_t i = 0; i < m * groups; i++) {
+            int32_t total = 0;
+            for (int64_t j = 0; j < group; j++) total += xq[i * group + j];
+            xsum[i] = (float)total * xd[i * group / XBLOCK];
+        }
+    } else {
+        for (int64_t i = 0; i < m * groups; i++) {
+            float total = 0.0f;
+            for (int64_t j = 0; j < group; j++) total += x[i * group + j];
+            xsum[i] = total;
+        }
+    }
     const int64_t blocks = k / block_weights(type), row_bytes = blocks * block_bytes(type);
     int64_t per_chunk = CHUNK_BYTES / row_bytes;
     if (per_chunk < 1) per_chunk = 1;
