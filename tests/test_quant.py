@@ -17,9 +17,9 @@ import torch
 
 from gguf_files import T, gguf, random_blocks, tiny_config, tiny_model, write_gguf
 from attnkit.kernels import native_build, quant_native, quant_ops
-from attnkit.kernels.quant_native import (ACTIVATION_BLOCK, FORMATS, kernel_threads, quant_dequantize, quant_format,
-                                          quant_matmul, quantize_activations, set_kernel_threads, to_gguf_layout,
-                                          to_kernel_layout)
+from attnkit.kernels.quant_native import (ACTIVATION_BLOCK, ACTIVATIONS, FORMATS, kernel_threads, quant_dequantize,
+                                          quant_format, quant_matmul, quantize_activations, set_kernel_threads,
+                                          to_gguf_layout, to_kernel_layout)
 from attnkit.kernels.quant_ops import NATIVE_ROWS, quant_embedding, quant_linear
 from attnkit.models.llama.gguf_checkpoint import load_gguf
 from attnkit.models.quant import QuantizedEmbedding, QuantizedLinear, is_quantized, set_quant_activations
@@ -70,24 +70,6 @@ def test_dequantize_equals_the_gguf_package_bit_for_bit(isa, fmt):
     assert torch.equal(quant_dequantize(blocks, FORMATS[fmt], ids, isa=isa), weight[ids])
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("isa", ISAS)
-def test_matmul_equals_x_times_the_dequantized_weight(isa, fmt, threads):
-    """One row (decoding), a row block and a ragged last block, on one thread and on the pool."""
-    rows, weight = file_rows(fmt, seed=threads)
-    blocks = to_kernel_layout(rows, FORMATS[fmt])
-    generator = torch.Generator().manual_seed(3)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        for m in (1, 2, 4, 7):
-            x = torch.randn(m, IN_FEATURES, generator=generator)
-            assert_float32_product(quant_matmul(x, blocks, FORMATS[fmt], isa=isa), x, weight)
-    finally:
-        torch.set_num_threads(previous)
-
-
 def assert_int8_product(y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> float:
     """``y`` equals ``x @ weight.T`` within the error of int8 activations: per block of 32, the
     block's scale ``d`` over 2 times ``sum |w|`` of the block (``|x - xq d| <= d / 2``), plus float32
@@ -101,25 +83,29 @@ def assert_int8_product(y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) 
     return float((error / bound).max())
 
 
+@pytest.mark.parametrize("activations", ACTIVATIONS)
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("isa", ISAS)
-def test_int8_activations_stay_within_their_error_bound(isa, fmt, threads):
-    """Every format, every build (VNNI, AVX2's maddubs, plain C), one row, a row block and a
-    ragged one: the product of the rounded activations at float32 rounding, so within the bound
-    of the activations' rounding."""
+def test_matmul_equals_x_times_the_dequantized_weight(isa, fmt, threads, activations):
+    """One row (decoding), a row block and a ragged last block, on one thread and on the pool.
+    float32 activations: ``x @ W.T`` at float32 rounding. int8 ones (VNNI, AVX2's maddubs, plain
+    C): the product of the rounded activations at float32 rounding, so within the bound of their
+    rounding, and not the float32 product."""
     rows, weight = file_rows(fmt, seed=threads)
     blocks = to_kernel_layout(rows, FORMATS[fmt])
-    generator = torch.Generator().manual_seed(9)
+    generator = torch.Generator().manual_seed(3)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         for m in (1, 2, 4, 7):
             x = torch.randn(m, IN_FEATURES, generator=generator) * torch.rand(m, 1, generator=generator) * 10
-            x[0, :ACTIVATION_BLOCK] = 0  # a block of zeros: d = 0
-            y = quant_matmul(x, blocks, FORMATS[fmt], activations="int8", isa=isa)
-            fraction = assert_int8_product(y, x, weight)
-            assert fraction > 1e-3  # the activations were rounded: not the float32 path
+            x[0, :ACTIVATION_BLOCK] = 0  # a block of zeros (d = 0 for int8)
+            y = quant_matmul(x, blocks, FORMATS[fmt], activations=activations, isa=isa)
+            if activations == "float32":
+                assert_float32_product(y, x, weight)
+                continue
+            assert assert_int8_product(y, x, weight) > 1e-3  # the activations were rounded
             xq, d = quantize_activations(x)
             rounded = (xq.float().reshape(m, -1, ACTIVATION_BLOCK) * d.unsqueeze(-1)).reshape(m, -1)
             assert_float32_product(y, rounded, weight)
