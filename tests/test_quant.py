@@ -168,7 +168,7 @@ def test_kernel_threads_apart_from_torchs():
             set_kernel_threads(bad)
 
 
-def test_generate_cli_sets_the_activations(tmp_path):
+def test_generate_cli_sets_the_activations_and_threads(tmp_path):
     import argparse
 
     from attnkit.cli.generate import add_model_options, load
@@ -176,9 +176,20 @@ def test_generate_cli_sets_the_activations(tmp_path):
     path = write_gguf(tmp_path / "m.gguf", tiny_model(tiny_config()), T.Q4_1)
     parser = argparse.ArgumentParser()
     add_model_options(parser)
-    for flags, expected in (([], "float32"), (["--activations", "int8"], "int8")):
-        model, _ = load(parser.parse_args(flags), path)
-        assert {m.activations for m in model.modules() if isinstance(m, QuantizedLinear)} == {expected}
+    previous = torch.get_num_threads()
+    try:
+        for flags, expected in (([], "float32"), (["--activations", "int8"], "int8")):
+            torch.set_num_threads(2)
+            model, _ = load(parser.parse_args(flags), path)
+            assert {m.activations for m in model.modules() if isinstance(m, QuantizedLinear)} == {expected}
+            # without --threads: torch's ops on one thread, the kernels on the two
+            assert (torch.get_num_threads(), kernel_threads()) == (1, 2)
+        set_kernel_threads(None)
+        load(parser.parse_args(["--threads", "2"]), path)
+        assert (torch.get_num_threads(), kernel_threads()) == (2, 2)
+    finally:
+        set_kernel_threads(None)
+        torch.set_num_threads(previous)
 
 
 @pytest.mark.parametrize("fmt", ["Q8_0", "Q4_1", "Q6_K"])

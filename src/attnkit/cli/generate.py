@@ -57,7 +57,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                         "to int8 per block of 32 for integer dot products (default: the library's)")
     parser.add_argument("--no-pack", action="store_true", help="skip oneDNN weight packing on CPU")
     parser.add_argument("--threads", type=int, metavar="N",
-                        help="CPU threads of the model (default: torch's, one per core)")
+                        help="CPU threads of the model (default: torch's, one per core; a GGUF file's kept "
+                        "blocks: the quantized kernels on every core, torch's other ops on one)")
     parser.add_argument("--compile", action="store_true",
                         help="compile the decoding step with torch.compile (the same tokens; the first step "
                         "compiles, which takes minutes on a small CPU)")
@@ -109,6 +110,7 @@ def load(args: argparse.Namespace, path: Path):
     the model packed for the CPU or quantized to int8 as asked, with a spinner on a terminal."""
     import torch  # here, not at the top: the options and the path are checked before torch loads
 
+    from ..kernels.quant_native import set_kernel_threads
     from ..models.cpu_pack import pack_for_cpu
     from ..models.int8 import quantize_int8
     from ..models.quant import is_quantized, set_quant_activations
@@ -127,6 +129,11 @@ def load(args: argparse.Namespace, path: Path):
         model = checkpoint.load(dtype=dtype)
     if getattr(args, "activations", None):
         set_quant_activations(model, args.activations)
+    if args.threads is None and is_quantized(model):
+        # Measured on 2 shared cores (benchmarks/results/2026-12-07-quant-kernels.md): torch's ops
+        # on one thread and the kernels' pool, which shares work dynamically, on every core.
+        set_kernel_threads(torch.get_num_threads())
+        torch.set_num_threads(1)
     if args.int8:
         quantize_int8(model)
     elif (not args.no_pack and checkpoint.family.quantizable and torch.backends.mkldnn.is_available()

@@ -11,12 +11,15 @@ converter) or concatenating the rows of several weights of one format is a tenso
   registers and multiplied in float32, so the result equals ``x @ quant_dequantize(...).T`` up to
   float32 rounding. One row (decoding) reads each weight byte once; a few rows share each decoded
   piece. Many rows (a prefill) are better served by dequantizing tiles and calling a float matrix
-  product (:func:`.quant_ops.quant_linear` does).
+  product (:func:`.quant_ops.quant_linear` does). With ``activations="int8"`` (an option) ``x`` is
+  first quantized to int8 per block of 32 and multiplied by integer dot products (llama.cpp's
+  method, ``csrc/gguf_int8.h``): the exact product of the rounded ``x``.
 - :func:`quant_dequantize`: chosen rows (an embedding lookup) or all rows as float32, bit for bit
   the values of the ``gguf`` package's dequantization.
 
-Both run on ``torch.get_num_threads()`` threads of the kernel's own pool, which share a call by
-taking chunks from a counter (see ``csrc/gguf_pool.h``). :mod:`.quant_ops` builds the products a
+Both run on :func:`kernel_threads` threads (``torch.get_num_threads()`` unless
+:func:`set_kernel_threads` says otherwise) of the kernel's own pool, which share a call by taking
+chunks from a counter (see ``csrc/gguf_pool.h``). :mod:`.quant_ops` builds the products a
 layer needs on them (and registers them as torch custom ops).
 
 Without the native library (no C compiler, ``ATTNKIT_NATIVE=0``) the same values come from the
