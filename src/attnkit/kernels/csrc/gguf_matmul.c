@@ -13,6 +13,9 @@
  * few rows (ROW_BLOCK at a time) the converted q of a group serve every row while in registers,
  * and the weights of one channel come from cache after the first row block.
  *
+ * With int8_x, x is quantized to int8 per block of 32 first and each block of weights is one
+ * integer dot product per row (gguf_int8.h): the exact product of the rounded x, an option.
+ *
  * Work is split into chunks of whole channels (about CHUNK_BYTES of weights each) that the
  * threads of gguf_pool.h take one at a time; a chunk is one contiguous stretch of w, read front to
  * back with software prefetch PREFETCH bytes ahead (as the int8 kernel: one sequential stream per
