@@ -2,8 +2,8 @@
 Q4_K, Q6_K) with its blocks kept, against the same file dequantized to float32: on 512
 teacher-forced tokens of held-out text (see ``quant_held_out.py``) >= 99% top-1 agreement and
 perplexity within 1% with float32 activations (measured: 100%, ratio 1.000000). int8 activations
-miss those bounds on this model (measured: 94.1%, ratio 1.017), which is why they are an option
-and not the default; their test holds them to what was measured, with a margin. Marked ``slow``
+miss the agreement bound on this model (measured: 98.4%, ratio 1.0054), which is why they are an
+option and not the default; their test holds them to what was measured, with a margin. Marked ``slow``
 (two loads of a 262k x 640 vocabulary and about 60 forward calls) and skipped without the package.
 """
 
@@ -35,7 +35,7 @@ def models():
 
 
 @pytest.mark.parametrize("activations,least_agreement,perplexity_change",
-                         [("float32", 0.99, 0.01), ("int8", 0.93, 0.025)])
+                         [("float32", 0.99, 0.01), ("int8", 0.97, 0.01)])
 def test_held_out_text_top1_agreement_and_perplexity(models, activations, least_agreement, perplexity_change):
     quantized, reference, tokenizer = models
     set_quant_activations(quantized, activations)
