@@ -182,11 +182,13 @@ def test_generate_cli_sets_the_activations_and_threads(tmp_path):
             torch.set_num_threads(2)
             model, _ = load(parser.parse_args(flags), path)
             assert {m.activations for m in model.modules() if isinstance(m, QuantizedLinear)} == {expected}
-            # without --threads: torch's ops on one thread, the kernels on the two
+            # without --threads: torch's ops on one thread, the kernels on torch's two
             assert (torch.get_num_threads(), kernel_threads()) == (1, 2)
+        load(parser.parse_args(["--threads", "3"]), path)
+        assert (torch.get_num_threads(), kernel_threads()) == (1, 3)
         set_kernel_threads(None)
-        load(parser.parse_args(["--threads", "2"]), path)
-        assert (torch.get_num_threads(), kernel_threads()) == (2, 2)
+        load(parser.parse_args(["--threads", "2", "--dtype", "fp32"]), path)  # blocks dequantized: torch's threads
+        assert torch.get_num_threads() == 2
     finally:
         set_kernel_threads(None)
         torch.set_num_threads(previous)

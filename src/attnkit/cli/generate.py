@@ -57,8 +57,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                         "to int8 per block of 32 for integer dot products (default: the library's)")
     parser.add_argument("--no-pack", action="store_true", help="skip oneDNN weight packing on CPU")
     parser.add_argument("--threads", type=int, metavar="N",
-                        help="CPU threads of the model (default: torch's, one per core; a GGUF file's kept "
-                        "blocks: the quantized kernels on every core, torch's other ops on one)")
+                        help="CPU threads of the model (default: torch's, one per core); with a GGUF file's "
+                        "blocks kept, the threads of the quantized kernels, and torch's other ops run on one")
     parser.add_argument("--compile", action="store_true",
                         help="compile the decoding step with torch.compile (the same tokens; the first step "
                         "compiles, which takes minutes on a small CPU)")
@@ -129,9 +129,9 @@ def load(args: argparse.Namespace, path: Path):
         model = checkpoint.load(dtype=dtype)
     if getattr(args, "activations", None):
         set_quant_activations(model, args.activations)
-    if args.threads is None and is_quantized(model):
+    if is_quantized(model):
         # Measured on 2 shared cores (benchmarks/results/2026-12-07-quant-kernels.md): torch's ops
-        # on one thread and the kernels' pool, which shares work dynamically, on every core.
+        # on one thread and the kernels' pool, which shares work dynamically, on the threads asked.
         set_kernel_threads(torch.get_num_threads())
         torch.set_num_threads(1)
     if args.int8:
