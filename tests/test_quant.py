@@ -113,6 +113,18 @@ def test_matmul_equals_x_times_the_dequantized_weight(isa, fmt, threads, activat
         torch.set_num_threads(previous)
 
 
+@pytest.mark.parametrize("isa,dot", [("avx512", "vpdpbusd"), ("avx2", "vpmaddubsw"), ("generic", "plain C")])
+def test_each_build_says_which_integer_dot_product_it_runs(isa, dot):
+    """The int8 tests above run each path: VNNI in the AVX-512 build of a CPU that has it, AVX2's
+    maddubs, plain C."""
+    built = native_build.load_native("gguf_matmul", isa)
+    if built.library is None:
+        pytest.skip(built.message)
+    if isa == "avx512" and "avx512_vnni" not in native_build.cpu_identity():
+        dot = "vpmaddubsw"
+    assert f"int8 x: {dot}" in built.isa
+
+
 @pytest.mark.parametrize("isa", ISAS)
 def test_int8_activations_carry_nan_and_infinity(isa):
     rows, weight = file_rows("Q4_1")
