@@ -17,7 +17,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from ..checks import check_inputs, check_key_padding_mask, check_positions, check_scale
-from ..kernels.blockwise import Positions, blockwise_mod_grads
+from ..kernels.blockwise import Positions, blockwise_grads
 from ..kernels.common import allowed_mask, kv_groups
 from ..kernels.reference import explicit_grads
 from ..kernels.score_mods import ScoreMod, check_score_mod
@@ -205,9 +205,9 @@ def tiled_grad_share(
     """:meth:`Backend.grad_share` by the blockwise kernel's backward (exact for any pattern,
     positions and padding, and it takes the LSE gradient), for backends whose own backward does not."""
     d_lse = torch.zeros_like(lse) if d_lse is None else d_lse
-    *grads, d_parameter = blockwise_mod_grads(
+    *grads, d_parameter = blockwise_grads(
         q, k, v, out, lse, d_out, d_lse, problem.pattern, problem.scale, default_positions(problem),
-        problem.score_mod, key_padding_mask=problem.key_padding_mask,
+        key_padding_mask=problem.key_padding_mask, score_mod=problem.score_mod,
     )
     return with_parameters(problem, grads, d_parameter)
 

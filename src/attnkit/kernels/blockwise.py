@@ -317,41 +317,19 @@ def blockwise_grads(
     block_q: int = DEFAULT_BLOCK_Q,
     block_k: int = DEFAULT_BLOCK_K,
     key_padding_mask: Optional[torch.Tensor] = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    score_mod: Optional[ScoreMod] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """The share of ``(dq, dk, dv)`` that flows through the keys ``k``/``v`` when they are one
     part of a larger key set: ``out (B, Hq, Nq, Dv)`` and ``lse (B, Hq, Nq)`` are the results over
     the whole key set, ``d_out``/``d_lse`` their gradients. Probabilities are recomputed from
     ``lse`` (FlashAttention's backward for one block); summing the parts gives the exact gradient.
-    ``key_padding_mask (B, Nk)``: as for :func:`blockwise_kernel`.
-    Returns ``dq (B, Hq, Nq, D)``, ``dk (B, Hkv, Nk, D)``, ``dv (B, Hkv, Nk, Dv)``.
+    ``key_padding_mask (B, Nk)`` and ``score_mod``: as for :func:`blockwise_kernel`.
+    Returns ``dq (B, Hq, Nq, D)``, ``dk (B, Hkv, Nk, D)``, ``dv (B, Hkv, Nk, Dv)`` and the score
+    mod's parameter gradient (None when it has none).
     """
-    return blockwise_mod_grads(q, k, v, out, lse, d_out, d_lse, pattern, scale, positions, None, block_q=block_q,
-                               block_k=block_k, key_padding_mask=key_padding_mask)[:3]
-
-
-def blockwise_mod_grads(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    d_out: torch.Tensor,
-    d_lse: torch.Tensor,
-    pattern: Pattern,
-    scale: float,
-    positions: Positions,
-    score_mod: Optional[ScoreMod],
-    *,
-    block_q: int = DEFAULT_BLOCK_Q,
-    block_k: int = DEFAULT_BLOCK_K,
-    key_padding_mask: Optional[torch.Tensor] = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """:func:`blockwise_grads` of scores modified by ``score_mod`` (as for
-    :func:`blockwise_kernel`), and the share of its parameter's gradient as a fourth element
-    (None when it has none)."""
     positions = _positions(positions, q.shape[2], k.shape[2], q.device)
     blocks = plan_tiles(pattern, q.shape[2], k.shape[2], block_q, block_k, positions)
     return _backward(q, k, v, out, lse, d_out, d_lse, pattern, scale, blocks, positions, key_padding_mask, score_mod)
 
 
-__all__ = ["Positions", "QueryBlock", "blockwise_grads", "blockwise_kernel", "blockwise_mod_grads", "plan_tiles", "tile_pairs"]
+__all__ = ["Positions", "QueryBlock", "blockwise_grads", "blockwise_kernel", "plan_tiles", "tile_pairs"]
