@@ -162,3 +162,23 @@ def check_key_padding_mask(mask: object, batch: int, n_k: int, device: torch.dev
     if mask.device != device:
         raise ValueError(f"key_padding_mask must be on {device} like q, k and v, got {mask.device}")
     return mask
+
+
+def check_sinks(sinks: object, n_q_heads: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``sinks`` as the ``(n_q_heads,)`` float tensor of per-head sink logits on ``device``.
+
+    Its dtype is the inputs' ``dtype``, or float32 for float16/bfloat16 inputs (the dtype of their
+    softmax statistics). Raises TypeError (not a tensor, a wrong dtype) or ValueError (shape,
+    device) naming ``sinks``."""
+    if not isinstance(sinks, torch.Tensor):
+        raise TypeError(f"sinks must be a 1-D float torch.Tensor of one logit per query head or None, "
+                        f"got {type(sinks).__name__}")
+    allowed = (dtype, torch.float32) if dtype in (torch.float16, torch.bfloat16) else (dtype,)
+    if sinks.dtype not in allowed:
+        names = " or ".join(str(d) for d in allowed)
+        raise TypeError(f"sinks must have dtype {names} for {dtype} inputs, got {sinks.dtype}")
+    if sinks.shape != (n_q_heads,):
+        raise ValueError(f"sinks must have shape (query heads,) = ({n_q_heads},), got {tuple(sinks.shape)}")
+    if sinks.device != device:
+        raise ValueError(f"sinks must be on {device} like q, k and v, got {sinks.device}")
+    return sinks

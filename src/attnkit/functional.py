@@ -4,7 +4,8 @@ Conventions: tensors are ``(batch, heads, seq, head_dim)``; ``q`` has ``Hq``
 heads and ``k``/``v`` have ``Hkv`` heads with ``Hq % Hkv == 0`` (query head ``h`` uses KV head
 ``h // (Hq // Hkv)``); query row ``r`` sits at absolute position ``r + Nk - Nq`` unless the call
 gives ``q_positions`` / ``k_positions``; the scale defaults
-to ``1 / sqrt(head_dim)``; fully masked query rows return zeros and LSE ``-inf``; softmax statistics
+to ``1 / sqrt(head_dim)``; fully masked query rows return zeros and LSE ``-inf`` (with ``sinks``:
+zeros and LSE ``sinks[h]``, the sink being the only term of their denominator); softmax statistics
 and the LSE are float32 for float16/bfloat16 inputs.
 
 Non-finite inputs follow one rule in every backend: **a row's output depends only on the keys and
@@ -15,13 +16,16 @@ inf) and passes no gradient back (on CUDA: NaN, see ``kernels.common.visible_on_
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from .backends import BACKENDS, backend_named, make_problem, pick
+from .checks import check_sinks
 from .kernels.common import visible
+from .kernels.sinks import with_sinks
 from .kernels.reference import reference_kernel
+from .kernels.score_mods import ScoreMod
 from .patterns import Pattern
 
 __all__ = ["BACKENDS", "attention", "reference_attention"]
@@ -39,6 +43,8 @@ def attention(
     q_positions: Optional[torch.Tensor] = None,
     k_positions: Optional[torch.Tensor] = None,
     key_padding_mask: Optional[torch.Tensor] = None,
+    score_mod: Optional[ScoreMod | Callable] = None,
+    sinks: Optional[torch.Tensor] = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact scaled dot-product attention restricted to ``pattern``.
 
@@ -61,16 +67,31 @@ def attention(
             blockwise.
         key_padding_mask: ``(B, Nk)`` bool, True = a real key: padding keys are hidden from every
             row (batches of sequences of different lengths). Taken by reference and dense.
+        score_mod: a change of each score ``s = q . k * scale`` before the softmax, at the
+            absolute positions ``i`` (query) and ``j`` (key) and query head ``h``:
+            ``attnkit.softcap(c)`` (``c * tanh(s / c)``), ``attnkit.alibi(slopes (Hq,))``
+            (``s + slopes[h] * (j - i)``) or ``attnkit.distance_bias(table (Hq, R))``
+            (``s + table[h, min(|i - j|, R - 1)]``); slopes and table may require grad. Hidden
+            pairs stay hidden. Applied by reference and blockwise; dense takes alibi and
+            distance_bias, not softcap. A Python callable ``fn(s, b, h, i, j)`` (see
+            :func:`attnkit.kernels.score_mods.score_callable`) runs on reference and dense only.
+        sinks: ``(Hq,)`` attention sinks (as in gpt-oss): one logit per query head that joins
+            every row's softmax denominator and contributes no value,
+            ``out = sum_j exp(s_j) v_j / (exp(sinks[h]) + sum_j exp(s_j))``; the LSE includes it.
+            q's dtype (or float32 for half inputs); differentiable. Taken by every backend.
     Returns:
         ``out (B, Hq, Nq, Dv)`` in q's dtype, or ``(out, lse)`` with lse ``(B, Hq, Nq)`` (float32
         for half inputs, float64 for float64). Rows that see no key (fully masked, or only
-        padding) give zeros and lse ``-inf``.
+        padding) give zeros and lse ``-inf``, or with ``sinks`` zeros and lse ``sinks[h]``.
     Raises:
         TypeError: a non-tensor or non-float input, mixed dtypes, a non-pattern, a bad scale,
-            positions that are not integer tensors, a key_padding_mask that is not bool.
+            positions that are not integer tensors, a key_padding_mask that is not bool, sinks
+            that are not a tensor of q's dtype (or float32 for half q).
         ValueError: rank not 4, batch/head_dim/seq mismatch, ``Hq % Hkv != 0``, mixed devices,
             a per-head pattern whose head count differs from ``Hq``, an unknown backend,
-            positions or a padding mask of the wrong shape or device, a backend that cannot run
+            positions or a padding mask of the wrong shape or device, score mod slopes / table
+            whose head count or device differs from q's, sinks not of shape ``(Hq,)`` or on
+            another device, a backend that cannot run
             the call (say ``backend="sparse"`` with positions, or ``backend="dense"`` for a
             pattern whose mask would take more than a quarter of the free memory: the message
             names the backends that run it without one).
@@ -80,7 +101,10 @@ def attention(
     when autograd will differentiate the call) and reruns the call only when it fails; on CUDA
     it reads nothing on the host (no sync): K and V go in with non-finite entries zeroed.
     """
-    problem = make_problem(q, k, v, pattern, scale, return_lse, q_positions, k_positions, key_padding_mask)
+    problem = make_problem(q, k, v, pattern, scale, return_lse or sinks is not None,
+                           q_positions, k_positions, key_padding_mask, score_mod)
+    if sinks is not None:
+        sinks = check_sinks(sinks, problem.n_q_heads, q.dtype, q.device)
     if problem.positions is None:  # with explicit positions the sequence length is the caller's
         problem.pattern.validate(problem.n_q, problem.n_k)
     if backend == "auto":
@@ -95,6 +119,8 @@ def attention(
         return runner.forward(problem, q, k_, v_)
 
     out, lse = visible(run, q, k, v, problem.pattern, problem.positions, problem.key_padding_mask)
+    if sinks is not None:  # once, on the result over every key (see kernels/sinks.py)
+        out, lse = with_sinks(out, lse, sinks)
     return (out, lse) if return_lse else out
 
 

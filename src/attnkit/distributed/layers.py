@@ -67,7 +67,8 @@ class RingMultiHeadAttention(_ShardedAttention):
         super().__init__(layer, group, layout, timeout)
 
     def attend(self, q, k, v):
-        return ring_attention(q, k, v, self.layer.pattern, group=self.group, layout=self.layout, timeout=self.timeout)
+        return ring_attention(q, k, v, self.layer.pattern, group=self.group, layout=self.layout, timeout=self.timeout,
+                              sinks=self.layer.sinks)
 
 
 class UlyssesMultiHeadAttention(_ShardedAttention):
@@ -80,7 +81,7 @@ class UlyssesMultiHeadAttention(_ShardedAttention):
 
     def attend(self, q, k, v):
         return ulysses_attention(q, k, v, self.layer.pattern, group=self.group, layout=self.layout,
-                                 timeout=self.timeout)
+                                 timeout=self.timeout, sinks=self.layer.sinks)
 
 
 class HybridMultiHeadAttention(_ShardedAttention):
@@ -96,7 +97,8 @@ class HybridMultiHeadAttention(_ShardedAttention):
 
     def attend(self, q, k, v):
         return hybrid_attention(q, k, v, self.layer.pattern, ulysses_group=self.grid.ulysses_group,
-                                ring_group=self.grid.ring_group, layout=self.layout, timeout=self.timeout)
+                                ring_group=self.grid.ring_group, layout=self.layout, timeout=self.timeout,
+                                sinks=self.layer.sinks)
 
 
 def sequence_parallel(

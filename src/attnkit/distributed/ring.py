@@ -27,7 +27,9 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from ..checks import check_sinks
 from ..kernels.common import compute_dtype, merge_lse
+from ..kernels.sinks import with_sinks
 from ..patterns import Pattern
 from .agreement import check_same_everywhere, checked_arguments
 from .comm import DEFAULT_TIMEOUT_S, RingComm, current_stats
@@ -197,7 +199,7 @@ def _backward_heads(state: _RingCall, q, k, v, out, lse, d_out, d_lse):
         local = None
         if state.needed(step):
             k_step, v_step = _unpack(kv, k.shape, v.shape)
-            d_q_step, d_k_step, d_v_step = timed(
+            d_q_step, d_k_step, d_v_step, _ = timed(  # no parameters: the ring takes no score mod
                 comm.stats,
                 lambda *a: part_grads(*a, state.pattern, state.scale, STEP_BACKEND, state.step_positions(step)),
                 q, k_step, v_step, out, lse, d_out, d_lse,
@@ -255,6 +257,7 @@ def ring_attention(
     scale: Optional[float] = None,
     return_lse: bool = False,
     timeout: float = DEFAULT_TIMEOUT_S,
+    sinks: Optional[torch.Tensor] = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact attention over a sequence sharded across the ranks of ``group``.
 
@@ -272,8 +275,10 @@ def ring_attention(
         scale: multiplier of ``q @ k^T``; default ``1 / sqrt(D)``.
         return_lse: also return this shard's log-sum-exp ``(B, Hq, N/P)`` (float32 for half inputs).
         timeout: seconds any transfer may wait for a peer before a ``RuntimeError``.
+        sinks: ``(Hq,)`` attention sinks as in :func:`attnkit.attention`, the same on every rank
+            (a layer's parameter); joined once, to the LSE merged over the whole ring.
     Returns:
-        ``out (B, Hq, N/P, Dv)``, or ``(out, lse)``. Differentiable in q, k and v.
+        ``out (B, Hq, N/P, Dv)``, or ``(out, lse)``. Differentiable in q, k, v (and sinks).
     Raises:
         ValueError / TypeError: bad local input (as :func:`attnkit.attention`), an unknown layout,
             a pattern that does not fit the sequence, a shard length the layout cannot split
@@ -300,4 +305,6 @@ def ring_attention(
         stats.forward_steps += schedule.steps
         stats.computed_steps += schedule.compute_steps(comm.rank)
     out, lse = _RingAttention.apply(q, k, v, state)
+    if sinks is not None:
+        out, lse = with_sinks(out, lse, check_sinks(sinks, q.shape[1], q.dtype, q.device))
     return (out, lse) if return_lse else out

@@ -27,7 +27,9 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from ..checks import check_sinks
 from ..kernels.common import compute_dtype
+from ..kernels.sinks import with_sinks
 from ..patterns import Pattern
 from .agreement import HYBRID, ULYSSES, check_same_everywhere, checked_arguments
 from .comm import DEFAULT_TIMEOUT_S, RingComm, RingStats, current_stats
@@ -123,7 +125,7 @@ class _SequenceParallel(torch.autograd.Function):
                 grads = (q_h, k_h, v_h)  # empty
             del q_h, k_h, v_h, out_h, lse_h, cut_h, d_out_h, d_lse_h
             # Gradients travel in the input dtype; copies of a replicated KV head add up in d_k / d_v.
-            d_q_h, d_k_h, d_v_h = (g.to(dtype) for g in grads)
+            d_q_h, d_k_h, d_v_h = (g.to(dtype) for g in grads[:3])  # no parameters: no score mod here
             del grads
             exchange.to_sequence(d_q_h, part.q, d_q, f"backward round {i} dQ to tokens")
             exchange.to_sequence(d_k_h, part.kv, d_k, f"backward round {i} dK to tokens", add=call.replicated)
@@ -136,7 +138,8 @@ def _group_ranks(group: Optional[dist.ProcessGroup]) -> set[int]:
 
 
 def _sequence_parallel(
-    caller: str, q, k, v, pattern, ulysses_group, ring_group, layout, scale, return_lse, timeout, hybrid: bool
+    caller: str, q, k, v, pattern, ulysses_group, ring_group, layout, scale, return_lse, timeout, hybrid: bool,
+    sinks=None,
 ):
     stats = current_stats()
     u_comm = RingComm(ulysses_group, timeout, stats)
@@ -169,7 +172,10 @@ def _sequence_parallel(
     rounds = plan_rounds(split, groups, max(1, int(ROUND_BYTES // per_kv_head)))
     if stats is not None:
         stats.calls += 1
-    out, lse = _SequenceParallel.apply(q, k, v, _Call(exchange, split, rounds, core, pattern, return_lse))
+    need_lse = return_lse or sinks is not None
+    out, lse = _SequenceParallel.apply(q, k, v, _Call(exchange, split, rounds, core, pattern, need_lse))
+    if sinks is not None:  # every rank holds all heads of its tokens again: joined once, here
+        out, lse = with_sinks(out, lse, check_sinks(sinks, q.shape[1], q.dtype, q.device))
     return (out, lse) if return_lse else out
 
 
@@ -185,9 +191,11 @@ _SHARED_TAIL = """
         scale: multiplier of ``q @ k^T``; default ``1 / sqrt(D)``.
         return_lse: also return this shard's log-sum-exp ``(B, Hq, N/P)`` (float32 for half inputs).
         timeout: seconds any transfer may wait for a peer before a ``RuntimeError``.
+        sinks: ``(Hq,)`` attention sinks as in :func:`attnkit.attention`, the same on every rank
+            (a layer's parameter); joined once, to each row's final LSE.
     Returns:
         ``out (B, Hq, N/P, Dv)``, or ``(out, lse)``: this rank's shard of what
-        :func:`attnkit.attention` gives on the full tensors. Differentiable in q, k and v.
+        :func:`attnkit.attention` gives on the full tensors. Differentiable in q, k, v (and sinks).
     Raises:
         ValueError / TypeError: bad local input (as :func:`attnkit.attention`), an unknown layout,
             a pattern that does not fit the sequence, a shard length the layout cannot split, more
@@ -209,9 +217,10 @@ def ulysses_attention(
     scale: Optional[float] = None,
     return_lse: bool = False,
     timeout: float = DEFAULT_TIMEOUT_S,
+    sinks: Optional[torch.Tensor] = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     return _sequence_parallel("ulysses_attention", q, k, v, pattern, group, None, layout, scale, return_lse,
-                              timeout, hybrid=False)
+                              timeout, hybrid=False, sinks=sinks)
 
 
 ulysses_attention.__doc__ = f"""Exact attention over a sequence sharded across ``group``, by Ulysses' all-to-all over heads.
@@ -236,9 +245,10 @@ def hybrid_attention(
     scale: Optional[float] = None,
     return_lse: bool = False,
     timeout: float = DEFAULT_TIMEOUT_S,
+    sinks: Optional[torch.Tensor] = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     return _sequence_parallel("hybrid_attention", q, k, v, pattern, ulysses_group, ring_group, layout, scale,
-                              return_lse, timeout, hybrid=True)
+                              return_lse, timeout, hybrid=True, sinks=sinks)
 
 
 hybrid_attention.__doc__ = f"""Exact attention over a sequence sharded across a ``U x R`` grid: Ulysses inside

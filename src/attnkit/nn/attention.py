@@ -7,13 +7,14 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from ..checks import check_scale, positive_int
+from ..checks import boolean, check_scale, positive_int
 from ..backends import BY_NAME
 from ..functional import BACKENDS, attention
 from ..patterns import Pattern, as_pattern, shared_band
 from ..kernels.decode import decode_attention
 from .kv_cache import KVCache, SlotCache
 from .rolling_cache import RollingKVCache
+from .sink_cache import SinkCache
 
 RopeHook = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 """``rope(q, k, positions) -> (q, k)``: rotates q ``(B, Hq, N, D)`` and k ``(B, Hkv, N, D)`` by
@@ -41,10 +42,14 @@ class MultiHeadAttention(nn.Module):
         qk_norm: optional ``make_norm(head_dim) -> nn.Module``; each query and key head is then
             normalised by its own module (``q_norm``, ``k_norm``) after the projection and before
             ``rope`` (QK-norm, as in Gemma 3).
+        sinks: give each query head a learnable attention sink (as in gpt-oss): ``self.sinks``,
+            a ``(Hq,)`` parameter (zeros at first) of logits that join every softmax denominator
+            and contribute no value (see :func:`attnkit.attention`). Off by default
+            (``self.sinks`` is None).
 
     Parameters: ``dim * D * (Hq + 2 * Hkv) + Hq * D * dim``, plus ``D * (Hq + 2 * Hkv) + dim``
-    biases when ``bias=True`` and the norms' parameters with ``qk_norm``. Projections are named
-    ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``.
+    biases when ``bias=True``, ``Hq`` with ``sinks`` and the norms' parameters with ``qk_norm``.
+    Projections are named ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``.
     """
 
     def __init__(
@@ -60,6 +65,7 @@ class MultiHeadAttention(nn.Module):
         backend: str = "auto",
         scale: Optional[float] = None,
         qk_norm: Optional[Callable[[int], nn.Module]] = None,
+        sinks: bool = False,
     ) -> None:
         super().__init__()
         _positive("dim", dim)
@@ -95,6 +101,8 @@ class MultiHeadAttention(nn.Module):
         self.k_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)
         self.v_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)
         self.o_proj = nn.Linear(n_heads * head_dim, dim, bias=bias)
+        with_sinks = boolean("MultiHeadAttention", "sinks", sinks)
+        self.sinks = nn.Parameter(torch.zeros(n_heads)) if with_sinks else None
 
     def make_cache(self, batch: int, max_len: int, *, dtype=None, device=None) -> KVCache:
         """A static :class:`KVCache` sized for this layer."""
@@ -152,14 +160,15 @@ class MultiHeadAttention(nn.Module):
         ``positions`` ``(N,)`` or ``(B, N)`` go to the rope hook (default ``0 .. N - 1``, or with a
         cache the next N positions after ``cache.length``).
 
-        With a ``cache`` (:class:`KVCache`, :class:`RollingKVCache`, anything with the cache
+        With a ``cache`` (:class:`KVCache`, :class:`RollingKVCache`, :class:`SinkCache`, anything with the cache
         protocol of :mod:`attnkit.nn.kv_cache`), the new keys and values are stored at
         ``cache_positions`` ``(N,)`` (default: ``positions`` when they are one row for the
         batch) and the queries attend to every stored key that the pattern, evaluated at those
         absolute positions, lets them see. One new token per row (decoding) takes
         :func:`~attnkit.kernels.decode.decode_attention`, which needs no plan and reads nothing
         back to the host; several (a prompt) take :func:`attnkit.attention` over the stored keys
-        in position order. A :class:`RollingKVCache` needs a causal sliding window.
+        in position order (also one token when the layer has sinks). A :class:`RollingKVCache`
+        needs a causal sliding window, a :class:`SinkCache` its ``sink_pattern`` (or a window).
 
         ``key_mask`` bool, True = a real token, hides padding keys per row (batches of prompts
         with different lengths): without a cache ``(B, N)``, one entry per key; with a cache
@@ -176,16 +185,16 @@ class MultiHeadAttention(nn.Module):
         batch, n, _ = x.shape
         if cache is None:
             q, k, v = self.project_qkv(x, positions)
-            out = attention(q, k, v, self.pattern, scale=self.scale,
-                            backend=self._backend(key_mask is not None, False), key_padding_mask=key_mask)  # (B, Hq, N, D)
+            out = attention(q, k, v, self.pattern, scale=self.scale, backend=self._backend(key_mask is not None, False),
+                            key_padding_mask=key_mask, sinks=self.sinks)  # (B, Hq, N, D)
         else:
-            if isinstance(cache, RollingKVCache):
+            if isinstance(cache, (RollingKVCache, SinkCache)):  # caches that keep only some keys
                 cache.check_pattern(self.pattern)
             slots = self._cache_positions(cache, n, positions, cache_positions, x.device)
             q, k, v = self.project_qkv(x, slots if positions is None else positions)
             keys, values, k_positions = cache.update(slots, k, v)
             mask = None if key_mask is None else key_mask[:, k_positions.clamp(min=0)]
-            if n == 1:
+            if n == 1 and self.sinks is None:  # the decode kernel has no sinks: attention() below has
                 out = decode_attention(q, keys, values, self.pattern, slots, k_positions, key_padding_mask=mask,
                                        scale=self.scale)
             else:
@@ -240,10 +249,12 @@ class MultiHeadAttention(nn.Module):
                    and (first == 0 or shared_band(self.pattern) is not None))
         if aligned:
             return attention(q, keys, values, self.pattern, scale=self.scale,
-                             backend=self._backend(key_mask is not None, False), key_padding_mask=key_mask)
+                             backend=self._backend(key_mask is not None, False), key_padding_mask=key_mask,
+                             sinks=self.sinks)
         return attention(q, keys, values, self.pattern, scale=self.scale,
                          backend=self._backend(key_mask is not None, True),
-                         q_positions=q_positions, k_positions=k_positions, key_padding_mask=key_mask)
+                         q_positions=q_positions, k_positions=k_positions, key_padding_mask=key_mask,
+                         sinks=self.sinks)
 
     def _backend(self, padding: bool, positions: bool) -> str:
         """The layer's backend, or ``auto`` when the call has padding or positions it does not take
