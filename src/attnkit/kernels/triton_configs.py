@@ -47,7 +47,8 @@ SM90_SHARED = 232448
 # the backward keeps 64-key tiles (128 spill in the parts of a multi-part plan) and the dK/dV pass
 # 32-query tiles (64 or more spill or serialise). At head dim 256 only 32-query tiles compile
 # clean (64-query ones spill 280-8352 bytes: the 64 x 256 float32 accumulator alone takes 128
-# registers a thread in one warp group).
+# registers a thread in one warp group). Float32 at head dim 128 spills in every tile tried (96-116
+# bytes at best forward and dQ, 1104 dK/dV, against 1196-9780 on the wide lists it took before).
 COMPACT = {
     "fwd": ((128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 8, 3)),
     "dq": ((64, 64, 8, 2), (128, 64, 8, 2), (64, 128, 8, 2), (64, 32, 4, 2)),
@@ -68,10 +69,10 @@ SINGLE = {
     "dq": ((64, 32, 8, 2),),
     "dkdv": ((32, 32, 8, 2),),
 }
-SINGLE_WIDE = {
-    "fwd": ((64, 32, 4, 2), (64, 64, 4, 2)),
-    "dq": ((32, 32, 4, 2), (64, 32, 4, 2)),
-    "dkdv": ((32, 32, 4, 2), (32, 64, 4, 2)),
+SINGLE_WIDE = {  # every tile tried spills here (tf32x3 at head dim 128): these spill least
+    "fwd": ((32, 32, 4, 2),),
+    "dq": ((32, 32, 8, 2),),
+    "dkdv": ((32, 32, 8, 2),),
 }
 TILES = {"compact": COMPACT, "narrow": NARROW, "wide": WIDE, "single": SINGLE, "single-wide": SINGLE_WIDE}
 BLOCKS = (64, 32)
@@ -132,15 +133,17 @@ def kernel_dims(q: torch.Tensor, v: torch.Tensor) -> dict:
 def shared_bytes(kind: str, tiles: tuple[int, int, int, int], head_dim: int, value_dim: int,
                  element_size: int) -> int:
     """Estimated shared memory of one program: pipelined tiles times stages plus resident tiles
-    (an upper bound of what Triton allocated for sm_90 in every configuration static_check compiled)."""
+    (an upper bound of what Triton allocated for sm_90 in every configuration static_check compiled;
+    float32's tf32x3 lowering allocated up to 1.45 times the tiles' bytes, so it counts 1.5)."""
     bm, bn, _, stages = tiles
     d, dv = pow2(head_dim), pow2(value_dim)
     if kind in ("fwd", "blocks"):  # resident q; K and V streamed
-        return element_size * (bm * d + stages * bn * (d + dv)) + 4 * bm * bn + _SCRATCH
-    if kind in ("dq", "blocks_dq"):  # resident q, dO; K and V streamed
-        return element_size * (bm * (d + dv) + stages * bn * (d + dv)) + 4 * bm * bn + _SCRATCH
-    # dK/dV: resident k, v; Q, dO and the row statistics streamed
-    return element_size * (bn * (d + dv) + stages * bm * (d + dv)) + 8 * stages * bm + _SCRATCH
+        need = element_size * (bm * d + stages * bn * (d + dv)) + 4 * bm * bn + _SCRATCH
+    elif kind in ("dq", "blocks_dq"):  # resident q, dO; K and V streamed
+        need = element_size * (bm * (d + dv) + stages * bn * (d + dv)) + 4 * bm * bn + _SCRATCH
+    else:  # dK/dV: resident k, v; Q, dO and the row statistics streamed
+        need = element_size * (bn * (d + dv) + stages * bm * (d + dv)) + 8 * stages * bm + _SCRATCH
+    return need * 3 // 2 if element_size == 4 else need
 
 
 def candidates(kind: str, head_dim: int, value_dim: int, element_size: int, block: int = 0) -> tuple:
