@@ -62,16 +62,16 @@ class Pattern:
 
     n_heads: Optional[int] = None
     block_size: Optional[int] = None
+    """Set by patterns whose allowed set is made of aligned square blocks of this many positions
+    (:class:`~attnkit.patterns.BlockSparse`): a planner that gathers key tiles cuts them on this grid."""
     _REMEMBERED = ("pieces", "parts")
     """Properties a subclass may define that depend on its fields only: patterns are frozen, so
     each is computed once per pattern object (see :meth:`__init_subclass__`)."""
-    """Set by patterns whose allowed set is made of aligned square blocks of this many positions
-    (:class:`~attnkit.patterns.BlockSparse`): a planner that gathers key tiles cuts them on this grid."""
 
     def __init_subclass__(cls, **kwargs) -> None:
         """Remember the subclass's own ``pieces`` and ``parts``: planners and ``auto``'s pick read
-        them on every call, and building the Piece objects (validated) again each time cost a
-        band plan 8-13% and a pick 1.5 us (benchmarks/results/2026-12-07-house.md)."""
+        them on every call, and building the (validated) Piece objects again took 9-25 us per
+        access (benchmarks/results/2026-12-07-hopper-static.md)."""
         super().__init_subclass__(**kwargs)
         for name in cls._REMEMBERED:
             if isinstance(cls.__dict__.get(name), property):
