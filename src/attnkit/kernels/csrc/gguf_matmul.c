@@ -13,6 +13,9 @@
  * few rows (ROW_BLOCK at a time) the converted q of a group serve every row while in registers,
  * and the weights of one channel come from cache after the first row block.
  *
+ * With int8_x, x is quantized to int8 per block of 32 first and each block of weights is one
+ * integer dot product per row (gguf_int8.h): the exact product of the rounded x, an option.
+ *
  * Work is split into chunks of whole channels (about CHUNK_BYTES of weights each) that the
  * threads of gguf_pool.h take one at a time; a chunk is one contiguous stretch of w, read front to
  * back with software prefetch PREFETCH bytes ahead (as the int8 kernel: one sequential stream per
@@ -24,14 +27,15 @@
 #include <stdlib.h>
 
 #include "gguf_formats.h"
+#include "gguf_int8.h"
 #include "gguf_pool.h"
 
 #if LANES == 16
-#define ISA_PATH "avx512 (16-lane float32, q converted in registers, 4-row blocks)"
+#define ISA_PATH "avx512 (16-lane float32, q converted in registers, 4-row blocks; int8 x: " DOT_PATH ")"
 #elif LANES == 8
-#define ISA_PATH "avx2 (8-lane float32, q converted in registers, 4-row blocks)"
+#define ISA_PATH "avx2 (8-lane float32, q converted in registers, 4-row blocks; int8 x: " DOT_PATH ")"
 #else
-#define ISA_PATH "generic (4-lane float32, q converted in registers, 4-row blocks)"
+#define ISA_PATH "generic (4-lane float32, q converted in registers, 4-row blocks; int8 x: " DOT_PATH ")"
 #endif
 
 enum {
@@ -54,6 +58,8 @@ static int group_size(int type) { return type == Q6_K ? Q6_K_GROUP : GROUP; }
 typedef struct {
     const float *x;     /* (m, k) */
     const float *xsum;  /* (m, k / group): sums of x over each group */
+    const int8_t *xq;   /* (m, k): x quantized per XBLOCK (int8 activations only, else NULL) */
+    const float *xd;    /* (m, k / XBLOCK): the scales of xq */
     const uint8_t *w;
     float *out;
     int64_t m, n, k, row_bytes, blocks, channels_per_chunk;
@@ -76,36 +82,54 @@ typedef struct {
 /* Channel c for activation rows [row0, row0 + rows): ROWS is a constant (1 or ROW_BLOCK), so
  * every accumulator stays in a register; rows past `rows` repeat row0 and are not stored. Two
  * accumulators per row (even and odd groups) keep two FMA chains in flight. */
-#define DEFINE_CHANNEL(NAME, FMT, G, ZERO, OFFSET, ROWS) \
-    static void NAME(const MatmulJob *job, int64_t c, int64_t row0, int rows, const uint8_t *end) { \
+/* The start of a channel routine: prefetch ahead in the weight stream, and the pointers of rows
+ * [row0, row0 + rows) of x (rows past `rows` repeat row0), of its group sums and, for int8
+ * activations, of xq and its scales. */
+#define CHANNEL_START(G, ROWS) \
         const int64_t groups = job->k / (G); \
         const uint8_t *row = job->w + c * job->row_bytes; \
         for (int64_t line = 0; line < job->row_bytes; line += 64) \
             if (row + PREFETCH + line < end) __builtin_prefetch(row + PREFETCH + line, 0, 2); \
-        const float *xr[ROWS], *sums[ROWS]; \
+        const float *xr[ROWS], *sums[ROWS], *xd[ROWS]; \
+        const int8_t *xq[ROWS]; \
         for (int r = 0; r < ROWS; r++) { \
             const int64_t at = row0 + (r < rows ? r : 0); \
             xr[r] = job->x + at * job->k; \
             sums[r] = job->xsum + at * groups; \
+            xq[r] = job->xq ? job->xq + at * job->k : NULL; \
+            xd[r] = job->xd ? job->xd + at * (job->k / XBLOCK) : NULL; \
         } \
-        vf acc[ROWS][2]; \
         float shift[ROWS]; \
-        for (int r = 0; r < ROWS; r++) { \
-            acc[r][0] = acc[r][1] = (vf){0}; \
-            shift[r] = 0.0f; \
-        } \
-        float s[SLICE], o[SLICE]; \
+        for (int r = 0; r < ROWS; r++) shift[r] = 0.0f; \
+        float s[SLICE], o[SLICE];
+
+/* shift[r] += sum over groups [g0, g0 + count) of (o - z s) times the group sum of x (row r). */
+static inline void add_shift(const float *s, float *o, int64_t count, float zero, int offset, const float *const *sums,
+                             int64_t g0, int rows, float *shift) {
+    for (int64_t i = 0; i < count; i++) o[i] = (offset ? o[i] : 0.0f) - zero * s[i];
+    for (int r = 0; r < rows; r++) {
+        /* four partial sums: one chain of dependent adds would cost a channel of a short row more
+         * than its products */
+        float total[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        int64_t i = 0;
+        for (; i + 4 <= count; i += 4)
+            for (int j = 0; j < 4; j++) total[j] += o[i + j] * sums[r][g0 + i + j];
+        for (; i < count; i++) total[0] += o[i] * sums[r][g0 + i];
+        shift[r] += (total[0] + total[1]) + (total[2] + total[3]);
+    }
+}
+
+#define DEFINE_CHANNEL(NAME, FMT, G, ZERO, OFFSET, ROWS) \
+    static void NAME(const MatmulJob *job, int64_t c, int64_t row0, int rows, const uint8_t *end) { \
+        CHANNEL_START(G, ROWS) \
+        (void)xq; \
+        (void)xd; \
+        vf acc[ROWS][2]; \
+        for (int r = 0; r < ROWS; r++) acc[r][0] = acc[r][1] = (vf){0}; \
         for (int64_t g0 = 0; g0 < groups; g0 += SLICE) { \
             const int64_t count = groups - g0 < SLICE ? groups - g0 : SLICE; \
             scales_##FMT(row, job->blocks, g0, count, s, o); \
-            if ((OFFSET) || (ZERO)) { \
-                for (int64_t i = 0; i < count; i++) o[i] = ((OFFSET) ? o[i] : 0.0f) - (float)(ZERO) * s[i]; \
-                for (int r = 0; r < ROWS; r++) { \
-                    float total = 0.0f; \
-                    for (int64_t i = 0; i < count; i++) total += o[i] * sums[r][g0 + i]; \
-                    shift[r] += total; \
-                } \
-            } \
+            if ((OFFSET) || (ZERO)) add_shift(s, o, count, (float)(ZERO), OFFSET, sums, g0, ROWS, shift); \
             int64_t i = 0; \
             for (; i + 2 <= count; i += 2) { \
                 GROUP_STEP(FMT, G, ROWS, i, 0); \
@@ -116,24 +140,72 @@ typedef struct {
         for (int r = 0; r < rows; r++) job->out[(row0 + r) * job->n + c] = sum_lanes(acc[r][0] + acc[r][1]) + shift[r]; \
     }
 
+/* Block t0 + t of 32 weights into the accumulators acc[r][A] of each row (a statement). */
+#define BLOCK_STEP(FMT, G, ROWS, t, A) \
+    do { \
+        for (int r = 0; r < ROWS; r++) { \
+            vs32 x; \
+            memcpy(&x, xq[r] + (t0 + (t)) * XBLOCK, XBLOCK); \
+            const vi8 dot = dot8_##FMT(row, job->blocks, t0 + (t), x); \
+            vf8 scale; \
+            if ((int)(G) == (int)XBLOCK) { \
+                scale = splat8(sd[r][t]); \
+            } else { \
+                const float lo = sd[r][2 * (t)], hi = sd[r][2 * (t) + 1]; \
+                scale = (vf8){lo, lo, lo, lo, hi, hi, hi, hi}; \
+            } \
+            acc[r][A] += __builtin_convertvector(dot, vf8) * scale; \
+        } \
+    } while (0)
+
+/* The same channel with int8 activations (gguf_int8.h): block t of 32 weights is one integer dot
+ * product per row, scaled by s d in float32 (Q6_K: its two groups' scales in lanes 0..3, 4..7). */
+#define DEFINE_CHANNEL8(NAME, FMT, G, ZERO, OFFSET, ROWS) \
+    static void NAME(const MatmulJob *job, int64_t c, int64_t row0, int rows, const uint8_t *end) { \
+        CHANNEL_START(G, ROWS) \
+        (void)xr; \
+        vf8 acc[ROWS][2]; \
+        for (int r = 0; r < ROWS; r++) acc[r][0] = acc[r][1] = (vf8){0}; \
+        float sd[ROWS][SLICE]; \
+        for (int64_t g0 = 0; g0 < groups; g0 += SLICE) { \
+            const int64_t count = groups - g0 < SLICE ? groups - g0 : SLICE; \
+            scales_##FMT(row, job->blocks, g0, count, s, o); \
+            if ((OFFSET) || (ZERO)) add_shift(s, o, count, (float)(ZERO), OFFSET, sums, g0, ROWS, shift); \
+            const int64_t t0 = g0 * (G) / XBLOCK, count8 = count * (G) / XBLOCK; \
+            for (int r = 0; r < ROWS; r++) /* s d of every group of the slice, vectorized */ \
+                for (int64_t i = 0; i < count; i++) sd[r][i] = s[i] * xd[r][t0 + i * (G) / XBLOCK]; \
+            int64_t t = 0; \
+            for (; t + 2 <= count8; t += 2) { \
+                BLOCK_STEP(FMT, G, ROWS, t, 0); \
+                BLOCK_STEP(FMT, G, ROWS, t + 1, 1); \
+            } \
+            if (t < count8) BLOCK_STEP(FMT, G, ROWS, t, 0); \
+        } \
+        for (int r = 0; r < rows; r++) job->out[(row0 + r) * job->n + c] = sum8(acc[r][0] + acc[r][1]) + shift[r]; \
+    }
+
+typedef void (*channel_fn)(const MatmulJob *job, int64_t c, int64_t row0, int rows, const uint8_t *end);
+
+/* The channels of one chunk, channel by channel, all row blocks: the channel's weights come from
+ * cache after the first. */
+static inline void run_chunk(const MatmulJob *job, int64_t chunk, channel_fn one, channel_fn block) {
+    const int64_t first = chunk * job->channels_per_chunk;
+    const int64_t last = first + job->channels_per_chunk < job->n ? first + job->channels_per_chunk : job->n;
+    const uint8_t *end = job->w + last * job->row_bytes;
+    for (int64_t c = first; c < last; c++)
+        for (int64_t row0 = 0; row0 < job->m; row0 += ROW_BLOCK) {
+            const int rows = job->m - row0 < ROW_BLOCK ? (int)(job->m - row0) : ROW_BLOCK;
+            (rows == 1 ? one : block)(job, c, row0, rows, end);
+        }
+}
+
 #define DEFINE_FORMAT(FMT, G, ZERO, OFFSET) \
     DEFINE_CHANNEL(FMT##_one, FMT, G, ZERO, OFFSET, 1) \
     DEFINE_CHANNEL(FMT##_block, FMT, G, ZERO, OFFSET, ROW_BLOCK) \
-    static void FMT##_chunk(const void *arg, int64_t chunk) { \
-        const MatmulJob *job = arg; \
-        const int64_t first = chunk * job->channels_per_chunk; \
-        const int64_t last = first + job->channels_per_chunk < job->n ? first + job->channels_per_chunk : job->n; \
-        const uint8_t *end = job->w + last * job->row_bytes; \
-        /* Channel by channel, all row blocks: the channel's weights come from cache after the first. */ \
-        for (int64_t c = first; c < last; c++) \
-            for (int64_t row0 = 0; row0 < job->m; row0 += ROW_BLOCK) { \
-                const int rows = job->m - row0 < ROW_BLOCK ? (int)(job->m - row0) : ROW_BLOCK; \
-                if (rows == 1) \
-                    FMT##_one(job, c, row0, 1, end); \
-                else \
-                    FMT##_block(job, c, row0, rows, end); \
-            } \
-    }
+    DEFINE_CHANNEL8(FMT##_one8, FMT, G, ZERO, OFFSET, 1) \
+    DEFINE_CHANNEL8(FMT##_block8, FMT, G, ZERO, OFFSET, ROW_BLOCK) \
+    static void FMT##_chunk(const void *arg, int64_t chunk) { run_chunk(arg, chunk, FMT##_one, FMT##_block); } \
+    static void FMT##_chunk8(const void *arg, int64_t chunk) { run_chunk(arg, chunk, FMT##_one8, FMT##_block8); }
 
 DEFINE_FORMAT(q8_0, GROUP, 0, 0)
 DEFINE_FORMAT(q4_1, GROUP, 0, 1)
@@ -141,39 +213,56 @@ DEFINE_FORMAT(q5_0, GROUP, 16, 0)
 DEFINE_FORMAT(q4_k, GROUP, 0, 1)
 DEFINE_FORMAT(q6_k, Q6_K_GROUP, 32, 0)
 
-static pool_task matmul_task(int type) {
+static pool_task matmul_task(int type, int int8_x) {
     switch (type) {
-    case Q8_0: return q8_0_chunk;
-    case Q4_1: return q4_1_chunk;
-    case Q5_0: return q5_0_chunk;
-    case Q4_K: return q4_k_chunk;
-    case Q6_K: return q6_k_chunk;
+    case Q8_0: return int8_x ? q8_0_chunk8 : q8_0_chunk;
+    case Q4_1: return int8_x ? q4_1_chunk8 : q4_1_chunk;
+    case Q5_0: return int8_x ? q5_0_chunk8 : q5_0_chunk;
+    case Q4_K: return int8_x ? q4_k_chunk8 : q4_k_chunk;
+    case Q6_K: return int8_x ? q6_k_chunk8 : q6_k_chunk;
     default: return NULL;
     }
 }
 
 /* out (m, n) = x (m, k) w^T for the n rows of w in format `type` (ggml's type number), in the
- * layout of gguf_formats.h. Returns 0, STATUS_BAD_TYPE for a format this file does not read,
+ * layout of gguf_formats.h; with int8_x, x is first quantized to int8 per block of 32
+ * (gguf_int8.h). Returns 0, STATUS_BAD_TYPE for a format this file does not read,
  * STATUS_BAD_SIZE for negative sizes or a k that is not a whole number of blocks,
- * STATUS_NO_MEMORY when the group sums of x cannot be allocated. */
+ * STATUS_NO_MEMORY when the group sums (or the quantized copy) of x cannot be allocated. */
 int gguf_matmul(int type, const float *x, int64_t m, int64_t k, const uint8_t *w, int64_t n, float *out,
-                int threads) {
-    const pool_task task = matmul_task(type);
+                int threads, int int8_x) {
+    const pool_task task = matmul_task(type, int8_x);
     if (task == NULL) return STATUS_BAD_TYPE;
     if (m < 0 || n < 0 || k < 0 || k % block_weights(type)) return STATUS_BAD_SIZE;
     if (m == 0 || n == 0) return 0;
     const int64_t group = group_size(type), groups = k / group;
-    float *xsum = malloc((size_t)(m * groups + 1) * sizeof(float));
+    /* one allocation: the group sums, then (int8_x) the block scales and the int8 copy of x */
+    const int64_t floats = m * groups + (int8_x ? m * k / XBLOCK : 0);
+    float *xsum = malloc((size_t)floats * sizeof(float) + (int8_x ? (size_t)(m * k) : 1));
     if (xsum == NULL) return STATUS_NO_MEMORY;
-    for (int64_t i = 0; i < m * groups; i++) {
-        float total = 0.0f;
-        for (int64_t j = 0; j < group; j++) total += x[i * group + j];
-        xsum[i] = total;
+    float *xd = int8_x ? xsum + m * groups : NULL;
+    int8_t *xq = int8_x ? (int8_t *)(xsum + floats) : NULL;
+    if (int8_x) {
+        /* The group sums of the quantized x: a weight's offset then meets the same x as its
+         * integer part, and the error is that of x @ w^T with x rounded (sum |w| d / 2 per block),
+         * not the larger one of its integer part alone. */
+        quantize_activations(x, m, k, xq, xd);
+        for (int64_t i = 0; i < m * groups; i++) {
+            int32_t total = 0;
+            for (int64_t j = 0; j < group; j++) total += xq[i * group + j];
+            xsum[i] = (float)total * xd[i * group / XBLOCK];
+        }
+    } else {
+        for (int64_t i = 0; i < m * groups; i++) {
+            float total = 0.0f;
+            for (int64_t j = 0; j < group; j++) total += x[i * group + j];
+            xsum[i] = total;
+        }
     }
     const int64_t blocks = k / block_weights(type), row_bytes = blocks * block_bytes(type);
     int64_t per_chunk = CHUNK_BYTES / row_bytes;
     if (per_chunk < 1) per_chunk = 1;
-    MatmulJob job = {x, xsum, w, out, m, n, k, row_bytes, blocks, per_chunk};
+    MatmulJob job = {x, xsum, xq, xd, w, out, m, n, k, row_bytes, blocks, per_chunk};
     if (n * row_bytes * ((m + ROW_BLOCK - 1) / ROW_BLOCK) < SERIAL_BYTES) threads = 1;
     pool_run(task, &job, (n + per_chunk - 1) / per_chunk, threads);
     free(xsum);
@@ -247,7 +336,7 @@ static void dequantize_chunk(const void *arg, int64_t chunk) {
  * STATUS_BAD_ROW when a row index lies outside [0, n) (nothing is written then). */
 int gguf_dequantize(int type, const uint8_t *w, int64_t n, int64_t k, const int64_t *rows, int64_t count, float *out,
                     int threads) {
-    if (matmul_task(type) == NULL) return STATUS_BAD_TYPE;
+    if (matmul_task(type, 0) == NULL) return STATUS_BAD_TYPE;
     if (n < 0 || k < 0 || count < 0 || k % block_weights(type) || (rows == NULL && count > n)) return STATUS_BAD_SIZE;
     if (rows != NULL)
         for (int64_t i = 0; i < count; i++)
