@@ -8,7 +8,7 @@ import torch
 from gguf_files import T, tiny_config, tiny_model, write_gguf
 from attnkit.models.fuse import fuse_quantized_projections
 from attnkit.models.llama.gguf_checkpoint import load_gguf
-from attnkit.models.quant import QuantizedLinear
+from attnkit.models.quant import QuantizedLinear, set_quant_activations
 
 
 def _unfused(model):
@@ -39,6 +39,10 @@ def test_a_quantized_file_loads_fused_and_computes_the_same_bits(tmp_path):
             a = fused(tokens[:, i:i + 1], caches=steps[0])
             b = plain(tokens[:, i:i + 1], caches=steps[1])
             assert torch.equal(a, b)
+        set_quant_activations(fused, "int8")  # reaches the fused calls too, through their first layers
+        set_quant_activations(plain, "int8")
+        assert torch.equal(fused(tokens[:, :1]), plain(tokens[:, :1]))
+        assert not torch.equal(fused(tokens[:, :1]), _unfused(load_gguf(path, quantized=True))(tokens[:, :1]))
 
 
 def test_mixed_formats_and_float_layers_stay_unfused(tmp_path):

@@ -43,6 +43,19 @@ def _fused(layers: Sequence[nn.Module]) -> Optional[QuantizedLinear]:
     return fused
 
 
+class _FusedCall:
+    """``x -> fused(x)`` in the activations mode of the first member layer (the mode
+    :func:`~attnkit.models.quant.set_quant_activations` sets on the model's layers, which do not
+    include the fused weight: it is not a submodule)."""
+
+    def __init__(self, fused: QuantizedLinear, first: QuantizedLinear) -> None:
+        self.fused, self.first = fused, first
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.fused.activations = self.first.activations
+        return self.fused(x)
+
+
 def fuse_quantized_projections(model: nn.Module) -> int:
     """Fuse the q/k/v projections of every attention layer of ``model`` and the gate/up
     projections of every gated MLP whose weights are quantized in one format (see the module
@@ -52,12 +65,12 @@ def fuse_quantized_projections(model: nn.Module) -> int:
         if isinstance(module, MultiHeadAttention):
             fused = _fused((module.q_proj, module.k_proj, module.v_proj))
             if fused is not None:
-                module.fused_qkv = fused.forward  # a bound method, not a submodule: no second state entry
+                module.fused_qkv = _FusedCall(fused, module.q_proj)  # not a submodule: no second state entry
                 count += 1
         elif isinstance(module, SwiGLU):
             fused = _fused((module.gate_proj, module.up_proj))
             if fused is not None:
-                module.fused_gate_up = fused.forward
+                module.fused_gate_up = _FusedCall(fused, module.gate_proj)
                 count += 1
     return count
 
