@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy
 import pytest
 import torch
 from hypothesis import given, strategies as st
@@ -148,6 +149,7 @@ def test_from_cu_seqlens_equals_lengths_and_gives_the_bounds_back():
 
 @pytest.mark.parametrize("lengths, error, words", [
     ([3, -1], ValueError, "lengths must be non-negative, got -1"),
+    ([numpy.int64(3), numpy.int64(-2)], ValueError, "lengths must be non-negative, got -2"),
     ([], ValueError, "lengths must hold at least one document"),
     ([1.5, 2], TypeError, "lengths must hold ints, got float"),
     ([True, 2], TypeError, "lengths must hold ints, got bool"),
