@@ -132,12 +132,6 @@ def test_score_mod_equals_the_float64_formula(backend, case):
     q, k, v, pattern, kind, parameter, positions = case
     if backend == "dense" and kind == "softcap":
         return  # dense refuses it: test_dense_refuses_softcap_and_auto_routes_around_it
-    mod = make_mod(kind, parameter)
-    if backend == "sparse" and BY_NAME["sparse"].accepts(make_problem(q, k, v, pattern, None, True, score_mod=mod)):
-        assert "Document" in repr(pattern)  # its document kernel applies no score mod yet
-        with pytest.raises(ValueError, match="does not apply a score_mod to Document patterns yet"):
-            _check(backend, case)
-        return
     _check(backend, case)
 
 
@@ -152,6 +146,9 @@ def native_cases(draw):
     n_q_heads = n_kv_heads * groups
     if draw(st.booleans()):  # a per-head pattern: runs of heads, each its own slice of the parameter
         pattern = PerHead([draw(st.sampled_from([SlidingWindow(3), SlidingWindow(20)])) for _ in range(n_q_heads)])
+    elif draw(st.booleans()):  # packed documents: the document kernel runs each one's band natively
+        cuts = sorted(draw(st.lists(st.integers(0, n_k), max_size=4)))
+        pattern = pattern & Document([b - a for a, b in zip([0, *cuts], [*cuts, n_k])])
     kind = draw(st.sampled_from(KINDS))
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
     q = 3 * torch.randn(batch, n_q_heads, n_q, 16, generator=gen, dtype=torch.float64)

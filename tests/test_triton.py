@@ -308,3 +308,18 @@ def test_configurations_over_the_devices_shared_memory_are_avoided(monkeypatch):
             assert tiles and set(tiles) <= set(configs.NARROW[kind])
             assert all(configs.shared_bytes(kind, t, 128, 128, 2) <= limit for t in tiles)
     assert configs.block_size(64, 64, 2, cuda) == 64  # compact rows fit 64 even in 99 KiB
+
+
+def test_float32_rows_take_their_own_tiles(monkeypatch):
+    # tf32x3's split operands need more registers than a half-precision dot of the same row width:
+    # float32 at head dim 64 (256 bytes, a "narrow" row) spilled 88-508 bytes on NARROW's tiles.
+    from attnkit.kernels import triton_configs as configs
+
+    monkeypatch.setattr(configs, "interpreting", lambda: False)
+    assert configs.candidates("fwd", 64, 64, 4) == configs.SINGLE["fwd"]
+    assert configs.candidates("dkdv", 128, 128, 4) == configs.SINGLE_WIDE["dkdv"]
+    assert configs.candidates("fwd", 128, 128, 2) == configs.NARROW["fwd"]
+    assert configs.candidates("fwd", 256, 256, 2) == configs.WIDE["fwd"]
+    for kind in ("fwd", "dq", "dkdv"):
+        offered = {(c.kwargs["BM"], c.kwargs["BN"], c.num_warps, c.num_stages) for c in configs.configs(kind)}
+        assert all(set(tiles[kind]) <= offered for tiles in configs.TILES.values())

@@ -159,3 +159,46 @@ def test_static_check_compiles_clean_for_sm90(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = json.loads(rows_path.read_text())
     assert rows and all(row["registers"] and row["spills"] == 0 for row in rows)
+
+
+SWEEP = REPO / "benchmarks/results/2026-12-07-hopper-static.json"  # static_check.py rows (ptxas for sm_90a)
+_BAND_KINDS = {"_band_fwd": "fwd", "_band_bwd_dq": "dq", "_band_bwd_dkdv": "dkdv"}
+_ELEMENT = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+def _measured_band_tiles():
+    """``(kind, dtype, D, tiles, row)`` of every measured single-band launch (no plan part, no decode)."""
+    import re
+
+    for row in json.loads(SWEEP.read_text()):
+        kind = _BAND_KINDS.get(row["kernel"])
+        found = re.search(r"BM=(\d+) BN=(\d+) w(\d+) s(\d+)", row["config"])
+        if kind is None or "error" in row or not found or re.search(r"(MERGE|ACC|SEGMENTED|PACKED)=True", row["config"]):
+            continue
+        yield kind, row["dtype"], row["D"], tuple(int(x) for x in found.groups()), row
+
+
+def test_the_shared_memory_estimate_bounds_what_triton_allocated():
+    from attnkit.kernels import triton_configs as configs
+
+    rows = list(_measured_band_tiles())
+    assert len(rows) > 50
+    for kind, dtype, dim, tiles, row in rows:
+        assert configs.shared_bytes(kind, tiles, dim, dim, _ELEMENT[dtype]) >= row["shared"], row
+
+
+def test_the_launchers_tiles_compiled_clean_where_measured(monkeypatch):
+    # Every candidate the launcher offers for a row width, where the sweep compiled it, has no spill
+    # and no serialised wgmma -- except float32 at head dim 128 and more, where every tile tried
+    # spills (the lists keep the least spilling; see triton_configs).
+    from attnkit.kernels import triton_configs as configs
+
+    monkeypatch.setattr(configs, "interpreting", lambda: False)
+    checked = 0
+    for kind, dtype, dim, tiles, row in _measured_band_tiles():
+        if configs.tile_class(dim, dim, _ELEMENT[dtype]) == "single-wide":
+            continue
+        if tiles in configs.candidates(kind, dim, dim, _ELEMENT[dtype]):
+            checked += 1
+            assert row["spills"] == 0 and not any("serialized" in w for w in row["warnings"]), row
+    assert checked > 40

@@ -16,6 +16,7 @@ everywhere. Configurations above 99 KiB (they cannot run on sm_86/sm_89) are mar
 
     PYTHONPATH=src python benchmarks/gpu/static_check.py [--json OUT.json] [--cases window,strided]
         [--dtypes bf16,fp16,fp32] [--dims 64,128,256] [--forward-only] [--kernels _band_fwd,...] [--limit N]
+        [--extra _band_fwd=64,128,8,3]   (also a configuration the launcher does not offer)
         [--list]   (record and list the launches only: seconds, no compile)
 """
 
@@ -93,7 +94,7 @@ class Launch:
     args: tuple
     kwargs: dict
     cases: list[str] = field(default_factory=list)
-    candidate: bool = False  # an autotune candidate (not necessarily the one a GPU would pick)
+    candidate: bool | str = False  # an autotune candidate (not necessarily the one a GPU would pick), or "extra"
 
 
 @dataclass(frozen=True)
@@ -112,10 +113,13 @@ def _light(args: tuple) -> tuple:
 
 
 class _Recorder:
-    """Stands in for Triton's launch: collects what would have been launched."""
+    """Stands in for Triton's launch: collects what would have been launched. ``extra`` maps a
+    kernel name to configurations ``(BM, BN, warps, stages)`` compiled beside its candidates (a
+    configuration the launcher does not offer, such as FlexAttention's)."""
 
-    def __init__(self) -> None:
+    def __init__(self, extra: Optional[dict[str, list[tuple[int, int, int, int]]]] = None) -> None:
         self.launches: list[tuple[JITFunction, tuple, dict, bool]] = []
+        self.extra = extra or {}
 
     def jit_run(self, fn: JITFunction, *args, grid, warmup, **kwargs):
         self.launches.append((fn, _light(args), kwargs, False))
@@ -127,11 +131,15 @@ class _Recorder:
             configs = tuner.early_config_prune(configs, dict(zip(tuner.arg_names, args)), **kwargs)
         for config in configs:  # every candidate, whatever the tuner would pick on a GPU
             self.launches.append((tuner.fn, _light(args), {**kwargs, **config.all_kwargs()}, len(configs) > 1))
+        for bm, bn, warps, stages in self.extra.get(tuner.fn.__name__, ()):
+            tiles = {"BM": bm, "BN": bn, "num_warps": warps, "num_stages": stages}
+            self.launches.append((tuner.fn, _light(args), {**kwargs, **tiles}, "extra"))
 
 
-def record(cases, dtypes, dims) -> list[Launch]:
-    """Run the launcher on every case; returns the distinct launches with the cases that reach them."""
-    recorder = _Recorder()
+def record(cases, dtypes, dims, extra: Optional[dict] = None) -> list[Launch]:
+    """Run the launcher on every case; returns the distinct launches with the cases that reach them
+    (and the ``extra`` configurations of :class:`_Recorder`)."""
+    recorder = _Recorder(extra)
     saved = JITFunction.run, Autotuner.run, triton_launch.triton_available, triton_launch._multiprocessors
     JITFunction.run = lambda self, *a, **k: recorder.jit_run(self, *a, **k)
     Autotuner.run = lambda self, *a, **k: recorder.autotuned_run(self, *a, **k)
@@ -274,7 +282,8 @@ def _print_table(rows: list[dict]) -> None:
         shared = f"{row['shared'] / 1024:.0f}K" + (" >99K" if row["shared"] > SMALL_SHARED else "")
         bad = problems(row)
         style = "[red]" if bad else ""
-        table.add_row(row["kernel"], row["dtype"], str(row["D"]), row["config"] + (" (candidate)" if row["candidate"] else ""),
+        marks = {True: " (candidate)", "extra": " (extra)"}
+        table.add_row(row["kernel"], row["dtype"], str(row["D"]), row["config"] + marks.get(row["candidate"], ""),
                       str(row["registers"]), style + str(row["spills"]), shared,
                       style + "; ".join(map(_short, row["warnings"])), ", ".join(row["cases"]))
     Console(width=220).print(table)
@@ -307,13 +316,28 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--limit", type=int, default=0, help="compile at most this many launches (a quick check)")
     parser.add_argument("--list", action="store_true", help="record and list the launches, compile nothing")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="compiles at once")
+    parser.add_argument("--extra", action="append", default=[], metavar="KERNEL=BM,BN,WARPS,STAGES",
+                        help="also compile this configuration of a tiled kernel (not a candidate of the "
+                             "launcher), e.g. FlexAttention's _band_fwd=64,128,8,3; repeatable")
+    parser.add_argument("--only-extra", action="store_true", help="compile the --extra configurations only")
     args = parser.parse_args(argv)
+    extra: dict[str, list[tuple[int, ...]]] = {}
+    for item in args.extra:
+        name, _, tiles = item.partition("=")
+        try:
+            extra.setdefault(name, []).append(tuple(int(x) for x in tiles.split(",")))
+        except ValueError:
+            parser.error(f"--extra: expected KERNEL=BM,BN,WARPS,STAGES, got {item!r}")
+        if len(extra[name][-1]) != 4:
+            parser.error(f"--extra: expected four numbers after {name}=, got {tiles!r}")
     wanted = args.cases.split(",")
     unknown = set(wanted) - {c.name for c in CASES}
     if unknown:
         parser.error(f"--cases: unknown {sorted(unknown)}; known: {[c.name for c in CASES]}")
     cases = [c if not args.forward_only else Case(**{**c.__dict__, "backward": False}) for c in CASES if c.name in wanted]
-    launches = record(cases, args.dtypes.split(","), [int(d) for d in args.dims.split(",")])
+    launches = record(cases, args.dtypes.split(","), [int(d) for d in args.dims.split(",")], extra)
+    if args.only_extra:
+        launches = [launch for launch in launches if launch.candidate == "extra"]
     if args.kernels:
         launches = [launch for launch in launches if launch.fn.__name__ in args.kernels.split(",")]
     if args.limit:
@@ -332,7 +356,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 with open(args.json, "w") as f:
                     json.dump(rows, f, indent=1)
     _print_table(rows)
-    broken = [(row, problems(row)) for row in rows if problems(row)]
+    broken = [(row, problems(row)) for row in rows if problems(row) and row["candidate"] != "extra"]
     for row, why in broken:
         print(f"FAIL {row['kernel']} {row['dtype']} D={row['D']} {row['config']}: {'; '.join(why)}")
     print(f"{len(rows)} kernel configurations, {len(broken)} break the acceptance")

@@ -11,7 +11,7 @@ and the LSE are float32 for float16/bfloat16 inputs.
 Non-finite inputs follow one rule in every backend: **a row's output depends only on the keys and
 values it may see.** A NaN or inf at a position the pattern hides from a row never reaches that
 row (nor its gradients); a row that may see one gets whatever its own arithmetic gives (NaN, or
-inf) and passes no gradient back.
+inf) and passes no gradient back (on CUDA: NaN, see ``kernels.common.visible_on_device``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 
 from .backends import BACKENDS, backend_named, make_problem, pick
 from .checks import check_sinks
-from .kernels.common import keep_visible
+from .kernels.common import visible
 from .kernels.sinks import with_sinks
 from .kernels.reference import reference_kernel
 from .kernels.score_mods import ScoreMod
@@ -72,8 +72,8 @@ def attention(
             ``attnkit.softcap(c)`` (``c * tanh(s / c)``), ``attnkit.alibi(slopes (Hq,))``
             (``s + slopes[h] * (j - i)``) or ``attnkit.distance_bias(table (Hq, R))``
             (``s + table[h, min(|i - j|, R - 1)]``); slopes and table may require grad. Hidden
-            pairs stay hidden. Applied by reference, blockwise and sparse (not on Document
-            patterns yet); dense takes alibi and distance_bias, not softcap; triton none yet.
+            pairs stay hidden. Applied by reference, blockwise and sparse; dense takes alibi and
+            distance_bias, not softcap; triton none yet.
             A Python callable ``fn(s, b, h, i, j)`` (see
             :func:`attnkit.kernels.score_mods.score_callable`) runs on reference and dense only.
         sinks: ``(Hq,)`` attention sinks (as in gpt-oss): one logit per query head that joins
@@ -98,8 +98,9 @@ def attention(
             names the backends that run it without one).
 
     A NaN or inf in a key or value reaches only the rows that may see it (see the module
-    docstring); the check costs one sum over ``out`` (plus one over ``k`` and ``v`` when
-    autograd will differentiate the call) and reruns the call only when it fails.
+    docstring); on the CPU the check costs one sum over ``out`` (plus one over ``k`` and ``v``
+    when autograd will differentiate the call) and reruns the call only when it fails; on CUDA
+    it reads nothing on the host (no sync): K and V go in with non-finite entries zeroed.
     """
     problem = make_problem(q, k, v, pattern, scale, return_lse or sinks is not None,
                            q_positions, k_positions, key_padding_mask, score_mod)
@@ -114,12 +115,11 @@ def attention(
         reason = runner.accepts(problem)
         if reason is not None:
             raise ValueError(f"backend {runner.name!r} cannot run this call: {reason}")
-    out, lse = runner.forward(problem, q, k, v)
 
-    def rerun(k_clean: torch.Tensor, v_clean: torch.Tensor) -> tuple:
-        return runner.forward(problem, q, k_clean, v_clean)
+    def run(k_: torch.Tensor, v_: torch.Tensor) -> tuple:
+        return runner.forward(problem, q, k_, v_)
 
-    out, lse = keep_visible((out, lse), rerun, q, k, v, problem.pattern, problem.positions, problem.key_padding_mask)
+    out, lse = visible(run, q, k, v, problem.pattern, problem.positions, problem.key_padding_mask)
     if sinks is not None:  # once, on the result over every key (see kernels/sinks.py)
         out, lse = with_sinks(out, lse, sinks)
     return (out, lse) if return_lse else out
@@ -143,6 +143,5 @@ def reference_attention(
     problem = make_problem(q, k, v, pattern, scale, False)
     pattern, scale = problem.pattern, problem.scale
     pattern.validate(problem.n_q, problem.n_k)
-    result = reference_kernel(q, k, v, pattern, scale)
-    out, _, weights = keep_visible(result, lambda k_, v_: reference_kernel(q, k_, v_, pattern, scale), q, k, v, pattern)
+    out, _, weights = visible(lambda k_, v_: reference_kernel(q, k_, v_, pattern, scale), q, k, v, pattern)
     return out, weights

@@ -18,7 +18,7 @@ from ..kernels.sparse_plan import document_piece
 from ..patterns import finite_band, head_runs
 from .base import Backend, Grads, Problem, tiled_grad_share, with_parameters
 from .dense import SDPA_PAIR_COST
-from .facts import documents_with_score_mod, finite_bands, planned
+from .facts import finite_bands, planned
 
 NATIVE_MIN_QUERIES = 32
 """From this many queries on the kernel beat masked SDPA at every window measured, up to a window
@@ -96,12 +96,6 @@ class SparseBackend(Backend):
     name = "sparse"
     description = "the sparse planner (work follows the allowed pairs) and the native band kernel"
     score_mods = NATIVE_SCORE_MODS
-
-    def accepts(self, problem):
-        reason = self.takes_arguments(problem)
-        if reason is None and documents_with_score_mod(problem):
-            return "it does not apply a score_mod to Document patterns yet (blockwise does)"
-        return reason
 
     def cost(self, problem):
         if _runs_natively(problem):

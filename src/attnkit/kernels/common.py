@@ -67,6 +67,8 @@ def allowed_mask(
 # reach it. Checking the inputs on every call would cost a pass over K and V (as much as a
 # decoding step); checking the output costs a pass over ``out`` only, and a result with no
 # non-finite number was not poisoned. Only then are the inputs inspected and the call rerun.
+# On CUDA that read of ``out`` is a sync: there the rule is kept by tensor operations alone
+# (visible_on_device), whose cost every call pays.
 
 _SEEN_ELEMENTS = 1 << 22  # (row, bad key) pairs evaluated at once by rows_seeing
 _HALF_EXPONENT = {torch.float16: 0x7C00, torch.bfloat16: 0x7F80}
@@ -145,9 +147,21 @@ def rows_seeing(
 ) -> torch.Tensor:
     """``(B, Hq, Nq)`` bool: query rows that may see at least one key marked in ``bad
     (B, Hkv, Nk)``, at ``positions = (q_pos, k_pos)`` (default bottom-right). Evaluates the
-    pattern on the marked columns only, a block of rows at a time."""
-    n_k = bad.shape[-1]
+    pattern on the marked columns only (found on the host), a block of rows at a time."""
     cols = bad.flatten(0, 1).any(0).nonzero().flatten()
+    return _rows_seeing_columns(pattern, bad, cols, n_q_heads, n_q, positions)
+
+
+def _rows_seeing_columns(
+    pattern: Pattern,
+    bad: torch.Tensor,
+    cols: torch.Tensor,
+    n_q_heads: int,
+    n_q: int,
+    positions: Optional[tuple[torch.Tensor, torch.Tensor]],
+) -> torch.Tensor:
+    """:func:`rows_seeing` over the key columns ``cols`` (the others marked nowhere)."""
+    n_k = bad.shape[-1]
     marked = bad[..., cols].to(torch.float32).repeat_interleave(n_q_heads // bad.shape[1], dim=1)
     marked = marked.unsqueeze(-1)  # (B, Hq, J, 1)
     if positions is None:
@@ -163,6 +177,37 @@ def rows_seeing(
     return torch.cat(counts, dim=-1) > 0
 
 
+def rows_seeing_on_device(
+    pattern: Pattern,
+    bad: torch.Tensor,
+    n_q_heads: int,
+    n_q: int,
+    positions: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+) -> torch.Tensor:
+    """:func:`rows_seeing` without reading anything on the host (shapes depend on sizes only).
+
+    A band ``lo <= i - j <= hi`` shared by every head (Causal, SlidingWindow) at the default
+    positions counts the marked keys of each row's band by prefix sums: ``O(B Hkv Nk)``. Any
+    other pattern is evaluated on every key column, a block of rows at a time: ``O(Nq Nk)``
+    mask elements (the host path evaluates the marked columns only, but finding them is a sync).
+    """
+    band = shared_band(pattern) if positions is None else None
+    if band is None:
+        cols = torch.arange(bad.shape[-1], device=bad.device)
+        return _rows_seeing_columns(pattern, bad, cols, n_q_heads, n_q, positions)
+    n_k = bad.shape[-1]
+    # Row r (position p = r + n_k - n_q) sees keys j in [p - hi, p - lo], clipped to [0, n_k).
+    # prefix[m] = marked keys among the first m; infinite bounds clip to the sequence.
+    prefix = torch.nn.functional.pad(bad.to(torch.int32).cumsum(-1), (1, 0))  # (B, Hkv, Nk + 1)
+    p = torch.arange(n_k - n_q, n_k, device=bad.device)
+    span = n_k + n_q  # any bound beyond this clips like an infinite one
+    lo, hi = (int(max(-span, min(span, edge))) for edge in band)
+    first = (p - hi).clamp(0, n_k)
+    stop = torch.maximum((p - lo + 1).clamp(0, n_k), first)
+    seen = prefix[..., stop] - prefix[..., first]  # (B, Hkv, Nq)
+    return (seen > 0).repeat_interleave(n_q_heads // bad.shape[1], dim=1)
+
+
 def _host_read_forbidden(q: torch.Tensor) -> bool:
     """Whether reading a tensor's value on the host is impossible now (compiling, graph capture)
     or meaningless (meta and fake tensors carry no values)."""
@@ -174,6 +219,77 @@ def _host_read_forbidden(q: torch.Tensor) -> bool:
 def _differentiated(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether autograd will differentiate the call."""
     return torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+
+
+def _needs_no_check(q, k, pattern, positions, key_padding_mask) -> bool:
+    """Whether the rule holds without a check: no key is hidden from any row, or (compiling,
+    capturing, no values) no check can be made."""
+    explicit = positions is not None or key_padding_mask is not None
+    return (not explicit and _sees_every_key(pattern, q.shape[2], k.shape[2])) or _host_read_forbidden(q)
+
+
+def sync_free(device: torch.device) -> bool:
+    """Whether the rule must be kept without reading a value on the host (CUDA: a read is a
+    sync, which stalls the launch queue), by :func:`visible_on_device`."""
+    return device.type == "cuda"
+
+
+def visible(
+    run,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: Pattern,
+    positions: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    key_padding_mask: Optional[torch.Tensor] = None,
+) -> tuple:
+    """``run(k, v)`` (a kernel's result: a tuple of None or tensors ``(B, Hq, Nq, ...)``) under
+    the visibility rule: :func:`visible_on_device` where a host read is a sync (CUDA), else the
+    result checked and, only when it fails, repaired (:func:`keep_visible`)."""
+    if sync_free(q.device) and not _needs_no_check(q, k, pattern, positions, key_padding_mask):
+        return visible_on_device(run, q, k, v, pattern, positions, key_padding_mask)
+    return keep_visible(run(k, v), run, q, k, v, pattern, positions, key_padding_mask)
+
+
+def visible_on_device(
+    run,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: Pattern,
+    positions: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    key_padding_mask: Optional[torch.Tensor] = None,
+) -> tuple:
+    """The visibility rule as a pure tensor function: nothing is read on the host, so on CUDA
+    nothing waits for the device (no ``.item()``, ``bool(tensor)``, ``nonzero``).
+
+    K and V go through ``run`` once, with their non-finite entries set to zero (exactly the
+    inputs of :func:`keep_visible`'s rerun, so the rows that may see no such entry get the same
+    values and gradients). A row that may see a non-finite key is NaN in every entry of the
+    result; a row that may see only non-finite values is NaN in ``result[0]`` (out) and keeps
+    the others (the LSE and weights do not depend on V). Those rows are constants: they pass no
+    gradient back. The host path instead keeps such rows' own values (which may be finite:
+    a key whose scores are all -inf), at the price of reading ``out`` on the host.
+
+    Cost, every call (a branch on the data would be a sync): one read of K and V (which keys
+    are non-finite), one read and write of each (the zeroed copies), one select over each
+    result entry, and :func:`rows_seeing_on_device` (prefix sums for a band; ``O(Nq Nk)`` mask
+    elements for other patterns) -- in place of the host path's sum over ``out`` and its sync.
+    """
+    bad_k, bad_v = (~torch.isfinite(t).all(-1) for t in (k, v))  # (B, Hkv, Nk) each
+    if key_padding_mask is not None:  # rows see no padding key, whatever it holds
+        bad_k, bad_v = bad_k & key_padding_mask[:, None, :], bad_v & key_padding_mask[:, None, :]
+    clean = run(*(torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0) for t in (k, v)))
+    sees = rows_seeing_on_device(pattern, torch.cat([bad_k, bad_k | bad_v]), q.shape[1], q.shape[2], positions)
+    sees_key, sees_any = sees.chunk(2)  # (B, Hq, Nq) each
+    merged = []
+    for number, entry in enumerate(clean):
+        if entry is None:  # an LSE nobody asked for
+            merged.append(None)
+            continue
+        rows = sees_any if number == 0 else sees_key
+        merged.append(torch.where(rows.view(*rows.shape, *([1] * (entry.dim() - 3))), float("nan"), entry))
+    return tuple(merged)
 
 
 def keep_visible(
@@ -198,8 +314,7 @@ def keep_visible(
     on the host would break the graph or the capture (those callers get the kernel's result); nor
     for meta or fake tensors, which hold no values. ``positions`` and ``key_padding_mask`` are the
     call's (see :func:`allowed_mask`): a padding key is hidden from every row."""
-    explicit = positions is not None or key_padding_mask is not None
-    if (not explicit and _sees_every_key(pattern, q.shape[2], k.shape[2])) or _host_read_forbidden(q):
+    if _needs_no_check(q, k, pattern, positions, key_padding_mask):
         return result
     # A non-finite key can leave ``out`` finite (a score of -inf) yet poison the gradients of
     # every row (0 * inf in the backward pass): when autograd will run, K and V are read too.

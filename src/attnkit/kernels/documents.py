@@ -16,6 +16,10 @@ One of three kernels runs a group, chosen per group:
 
 Every query row lies in exactly one document, so the groups write disjoint rows (and disjoint
 keys' gradients): no merge of partial results is needed.
+
+A score modification (:mod:`.score_mods`) runs in the native or the blockwise kernel (not torch's
+fused one) at each document's own positions: its formulas depend only on ``j - i`` and the head,
+which a document's shift leaves unchanged.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from ..patterns import Piece, query_key_positions
 from .band_native import band_backward, band_forward
 from .blockwise import blockwise_grads, blockwise_kernel
 from .common import compute_dtype
+from .score_mods import ScoreMod
 from .sparse_plan import DocumentGroup, DocumentPlan
 
 _FUSED = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -72,41 +77,46 @@ def _flash_causal(group: DocumentGroup, q_u: torch.Tensor, v_u: torch.Tensor) ->
     return False if group.full() else None
 
 
-def _forward_group(q_u, k_u, v_u, group: DocumentGroup, scale: float, native: bool):
+def _forward_group(q_u, k_u, v_u, group: DocumentGroup, scale: float, native: bool, score_mod):
     if native:
-        return band_forward(q_u, k_u, v_u, group.band, scale)
+        return band_forward(q_u, k_u, v_u, group.band, scale, score_mod)
     causal = _flash_causal(group, q_u, v_u)
-    if causal is not None:
+    if causal is not None and score_mod is None:
         out, lse = _FUSED(q_u, k_u, v_u, 0.0, causal, attn_mask=None, scale=scale)
         return out, lse
     with torch.no_grad():
-        return blockwise_kernel(q_u, k_u, v_u, Piece(*group.band), scale)
+        return blockwise_kernel(q_u, k_u, v_u, Piece(*group.band), scale, score_mod=score_mod)
 
 
-def _backward_group(q_u, k_u, v_u, out_u, lse_u, d_out_u, d_lse_u, delta_u, group: DocumentGroup, scale, native):
+def _backward_group(q_u, k_u, v_u, out_u, lse_u, d_out_u, d_lse_u, delta_u, group: DocumentGroup, scale, native,
+                    score_mod):
+    """``(dq, dk, dv, d_parameter)`` of one group (``d_parameter`` None without a score mod
+    parameter)."""
     if native:
-        return band_backward(q_u, k_u, v_u, lse_u, d_out_u, delta_u, group.band, scale)
+        grads = band_backward(q_u, k_u, v_u, lse_u, d_out_u, delta_u, group.band, scale, score_mod)
+        return (*grads, None) if len(grads) == 3 else grads
     causal = _flash_causal(group, q_u, v_u)
-    if causal is not None and d_lse_u is None:  # causal and full documents: every row sees a key
-        return _FUSED_BACKWARD(d_out_u, q_u, k_u, v_u, out_u, lse_u, 0.0, causal, attn_mask=None, scale=scale)
+    if causal is not None and d_lse_u is None and score_mod is None:  # causal and full documents: every row sees a key
+        return (*_FUSED_BACKWARD(d_out_u, q_u, k_u, v_u, out_u, lse_u, 0.0, causal, attn_mask=None, scale=scale), None)
     d_lse_u = torch.zeros_like(lse_u) if d_lse_u is None else d_lse_u
     positions = query_key_positions(group.n_q, group.n_k, q_u.device)
-    return blockwise_grads(q_u, k_u, v_u, out_u, lse_u, d_out_u, d_lse_u, Piece(*group.band), scale, positions)[:3]
+    return blockwise_grads(q_u, k_u, v_u, out_u, lse_u, d_out_u, d_lse_u, Piece(*group.band), scale, positions,
+                           score_mod=score_mod)
 
 
 class _DocumentAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, plan, scale, native):
+    def forward(ctx, q, k, v, parameter, plan, scale, native, score_mod):
         lse_dtype = compute_dtype(q.dtype)
         out = q.new_zeros(*q.shape[:3], v.shape[-1])
         lse = torch.full(q.shape[:3], float("-inf"), dtype=lse_dtype, device=q.device)
         for group in plan.groups:
             q_u, k_u, v_u = _take(q, group, True), _take(k, group, False), _take(v, group, False)
-            out_u, lse_u = _forward_group(q_u, k_u, v_u, group, scale, native)
+            out_u, lse_u = _forward_group(q_u, k_u, v_u, group, scale, native, score_mod)
             _put(out, group, out_u, True)
             _put(lse, group, lse_u.to(lse_dtype), True)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.plan, ctx.scale, ctx.native = plan, scale, native
+        ctx.plan, ctx.scale, ctx.native, ctx.score_mod = plan, scale, native, score_mod
         return out, lse
 
     @staticmethod
@@ -120,24 +130,33 @@ class _DocumentAttention(torch.autograd.Function):
             if with_lse:
                 delta = delta - torch.where(lse == float("-inf"), 0.0, d_lse)
         d_q, d_k, d_v = (torch.zeros_like(t) for t in (q, k, v))
+        parameter = None if ctx.score_mod is None else ctx.score_mod.parameter
+        d_parameter = None if parameter is None else torch.zeros_like(parameter)
         for group in ctx.plan.groups:
             q_u, k_u, v_u = _take(q, group, True), _take(k, group, False), _take(v, group, False)
             rows = [None if t is None else _take(t, group, True) for t in (out, lse, d_out, d_lse if with_lse else None, delta)]
-            d_q_u, d_k_u, d_v_u = _backward_group(q_u, k_u, v_u, *rows, group, ctx.scale, ctx.native)
+            d_q_u, d_k_u, d_v_u, d_group = _backward_group(q_u, k_u, v_u, *rows, group, ctx.scale, ctx.native,
+                                                            ctx.score_mod)
             _put(d_q, group, d_q_u, True)
             _put(d_k, group, d_k_u, False)
             _put(d_v, group, d_v_u, False)
-        return d_q, d_k, d_v, None, None, None
+            if d_group is not None:
+                d_parameter += d_group.to(d_parameter.dtype)
+        return d_q, d_k, d_v, d_parameter, None, None, None, None
 
 
 def document_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: DocumentPlan, scale: float, *, native_bands: bool = False
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: DocumentPlan, scale: float, *, native_bands: bool = False,
+    score_mod: Optional[ScoreMod] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention of a document plan: q ``(B, Hq, Nq, D)``, k ``(B, Hkv, Nk, D)``, v
     ``(B, Hkv, Nk, Dv)`` (validated) -> ``(out (B, Hq, Nq, Dv), lse (B, Hq, Nq))``; rows with no
     allowed key give zeros and ``-inf``. Differentiable in q, k, v through out and lse.
-    ``native_bands``: the caller has decided that the native band kernel runs these inputs."""
-    return _DocumentAttention.apply(q, k, v, plan, scale, native_bands)
+    ``native_bands``: the caller has decided that the native band kernel runs these inputs.
+    ``score_mod`` (softcap, alibi, distance_bias) modifies the scores; its parameter is
+    differentiable too."""
+    parameter = None if score_mod is None else score_mod.parameter
+    return _DocumentAttention.apply(q, k, v, parameter, plan, scale, native_bands, score_mod)
 
 
 __all__ = ["document_attention"]

@@ -463,9 +463,8 @@ def _run(
         return band_native_attention(q, k, v, band, scale, *([score_mod] if score_mod is not None else []))
     documents = document_piece(pattern)
     if documents is not None:
-        if score_mod is not None:  # the sparse backend refuses such calls (facts.documents_with_score_mod)
-            raise ValueError("sparse_kernel: no score_mod on Document patterns yet")
-        return document_attention(q, k, v, plan_documents(documents, n_q, n_k), scale, native_bands=native_bands)
+        return document_attention(q, k, v, plan_documents(documents, n_q, n_k), scale, native_bands=native_bands,
+                                  score_mod=score_mod)
     plan = plan_sparse(pattern, n_q, n_k, device, unit_rows, min(unit_rows, BAND_ROWS))
     # torch's fused kernel takes no score modification: the units' scores are computed here.
     fused = _FUSED is not None and device.type == "cpu" and v.shape[-1] == q.shape[-1] and score_mod is None

@@ -36,13 +36,19 @@ SM90_SHARED = 232448
 
 # (BM, BN, warps, stages), by the width of a row (head dim x element size): "compact" rows hold
 # at most 128 bytes (head dim 64 in half precision), "narrow" ones 256 (128), "wide" ones more
-# (256, or float32 at 128), which take smaller tiles so they fit shared memory. The compact and
-# narrow lists hold only configurations that ptxas compiles for sm_90a without spills or
-# serialised wgmma (benchmarks/gpu/static_check.py; benchmarks/results/2026-12-07-triton.md):
-# (128, 128, 8, 3) spills at head dim 128, so only compact rows take it; FlexAttention's
-# (64, 128, 8, 3) spills at 128 and, at 64, in Fixed's segmented part, so it is no candidate; at 128
+# (256), which take smaller tiles so they fit shared memory and registers. Float32 rows have their
+# own lists ("single" up to 256 bytes, head dim 64; "single-wide" beyond): their dots take three
+# TF32 products each (tf32x3), whose split operands hold more registers. Every list holds only
+# configurations that ptxas compiled for sm_90a without spills or serialised wgmma
+# (benchmarks/gpu/static_check.py; benchmarks/results/2026-12-07-triton.md and
+# 2026-12-07-hopper-static.md) where one exists: (128, 128, 8, 3) spills at head dim 128, so only
+# compact rows take it; FlexAttention's (64, 128, 8, 3) spills at 128 (88 bytes; 56 with 2
+# stages, 540 with 4 warps) and, at 64, in Fixed's segmented part, so it is no candidate; at 128
 # the backward keeps 64-key tiles (128 spill in the parts of a multi-part plan) and the dK/dV pass
-# 32-query tiles (64 or more spill or serialise).
+# 32-query tiles (64 or more spill or serialise). At head dim 256 only 32-query tiles compile
+# clean (64-query ones spill 280-8352 bytes: the 64 x 256 float32 accumulator alone takes 128
+# registers a thread in one warp group). Float32 at head dim 128 spills in every tile tried (96-116
+# bytes at best forward and dQ, 1104 dK/dV, against 1196-9780 on the wide lists it took before).
 COMPACT = {
     "fwd": ((128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 8, 3)),
     "dq": ((64, 64, 8, 2), (128, 64, 8, 2), (64, 128, 8, 2), (64, 32, 4, 2)),
@@ -54,11 +60,21 @@ NARROW = {
     "dkdv": ((32, 64, 8, 2), (32, 32, 4, 2)),
 }
 WIDE = {
-    "fwd": ((64, 32, 4, 2), (64, 64, 4, 2)),
-    "dq": ((32, 32, 4, 2), (64, 32, 4, 2)),
-    "dkdv": ((32, 32, 4, 2), (32, 64, 4, 2)),
+    "fwd": ((32, 64, 4, 2),),
+    "dq": ((32, 64, 8, 2), (32, 32, 4, 2)),
+    "dkdv": ((32, 32, 8, 2),),
 }
-TILES = {"compact": COMPACT, "narrow": NARROW, "wide": WIDE}
+SINGLE = {
+    "fwd": ((64, 32, 8, 2), (32, 32, 4, 2)),
+    "dq": ((64, 32, 8, 2),),
+    "dkdv": ((32, 32, 8, 2),),
+}
+SINGLE_WIDE = {  # every tile tried spills here (tf32x3 at head dim 128): these spill least
+    "fwd": ((32, 32, 4, 2),),
+    "dq": ((32, 32, 8, 2),),
+    "dkdv": ((32, 32, 8, 2),),
+}
+TILES = {"compact": COMPACT, "narrow": NARROW, "wide": WIDE, "single": SINGLE, "single-wide": SINGLE_WIDE}
 BLOCKS = (64, 32)
 """Block sizes of the block-list kernels, largest first: a call takes the largest whose every
 candidate fits the device's shared memory (fixed per call: the lists are built for it)."""
@@ -82,6 +98,14 @@ def row_class(head_dim: int, value_dim: int, element_size: int) -> str:
     """"compact" (rows of at most 128 bytes), "narrow" (256) or "wide": which tiles a call takes."""
     row_bytes = max(head_dim, value_dim) * element_size
     return "compact" if row_bytes <= 128 else "narrow" if row_bytes <= 256 else "wide"
+
+
+def tile_class(head_dim: int, value_dim: int, element_size: int) -> str:
+    """Which list of :data:`TILES` a call takes: :func:`row_class`, or for float32 rows "single"
+    (at most 256 bytes) or "single-wide"."""
+    if element_size == 4:
+        return "single" if max(head_dim, value_dim) * element_size <= 256 else "single-wide"
+    return row_class(head_dim, value_dim, element_size)
 
 
 def pow2(n: int) -> int:
@@ -109,15 +133,17 @@ def kernel_dims(q: torch.Tensor, v: torch.Tensor) -> dict:
 def shared_bytes(kind: str, tiles: tuple[int, int, int, int], head_dim: int, value_dim: int,
                  element_size: int) -> int:
     """Estimated shared memory of one program: pipelined tiles times stages plus resident tiles
-    (an upper bound of what Triton allocated for sm_90 in every configuration static_check compiled)."""
+    (an upper bound of what Triton allocated for sm_90 in every configuration static_check compiled;
+    float32's tf32x3 lowering allocated up to 1.45 times the tiles' bytes, so it counts 1.5)."""
     bm, bn, _, stages = tiles
     d, dv = pow2(head_dim), pow2(value_dim)
     if kind in ("fwd", "blocks"):  # resident q; K and V streamed
-        return element_size * (bm * d + stages * bn * (d + dv)) + 4 * bm * bn + _SCRATCH
-    if kind in ("dq", "blocks_dq"):  # resident q, dO; K and V streamed
-        return element_size * (bm * (d + dv) + stages * bn * (d + dv)) + 4 * bm * bn + _SCRATCH
-    # dK/dV: resident k, v; Q, dO and the row statistics streamed
-    return element_size * (bn * (d + dv) + stages * bm * (d + dv)) + 8 * stages * bm + _SCRATCH
+        need = element_size * (bm * d + stages * bn * (d + dv)) + 4 * bm * bn + _SCRATCH
+    elif kind in ("dq", "blocks_dq"):  # resident q, dO; K and V streamed
+        need = element_size * (bm * (d + dv) + stages * bn * (d + dv)) + 4 * bm * bn + _SCRATCH
+    else:  # dK/dV: resident k, v; Q, dO and the row statistics streamed
+        need = element_size * (bn * (d + dv) + stages * bm * (d + dv)) + 8 * stages * bm + _SCRATCH
+    return need * 3 // 2 if element_size == 4 else need
 
 
 def candidates(kind: str, head_dim: int, value_dim: int, element_size: int, block: int = 0) -> tuple:
@@ -127,7 +153,7 @@ def candidates(kind: str, head_dim: int, value_dim: int, element_size: int, bloc
         return (INTERPRETER,)
     if kind in BLOCKS_RUNS:
         return tuple((block, block, warps, stages) for warps, stages in BLOCKS_RUNS[kind])
-    return TILES[row_class(head_dim, value_dim, element_size)][kind]
+    return TILES[tile_class(head_dim, value_dim, element_size)][kind]
 
 
 def block_size(head_dim: int, value_dim: int, element_size: int, device: torch.device) -> int:
@@ -153,7 +179,7 @@ def configs(kind: str) -> list[triton.Config]:
         return [triton.Config({} if kind in BLOCKS_RUNS else {"BM": 16, "BN": 16}, num_warps=1, num_stages=1)]
     if kind in BLOCKS_RUNS:
         return [triton.Config({}, num_warps=warps, num_stages=stages) for warps, stages in BLOCKS_RUNS[kind]]
-    tiles = dict.fromkeys(COMPACT[kind] + NARROW[kind] + WIDE[kind])
+    tiles = dict.fromkeys(tile for lists in TILES.values() for tile in lists[kind])
     return [triton.Config({"BM": bm, "BN": bn}, num_warps=warps, num_stages=stages) for bm, bn, warps, stages in tiles]
 
 

@@ -28,6 +28,20 @@ _ROW_CHUNK = 256  # query rows evaluated at once when a pattern has no closed fo
 _MASK_ELEMENTS = 1 << 22  # pairs evaluated at once when a dense mask is built
 
 
+def _remembered(compute) -> property:
+    """A read-only property computed once per object and kept in its ``__dict__`` (a frozen
+    dataclass forbids setattr, not that; the cache is no field, so equality and hashing ignore it)."""
+    slot = "_remembered_" + compute.__name__
+
+    def get(self):
+        known = self.__dict__.get(slot, _remembered)
+        if known is _remembered:
+            known = self.__dict__[slot] = compute(self)
+        return known
+
+    return property(get, doc=compute.__doc__)
+
+
 def query_key_positions(
     n_q: int, n_k: int, device: Optional[torch.device | str] = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,6 +64,18 @@ class Pattern:
     block_size: Optional[int] = None
     """Set by patterns whose allowed set is made of aligned square blocks of this many positions
     (:class:`~attnkit.patterns.BlockSparse`): a planner that gathers key tiles cuts them on this grid."""
+    _REMEMBERED = ("pieces", "parts")
+    """Properties a subclass may define that depend on its fields only: patterns are frozen, so
+    each is computed once per pattern object (see :meth:`__init_subclass__`)."""
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        """Remember the subclass's own ``pieces`` and ``parts``: planners and ``auto``'s pick read
+        them on every call, and building the (validated) Piece objects again took 9-25 us per
+        access (benchmarks/results/2026-12-07-hopper-static.md)."""
+        super().__init_subclass__(**kwargs)
+        for name in cls._REMEMBERED:
+            if isinstance(cls.__dict__.get(name), property):
+                setattr(cls, name, _remembered(cls.__dict__[name].fget))
 
     def allows(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         """BoolTensor: may query position ``i`` see key position ``j``? (broadcasting int64 tensors)"""
@@ -60,7 +86,7 @@ class Pattern:
         patterns (``n_heads`` set) have none: their heads may differ."""
         return None
 
-    @property
+    @_remembered
     def pieces(self) -> Optional[tuple["Piece", ...]]:
         """The pattern as disjoint :class:`Piece` s whose union is exactly its allowed set, or None
         when it has no closed-form geometry (planners then gather blocks of it, evaluating
@@ -76,7 +102,7 @@ class Pattern:
         band = self.band()
         return None if band is None else (Piece(*band),)
 
-    @property
+    @_remembered
     def parts(self) -> Optional[tuple["Pattern", ...]]:
         """The patterns this one is the union of, as a model may give one to each head or layer
         (the paper's arrangements of :class:`Strided` and :class:`Fixed`), or None when ``auto``
