@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy
 import pytest
 import torch
 from hypothesis import given, strategies as st
@@ -148,6 +149,7 @@ def test_from_cu_seqlens_equals_lengths_and_gives_the_bounds_back():
 
 @pytest.mark.parametrize("lengths, error, words", [
     ([3, -1], ValueError, "lengths must be non-negative, got -1"),
+    ([numpy.int64(3), numpy.int64(-2)], ValueError, "lengths must be non-negative, got -2"),
     ([], ValueError, "lengths must hold at least one document"),
     ([1.5, 2], TypeError, "lengths must hold ints, got float"),
     ([True, 2], TypeError, "lengths must hold ints, got bool"),
@@ -231,3 +233,14 @@ def test_packed_documents_with_rope_equal_each_document_alone():
             alone = attention(q_d, k_d, v[:, :, rows], Causal(), backend="reference")
             torch.testing.assert_close(packed[:, :, rows], alone, rtol=1e-12, atol=1e-12)
         start += n
+
+
+def test_the_blockwise_plan_visits_tiles_of_one_document_only():
+    from attnkit.kernels.blockwise import plan_tiles, tile_pairs
+
+    pattern = Causal() & Document([256, 200, 56, 512])
+    blocks = plan_tiles(pattern, 1024, 1024, 128, 128)
+    # Causal tiles of each document (3 for the first, 10 for the last), and for the two documents
+    # that share tiles 2-3, the 3 tiles they meet in: none reaches across a document otherwise.
+    assert tile_pairs(blocks) == 128 * 128 * (3 + 3 + 10)
+    assert {start for b in blocks for start, _, masked in b.tiles if not masked} == {0, 512, 640, 768}

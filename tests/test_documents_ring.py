@@ -89,3 +89,21 @@ def test_the_schedule_skips_steps_with_no_pair_in_any_document():
     assert schedule.steps == 2 and [row[1] for row in schedule.needed] == [False, True, False, True]
     # Without causality a query sees its whole document: a document over every shard needs every step.
     assert ring_schedule(Document([1, 46, 1]), "contiguous", N, WORLD).steps == WORLD
+
+
+@pytest.mark.slow
+def test_a_ring_over_256k_tokens_of_documents_runs(tmp_path):
+    """The long case of the acceptance (about 25 minutes on 2 busy cores; its time and memory are in
+    benchmarks/results/2026-12-07-documents.md): 262144 tokens in documents of 512-4096 tokens."""
+    import json
+
+    from attnkit.bench.documents import document_lengths
+    from attnkit.cli import main
+
+    n = 2**18
+    lengths = ",".join(map(str, document_lengths(n)))
+    argv = ["ring", "--nproc", "4", "--seq", str(n), "--heads", "2", "--head-dim", "64",
+            "--pattern", f"causal-document:{lengths}", "--check", "no", "--timeout", "3000",
+            "--json", str(tmp_path / "ring.json")]
+    assert main(argv) == 0
+    assert json.loads((tmp_path / "ring.json").read_text())

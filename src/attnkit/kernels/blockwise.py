@@ -27,8 +27,10 @@ import torch
 import torch.nn.functional as F
 
 from ..patterns import Pattern, query_key_positions, shared_band
+from ..patterns.document_bounds import document_ids
 from .common import LOG2E, compute_dtype, kv_groups
 from .score_mods import ScoreMod
+from .sparse_plan import document_piece
 
 DEFAULT_BLOCK_Q = 256
 DEFAULT_BLOCK_K = 512
@@ -114,6 +116,12 @@ def _plan(pattern, n_q, n_k, block_q, block_k, positions) -> list[QueryBlock]:
     k_stops = (k_starts + block_k).clamp(max=n_k)
     k_min, k_max = _tile_extremes(k_pos, block_k)
     q_min, q_max = _tile_extremes(q_pos, block_q)
+    # A band cut into documents: its band, and each tile's range of document ids (closed form too).
+    documents = document_piece(pattern) if band is None and pattern.n_heads is None else None
+    if documents is not None:
+        band = (documents.lo, documents.hi)
+        q_docs, k_docs = ((document_ids(documents.documents, t, -1) for t in pair) for pair in ((q_min, q_max), (k_min, k_max)))
+        (q_doc_min, q_doc_max), (k_doc_min, k_doc_max) = q_docs, k_docs
     blocks = []
     for q_start in range(0, n_q, block_q):
         q_stop = min(q_start + block_q, n_q)
@@ -124,6 +132,10 @@ def _plan(pattern, n_q, n_k, block_q, block_k, positions) -> list[QueryBlock]:
             d_max = q_max[q_start // block_q] - k_min
             nonempty = (d_max >= lo) & (d_min <= hi)
             full = (d_min >= lo) & (d_max <= hi)
+            if documents is not None:  # tiles whose id ranges meet; full only inside one document
+                first, last = q_doc_min[q_start // block_q], q_doc_max[q_start // block_q]
+                nonempty &= (first <= k_doc_max) & (k_doc_min <= last)
+                full &= (first == last) & (k_doc_min == first) & (k_doc_max == first) & (first >= 0)
         else:
             allowed = pattern.rows_mask(q_pos[q_start:q_stop], k_pos)  # (..., rows, n_k)
             allowed = allowed.reshape(-1, n_k)

@@ -68,9 +68,9 @@ def _put(target: torch.Tensor, group: DocumentGroup, values: torch.Tensor, queri
     target.index_copy_(2, _rows(group, starts, length, target.device), values.to(target.dtype))
 
 
-def _flash_causal(group: DocumentGroup, dtype: torch.dtype, device: torch.device) -> Optional[bool]:
+def _flash_causal(group: DocumentGroup, q_u: torch.Tensor, v_u: torch.Tensor) -> Optional[bool]:
     """``is_causal`` for torch's fused kernel when it runs this group exactly, else None."""
-    if _FUSED is None or device.type != "cpu":
+    if _FUSED is None or q_u.device.type != "cpu" or v_u.shape[-1] != q_u.shape[-1]:
         return None
     if group.causal():
         return True
@@ -80,8 +80,8 @@ def _flash_causal(group: DocumentGroup, dtype: torch.dtype, device: torch.device
 def _forward_group(q_u, k_u, v_u, group: DocumentGroup, scale: float, native: bool, score_mod):
     if native:
         return band_forward(q_u, k_u, v_u, group.band, scale, score_mod)
-    causal = _flash_causal(group, q_u.dtype, q_u.device)
-    if causal is not None and v_u.shape[-1] == q_u.shape[-1] and score_mod is None:
+    causal = _flash_causal(group, q_u, v_u)
+    if causal is not None and score_mod is None:
         out, lse = _FUSED(q_u, k_u, v_u, 0.0, causal, attn_mask=None, scale=scale)
         return out, lse
     with torch.no_grad():
@@ -95,9 +95,8 @@ def _backward_group(q_u, k_u, v_u, out_u, lse_u, d_out_u, d_lse_u, delta_u, grou
     if native:
         grads = band_backward(q_u, k_u, v_u, lse_u, d_out_u, delta_u, group.band, scale, score_mod)
         return (*grads, None) if len(grads) == 3 else grads
-    causal = _flash_causal(group, q_u.dtype, q_u.device)
-    if causal is not None and d_lse_u is None and v_u.shape[-1] == q_u.shape[-1] and score_mod is None:
-        lse_u = lse_u.masked_fill(lse_u == float("-inf"), 0.0).to(torch.float32 if lse_u.dtype != torch.float64 else lse_u.dtype)
+    causal = _flash_causal(group, q_u, v_u)
+    if causal is not None and d_lse_u is None and score_mod is None:  # causal and full documents: every row sees a key
         return (*_FUSED_BACKWARD(d_out_u, q_u, k_u, v_u, out_u, lse_u, 0.0, causal, attn_mask=None, scale=scale), None)
     d_lse_u = torch.zeros_like(lse_u) if d_lse_u is None else d_lse_u
     positions = query_key_positions(group.n_q, group.n_k, q_u.device)

@@ -32,28 +32,22 @@ def _lengths(owner: str, lengths: object) -> tuple[int, ...]:
     """``lengths`` as a tuple of non-negative ints (TypeError / ValueError naming ``lengths``)."""
     if isinstance(lengths, torch.Tensor) and lengths.dim() == 1 and not lengths.dtype.is_floating_point:
         lengths = lengths.tolist()
-    if isinstance(lengths, (str, bytes)) or not isinstance(lengths, (Sequence, torch.Tensor)):
-        raise TypeError(f"{owner}: lengths must be a list of ints, got {type(lengths).__name__} {lengths!r}")
     if isinstance(lengths, torch.Tensor):
         raise TypeError(f"{owner}: lengths must be a 1-D integer tensor or a list of ints, "
                         f"got a {lengths.dim()}-D {lengths.dtype} tensor")
-    if len(lengths) == 0:
-        raise ValueError(f"{owner}: lengths must hold at least one document, got none")
-    negative = [n for n in lengths if not isinstance(n, bool) and isinstance(n, int) and n < 0]
-    if negative:
-        raise ValueError(f"{owner}: lengths must be non-negative, got {negative[0]}")
-    bounds = check_bounds(owner, "lengths", [0, *_cumulative(owner, lengths)])
-    return tuple(b - a for a, b in zip(bounds[:-1], bounds[1:]))
-
-
-def _cumulative(owner: str, lengths: Sequence) -> list:
-    total, sums = 0, []
+    if isinstance(lengths, (str, bytes)) or not isinstance(lengths, Sequence):
+        raise TypeError(f"{owner}: lengths must be a list of ints, got {type(lengths).__name__} {lengths!r}")
+    values = []
     for n in lengths:
         if isinstance(n, bool) or not hasattr(n, "__index__"):
             raise TypeError(f"{owner}: lengths must hold ints, got {type(n).__name__} {n!r}")
-        total += n.__index__()
-        sums.append(total)
-    return sums
+        values.append(n.__index__())
+    if not values:
+        raise ValueError(f"{owner}: lengths must hold at least one document, got none")
+    negative = [n for n in values if n < 0]
+    if negative:
+        raise ValueError(f"{owner}: lengths must be non-negative, got {negative[0]}")
+    return tuple(values)
 
 
 @dataclass(frozen=True)
