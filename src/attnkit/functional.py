@@ -16,7 +16,7 @@ inf) and passes no gradient back.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -25,6 +25,7 @@ from .checks import check_sinks
 from .kernels.common import keep_visible
 from .kernels.sinks import with_sinks
 from .kernels.reference import reference_kernel
+from .kernels.score_mods import ScoreMod
 from .patterns import Pattern
 
 __all__ = ["BACKENDS", "attention", "reference_attention"]
@@ -42,6 +43,7 @@ def attention(
     q_positions: Optional[torch.Tensor] = None,
     k_positions: Optional[torch.Tensor] = None,
     key_padding_mask: Optional[torch.Tensor] = None,
+    score_mod: Optional[ScoreMod | Callable] = None,
     sinks: Optional[torch.Tensor] = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact scaled dot-product attention restricted to ``pattern``.
@@ -65,6 +67,14 @@ def attention(
             blockwise.
         key_padding_mask: ``(B, Nk)`` bool, True = a real key: padding keys are hidden from every
             row (batches of sequences of different lengths). Taken by reference and dense.
+        score_mod: a change of each score ``s = q . k * scale`` before the softmax, at the
+            absolute positions ``i`` (query) and ``j`` (key) and query head ``h``:
+            ``attnkit.softcap(c)`` (``c * tanh(s / c)``), ``attnkit.alibi(slopes (Hq,))``
+            (``s + slopes[h] * (j - i)``) or ``attnkit.distance_bias(table (Hq, R))``
+            (``s + table[h, min(|i - j|, R - 1)]``); slopes and table may require grad. Hidden
+            pairs stay hidden. Applied by reference and blockwise; dense takes alibi and
+            distance_bias, not softcap. A Python callable ``fn(s, b, h, i, j)`` (see
+            :func:`attnkit.kernels.score_mods.score_callable`) runs on reference and dense only.
         sinks: ``(Hq,)`` attention sinks (as in gpt-oss): one logit per query head that joins
             every row's softmax denominator and contributes no value,
             ``out = sum_j exp(s_j) v_j / (exp(sinks[h]) + sum_j exp(s_j))``; the LSE includes it.
@@ -79,8 +89,9 @@ def attention(
             that are not a tensor of q's dtype (or float32 for half q).
         ValueError: rank not 4, batch/head_dim/seq mismatch, ``Hq % Hkv != 0``, mixed devices,
             a per-head pattern whose head count differs from ``Hq``, an unknown backend,
-            positions or a padding mask of the wrong shape or device, sinks not of shape
-            ``(Hq,)`` or on another device, a backend that cannot run
+            positions or a padding mask of the wrong shape or device, score mod slopes / table
+            whose head count or device differs from q's, sinks not of shape ``(Hq,)`` or on
+            another device, a backend that cannot run
             the call (say ``backend="sparse"`` with positions, or ``backend="dense"`` for a
             pattern whose mask would take more than a quarter of the free memory: the message
             names the backends that run it without one).
@@ -90,7 +101,7 @@ def attention(
     autograd will differentiate the call) and reruns the call only when it fails.
     """
     problem = make_problem(q, k, v, pattern, scale, return_lse or sinks is not None,
-                           q_positions, k_positions, key_padding_mask)
+                           q_positions, k_positions, key_padding_mask, score_mod)
     if sinks is not None:
         sinks = check_sinks(sinks, problem.n_q_heads, q.dtype, q.device)
     if problem.positions is None:  # with explicit positions the sequence length is the caller's

@@ -14,11 +14,12 @@ class BlockwiseBackend(Backend):
     description = "tiled online softmax (FlashAttention-style), skips empty tiles; explicit positions, padding"
     takes_positions = True
     takes_padding = True
+    score_mods = ("softcap", "alibi", "distance_bias")
 
     def cost(self, problem):
         bottom_right = problem.positions is None
         # The sparse planner's patterns: it computes fewer pairs, but it takes no padding mask.
-        if bottom_right and problem.key_padding_mask is None and planned(problem):
+        if bottom_right and problem.key_padding_mask is None and planned(problem) and problem.score_mod is None:
             return math.inf
         if bottom_right and full_or_causal(problem):  # tiles cover at least half of the square
             return float(problem.square)
@@ -26,7 +27,8 @@ class BlockwiseBackend(Backend):
 
     def forward(self, problem, q, k, v):
         return blockwise_kernel(q, k, v, problem.pattern, problem.scale, positions=problem.positions,
-                                key_padding_mask=problem.key_padding_mask, blocks=_tiles(problem))
+                                key_padding_mask=problem.key_padding_mask, blocks=_tiles(problem),
+                                score_mod=problem.score_mod)
 
     def grad_share(self, problem, q, k, v, out, lse, d_out, d_lse):
         return tiled_grad_share(problem, q, k, v, out, lse, d_out, d_lse)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from ..kernels.common import compute_dtype
 from ..kernels.dense import free_memory_short
 from ..kernels.reference import reference_kernel
+from ..kernels.score_mods import KINDS
 from .base import Backend, explicit_grad_share
 
 
@@ -14,6 +15,7 @@ class ReferenceBackend(Backend):
     description = "explicit two-step math (scores, softmax, weights @ v); materialises the Nq x Nk weights"
     takes_positions = True
     takes_padding = True
+    score_mods = KINDS
 
     def accepts(self, problem):
         reason = self.takes_arguments(problem)
@@ -32,7 +34,7 @@ class ReferenceBackend(Backend):
     def forward(self, problem, q, k, v):
         out, lse, _ = reference_kernel(
             q, k, v, problem.pattern, problem.scale,
-            positions=problem.positions, key_padding_mask=problem.key_padding_mask,
+            positions=problem.positions, key_padding_mask=problem.key_padding_mask, score_mod=problem.score_mod,
         )
         return out, lse
 

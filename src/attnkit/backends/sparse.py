@@ -78,7 +78,7 @@ def _native_grad_share(problem: Problem, q, k, v, out, lse, d_out, d_lse) -> Gra
         d_q[:, heads] = shares[0]
         d_k[:, kv] += shares[1]
         d_v[:, kv] += shares[2]
-    return d_q, d_k, d_v
+    return Grads(d_q, d_k, d_v)
 
 
 class SparseBackend(Backend):

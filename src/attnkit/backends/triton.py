@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Optional
 
 from ..kernels.triton_launch import triton_available, triton_grad_share, triton_kernel, triton_takes
-from .base import Backend, Problem, tiled_grad_share
+from .base import Backend, Grads, Problem, tiled_grad_share
 
 
 class TritonBackend(Backend):
@@ -28,4 +28,4 @@ class TritonBackend(Backend):
     def grad_share(self, problem, q, k, v, out, lse, d_out, d_lse):
         if self.kernels_take(problem) is not None or problem.batch == 0:  # what the sparse backend stands in for
             return tiled_grad_share(problem, q, k, v, out, lse, d_out, d_lse)
-        return triton_grad_share(q, k, v, out, lse, d_out, d_lse, problem.pattern, problem.scale)
+        return Grads(*triton_grad_share(q, k, v, out, lse, d_out, d_lse, problem.pattern, problem.scale))

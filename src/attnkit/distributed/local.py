@@ -6,9 +6,9 @@ included), :func:`part_grads` through the backend's ``grad_share`` given the mer
 per part is stored between the two: the backward recomputes from ``out`` and ``lse``. The NaN
 rule of the public dispatch holds across parts: the forward marks the rows that may see a
 non-finite key in any part (:func:`seeing_nonfinite`), and the backward cuts them
-(:func:`without_rows`) and counts non-finite entries as zero, as the one-device rerun does. Should
-``grad_share`` return more (parameter gradients of score modifications), this module is what
-changes.
+(:func:`without_rows`) and counts non-finite entries as zero, as the one-device rerun does.
+``grad_share`` returns :class:`~attnkit.backends.base.Grads`: ``(dq, dk, dv)`` and the gradients
+of the call's parameters (a score mod's slopes or table), which :func:`part_grads` passes on.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 
 from ..backends import BY_NAME, make_problem, pick
+from ..backends.base import Grads
 from ..functional import attention
 from ..kernels.common import all_finite, nonfinite_keys, rows_seeing
 from ..patterns import Pattern
@@ -89,8 +90,9 @@ def part_grads(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     d_out: torch.Tensor, d_lse: Optional[torch.Tensor], pattern: Pattern, scale: float, backend: str,
     positions: Positions = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dq, dk, dv)``: the share of the gradients through the keys ``k``/``v`` when ``out`` and
+) -> Grads:
+    """``(dq, dk, dv, params)`` (:class:`~attnkit.backends.base.Grads`; ``params`` is empty: no
+    score mod reaches this rank's parts yet): the share of the gradients through the keys ``k``/``v`` when ``out`` and
     ``lse`` are the results over the whole key set (which may be just these keys), rows that may
     see a non-finite key anywhere already cut (:func:`without_rows`); non-finite entries of ``k``
     and ``v`` count as zero, as in :func:`attnkit.attention`'s rerun. ``backend``

@@ -199,7 +199,7 @@ def _backward_heads(state: _RingCall, q, k, v, out, lse, d_out, d_lse):
         local = None
         if state.needed(step):
             k_step, v_step = _unpack(kv, k.shape, v.shape)
-            d_q_step, d_k_step, d_v_step = timed(
+            d_q_step, d_k_step, d_v_step, _ = timed(  # no parameters: the ring takes no score mod
                 comm.stats,
                 lambda *a: part_grads(*a, state.pattern, state.scale, STEP_BACKEND, state.step_positions(step)),
                 q, k_step, v_step, out, lse, d_out, d_lse,

@@ -125,7 +125,7 @@ class _SequenceParallel(torch.autograd.Function):
                 grads = (q_h, k_h, v_h)  # empty
             del q_h, k_h, v_h, out_h, lse_h, cut_h, d_out_h, d_lse_h
             # Gradients travel in the input dtype; copies of a replicated KV head add up in d_k / d_v.
-            d_q_h, d_k_h, d_v_h = (g.to(dtype) for g in grads)
+            d_q_h, d_k_h, d_v_h = (g.to(dtype) for g in grads[:3])  # no parameters: no score mod here
             del grads
             exchange.to_sequence(d_q_h, part.q, d_q, f"backward round {i} dQ to tokens")
             exchange.to_sequence(d_k_h, part.kv, d_k, f"backward round {i} dK to tokens", add=call.replicated)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from ..patterns import Pattern, query_key_positions, shared_band
 from .common import LOG2E, compute_dtype, kv_groups
+from .score_mods import ScoreMod
 
 DEFAULT_BLOCK_Q = 256
 DEFAULT_BLOCK_K = 512
@@ -145,24 +146,29 @@ def tile_pairs(blocks: list[QueryBlock]) -> int:
     return sum((b.q_stop - b.q_start) * sum(stop - start for start, stop, _ in b.tiles) for b in blocks)
 
 
-def _tile_scores(q_block, k, block, k_start, k_stop, masked, pattern, positions, padding):
-    """Masked scaled scores of one tile: ``(B, Hkv, g, rows, cols)`` in the compute dtype.
-    ``padding`` is the ``(B, Nk)`` key padding mask (True = a real key) or None; the plan does
-    not know it, so it is applied to every tile."""
+def _tile_scores(q_block, k, block, k_start, k_stop, masked, pattern, positions, padding, score_mod=None):
+    """``(scores, raw)`` of one tile: the masked (and modified by ``score_mod``) scaled scores
+    ``(B, Hkv, g, rows, cols)`` in the compute dtype, in base-2 units, and the raw ones before
+    the modification (None without one). ``padding`` is the ``(B, Nk)`` key padding mask (True =
+    a real key) or None; the plan does not know it, so it is applied to every tile."""
     k_tile = k[:, :, k_start:k_stop].unsqueeze(2)  # (B, Hkv, 1, T, D)
-    scores = torch.matmul(q_block, k_tile.transpose(-1, -2))
+    scores = raw = torch.matmul(q_block, k_tile.transpose(-1, -2))
+    q_pos, k_pos = positions
+    if score_mod is not None:  # before the mask: a hidden pair stays hidden (softcap(-inf) = -cap)
+        scores = score_mod.scores(raw, q_pos[block.q_start : block.q_stop], k_pos[k_start:k_stop], LOG2E)
+    else:
+        raw = None
     if masked:
-        q_pos, k_pos = positions
         allowed = pattern.rows_mask(q_pos[block.q_start : block.q_stop], k_pos[k_start:k_stop])
         if pattern.n_heads is not None:  # (Hq, rows, cols) -> (Hkv, g, rows, cols)
             allowed = allowed.unflatten(0, q_block.shape[1:3])
         scores.masked_fill_(~allowed, float("-inf"))
     if padding is not None:
         scores.masked_fill_(~padding[:, None, None, None, k_start:k_stop], float("-inf"))
-    return scores
+    return scores, raw
 
 
-def _forward(q, k, v, pattern, scale, blocks, positions, padding):
+def _forward(q, k, v, pattern, scale, blocks, positions, padding, score_mod=None):
     # Half inputs are upcast once: scores, softmax statistics and sums are all float32.
     dtype = compute_dtype(q.dtype)
     groups, out_dtype = kv_groups(q, k), q.dtype
@@ -177,7 +183,8 @@ def _forward(q, k, v, pattern, scale, blocks, positions, padding):
         q_block = q_scaled[..., rows, :]
         acc = row_max = row_sum = None
         for k_start, k_stop, masked in block.tiles:
-            probs = _tile_scores(q_block, k, block, k_start, k_stop, masked, pattern, positions, padding)
+            probs, _ = _tile_scores(q_block, k, block, k_start, k_stop, masked, pattern, positions, padding,
+                                    score_mod)
             tile_max = probs.amax(-1)
             new_max = tile_max if row_max is None else torch.maximum(row_max, tile_max)
             shift = new_max.masked_fill(new_max == float("-inf"), 0.0)
@@ -198,7 +205,8 @@ def _forward(q, k, v, pattern, scale, blocks, positions, padding):
     return out.flatten(1, 2).to(out_dtype), lse.flatten(1, 2)
 
 
-def _backward(q, k, v, out, lse, d_out, d_lse, pattern, scale, blocks, positions, padding):
+def _backward(q, k, v, out, lse, d_out, d_lse, pattern, scale, blocks, positions, padding, score_mod=None):
+    """``(dq, dk, dv, d_parameter)``: the score mod's parameter gradient is None when it has none."""
     dtype = compute_dtype(q.dtype)
     groups = kv_groups(q, k)
     grad_dtypes = (q.dtype, k.dtype, v.dtype)
@@ -213,41 +221,54 @@ def _backward(q, k, v, out, lse, d_out, d_lse, pattern, scale, blocks, positions
     d_q = torch.zeros(q_scaled.shape, dtype=dtype, device=q.device)
     d_k = torch.zeros(k.shape, dtype=dtype, device=q.device)
     d_v = torch.zeros(v.shape, dtype=dtype, device=q.device)
+    d_parameter = None
     for block in blocks:
         rows = slice(block.q_start, block.q_stop)
         q_block, d_out_block = q_scaled[..., rows, :], d_out_g[..., rows, :]
         d_q_block = d_q[..., rows, :]
         for k_start, k_stop, masked in block.tiles:
             cols = slice(k_start, k_stop)
-            probs = _tile_scores(q_block, k, block, k_start, k_stop, masked, pattern, positions, padding)
+            probs, raw = _tile_scores(q_block, k, block, k_start, k_stop, masked, pattern, positions, padding,
+                                      score_mod)
             probs.sub_(lse_g[..., rows].unsqueeze(-1)).exp2_()
             d_v[:, :, cols] += torch.matmul(probs.transpose(-1, -2), d_out_block).sum(2)
             d_scores = torch.matmul(d_out_block, v[:, :, cols].unsqueeze(2).transpose(-1, -2))
             d_scores.sub_(delta[..., rows].unsqueeze(-1)).mul_(probs)
+            if score_mod is not None:
+                d_scores, d_tile = score_mod.backward(raw, d_scores, positions[0][rows], positions[1][cols], LOG2E)
+                if d_tile is not None:
+                    d_parameter = d_tile if d_parameter is None else d_parameter.add_(d_tile)
             d_q_block += torch.matmul(d_scores, k[:, :, cols].unsqueeze(2))
             d_k[:, :, cols] += torch.matmul(d_scores.transpose(-1, -2), q_block).sum(2)
     d_q = (d_q * scale).flatten(1, 2)
     d_k = d_k / LOG2E  # d_k was accumulated against q * scale * log2(e)
-    return tuple(g.to(t) for g, t in zip((d_q, d_k, d_v), grad_dtypes))
+    if score_mod is not None and score_mod.parameter is not None:
+        if d_parameter is None:  # no tile: nothing depends on the parameter
+            d_parameter = torch.zeros_like(score_mod.parameter)
+        d_parameter = d_parameter.to(score_mod.parameter.dtype)
+    return (*(g.to(t) for g, t in zip((d_q, d_k, d_v), grad_dtypes)), d_parameter)
 
 
 class _BlockwiseAttention(torch.autograd.Function):
+    """Inputs ``(q, k, v, parameter, ...)``: ``parameter`` is the score mod's (slopes or table,
+    or None), passed apart so that autograd returns its gradient."""
+
     @staticmethod
-    def forward(ctx, q, k, v, pattern, scale, blocks, positions, padding):
-        out, lse = _forward(q, k, v, pattern, scale, blocks, positions, padding)
+    def forward(ctx, q, k, v, parameter, pattern, scale, blocks, positions, padding, score_mod):
+        out, lse = _forward(q, k, v, pattern, scale, blocks, positions, padding, score_mod)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.pattern, ctx.scale, ctx.blocks, ctx.positions = pattern, scale, blocks, positions
-        ctx.padding = padding
+        ctx.padding, ctx.score_mod = padding, score_mod
         return out, lse
 
     @staticmethod
     def backward(ctx, d_out, d_lse):
         q, k, v, out, lse = ctx.saved_tensors
-        grads = _backward(
+        d_q, d_k, d_v, d_parameter = _backward(
             q, k, v, out, lse, d_out, d_lse, ctx.pattern, ctx.scale, ctx.blocks, ctx.positions,
-            ctx.padding,
+            ctx.padding, ctx.score_mod,
         )
-        return (*grads, None, None, None, None, None)
+        return d_q, d_k, d_v, d_parameter, None, None, None, None, None, None
 
 
 def blockwise_kernel(
@@ -262,6 +283,7 @@ def blockwise_kernel(
     positions: Optional[Positions] = None,
     key_padding_mask: Optional[torch.Tensor] = None,
     blocks: Optional[list[QueryBlock]] = None,
+    score_mod: Optional[ScoreMod] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention by KV tiles. Inputs validated: q ``(B, Hq, Nq, D)``, k ``(B, Hkv, Nk, D)``,
     v ``(B, Hkv, Nk, Dv)``. Returns ``(out (B, Hq, Nq, Dv), lse (B, Hq, Nq))``; lse is float32 for
@@ -270,11 +292,14 @@ def blockwise_kernel(
     (default: bottom-right alignment). ``key_padding_mask (B, Nk)`` bool, True = a real key, hides
     the padded keys of each batch entry (validated by the caller); rows left with no key give zeros
     and LSE -inf. ``blocks`` is this problem's :func:`plan_tiles` when the caller already made it.
+    ``score_mod`` (:mod:`.score_mods`, not a callable) modifies the scores at their absolute
+    positions before masking; its parameter gets a gradient when it requires one.
     """
     if blocks is None:
         blocks = plan_tiles(pattern, q.shape[2], k.shape[2], block_q, block_k, positions)
     positions = _positions(positions, q.shape[2], k.shape[2], q.device)
-    return _BlockwiseAttention.apply(q, k, v, pattern, scale, blocks, positions, key_padding_mask)
+    parameter = None if score_mod is None else score_mod.parameter
+    return _BlockwiseAttention.apply(q, k, v, parameter, pattern, scale, blocks, positions, key_padding_mask, score_mod)
 
 
 def blockwise_grads(
@@ -292,17 +317,19 @@ def blockwise_grads(
     block_q: int = DEFAULT_BLOCK_Q,
     block_k: int = DEFAULT_BLOCK_K,
     key_padding_mask: Optional[torch.Tensor] = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    score_mod: Optional[ScoreMod] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """The share of ``(dq, dk, dv)`` that flows through the keys ``k``/``v`` when they are one
     part of a larger key set: ``out (B, Hq, Nq, Dv)`` and ``lse (B, Hq, Nq)`` are the results over
     the whole key set, ``d_out``/``d_lse`` their gradients. Probabilities are recomputed from
     ``lse`` (FlashAttention's backward for one block); summing the parts gives the exact gradient.
-    ``key_padding_mask (B, Nk)``: as for :func:`blockwise_kernel`.
-    Returns ``dq (B, Hq, Nq, D)``, ``dk (B, Hkv, Nk, D)``, ``dv (B, Hkv, Nk, Dv)``.
+    ``key_padding_mask (B, Nk)`` and ``score_mod``: as for :func:`blockwise_kernel`.
+    Returns ``dq (B, Hq, Nq, D)``, ``dk (B, Hkv, Nk, D)``, ``dv (B, Hkv, Nk, Dv)`` and the score
+    mod's parameter gradient (None when it has none).
     """
     positions = _positions(positions, q.shape[2], k.shape[2], q.device)
     blocks = plan_tiles(pattern, q.shape[2], k.shape[2], block_q, block_k, positions)
-    return _backward(q, k, v, out, lse, d_out, d_lse, pattern, scale, blocks, positions, key_padding_mask)
+    return _backward(q, k, v, out, lse, d_out, d_lse, pattern, scale, blocks, positions, key_padding_mask, score_mod)
 
 
 __all__ = ["Positions", "QueryBlock", "blockwise_grads", "blockwise_kernel", "plan_tiles", "tile_pairs"]

@@ -27,9 +27,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..patterns import Pattern, shared_band
+from ..patterns import Pattern, query_key_positions, shared_band
 from .blockwise import blockwise_kernel
 from .common import allowed_mask, kv_groups
+from .score_mods import ScoreMod
 
 _CPU_FUSED_WITH_LSE = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
@@ -183,6 +184,7 @@ def dense_kernel(
     positions: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
     key_padding_mask: Optional[torch.Tensor] = None,
     memory_checked: bool = False,
+    score_mod: Optional[ScoreMod] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Attention through SDPA. Inputs validated: q ``(B, Hq, Nq, D)``, k ``(B, Hkv, Nk, D)``,
     v ``(B, Hkv, Nk, Dv)``; ``positions = (q_pos (Nq,), k_pos (Nk,))`` (default bottom-right) and
@@ -190,11 +192,16 @@ def dense_kernel(
     fully masked rows give zeros and -inf. Raises ValueError when the mask would not fit (see
     :func:`check_dense_fits`; ``memory_checked``: the caller made that check, as the dense backend
     does). Where the fused CPU op cannot give the LSE, the blockwise kernel computes it.
+    An additive ``score_mod`` (alibi, distance_bias: ``score_mod.additive``) enters SDPA as a
+    float mask ``(1, Hq, Nq, Nk)`` (SDPA differentiates it, so its parameter gets a gradient);
+    the LSE then comes from the blockwise kernel.
     """
     n_q, n_k = q.shape[2], k.shape[2]
     if not memory_checked:
         check_dense_fits(pattern, n_q, n_k, q.device, q.dtype, scale, explicit=positions is not None or
                          key_padding_mask is not None, padded_batch=1 if key_padding_mask is None else q.shape[0])
+    if score_mod is not None:
+        return _biased(q, k, v, pattern, scale, need_lse, positions, key_padding_mask, score_mod)
     is_causal, mask = sdpa_mask(pattern, n_q, n_k, q.device, scale, positions, key_padding_mask)
     gqa = kv_groups(q, k) > 1
     fused_lse = need_lse and fused_lse_available(q.device, q.shape[-1], v.shape[-1])
@@ -229,4 +236,26 @@ def dense_kernel(
         out = torch.where(row_has_key.unsqueeze(-1), out, 0.0)
         if lse is not None:
             lse = torch.where(row_has_key, lse, float("-inf"))
+    return out, lse
+
+
+def _biased(q, k, v, pattern, scale, need_lse, positions, key_padding_mask, score_mod):
+    """:func:`dense_kernel` with an additive score mod: one float mask, the bias with ``-inf`` on
+    hidden pairs; rows without a key are zeroed (the bias stays finite, so SDPA gives NaN there)."""
+    n_q, n_k = q.shape[2], k.shape[2]
+    q_pos, k_pos = query_key_positions(n_q, n_k, q.device) if positions is None else positions
+    bias = score_mod.bias(q_pos, k_pos, q.shape[1], q.dtype).flatten(0, 1).unsqueeze(0)  # (1, Hq, Nq, Nk)
+    allowed = allowed_mask(pattern, n_q, n_k, q.device, 1, positions, key_padding_mask)
+    allowed = allowed.squeeze(2) if key_padding_mask is not None else allowed.reshape(1, -1, n_q, n_k)
+    row_has_key = allowed.any(-1)
+    allowed = allowed | ~row_has_key.unsqueeze(-1)  # such rows see every key, then are zeroed
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=bias.masked_fill(~allowed, float("-inf")), scale=scale,
+        enable_gqa=kv_groups(q, k) > 1,
+    )
+    out = torch.where(row_has_key.unsqueeze(-1), out, 0.0)
+    lse = None
+    if need_lse:
+        lse = blockwise_kernel(q, k, v, pattern, scale, positions=positions, key_padding_mask=key_padding_mask,
+                               score_mod=score_mod)[1]
     return out, lse
