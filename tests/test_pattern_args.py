@@ -9,7 +9,8 @@ from attnkit.cli import build_parser, main
 from attnkit.cli.pattern_args import parse_pattern, parse_titled_pattern, pattern_syntax, spelled_numbers
 from attnkit.cli.ring import case_from_args
 
-RING_SYNTAX = "full | causal | window:SIZE | window-bidi:SIZE | strided:STRIDE | fixed:STRIDE:SUMMARY"
+RING_SYNTAX = ("full | causal | window:SIZE | window-bidi:SIZE | strided:STRIDE | fixed:STRIDE:SUMMARY | "
+               "document:LENGTHS | causal-document:LENGTHS")
 
 
 @pytest.mark.parametrize(
@@ -97,7 +98,7 @@ def test_bare_names_take_the_command_defaults_and_the_pattern_judges_them():
 
 def test_syntax_marks_only_defaulted_numbers_optional():
     assert pattern_syntax() == RING_SYNTAX
-    assert pattern_syntax(("STRIDE",)).split(" | ")[4:] == ["strided[:STRIDE]", "fixed:STRIDE:SUMMARY"]
+    assert pattern_syntax(("STRIDE",)).split(" | ")[4:6] == ["strided[:STRIDE]", "fixed:STRIDE:SUMMARY"]
 
 
 @pytest.mark.parametrize(

@@ -1,9 +1,9 @@
 """attnkit: exact, fast self-attention and its efficient variants.
 
 ``attention(q, k, v, pattern)`` computes attention restricted to a pattern (Full, Causal,
-SlidingWindow, Strided, Fixed, BlockSparse, Predicate, their unions/intersections, PerHead), its
-scores optionally modified (``score_mod=softcap(c)``, ``alibi(slopes)``, ``distance_bias(table)``);
-``reference_attention`` spells out
+SlidingWindow, Strided, Fixed, BlockSparse, Predicate, Document, their unions/intersections,
+PerHead), its scores optionally modified (``score_mod=softcap(c)``, ``alibi(slopes)``,
+``distance_bias(table)``); ``reference_attention`` spells out
 the two steps (relevance scores, weighted sum); ``attnkit.nn.MultiHeadAttention`` is the layer;
 ``attnkit.distributed.ring_attention`` runs attention over a sequence sharded across processes.
 
@@ -24,8 +24,8 @@ _EXPORTS = {
     "merge_lse": "kernels.common",
     **dict.fromkeys(("ScoreMod", "alibi", "distance_bias", "softcap"), "kernels.score_mods"),
     **dict.fromkeys(
-        ("BlockLocal", "BlockSparse", "Causal", "Fixed", "Full", "Intersection", "Pattern", "Periodic", "PerHead",
-         "Predicate", "SlidingWindow", "Strided", "Summary", "Union"),
+        ("BlockLocal", "BlockSparse", "Causal", "Document", "Fixed", "Full", "Intersection", "Pattern", "Periodic", "PerHead",
+         "Predicate", "SlidingWindow", "Strided", "Summary", "Union", "document_positions"),
         "patterns",
     ),
 }

@@ -14,8 +14,10 @@ import torch
 from ..kernels.band_calibration import band_decision
 from ..kernels.band_native import band_backward, band_native_takes
 from ..kernels.sparse import sparse_kernel, sparse_plan_pairs
+from ..kernels.sparse_plan import document_piece
 from ..patterns import finite_band, head_runs
 from .base import Backend, Grads, Problem, tiled_grad_share
+from .dense import SDPA_PAIR_COST
 from .facts import finite_bands, planned
 
 NATIVE_MIN_QUERIES = 32
@@ -24,6 +26,10 @@ as long as the sequence (benchmarks/RESULTS.md); with fewer (decoding) it is cos
 NATIVE_PAIR_SHARE = 0.25
 """Cost of a band call of at least NATIVE_MIN_QUERIES queries, as a share of the square: below
 SDPA's share (``dense.SDPA_PAIR_COST``) whatever the window."""
+DOCUMENT_PAIR_COST = SDPA_PAIR_COST
+"""Cost per computed pair of a document plan: its units are bands without masks, run by the native
+kernel or by SDPA's own fused kernel, so a pair costs what an entry of SDPA's square does (one
+causal document is SDPA's causal call, not a masked one)."""
 
 
 def native_bands(problem: Problem) -> bool:
@@ -91,7 +97,8 @@ class SparseBackend(Backend):
                 return NATIVE_PAIR_SHARE * problem.square
             return float(band_pairs(problem))
         if planned(problem):
-            return float(sparse_plan_pairs(problem.pattern, problem.n_q, problem.n_k, problem.n_q_heads))
+            pairs = float(sparse_plan_pairs(problem.pattern, problem.n_q, problem.n_k, problem.n_q_heads))
+            return DOCUMENT_PAIR_COST * pairs if document_piece(problem.pattern) is not None else pairs
         return math.inf
 
     def forward(self, problem, q, k, v):

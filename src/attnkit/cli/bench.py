@@ -32,9 +32,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Median time, useful GFLOP/s, error against float64 reference_attention and "
         "the largest tensor allocated, for every contender on every workload.",
     )
-    parser.add_argument("--case", action="append", choices=sorted([*CASE_SETS, "decode"]),
+    parser.add_argument("--case", action="append", choices=sorted([*CASE_SETS, "decode", "document"]),
                         help="workload set (repeatable; default: causal); decode: whole-model generation of "
-                        "--model against llama.cpp, alone")
+                        "--model against llama.cpp, alone; document: packed documents against masked SDPA "
+                        "and compiled FlexAttention, alone (--seq: one N, default 32768)")
     parser.add_argument("--seq", type=int, action="append", metavar="N",
                         help=f"sequence length (repeatable; default: {', '.join(map(str, DEFAULT_SEQS))})")
     parser.add_argument("--quick", action="store_true",
@@ -87,6 +88,8 @@ def _check(args: argparse.Namespace) -> tuple[list[str], dict[str, tuple[int, ..
 def run(args: argparse.Namespace) -> int:
     if "decode" in (args.case or ()):
         return _run_decode(args)
+    if "document" in (args.case or ()):
+        return _run_document(args)
     cases, seqs, repeats = _check(args)
     workloads = [w for case in cases for w in CASE_SETS[case](seqs[case])]
     console = Console()
@@ -151,6 +154,26 @@ def _run_decode(args: argparse.Namespace) -> int:
                 "new_tokens": args.new_tokens, "torch": torch.__version__, "xllamacpp": decode_peers.llama_cpp_version(),
                 "load_average": os.getloadavg()}
         args.json.write_text(decode_peers.results_json(results, meta))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _run_document(args: argparse.Namespace) -> int:
+    """``--case document``: :func:`attnkit.bench.documents.run_document_bench` at one ``--seq``."""
+    from ..bench import documents
+
+    if args.case != ["document"] or len(args.seq or ()) > 1:
+        raise ValueError("--case document runs alone, at one --seq; give it without other cases")
+    n = args.seq[0] if args.seq else documents.DOCUMENT_SEQ
+    if n <= 0 or (args.repeats is not None and args.repeats <= 0):
+        raise ValueError(f"--seq and --repeats must be positive, got {n} and {args.repeats}")
+    with _progress(8) as step:
+        result = documents.run_document_bench(n, repeats=args.repeats or 3, on_step=step)
+    Console(width=None if Console().is_terminal else 160).print(documents.document_table(result))
+    if args.json:
+        result["command"] = "attnkit " + " ".join(args.argv)
+        result["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        args.json.write_text(json.dumps(result, indent=2))
         print(f"wrote {args.json}")
     return 0
 

@@ -1,7 +1,8 @@
 """The one spelling of an attention pattern on the command line, shared by every subcommand.
 
-``full``, ``causal``, ``window:SIZE`` (causal), ``window-bidi:SIZE``, ``strided:STRIDE`` and
-``fixed:STRIDE:SUMMARY``, with whole numbers up to :data:`MAX_NUMBER` that the pattern accepts
+``full``, ``causal``, ``window:SIZE`` (causal), ``window-bidi:SIZE``, ``strided:STRIDE``,
+``fixed:STRIDE:SUMMARY``, ``document:LENGTHS`` and ``causal-document:LENGTHS`` (packed documents,
+``LENGTHS`` comma-separated: ``document:3,0,5``), with whole numbers up to :data:`MAX_NUMBER` that the pattern accepts
 (``window:0`` is refused by ``SlidingWindow``, named). A command that also has options for the
 numbers (``attnkit patterns --window 8 --stride 4 --summary 1``) passes them as ``defaults``,
 keyed by placeholder (``{"SIZE": 8, "STRIDE": 4, "SUMMARY": 1}``); a bare name then takes them
@@ -15,7 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Collection, Mapping, Optional, Sequence
 
-from ..patterns import Causal, Fixed, Full, Pattern, SlidingWindow, Strided
+from ..patterns import Causal, Document, Fixed, Full, Pattern, SlidingWindow, Strided
 
 
 MAX_NUMBER = 2**62
@@ -38,7 +39,21 @@ _SPELLINGS = {
     "strided": _Spelling(("STRIDE",), Strided, lambda stride: f"strided, stride {stride}"),
     "fixed": _Spelling(("STRIDE", "SUMMARY"), Fixed,
                        lambda stride, summary: f"fixed, stride {stride}, summary {summary}"),
+    "document": _Spelling(("LENGTHS",), Document, lambda lengths: f"documents {_listed(lengths)}"),
+    "causal-document": _Spelling(("LENGTHS",), lambda lengths: Causal() & Document(lengths),
+                                 lambda lengths: f"causal in documents {_listed(lengths)}"),
 }
+_NUMBER = "[0-9]+"  # [0-9] and not str.isdigit: "²" and "١" are digits to Python but no number on a command line
+_FORMS = {"LENGTHS": f"{_NUMBER}(,{_NUMBER})*"}
+"""Placeholders that take more than one number, and how they are written (others: one number)."""
+
+
+def _listed(lengths: Sequence[int]) -> str:
+    return ",".join(map(str, lengths)) if len(lengths) <= 8 else f"{','.join(map(str, lengths[:8]))},... ({len(lengths)})"
+
+
+def _value(placeholder: str, text: str):
+    return [int(n) for n in text.split(",")] if placeholder in _FORMS else int(text)
 
 
 def pattern_syntax(defaulted: Collection[str] = ()) -> str:
@@ -69,13 +84,13 @@ def parse_titled_pattern(
         wanted = spelling.placeholders
         if not numbers and defaults is not None and all(p in defaults for p in wanted):
             values = [defaults[p] for p in wanted]
-        # [0-9] and not str.isdigit: "²" and "١" are digits to Python but no number on a command line
-        elif len(numbers) == len(wanted) and all(re.fullmatch("[0-9]+", n) for n in numbers):
-            values = [int(n) for n in numbers]
+        elif len(numbers) == len(wanted) and all(re.fullmatch(_FORMS.get(p, _NUMBER), n) for p, n in zip(wanted, numbers)):
+            values = [_value(p, n) for p, n in zip(wanted, numbers)]
     if values is not None:
         for placeholder, value in zip(wanted, values):
-            if value > MAX_NUMBER:
-                raise ValueError(f"{option} {text}: {placeholder} {value} is more than 2**62, "
+            largest = max(value) if isinstance(value, list) else value
+            if largest > MAX_NUMBER:
+                raise ValueError(f"{option} {text}: {placeholder} {largest} is more than 2**62, "
                                  "the most that attnkit's int64 positions hold")
         try:  # the pattern judges its numbers (a window of 0, a summary above the stride)
             return spelling.title(*values), spelling.make(*values)

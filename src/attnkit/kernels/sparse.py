@@ -39,7 +39,10 @@ import torch.nn.functional as F
 from ..patterns import Pattern, finite_band, head_runs
 from .band_native import band_backward, band_forward, band_native_attention
 from .common import LOG2E, compute_dtype, kv_groups, merge_lse
-from .sparse_plan import BACKWARD_BAND_ROWS, BAND_ROWS, UNIT_ROWS, SparsePlan, UnitGroup, plan_sparse
+from .documents import document_attention
+from .sparse_plan import (
+    BACKWARD_BAND_ROWS, BAND_ROWS, UNIT_ROWS, SparsePlan, UnitGroup, document_piece, plan_documents, plan_sparse,
+)
 
 _FUSED = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _FUSED_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
@@ -448,6 +451,9 @@ def _run(
     band = finite_band(pattern) if native_bands else None
     if band is not None:
         return band_native_attention(q, k, v, band, scale)
+    documents = document_piece(pattern)
+    if documents is not None:
+        return document_attention(q, k, v, plan_documents(documents, n_q, n_k), scale, native_bands=native_bands)
     plan = plan_sparse(pattern, n_q, n_k, device, unit_rows, min(unit_rows, BAND_ROWS))
     fused = _FUSED is not None and device.type == "cpu" and v.shape[-1] == q.shape[-1]
     if not fused:
@@ -498,6 +504,10 @@ def sparse_plan_pairs(pattern: Pattern, n_q: int, n_k: int, n_q_heads: int = 1) 
     """Score entries the sparse plan computes per batch, summed over ``n_q_heads`` query heads."""
     total = 0
     for first, stop, head_pat in head_runs(pattern, n_q_heads, 1):
+        documents = document_piece(head_pat)
+        if documents is not None:
+            total += (stop - first) * plan_documents(documents, n_q, n_k).computed_pairs
+            continue
         plan = plan_sparse(head_pat, n_q, n_k, torch.device("cpu"), UNIT_ROWS, BAND_ROWS)  # the forward plan
         total += (stop - first) * plan.computed_pairs
     return total

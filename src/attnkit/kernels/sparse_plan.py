@@ -28,6 +28,13 @@ unit follows the kind of the piece (:class:`~attnkit.patterns.Piece`):
 Each unit carries an exact element mask evaluated once from the part's predicate; plans are cached
 per (pattern, sizes, device). Nothing here is ``Nq x Nk``: positions, masks and the work that
 follows are proportional to the pairs the units cover.
+
+A pattern that is one piece cut into documents (``Document``, ``Causal() & Document(...)``,
+``SlidingWindow(w) & Document(...)``: :func:`document_piece`) gets a plan of its own,
+:func:`plan_documents`: each document with queries is one unit of its own size, the piece's band
+clamped to the document, and documents of equal sizes form one group. Nothing is evaluated
+element by element (a document's band needs no mask), so the plan costs a few operations per
+document, and the work that follows is each document's band, nothing across documents.
 """
 
 from __future__ import annotations
@@ -37,9 +44,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
+import numpy as np
 import torch
 
-from ..patterns import SUMMARY, Difference, Pattern, Piece, Union, finite_band
+from ..patterns import LATTICE, SUMMARY, Difference, Pattern, Piece, Union, finite_band
 
 UNIT_ROWS = 128
 """Query rows per unit of the summary and tile geometries."""
@@ -284,4 +292,100 @@ def plan_sparse(
     return SparsePlan(n_q, n_k, moved, tuple(bands) + (None,) * (len(moved) - len(bands)))
 
 
-__all__ = ["BACKWARD_BAND_ROWS", "BAND_ROWS", "SparsePlan", "UNIT_ROWS", "UnitGroup", "plan_sparse", "split_parts"]
+# ---------------------------------------------------------------------------------------------
+# Documents: one unit per document, each the piece's band inside it.
+
+
+@dataclass(frozen=True, eq=False)
+class DocumentGroup:
+    """Documents of one size: unit ``u`` is query rows ``q_starts[u] : q_starts[u] + n_q`` and
+    keys ``k_starts[u] : k_starts[u] + n_k``, bottom-right aligned inside the unit (its queries
+    are the document's last ``n_q`` positions), allowed pairs ``band[0] <= i - j <= band[1]``
+    in the unit's own positions (finite: the piece's band clamped to the unit).
+    ``cache`` holds the index tensors built from the starts per device."""
+
+    q_starts: tuple[int, ...]
+    k_starts: tuple[int, ...]
+    n_q: int
+    n_k: int
+    band: tuple[int, int]
+    cache: dict = field(default_factory=dict)
+
+    @property
+    def pairs(self) -> int:
+        """Allowed pairs of all units (what a band kernel computes, give or take its blocks)."""
+        lo, hi = self.band
+        rows = torch.arange(self.n_k - self.n_q, self.n_k)
+        per_row = ((rows - lo).clamp(max=self.n_k - 1) - (rows - hi).clamp(min=0) + 1).clamp(min=0)
+        return len(self.q_starts) * int(per_row.sum())
+
+    def causal(self) -> bool:
+        """Whether each unit is plain causal attention (square, every earlier key)."""
+        return self.n_q == self.n_k and self.band == (0, self.n_k - 1)
+
+    def full(self) -> bool:
+        """Whether each unit is full attention."""
+        return self.band == (1 - self.n_q, self.n_k - 1)
+
+
+@dataclass(frozen=True, eq=False)
+class DocumentPlan:
+    """The documents of an ``n_q x n_k`` problem that hold queries and allowed pairs, by size."""
+
+    n_q: int
+    n_k: int
+    groups: tuple[DocumentGroup, ...]
+
+    @property
+    def computed_pairs(self) -> int:
+        """Score entries the plan computes per query head and batch."""
+        return sum(g.pairs for g in self.groups)
+
+
+def document_piece(pattern: Pattern) -> Optional[Piece]:
+    """The pattern's one piece when it is a band cut into documents (what :func:`plan_documents`
+    plans), else None."""
+    pieces = pattern.pieces
+    if pieces is None or len(pieces) != 1:
+        return None
+    piece = pieces[0]
+    plain = piece.keys == LATTICE and piece.step == 1 and not piece.segment
+    return piece if plain and piece.documents else None
+
+
+def plan_documents(piece: Piece, n_q: int, n_k: int, *, cached: bool = True) -> DocumentPlan:
+    """The plan of a :func:`document_piece` for an ``n_q x n_k`` problem, cached unless
+    ``cached=False`` (what a new batch of lengths costs: the benchmark's measure). The piece's
+    documents must cover the ``n_k`` keys (``Document.validate``). Per document ``[s, e)``: keys
+    ``s .. e - 1``, queries the positions ``max(s, n_k - n_q) .. e - 1``; documents without
+    queries or without allowed pairs are left out (rows of the latter give zeros and -inf)."""
+    make = _plan_documents if cached else _plan_documents.__wrapped__
+    return make(piece.documents, piece.lo, piece.hi, n_q, n_k)
+
+
+@functools.lru_cache(maxsize=16)
+def _plan_documents(bounds: tuple[int, ...], lo: float, hi: float, n_q: int, n_k: int) -> DocumentPlan:
+    offset = n_k - n_q
+    starts, ends = np.asarray(bounds[:-1], dtype=np.int64), np.asarray(bounds[1:], dtype=np.int64)
+    q_first = np.maximum(starts, offset)
+    sizes_q, sizes_k = ends - q_first, ends - starts
+    keep = sizes_q > 0
+    starts, q_first, sizes_q, sizes_k = starts[keep], q_first[keep] - offset, sizes_q[keep], sizes_k[keep]
+    shapes, which = np.unique(np.stack([sizes_q, sizes_k], 1), axis=0, return_inverse=True)
+    groups = []
+    for g, (size_q, size_k) in enumerate(shapes.tolist()):
+        # i - j inside a unit spans [1 - size_q, size_k - 1]: clamping keeps the band's pairs.
+        band = (int(max(lo, 1 - size_q)), int(min(hi, size_k - 1)))
+        if band[0] > band[1]:
+            continue
+        members = which.reshape(-1) == g
+        groups.append(DocumentGroup(
+            tuple(q_first[members].tolist()), tuple(starts[members].tolist()), size_q, size_k, band
+        ))
+    return DocumentPlan(n_q, n_k, tuple(groups))
+
+
+__all__ = [
+    "BACKWARD_BAND_ROWS", "BAND_ROWS", "DocumentGroup", "DocumentPlan", "SparsePlan", "UNIT_ROWS", "UnitGroup",
+    "document_piece", "plan_documents", "plan_sparse", "split_parts",
+]

@@ -98,6 +98,8 @@ def _band_parts(pattern: Pattern) -> Optional[tuple]:
 
 
 def _band_kernel_takes(piece: Piece) -> bool:
+    if piece.documents:  # the band kernels have no document cut: block lists run them, from allows
+        return False
     if piece.keys == SUMMARY:
         return piece.lo >= 0 and piece.hi == math.inf
     return piece.segment == 0 or piece.step == 1

@@ -26,6 +26,7 @@ which tiles need no element mask without evaluating the predicate.
 The package: :mod:`.base` (the :class:`Pattern` base class, band helpers, :class:`Piece`, Union
 and Intersection), :mod:`.bands` (Full, Causal, SlidingWindow), :mod:`.sparse_transformer`
 (Strided, Fixed and their parts), :mod:`.blocks` (BlockSparse), :mod:`.custom` (Predicate),
+:mod:`.documents` (Document, :func:`document_positions`),
 :mod:`.compose` (PerHead, Difference, :func:`as_pattern`) and :mod:`.heads` (per-head patterns
 and runs). Kernels ask these modules about patterns (bands, pieces, parts, heads); nothing here
 imports a kernel.
@@ -38,11 +39,12 @@ from .base import (
 from .blocks import BlockSparse
 from .compose import Difference, PerHead, as_pattern
 from .custom import Predicate
+from .documents import Document, document_positions
 from .heads import head_pattern, head_runs
 from .sparse_transformer import BlockLocal, Fixed, Periodic, Strided, Summary
 
 __all__ = [
-    "Band", "BlockLocal", "BlockSparse", "Causal", "Difference", "Fixed", "Full", "Intersection", "LATTICE",
+    "Band", "BlockLocal", "BlockSparse", "Causal", "Difference", "Document", "Fixed", "Full", "Intersection", "LATTICE",
     "Pattern", "PerHead", "Periodic", "Piece", "Predicate", "SUMMARY", "SlidingWindow", "Strided", "Summary", "Union",
-    "as_pattern", "finite_band", "head_pattern", "head_runs", "query_key_positions", "shared_band",
+    "as_pattern", "document_positions", "finite_band", "head_pattern", "head_runs", "query_key_positions", "shared_band",
 ]

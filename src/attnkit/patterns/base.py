@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..checks import boolean, positive_int
+from .document_bounds import check_bounds, same_document
 
 Band = tuple[float, float]
 """An inclusive range ``(lo, hi)`` of allowed ``i - j``; either end may be infinite."""
@@ -81,13 +82,17 @@ class Pattern:
         (the paper's arrangements of :class:`Strided` and :class:`Fixed`), or None when ``auto``
         does not count it as the sparse planner's pattern (the planner still runs it, exactly).
 
-        By default a pattern whose band has finite bounds is one part, ``(self,)``, and any
+        By default a pattern whose band has finite bounds is one part, ``(self,)``, and so is
+        one whose pieces are one piece cut into documents (``Causal() & Document(...)``); any
         other has none; so are Periodic, BlockLocal, Summary and BlockSparse. :class:`Strided`
         and :class:`Fixed` give their two parts, a :class:`Union` the parts of both sides when
         both have some. Full, Causal and Predicate have none. For per-head patterns the answer
         is not used: ``auto`` asks it head by head (:func:`~attnkit.patterns.head_runs` first).
         """
-        return (self,) if finite_band(self) is not None else None
+        if finite_band(self) is not None:
+            return (self,)
+        pieces = self.pieces  # documents (alone, or met with a band) are the planner's too
+        return (self,) if pieces is not None and len(pieces) == 1 and pieces[0].documents else None
 
     def validate(self, n_q: int, n_k: int) -> None:
         """Raise ValueError when the pattern cannot describe an ``n_q x n_k`` problem (for
@@ -243,11 +248,16 @@ class Piece(Pattern):
       ``own``, those of its own block up to itself. Queries at negative positions have ``u = -1``.
     - ``segment > 0`` (lattice keys): both positions must also lie in one block of ``segment``
       positions (``BlockLocal(s)`` is ``Piece(0, s - 1, segment=s)``).
+    - ``documents`` (lattice keys, non-empty): both positions must also lie in one document, the
+      documents being ``[documents[d], documents[d + 1])`` (cumulative bounds, ``cu_seqlens``);
+      positions outside ``[0, documents[-1])`` lie in none. ``Document(lengths)`` is
+      ``Piece(-inf, inf, documents=bounds)``; ``Causal() & Document(lengths)`` is
+      ``Piece(0, inf, documents=bounds)``.
 
     A piece is a pattern (``allows`` evaluates the formula above), so a planner can mask it
     exactly; the Triton kernels (:mod:`attnkit.kernels.triton_band`) evaluate the same formulas in
-    their tiles, reading these fields. A new cut (per-document bounds, say)
-    is one more field here, met with a band by :meth:`meet`.
+    their tiles, reading these fields. A new cut is one more field here (as ``documents`` is),
+    met with a band by :meth:`meet`.
 
     Example: ``Strided(4).pieces == (Piece(0, 4), Piece(2, inf, step=4))``; ``Fixed(4, 1).pieces
     == (Piece(0, 3, segment=4), Piece(0, inf, keys="summary", period=4, width=1))``.
@@ -261,6 +271,7 @@ class Piece(Pattern):
     width: int = 1
     own: bool = False
     segment: int = 0
+    documents: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("lo", "hi"):
@@ -276,8 +287,13 @@ class Piece(Pattern):
             raise ValueError(f"Piece: keys must be {LATTICE!r} or {SUMMARY!r}, got {self.keys!r}")
         if self.width > self.period:
             raise ValueError(f"Piece: width must be at most period ({self.period}), got {self.width}")
-        if self.keys == SUMMARY and (self.step != 1 or self.segment):
-            raise ValueError(f"Piece: summary keys take no step or segment, got {self.step}, {self.segment}")
+        if self.keys == SUMMARY and (self.step != 1 or self.segment or self.documents):
+            raise ValueError(
+                f"Piece: summary keys take no step, segment or documents, got {self.step}, {self.segment}, "
+                f"{len(self.documents)} bounds"
+            )
+        if self.documents:
+            object.__setattr__(self, "documents", check_bounds("Piece", "documents", self.documents))
 
     def allows(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         if self.keys == SUMMARY:
@@ -289,6 +305,8 @@ class Piece(Pattern):
             allowed = same_residue & _band_allows((self.lo, self.hi), i // self.step, j // self.step)
         if self.segment:
             allowed = allowed & ((i // self.segment) == (j // self.segment))
+        if self.documents:
+            allowed = allowed & same_document(self.documents, i, j)
         return allowed
 
     def _summary_allows(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
@@ -302,7 +320,7 @@ class Piece(Pattern):
         return is_summary & _band_allows((self.lo, self.hi), u, b)
 
     def band(self) -> Optional[Band]:
-        plain = self.keys == LATTICE and self.step == 1 and not self.segment
+        plain = self.keys == LATTICE and self.step == 1 and not self.segment and not self.documents
         return (self.lo, self.hi) if plain else None
 
     @property
@@ -317,13 +335,18 @@ class Piece(Pattern):
 
     def meet(self, other: "Piece") -> Optional["Piece"]:
         """The pairs both pieces allow, as one piece, or None when that is not one piece: lattice
-        pieces of one step meet in the overlap of their bounds, cut by the segment of either
-        (when both cut, only at the same segment)."""
+        pieces of one step meet in the overlap of their bounds, cut by the segment and the
+        documents of either (when both cut, only at the same segment, the same documents)."""
         if self.keys != LATTICE or other.keys != LATTICE or self.step != other.step:
             return None
         if self.segment and other.segment and self.segment != other.segment:
             return None
-        return Piece(max(self.lo, other.lo), min(self.hi, other.hi), self.step, segment=self.segment or other.segment)
+        if self.documents and other.documents and self.documents != other.documents:
+            return None
+        return Piece(
+            max(self.lo, other.lo), min(self.hi, other.hi), self.step,
+            segment=self.segment or other.segment, documents=self.documents or other.documents,
+        )
 
 
 def _joint_heads(parts: Sequence[Pattern]) -> Optional[int]:
