@@ -1,9 +1,9 @@
 """attnkit: exact, fast self-attention and its efficient variants.
 
 ``attention(q, k, v, pattern)`` computes attention restricted to a pattern (Full, Causal,
-SlidingWindow, Strided, Fixed, BlockSparse, Predicate, Document, their unions/intersections,
-PerHead), its scores optionally modified (``score_mod=softcap(c)``, ``alibi(slopes)``,
-``distance_bias(table)``); ``reference_attention`` spells out
+SlidingWindow, Strided, Fixed, BlockSparse, Predicate, Document, their unions/intersections, PerHead),
+its scores optionally modified (``score_mod=softcap(c)``, ``alibi(slopes)``, ``distance_bias(table)``);
+``reference_attention`` spells out
 the two steps (relevance scores, weighted sum); ``attnkit.nn.MultiHeadAttention`` is the layer;
 ``attnkit.distributed.ring_attention`` runs attention over a sequence sharded across processes.
 

@@ -72,8 +72,9 @@ def attention(
             ``attnkit.softcap(c)`` (``c * tanh(s / c)``), ``attnkit.alibi(slopes (Hq,))``
             (``s + slopes[h] * (j - i)``) or ``attnkit.distance_bias(table (Hq, R))``
             (``s + table[h, min(|i - j|, R - 1)]``); slopes and table may require grad. Hidden
-            pairs stay hidden. Applied by reference and blockwise; dense takes alibi and
-            distance_bias, not softcap. A Python callable ``fn(s, b, h, i, j)`` (see
+            pairs stay hidden. Applied by reference, blockwise and sparse (not on Document
+            patterns yet); dense takes alibi and distance_bias, not softcap; triton none yet.
+            A Python callable ``fn(s, b, h, i, j)`` (see
             :func:`attnkit.kernels.score_mods.score_callable`) runs on reference and dense only.
         sinks: ``(Hq,)`` attention sinks (as in gpt-oss): one logit per query head that joins
             every row's softmax denominator and contributes no value,

@@ -6,7 +6,7 @@ import math
 
 from ..kernels.blockwise import blockwise_kernel, plan_tiles, tile_pairs
 from .base import Backend, tiled_grad_share
-from .facts import full_or_causal, planned
+from .facts import documents_with_score_mod, full_or_causal, planned
 
 
 class BlockwiseBackend(Backend):
@@ -19,7 +19,7 @@ class BlockwiseBackend(Backend):
     def cost(self, problem):
         bottom_right = problem.positions is None
         # The sparse planner's patterns: it computes fewer pairs, but it takes no padding mask.
-        if bottom_right and problem.key_padding_mask is None and planned(problem) and problem.score_mod is None:
+        if bottom_right and problem.key_padding_mask is None and planned(problem) and not documents_with_score_mod(problem):
             return math.inf
         if bottom_right and full_or_causal(problem):  # tiles cover at least half of the square
             return float(problem.square)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+from ..kernels.common import LOW_PRECISION
 from ..kernels.dense import dense_kernel, dense_misfit, free_memory_short
 from ..kernels.reference import reference_kernel
 from .base import Backend, explicit_grad_share
@@ -30,6 +31,8 @@ class DenseBackend(Backend):
         if reason is not None:
             return reason
         padded = problem.key_padding_mask is not None
+        if problem.score_mod is not None and problem.score_mod.additive and problem.dtype in LOW_PRECISION:
+            return f"its float mask would round the score_mod's bias to {problem.dtype}"
         if problem.score_mod is not None:  # a float (1 or B, Hq, Nq, Nk) mask or weights, and a bool one
             needed = (problem.batch if padded else 1) * problem.square * (1 + problem.dtype.itemsize)
             free = free_memory_short(needed, problem.device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..kernels.dense import fused_lse_available
+from ..kernels.sparse_plan import document_piece
 from ..patterns import finite_band, head_runs, shared_band
 from .base import Problem
 
@@ -47,3 +48,11 @@ def lse_needs_second_pass(problem: Problem) -> bool:
     """Whether SDPA cannot give the LSE asked for from the same fused call (off the CPU, or a
     value width unlike the key width)."""
     return problem.need_lse and not fused_lse_available(problem.device, problem.head_dim, problem.value_dim)
+
+
+def documents_with_score_mod(problem: Problem) -> bool:
+    """Whether the call modifies scores and some head's pattern is cut into documents: the sparse
+    backend's document kernel applies no score mod, so such calls go to blockwise."""
+    if problem.score_mod is None:
+        return False
+    return any(document_piece(p) is not None for _, _, p in head_runs(problem.pattern, problem.n_q_heads, 1))

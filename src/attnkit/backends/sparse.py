@@ -12,13 +12,13 @@ import math
 import torch
 
 from ..kernels.band_calibration import band_decision
-from ..kernels.band_native import band_backward, band_native_takes
+from ..kernels.band_native import NATIVE_SCORE_MODS, band_backward, band_native_takes
 from ..kernels.sparse import sparse_kernel, sparse_plan_pairs
 from ..kernels.sparse_plan import document_piece
 from ..patterns import finite_band, head_runs
-from .base import Backend, Grads, Problem, tiled_grad_share
+from .base import Backend, Grads, Problem, tiled_grad_share, with_parameters
 from .dense import SDPA_PAIR_COST
-from .facts import finite_bands, planned
+from .facts import documents_with_score_mod, finite_bands, planned
 
 NATIVE_MIN_QUERIES = 32
 """From this many queries on the kernel beat masked SDPA at every window measured, up to a window
@@ -71,25 +71,37 @@ def _native_grad_share(problem: Problem, q, k, v, out, lse, d_out, d_lse) -> Gra
     """The native kernel's backward per run of heads that share a band, given the merged ``lse``."""
     groups = q.shape[1] // k.shape[1]
     d_q, d_k, d_v = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    params = problem.parameters()
+    d_parameter = torch.zeros(params[0].shape, dtype=torch.float32) if params else None
     for first, stop, pattern in head_runs(problem.pattern, q.shape[1], groups):
         heads, kv = slice(first, stop), slice(first // groups, -(-stop // groups))
         lse_run, d_out_run = lse[:, heads].contiguous(), d_out[:, heads].contiguous()
         delta = (d_out_run * out[:, heads]).sum(-1)
         if d_lse is not None:  # rows without keys (lse = -inf) get no gradient
             delta = delta - torch.where(lse_run == float("-inf"), 0.0, d_lse[:, heads])
+        head_mod = None if problem.score_mod is None else problem.score_mod.for_heads(first, stop)
         shares = band_backward(
             q[:, heads].contiguous(), k[:, kv].contiguous(), v[:, kv].contiguous(), lse_run, d_out_run,
-            delta.contiguous(), finite_band(pattern), problem.scale,
+            delta.contiguous(), finite_band(pattern), problem.scale, head_mod,
         )
         d_q[:, heads] = shares[0]
         d_k[:, kv] += shares[1]
         d_v[:, kv] += shares[2]
-    return Grads(d_q, d_k, d_v)
+        if d_parameter is not None:
+            d_parameter[heads] = shares[3]
+    return with_parameters(problem, (d_q, d_k, d_v), None if d_parameter is None else d_parameter.to(params[0].dtype))
 
 
 class SparseBackend(Backend):
     name = "sparse"
     description = "the sparse planner (work follows the allowed pairs) and the native band kernel"
+    score_mods = NATIVE_SCORE_MODS
+
+    def accepts(self, problem):
+        reason = self.takes_arguments(problem)
+        if reason is None and documents_with_score_mod(problem):
+            return "it does not apply a score_mod to Document patterns yet (blockwise does)"
+        return reason
 
     def cost(self, problem):
         if _runs_natively(problem):
@@ -102,7 +114,8 @@ class SparseBackend(Backend):
         return math.inf
 
     def forward(self, problem, q, k, v):
-        return sparse_kernel(q, k, v, problem.pattern, problem.scale, native_bands=native_bands(problem))
+        return sparse_kernel(q, k, v, problem.pattern, problem.scale, native_bands=native_bands(problem),
+                             score_mod=problem.score_mod)
 
     def grad_share(self, problem, q, k, v, out, lse, d_out, d_lse):
         if _runs_natively(problem):

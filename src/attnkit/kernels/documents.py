@@ -92,7 +92,7 @@ def _backward_group(q_u, k_u, v_u, out_u, lse_u, d_out_u, d_lse_u, delta_u, grou
         return _FUSED_BACKWARD(d_out_u, q_u, k_u, v_u, out_u, lse_u, 0.0, causal, attn_mask=None, scale=scale)
     d_lse_u = torch.zeros_like(lse_u) if d_lse_u is None else d_lse_u
     positions = query_key_positions(group.n_q, group.n_k, q_u.device)
-    return blockwise_grads(q_u, k_u, v_u, out_u, lse_u, d_out_u, d_lse_u, Piece(*group.band), scale, positions)
+    return blockwise_grads(q_u, k_u, v_u, out_u, lse_u, d_out_u, d_lse_u, Piece(*group.band), scale, positions)[:3]
 
 
 class _DocumentAttention(torch.autograd.Function):

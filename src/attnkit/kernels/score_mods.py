@@ -33,9 +33,10 @@ class ScoreMod:
     the soft-cap ``c``; ``parameter`` the slopes ``(H,)`` or table ``(H, R)``; ``fn`` the callable.
 
     Score tiles are grouped as the kernels hold them: ``(..., Hkv, g, rows, cols)`` with query head
-    ``h = kv_head * g + member``, or ``(..., Hq, rows, cols)`` (pass ``groups=1`` and
-    ``Hkv = Hq``); ``q_pos (rows,)`` and ``k_pos (cols,)`` are the absolute positions of the
-    tile's rows and columns.
+    ``h = kv_head * g + member``; ``q_pos (rows,)`` and ``k_pos (cols,)`` are the absolute
+    positions of the tile's rows and columns. Tiles of several units (the sparse planner's) may
+    give positions ``(L..., rows)`` and ``(L..., cols)``: the tile is then ``(..., L..., Hkv, g,
+    rows, cols)``.
     """
 
     __slots__ = ("kind", "cap", "parameter", "fn")
@@ -51,34 +52,41 @@ class ScoreMod:
             return f"score_callable({self.fn!r})"
         return f"{self.kind}(tensor of shape {tuple(self.parameter.shape)})"
 
+    def for_heads(self, first: int, stop: int) -> "ScoreMod":
+        """The same modification for query heads ``[first, stop)`` alone (a run of heads that
+        share a pattern); the parameter's slice stays differentiable."""
+        if self.parameter is None or (first, stop) == (0, self.parameter.shape[0]):
+            return self
+        return ScoreMod(self.kind, parameter=self.parameter[first:stop])
+
     @property
     def additive(self) -> bool:
         """Whether the modification adds a bias that does not depend on ``s`` (alibi, distance_bias)."""
         return self.kind in ("alibi", "distance_bias")
 
-    def bias(self, q_pos: torch.Tensor, k_pos: torch.Tensor, n_kv_heads: int, dtype: torch.dtype,
-             parameter: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The additive bias of alibi / distance_bias, ``(Hkv, Hq // Hkv, rows, cols)`` in
-        ``dtype``, differentiable in ``parameter`` (default the mod's own)."""
-        parameter = (self.parameter if parameter is None else parameter).to(dtype)
+    def bias(self, q_pos: torch.Tensor, k_pos: torch.Tensor, n_kv_heads: int, dtype: torch.dtype) -> torch.Tensor:
+        """The additive bias of alibi / distance_bias, ``(L..., Hkv, Hq // Hkv, rows, cols)`` in
+        ``dtype`` for positions ``(L..., rows)`` and ``(L..., cols)``, differentiable in the
+        parameter."""
+        parameter = self.parameter.to(dtype)
         grouped = parameter.unflatten(0, (n_kv_heads, -1))  # (Hkv, g) or (Hkv, g, R)
-        offset = k_pos[None, :] - q_pos[:, None]  # (rows, cols): j - i
+        offset = k_pos.unsqueeze(-2) - q_pos.unsqueeze(-1)  # (L..., rows, cols): j - i
         if self.kind == "alibi":
-            return grouped[..., None, None] * offset.to(dtype)
+            return grouped[..., None, None] * offset.unsqueeze(-3).unsqueeze(-3).to(dtype)
         index = offset.abs().clamp_(max=parameter.shape[1] - 1)
-        return grouped[..., index]
+        units = offset.dim() - 2
+        return grouped[..., index].movedim((0, 1), (units, units + 1))  # (Hkv, g, L..., .) -> (L..., Hkv, g, .)
 
-    def scores(self, raw: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, unit: float = 1.0,
-               parameter: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def scores(self, raw: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, unit: float = 1.0) -> torch.Tensor:
         """The modified scores of a tile of ``raw`` scores (a new tensor). ``unit``: the tile's
         scores are ``s * unit`` (``log2(e)`` for kernels that take exp2), and so are the results.
-        Differentiable by autograd (in ``parameter``, default the mod's own, and in ``raw``)."""
+        Differentiable by autograd (in the parameter, and in ``raw``)."""
         if self.kind == "softcap":
             cap = self.cap * unit
             return torch.tanh(raw / cap) * cap
         if self.kind == "callable":
             return self._called(raw / unit if unit != 1.0 else raw, q_pos, k_pos) * unit
-        bias = self.bias(q_pos, k_pos, raw.shape[-4], raw.dtype, parameter)
+        bias = self.bias(q_pos, k_pos, raw.shape[-4], raw.dtype)
         return raw + (bias * unit if unit != 1.0 else bias)
 
     def _called(self, raw: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:

@@ -40,6 +40,7 @@ from ..patterns import Pattern, finite_band, head_runs
 from .band_native import band_backward, band_forward, band_native_attention
 from .common import LOG2E, compute_dtype, kv_groups, merge_lse
 from .documents import document_attention
+from .score_mods import ScoreMod
 from .sparse_plan import (
     BACKWARD_BAND_ROWS, BAND_ROWS, UNIT_ROWS, SparsePlan, UnitGroup, document_piece, plan_documents, plan_sparse,
 )
@@ -321,10 +322,11 @@ def _chunks(x: torch.Tensor, index: torch.Tensor, chunk: int) -> Iterator[torch.
         yield x.index_select(2, part).unflatten(2, (-1, per_unit))
 
 
-def _portable_group(q_flat, k, v, group: UnitGroup, plan: SparsePlan, groups: int):
+def _portable_group(q_flat, k, v, group: UnitGroup, plan: SparsePlan, groups: int, score_mod=None):
     """One group: ``(out (B, Hkv, U*g*R, Dv), row_max, log_sum, destination rows)``, the row
     statistics ``(B, Hkv, U*g*R)`` in base 2 (``row_max`` -inf on rows that saw no key, where
-    ``log_sum`` is 0); ``q_flat (B, Hkv, g*Nq, D)`` is pre-scaled by ``scale * log2(e)``."""
+    ``log_sum`` is 0); ``q_flat (B, Hkv, g*Nq, D)`` is pre-scaled by ``scale * log2(e)``.
+    ``score_mod`` modifies each unit's scores at its absolute positions, before the mask."""
     n_q = plan.n_q
     units, rows_per_unit = group.q_pos.shape
     n_cols = group.k_pos.shape[1]
@@ -341,6 +343,11 @@ def _portable_group(q_flat, k, v, group: UnitGroup, plan: SparsePlan, groups: in
     inputs = zip(_chunks(q_flat, safe_rows.flatten(1), chunk), _chunks(k, k_index, chunk), _chunks(v, k_index, chunk))
     for start, (q_u, k_u, v_u) in zip(range(0, units, chunk), inputs):
         scores = torch.matmul(q_u, k_u.transpose(-1, -2))  # (B, Hkv, u, g*R, C)
+        if score_mod is not None:
+            units_here = slice(start, start + scores.shape[2])
+            by_unit = scores.unflatten(3, (groups, rows_per_unit)).transpose(1, 2)  # (B, u, Hkv, g, R, C)
+            by_unit = score_mod.scores(by_unit, group.q_pos[units_here], group.k_pos[units_here], LOG2E)
+            scores = by_unit.transpose(1, 2).flatten(3, 4)
         unit_blocked = blocked if blocked.shape[0] == 1 else blocked[start : start + chunk]
         scores.view(*scores.shape[:3], groups, rows_per_unit, n_cols).masked_fill_(unit_blocked, float("-inf"))
         row_max = scores.detach().amax(-1, keepdim=True)
@@ -390,13 +397,16 @@ def _shared_key(k: torch.Tensor) -> torch.Tensor:
     return torch.where(shared, k_ref, torch.zeros((), dtype=k.dtype, device=k.device))
 
 
-def _portable(q, k, v, plan: SparsePlan, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _portable(q, k, v, plan: SparsePlan, scale: float, score_mod: Optional[ScoreMod] = None):
+    """``(out, lse)`` of the plan by explicit matmuls, differentiable by autograd (in the score
+    mod's parameter too)."""
     dtype = compute_dtype(q.dtype)
     batch, n_q_heads, n_q, _ = q.shape
     kv_heads, groups = k.shape[1], kv_groups(q, k)
     q_flat = (q.to(dtype) * (scale * LOG2E)).reshape(batch, kv_heads, groups * n_q, q.shape[-1])
     k, v = k.to(dtype), v.to(dtype)
-    k_ref = _shared_key(k)
+    # Shifting every score of a row by the same amount is exact only where the mod adds to it.
+    k_ref = _shared_key(k) if score_mod is None or score_mod.additive else torch.zeros_like(k[:, :, :1])
     row_offset = (q_flat * k_ref).sum(-1).reshape(batch, n_q_heads, n_q)
     k = k - k_ref
     outs, maxes, log_sums = [], [], []
@@ -405,7 +415,7 @@ def _portable(q, k, v, plan: SparsePlan, scale: float) -> tuple[torch.Tensor, to
         row_max = q_flat.new_full((batch, kv_heads, groups * n_q + 1), float("-inf"))
         log_sum = q_flat.new_zeros((batch, kv_heads, groups * n_q + 1))
         for group in part:
-            group_out, group_max, group_log_sum, dest = _portable_group(q_flat, k, v, group, plan, groups)
+            group_out, group_max, group_log_sum, dest = _portable_group(q_flat, k, v, group, plan, groups, score_mod)
             out = out.index_copy(2, dest, group_out)
             row_max = row_max.index_copy(2, dest, group_max)
             log_sum = log_sum.index_copy(2, dest, group_log_sum)
@@ -445,19 +455,22 @@ def _merge_imprecise(plan: SparsePlan, lse: torch.Tensor) -> bool:
 
 
 def _run(
-    q, k, v, pattern: Pattern, scale: float, unit_rows: int, native_bands: bool
+    q, k, v, pattern: Pattern, scale: float, unit_rows: int, native_bands: bool, score_mod: Optional[ScoreMod]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     n_q, n_k, device = q.shape[2], k.shape[2], q.device
     band = finite_band(pattern) if native_bands else None
     if band is not None:
-        return band_native_attention(q, k, v, band, scale)
+        return band_native_attention(q, k, v, band, scale, *([score_mod] if score_mod is not None else []))
     documents = document_piece(pattern)
     if documents is not None:
+        if score_mod is not None:  # the sparse backend refuses such calls (facts.documents_with_score_mod)
+            raise ValueError("sparse_kernel: no score_mod on Document patterns yet")
         return document_attention(q, k, v, plan_documents(documents, n_q, n_k), scale, native_bands=native_bands)
     plan = plan_sparse(pattern, n_q, n_k, device, unit_rows, min(unit_rows, BAND_ROWS))
-    fused = _FUSED is not None and device.type == "cpu" and v.shape[-1] == q.shape[-1]
+    # torch's fused kernel takes no score modification: the units' scores are computed here.
+    fused = _FUSED is not None and device.type == "cpu" and v.shape[-1] == q.shape[-1] and score_mod is None
     if not fused:
-        return _portable(q, k, v, plan, scale)
+        return _portable(q, k, v, plan, scale, score_mod)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         backward_plan = plan_sparse(pattern, n_q, n_k, device, unit_rows, min(unit_rows, BACKWARD_BAND_ROWS))
     else:
@@ -477,6 +490,7 @@ def sparse_kernel(
     *,
     native_bands: bool = False,
     unit_rows: int = UNIT_ROWS,
+    score_mod: Optional[ScoreMod] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention by the sparse planner. Inputs validated: q ``(B, Hq, Nq, D)``,
     k ``(B, Hkv, Nk, D)``, v ``(B, Hkv, Nk, Dv)``. Returns ``(out (B, Hq, Nq, Dv), lse (B, Hq, Nq))``
@@ -487,12 +501,16 @@ def sparse_kernel(
     checked for these inputs; it is the caller's decision (the sparse backend's), not this
     kernel's. ``unit_rows`` bounds the query block of the plan's units (see
     :func:`~.sparse_plan.plan_sparse`); the backward pass uses larger band units than the forward pass.
+    ``score_mod`` (softcap, alibi, distance_bias: :mod:`.score_mods`) runs in the native band
+    kernel for bands, and in the planner's portable execution otherwise (autograd gives its
+    parameter's gradient).
     """
     groups = kv_groups(q, k)
     outs, lses = [], []
     for first, stop, head_pat in head_runs(pattern, q.shape[1], groups):
         kv = slice(first // groups, -(-stop // groups))
-        out, lse = _run(q[:, first:stop], k[:, kv], v[:, kv], head_pat, scale, unit_rows, native_bands)
+        head_mod = None if score_mod is None else score_mod.for_heads(first, stop)
+        out, lse = _run(q[:, first:stop], k[:, kv], v[:, kv], head_pat, scale, unit_rows, native_bands, head_mod)
         outs.append(out)
         lses.append(lse)
     if len(outs) == 1:

@@ -27,7 +27,8 @@ from typing import Hashable
 
 import torch
 
-from ..patterns import BlockSparse, Intersection, Pattern, Union
+from ..patterns import BlockSparse, Document, Intersection, Pattern, Union
+from ..patterns.document_bounds import document_ids
 
 _EVAL_PAIRS = 1 << 22  # predicate evaluations at once while classifying blocks
 _CACHED = 16  # block lists kept (least recently used dropped first)
@@ -101,7 +102,22 @@ def _candidates(pattern: Pattern, n_q: int, n_k: int, blk: int, device: torch.de
         return _candidates(pattern.left, n_q, n_k, blk, device) & _candidates(pattern.right, n_q, n_k, blk, device)
     if pattern.band() is not None:
         return pattern.block_layout(n_q, n_k, blk).to(device)
+    if isinstance(pattern, Document):
+        return _document_candidates(pattern, n_q, n_k, blk, device)
     return torch.ones(nqb, nkb, dtype=torch.bool, device=device)
+
+
+def _document_candidates(pattern: Document, n_q: int, n_k: int, blk: int, device: torch.device) -> torch.Tensor:
+    """Blocks whose query and key positions share a document: the ranges of document ids of the
+    two blocks overlap (positions are sorted, so each block's ids are a range)."""
+    def id_ranges(first: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        starts = torch.arange(first, first + count, blk, device=device)
+        ends = (starts + blk).clamp(max=first + count) - 1
+        return document_ids(pattern.bounds, starts, -1), document_ids(pattern.bounds, ends, -1)
+
+    q_lo, q_hi = id_ranges(n_k - n_q, n_q)
+    k_lo, k_hi = id_ranges(0, n_k)
+    return (q_lo[:, None] <= k_hi[None, :]) & (k_lo[None, :] <= q_hi[:, None])
 
 
 def _classify(pattern: Pattern, qb: torch.Tensor, kb: torch.Tensor, n_q: int, n_k: int, blk: int):

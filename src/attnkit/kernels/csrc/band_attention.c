@@ -17,12 +17,18 @@
  * of odd strips: the backward pass runs even strips, then odd strips, each adding into dK and dV
  * without races and in a fixed order (deterministic, whatever the thread count). A row with no key
  * gets out 0, lse -inf and no gradient; NaN or infinite inputs give NaN, as in the reference.
+ * A score modification (see "Score modifications" below: soft-capping, ALiBi, a bias by distance)
+ * is applied to the scaled scores before the mask, in a pass of its own over each row of a block;
+ * its parameter gradients are summed per (query head, strip), so they too are deterministic.
  * Vectors are GNU C vector extensions as wide as the instruction set the file is compiled for, and the
  * register blocks (ROWS rows x two vectors of accumulators) fit its register file; see "Vector
  * width" below. Threads take strips from an atomic counter.
  */
 #if defined(__AVX2__)
 #include <immintrin.h>
+#endif
+#if defined(__SSE__)
+#include <xmmintrin.h>
 #endif
 #include <math.h>
 #include <pthread.h>
@@ -66,6 +72,7 @@ enum {
     SHORT_STRIP = 192, LONG_STRIP = 768, MAX_THREADS = 256,  /* strips and threads */
     SMALL_WORK = 1 << 15                                     /* scores below which one thread runs */
 };
+enum { MOD_NONE = 0, MOD_SOFTCAP = 1, MOD_ALIBI = 2, MOD_DISTANCE = 3 }; /* score modifications */
 static const float LOG2E = 1.4426950408889634f, LN2 = 0.6931471805599453f;
 static const int32_t LANE_INDEX[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
 
@@ -287,11 +294,16 @@ typedef struct {
     float scale;
     int backward, parity;         /* backward: strips with index % 2 == parity (parity -1: all) */
     int64_t next;                 /* the next strip to take, atomically */
+    int mod;                      /* MOD_NONE, MOD_SOFTCAP, MOD_ALIBI, MOD_DISTANCE */
+    float cap;                    /* soft-cap */
+    const float *bias;            /* slopes (heads) or table (heads, bias_cols) */
+    int64_t heads, bias_cols;     /* query heads per batch entry (head h = row % heads); table width */
+    float *d_bias;                /* backward: (bh, strips, 1 or bias_cols) parameter gradient shares */
 } Job;
 
 typedef struct {
     float *keys_t, *values_t;     /* (d, ld_t): the strip's keys (and values) transposed */
-    float *s, *ds;                /* (ROWS, ld_s) */
+    float *s, *ds, *slope;        /* (ROWS, ld_s); slope: a soft-cap's derivative (backward) */
     float *zeros, *o;             /* (d), (ROWS, d) */
     int64_t ld_t, ld_s;
 } Scratch;
@@ -306,14 +318,16 @@ static int scratch_init(Scratch *w, const Job *job) {
     w->values_t = copies && job->backward ? grab(job->d * w->ld_t) : NULL;
     w->s = grab(ROWS * w->ld_s);
     w->ds = job->backward ? grab(ROWS * w->ld_s) : NULL;
+    w->slope = job->backward && job->mod == MOD_SOFTCAP ? grab(ROWS * w->ld_s) : NULL;
     w->zeros = grab(job->d);
     w->o = grab(job->d * ROWS);
     if (w->zeros) memset(w->zeros, 0, (size_t)job->d * sizeof(float));
-    return (w->keys_t || !copies) && w->s && w->zeros && w->o && (!job->backward || ((w->values_t || !copies) && w->ds));
+    return (w->keys_t || !copies) && w->s && w->zeros && w->o && (!job->backward || ((w->values_t || !copies) && w->ds))
+           && (w->slope || !job->backward || job->mod != MOD_SOFTCAP);
 }
 
 static void scratch_free(Scratch *w) {
-    free(w->keys_t); free(w->values_t); free(w->s); free(w->ds); free(w->zeros); free(w->o);
+    free(w->keys_t); free(w->values_t); free(w->s); free(w->ds); free(w->slope); free(w->zeros); free(w->o);
 }
 
 #if defined(__AVX2__)
@@ -423,6 +437,87 @@ static float exp2_row(float *s, int64_t n_cols, float shift) {
 }
 
 /* ---------------------------------------------------------------------------------------------
+ * Score modifications, on the scaled score x = q . k * scale of query position i, key j, head h:
+ *   MOD_SOFTCAP: cap * tanh(x / cap);  MOD_ALIBI: x + bias[h] * (j - i);
+ *   MOD_DISTANCE: x + bias[h * bias_cols + min(|i - j|, bias_cols - 1)]. */
+
+/* tanh lane by lane: an odd Taylor polynomial to x^13 below |x| = 0.4 (the next term is under
+ * 2e-9 there), (1 - t) / (1 + t) with t = e^(-2|x|) above (t's relative error 1.1e-7 becomes at
+ * most 2e-7 of the result); the sign is put back, and NaN stays NaN. */
+static inline vf tanh_lanes(vf x) {
+    const vu sign = (vu)x & (vu)splat(-0.0f);
+    const vf a = (vf)((vu)x & ~sign), a2 = a * a;
+    const vf t = exp2_nonpositive(a * splat(-2.0f * LOG2E));
+    const vf far = (splat(1.0f) - t) / (splat(1.0f) + t);
+    vf near = splat(21844.0f / 6081075.0f);
+    near = near * a2 - 1382.0f / 155925.0f;
+    near = near * a2 + 62.0f / 2835.0f;
+    near = near * a2 - 17.0f / 315.0f;
+    near = near * a2 + 2.0f / 15.0f;
+    near = near * a2 - 1.0f / 3.0f;
+    near = (near * a2 + 1.0f) * a;
+    const vf magnitude = pick((vi)(a < splat(0.4f)), near, pick((vi)(a == a), far, a));
+    return (vf)((vu)magnitude | sign);
+}
+
+/* In place over the padded row of raw products s (q . k) of the query at position pos, head row
+ * `head`, keys key0 + column: s = mod(s * scale) * log2 e, then -inf outside columns [first,
+ * last]. With `slope` (backward, soft-cap) it also stores d mod / d x there. Returns the row's max
+ * over its scores that are not NaN, as scale_and_mask_row does. */
+static float modify_row(const Job *job, float *s, int64_t n_cols, int64_t head, int64_t pos, int64_t key0,
+                        int64_t first, int64_t last, float *slope) {
+    const int64_t padded = round_up(n_cols, LANES), h = head % job->heads;
+    const vf scale = splat(job->scale), base2 = splat(LOG2E);
+    vf high = splat(-INFINITY);
+    if (job->mod == MOD_SOFTCAP) {
+        const vf cap = splat(job->cap), inverse = splat(1.0f / job->cap);
+        for (int64_t j = 0; j < padded; j += LANES) {
+            const vf t = tanh_lanes(load(s + j) * scale * inverse);
+            if (slope) store(slope + j, splat(1.0f) - t * t);
+            const vf x = in_band(t * cap * base2, j, first, last);
+            store(s + j, x);
+            high = vmax(x, high);
+        }
+        return largest_lane(high);
+    }
+    if (job->mod == MOD_ALIBI) {
+        /* j - i of the lanes, counted up LANES at a time (exact: integers far below 2^24) */
+        const vf rate = splat(job->bias[h]), step = splat((float)LANES);
+        vf offset = __builtin_convertvector(*(const vi_unaligned *)LANE_INDEX, vf) + (float)(key0 - pos);
+        for (int64_t j = 0; j < padded; j += LANES, offset += step) {
+            const vf x = in_band((load(s + j) * scale + rate * offset) * base2, j, first, last);
+            store(s + j, x);
+            high = vmax(x, high);
+        }
+        return largest_lane(high);
+    }
+    const float *table = job->bias + h * job->bias_cols;
+    const int64_t widest = job->bias_cols - 1;
+    for (int64_t j = 0; j < padded; j++) {
+        const int64_t distance = pos - key0 - j;
+        s[j] = (s[j] * job->scale + table[min64(distance < 0 ? -distance : distance, widest)]) * LOG2E;
+    }
+    for (int64_t j = 0; j < padded; j += LANES) high = vmax(masked_scores(s, j, splat(1.0f), first, last), high);
+    return largest_lane(high);
+}
+
+/* The parameter gradient of one row: dmod (the gradient of the modified scores, zero outside the
+ * band) added into grad (alibi: one float, the slope's; distance: the table row's bias_cols). */
+static void add_bias_grad(const Job *job, const float *dmod, int64_t n_cols, int64_t pos, int64_t key0, float *grad) {
+    if (job->mod == MOD_ALIBI) {
+        float total = 0.0f;
+        for (int64_t j = 0; j < n_cols; j++) total += dmod[j] * (float)(key0 + j - pos);
+        grad[0] += total;
+        return;
+    }
+    const int64_t widest = job->bias_cols - 1;
+    for (int64_t j = 0; j < n_cols; j++) {
+        const int64_t distance = pos - key0 - j;
+        grad[min64(distance < 0 ? -distance : distance, widest)] += dmod[j];
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------
  * One block of ROWS query rows of one query head; keys [key0, key0 + n_cols) are strip columns
  * [col0, col0 + n_cols) of the transposed copies (col0 -1: the strip has none). */
 
@@ -440,7 +535,12 @@ static void forward_block(const Job *job, const Scratch *w, int64_t head, int64_
         band.top[r] = splat(-INFINITY);
     }
     float high[ROWS], sum[ROWS];
-    if (col0 >= 0) { /* the scores scaled, masked and their row maxima in one pass */
+    if (job->mod != MOD_NONE) { /* raw products, then each row modified, masked and its maximum */
+        block_scores(q, rows, w->zeros, col0 < 0 ? NULL : w->keys_t + col0, w->ld_t,
+                     job->k + ((head / job->groups) * job->nk + key0) * d, d, n_cols, w->s, w->ld_s);
+        for (int64_t r = 0; r < ROWS; r++)
+            high[r] = modify_row(job, w->s + r * w->ld_s, n_cols, head, pos0 + r, key0, band.first[r], band.last[r], NULL);
+    } else if (col0 >= 0) { /* the scores scaled, masked and their row maxima in one pass */
         rows_times_columns(q, d, rows, w->zeros, w->keys_t + col0, w->ld_t, d, n_cols, w->s, w->ld_s, &band);
         for (int64_t r = 0; r < ROWS; r++) high[r] = largest_lane(band.top[r]);
     } else {
@@ -479,11 +579,26 @@ static void backward_block(const Job *job, const Scratch *w, int64_t head, int64
         float *p = w->s + r * w->ld_s, *ds = w->ds + r * w->ld_s;
         int64_t first = 1, last = 0;
         if (r < rows && lse[r] != -INFINITY) block_row_keys(job, pos0 + r, key0, n_cols, &first, &last);
-        scale_and_mask_row(p, n_cols, job->scale * LOG2E, first, last);
+        float *slope = w->slope ? w->slope + r * w->ld_s : NULL;
+        if (job->mod != MOD_NONE)
+            modify_row(job, p, n_cols, head, pos0 + r, key0, first, last, slope);
+        else
+            scale_and_mask_row(p, n_cols, job->scale * LOG2E, first, last);
         exp2_row(p, n_cols, first <= last ? lse[r] * LOG2E : 0.0f);
         vf row_delta = splat(r < rows ? delta[r] : 0.0f), scale = splat(job->scale);
+        if (job->mod == MOD_NONE) {
+            for (int64_t j = 0; j < round_up(n_cols, LANES); j += LANES)
+                store(ds + j, load(p + j) * (load(ds + j) - row_delta) * scale);
+            continue;
+        }
+        /* dS of the modified scores, its parameter gradient, then through the modification. */
+        for (int64_t j = 0; j < round_up(n_cols, LANES); j += LANES) store(ds + j, load(p + j) * (load(ds + j) - row_delta));
+        if (job->d_bias && first <= last) {
+            const int64_t width = job->mod == MOD_ALIBI ? 1 : job->bias_cols;
+            add_bias_grad(job, ds, n_cols, pos0 + r, key0, job->d_bias + (head * job->strips + row0 / job->strip_rows) * width);
+        }
         for (int64_t j = 0; j < round_up(n_cols, LANES); j += LANES)
-            store(ds + j, load(p + j) * (load(ds + j) - row_delta) * scale);
+            store(ds + j, load(ds + j) * (slope ? load(slope + j) : splat(1.0f)) * scale);
     }
     /* dV += P^T dO, dK += dS^T Q (dS carries the scale), dQ = dS K. */
     add_transposed_product(w->s, w->ld_s, d_out + row0 * d, rows, d, n_cols, job->d_v + (kv * job->nk + key0) * d);
@@ -537,12 +652,22 @@ static void run_strip(const Job *job, const Scratch *w, int64_t index) {
 static void *worker(void *arg) {
     Job *job = arg;
     Scratch w = {0};
+#if defined(__SSE__)
+    /* Subnormal products (a weight near 2^-126, as far keys under ALiBi get, times a value) take
+     * microcode assists that slowed the whole kernel by half: flush them to zero. They are below
+     * 2^-126 of a row's largest weight (1), far under float32's rounding of the sums. */
+    const unsigned int control = _mm_getcsr();
+    _mm_setcsr(control | 0x8040); /* flush-to-zero and denormals-are-zero */
+#endif
     if (scratch_init(&w, job)) {
         const int64_t total = job->bh / job->groups * job->strips;
         for (int64_t i; (i = __atomic_fetch_add(&job->next, 1, __ATOMIC_RELAXED)) < total;)
             if (job->parity < 0 || (i % job->strips) % 2 == job->parity) run_strip(job, &w, i);
     }
     scratch_free(&w);
+#if defined(__SSE__)
+    _mm_setcsr(control); /* the calling thread runs a worker too: give it its own mode back */
+#endif
     return NULL;
 }
 
@@ -566,6 +691,8 @@ static int run_threads(Job *job, int threads) {
  * depend on the thread count, so neither do the gradients (the order of the dK, dV sums). */
 static int check_and_plan(Job *job, int threads) {
     if (job->d <= 0 || job->d % 16 != 0 || job->groups < 1 || job->bh % job->groups) return 1;
+    if (job->mod != MOD_NONE && (job->heads < 1 || job->bh % job->heads || (job->mod >= MOD_ALIBI && job->bias == NULL)
+                                 || (job->mod == MOD_DISTANCE && job->bias_cols < 1))) return 1;
     if (job->nq <= 0 || job->bh <= 0) { /* nothing to compute: no strips */
         job->strip_rows = ROWS, job->strips = 0;
         return 0;
@@ -589,27 +716,41 @@ static int threads_for(const Job *job, int threads) {
 }
 
 /* Forward: fills out and lse. Returns 0; 1 when d is not a positive multiple of 16 or bh is not a
- * multiple of groups; 2 when scratch memory could not be allocated. */
+ * multiple of groups (or of heads, with a score modification); 2 when scratch memory could not be
+ * allocated. mod, cap, bias, heads, bias_cols: the score modification (MOD_NONE: none; see "Score
+ * modifications"). */
 int band_attention_forward(const float *q, const float *k, const float *v, float *out, float *lse,
                            int64_t bh, int64_t nq, int64_t nk, int64_t d, int64_t lo, int64_t hi,
-                           int64_t groups, float scale, int threads) {
+                           int64_t groups, float scale, int threads,
+                           int mod, float cap, const float *bias, int64_t heads, int64_t bias_cols) {
     Job job = {q, k, v, out, lse, NULL, NULL, NULL, NULL, NULL, bh, nq, nk, d, lo, hi, groups,
-               0, 0, 0, scale, 0, -1, 0};
+               0, 0, 0, scale, 0, -1, 0, mod, cap, bias, heads, bias_cols, NULL};
     int status = check_and_plan(&job, threads);
     return status ? status : run_threads(&job, threads_for(&job, threads));
 }
 
-/* Backward: d_k and d_v must be zero on entry; delta = rowsum(d_out * out) - d_lse. */
+/* Backward: d_k and d_v must be zero on entry; delta = rowsum(d_out * out) - d_lse. With an ALiBi
+ * or distance modification, d_bias (bh, band_attention_backward_strips(...), 1 or bias_cols), zero
+ * on entry, receives each (head row, strip)'s share of the parameter gradient (NULL: none wanted). */
 int band_attention_backward(const float *q, const float *k, const float *v, const float *out_lse,
                             const float *d_out, const float *delta, float *d_q, float *d_k, float *d_v,
                             int64_t bh, int64_t nq, int64_t nk, int64_t d, int64_t lo, int64_t hi,
-                            int64_t groups, float scale, int threads) {
+                            int64_t groups, float scale, int threads,
+                            int mod, float cap, const float *bias, int64_t heads, int64_t bias_cols, float *d_bias) {
     Job job = {q, k, v, NULL, (float *)out_lse, d_out, delta, d_q, d_k, d_v, bh, nq, nk, d, lo, hi, groups,
-               0, 0, 0, scale, 1, 0, 0};
+               0, 0, 0, scale, 1, 0, 0, mod, cap, bias, heads, bias_cols, d_bias};
     int status = check_and_plan(&job, threads);
     for (int parity = 0; parity < 2 && status == 0; parity++) {
         job.parity = parity;
         status = run_threads(&job, threads_for(&job, threads));
     }
     return status;
+}
+
+/* How many strips the backward pass cuts nq query rows into (the middle size of its d_bias). */
+int64_t band_attention_backward_strips(int64_t nq, int64_t nk, int64_t lo, int64_t hi) {
+    Job job = {0};
+    job.bh = job.groups = job.heads = 1, job.d = 16, job.nq = nq, job.nk = nk, job.lo = lo, job.hi = hi, job.backward = 1;
+    check_and_plan(&job, 1);
+    return job.strips;
 }
