@@ -52,7 +52,11 @@ class LayerTrace:
     the ``C`` keys with the most weight (ascending positions), ``values (H, R, C, D)`` their
     value vectors, ``shares (H, R, C)`` the part of the output each supplies (its weighted value
     projected on the output, as a fraction of it); ``actual (H, R, D)`` the heads' outputs in the
-    model's forward pass. ``pattern`` is the layer's pattern, ``scale`` its score scale.
+    model's forward pass. ``pattern`` is the layer's pattern, ``scale`` its score scale. A layer
+    with attention sinks (``MultiHeadAttention(sinks=True)``) has ``sink (H, R)``, its sink logit
+    per row, and ``sink_weight (H, R)`` = ``exp(sink - lse)``, the share of the softmax weight the
+    sink takes (``lse`` includes it; the keys' weights and ``sink_weight`` sum to 1); both None
+    for a layer without sinks.
     """
 
     rows: torch.Tensor
@@ -69,6 +73,8 @@ class LayerTrace:
     pattern: Pattern
     scale: float
     n_kv_heads: int
+    sink: Optional[torch.Tensor] = None
+    sink_weight: Optional[torch.Tensor] = None
 
     @property
     def n_heads(self) -> int:
@@ -147,8 +153,9 @@ def _held_rows(layer: MultiHeadAttention, x: torch.Tensor, positions: Optional[t
     group, n_rows = n_heads // n_kv, len(rows)
     scale = layer.scale if layer.scale is not None else 1.0 / math.sqrt(layer.head_dim)  # as the layer's forward
     key_positions = torch.arange(n)
+    sinks = None if layer.sinks is None else layer.sinks.detach()
     _, lse_backend = attention(q[:, :, rows], k, v, layer.pattern, scale=scale, q_positions=rows,
-                               k_positions=key_positions, return_lse=True)  # (1, H, R): the held rows only
+                               k_positions=key_positions, return_lse=True, sinks=sinks)  # (1, H, R): held rows only
     lse_backend = lse_backend[0].float()
     keys, values = k[0].double(), v[0].double()  # (Hkv, N, D)
     # The heads of one group are consecutive and share a key head: (Hkv, group * R, D) @ (Hkv, D, N).
@@ -157,8 +164,13 @@ def _held_rows(layer: MultiHeadAttention, x: torch.Tensor, positions: Optional[t
     allowed = layer.pattern.rows_mask(rows, key_positions).expand(n_heads, n_rows, n)
     scores = qk * scale
     pivot = torch.where(torch.isfinite(lse_backend), lse_backend, 0.0).double()
-    lse = pivot + torch.logsumexp((scores - pivot[..., None]).masked_fill(~allowed, -math.inf), dim=-1)
+    terms = (scores - pivot[..., None]).masked_fill(~allowed, -math.inf)  # (H, R, N)
+    sink = None if sinks is None else sinks.double()[:, None].expand(n_heads, n_rows)  # (H, R)
+    if sink is not None:  # one more term of the denominator, after the keys
+        terms = torch.cat([terms, (sink - pivot)[..., None]], dim=-1)
+    lse = pivot + torch.logsumexp(terms, dim=-1)
     weights = torch.exp(scores - lse[..., None]).masked_fill(~allowed, 0.0)
+    sink_weight = None if sink is None else torch.exp(sink - lse)
     output = (weights.view(n_kv, group * n_rows, n) @ values).view(n_heads, n_rows, -1)  # step 2
     top = weights.topk(min(listed, n), dim=-1).indices.sort(dim=-1).values  # (H, R, C)
     kv_of_head = torch.arange(n_heads) // group
@@ -167,7 +179,7 @@ def _held_rows(layer: MultiHeadAttention, x: torch.Tensor, positions: Optional[t
     norm = (output * output).sum(-1, keepdim=True)  # (H, R, 1); 0 only for a row that sees no key
     shares = (contributions @ output[..., None]).squeeze(-1) / torch.where(norm > 0, norm, 1.0)
     return dict(qk=qk, allowed=allowed, lse=lse, lse_backend=lse_backend, weights=weights, output=output,
-                keys=top, values=listed_values, shares=shares, scale=scale)
+                keys=top, values=listed_values, shares=shares, scale=scale, sink=sink, sink_weight=sink_weight)
 
 
 def find_token(tokens: Tokens, sentence: str, wanted: Optional[str]) -> tuple[int, str]:

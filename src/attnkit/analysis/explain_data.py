@@ -23,8 +23,10 @@ unless said otherwise):
 - ``"step1"``: ``qk (L, H, R, N)`` the dot products ``q . k``, ``allowed (L, H, R, N)`` bool,
   ``weights (L, H, R, N)`` (0 where hidden), ``lse (L, H, R)``, ``lse_backend (L, H, R)``
   float32, and ``extra``: a list of extra step-1 rows, each ``{"label", "scores" (L, H, R),
-  "weights" (L, H, R)}`` for softmax weight that goes to no key (a sink's share): the keys'
-  weights and the extra rows' weights sum to 1.
+  "weights" (L, H, R)}`` for softmax weight that goes to no key: the keys' weights and the extra
+  rows' weights sum to 1. A model with attention sinks has one, ``"sink"``: its scores are the
+  sink logits (on the scale of the scaled scores), its weights the sink's share (:func:`sink_rows`;
+  a layer without sinks gives scores ``-inf`` and weights 0).
 - ``"step2"``: ``output (L, H, R, D)`` = sum of weight x value, ``actual (L, H, R, D)`` the
   heads' outputs in the model's own forward pass, ``keys (L, H, R, C)`` int64 the listed keys
   (most weight, ascending), ``values (L, H, R, C, D)`` their value vectors, ``shares (L, H, R, C)``
@@ -35,6 +37,7 @@ unless said otherwise):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -199,10 +202,22 @@ def explanation(
         "head": choice.head,
         "head_note": choice.reason,
         "step1": {"qk": stack("qk"), "allowed": stack("allowed"), "weights": stack("weights"),
-                  "lse": stack("lse"), "lse_backend": stack("lse_backend"), "extra": []},
+                  "lse": stack("lse"), "lse_backend": stack("lse_backend"), "extra": sink_rows(traces)},
         "step2": {"output": stack("output"), "actual": stack("actual"), "keys": stack("keys"),
                   "values": stack("values"), "shares": stack("shares")},
     }
+
+
+def sink_rows(traces: Sequence[LayerTrace]) -> list[dict]:
+    """The step-1 extra rows of ``traces``: ``[{"label": "sink", "scores" (L, H, R), "weights"
+    (L, H, R)}]`` when some layer has attention sinks (a layer without gives scores ``-inf`` and
+    weights 0), else none."""
+    if all(t.sink is None for t in traces):
+        return []
+    shape = traces[0].lse.shape
+    scores = [t.sink if t.sink is not None else torch.full(shape, -math.inf, dtype=torch.float64) for t in traces]
+    weights = [t.sink_weight if t.sink is not None else torch.zeros(shape, dtype=torch.float64) for t in traces]
+    return [{"label": "sink", "scores": torch.stack(scores), "weights": torch.stack(weights)}]
 
 
 @dataclass(frozen=True)
@@ -211,7 +226,7 @@ class TokenStep:
 
     Step 1: ``raw (N,)`` the dot products ``q . k``, ``scaled (N,)`` = ``raw * scale``,
     ``allowed (N,)``, ``weights (N,)``, ``lse``; ``extra``: ``(label, score, weight)`` of each
-    extra step-1 row. Step 2: ``keys (C,)`` the listed keys, ``values (C, D)``,
+    extra step-1 row this layer has (a score of ``-inf`` means none, as for a layer without sinks). Step 2: ``keys (C,)`` the listed keys, ``values (C, D)``,
     ``contributions (C, D)`` = weight x value, ``shares (C,)``; ``rest (D,)`` the summed
     contributions of the other keys and ``rest_share`` their share; ``output (D,)``;
     ``actual (D,)`` the head's output in the model's forward pass.
@@ -256,7 +271,7 @@ def token_step(data: dict, layer: int, head: int, token: int) -> TokenStep:
     contributions = weights[keys][:, None] * values
     shares, output = s2["shares"][layer, head, r], s2["output"][layer, head, r]
     extra = [(e["label"], float(e["scores"][layer, head, r]), float(e["weights"][layer, head, r]))
-             for e in s1["extra"]]
+             for e in s1["extra"] if e["scores"][layer, head, r] > -math.inf]  # -inf: none in this layer
     return TokenStep(
         layer, head, token, raw, raw * scale, s1["allowed"][layer, head, r], weights,
         float(s1["lse"][layer, head, r]), extra, keys, values, contributions, shares,

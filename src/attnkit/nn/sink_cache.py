@@ -70,8 +70,9 @@ class SinkCache(SlotCache):
         window of at most ``window`` keys, alone or united with ``Predicate(FirstKeys(k))`` for
         ``k <= n_sink`` (see :func:`sink_pattern`)."""
         window, first = pattern, None
-        if isinstance(pattern, Union) and isinstance(pattern.right, Predicate) and isinstance(pattern.right.fn, FirstKeys):
-            window, first = pattern.left, pattern.right.fn.n
+        right = pattern.right if isinstance(pattern, Union) else None
+        if isinstance(right, Predicate) and isinstance(right.fn, FirstKeys):
+            window, first = pattern.left, right.fn.n
         band = shared_band(window)
         fits = band is not None and band[0] == 0 and band[1] + 1 <= self.window
         if not fits or (first is not None and first > self.n_sink):

@@ -73,7 +73,8 @@
       lse: get(s1.lse, l, h, r),
       rest: ALL ? 0 : get(s1.rest, l, h, r),
       restHidden: ALL ? 0 : get(s1.rest_hidden, l, h, r),
-      extra: extra.map(e => ({ label: e.label, score: get(e.scores, l, h, r), weight: get(e.weights, l, h, r) })),
+      extra: extra.map(e => ({ label: e.label, score: get(e.scores, l, h, r), weight: get(e.weights, l, h, r) }))
+        .filter(e => e.score > -Infinity),  // -inf: a layer without this row (no sinks)
     };
   }
   function step2Of(l, h, r) {
@@ -333,7 +334,8 @@
     const plain = Math.abs(scale - 1 / Math.sqrt(model.head_dim)) < 1e-12;
     box.append(table, el("p", { class: "caption" }, "scaled = q·k × " + scale.toFixed(4) +
       (plain ? " (1/√" + model.head_dim + ")" : "") + "; softmax: weight = exp(scaled − lse) with lse = " +
-      one.lse.toFixed(4) + " over the visible keys; the weights sum to " + sum.toFixed(6) +
+      one.lse.toFixed(4) + " over the visible keys" +
+      one.extra.map(e => " and the " + e.label).join("") + "; the weights sum to " + sum.toFixed(6) +
       (ALL ? "" : "; listed: the " + one.keys.length + " keys with the most weight, in text order")));
   }
   function stripView(l, h, r) {
