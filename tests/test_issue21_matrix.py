@@ -28,10 +28,10 @@ PATTERNS = ["document", "causal", "window"]
 MODS = ["softcap", "alibi", "distance_bias", "sinks", "none"]
 ALLOWED_REFUSALS = {("dense", "softcap")}
 """(backend, modification) pairs a backend may refuse (SDPA has no soft-cap)."""
-MISSING = {(backend, mod) for backend in ("sparse", "triton") for mod in ("softcap", "alibi", "distance_bias")}
-"""What issue 21 asks for and is not done yet: the sparse backend's document kernel and the Triton
-kernels apply no score modification (they refuse the call, and ``auto`` runs it elsewhere). The
-test asserts the refusal, so it fails, and this set must shrink, once one of them is done."""
+MISSING = {("triton", mod) for mod in ("softcap", "alibi", "distance_bias")}
+"""What issue 21 asks for and is not done yet: the Triton kernels apply no score modification
+(they refuse the call, and ``auto`` runs it elsewhere). The test asserts the refusal, so it fails,
+and this set must shrink, once they do."""
 REFUSALS = ALLOWED_REFUSALS | MISSING
 CAP, WINDOW, TABLE_SIZE = 1.5, 3, 4
 TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-4}
