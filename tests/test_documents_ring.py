@@ -93,7 +93,7 @@ def test_the_schedule_skips_steps_with_no_pair_in_any_document():
 
 @pytest.mark.slow
 def test_a_ring_over_256k_tokens_of_documents_runs(tmp_path):
-    """The long case of the acceptance (about 25 minutes on 2 busy cores; its time and memory are in
+    """The long case of the acceptance (22 s on the quiet 2-core machine; its time and memory are in
     benchmarks/results/2026-12-07-documents.md): 262144 tokens in documents of 512-4096 tokens."""
     import json
 
