@@ -120,6 +120,17 @@ class QuantizedEmbedding(_QuantizedWeight):
         return quant_embedding(ids, self.blocks, self.fmt)
 
 
+
+def install_quantized(model: nn.Module, kept: dict[str, nn.Module], tie_embeddings: bool) -> None:
+    """Put the quantized layers of ``kept`` (named by their parameter, ``"...weight"``) in place of
+    ``model``'s modules of those names; with ``tie_embeddings`` and a quantized ``embed_tokens``,
+    the output head shares the embedding's blocks (``model.lm_head``)."""
+    for name, layer in kept.items():
+        owner, _, attribute = name.removesuffix(".weight").rpartition(".")
+        setattr(model.get_submodule(owner), attribute, layer)
+    if tie_embeddings and isinstance(model.embed_tokens, QuantizedEmbedding):
+        model.lm_head = model.embed_tokens.as_linear()
+
 def gguf_rows(tensor) -> tuple[torch.Tensor, str]:
     """``(rows, format name)`` of a quantized tensor of a parsed GGUF file (a ``gguf`` reader
     tensor): the file's blocks as a ``(out, row_bytes)`` uint8 tensor (a copy: the reader's memory
@@ -163,5 +174,5 @@ def is_quantized(model: nn.Module) -> bool:
     return any(isinstance(m, (QuantizedLinear, QuantizedEmbedding)) for m in model.modules())
 
 
-__all__ = ["DEFAULT_ACTIVATIONS", "QUANTIZED_TYPE_NAMES", "QuantizedEmbedding", "QuantizedLinear", "gguf_rows",
+__all__ = ["DEFAULT_ACTIVATIONS", "QUANTIZED_TYPE_NAMES", "QuantizedEmbedding", "QuantizedLinear", "gguf_rows", "install_quantized",
            "is_quantized", "quantized_embedding_from_gguf", "quantized_linear_from_gguf", "set_quant_activations"]

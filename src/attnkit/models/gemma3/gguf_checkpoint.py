@@ -31,7 +31,7 @@ from ...nn.rope import LinearRopeScaling
 from ..gguf_file import dequantize, metadata, metadata_float, metadata_int, open_gguf, read_rows
 from ..fuse import fuse_quantized_projections
 from ...kernels.quant_native import FORMATS, to_kernel_layout
-from ..quant import QUANTIZED_TYPE_NAMES, QuantizedEmbedding, QuantizedLinear
+from ..quant import QUANTIZED_TYPE_NAMES, QuantizedEmbedding, QuantizedLinear, install_quantized
 from .config import END_OF_TURN, LOCAL_ROPE_THETA, Gemma3Config, default_layer_types, published_query_scalar
 from .model import Gemma3, parameter_shapes
 
@@ -171,11 +171,7 @@ def _with_quantized(config: Gemma3Config, state: dict[str, torch.Tensor], kept: 
     and projections of one input in one format are fused (:mod:`attnkit.models.fuse`)."""
     with torch.device("meta"):
         model = Gemma3(config)
-    for name, layer in kept.items():
-        owner, _, attribute = name.removesuffix(".weight").rpartition(".")
-        setattr(model.get_submodule(owner), attribute, layer)
-    if config.tie_embeddings and isinstance(model.embed_tokens, QuantizedEmbedding):
-        model.lm_head = model.embed_tokens.as_linear()
+    install_quantized(model, kept, config.tie_embeddings)
     model = Gemma3.from_state(config, state, "cpu", model=model)
     fuse_quantized_projections(model)
     return model

@@ -34,7 +34,7 @@ from ..checkpoint import check_layer_count
 from ..gguf_file import dequantize, metadata, metadata_float, metadata_int, open_gguf, read_rows
 from ..fuse import fuse_quantized_projections
 from ...kernels.quant_native import FORMATS, to_kernel_layout
-from ..quant import QUANTIZED_TYPE_NAMES, QuantizedEmbedding, QuantizedLinear
+from ..quant import QUANTIZED_TYPE_NAMES, QuantizedEmbedding, QuantizedLinear, install_quantized
 from .config import LlamaConfig
 from .model import Llama, parameter_shapes
 
@@ -236,11 +236,7 @@ def _with_quantized(config: LlamaConfig, state: dict[str, torch.Tensor], kept: d
     and projections of one input in one format are fused (:mod:`attnkit.models.fuse`)."""
     with torch.device("meta"):
         model = Llama(config)
-    for name, layer in kept.items():
-        owner, _, attribute = name.removesuffix(".weight").rpartition(".")
-        setattr(model.get_submodule(owner), attribute, layer)
-    if config.tie_embeddings and isinstance(model.embed_tokens, QuantizedEmbedding):
-        model.lm_head = model.embed_tokens.as_linear()
+    install_quantized(model, kept, config.tie_embeddings)
     blocks = {name: tensor for name, tensor in model.state_dict().items() if name not in state}
     model.load_state_dict({**state, **blocks}, assign=True, strict=True)
     model.rope.reset_frequencies("cpu")
