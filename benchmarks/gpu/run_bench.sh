@@ -69,7 +69,8 @@ skip() {  # skip NAME WHY
 }
 
 rm -f "$summary"
-section env 20 python3 -c "
+# env: 20 s on a GPU host; importing torch on a loaded 2-core CPU may take minutes
+section env "$([ "$cuda" = 1 ] && echo 20 || echo 300)" python3 -c "
 import json, platform, sys, torch
 info = {'python': sys.version.split()[0], 'torch': torch.__version__, 'cuda': torch.cuda.is_available(),
         'device': torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor()}
