@@ -88,11 +88,11 @@ if [ "$cuda" = 1 ]; then
     section documents 60 python3 -m attnkit.bench.gpu_documents --out "$out" --repeats 10
     section decode 120 python3 -m attnkit.bench.gpu_decode --out "$out"
 else
-    section exact 600 env TRITON_INTERPRET=1 python3 benchmarks/gpu/check_exact.py --device cpu --shrink 20 \
+    section exact 1200 env TRITON_INTERPRET=1 python3 benchmarks/gpu/check_exact.py --device cpu --shrink 20 \
         --dtypes float32 --cases "window 255,strided 64" --json "$out/check_exact.json"
     skip bench "no CUDA device"
-    section documents 120 python3 -m attnkit.bench.gpu_documents --out "$out" --device cpu --tiny --repeats 2
-    section decode 240 python3 -m attnkit.bench.gpu_decode --out "$out" --device cpu --tiny
+    section documents 300 python3 -m attnkit.bench.gpu_documents --out "$out" --device cpu --tiny --repeats 2
+    section decode 300 python3 -m attnkit.bench.gpu_decode --out "$out" --device cpu --tiny
 fi
 if [ "${STATIC:-list}" = "full" ]; then
     section static 300 python3 benchmarks/gpu/static_check.py --json "$out/static_check.json" --dtypes bf16,fp16 \

@@ -349,7 +349,8 @@ def _list(launches: list[Launch], path: Optional[str]) -> int:
     for launch in launches:
         _, _, attrs, _ = _bind(launch.fn, launch.args, launch.kwargs)
         divisible = sorted(launch.fn.arg_names[i] for (i,), values in attrs.items() if ["tt.divisibility", 16] in values)
-        rows.append({"kernel": launch.fn.__name__, "config": _config(launch.fn, launch.kwargs),
+        rows.append({"kernel": launch.fn.__name__, "key": _key(launch.fn, launch.args, launch.kwargs),
+                     "config": _config(launch.fn, launch.kwargs),
                      "divisible_by_16": divisible, "candidate": launch.candidate, "cases": launch.cases})
         print(f"{rows[-1]['kernel']} {rows[-1]['config']}: {', '.join(launch.cases)}")
     if path:

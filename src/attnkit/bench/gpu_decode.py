@@ -94,7 +94,8 @@ def _models(config: LlamaConfig, dtype: torch.dtype, device: torch.device) -> di
         torch.manual_seed(0)
         with torch.device(device):
             return {"attnkit": Llama(config).to(dtype).eval()}
-    models = build_models(config, dtype, device=str(device))
+    with torch.device(device):  # the random weights made on the GPU: 1.2B of them on a CPU take minutes
+        models = build_models(config, dtype, device=str(device))
     return {name: models[name] for name in ("attnkit", "transformers")}
 
 
