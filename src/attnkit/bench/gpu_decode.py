@@ -12,14 +12,14 @@ in bfloat16 on the GPU (transformers' model and attnkit's on the same tensors, a
   compiles on CUDA.
 
 A decode step's time is the median interval between consecutive tokens of one run after its first
-``--warm`` steps (compilation and graph recording happen there: their seconds are reported apart,
+4 steps (compilation and graph recording happen there: their seconds are reported apart,
 as ``warm_s``); the prefill is the time to the first token of an eager run. The floor: the bytes a
 step reads (weights once, the KV cache at the run's mean context;
 :func:`~attnkit.analysis.llama_costs.decode_bytes_per_token`) over the best measured read
 bandwidth of the card. Each row also counts how many leading greedy tokens equal the first row's
-(same weights; bfloat16 rounding may part them late). Targets: attnkit graph >= 50% of the floor and >= 8x transformers eager;
-prefill >= transformers. ``gpu_decode.json`` under ``--out`` is rewritten after every contender,
-so a run cut off keeps what it measured. ``--tiny`` (the ``tiny`` preset, float32) checks the
+(same weights; bfloat16 rounding may part them late). Targets: attnkit graph >= 50% of the floor
+and >= 8x transformers eager; prefill >= transformers. ``gpu_decode.json`` under ``--out`` is
+rewritten after every contender, so a run cut off keeps what it measured. ``--tiny`` (the ``tiny`` preset, float32) checks the
 logic on a CPU, where the compiled contenders are skipped (CUDA graphs; compiling takes minutes).
 """
 
