@@ -12,12 +12,15 @@ prompt of 9 plus 20 steps, so its rolling caches wrap around many times.
 
 from __future__ import annotations
 
+import argparse
+
 import gguf
 import numpy as np
 import pytest
 import torch
 
 from attnkit.kernels.native_step import LinearSpec, StepPlan, native_step_available
+from attnkit.kernels.quant_native import set_kernel_threads
 from attnkit.models.decode_step import DecodeStep
 from attnkit.models.fuse import fuse_quantized_projections
 from attnkit.models.gemma3 import Gemma3, Gemma3Config
@@ -177,3 +180,42 @@ def test_bad_input_is_named():
         StepPlan("llama", dim=64, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=96, eps=1e-5, embed_scale=1.0,
                  embed=head, head=LinearSpec(torch.zeros(120, 30, dtype=torch.uint8), "Q8_0"),
                  final_norm=torch.ones(64), layers=[])
+
+
+@pytest.fixture
+def used_native(monkeypatch):
+    """The list of native steps made by ``DecodeStep`` while the test runs."""
+    from attnkit.models import native_step as module
+
+    made, original = [], module.native_step
+
+    def spy(*args):
+        made.append(original(*args))
+        return made[-1]
+
+    monkeypatch.setattr(module, "native_step", spy)
+    return made
+
+
+def test_generate_cli_and_bench_worker_take_the_native_step_unless_told(tmp_path, capsys, used_native):
+    pytest.importorskip("tokenizers")
+    from gguf_files import T, tiny_config, tiny_model, write_gguf
+    from attnkit.bench.decode_worker import AttnkitRunner
+    from attnkit.cli import main
+
+    path = write_gguf(tmp_path / "tiny.gguf", tiny_model(tiny_config()), T.Q8_0)
+    command = ["generate", "--model", str(path), "--prompt", "the cat", "--max-new-tokens", "6", "--stop-token", "0"]
+    previous = torch.get_num_threads()
+    try:  # loading a quantized model sets torch's and the kernels' threads
+        assert main(command) == 0 and len(used_native) == 1
+        native_text = capsys.readouterr().out
+        assert main([*command, "--no-native-step"]) == 0 and len(used_native) == 1
+        assert capsys.readouterr().out == native_text
+        for no_native_step, made in ((False, 2), (True, 2)):
+            args = argparse.Namespace(model=str(path), threads=1, dtype=None, int8=False, activations=None,
+                                      no_pack=False, compile=False, no_native_step=no_native_step)
+            AttnkitRunner(args).run([5, 6, 7], 4)
+            assert len(used_native) == made
+    finally:
+        set_kernel_threads(None)
+        torch.set_num_threads(previous)
