@@ -18,6 +18,7 @@ against the layers whose tensors the checkpoint holds (:func:`check_layer_count`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -25,10 +26,11 @@ import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Iterable, Mapping, Optional
+from typing import Iterable, Iterator, Mapping, Optional
 
 import torch
 from safetensors import safe_open
+from torch.overrides import TorchFunctionMode
 
 from .gguf_file import is_gguf, open_gguf
 
@@ -43,6 +45,29 @@ MAX_SIZE = 2**24
 """The largest size (width, vocabulary, heads, layers) a model config may give: 16,777,216, far
 above any published model (the largest widths and vocabularies are in the hundreds of
 thousands), and low enough that no tensor of a model built from such sizes overflows."""
+
+
+class _SkipMetaNormal(TorchFunctionMode):
+    """Makes ``normal_`` (the tensor method or ``nn.init``'s) on a meta tensor a no-op: it has no
+    values to fill."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.Tensor.normal_, torch.nn.init.normal_):
+            tensor = args[0] if args else kwargs.get("tensor")  # nn.init passes it by name
+            if isinstance(tensor, torch.Tensor) and tensor.is_meta:
+                return tensor
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def meta_device() -> Iterator[None]:
+    """``with meta_device(): model = Model(config)`` builds modules on the meta device (shapes, no
+    memory), as ``torch.device("meta")`` does, but skips ``normal_`` (``nn.Embedding``'s
+    initialisation): on a meta tensor torch runs it through a Python reference whose first call
+    imports ``torch._dynamo``, which keeps about 140 MiB resident for the rest of the process."""
+    with torch.device("meta"), _SkipMetaNormal():
+        yield
 
 
 def bounded_size(owner: str, name: str, value: int) -> int:

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ...nn.rope import Llama3RopeScaling, rope_frequencies
-from ..checkpoint import check_layer_count
+from ..checkpoint import check_layer_count, meta_device
 from ..gguf_file import dequantize, metadata, metadata_float, metadata_int, open_gguf, read_rows
 from ..fuse import fuse_quantized_projections
 from ...kernels.quant_native import FORMATS, to_kernel_layout
@@ -234,7 +234,7 @@ def _with_quantized(config: LlamaConfig, state: dict[str, torch.Tensor], kept: d
     """A CPU :class:`Llama` whose parameters named in ``kept`` are those quantized layers, the
     others taken from ``state``; a tied head shares the embedding's blocks,
     and projections of one input in one format are fused (:mod:`attnkit.models.fuse`)."""
-    with torch.device("meta"):
+    with meta_device():
         model = Llama(config)
     install_quantized(model, kept, config.tie_embeddings)
     blocks = {name: tensor for name, tensor in model.state_dict().items() if name not in state}
