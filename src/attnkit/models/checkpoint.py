@@ -138,9 +138,8 @@ class CheckpointPath:
     names them).
 
     ``gguf`` is the parsed GGUF file, read on first use and then kept: the architecture, the
-    config, the tokenizer and the weights all come from that one parse (parsing the metadata of a
-    50k-token vocabulary takes seconds). The reader memory-maps the file, so keeping it holds no
-    copy of the weights.
+    config, the tokenizer and the weights all come from that one parse. It holds the metadata as
+    compact Python values and where each tensor lies, no tensor data and no memory map.
     """
 
     path: Path
@@ -148,7 +147,7 @@ class CheckpointPath:
 
     @cached_property
     def gguf(self):
-        """The ``gguf.GGUFReader`` of the file (see :func:`~attnkit.models.gguf_file.open_gguf`);
+        """The parsed header of the file (see :func:`~attnkit.models.gguf_file.open_gguf`);
         ValueError when the checkpoint is not a GGUF file."""
         if self.format != "gguf":
             raise ValueError(f"{self.path} is a {self.format} checkpoint, not a GGUF file")
