@@ -19,6 +19,9 @@ against the layers whose tensors the checkpoint holds (:func:`check_layer_count`
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import functools
 import json
 import math
 import os
@@ -45,6 +48,26 @@ MAX_SIZE = 2**24
 """The largest size (width, vocabulary, heads, layers) a model config may give: 16,777,216, far
 above any published model (the largest widths and vocabularies are in the hundreds of
 thousands), and low enough that no tensor of a model built from such sizes overflows."""
+
+
+@functools.lru_cache(maxsize=1)
+def c_library() -> Optional[ctypes.CDLL]:
+    """The C library of this process (glibc on Linux), None where it cannot be loaded."""
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+
+
+def release_free_memory() -> None:
+    """Give the C heap's free pages back to the system (glibc's ``malloc_trim``; nothing on other
+    C libraries). A loader's temporaries (file chunks, the rows fused projections replace) are
+    freed between allocations that live on, where the heap keeps them resident; a model that
+    then runs would add its own memory on top."""
+    libc = c_library()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 class _SkipMetaNormal(TorchFunctionMode):

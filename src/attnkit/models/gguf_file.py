@@ -116,29 +116,31 @@ def metadata_float(reader, path, key: str, default: float) -> float:
 
 
 def read_rows(tensor, path: str | os.PathLike, layout: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-              *, chunk_bytes: int = 1 << 24) -> torch.Tensor:
+              *, chunk_bytes: int = 1 << 22) -> torch.Tensor:
     """The bytes of one GGUF tensor as ``(rows, row_bytes)`` uint8, read from the file into memory
     of their own, through ``layout`` (rows -> rows of the same shape, e.g. the quantized kernels'
     layout) when given.
 
     Ordinary reads, not a memory map: every page of a map that a copy touches would stay in the
-    process's resident memory while the map lives (the whole file, at load). Read and laid out
-    ``chunk_bytes`` of whole rows at a time, into the result: a 170 MiB embedding then needs
-    170 MiB and one chunk, not two or three copies of itself."""
+    process's resident memory while the map lives (the whole file, at load). The file is read
+    straight into the result, or, with ``layout``, ``chunk_bytes`` of whole rows at a time into
+    one reused buffer and laid out into the result: a 170 MiB embedding needs 170 MiB and two
+    chunks, not two or three copies of itself."""
     n_bytes = int(tensor.n_bytes)
     rows = int(np.prod([int(d) for d in tensor.shape[1:]]))
     row_bytes = n_bytes // rows
     out = torch.empty(rows, row_bytes, dtype=torch.uint8)
     step = max(1, chunk_bytes // row_bytes)
-    with open(path, "rb") as handle:
+    buffer = None if layout is None else torch.empty(min(step, rows), row_bytes, dtype=torch.uint8)
+    with open(path, "rb", buffering=0) as handle:
+        handle.seek(int(tensor.data_offset))
         for start in range(0, rows, step):
             stop = min(rows, start + step)
-            handle.seek(int(tensor.data_offset) + start * row_bytes)
-            chunk = np.frombuffer(handle.read((stop - start) * row_bytes), dtype=np.uint8)
-            if chunk.size != (stop - start) * row_bytes:
+            chunk = out[start:stop] if buffer is None else buffer[:stop - start]
+            if handle.readinto(chunk.numpy()) != chunk.numel():
                 raise ValueError(f"{path}: tensor {tensor.name} is cut short")
-            chunk = torch.from_numpy(chunk.copy()).view(stop - start, row_bytes)
-            out[start:stop] = chunk if layout is None else layout(chunk)
+            if buffer is not None:
+                out[start:stop] = layout(chunk)
     return out
 
 
