@@ -211,7 +211,7 @@ def default_contenders(with_llama_cpp: bool, variants: tuple[str, ...] = ()) -> 
     contenders.append(Contender("attnkit (defaults)", "attnkit"))
     extra = {"bf16": ("--dtype", "bf16"), "fp32": ("--dtype", "fp32"), "int8": ("--dtype", "bf16", "--int8"),
              "no-pack": ("--no-pack",), "compile": ("--compile",), "x-float32": ("--activations", "float32"),
-             "x-int8": ("--activations", "int8")}
+             "x-int8": ("--activations", "int8"), "torch-step": ("--no-native-step",)}
     for variant in variants:
         if variant not in extra:
             raise ValueError(f"variant must be one of {', '.join(extra)}, got {variant!r}")

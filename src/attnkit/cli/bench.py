@@ -53,7 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     decode.add_argument("--prompt-tokens", type=int, default=512, help="prompt length (default 512)")
     decode.add_argument("--new-tokens", type=int, default=128, help="tokens generated per run (default 128)")
     decode.add_argument("--variant", action="append", default=[],
-                        choices=("bf16", "fp32", "int8", "no-pack", "compile", "x-float32", "x-int8"),
+                        choices=("bf16", "fp32", "int8", "no-pack", "compile", "x-float32", "x-int8", "torch-step"),
                         help="an extra attnkit contender beside the defaults (repeatable)")
     decode.add_argument("--busy", type=int, default=0, metavar="N",
                         help="processes that keep N cores busy during the whole run (contention; default 0)")
