@@ -204,9 +204,11 @@ def _key(fn: JITFunction, args: tuple, kwargs: dict) -> str:
 
 
 def _family(launch: Launch) -> tuple:
-    """The kernel and the flags that make a different kernel body of it (decode's packed heads, a
-    part merging into the previous parts' result): ``--sample`` compiles one launch of each."""
-    return launch.fn.__name__, launch.kwargs.get("PACKED"), launch.kwargs.get("MERGE")
+    """The kernel, the flags that make a different kernel body of it (decode's packed heads, a part
+    merging into the previous parts' result), its dtype and head dim: ``--sample`` compiles one
+    launch of each."""
+    dtype = next((a.dtype for a in launch.args if isinstance(a, _Pointer)), None)
+    return launch.fn.__name__, launch.kwargs.get("PACKED"), launch.kwargs.get("MERGE"), dtype, launch.kwargs.get("D")
 
 
 def _config(fn: JITFunction, kwargs: dict) -> str:
