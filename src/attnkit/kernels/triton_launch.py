@@ -15,6 +15,10 @@ Decode-sized calls (up to :data:`DECODE_QUERIES` queries) run the decode configu
 group's heads packed into a 16-row query tile, wide key tiles, the keys split across programs
 (flash-decoding) and the shares merged in one kernel.
 
+A score modification (softcap, alibi, distance_bias: :data:`TRITON_SCORE_MODS`) goes to every
+kernel of every part (:mod:`~attnkit.kernels.triton_mods`); its parameter is an input of the
+autograd function, and the parts' shares of its gradient add up in the backward.
+
 Inputs: float16, bfloat16 (the fast path: tensor cores, float32 accumulation) or float32 (three
 TF32 products per product, "tf32x3": float32 accuracy on tensor cores) on CUDA, or on the CPU
 under ``TRITON_INTERPRET=1``; head dims up to 256. Triton is imported only when a kernel first runs.
