@@ -151,6 +151,8 @@ def test_where_it_does_not_apply_the_torch_step_runs():
     assert DecodeStep(model, caches, None).native is None
     with pytest.raises(NativeStepUnsupported, match="padded"):
         native_step(model, model.make_caches(1, 10), torch.ones(1, 10, dtype=torch.bool))
+    with pytest.raises(NativeStepUnsupported, match="a Linear, not a Llama or Gemma3"):
+        native_step(torch.nn.Linear(2, 2), [], None)
     float_model = tiny_llama()
     with pytest.raises(NativeStepUnsupported, match="not a GGUF quantized model"):
         native_step(float_model, float_model.make_caches(1, 10), None)

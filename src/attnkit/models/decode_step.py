@@ -30,6 +30,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from . import native_step
+
 
 class DecodeStep:
     """Logits ``(B, vocab)`` of one new token per row, ``step(tokens (B,), rope_positions, cache_position)``.
@@ -50,11 +52,9 @@ class DecodeStep:
         self.model, self.caches, self.key_mask = model, list(caches), key_mask
         self.compiled = self.native = None
         if native:
-            from .native_step import NativeStepUnsupported, native_step
-
             try:
-                self.native = native_step(model, self.caches, key_mask)
-            except NativeStepUnsupported:
+                self.native = native_step.native_step(model, self.caches, key_mask)
+            except native_step.NativeStepUnsupported:
                 pass  # the torch step below
         if compile and self.native is None:
             mode = "reduce-overhead" if model.device.type == "cuda" else None

@@ -37,6 +37,11 @@ from ..patterns import shared_band
 from .quant import QuantizedEmbedding, QuantizedLinear, is_quantized
 
 
+_FAMILIES = {"attnkit.models.llama.model.Llama": "llama", "attnkit.models.gemma3.model.Gemma3": "gemma3"}
+"""The model classes whose forward pass ``decode_step.c`` computes, by qualified name (named, not
+imported: those modules import generation, which imports this one)."""
+
+
 class NativeStepUnsupported(ValueError):
     """The native step does not apply to this model, these caches or this call (the message says why)."""
 
@@ -127,10 +132,8 @@ def native_step(model: nn.Module, caches: Sequence[object], key_mask: Optional[t
         NativeStepUnsupported: naming what does not apply (the model family, a layer, a cache,
             the batch, the padding mask, the libraries).
     """
-    from .gemma3.model import Gemma3  # the model modules import generation, which imports this one
-    from .llama.model import Llama
-
-    if not isinstance(model, (Llama, Gemma3)):
+    family = _FAMILIES.get(f"{type(model).__module__}.{type(model).__qualname__}")
+    if family is None:
         raise NativeStepUnsupported(f"the model is a {type(model).__name__}, not a Llama or Gemma3")
     if model.device.type != "cpu" or not is_quantized(model):
         raise NativeStepUnsupported("the model is not a GGUF quantized model on the CPU")
@@ -140,7 +143,7 @@ def native_step(model: nn.Module, caches: Sequence[object], key_mask: Optional[t
         raise NativeStepUnsupported(f"{len(caches)} caches for {len(model.layers)} layers")
     if not native_step_available():
         raise NativeStepUnsupported("the native libraries are not built (attnkit info says why)")
-    gemma = isinstance(model, Gemma3)
+    gemma = family == "gemma3"
     config, norm_kind = model.config, ZeroCenteredRMSNorm if gemma else RMSNorm
     eps = model.norm.eps
     head = model.lm_head if model.lm_head is not None else model.embed_tokens
@@ -148,7 +151,7 @@ def native_step(model: nn.Module, caches: Sequence[object], key_mask: Optional[t
     layers = [_layer(i, block, cache, norm_kind, eps, gemma) for i, (block, cache) in enumerate(zip(model.layers, caches))]
     embed_scale = float(torch.tensor(math.sqrt(config.dim), dtype=torch.float32)) if gemma else 1.0
     try:
-        plan = StepPlan("gemma3" if gemma else "llama", dim=config.dim, n_heads=config.n_heads,
+        plan = StepPlan(family, dim=config.dim, n_heads=config.n_heads,
                         n_kv_heads=config.n_kv_heads, head_dim=config.head_dim, ffn_dim=config.ffn_dim, eps=eps,
                         embed_scale=embed_scale, embed=_embedding(model), head=head_spec,
                         final_norm=_norm("norm", model.norm, norm_kind, eps), layers=layers)
