@@ -45,6 +45,7 @@ enum {
     CHUNK_BYTES = 1 << 14,      /* weight bytes per chunk of work taken by a thread */
     SERIAL_BYTES = 1 << 15,     /* below this many weight bytes (times row blocks) a call runs on one thread */
     PREFETCH = 8192,            /* bytes ahead of the loads in the weight stream */
+    STACK_FLOATS = 4096,        /* the group sums (and int8 x) of a call up to 16 KB live on the stack */
     STATUS_BAD_TYPE = 1,
     STATUS_BAD_SIZE = 2,
     STATUS_BAD_ROW = 3,
@@ -288,7 +289,9 @@ typedef void (*channels_fn)(const MatmulJob *job, int64_t c, const uint8_t *end)
 static inline void run_chunk(const MatmulJob *job, int64_t chunk, channel_fn one, channel_fn block, channels_fn many) {
     const int64_t first = chunk * job->channels_per_chunk;
     const int64_t last = first + job->channels_per_chunk < job->n ? first + job->channels_per_chunk : job->n;
-    const uint8_t *end = job->w + last * job->row_bytes;
+    /* prefetch up to the end of w, not of the chunk: on one thread the next chunk follows, and
+     * stopping short of it left its first PREFETCH bytes to demand misses */
+    const uint8_t *end = job->w + job->n * job->row_bytes;
     int64_t c = first;
     if (job->m == 1)
         for (; c + CHANNELS <= last; c += CHANNELS) many(job, c, end);
@@ -342,7 +345,9 @@ int gguf_matmul(int type, const float *x, int64_t m, int64_t k, const uint8_t *w
     const int64_t group = group_size(type), groups = k / group;
     /* one allocation: the group sums, then (int8_x) the block scales and the int8 copy of x */
     const int64_t floats = m * groups + (int8_x ? m * k / XBLOCK : 0);
-    float *xsum = malloc((size_t)floats * sizeof(float) + (int8_x ? (size_t)(m * k) : 1));
+    const size_t bytes = (size_t)floats * sizeof(float) + (int8_x ? (size_t)(m * k) : 1);
+    float on_stack[STACK_FLOATS]; /* a decoding call's sums (no allocation per call) */
+    float *xsum = bytes <= sizeof on_stack ? on_stack : malloc(bytes);
     if (xsum == NULL) return STATUS_NO_MEMORY;
     float *xd = int8_x ? xsum + m * groups : NULL;
     int8_t *xq = int8_x ? (int8_t *)(xsum + floats) : NULL;
@@ -368,7 +373,7 @@ int gguf_matmul(int type, const float *x, int64_t m, int64_t k, const uint8_t *w
     MatmulJob job = {x, xsum, xq, xd, w, out, m, n, k, row_bytes, blocks, per_chunk};
     if (n * row_bytes * ((m + ROW_BLOCK - 1) / ROW_BLOCK) < SERIAL_BYTES) threads = 1;
     pool_run(task, &job, (n + per_chunk - 1) / per_chunk, threads);
-    free(xsum);
+    if (xsum != on_stack) free(xsum);
     return 0;
 }
 
