@@ -256,13 +256,17 @@ static inline float offsets_times_sums(const float *s, const float *o, int64_t c
         for (int64_t g0 = 0; g0 < groups; g0 += SLICE) { \
             const int64_t count = groups - g0 < SLICE ? groups - g0 : SLICE; \
             const int64_t t0 = g0 * (G) / XBLOCK, count8 = count * (G) / XBLOCK; \
+            const int64_t paired = PAIRS_##FMT ? count8 / 2 * 2 : 0; \
             for (int h = 0; h < CHANNELS; h++) { \
                 scales_##FMT(rows[h], job->blocks, g0, count, s[h], o[h]); \
                 if ((OFFSET) || (ZERO)) \
                     shift[h] += offsets_times_sums(s[h], o[h], count, (float)(ZERO), OFFSET, job->xsum + g0); \
+                if (PAIR_ZERO_##FMT) \
+                    shift[h] += offsets_times_sums(s[h], o[h], paired, (float)PAIR_ZERO_##FMT, 0, job->xsum + g0); \
                 for (int64_t i = 0; i < count; i++) s[h][i] *= job->xd[t0 + i * (G) / XBLOCK]; \
             } \
-            for (int64_t t = 0; t < count8; t++) { \
+            if (paired) FMT##_pairs(job, rows, t0, paired, s, shift); \
+            for (int64_t t = paired; t < count8; t++) { \
                 vs32 x; \
                 memcpy(&x, job->xq + (t0 + t) * XBLOCK, XBLOCK); \
                 for (int h = 0; h < CHANNELS; h++) { \
@@ -280,6 +284,36 @@ static inline float offsets_times_sums(const float *s, const float *o, int64_t c
         } \
         for (int h = 0; h < CHANNELS; h++) job->out[c + h] = sum8(acc[h]) + shift[h]; \
     }
+
+/* total[h] += the products of blocks [t0, t0 + paired) of x (int8) with channel h, two blocks per
+ * vpdpbusd (gguf_int8.h), scaled by s[h] (s d of each block); paired is even. */
+#if PAIR_PATH
+#define DEFINE_PAIRS(FMT) \
+    static void FMT##_pairs(const MatmulJob *job, const uint8_t *const *rows, int64_t t0, int64_t paired, \
+                            float (*s)[SLICE], float *total) { \
+        __m512 acc[CHANNELS]; \
+        for (int h = 0; h < CHANNELS; h++) acc[h] = _mm512_setzero_ps(); \
+        for (int64_t t = 0; t < paired; t += 2) { \
+            const __m512i x = _mm512_loadu_si512(job->xq + (t0 + t) * XBLOCK); \
+            for (int h = 0; h < CHANNELS; h++) { \
+                const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), pair_##FMT(rows[h], job->blocks, t0 + t), x); \
+                const __m512 scale = _mm512_insertf32x8(_mm512_set1_ps(s[h][t]), _mm256_set1_ps(s[h][t + 1]), 1); \
+                acc[h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[h]); \
+            } \
+        } \
+        for (int h = 0; h < CHANNELS; h++) total[h] += _mm512_reduce_add_ps(acc[h]); \
+    }
+DEFINE_PAIRS(q4_1)
+DEFINE_PAIRS(q5_0)
+DEFINE_PAIRS(q4_k)
+DEFINE_PAIRS(q8_0)
+#else
+#define q4_1_pairs(job, rows, t0, paired, s, total) ((void)0)
+#define q5_0_pairs(job, rows, t0, paired, s, total) ((void)0)
+#define q4_k_pairs(job, rows, t0, paired, s, total) ((void)0)
+#define q8_0_pairs(job, rows, t0, paired, s, total) ((void)0)
+#endif
+#define q6_k_pairs(job, rows, t0, paired, s, total) ((void)0)
 
 typedef void (*channel_fn)(const MatmulJob *job, int64_t c, int64_t row0, int rows, const uint8_t *end);
 typedef void (*channels_fn)(const MatmulJob *job, int64_t c, const uint8_t *end);
