@@ -13,7 +13,9 @@
  *
  * The 32 weights of a block of x are 32 bytes of one 256-bit vector (their q, unsigned, except
  * Q8_0's signed q), multiplied with the block's 32 xq into 8 int32 sums of 4 neighbours:
- *   AVX-512 VNNI (with VL) or AVX-VNNI   one vpdpbusd (unsigned bytes times signed bytes);
+ *   AVX-512 VNNI (with VL) or AVX-VNNI   one vpdpbusd (unsigned bytes times signed bytes); with
+ *                                        AVX-512 VNNI and BW, one row's products take two blocks
+ *                                        per 512-bit vpdpbusd (pair_FMT below, Q6_K excepted);
  *   AVX2                                 vpmaddubsw (pairs into int16, which cannot saturate here:
  *                                        q <= 63, or |q| <= 128 for Q8_0, so 2 * 128 * 127 < 2^15)
  *                                        then vpmaddwd with ones;

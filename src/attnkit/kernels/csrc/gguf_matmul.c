@@ -8,18 +8,23 @@
  *
  * The first term is accumulated in float32 from the integers q converted in registers; the group
  * sums of x are computed once per call, and the second term is one short dot product per row of
- * w over its groups. The result equals x @ dequantized(w)^T up to float32 rounding. Decoding
- * (m = 1) reads each weight byte once per call, at the speed the machine streams memory; for a
- * few rows (ROW_BLOCK at a time) the converted q of a group serve every row while in registers,
- * and the weights of one channel come from cache after the first row block.
+ * w over its groups (in vectors of groups). The result equals x @ dequantized(w)^T up to float32
+ * rounding. Decoding (m = 1) reads each weight byte once per call and takes CHANNELS channels at a
+ * time: each group of x is loaded once for all of them, their accumulators are independent
+ * chains, and in the AVX-512 build the 4-bit formats look their s q up in a table (gguf_formats.h)
+ * instead of masking and converting each nibble. For a few rows (ROW_BLOCK at a time) the
+ * converted q of a group serve every row while in registers, and the weights of one channel come
+ * from cache after the first row block.
  *
  * With int8_x, x is quantized to int8 per block of 32 first and each block of weights is one
- * integer dot product per row (gguf_int8.h): the exact product of the rounded x, an option.
+ * integer dot product per row (gguf_int8.h; with AVX-512 VNNI two blocks per 512-bit vpdpbusd):
+ * the exact product of the rounded x, an option.
  *
- * Work is split into chunks of whole channels (about CHUNK_BYTES of weights each) that the
- * threads of gguf_pool.h take one at a time; a chunk is one contiguous stretch of w, read front to
- * back with software prefetch PREFETCH bytes ahead (as the int8 kernel: one sequential stream per
- * thread keeps enough misses in flight).
+ * Work is split into chunks of whole channels (about CHUNK_BYTES of weights each, a multiple of
+ * CHANNELS) that the threads of gguf_pool.h take one at a time; a chunk is one contiguous stretch
+ * of w, read front to back with software prefetch PREFETCH bytes ahead, up to the end of w (one
+ * thread's next chunk follows its last). The group sums of a decoding call's x live on the stack:
+ * a decode step makes ~120 calls per token and allocates nothing in them.
  *
  * gguf_dequantize writes chosen rows (an embedding lookup) or all rows as float32, bit for bit the
  * values of the gguf package's numpy dequantization.
@@ -31,11 +36,11 @@
 #include "gguf_pool.h"
 
 #if LANES == 16
-#define ISA_PATH "avx512 (16-lane float32, q converted in registers, 4-row blocks; int8 x: " DOT_PATH ")"
+#define ISA_PATH "avx512 (16-lane float32, 4 channels per row, 4-bit q by table, 4-row blocks; int8 x: " DOT_PATH ")"
 #elif LANES == 8
-#define ISA_PATH "avx2 (8-lane float32, q converted in registers, 4-row blocks; int8 x: " DOT_PATH ")"
+#define ISA_PATH "avx2 (8-lane float32, 4 channels per row, q converted in registers, 4-row blocks; int8 x: " DOT_PATH ")"
 #else
-#define ISA_PATH "generic (4-lane float32, q converted in registers, 4-row blocks; int8 x: " DOT_PATH ")"
+#define ISA_PATH "generic (4-lane float32, 4 channels per row, q converted in registers, 4-row blocks; int8 x: " DOT_PATH ")"
 #endif
 
 enum {
