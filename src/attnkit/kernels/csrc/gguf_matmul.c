@@ -70,6 +70,7 @@ typedef struct {
     const uint8_t *w;
     float *out;
     int64_t m, n, k, row_bytes, blocks, channels_per_chunk;
+    int64_t xblock_bytes; /* bytes of a row per XBLOCK weights (rounded down): prefetch_ahead's stride */
 } MatmulJob;
 
 /* Group g0 + i of the slice into the accumulators acc[r][A] of each row (a statement). */
@@ -206,17 +207,24 @@ static inline float offsets_times_sums(const float *s, const float *o, int64_t c
         for (int r = 0; r < rows; r++) job->out[(row0 + r) * job->n + c] = sum8(acc[r][0] + acc[r][1]) + shift[r]; \
     }
 
+/* Prefetch the line PREFETCH bytes ahead of block t (of 32 weights) of a row of w, unless past
+ * end. One prefetch per channel and block spreads them over the loop: a burst of a row's lines
+ * at the start of each step of channels kept fewer misses in flight (measured 1.1-1.4x slower
+ * with the weights out of cache). */
+static inline void prefetch_ahead(const MatmulJob *job, const uint8_t *row, int64_t t, const uint8_t *end) {
+    const uint8_t *ahead = row + PREFETCH + t * job->xblock_bytes;
+    if (ahead < end) __builtin_prefetch(ahead, 0, 2);
+}
+
 /* One activation row (decoding) times CHANNELS consecutive channels [c, c + CHANNELS): each
  * group of x is loaded once and meets the converted q of every channel, whose accumulators are
  * independent chains; the scales of the channels' slices are converted together, and the whole
- * stretch of w (CHANNELS rows, contiguous) is prefetched in one pass. */
+ * stretch of w (CHANNELS rows, contiguous) is prefetched as the loop goes (prefetch_ahead). */
 #define DEFINE_CHANNELS(NAME, FMT, G, ZERO, OFFSET) \
     static void NAME(const MatmulJob *job, int64_t c, const uint8_t *end) { \
         const int64_t groups = job->k / (G); \
         const uint8_t *rows[CHANNELS]; \
         for (int h = 0; h < CHANNELS; h++) rows[h] = job->w + (c + h) * job->row_bytes; \
-        for (int64_t line = 0; line < CHANNELS * job->row_bytes; line += 64) \
-            if (rows[0] + PREFETCH + line < end) __builtin_prefetch(rows[0] + PREFETCH + line, 0, 2); \
         float shift[CHANNELS] = {0}, s[CHANNELS][SLICE], o[CHANNELS][SLICE]; \
         vf acc[CHANNELS]; \
         for (int h = 0; h < CHANNELS; h++) acc[h] = (vf){0}; \
@@ -231,6 +239,7 @@ static inline float offsets_times_sums(const float *s, const float *o, int64_t c
                 vf x[(G) / LANES]; \
                 for (int v = 0; v < (G) / LANES; v++) x[v] = load_floats(job->x + (g0 + i) * (G) + v * LANES); \
                 for (int h = 0; h < CHANNELS; h++) { \
+                    prefetch_ahead(job, rows[h], (g0 + i) * (G) / XBLOCK, end); \
                     vf q[(G) / LANES]; \
                     if (SCALED_##FMT) { \
                         scaled_##FMT(rows[h], job->blocks, g0 + i, s[h][i], q); \
@@ -253,8 +262,6 @@ static inline float offsets_times_sums(const float *s, const float *o, int64_t c
         const int64_t groups = job->k / (G); \
         const uint8_t *rows[CHANNELS]; \
         for (int h = 0; h < CHANNELS; h++) rows[h] = job->w + (c + h) * job->row_bytes; \
-        for (int64_t line = 0; line < CHANNELS * job->row_bytes; line += 64) \
-            if (rows[0] + PREFETCH + line < end) __builtin_prefetch(rows[0] + PREFETCH + line, 0, 2); \
         float shift[CHANNELS] = {0}, s[CHANNELS][SLICE], o[CHANNELS][SLICE]; \
         vf8 acc[CHANNELS]; \
         for (int h = 0; h < CHANNELS; h++) acc[h] = (vf8){0}; \
@@ -270,11 +277,12 @@ static inline float offsets_times_sums(const float *s, const float *o, int64_t c
                     shift[h] += offsets_times_sums(s[h], o[h], paired, (float)PAIR_ZERO_##FMT, 0, job->xsum + g0); \
                 for (int64_t i = 0; i < count; i++) s[h][i] *= job->xd[t0 + i * (G) / XBLOCK]; \
             } \
-            if (paired) FMT##_pairs(job, rows, t0, paired, s, shift); \
+            if (paired) FMT##_pairs(job, rows, t0, paired, s, shift, end); \
             for (int64_t t = paired; t < count8; t++) { \
                 vs32 x; \
                 memcpy(&x, job->xq + (t0 + t) * XBLOCK, XBLOCK); \
                 for (int h = 0; h < CHANNELS; h++) { \
+                    prefetch_ahead(job, rows[h], t0 + t, end); \
                     const vi8 dot = dot8_##FMT(rows[h], job->blocks, t0 + t, x); \
                     vf8 scale; \
                     if ((int)(G) == (int)XBLOCK) { \
@@ -295,12 +303,13 @@ static inline float offsets_times_sums(const float *s, const float *o, int64_t c
 #if PAIR_PATH
 #define DEFINE_PAIRS(FMT) \
     static void FMT##_pairs(const MatmulJob *job, const uint8_t *const *rows, int64_t t0, int64_t paired, \
-                            float (*s)[SLICE], float *total) { \
+                            float (*s)[SLICE], float *total, const uint8_t *end) { \
         __m512 acc[CHANNELS]; \
         for (int h = 0; h < CHANNELS; h++) acc[h] = _mm512_setzero_ps(); \
         for (int64_t t = 0; t < paired; t += 2) { \
             const __m512i x = _mm512_loadu_si512(job->xq + (t0 + t) * XBLOCK); \
             for (int h = 0; h < CHANNELS; h++) { \
+                prefetch_ahead(job, rows[h], t0 + t, end); \
                 const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), pair_##FMT(rows[h], job->blocks, t0 + t), x); \
                 const __m512 scale = _mm512_insertf32x8(_mm512_set1_ps(s[h][t]), _mm256_set1_ps(s[h][t + 1]), 1); \
                 acc[h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[h]); \
@@ -313,12 +322,12 @@ DEFINE_PAIRS(q5_0)
 DEFINE_PAIRS(q4_k)
 DEFINE_PAIRS(q8_0)
 #else
-#define q4_1_pairs(job, rows, t0, paired, s, total) ((void)0)
-#define q5_0_pairs(job, rows, t0, paired, s, total) ((void)0)
-#define q4_k_pairs(job, rows, t0, paired, s, total) ((void)0)
-#define q8_0_pairs(job, rows, t0, paired, s, total) ((void)0)
+#define q4_1_pairs(job, rows, t0, paired, s, total, end) ((void)0)
+#define q5_0_pairs(job, rows, t0, paired, s, total, end) ((void)0)
+#define q4_k_pairs(job, rows, t0, paired, s, total, end) ((void)0)
+#define q8_0_pairs(job, rows, t0, paired, s, total, end) ((void)0)
 #endif
-#define q6_k_pairs(job, rows, t0, paired, s, total) ((void)0)
+#define q6_k_pairs(job, rows, t0, paired, s, total, end) ((void)0)
 
 typedef void (*channel_fn)(const MatmulJob *job, int64_t c, int64_t row0, int rows, const uint8_t *end);
 typedef void (*channels_fn)(const MatmulJob *job, int64_t c, const uint8_t *end);
@@ -381,6 +390,10 @@ int gguf_matmul(int type, const float *x, int64_t m, int64_t k, const uint8_t *w
     if (task == NULL) return STATUS_BAD_TYPE;
     if (m < 0 || n < 0 || k < 0 || k % block_weights(type)) return STATUS_BAD_SIZE;
     if (m == 0 || n == 0) return 0;
+    if (k == 0) { /* an empty sum (and no row bytes to divide the work by) */
+        memset(out, 0, (size_t)(m * n) * sizeof(float));
+        return 0;
+    }
     const int64_t group = group_size(type), groups = k / group;
     /* one allocation: the group sums, then (int8_x) the block scales and the int8 copy of x */
     const int64_t floats = m * groups + (int8_x ? m * k / XBLOCK : 0);
@@ -409,7 +422,7 @@ int gguf_matmul(int type, const float *x, int64_t m, int64_t k, const uint8_t *w
     }
     const int64_t blocks = k / block_weights(type), row_bytes = blocks * block_bytes(type);
     int64_t per_chunk = (CHUNK_BYTES / row_bytes + CHANNELS - 1) / CHANNELS * CHANNELS;
-    MatmulJob job = {x, xsum, xq, xd, w, out, m, n, k, row_bytes, blocks, per_chunk};
+    MatmulJob job = {x, xsum, xq, xd, w, out, m, n, k, row_bytes, blocks, per_chunk, row_bytes / (k / XBLOCK)};
     if (n * row_bytes * ((m + ROW_BLOCK - 1) / ROW_BLOCK) < SERIAL_BYTES) threads = 1;
     pool_run(task, &job, (n + per_chunk - 1) / per_chunk, threads);
     if (xsum != on_stack) free(xsum);
