@@ -11,13 +11,14 @@ before each measurement. Elsewhere the measurement is unavailable and reported a
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 import gc
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+
+from ..models.checkpoint import c_library
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -35,13 +36,12 @@ _M_MMAP_THRESHOLD = -3  # mallopt parameter of glibc's malloc.h
 
 @functools.lru_cache(maxsize=1)
 def _glibc() -> Optional[ctypes.CDLL]:
-    name = ctypes.util.find_library("c")
+    libc = c_library()
     try:
-        libc = ctypes.CDLL(name) if name else None
         if libc is not None:
             libc.mallopt(_M_MMAP_THRESHOLD, 64 * 1024)
         return libc
-    except (OSError, AttributeError):
+    except AttributeError:
         return None
 
 

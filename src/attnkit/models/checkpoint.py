@@ -18,6 +18,10 @@ against the layers whose tensors the checkpoint holds (:func:`check_layer_count`
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
+import functools
 import json
 import math
 import os
@@ -25,10 +29,11 @@ import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Iterable, Mapping, Optional
+from typing import Iterable, Iterator, Mapping, Optional
 
 import torch
 from safetensors import safe_open
+from torch.overrides import TorchFunctionMode
 
 from .gguf_file import is_gguf, open_gguf
 
@@ -43,6 +48,49 @@ MAX_SIZE = 2**24
 """The largest size (width, vocabulary, heads, layers) a model config may give: 16,777,216, far
 above any published model (the largest widths and vocabularies are in the hundreds of
 thousands), and low enough that no tensor of a model built from such sizes overflows."""
+
+
+@functools.lru_cache(maxsize=1)
+def c_library() -> Optional[ctypes.CDLL]:
+    """The C library of this process (glibc on Linux), None where it cannot be loaded."""
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+
+
+def release_free_memory() -> None:
+    """Give the C heap's free pages back to the system (glibc's ``malloc_trim``; nothing on other
+    C libraries). A loader's temporaries (file chunks, the rows fused projections replace) are
+    freed between allocations that live on, where the heap keeps them resident; a model that
+    then runs would add its own memory on top."""
+    libc = c_library()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
+class _SkipMetaNormal(TorchFunctionMode):
+    """Makes ``normal_`` (the tensor method or ``nn.init``'s) on a meta tensor a no-op: it has no
+    values to fill."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.Tensor.normal_, torch.nn.init.normal_):
+            tensor = args[0] if args else kwargs.get("tensor")  # nn.init passes it by name
+            if isinstance(tensor, torch.Tensor) and tensor.is_meta:
+                return tensor
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def meta_device() -> Iterator[None]:
+    """``with meta_device(): model = Model(config)`` builds modules on the meta device (shapes, no
+    memory), as ``torch.device("meta")`` does, but skips ``normal_`` (``nn.Embedding``'s
+    initialisation): on a meta tensor torch runs it through a Python reference whose first call
+    imports ``torch._dynamo``, which keeps about 140 MiB resident for the rest of the process."""
+    with torch.device("meta"), _SkipMetaNormal():
+        yield
 
 
 def bounded_size(owner: str, name: str, value: int) -> int:
@@ -113,9 +161,8 @@ class CheckpointPath:
     names them).
 
     ``gguf`` is the parsed GGUF file, read on first use and then kept: the architecture, the
-    config, the tokenizer and the weights all come from that one parse (parsing the metadata of a
-    50k-token vocabulary takes seconds). The reader memory-maps the file, so keeping it holds no
-    copy of the weights.
+    config, the tokenizer and the weights all come from that one parse. It holds the metadata as
+    compact Python values and where each tensor lies, no tensor data and no memory map.
     """
 
     path: Path
@@ -123,7 +170,7 @@ class CheckpointPath:
 
     @cached_property
     def gguf(self):
-        """The ``gguf.GGUFReader`` of the file (see :func:`~attnkit.models.gguf_file.open_gguf`);
+        """The parsed header of the file (see :func:`~attnkit.models.gguf_file.open_gguf`);
         ValueError when the checkpoint is not a GGUF file."""
         if self.format != "gguf":
             raise ValueError(f"{self.path} is a {self.format} checkpoint, not a GGUF file")

@@ -1,20 +1,23 @@
 """GGUF files (llama.cpp's single-file format): opening, typed metadata, dequantized tensors.
 
-Nothing here knows a model family: the ``gguf`` package (written by llama.cpp's authors) parses the
-file, and this module checks it (magic, truncation, tensor shapes and placement), reads metadata with errors that name the file
-and key, and dequantizes tensors to float32. A family's ``gguf_checkpoint`` module maps the names
+Nothing here knows a model family: :mod:`attnkit.models.gguf_header` parses the file's header
+into compact values, this module checks it (magic, truncation, tensor shapes and placement), reads
+metadata with errors that name the file and key, reads tensors' bytes with ordinary file reads (no
+memory map stays open, so no page of the file stays resident) and dequantizes them to float32
+through the ``gguf`` package (written by llama.cpp's authors). A family's ``gguf_checkpoint`` module maps the names
 and metadata of its architecture (``general.architecture``) onto its model.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 import torch
+
+from .gguf_header import GGUFHeader, parse_header
 
 GGUF_MAGIC = b"GGUF"
 
@@ -28,31 +31,11 @@ def is_gguf(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() == ".gguf"
 
 
-@functools.lru_cache(maxsize=1)
-def _light_reader_class(gguf):
-    """``gguf.GGUFReader`` whose parsed values are plain numpy views of the file's memory map.
-
-    The reader keeps every metadata value as a view (two per string of a 50k-token vocabulary);
-    views of its ``np.memmap`` are ``np.memmap`` objects too, each carrying the map's attributes,
-    which makes the parse of SmolLM2's file hold about 155 MiB. Plain ``ndarray`` views of the
-    same bytes hold about 70 MiB, and read the same values."""
-
-    class LightReader(gguf.GGUFReader):
-        def _get(self, offset, dtype, count=1, override_order=None):
-            plain = self.__dict__.get("_plain")
-            if plain is None:
-                plain = self._plain = self.data.view(np.ndarray)
-            count = int(count)
-            end = offset + np.dtype(dtype).itemsize * count
-            values = plain[offset:end].view(dtype=dtype)[:count]
-            return values.view(values.dtype.newbyteorder(self.byte_order if override_order is None else override_order))
-
-    return LightReader
-
-
-def open_gguf(path: str | os.PathLike):
-    """A ``gguf.GGUFReader`` over ``path``. Raises FileNotFoundError for a missing file and
-    ValueError naming the file when it is not GGUF, is truncated or otherwise unreadable."""
+def open_gguf(path: str | os.PathLike) -> GGUFHeader:
+    """The parsed header of the GGUF file at ``path`` (:func:`~attnkit.models.gguf_header.parse_header`:
+    metadata and tensor table, no tensor data, no memory map left open). Raises FileNotFoundError
+    for a missing file and ValueError naming the file when it is not GGUF, is truncated or
+    otherwise unreadable."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file {path} does not exist")
@@ -61,18 +44,19 @@ def open_gguf(path: str | os.PathLike):
     if magic != GGUF_MAGIC:
         raise ValueError(f"{path}: not a GGUF file (it starts with {magic!r}, not {GGUF_MAGIC!r})")
     try:
-        import gguf  # optional package (the llama extra), imported only when a file is read
+        import gguf  # noqa: F401  (optional package, the llama extra: the parse and dequantizing need it)
     except ImportError:
         raise ImportError('reading GGUF files needs the gguf package: pip install -e ".[llama]"') from None
     try:
-        reader = _light_reader_class(gguf)(path)
-    except Exception as exc:  # the reader raises ValueError, IndexError, ... on a damaged header
+        reader = parse_header(path)
+    except Exception as exc:  # ValueError, IndexError, struct.error, UnicodeDecodeError on a damaged header
         raise ValueError(f"{path}: unreadable GGUF file, truncated or damaged ({type(exc).__name__}: {exc})") from None
     for tensor in reader.tensors:
-        if tensor.data.nbytes != tensor.n_bytes:
+        held = max(0, min(tensor.n_bytes, reader.size - tensor.data_offset))
+        if held != tensor.n_bytes:
             raise ValueError(
                 f"{path}: truncated GGUF file: tensor {tensor.name} needs {tensor.n_bytes} bytes, "
-                f"the file holds {tensor.data.nbytes}"
+                f"the file holds {held}"
             )
     _check_placement(reader, path)
     return reader
@@ -84,7 +68,7 @@ def _check_placement(reader, path: Path) -> None:
     and the model would read another tensor's bytes (NaN, or wrong numbers, later)."""
     previous = None
     for tensor in sorted(reader.tensors, key=lambda t: t.data_offset):
-        shape = tuple(reversed(tensor.shape.tolist()))  # GGUF lists dims innermost first
+        shape = tuple(reversed(tensor.shape))  # GGUF lists dims innermost first
         if 0 in shape:
             raise ValueError(f"{path}: tensor {tensor.name} has a zero dimension (shape {shape})")
         offset = tensor.data_offset - reader.data_offset
@@ -97,14 +81,20 @@ def _check_placement(reader, path: Path) -> None:
 
 
 def metadata(reader, path: str | os.PathLike, key: str, default=None, *, required: bool = False):
-    """The value of metadata ``key`` (a Python scalar, string or list), ``default`` when absent;
-    ValueError naming the file and key when ``required`` and absent."""
-    field = reader.fields.get(key)
-    if field is None:
+    """The value of metadata ``key`` (a Python scalar, string or list, a new list each call),
+    ``default`` when absent; ValueError naming the file and key when ``required`` and absent."""
+    if key not in reader.fields:
         if required:
             raise ValueError(f"{path}: GGUF metadata lacks {key}")
         return default
-    return field.contents()
+    return _as_python(reader.fields[key])
+
+
+def _as_python(value):
+    """A parsed metadata value with its numpy arrays as lists of Python numbers."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return [_as_python(item) for item in value] if isinstance(value, list) else value
 
 
 def metadata_int(reader, path, key: str, default=None, *, required: bool = False) -> Optional[int]:
@@ -126,29 +116,31 @@ def metadata_float(reader, path, key: str, default: float) -> float:
 
 
 def read_rows(tensor, path: str | os.PathLike, layout: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-              *, chunk_bytes: int = 1 << 24) -> torch.Tensor:
+              *, chunk_bytes: int = 1 << 22) -> torch.Tensor:
     """The bytes of one GGUF tensor as ``(rows, row_bytes)`` uint8, read from the file into memory
     of their own, through ``layout`` (rows -> rows of the same shape, e.g. the quantized kernels'
     layout) when given.
 
-    Not through the reader's memory map: every page of the map that a copy touches stays in the
-    process's resident memory while the reader lives (the whole file, at load). Read and laid out
-    ``chunk_bytes`` of whole rows at a time, into the result: a 170 MiB embedding then needs
-    170 MiB and one chunk, not two or three copies of itself."""
+    Ordinary reads, not a memory map: every page of a map that a copy touches would stay in the
+    process's resident memory while the map lives (the whole file, at load). The file is read
+    straight into the result, or, with ``layout``, ``chunk_bytes`` of whole rows at a time into
+    one reused buffer and laid out into the result: a 170 MiB embedding needs 170 MiB and two
+    chunks, not two or three copies of itself."""
     n_bytes = int(tensor.n_bytes)
     rows = int(np.prod([int(d) for d in tensor.shape[1:]]))
     row_bytes = n_bytes // rows
     out = torch.empty(rows, row_bytes, dtype=torch.uint8)
     step = max(1, chunk_bytes // row_bytes)
-    with open(path, "rb") as handle:
+    buffer = None if layout is None else torch.empty(min(step, rows), row_bytes, dtype=torch.uint8)
+    with open(path, "rb", buffering=0) as handle:
+        handle.seek(int(tensor.data_offset))
         for start in range(0, rows, step):
             stop = min(rows, start + step)
-            handle.seek(int(tensor.data_offset) + start * row_bytes)
-            chunk = np.frombuffer(handle.read((stop - start) * row_bytes), dtype=np.uint8)
-            if chunk.size != (stop - start) * row_bytes:
+            chunk = out[start:stop] if buffer is None else buffer[:stop - start]
+            if handle.readinto(chunk.numpy()) != chunk.numel():
                 raise ValueError(f"{path}: tensor {tensor.name} is cut short")
-            chunk = torch.from_numpy(chunk.copy()).view(stop - start, row_bytes)
-            out[start:stop] = chunk if layout is None else layout(chunk)
+            if buffer is not None:
+                out[start:stop] = layout(chunk)
     return out
 
 
@@ -162,6 +154,5 @@ def dequantize(tensor, path):
             f"{path}: tensor {tensor.name} has type {kind}, which attnkit does not load "
             f"(supported: {', '.join(SUPPORTED_TYPE_NAMES)})"
         )
-    # F32 data comes back as a read-only view of the memory-mapped file; torch wants it writable.
-    values = np.require(quants.dequantize(tensor.data, tensor.tensor_type), requirements="W")
+    values = quants.dequantize(tensor.data, tensor.tensor_type)  # writable: tensor.data is a copy
     return values.reshape(tuple(reversed([int(d) for d in tensor.shape])))

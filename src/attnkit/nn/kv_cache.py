@@ -33,6 +33,16 @@ EMPTY = -1
 """The ``k_positions`` entry of a slot that holds no token."""
 
 
+STATIC_INPUT_TYPE = "unguarded"
+
+
+def mark_static_address(buffer: torch.Tensor) -> None:
+    """What ``torch._dynamo.mark_static_address(buffer)`` does (it sets this attribute: a test
+    checks that it still does), without importing ``torch._dynamo``: that import keeps about
+    140 MiB resident, and a model that is never compiled has no use for it."""
+    buffer._dynamo_static_input_type = STATIC_INPUT_TYPE
+
+
 class SlotCache(nn.Module):
     """Preallocated slots of one attention layer: ``keys``/``values`` ``(B, Hkv, slots, D)`` and
     ``positions (slots,)``, the absolute position held by each slot (:data:`EMPTY` when none).
@@ -54,7 +64,7 @@ class SlotCache(nn.Module):
         self.register_buffer("values", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("positions", torch.full((slots,), EMPTY, dtype=torch.long, device=device), persistent=False)
         for buffer in (self.keys, self.values, self.positions):
-            torch._dynamo.mark_static_address(buffer)
+            mark_static_address(buffer)
 
     @property
     def length(self) -> int:

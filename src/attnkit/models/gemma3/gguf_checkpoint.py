@@ -31,6 +31,7 @@ from ...nn.rope import LinearRopeScaling
 from ..gguf_file import dequantize, metadata, metadata_float, metadata_int, open_gguf, read_rows
 from ..fuse import fuse_quantized_projections
 from ...kernels.quant_native import FORMATS, to_kernel_layout
+from ..checkpoint import meta_device, release_free_memory
 from ..quant import QUANTIZED_TYPE_NAMES, QuantizedEmbedding, QuantizedLinear, install_quantized
 from .config import END_OF_TURN, LOCAL_ROPE_THETA, Gemma3Config, default_layer_types, published_query_scalar
 from .model import Gemma3, parameter_shapes
@@ -162,14 +163,16 @@ def load_gguf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
     missing = sorted(set(shapes) - set(state) - set(kept))
     if missing:
         raise ValueError(f"{path}: missing tensors {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-    return _with_quantized(config, state, kept) if kept else Gemma3.from_state(config, state, device)
+    model = _with_quantized(config, state, kept) if kept else Gemma3.from_state(config, state, device)
+    release_free_memory()  # the chunks and the rows that fused projections replaced
+    return model
 
 
 def _with_quantized(config: Gemma3Config, state: dict[str, torch.Tensor], kept: dict[str, nn.Module]) -> Gemma3:
     """A CPU :class:`Gemma3` whose parameters named in ``kept`` are those quantized layers, the
     others from ``state``; a tied head shares the embedding's blocks,
     and projections of one input in one format are fused (:mod:`attnkit.models.fuse`)."""
-    with torch.device("meta"):
+    with meta_device():
         model = Gemma3(config)
     install_quantized(model, kept, config.tie_embeddings)
     model = Gemma3.from_state(config, state, "cpu", model=model)

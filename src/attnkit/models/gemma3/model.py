@@ -33,6 +33,7 @@ from ...nn.mlp import GeGLU
 from ...nn.norm import ZeroCenteredRMSNorm
 from ...nn.rolling_cache import RollingKVCache
 from ...nn.rope import RotaryEmbedding
+from ..checkpoint import meta_device
 from ..generate import generate as generate_tokens
 from .config import Gemma3Config
 
@@ -187,7 +188,7 @@ class Gemma3(nn.Module):
         whose quantized layers already hold their blocks (``state`` then has the other tensors).
         Raises RuntimeError from ``load_state_dict`` for missing or unexpected names."""
         if model is None:
-            with torch.device("meta"):
+            with meta_device():
                 model = cls(config)
         blocks = {name: tensor for name, tensor in model.state_dict().items() if name not in state}
         model.load_state_dict({**state, **blocks}, assign=True, strict=True)
@@ -198,6 +199,6 @@ class Gemma3(nn.Module):
 
 def parameter_shapes(config: Gemma3Config) -> dict[str, torch.Size]:
     """attnkit parameter name -> shape of ``Gemma3(config)``, found on the meta device (nothing is allocated)."""
-    with torch.device("meta"):
+    with meta_device():
         model = Gemma3(config)
     return {name: tensor.shape for name, tensor in model.state_dict().items()}

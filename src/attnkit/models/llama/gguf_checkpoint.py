@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ...nn.rope import Llama3RopeScaling, rope_frequencies
-from ..checkpoint import check_layer_count
+from ..checkpoint import check_layer_count, meta_device, release_free_memory
 from ..gguf_file import dequantize, metadata, metadata_float, metadata_int, open_gguf, read_rows
 from ..fuse import fuse_quantized_projections
 from ...kernels.quant_native import FORMATS, to_kernel_layout
@@ -227,14 +227,16 @@ def load_gguf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
     missing = sorted(set(shapes) - set(state) - set(kept))
     if missing:
         raise ValueError(f"{path}: missing tensors {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-    return _with_quantized(config, state, kept) if kept else Llama.from_state(config, state, device)
+    model = _with_quantized(config, state, kept) if kept else Llama.from_state(config, state, device)
+    release_free_memory()  # the chunks and the rows that fused projections replaced
+    return model
 
 
 def _with_quantized(config: LlamaConfig, state: dict[str, torch.Tensor], kept: dict[str, nn.Module]) -> Llama:
     """A CPU :class:`Llama` whose parameters named in ``kept`` are those quantized layers, the
     others taken from ``state``; a tied head shares the embedding's blocks,
     and projections of one input in one format are fused (:mod:`attnkit.models.fuse`)."""
-    with torch.device("meta"):
+    with meta_device():
         model = Llama(config)
     install_quantized(model, kept, config.tie_embeddings)
     blocks = {name: tensor for name, tensor in model.state_dict().items() if name not in state}

@@ -3,7 +3,7 @@
 Block ``i``: ``h = x + attn(attn_norm(x))``, ``out = h + mlp(mlp_norm(h))`` where ``attn`` is
 :class:`attnkit.nn.MultiHeadAttention` (GQA, RoPE hook, causal or the layer's own pattern) and
 ``mlp`` is :class:`attnkit.nn.mlp.SwiGLU`; then a final RMSNorm and the vocabulary head (the
-embedding matrix itself when ``tie_embeddings``). Build it under ``torch.device("meta")`` to
+embedding matrix itself when ``tie_embeddings``). Build it under ``meta_device()`` (:mod:`..checkpoint`) to
 allocate nothing (for counting, or before loading a checkpoint in place).
 
 Checkpoint formats are adapters beside this module, not branches inside it: each turns its file
@@ -31,6 +31,7 @@ from ...nn.rope import RotaryEmbedding
 from ...patterns import Causal
 from ..cpu_pack import is_packed
 from ..quant import is_quantized
+from ..checkpoint import meta_device
 from ..generate import generate as generate_tokens
 from . import hf_checkpoint
 from .config import LlamaConfig
@@ -166,7 +167,7 @@ class Llama(nn.Module):
         names and shapes (see :func:`parameter_shapes`). Raises RuntimeError from
         ``load_state_dict`` for missing or unexpected names.
         """
-        with torch.device("meta"):
+        with meta_device():
             model = cls(config)
         model.load_state_dict(dict(state), assign=True, strict=True)
         model.rope.reset_frequencies(device)
@@ -198,13 +199,13 @@ class Llama(nn.Module):
 
 def parameter_shapes(config: LlamaConfig) -> dict[str, torch.Size]:
     """attnkit parameter name -> shape of ``Llama(config)``, found on the meta device (nothing is allocated)."""
-    with torch.device("meta"):
+    with meta_device():
         model = Llama(config)
     return {name: tensor.shape for name, tensor in model.state_dict().items()}
 
 
 def count_parameters(config: LlamaConfig) -> int:
     """Parameters of ``Llama(config)``, counted on the meta device (nothing is allocated)."""
-    with torch.device("meta"):
+    with meta_device():
         model = Llama(config)
     return sum(p.numel() for p in model.parameters())
