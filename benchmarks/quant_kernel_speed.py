@@ -7,7 +7,8 @@ baseline source tree (main's kernel) and the machine's streaming read, interleav
   blocks, every byte once): what decoding sees, bounded by memory bandwidth.
 - stream: ``torch.sum`` of an int64 tensor of ``--stream-mb`` (a plain sequential read) on the same
   thread count, the reference for the cold GB/s.
-- pool: a call on a tiny matrix at each thread count (the wake-up and join of the pool's workers).
+- pool: the smallest call the pool shares (Q4_1 64x1024), at each thread count: with 2 threads
+  it shows the wake-up and join of the pool's worker.
 
 Both builds are compiled here with attnkit's flags for each ``--isa`` and called through ctypes with
 the same blocks (random bytes with finite scales, in the kernel layout), so the ratio ``new/base``
@@ -61,15 +62,17 @@ def random_blocks(fmt: str, out: int, in_features: int, rng: np.random.Generator
     return to_kernel_layout(torch.from_numpy(raw.reshape(out, -1)), quant).contiguous()
 
 
-def timed(fn, repeats: int) -> float:
-    """Median seconds of ``fn()`` over ``repeats`` calls after one warm-up."""
-    fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+def timed(fns: dict, repeats: int, clock) -> dict:
+    """``{name: median seconds of fns[name]()}`` over ``repeats`` rounds after one warm-up, the
+    contenders alternating within each round (a loaded machine slows them alike)."""
+    samples = {name: [] for name in fns}
+    for round_ in range(repeats + 1):
+        for name, fn in fns.items():
+            start = clock()
+            fn()
+            if round_:
+                samples[name].append(clock() - start)
+    return {name: statistics.median(seconds) for name, seconds in samples.items()}
 
 
 def main() -> None:
@@ -82,7 +85,7 @@ def main() -> None:
     parser.add_argument("--int8", action="store_true", help="int8 activations instead of float32")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--hot-repeats", type=int, default=50)
-    parser.add_argument("--cold-mb", type=float, default=256)
+    parser.add_argument("--cold-mb", type=float, default=384)
     parser.add_argument("--stream-mb", type=float, default=512)
     args = parser.parse_args()
     rng = np.random.default_rng(0)
@@ -93,14 +96,22 @@ def main() -> None:
             libraries = {"base": build(args.baseline, isa, Path(where)), "new": build(SOURCE_DIR, isa, Path(where))}
             for threads in args.threads or [1, 2]:
                 torch.set_num_threads(threads)
-                read = args.stream_mb * 2 ** 20 / timed(lambda: stream.sum(), args.repeats) / 1e9
-                tiny = random_blocks("Q4_1", 8, 64, rng)
-                x_tiny, y_tiny = torch.randn(1, 64), torch.empty(1, 8)
-                pool = {name: timed(lambda lib=lib: lib.gguf_matmul(3, x_tiny.data_ptr(), 1, 64, tiny.data_ptr(), 8,
-                                                                    y_tiny.data_ptr(), threads, args.int8), 2000)
-                        for name, lib in libraries.items()}
-                print(f"\n{isa} threads {threads}: stream read {read:.2f} GB/s; tiny call "
-                      + " ".join(f"{name} {seconds * 1e6:.2f} us" for name, seconds in pool.items()))
+                # one thread: the process's CPU time (time waiting for a core on a shared machine
+                # left out); more: the wall clock
+                clock = time.process_time if threads == 1 else time.perf_counter
+                read = args.stream_mb * 2 ** 20 / timed({"read": lambda: stream.sum()}, args.repeats, clock)["read"] / 1e9
+                # the smallest call the pool shares (40 KB of blocks: above the kernel's serial threshold)
+                small = random_blocks("Q4_1", 64, 1024, rng)
+                x_small, y_small = torch.randn(1, 1024), torch.empty(1, 64)
+                def calls(lib):
+                    for _ in range(1000):
+                        lib.gguf_matmul(3, x_small.data_ptr(), 1, 1024, small.data_ptr(), 64, y_small.data_ptr(),
+                                        threads, args.int8)
+                pool = timed({name: lambda lib=lib: calls(lib) for name, lib in libraries.items()}, args.repeats,
+                             time.perf_counter)
+                print(f"\n{isa} threads {threads} ({'CPU time' if threads == 1 else 'wall clock'}): stream read "
+                      f"{read:.2f} GB/s; Q4_1 64x1024 call (wall) "
+                      + " ".join(f"{name} {seconds * 1e3:.2f} us" for name, seconds in pool.items()))
                 for model in args.model or sorted(SHAPES):
                     for fmt, out, in_features in SHAPES[model]:
                         blocks = random_blocks(fmt, out, in_features, rng)
@@ -109,16 +120,15 @@ def main() -> None:
                         for rows in args.rows or [1]:
                             x, y = torch.randn(rows, in_features), torch.empty(rows, out)
                             macs, size = rows * out * in_features, blocks.numel()
-                            result = {}
-                            for name, lib in libraries.items():
-                                def call(w, lib=lib):
-                                    lib.gguf_matmul(FORMATS[fmt].ggml_type, x.data_ptr(), rows, in_features,
-                                                    w.data_ptr(), out, y.data_ptr(), threads, args.int8)
-                                hot = timed(lambda: [call(blocks) for _ in range(args.hot_repeats)],
-                                            args.repeats) / args.hot_repeats
-                                cold = timed(lambda: [call(w) for w in copies], args.repeats) / len(copies)
-                                result[name] = hot, cold
-                            (bh, bc), (nh, nc) = result["base"], result["new"]
+                            def call(lib, w):
+                                lib.gguf_matmul(FORMATS[fmt].ggml_type, x.data_ptr(), rows, in_features,
+                                                w.data_ptr(), out, y.data_ptr(), threads, args.int8)
+                            hot = timed({name: lambda lib=lib: [call(lib, blocks) for _ in range(args.hot_repeats)]
+                                         for name, lib in libraries.items()}, args.repeats, clock)
+                            cold = timed({name: lambda lib=lib: [call(lib, w) for w in copies]
+                                          for name, lib in libraries.items()}, args.repeats, clock)
+                            (bh, nh), (bc, nc) = ([hot[name] / args.hot_repeats for name in ("base", "new")],
+                                                  [cold[name] / len(copies) for name in ("base", "new")])
                             print(f"  {model:7} {fmt} {out:6}x{in_features:<5} rows {rows}: hot {bh * 1e6:8.1f} -> "
                                   f"{nh * 1e6:8.1f} us ({bh / nh:4.2f}x, {macs / nh / 1e9:5.1f} GMAC/s)  cold "
                                   f"{bc * 1e6:8.1f} -> {nc * 1e6:8.1f} us ({bc / nc:4.2f}x, "

@@ -134,6 +134,16 @@ def test_one_row_over_channel_groups_and_long_rows(isa, fmt, activations):
             assert_int8_product(y, x, weight)
 
 
+@pytest.mark.parametrize("activations", ACTIVATIONS)
+@pytest.mark.parametrize("isa", ISAS)
+def test_rows_of_no_weights_give_zeros(isa, activations):
+    """in_features 0: an empty sum (the kernel once divided the work by the row's zero bytes)."""
+    for fmt in ("Q4_1", "Q6_K"):
+        y = quant_matmul(torch.ones(2, 0), torch.zeros(3, 0, dtype=torch.uint8), FORMATS[fmt],
+                         activations=activations, isa=isa)
+        assert torch.equal(y, torch.zeros(2, 3))
+
+
 @pytest.mark.parametrize("isa,dot", [("avx512", "vpdpbusd"), ("avx2", "vpmaddubsw"), ("generic", "plain C")])
 def test_each_build_says_which_integer_dot_product_it_runs(isa, dot):
     """The int8 tests above run each path: VNNI in the AVX-512 build of a CPU that has it, AVX2's

@@ -9,8 +9,10 @@ converter) or concatenating the rows of several weights of one format is a tenso
 
 - :func:`quant_matmul` ``(x @ W.T)`` for float32 ``x (rows, in)``: the weights are dequantized in
   registers and multiplied in float32, so the result equals ``x @ quant_dequantize(...).T`` up to
-  float32 rounding. One row (decoding) reads each weight byte once; a few rows share each decoded
-  piece. Many rows (a prefill) are better served by dequantizing tiles and calling a float matrix
+  float32 rounding. One row (decoding) reads each weight byte once, four output channels at a
+  time sharing each load of ``x``, with software prefetch spread over the loop; a few rows share
+  each decoded piece. Speed per shape, cache-hot and cold, against the streaming read:
+  ``benchmarks/quant_kernel_speed.py``. Many rows (a prefill) are better served by dequantizing tiles and calling a float matrix
   product (:func:`.quant_ops.quant_linear` does). With ``activations="int8"`` (an option) ``x`` is
   first quantized to int8 per block of 32 and multiplied by integer dot products (llama.cpp's
   method, ``csrc/gguf_int8.h``): the exact product of the rounded ``x``.
@@ -248,7 +250,8 @@ def quant_matmul(x: torch.Tensor, blocks: torch.Tensor, fmt: QuantFormat, *, act
             block of 32 (:func:`quantize_activations`) and multiplied by the weights' integers with
             integer dot products (VNNI where the CPU has it), llama.cpp's method: the exact product
             of the rounded ``x``, off from ``x @ W.T`` by at most ``d / 2 * sum |W|`` per block of
-            32 (plus float32 rounding); measured no faster than float32 on SmolLM2's shapes.
+            32 (plus float32 rounding). With AVX-512 VNNI one row takes two blocks per 512-bit
+            dot product (Q6_K one).
         isa: the build to use (``$ATTNKIT_NATIVE_ISA`` when None).
 
     Returns:

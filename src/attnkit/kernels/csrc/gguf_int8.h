@@ -13,7 +13,9 @@
  *
  * The 32 weights of a block of x are 32 bytes of one 256-bit vector (their q, unsigned, except
  * Q8_0's signed q), multiplied with the block's 32 xq into 8 int32 sums of 4 neighbours:
- *   AVX-512 VNNI (with VL) or AVX-VNNI   one vpdpbusd (unsigned bytes times signed bytes);
+ *   AVX-512 VNNI (with VL) or AVX-VNNI   one vpdpbusd (unsigned bytes times signed bytes); with
+ *                                        AVX-512 VNNI and BW, one row's products take two blocks
+ *                                        per 512-bit vpdpbusd (pair_FMT below, Q6_K excepted);
  *   AVX2                                 vpmaddubsw (pairs into int16, which cannot saturate here:
  *                                        q <= 63, or |q| <= 128 for Q8_0, so 2 * 128 * 127 < 2^15)
  *                                        then vpmaddwd with ones;
@@ -158,6 +160,58 @@ DEFINE_DOT8(q4_1)
 DEFINE_DOT8(q5_0)
 DEFINE_DOT8(q4_k)
 DEFINE_DOT8(q6_k)
+
+/* ---- AVX-512 VNNI: two blocks (t even, t + 1) per 512-bit dot product ----
+ * pair_FMT returns the 64 unsigned bytes of blocks t and t + 1 in the order of their 64 xq (block
+ * t's 32 weights, then block t + 1's): one vpdpbusd multiplies both, lanes 0..7 for block t and
+ * 8..15 for t + 1, which a float vector of their two scales then weighs. Q8_0's signed q go in as
+ * q + 128 (a flipped sign bit), and PAIR_ZERO_q8_0 = 128 is the zero point that takes the 128
+ * sum(xq) back out through the group sums of x. */
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define PAIR_PATH 1
+/* 128-bit lanes (b0, b0, b1, b1) of 32 bytes b: low nibbles in lanes 0 and 2, high in 1 and 3 */
+static inline __m512i nibble_pairs(const uint8_t *p) {
+    const __m512i b = _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 1, 0, 1, 2, 3, 2, 3),
+                                               _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)p)));
+    const __m512i shifts = _mm512_setr_epi64(0, 0, 0x0004000400040004LL, 0x0004000400040004LL, 0, 0,
+                                             0x0004000400040004LL, 0x0004000400040004LL);
+    return _mm512_and_si512(_mm512_srlv_epi16(b, shifts), _mm512_set1_epi8(15));
+}
+static inline __m512i pair_q4_1(const uint8_t *row, int64_t blocks, int64_t t) {
+    return nibble_pairs(field(row, blocks, 4, 16, t));
+}
+static inline __m512i pair_q5_0(const uint8_t *row, int64_t blocks, int64_t t) {
+    uint64_t high;
+    memcpy(&high, field(row, blocks, 2, 4, t), 8);
+    return _mm512_or_si512(nibble_pairs(field(row, blocks, 6, 16, t)), _mm512_maskz_mov_epi8(high, _mm512_set1_epi8(16)));
+}
+static inline __m512i pair_q4_k(const uint8_t *row, int64_t blocks, int64_t t) {
+    (void)blocks; /* t even: groups t and t + 1 are the low and high nibbles of the same 32 bytes */
+    const __m512i b = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(row + 144 * (t / 8) + 16 + 32 * (t % 8 / 2))));
+    return _mm512_and_si512(_mm512_srlv_epi16(b, _mm512_setr_epi64(0, 0, 0, 0, 0x0004000400040004LL, 0x0004000400040004LL,
+                                                                    0x0004000400040004LL, 0x0004000400040004LL)),
+                            _mm512_set1_epi8(15));
+}
+static inline __m512i pair_q8_0(const uint8_t *row, int64_t blocks, int64_t t) {
+    return _mm512_xor_si512(_mm512_loadu_si512(field(row, blocks, 2, 32, t)), _mm512_set1_epi8((char)0x80));
+}
+#define PAIRS_q4_1 1
+#define PAIRS_q5_0 1
+#define PAIRS_q4_k 1
+#define PAIRS_q8_0 1
+#else
+#define PAIR_PATH 0
+#define PAIRS_q4_1 0
+#define PAIRS_q5_0 0
+#define PAIRS_q4_k 0
+#define PAIRS_q8_0 0
+#endif
+#define PAIRS_q6_k 0
+#define PAIR_ZERO_q4_1 0
+#define PAIR_ZERO_q5_0 0
+#define PAIR_ZERO_q4_k 0
+#define PAIR_ZERO_q6_k 0
+#define PAIR_ZERO_q8_0 128
 
 /* xq (m, k) int8 and d (m, k / XBLOCK): the activations x (m, k) quantized per block of 32
  * (round to nearest, ties to even; an all-zero block gets d = 0 and xq = 0, a block with a NaN or
