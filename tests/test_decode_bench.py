@@ -16,6 +16,7 @@ from gguf_files import tiny_config, tiny_model, write_gguf
 @pytest.mark.parametrize("argv, message", [
     (["--case", "decode", "--case", "causal"], "--case decode runs alone"),
     (["--case", "decode", "--threads", "0"], "--threads must be positive, got 0"),
+    (["--case", "decode", "--busy", "-1"], "--busy must be zero or positive, got -1"),
 ])
 def test_bad_arguments_exit_2_with_one_line(argv, message, capsys):
     assert main(["bench", *argv]) == 2
@@ -28,6 +29,18 @@ def test_bad_counts_are_rejected_before_any_process_starts(tmp_path):
         decode_peers.run_decode_peers(tmp_path / "none.gguf", [], threads=1, new_tokens=1, log_dir=tmp_path)
     with pytest.raises(ValueError, match="variant must be one of"):
         decode_peers.default_contenders(False, ("fp8",))
+
+
+def test_busy_processes_spin_while_the_block_runs_and_are_killed_after():
+    with decode_peers.busy_processes(2) as spinners:
+        assert len(spinners) == 2 and all(s.poll() is None for s in spinners)
+    assert all(s.poll() is not None for s in spinners)
+    with pytest.raises(RuntimeError, match="boom"), decode_peers.busy_processes(1) as spinners:
+        raise RuntimeError("boom")
+    assert spinners[0].poll() is not None
+    with pytest.raises(ValueError, match="busy must be a non-negative int, got -1"):
+        with decode_peers.busy_processes(-1):
+            pass
 
 
 @pytest.mark.slow

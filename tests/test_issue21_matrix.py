@@ -5,8 +5,8 @@ forward, LSE and the gradients of q, k, v and of the slopes, table or sinks, on 
 lengths that include 1-token and empty documents.
 
 A backend may refuse a modification only where the issue allows it (``dense`` cannot express
-softcap in SDPA) or where the work is not done yet (:data:`MISSING`); it must then say so through
-``accepts``, and ``auto`` must run the call instead.
+softcap in SDPA) or where the work is not done yet (:data:`MISSING`, empty now); it must then say
+so through ``accepts``, and ``auto`` must run the call instead.
 Sizes are small and examples few: the Triton backend runs in Triton's interpreter, in float32
 (in float64 it hands the call to ``sparse``), against the float64 reference of the same values.
 """
@@ -28,10 +28,10 @@ PATTERNS = ["document", "causal", "window"]
 MODS = ["softcap", "alibi", "distance_bias", "sinks", "none"]
 ALLOWED_REFUSALS = {("dense", "softcap")}
 """(backend, modification) pairs a backend may refuse (SDPA has no soft-cap)."""
-MISSING = {("triton", mod) for mod in ("softcap", "alibi", "distance_bias")}
-"""What issue 21 asks for and is not done yet: the Triton kernels apply no score modification
-(they refuse the call, and ``auto`` runs it elsewhere). The test asserts the refusal, so it fails,
-and this set must shrink, once they do."""
+MISSING: set = set()
+"""What issue 21 asks for and is not done yet (none left: the Triton kernels apply every
+modification). A pair listed here must be refused through ``accepts`` (the test asserts the
+refusal, so it fails once the backend takes the call, and this set must shrink)."""
 REFUSALS = ALLOWED_REFUSALS | MISSING
 CAP, WINDOW, TABLE_SIZE = 1.5, 3, 4
 TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-4}

@@ -113,6 +113,27 @@ def test_matmul_equals_x_times_the_dequantized_weight(isa, fmt, threads, activat
         torch.set_num_threads(previous)
 
 
+@pytest.mark.parametrize("activations", ACTIVATIONS)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("isa", ISAS)
+def test_one_row_over_channel_groups_and_long_rows(isa, fmt, activations):
+    """One row (decoding) takes channels four at a time: 4k + 1..3 channels leave a remainder,
+    rows longer than 256 groups convert their scales in several slices; each output is checked
+    on its own (a kernel that mixed up the channels of a group or dropped a slice is off by far
+    more than rounding)."""
+    in_features = 256 * 33  # 264 groups of 32 (528 of Q6_K's 16): two slices of scales
+    generator = torch.Generator().manual_seed(5)
+    for out_features in (4, 9, 14):
+        rows, weight = file_rows(fmt, out_features=out_features, in_features=in_features, seed=out_features)
+        blocks = to_kernel_layout(rows, FORMATS[fmt])
+        x = torch.randn(1, in_features, generator=generator)
+        y = quant_matmul(x, blocks, FORMATS[fmt], activations=activations, isa=isa)
+        if activations == "float32":
+            assert_float32_product(y, x, weight)
+        else:
+            assert_int8_product(y, x, weight)
+
+
 @pytest.mark.parametrize("isa,dot", [("avx512", "vpdpbusd"), ("avx2", "vpmaddubsw"), ("generic", "plain C")])
 def test_each_build_says_which_integer_dot_product_it_runs(isa, dot):
     """The int8 tests above run each path: VNNI in the AVX-512 build of a CPU that has it, AVX2's

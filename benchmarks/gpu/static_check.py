@@ -17,6 +17,7 @@ everywhere. Configurations above 99 KiB (they cannot run on sm_86/sm_89) are mar
     PYTHONPATH=src python benchmarks/gpu/static_check.py [--json OUT.json] [--cases window,strided]
         [--dtypes bf16,fp16,fp32] [--dims 64,128,256] [--forward-only] [--kernels _band_fwd,...] [--limit N]
         [--extra _band_fwd=64,128,8,3]   (also a configuration the launcher does not offer)
+        [--score-mod softcap|alibi|distance_bias]   (every case with this score modification)
         [--list]   (record and list the launches only: seconds, no compile)
 """
 
@@ -50,6 +51,7 @@ from triton.runtime.jit import JITFunction, create_function_from_signature  # no
 
 from attnkit.bench.sparse_cases import bigbird_layout  # noqa: E402
 from attnkit.kernels import triton_launch  # noqa: E402
+from attnkit.kernels.score_mods import alibi, distance_bias, softcap  # noqa: E402
 from attnkit.patterns import BlockSparse, Causal, Fixed, SlidingWindow, Strided  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -70,6 +72,7 @@ class Case:
     heads: tuple[int, int] = (16, 16)
     batch: int = 2
     backward: bool = True
+    score_mod: str = ""  # "", "softcap", "alibi" or "distance_bias" (--score-mod)
 
 
 CASES = (
@@ -169,7 +172,9 @@ def _run_case(case: Case, dtype: torch.dtype, dim: int) -> None:
     q = torch.empty(case.batch, hq, case.n_q, dim, dtype=dtype, requires_grad=case.backward)
     k = torch.empty(case.batch, hkv, case.n_k, dim, dtype=dtype, requires_grad=case.backward)
     v = torch.empty(case.batch, hkv, case.n_k, dim, dtype=dtype, requires_grad=case.backward)
-    out, lse = triton_launch.triton_kernel(q, k, v, case.pattern(case.n_k), dim ** -0.5)
+    score_mod = {"": lambda: None, "softcap": lambda: softcap(30.0), "alibi": lambda: alibi(torch.ones(hq)),
+                 "distance_bias": lambda: distance_bias(torch.zeros(hq, 128))}[case.score_mod]()
+    out, lse = triton_launch.triton_kernel(q, k, v, case.pattern(case.n_k), dim ** -0.5, score_mod)
     if case.backward:
         torch.autograd.backward((out, lse), (torch.empty_like(out), torch.empty_like(lse)))
 
@@ -189,7 +194,8 @@ def _key(fn: JITFunction, args: tuple, kwargs: dict) -> str:
 
 
 def _config(fn: JITFunction, kwargs: dict) -> str:
-    shown = {k: v for k, v in kwargs.items() if k in fn.arg_names and k not in ("D", "DV", "BD", "BDV")}
+    shown = {k: v for k, v in kwargs.items() if k in fn.arg_names and k not in ("D", "DV", "BD", "BDV")
+             and not isinstance(v, (torch.Tensor, _Pointer)) and v is not None}  # score-mod buffers, unused ones
     parts = [f"{k}={v}" for k, v in shown.items()]
     return " ".join(parts + [f"w{kwargs.get('num_warps', 4)}", f"s{kwargs.get('num_stages', 3)}"])
 
@@ -320,6 +326,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="also compile this configuration of a tiled kernel (not a candidate of the "
                              "launcher), e.g. FlexAttention's _band_fwd=64,128,8,3; repeatable")
     parser.add_argument("--only-extra", action="store_true", help="compile the --extra configurations only")
+    parser.add_argument("--score-mod", default="", choices=("", "softcap", "alibi", "distance_bias"),
+                        help="every case with this score modification (distance_bias: a table of 128 columns)")
     args = parser.parse_args(argv)
     extra: dict[str, list[tuple[int, ...]]] = {}
     for item in args.extra:
@@ -334,7 +342,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     unknown = set(wanted) - {c.name for c in CASES}
     if unknown:
         parser.error(f"--cases: unknown {sorted(unknown)}; known: {[c.name for c in CASES]}")
-    cases = [c if not args.forward_only else Case(**{**c.__dict__, "backward": False}) for c in CASES if c.name in wanted]
+    cases = [Case(**{**c.__dict__, "score_mod": args.score_mod, "backward": c.backward and not args.forward_only})
+             for c in CASES if c.name in wanted]
     launches = record(cases, args.dtypes.split(","), [int(d) for d in args.dims.split(",")], extra)
     if args.only_extra:
         launches = [launch for launch in launches if launch.candidate == "extra"]

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from typing import Optional
 
-from ..kernels.triton_launch import triton_available, triton_grad_share, triton_kernel, triton_takes
-from .base import Backend, Grads, Problem, tiled_grad_share
+from ..kernels.triton_launch import TRITON_SCORE_MODS, triton_available, triton_grad_share, triton_kernel, triton_takes
+from .base import Backend, Problem, tiled_grad_share, with_parameters
 
 
 class TritonBackend(Backend):
     name = "triton"
     description = "Triton GPU kernels (CUDA; CPU under TRITON_INTERPRET=1); auto's choice on CUDA"
+    score_mods = TRITON_SCORE_MODS
 
     def accepts(self, problem):
         reason = self.takes_arguments(problem)
@@ -23,9 +24,13 @@ class TritonBackend(Backend):
         return triton_takes(problem.device, problem.dtype, problem.head_dim, problem.value_dim)
 
     def forward(self, problem, q, k, v):
-        return triton_kernel(q, k, v, problem.pattern, problem.scale)
+        return triton_kernel(q, k, v, problem.pattern, problem.scale, problem.score_mod)
 
     def grad_share(self, problem, q, k, v, out, lse, d_out, d_lse):
         if self.kernels_take(problem) is not None or problem.batch == 0:  # what the sparse backend stands in for
             return tiled_grad_share(problem, q, k, v, out, lse, d_out, d_lse)
-        return Grads(*triton_grad_share(q, k, v, out, lse, d_out, d_lse, problem.pattern, problem.scale))
+        *grads, d_parameter = triton_grad_share(q, k, v, out, lse, d_out, d_lse, problem.pattern, problem.scale,
+                                                problem.score_mod)
+        if d_parameter is not None:
+            d_parameter = d_parameter.to(problem.parameters()[0].dtype)
+        return with_parameters(problem, grads, d_parameter)

@@ -11,6 +11,9 @@ first run (warm-up, and compilation where a contender compiles) apart from the t
 the peak resident memory above the process's own baseline (its memory after importing its
 libraries, before loading the model).
 
+With ``busy`` > 0, that many extra processes spin on the CPU for the whole run (a core taken
+by another program, as on a shared machine), so contenders are compared under contention.
+
 llama.cpp is the ``xllamacpp`` package (the ``llamacpp`` extra); without it only attnkit runs,
 with a note. ``attnkit bench --case decode --model FILE`` and ``benchmarks/llama_cpp_peer.py``
 both run :func:`run_decode_peers`.
@@ -24,6 +27,7 @@ import json
 import statistics
 import subprocess
 import sys
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -110,30 +114,31 @@ class _Worker:
         self.process.wait()
 
 
-def run_decode_peers(
-    model: Path,
-    contenders: list[Contender],
-    *,
-    threads: int,
-    prompt_tokens: int = 512,
-    new_tokens: int = 128,
-    repeats: int = 3,
-    log_dir: Path,
-    on_step: Callable[[str], None] = lambda description: None,
-) -> list[Result]:
-    """Run every contender ``1 + repeats`` times (the first is the warm-up), interleaved; return
-    one :class:`Result` per contender. ``log_dir`` receives each worker's stderr.
+BUSY_LOOP = "while True: pass"
+"""What each ``busy`` process runs: one core kept fully busy, no memory traffic to speak of."""
 
-    Raises ValueError for a bad count and RuntimeError when a worker fails (naming its log).
-    """
-    for name, value in (("threads", threads), ("prompt_tokens", prompt_tokens), ("repeats", repeats)):
-        if value <= 0:
-            raise ValueError(f"{name} must be positive, got {value}")
-    if new_tokens < 2:
-        raise ValueError(f"new_tokens must be at least 2 (the decode is timed after the first), got {new_tokens}")
-    ids = prompt_ids(model, prompt_tokens)
-    context = prompt_tokens + new_tokens
-    workers = []
+
+@contextmanager
+def busy_processes(count: int):
+    """``count`` processes spinning on the CPU for the duration of the ``with`` block (killed at its
+    end, also on an error); yields their :class:`subprocess.Popen` objects. ValueError for a
+    negative count."""
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise ValueError(f"busy must be a non-negative int, got {count!r}")
+    spinners = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP]) for _ in range(count)]
+    try:
+        yield spinners
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
+
+
+def _interleaved_runs(model: Path, contenders: list[Contender], workers: list[_Worker], threads: int,
+                      context: int, ids: list[int], new_tokens: int, repeats: int, log_dir: Path,
+                      on_step: Callable[[str], None]) -> list[list[dict]]:
+    """Load each contender's worker (appended to ``workers``), then run them round by round, the
+    order rotating; each worker's answers, warm-up first. The workers are closed at the end."""
     try:
         for contender in contenders:
             on_step(f"loading {contender.name}")
@@ -148,6 +153,39 @@ def run_decode_peers(
     finally:
         for worker in workers:
             worker.close()
+    return answers
+
+
+def run_decode_peers(
+    model: Path,
+    contenders: list[Contender],
+    *,
+    threads: int,
+    prompt_tokens: int = 512,
+    new_tokens: int = 128,
+    repeats: int = 3,
+    busy: int = 0,
+    log_dir: Path,
+    on_step: Callable[[str], None] = lambda description: None,
+) -> list[Result]:
+    """Run every contender ``1 + repeats`` times (the first is the warm-up), interleaved; return
+    one :class:`Result` per contender. ``log_dir`` receives each worker's stderr. ``busy``
+    processes spin on the CPU from before the first model loads until the last run ends
+    (:func:`busy_processes`).
+
+    Raises ValueError for a bad count and RuntimeError when a worker fails (naming its log).
+    """
+    for name, value in (("threads", threads), ("prompt_tokens", prompt_tokens), ("repeats", repeats)):
+        if value <= 0:
+            raise ValueError(f"{name} must be positive, got {value}")
+    if new_tokens < 2:
+        raise ValueError(f"new_tokens must be at least 2 (the decode is timed after the first), got {new_tokens}")
+    ids = prompt_ids(model, prompt_tokens)
+    context = prompt_tokens + new_tokens
+    workers = []
+    with busy_processes(busy):
+        answers = _interleaved_runs(model, contenders, workers, threads, context, ids, new_tokens, repeats,
+                                    log_dir, on_step)
     results = []
     for contender, worker, runs in zip(contenders, workers, answers):
         warmup, timed = runs[0], runs[1:]
@@ -173,7 +211,7 @@ def default_contenders(with_llama_cpp: bool, variants: tuple[str, ...] = ()) -> 
     contenders.append(Contender("attnkit (defaults)", "attnkit"))
     extra = {"bf16": ("--dtype", "bf16"), "fp32": ("--dtype", "fp32"), "int8": ("--dtype", "bf16", "--int8"),
              "no-pack": ("--no-pack",), "compile": ("--compile",), "x-float32": ("--activations", "float32"),
-             "x-int8": ("--activations", "int8")}
+             "x-int8": ("--activations", "int8"), "torch-step": ("--no-native-step",)}
     for variant in variants:
         if variant not in extra:
             raise ValueError(f"variant must be one of {', '.join(extra)}, got {variant!r}")

@@ -1,7 +1,7 @@
 """One contender of the decode benchmark, alone in its process (:mod:`attnkit.bench.decode_peers`).
 
 ``python -m attnkit.bench.decode_worker attnkit|llama.cpp --model FILE --threads T [--dtype D]
-[--int8] [--no-pack] [--compile]`` loads the model, answers one JSON line on stdout
+[--int8] [--no-pack] [--compile] [--no-native-step]`` loads the model, answers one JSON line on stdout
 (``{"load_s", "baseline_mib"}``), then reads requests from stdin, one JSON line each:
 ``{"ids": [...], "new": N}`` -> ``{"prefill_s", "decode_s", "tokens", "peak_mib"}`` (``tokens``:
 the ids generated, empty for llama.cpp, whose stream carries text). The prefill is
@@ -42,13 +42,14 @@ class AttnkitRunner:
         from ..cli.generate import load
         from ..models.generate import stream
 
-        self.stream, self.compile = stream, args.compile
+        self.stream, self.compile, self.native = stream, args.compile, not args.no_native_step
         self.model, _ = load(args, Path(args.model))
 
     def run(self, ids: list[int], new: int) -> tuple[float, float, list[int]]:
         start = time.perf_counter()
         first, tokens = start, []
-        for token in self.stream(self.model, [ids], new, stop_tokens=(), compile=self.compile):
+        for token in self.stream(self.model, [ids], new, stop_tokens=(), compile=self.compile,
+                                 native=self.native):
             tokens.append(int(token[0]))
             if len(tokens) == 1:
                 first = time.perf_counter()
@@ -105,6 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--activations", choices=("float32", "int8"))
     parser.add_argument("--no-pack", action="store_true")
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--no-native-step", action="store_true")
     args = parser.parse_args(argv)
     # Answers go to the original stdout; anything a library prints goes to stderr instead.
     answers = os.fdopen(os.dup(1), "w")

@@ -53,8 +53,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     decode.add_argument("--prompt-tokens", type=int, default=512, help="prompt length (default 512)")
     decode.add_argument("--new-tokens", type=int, default=128, help="tokens generated per run (default 128)")
     decode.add_argument("--variant", action="append", default=[],
-                        choices=("bf16", "fp32", "int8", "no-pack", "compile", "x-float32", "x-int8"),
+                        choices=("bf16", "fp32", "int8", "no-pack", "compile", "x-float32", "x-int8", "torch-step"),
                         help="an extra attnkit contender beside the defaults (repeatable)")
+    decode.add_argument("--busy", type=int, default=0, metavar="N",
+                        help="processes that keep N cores busy during the whole run (contention; default 0)")
     decode.add_argument("--no-llama-cpp", action="store_true", help="attnkit contenders only")
     parser.set_defaults(func=run)
 
@@ -131,6 +133,8 @@ def _run_decode(args: argparse.Namespace) -> int:
         raise ValueError("--case decode runs alone; give it without other cases")
     if args.threads is not None and args.threads <= 0:
         raise ValueError(f"--threads must be positive, got {args.threads}")
+    if args.busy < 0:
+        raise ValueError(f"--busy must be zero or positive, got {args.busy}")
     model = resolve_model(args.model, default="smollm2")
     threads = args.threads or torch.get_num_threads()
     with_peer = not args.no_llama_cpp and decode_peers.llama_cpp_available()
@@ -141,10 +145,10 @@ def _run_decode(args: argparse.Namespace) -> int:
     logs = Path(tempfile.mkdtemp(prefix="attnkit-decode-"))  # kept: a failed worker's error names its log
     with _progress(len(contenders) * (2 + repeats)) as step:
         results = decode_peers.run_decode_peers(model, contenders, threads=threads, prompt_tokens=args.prompt_tokens,
-                                                new_tokens=args.new_tokens, repeats=repeats, log_dir=logs,
+                                                new_tokens=args.new_tokens, repeats=repeats, busy=args.busy, log_dir=logs,
                                                 on_step=step)
     title = (f"{model.name}: prompt {args.prompt_tokens} tokens, {args.new_tokens} new, {threads} threads, "
-             f"median of {repeats}")
+             f"median of {repeats}" + (f", {args.busy} busy process(es) spinning" if args.busy else ""))
     console = Console()
     if not console.is_terminal:  # piped or redirected: wide enough that no column is cut short
         console = Console(width=160)
@@ -152,7 +156,7 @@ def _run_decode(args: argparse.Namespace) -> int:
     if args.json:
         meta = {"command": "attnkit " + " ".join(args.argv), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "model": str(model), "threads": threads, "prompt_tokens": args.prompt_tokens,
-                "new_tokens": args.new_tokens, "torch": torch.__version__, "xllamacpp": decode_peers.llama_cpp_version(),
+                "new_tokens": args.new_tokens, "busy": args.busy, "torch": torch.__version__, "xllamacpp": decode_peers.llama_cpp_version(),
                 "load_average": os.getloadavg()}
         args.json.write_text(decode_peers.results_json(results, meta))
         print(f"wrote {args.json}")

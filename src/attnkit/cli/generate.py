@@ -62,6 +62,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true",
                         help="compile the decoding step with torch.compile (the same tokens; the first step "
                         "compiles, which takes minutes on a small CPU)")
+    parser.add_argument("--no-native-step", action="store_true",
+                        help="decode with the torch step even where the native one applies (a GGUF file's "
+                        "blocks kept, Llama or Gemma 3, on the CPU: the default, one C call per token)")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -203,7 +206,8 @@ def stream_answer(model, tokenizer, ids: list[int], args: argparse.Namespace,
     new: list[int] = []
     try:
         for token in stream(model, [ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, seed=args.seed, stop_tokens=stop_tokens, compile=args.compile):
+                            top_p=args.top_p, seed=args.seed, stop_tokens=stop_tokens, compile=args.compile,
+                            native=not args.no_native_step):
             now = time.perf_counter()
             if prefill_s is None:
                 prefill_s, first = now - start, now

@@ -22,7 +22,10 @@ and the interior loops stay free of branches for the compiler to pipeline. Softm
 in float32 with exp2; the backward pass is FlashAttention-2's: probabilities recomputed from the
 saved LSE, one pass for dK/dV (each program owns one key block and loops over the query heads of
 its KV group: GQA without repeating K/V and without atomics) and one for dQ, both storing the
-gradients in the input dtype (or, between the parts of a plan, in float32 scratch).
+gradients in the input dtype (or, between the parts of a plan, in float32 scratch). A score
+modification (``MOD``, :mod:`~attnkit.kernels.triton_mods`) applies to each tile's scores at the
+rows' and keys' absolute positions before the element mask, in all three kernels; the dQ pass
+also sums its parameter's gradient.
 
 Decode-sized calls (``PACKED``) put a GQA group's heads and its few queries into one 16-row
 query tile with a wide key tile, and split the keys across programs (``SPLITS``); the shares go to
@@ -43,9 +46,12 @@ import triton
 import triton.language as tl
 
 from ..patterns import SUMMARY, Piece
+from .score_mods import ScoreMod
 from . import triton_configs as configs
+from .triton_mods import mod_arguments, modify, parameter_step, partial_buffer, reduce_partials
+from .triton_mods import raw_grad, store_parameter
 from .triton_tiles import LOG2E, dkdv_step, dq_step, head_base, load_cols, load_rows, program_coords, query_heads
-from .triton_tiles import row_stats, scores, softmax_step, store_forward, store_grad_rows
+from .triton_tiles import row_stats, score_grad, scores, softmax_step, store_forward, store_grad_rows
 
 _BIG_EDGE = 1 << 29  # stands for an infinite band edge in int32 arithmetic (sums of two stay in range)
 _BIG = tl.constexpr(_BIG_EDGE)
@@ -201,51 +207,64 @@ def _query_range(b0, b_last, r, lo, hi, base, ubase, n_lattice, step, period, wi
 
 @triton.jit
 def _fwd_tile(acc, m_i, l_i, q, k_base, v_base, b0, u, i, n_keys, lo, hi, segment, r, step, period, width,
-              skn, svn, scale2, D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
-              BN: tl.constexpr, KEYS: tl.constexpr, SEGMENTED: tl.constexpr, MASKED: tl.constexpr,
-              PRECISION: tl.constexpr):
+              skn, svn, scale2, BIAS, head, n_bias, cap2, D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr,
+              BDV: tl.constexpr, BN: tl.constexpr, KEYS: tl.constexpr, SEGMENTED: tl.constexpr,
+              MASKED: tl.constexpr, PRECISION: tl.constexpr, MOD: tl.constexpr):
     """One key tile of the forward pass: online-softmax update of ``acc, m_i, l_i``."""
     b = b0 + tl.arange(0, BN)
     j = _key_positions(b, r, step, period, width, KEYS)
     valid_k = b < n_keys
     s = scores(q, load_cols(k_base, j, skn, valid_k, D, BD), scale2, PRECISION)
+    if MOD != 0:
+        s = modify(s, j[None, :] - i[:, None], BIAS, head, n_bias, cap2, MOD)
     if MASKED:
         s = tl.where(_band_mask(u, b, i, j, n_keys, lo, hi, segment, SEGMENTED, False), s, float("-inf"))
     return softmax_step(acc, m_i, l_i, s, load_rows(v_base, j, svn, valid_k, DV, BDV), PRECISION)
 
 
 @triton.jit
-def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, b0, u, i, n_keys, lo, hi, segment, r, step, period, width,
-             skn, svn, scale2, D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
-             BN: tl.constexpr, KEYS: tl.constexpr, SEGMENTED: tl.constexpr, MASKED: tl.constexpr,
-             PRECISION: tl.constexpr):
-    """One key tile of the dQ pass."""
+def _dq_tile(dq, dparam, q, do, lse2, delta, k_base, v_base, b0, u, i, n_keys, lo, hi, segment, r, step, period,
+             width, skn, svn, scale2, BIAS, head, n_bias, cap2, D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr,
+             BDV: tl.constexpr, BN: tl.constexpr, KEYS: tl.constexpr, SEGMENTED: tl.constexpr,
+             MASKED: tl.constexpr, PRECISION: tl.constexpr, MOD: tl.constexpr, BR: tl.constexpr):
+    """One key tile of the dQ pass (and of the score mod's parameter gradient ``dparam``)."""
     b = b0 + tl.arange(0, BN)
     j = _key_positions(b, r, step, period, width, KEYS)
     valid_k = b < n_keys
     kk = load_rows(k_base, j, skn, valid_k, D, BD)
     vt = load_cols(v_base, j, svn, valid_k, DV, BDV)
-    p = tl.math.exp2(scores(q, tl.trans(kk), scale2, PRECISION) - lse2[:, None])
+    s = scores(q, tl.trans(kk), scale2, PRECISION)
+    if MOD != 0:
+        offset = j[None, :] - i[:, None]
+        s = modify(s, offset, BIAS, head, n_bias, cap2, MOD)
+    p = tl.math.exp2(s - lse2[:, None])
     if MASKED:
         p = tl.where(_band_mask(u, b, i, j, n_keys, lo, hi, segment, SEGMENTED, False), p, 0.0)
-    return dq_step(dq, p, do, vt, kk, delta, PRECISION)
+    ds = score_grad(p, do, vt, delta, PRECISION)
+    if MOD >= 2:
+        dparam = parameter_step(dparam, ds, offset, n_bias, BR, MOD)
+    return dq_step(dq, raw_grad(ds, s, cap2, MOD), kk, PRECISION), dparam
 
 
 @triton.jit
 def _dkdv_tile(dk, dvv, kk, vv, b, j, n_keys, a0, q_base, do_base, stat_base, LSE, DELTA, base, offset, n_q, step,
-               r, ubase, period, width, own, lo, hi, segment, sqn, sdn, scale2, D: tl.constexpr, DV: tl.constexpr,
-               BD: tl.constexpr, BDV: tl.constexpr, BM: tl.constexpr, KEYS: tl.constexpr,
-               SEGMENTED: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
+               r, ubase, period, width, own, lo, hi, segment, sqn, sdn, scale2, BIAS, head, n_bias, cap2,
+               D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BM: tl.constexpr,
+               KEYS: tl.constexpr, SEGMENTED: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr,
+               MOD: tl.constexpr):
     """One query tile of the dK/dV pass (scores laid out ``(keys, queries)``)."""
     a = a0 + tl.arange(0, BM)
     i, row, valid_q, u = _query_coords(a, base, offset, n_q, step, r, ubase, period, width, own, KEYS)
     qq = load_rows(q_base, row, sqn, valid_q, D, BD)
     do = load_rows(do_base, row, sdn, valid_q, DV, BDV)
     lse2, delta = row_stats(LSE, DELTA, stat_base + row, valid_q)
-    pt = tl.math.exp2(scores(kk, tl.trans(qq), scale2, PRECISION) - lse2[None, :])
+    st = scores(kk, tl.trans(qq), scale2, PRECISION)
+    if MOD != 0:
+        st = modify(st, j[:, None] - i[None, :], BIAS, head, n_bias, cap2, MOD)
+    pt = tl.math.exp2(st - lse2[None, :])
     if MASKED:
         pt = tl.where(_band_mask(u, b, i, j, n_keys, lo, hi, segment, SEGMENTED, True), pt, 0.0)
-    return dkdv_step(dk, dvv, pt, qq, do, vv, delta, PRECISION)
+    return dkdv_step(dk, dvv, pt, st, qq, do, vv, delta, cap2, PRECISION, MOD)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,10 +276,10 @@ def _band_fwd(
     Q, K, V, O, LSE, O_PREV, LSE_PREV,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
     n_batch, n_heads, n_kv_heads, group, n_q, n_k, offset, lo, hi,
-    step, base, ubase, period, width, own, n_summary, segment, n_rows, n_mid, slot0, scale2,
+    step, base, ubase, period, width, own, n_summary, segment, n_rows, n_mid, slot0, scale2, BIAS, n_bias, cap2,
     D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     KEYS: tl.constexpr, SEGMENTED: tl.constexpr, SPLITS: tl.constexpr, PACKED: tl.constexpr,
-    MERGE: tl.constexpr, FOLDED: tl.constexpr, PRECISION: tl.constexpr,
+    MERGE: tl.constexpr, FOLDED: tl.constexpr, PRECISION: tl.constexpr, MOD: tl.constexpr,
 ):
     pid_m, pid_mid, pid_z = program_coords(tl.cdiv(n_rows, BM), n_mid, FOLDED)
     r = pid_z // SPLITS
@@ -272,9 +291,11 @@ def _band_fwd(
         head_rows = n_rows // group
         head = kv_head * group + f // head_rows
         a = f % head_rows
+        mod_head = tl.minimum(head, n_heads - 1)[:, None]  # rows past the group's read a real head's bias
     else:
         batch, head, kv_head = query_heads(pid_mid, n_heads, group)
         a = f
+        mod_head = head
     i, row, valid_q, u, n_keys, b_start, n_tiles, t_full, t_stop = _query_block(
         a, r, base, offset, n_q, n_k, step, ubase, period, width, own, n_summary, lo, hi, segment,
         BN, KEYS, SEGMENTED)
@@ -293,16 +314,16 @@ def _band_fwd(
     acc = tl.zeros([BM, BDV], tl.float32)
     for t in range(t0, tl.minimum(t_full, t1)):
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, b_start + t * BN, u, i, n_keys, lo, hi, segment,
-                                  r, step, period, width, skn, svn, scale2, D, DV, BD, BDV, BN, KEYS, SEGMENTED,
-                                  True, PRECISION)
+                                  r, step, period, width, skn, svn, scale2, BIAS, mod_head, n_bias, cap2, D, DV, BD,
+                                  BDV, BN, KEYS, SEGMENTED, True, PRECISION, MOD)
     for t in range(tl.maximum(t_full, t0), tl.minimum(t_stop, t1)):
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, b_start + t * BN, u, i, n_keys, lo, hi, segment,
-                                  r, step, period, width, skn, svn, scale2, D, DV, BD, BDV, BN, KEYS, SEGMENTED,
-                                  False, PRECISION)
+                                  r, step, period, width, skn, svn, scale2, BIAS, mod_head, n_bias, cap2, D, DV, BD,
+                                  BDV, BN, KEYS, SEGMENTED, False, PRECISION, MOD)
     for t in range(tl.maximum(tl.maximum(t_full, t_stop), t0), t1):
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, b_start + t * BN, u, i, n_keys, lo, hi, segment,
-                                  r, step, period, width, skn, svn, scale2, D, DV, BD, BDV, BN, KEYS, SEGMENTED,
-                                  True, PRECISION)
+                                  r, step, period, width, skn, svn, scale2, BIAS, mod_head, n_bias, cap2, D, DV, BD,
+                                  BDV, BN, KEYS, SEGMENTED, True, PRECISION, MOD)
 
     slot = (((slot0 + split) * n_batch + batch) * n_heads + head).to(tl.int64) * n_q + row
     store_forward(O, LSE, O_PREV, LSE_PREV, slot, acc, m_i, l_i, valid_q, DV, BDV, MERGE)
@@ -314,9 +335,10 @@ def _band_bwd_dq(
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
     n_heads, group, n_q, n_k, offset, lo, hi,
     step, base, ubase, period, width, own, n_summary, segment, n_rows, n_mid, scale2, scale,
+    BIAS, n_bias, cap2, DPARAM, n_granules,
     D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     KEYS: tl.constexpr, SEGMENTED: tl.constexpr, READ_ACC: tl.constexpr, WRITE_ACC: tl.constexpr,
-    FOLDED: tl.constexpr, PRECISION: tl.constexpr,
+    FOLDED: tl.constexpr, PRECISION: tl.constexpr, MOD: tl.constexpr, BR: tl.constexpr,
 ):
     pid_m, pid_mid, r = program_coords(tl.cdiv(n_rows, BM), n_mid, FOLDED)
     batch, head, kv_head = query_heads(pid_mid, n_heads, group)
@@ -331,16 +353,21 @@ def _band_bwd_dq(
     k_base, v_base = head_base(K, batch, kv_head, skb, skh), head_base(V, batch, kv_head, svb, svh)
 
     dq = tl.zeros([BM, BD], tl.float32)
+    dparam = tl.zeros([BR], tl.float32)
     for t in range(0, tl.minimum(t_full, n_tiles)):
-        dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, b_start + t * BN, u, i, n_keys, lo, hi, segment, r, step,
-                      period, width, skn, svn, scale2, D, DV, BD, BDV, BN, KEYS, SEGMENTED, True, PRECISION)
+        dq, dparam = _dq_tile(dq, dparam, q, do, lse2, delta, k_base, v_base, b_start + t * BN, u, i, n_keys, lo, hi,
+                              segment, r, step, period, width, skn, svn, scale2, BIAS, head, n_bias, cap2, D, DV, BD,
+                              BDV, BN, KEYS, SEGMENTED, True, PRECISION, MOD, BR)
     for t in range(t_full, tl.minimum(t_stop, n_tiles)):
-        dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, b_start + t * BN, u, i, n_keys, lo, hi, segment, r, step,
-                      period, width, skn, svn, scale2, D, DV, BD, BDV, BN, KEYS, SEGMENTED, False, PRECISION)
+        dq, dparam = _dq_tile(dq, dparam, q, do, lse2, delta, k_base, v_base, b_start + t * BN, u, i, n_keys, lo, hi,
+                              segment, r, step, period, width, skn, svn, scale2, BIAS, head, n_bias, cap2, D, DV, BD,
+                              BDV, BN, KEYS, SEGMENTED, False, PRECISION, MOD, BR)
     for t in range(tl.maximum(t_full, t_stop), n_tiles):
-        dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, b_start + t * BN, u, i, n_keys, lo, hi, segment, r, step,
-                      period, width, skn, svn, scale2, D, DV, BD, BDV, BN, KEYS, SEGMENTED, True, PRECISION)
+        dq, dparam = _dq_tile(dq, dparam, q, do, lse2, delta, k_base, v_base, b_start + t * BN, u, i, n_keys, lo, hi,
+                              segment, r, step, period, width, skn, svn, scale2, BIAS, head, n_bias, cap2, D, DV, BD,
+                              BDV, BN, KEYS, SEGMENTED, True, PRECISION, MOD, BR)
     store_grad_rows(DQ, DQ_IN, DQ_ACC, stat, dq * scale, valid_q, valid_q, D, BD, READ_ACC, WRITE_ACC)
+    store_parameter(DPARAM, pid_mid * step + r, pid_m, n_granules, dparam, n_bias, BM, BR, MOD)
 
 
 @triton.jit
@@ -349,10 +376,10 @@ def _band_bwd_dkdv(
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
     n_heads, n_kv_heads, group, n_q, n_k, offset, lo, hi,
     step, base, ubase, period, width, own, n_summary, segment, n_lattice, later_period, later_width,
-    n_rows, n_mid, scale2, scale,
+    n_rows, n_mid, scale2, scale, BIAS, n_bias, cap2,
     D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     KEYS: tl.constexpr, SEGMENTED: tl.constexpr, READ_ACC: tl.constexpr, WRITE_ACC: tl.constexpr,
-    FOLDED: tl.constexpr, PRECISION: tl.constexpr,
+    FOLDED: tl.constexpr, PRECISION: tl.constexpr, MOD: tl.constexpr,
 ):
     pid_n, pid_mid, r = program_coords(tl.cdiv(n_rows, BN), n_mid, FOLDED)
     batch = pid_mid // n_kv_heads
@@ -379,27 +406,31 @@ def _band_bwd_dkdv(
         for t in range(0, tl.minimum(t_full, n_tiles)):
             dk, dvv = _dkdv_tile(dk, dvv, kk, vv, b, j, n_keys, a_start + t * BM, q_base, do_base, stat_base, LSE,
                                  DELTA, base, offset, n_q, step, r, ubase, period, width, own, lo, hi, segment, sqn,
-                                 sdn, scale2, D, DV, BD, BDV, BM, KEYS, SEGMENTED, True, PRECISION)
+                                 sdn, scale2, BIAS, head, n_bias, cap2, D, DV, BD, BDV, BM, KEYS, SEGMENTED, True,
+                                 PRECISION, MOD)
         for t in range(t_full, tl.minimum(t_stop, n_tiles)):
             dk, dvv = _dkdv_tile(dk, dvv, kk, vv, b, j, n_keys, a_start + t * BM, q_base, do_base, stat_base, LSE,
                                  DELTA, base, offset, n_q, step, r, ubase, period, width, own, lo, hi, segment, sqn,
-                                 sdn, scale2, D, DV, BD, BDV, BM, KEYS, SEGMENTED, False, PRECISION)
+                                 sdn, scale2, BIAS, head, n_bias, cap2, D, DV, BD, BDV, BM, KEYS, SEGMENTED, False,
+                                 PRECISION, MOD)
         for t in range(tl.maximum(t_full, t_stop), n_tiles):
             dk, dvv = _dkdv_tile(dk, dvv, kk, vv, b, j, n_keys, a_start + t * BM, q_base, do_base, stat_base, LSE,
                                  DELTA, base, offset, n_q, step, r, ubase, period, width, own, lo, hi, segment, sqn,
-                                 sdn, scale2, D, DV, BD, BDV, BM, KEYS, SEGMENTED, True, PRECISION)
+                                 sdn, scale2, BIAS, head, n_bias, cap2, D, DV, BD, BDV, BM, KEYS, SEGMENTED, True,
+                                 PRECISION, MOD)
     slot = (batch * n_kv_heads + kv_head).to(tl.int64) * n_k + j
     later = j % later_period >= later_period - later_width
     store_grad_rows(DK, DK_IN, DK_ACC, slot, dk * scale, valid_k, later, D, BD, READ_ACC, WRITE_ACC)
     store_grad_rows(DV_OUT, DV_IN, DV_ACC, slot, dvv, valid_k, later, DV, BDV, READ_ACC, WRITE_ACC)
 
 
-_band_fwd_tuned = configs.autotuned("fwd", ["n_q", "n_k", "lo", "hi", "step", "D", "DV", "KEYS", "SEGMENTED", "MERGE"])(
+_band_fwd_tuned = configs.autotuned("fwd", ["n_q", "n_k", "lo", "hi", "step", "D", "DV", "KEYS", "SEGMENTED", "MERGE",
+                                                                                 "MOD"])(
     _band_fwd)
-_band_bwd_dq_tuned = configs.autotuned("dq", ["n_q", "n_k", "lo", "hi", "step", "D", "DV", "KEYS", "SEGMENTED"])(
-    _band_bwd_dq)
-_band_bwd_dkdv_tuned = configs.autotuned("dkdv", ["n_q", "n_k", "lo", "hi", "step", "D", "DV", "KEYS", "SEGMENTED"])(
-    _band_bwd_dkdv)
+_band_bwd_dq_tuned = configs.autotuned("dq", ["n_q", "n_k", "lo", "hi", "step", "D", "DV", "KEYS", "SEGMENTED",
+                                              "MOD"])(_band_bwd_dq)
+_band_bwd_dkdv_tuned = configs.autotuned("dkdv", ["n_q", "n_k", "lo", "hi", "step", "D", "DV", "KEYS", "SEGMENTED",
+                                                  "MOD"])(_band_bwd_dkdv)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -449,7 +480,7 @@ def _part_flags(part: Piece) -> dict:
 
 def band_forward(part: Piece, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                  out: torch.Tensor, lse: torch.Tensor, prev: tuple | None = None,
-                 decode: tuple[int, int] | None = None) -> None:
+                 decode: tuple[int, int] | None = None, score_mod: ScoreMod | None = None) -> None:
     """Run one part forward into ``out``/``lse``.
 
     A full-size call: ``out (B, Hq, Nq, Dv)`` in its dtype and ``lse (B, Hq, Nq)`` float32, merged
@@ -457,7 +488,8 @@ def band_forward(part: Piece, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     (``decode = (splits, slot0)``: the decode configuration, a GQA group's heads packed into the
     query tile): float32 partials ``out (S, B, Hq, Nq, Dv)`` and ``lse (S, B, Hq, Nq)``, this
     part's ``splits`` key shares at slots ``slot0, slot0 + 1, ...``, for
-    :func:`~attnkit.kernels.triton_merge.merge_partials`."""
+    :func:`~attnkit.kernels.triton_merge.merge_partials`. ``score_mod``: softcap, alibi or
+    distance_bias (:mod:`~attnkit.kernels.triton_mods`), its parameter with ``Hq`` rows."""
     batch, n_heads, n_q, _ = q.shape
     n_kv, n_k = k.shape[1], k.shape[2]
     group = n_heads // n_kv
@@ -471,7 +503,8 @@ def band_forward(part: Piece, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     shape, folded = configs.grid(rows, mid, geo.residues * splits)
     args = (q, k, v, out, lse, prev_out, prev_lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
             batch, n_heads, n_kv, group, n_q, n_k, n_k - n_q, *geo.args(part), rows, mid, slot0, scale * LOG2E)
-    flags = dict(common, SPLITS=splits, PACKED=packed, MERGE=merge, FOLDED=folded)
+    mod = mod_arguments(score_mod)
+    flags = dict(common, **mod, SPLITS=splits, PACKED=packed, MERGE=merge, FOLDED=folded)
     if packed:
         bm, bn, warps, stages = decode_tiles(q, v)
         configs.launch(_band_fwd, shape, *args, BM=bm, BN=bn, **flags, num_warps=warps, num_stages=stages)
@@ -489,12 +522,13 @@ def decode_tiles(q: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int, int]:
 
 def band_backward(part: Piece, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor,
                   lse: torch.Tensor, delta: torch.Tensor, scale: float, grads: tuple, accumulate: tuple,
-                  later: tuple[int, int] | None) -> None:
+                  later: tuple[int, int] | None, score_mod: ScoreMod | None = None) -> torch.Tensor | None:
     """One part's share of the gradients given the *final* ``lse`` and ``delta = rowsum(dO * O) -
     dLSE`` (both ``(B, Hq, Nq)`` float32 contiguous), stored into ``grads = (dq, dk, dv)``
     (contiguous, the input dtypes) as :func:`~attnkit.kernels.triton_tiles.store_grad_rows` says:
     ``accumulate = (read, write)``, each None or a float32 ``(dq, dk, dv)`` scratch; ``later`` is
-    the ``touched_keys`` of the parts after this one (None: none)."""
+    the ``touched_keys`` of the parts after this one (None: none). Returns this part's share of
+    the gradient of ``score_mod``'s parameter, ``(Hq, 1 or R)`` float32 (None: it has none)."""
     batch, n_heads, n_q, _ = q.shape
     n_kv, n_k = k.shape[1], k.shape[2]
     geo = _geometry(part, n_q, n_k)
@@ -505,19 +539,24 @@ def band_backward(part: Piece, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     common = dict(configs.kernel_dims(q, v), **_part_flags(part), READ_ACC=read is not None,
                   WRITE_ACC=write is not None)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3])
+    mod = mod_arguments(score_mod, parameter_grad=True)
+    partials = partial_buffer(mod, q.device, batch * n_heads * geo.residues, geo.n_lattice)
     shape, folded = configs.grid(geo.n_lattice, batch * n_heads, geo.residues)
     configs.launch(
         _band_bwd_dq_tuned, shape, q, k, v, grad_out, lse, delta, dq, dq_in, dq_acc, *strides,
         n_heads, n_heads // n_kv, n_q, n_k, n_k - n_q, *geo.args(part), geo.n_lattice, batch * n_heads,
-        scale * LOG2E, scale, **common, FOLDED=folded,
+        scale * LOG2E, scale, DPARAM=partials, n_granules=None if partials is None else partials.shape[1],
+        **common, **mod, FOLDED=folded,
     )
     later_period, later_width = later or (1, 0)  # (1, 0): no key is touched later
     shape, folded = configs.grid(geo.key_slots, batch * n_kv, geo.residues, block="BN")
     configs.launch(
         _band_bwd_dkdv_tuned, shape, q, k, v, grad_out, lse, delta, dk, dv, dk_in, dv_in, dk_acc, dv_acc, *strides,
         n_heads, n_kv, n_heads // n_kv, n_q, n_k, n_k - n_q, *geo.args(part), geo.n_lattice, later_period,
-        later_width, geo.key_slots, batch * n_kv, scale * LOG2E, scale, **common, FOLDED=folded,
+        later_width, geo.key_slots, batch * n_kv, scale * LOG2E, scale, **common, **mod_arguments(score_mod),
+        FOLDED=folded,
     )
+    return None if partials is None else reduce_partials(partials, batch, n_heads)
 
 
 def key_tiles(part: Piece, n_q: int, n_k: int, block_n: int) -> int:

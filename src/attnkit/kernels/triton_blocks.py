@@ -5,7 +5,9 @@ pattern's value): per query block its *full* key blocks (no element mask) and it
 (an element mask from a small table), and the same transposed for the dK/dV pass. Each kernel runs
 the full blocks and the partial blocks in two loops (the mask is a ``constexpr`` choice per loop,
 so the full loop is free of branches), touches only the listed blocks and uses no atomics.
-Softmax statistics are float32 with exp2; gradients are stored in the input dtype. Row and key
+Softmax statistics are float32 with exp2; gradients are stored in the input dtype. A score
+modification applies as in :mod:`~attnkit.kernels.triton_band` (query row ``r`` at position
+``r + Nk - Nq``, key ``j`` at ``j``). Row and key
 indices are widened to int64 before they meet a stride, as in :mod:`~attnkit.kernels.triton_band`.
 """
 
@@ -20,8 +22,11 @@ import triton.language as tl
 from . import triton_configs as configs
 from ..patterns import Pattern
 from .triton_lists import BlockList, block_list
+from .score_mods import ScoreMod
+from .triton_mods import mod_arguments, modify, parameter_step, partial_buffer, raw_grad, reduce_partials
+from .triton_mods import store_parameter
 from .triton_tiles import LOG2E, dkdv_step, dq_step, head_base, load_cols, load_rows, program_coords, query_heads
-from .triton_tiles import row_stats, scores, softmax_step, store_forward, store_rows
+from .triton_tiles import row_stats, score_grad, scores, softmax_step, store_forward, store_rows
 
 
 @triton.jit
@@ -44,52 +49,67 @@ def _listed(INDEX, owner, width, t, limit, BLK: tl.constexpr):
 
 
 @triton.jit
-def _fwd_block(acc, m_i, l_i, q, k_base, v_base, col, valid_k, MASKS, mask_id, skn, svn, scale2,
-               D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BLK: tl.constexpr,
-               MASKED: tl.constexpr, PRECISION: tl.constexpr):
+def _fwd_block(acc, m_i, l_i, q, k_base, v_base, i, col, valid_k, MASKS, mask_id, skn, svn, scale2, BIAS, head,
+               n_bias, cap2, D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+               BLK: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr, MOD: tl.constexpr):
     s = scores(q, load_cols(k_base, col, skn, valid_k, D, BD), scale2, PRECISION)
+    if MOD != 0:
+        s = modify(s, col[None, :] - i[:, None], BIAS, head, n_bias, cap2, MOD)
     if MASKED:
         s = tl.where(_mask_tile(MASKS, mask_id, BLK, False) != 0, s, float("-inf"))
     return softmax_step(acc, m_i, l_i, s, load_rows(v_base, col, svn, valid_k, DV, BDV), PRECISION)
 
 
 @triton.jit
-def _dq_block(dq, q, do, lse2, delta, k_base, v_base, col, valid_k, MASKS, mask_id, skn, svn, scale2,
-              D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BLK: tl.constexpr,
-              MASKED: tl.constexpr, PRECISION: tl.constexpr):
+def _dq_block(dq, dparam, q, do, lse2, delta, k_base, v_base, i, col, valid_k, MASKS, mask_id, skn, svn, scale2,
+              BIAS, head, n_bias, cap2, D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+              BLK: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr, MOD: tl.constexpr,
+              BR: tl.constexpr):
     kk = load_rows(k_base, col, skn, valid_k, D, BD)
     vt = load_cols(v_base, col, svn, valid_k, DV, BDV)
-    p = tl.math.exp2(scores(q, tl.trans(kk), scale2, PRECISION) - lse2[:, None])
+    s = scores(q, tl.trans(kk), scale2, PRECISION)
+    if MOD != 0:
+        offset = col[None, :] - i[:, None]
+        s = modify(s, offset, BIAS, head, n_bias, cap2, MOD)
+    p = tl.math.exp2(s - lse2[:, None])
     if MASKED:
         p = tl.where(_mask_tile(MASKS, mask_id, BLK, False) != 0, p, 0.0)
-    return dq_step(dq, p, do, vt, kk, delta, PRECISION)
+    ds = score_grad(p, do, vt, delta, PRECISION)
+    if MOD >= 2:
+        dparam = parameter_step(dparam, ds, offset, n_bias, BR, MOD)
+    return dq_step(dq, raw_grad(ds, s, cap2, MOD), kk, PRECISION), dparam
 
 
 @triton.jit
-def _dkdv_block(dk, dvv, kk, vv, row, valid_q, q_base, do_base, stat_base, LSE, DELTA, MASKS, mask_id, sqn, sdn,
-                scale2, D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BLK: tl.constexpr,
-                MASKED: tl.constexpr, PRECISION: tl.constexpr):
+def _dkdv_block(dk, dvv, kk, vv, col, row, valid_q, q_base, do_base, stat_base, LSE, DELTA, MASKS, mask_id, sqn, sdn,
+                scale2, first, BIAS, head, n_bias, cap2, D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr,
+                BDV: tl.constexpr, BLK: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr,
+                MOD: tl.constexpr):
     qq = load_rows(q_base, row, sqn, valid_q, D, BD)
     do = load_rows(do_base, row, sdn, valid_q, DV, BDV)
     lse2, delta = row_stats(LSE, DELTA, stat_base + row, valid_q)
-    pt = tl.math.exp2(scores(kk, tl.trans(qq), scale2, PRECISION) - lse2[None, :])
+    st = scores(kk, tl.trans(qq), scale2, PRECISION)
+    if MOD != 0:
+        st = modify(st, col[:, None] - (first + row)[None, :], BIAS, head, n_bias, cap2, MOD)
+    pt = tl.math.exp2(st - lse2[None, :])
     if MASKED:
         pt = tl.where(_mask_tile(MASKS, mask_id, BLK, True) != 0, pt, 0.0)
-    return dkdv_step(dk, dvv, pt, qq, do, vv, delta, PRECISION)
+    return dkdv_step(dk, dvv, pt, st, qq, do, vv, delta, cap2, PRECISION, MOD)
 
 
 @triton.jit
 def _blocks_fwd(
     Q, K, V, O, LSE, FULL, FULL_COUNT, PARTIAL, PARTIAL_MASK, PARTIAL_COUNT, MASKS,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
-    n_heads, group, n_q, n_k, full_width, partial_width, n_mid, scale2,
+    n_heads, group, n_q, n_k, full_width, partial_width, n_mid, scale2, BIAS, n_bias, cap2,
     D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BLK: tl.constexpr,
-    FOLDED: tl.constexpr, PRECISION: tl.constexpr,
+    FOLDED: tl.constexpr, PRECISION: tl.constexpr, MOD: tl.constexpr,
 ):
     qb, bh, _ = program_coords(tl.cdiv(n_q, BLK), n_mid, FOLDED)
     batch, head, kv_head = query_heads(bh, n_heads, group)
     row = qb * BLK + tl.arange(0, BLK)
     valid_q = row < n_q
+    i = row + (n_k - n_q)  # query positions
     q = load_rows(head_base(Q, batch, head, sqb, sqh), row, sqn, valid_q, D, BD)
     k_base, v_base = head_base(K, batch, kv_head, skb, skh), head_base(V, batch, kv_head, svb, svh)
     m_i = tl.full([BLK], float("-inf"), tl.float32)
@@ -97,13 +117,13 @@ def _blocks_fwd(
     acc = tl.zeros([BLK, BDV], tl.float32)
     for t in range(0, tl.load(FULL_COUNT + qb)):
         col, valid_k = _listed(FULL, qb, full_width, t, n_k, BLK)
-        acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, col, valid_k, MASKS, 0, skn, svn, scale2,
-                                   D, DV, BD, BDV, BLK, False, PRECISION)
+        acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, i, col, valid_k, MASKS, 0, skn, svn, scale2,
+                                   BIAS, head, n_bias, cap2, D, DV, BD, BDV, BLK, False, PRECISION, MOD)
     for t in range(0, tl.load(PARTIAL_COUNT + qb)):
         col, valid_k = _listed(PARTIAL, qb, partial_width, t, n_k, BLK)
         mask_id = tl.load(PARTIAL_MASK + qb * partial_width + t)
-        acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, col, valid_k, MASKS, mask_id, skn, svn, scale2,
-                                   D, DV, BD, BDV, BLK, True, PRECISION)
+        acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, i, col, valid_k, MASKS, mask_id, skn, svn,
+                                   scale2, BIAS, head, n_bias, cap2, D, DV, BD, BDV, BLK, True, PRECISION, MOD)
     slot = (batch * n_heads + head).to(tl.int64) * n_q + row
     store_forward(O, LSE, O, LSE, slot, acc, m_i, l_i, valid_q, DV, BDV, False)
 
@@ -113,38 +133,42 @@ def _blocks_bwd_dq(
     Q, K, V, DO, LSE, DELTA, DQ, FULL, FULL_COUNT, PARTIAL, PARTIAL_MASK, PARTIAL_COUNT, MASKS,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
     n_heads, group, n_q, n_k, full_width, partial_width, n_mid, scale2, scale,
+    BIAS, n_bias, cap2, DPARAM, n_granules,
     D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BLK: tl.constexpr,
-    FOLDED: tl.constexpr, PRECISION: tl.constexpr,
+    FOLDED: tl.constexpr, PRECISION: tl.constexpr, MOD: tl.constexpr, BR: tl.constexpr,
 ):
     qb, bh, _ = program_coords(tl.cdiv(n_q, BLK), n_mid, FOLDED)
     batch, head, kv_head = query_heads(bh, n_heads, group)
     row = qb * BLK + tl.arange(0, BLK)
     valid_q = row < n_q
+    i = row + (n_k - n_q)
     q = load_rows(head_base(Q, batch, head, sqb, sqh), row, sqn, valid_q, D, BD)
     do = load_rows(head_base(DO, batch, head, sdb, sdh), row, sdn, valid_q, DV, BDV)
     stat = (batch * n_heads + head).to(tl.int64) * n_q + row
     lse2, delta = row_stats(LSE, DELTA, stat, valid_q)
     k_base, v_base = head_base(K, batch, kv_head, skb, skh), head_base(V, batch, kv_head, svb, svh)
     dq = tl.zeros([BLK, BD], tl.float32)
+    dparam = tl.zeros([BR], tl.float32)
     for t in range(0, tl.load(FULL_COUNT + qb)):
         col, valid_k = _listed(FULL, qb, full_width, t, n_k, BLK)
-        dq = _dq_block(dq, q, do, lse2, delta, k_base, v_base, col, valid_k, MASKS, 0, skn, svn, scale2,
-                       D, DV, BD, BDV, BLK, False, PRECISION)
+        dq, dparam = _dq_block(dq, dparam, q, do, lse2, delta, k_base, v_base, i, col, valid_k, MASKS, 0, skn, svn,
+                               scale2, BIAS, head, n_bias, cap2, D, DV, BD, BDV, BLK, False, PRECISION, MOD, BR)
     for t in range(0, tl.load(PARTIAL_COUNT + qb)):
         col, valid_k = _listed(PARTIAL, qb, partial_width, t, n_k, BLK)
         mask_id = tl.load(PARTIAL_MASK + qb * partial_width + t)
-        dq = _dq_block(dq, q, do, lse2, delta, k_base, v_base, col, valid_k, MASKS, mask_id, skn, svn, scale2,
-                       D, DV, BD, BDV, BLK, True, PRECISION)
+        dq, dparam = _dq_block(dq, dparam, q, do, lse2, delta, k_base, v_base, i, col, valid_k, MASKS, mask_id, skn,
+                               svn, scale2, BIAS, head, n_bias, cap2, D, DV, BD, BDV, BLK, True, PRECISION, MOD, BR)
     store_rows(DQ, stat, dq * scale, valid_q, D, BD)
+    store_parameter(DPARAM, bh, qb, n_granules, dparam, n_bias, BLK, BR, MOD)
 
 
 @triton.jit
 def _blocks_bwd_dkdv(
     Q, K, V, DO, LSE, DELTA, DK, DV_OUT, FULL, FULL_COUNT, PARTIAL, PARTIAL_MASK, PARTIAL_COUNT, MASKS,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
-    n_heads, n_kv_heads, group, n_q, n_k, full_width, partial_width, n_mid, scale2, scale,
+    n_heads, n_kv_heads, group, n_q, n_k, full_width, partial_width, n_mid, scale2, scale, BIAS, n_bias, cap2,
     D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BLK: tl.constexpr,
-    FOLDED: tl.constexpr, PRECISION: tl.constexpr,
+    FOLDED: tl.constexpr, PRECISION: tl.constexpr, MOD: tl.constexpr,
 ):
     kb, bh, _ = program_coords(tl.cdiv(n_k, BLK), n_mid, FOLDED)
     batch = bh // n_kv_heads
@@ -164,19 +188,21 @@ def _blocks_bwd_dkdv(
         stat_base = (batch * n_heads + head).to(tl.int64) * n_q
         for t in range(0, n_full):
             row, valid_q = _listed(FULL, kb, full_width, t, n_q, BLK)
-            dk, dvv = _dkdv_block(dk, dvv, kk, vv, row, valid_q, q_base, do_base, stat_base, LSE, DELTA, MASKS, 0,
-                                  sqn, sdn, scale2, D, DV, BD, BDV, BLK, False, PRECISION)
+            dk, dvv = _dkdv_block(dk, dvv, kk, vv, col, row, valid_q, q_base, do_base, stat_base, LSE, DELTA, MASKS, 0,
+                                  sqn, sdn, scale2, n_k - n_q, BIAS, head, n_bias, cap2, D, DV, BD, BDV, BLK, False,
+                                  PRECISION, MOD)
         for t in range(0, n_partial):
             row, valid_q = _listed(PARTIAL, kb, partial_width, t, n_q, BLK)
             mask_id = tl.load(PARTIAL_MASK + kb * partial_width + t)
-            dk, dvv = _dkdv_block(dk, dvv, kk, vv, row, valid_q, q_base, do_base, stat_base, LSE, DELTA, MASKS,
-                                  mask_id, sqn, sdn, scale2, D, DV, BD, BDV, BLK, True, PRECISION)
+            dk, dvv = _dkdv_block(dk, dvv, kk, vv, col, row, valid_q, q_base, do_base, stat_base, LSE, DELTA, MASKS,
+                                  mask_id, sqn, sdn, scale2, n_k - n_q, BIAS, head, n_bias, cap2, D, DV, BD, BDV, BLK,
+                                  True, PRECISION, MOD)
     slot = (batch * n_kv_heads + kv_head).to(tl.int64) * n_k + col
     store_rows(DK, slot, dk * scale, valid_k, D, BD)
     store_rows(DV_OUT, slot, dvv, valid_k, DV, BDV)
 
 
-_KEY = ["n_q", "n_k", "D", "DV", "BLK"]
+_KEY = ["n_q", "n_k", "D", "DV", "BLK", "MOD"]
 _blocks_fwd_tuned = configs.autotuned("blocks", _KEY)(_blocks_fwd)
 _blocks_bwd_dq_tuned = configs.autotuned("blocks_dq", _KEY)(_blocks_bwd_dq)
 _blocks_bwd_dkdv_tuned = configs.autotuned("blocks_dkdv", _KEY)(_blocks_bwd_dkdv)
@@ -202,8 +228,9 @@ def _widths(lists) -> tuple[int, int]:
 
 
 def blocks_forward(part: BlocksPart, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                   out: torch.Tensor, lse: torch.Tensor) -> None:
-    """Run the part forward into ``out (B, Hq, Nq, Dv)`` (its dtype) and ``lse (B, Hq, Nq)`` float32."""
+                   out: torch.Tensor, lse: torch.Tensor, score_mod: ScoreMod | None = None) -> None:
+    """Run the part forward into ``out (B, Hq, Nq, Dv)`` (its dtype) and ``lse (B, Hq, Nq)`` float32,
+    with ``score_mod`` (softcap, alibi, distance_bias; None: none) applied."""
     batch, n_heads, n_q, _ = q.shape
     n_kv, n_k = k.shape[1], k.shape[2]
     lists = part.lists(q, n_k, v.shape[-1])
@@ -212,29 +239,34 @@ def blocks_forward(part: BlocksPart, q: torch.Tensor, k: torch.Tensor, v: torch.
         _blocks_fwd_tuned, shape, q, k, v, out, lse, *_list_args(lists.by_query), lists.masks,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
         n_heads, n_heads // n_kv, n_q, n_k, *_widths(lists.by_query), batch * n_heads, scale * LOG2E,
-        **configs.kernel_dims(q, v), BLK=lists.blk, FOLDED=folded,
+        **configs.kernel_dims(q, v), **mod_arguments(score_mod), BLK=lists.blk, FOLDED=folded,
     )
 
 
 def blocks_backward(part: BlocksPart, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor,
-                    lse: torch.Tensor, delta: torch.Tensor, scale: float, grads: tuple) -> None:
+                    lse: torch.Tensor, delta: torch.Tensor, scale: float, grads: tuple,
+                    score_mod: ScoreMod | None = None) -> torch.Tensor | None:
     """The gradients into ``grads = (dq, dk, dv)`` (contiguous, the input dtypes), given the final
-    ``lse`` and ``delta`` (see :func:`~attnkit.kernels.triton_band.band_backward`)."""
+    ``lse`` and ``delta`` (see :func:`~attnkit.kernels.triton_band.band_backward`); returns the
+    gradient of ``score_mod``'s parameter, ``(Hq, 1 or R)`` float32 (None: it has none)."""
     batch, n_heads, n_q, _ = q.shape
     n_kv, n_k = k.shape[1], k.shape[2]
     lists = part.lists(q, n_k, v.shape[-1])
     dq, dk, dv = grads
     common = dict(configs.kernel_dims(q, v), BLK=lists.blk)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3])
+    mod = mod_arguments(score_mod, parameter_grad=True)
+    partials = partial_buffer(mod, q.device, batch * n_heads, n_q)
     shape, folded = configs.grid(n_q, batch * n_heads, 1, block="BLK")
     configs.launch(
         _blocks_bwd_dq_tuned, shape, q, k, v, grad_out, lse, delta, dq, *_list_args(lists.by_query), lists.masks,
         *strides, n_heads, n_heads // n_kv, n_q, n_k, *_widths(lists.by_query), batch * n_heads, scale * LOG2E, scale,
-        **common, FOLDED=folded,
+        DPARAM=partials, n_granules=None if partials is None else partials.shape[1], **common, **mod, FOLDED=folded,
     )
     shape, folded = configs.grid(n_k, batch * n_kv, 1, block="BLK")
     configs.launch(
         _blocks_bwd_dkdv_tuned, shape, q, k, v, grad_out, lse, delta, dk, dv, *_list_args(lists.by_key), lists.masks,
         *strides, n_heads, n_kv, n_heads // n_kv, n_q, n_k, *_widths(lists.by_key), batch * n_kv, scale * LOG2E, scale,
-        **common, FOLDED=folded,
+        **common, **mod_arguments(score_mod), FOLDED=folded,
     )
+    return None if partials is None else reduce_partials(partials, batch, n_heads)

@@ -38,6 +38,9 @@ DECODE_QUERIES = 16
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 """Input dtypes the kernels take; others run the sparse backend."""
 MAX_SPLITS = 64
+TRITON_SCORE_MODS = ("softcap", "alibi", "distance_bias")
+"""The score mods the kernels apply (:mod:`~attnkit.kernels.triton_mods`; a Python callable runs
+only on the reference and dense backends)."""
 
 
 def _interpreting() -> bool:
@@ -154,7 +157,7 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _forward(parts: tuple, q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward(parts: tuple, q, k, v, scale: float, score_mod=None) -> tuple[torch.Tensor, torch.Tensor]:
     from .triton_band import band_forward
     from .triton_blocks import BlocksPart, blocks_forward
     from .triton_merge import merge_partials
@@ -166,22 +169,22 @@ def _forward(parts: tuple, q, k, v, scale: float) -> tuple[torch.Tensor, torch.T
         partial_out = torch.empty(sum(splits), *shape, device=q.device, dtype=torch.float32)
         partial_lse = torch.empty(sum(splits), *shape[:3], device=q.device, dtype=torch.float32)
         for part, n, slot0 in zip(parts, splits, _starts(splits)):
-            band_forward(part, q, k, v, scale, partial_out, partial_lse, decode=(n, slot0))
+            band_forward(part, q, k, v, scale, partial_out, partial_lse, decode=(n, slot0), score_mod=score_mod)
         return merge_partials(partial_out, partial_lse, q.dtype)
     out = torch.empty(shape, device=q.device, dtype=q.dtype)
     lse = torch.empty(shape[:3], device=q.device, dtype=torch.float32)
     if splits is not None:  # one part, one share
-        band_forward(parts[0], q, k, v, scale, out, lse, decode=(1, 0))
+        band_forward(parts[0], q, k, v, scale, out, lse, decode=(1, 0), score_mod=score_mod)
         return out, lse
     if isinstance(parts[0], BlocksPart):  # always alone
-        blocks_forward(parts[0], q, k, v, scale, out, lse)
+        blocks_forward(parts[0], q, k, v, scale, out, lse, score_mod)
         return out, lse
     scratch = [(torch.empty(shape, device=q.device, dtype=torch.float32),
                 torch.empty(shape[:3], device=q.device, dtype=torch.float32)) for _ in range(min(2, len(parts) - 1))]
     prev = None
     for index, part in enumerate(parts):
         target = (out, lse) if index == len(parts) - 1 else scratch[index % 2]
-        band_forward(part, q, k, v, scale, *target, prev=prev)
+        band_forward(part, q, k, v, scale, *target, prev=prev, score_mod=score_mod)
         prev = target
     return out, lse
 
@@ -204,9 +207,11 @@ def _later_keys(parts: tuple, index: int) -> Optional[tuple[int, int]]:
     return later.pop()
 
 
-def _backward(parts: tuple, q, k, v, out, lse, grad_out, grad_lse, scale: float) -> tuple[torch.Tensor, ...]:
-    """``(dq, dk, dv)`` in the inputs' dtypes, contiguous, given the merged ``out`` and ``lse`` (and
-    ``grad_lse``, None = zero)."""
+def _backward(parts: tuple, q, k, v, out, lse, grad_out, grad_lse, scale: float,
+              score_mod=None) -> tuple[torch.Tensor, ...]:
+    """``(dq, dk, dv, dparameter)``: the first three in the inputs' dtypes, contiguous, given the
+    merged ``out`` and ``lse`` (and ``grad_lse``, None = zero); ``dparameter`` the gradient of
+    ``score_mod``'s parameter (float32, its shape; None when it has none)."""
     from .triton_band import band_backward, touched_keys
     from .triton_blocks import BlocksPart, blocks_backward
     from .triton_merge import backward_delta
@@ -215,29 +220,40 @@ def _backward(parts: tuple, q, k, v, out, lse, grad_out, grad_lse, scale: float)
     grads = (torch.empty(q.shape, device=q.device, dtype=q.dtype), torch.empty(k.shape, device=k.device, dtype=k.dtype),
              torch.empty(v.shape, device=v.device, dtype=v.dtype))
     if isinstance(parts[0], BlocksPart):
-        blocks_backward(parts[0], q, k, v, grad_out, lse, delta, scale, grads)
-        return grads
+        d_parameter = blocks_backward(parts[0], q, k, v, grad_out, lse, delta, scale, grads, score_mod)
+        return (*grads, _parameter_shaped(d_parameter, score_mod))
     if touched_keys(parts[0]) != (1, 1):  # Summary alone: the keys it does not reach get no gradient
         grads[1].zero_()
         grads[2].zero_()
     scratch = [tuple(torch.empty(g.shape, device=g.device, dtype=torch.float32) for g in grads)
                for _ in range(min(2, len(parts) - 1))]
+    d_parameter = None
     for index, part in enumerate(parts):
         last = index == len(parts) - 1
         read = scratch[(index - 1) % 2] if index else None
         write = None if last else scratch[index % 2]
-        band_backward(part, q, k, v, grad_out, lse, delta, scale, grads, (read, write), _later_keys(parts, index))
-    return grads
+        share = band_backward(part, q, k, v, grad_out, lse, delta, scale, grads, (read, write),
+                              _later_keys(parts, index), score_mod)
+        d_parameter = share if d_parameter is None else d_parameter + share
+    return (*grads, _parameter_shaped(d_parameter, score_mod))
+
+
+def _parameter_shaped(d_parameter: Optional[torch.Tensor], score_mod) -> Optional[torch.Tensor]:
+    """A kernel's ``(Hq, 1 or R)`` parameter gradient in the parameter's shape (None stays None)."""
+    return None if d_parameter is None else d_parameter.view(score_mod.parameter.shape)
 
 
 class _TritonAttention(torch.autograd.Function):
+    """Inputs ``(q, k, v, parameter, parts, scale, score_mod)``: ``parameter`` is the score mod's
+    slopes or table (or None), passed apart so that autograd returns its gradient."""
+
     @staticmethod
-    def forward(ctx, q, k, v, parts, scale):
+    def forward(ctx, q, k, v, parameter, parts, scale, score_mod):
         ctx.set_materialize_grads(False)  # an output nobody used gets None, not a tensor of zeros
         q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-        out, lse = _forward(parts, q, k, v, scale)
+        out, lse = _forward(parts, q, k, v, scale, score_mod)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.parts, ctx.scale = parts, scale
+        ctx.parts, ctx.scale, ctx.score_mod = parts, scale, score_mod
         return out, lse
 
     @staticmethod
@@ -245,8 +261,11 @@ class _TritonAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         grad_out = torch.zeros_like(out) if grad_out is None else _last_dim_contiguous(grad_out)
         with _on_device(q):
-            dq, dk, dv = _backward(ctx.parts, q, k, v, out, lse, grad_out, grad_lse, ctx.scale)
-        return dq, dk, dv, None, None
+            dq, dk, dv, d_parameter = _backward(ctx.parts, q, k, v, out, lse, grad_out, grad_lse, ctx.scale,
+                                                ctx.score_mod)
+        if d_parameter is not None:
+            d_parameter = d_parameter.to(ctx.score_mod.parameter.dtype)
+        return dq, dk, dv, d_parameter, None, None, None
 
 
 def _on_device(t: torch.Tensor):
@@ -269,12 +288,13 @@ def _check_runnable(q: torch.Tensor) -> None:
 
 
 def triton_kernel(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, scale: float, score_mod=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of validated inputs by the Triton kernels: ``(out (B, Hq, Nq, Dv), lse (B, Hq, Nq))``,
-    lse float32 natural log. Differentiable in q, k, v (and through lse). Every pattern runs;
-    inputs the kernels do not take (float64, head dims over 256, an empty batch) run the sparse
-    backend.
+    lse float32 natural log. Differentiable in q, k, v (and through lse), and in the parameter of
+    ``score_mod`` (softcap, alibi or distance_bias, :mod:`~attnkit.kernels.triton_mods`; None:
+    none). Every pattern runs; inputs the kernels do not take (float64, head dims over 256, an
+    empty batch) run the sparse backend.
 
     Raises:
         ValueError: Triton cannot run here at all (not installed, no CUDA device, or CPU tensors
@@ -284,11 +304,13 @@ def triton_kernel(
     if triton_unsupported(q, k, v) is not None or q.shape[0] == 0:  # an empty grid cannot be launched
         from .sparse import sparse_kernel
 
-        return sparse_kernel(q, k, v, pattern, scale)
+        return sparse_kernel(q, k, v, pattern, scale, score_mod=score_mod)
     outs, lses = [], []
     with _on_device(q):
         for heads, kv_heads, parts in _runs(pattern, q, k):
-            out, lse = _TritonAttention.apply(q[:, heads], k[:, kv_heads], v[:, kv_heads], parts, scale)
+            run_mod = None if score_mod is None else score_mod.for_heads(heads.start, heads.stop)
+            out, lse = _TritonAttention.apply(q[:, heads], k[:, kv_heads], v[:, kv_heads],
+                                              None if run_mod is None else run_mod.parameter, parts, scale, run_mod)
             outs.append(out)
             lses.append(lse)
     if len(outs) == 1:
@@ -298,11 +320,13 @@ def triton_kernel(
 
 def triton_grad_share(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    d_out: torch.Tensor, d_lse: Optional[torch.Tensor], pattern: Pattern, scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The share of ``(dq, dk, dv)`` flowing through keys ``k``/``v`` when ``out``/``lse`` are the
-    results over a larger key set (see :meth:`attnkit.backends.base.Backend.grad_share`), by the
-    kernels' own backward. Inputs as :func:`triton_kernel` takes them (the kernels take them)."""
+    d_out: torch.Tensor, d_lse: Optional[torch.Tensor], pattern: Pattern, scale: float, score_mod=None,
+) -> tuple[torch.Tensor, ...]:
+    """The share of ``(dq, dk, dv, dparameter)`` flowing through keys ``k``/``v`` when
+    ``out``/``lse`` are the results over a larger key set (see
+    :meth:`attnkit.backends.base.Backend.grad_share`), by the kernels' own backward;
+    ``dparameter`` is that of ``score_mod``'s parameter (float32; None when it has none). Inputs
+    as :func:`triton_kernel` takes them (the kernels take them)."""
     _check_runnable(q)
     q, k, v, d_out = (_last_dim_contiguous(t) for t in (q, k, v, d_out))
     out, lse = out.contiguous(), lse.float().contiguous()
@@ -310,19 +334,24 @@ def triton_grad_share(
     runs = list(_runs(pattern, q, k))
     with _on_device(q):
         if len(runs) == 1:
-            return _backward(runs[0][2], q, k, v, out, lse, d_out, d_lse, scale)
+            return _backward(runs[0][2], q, k, v, out, lse, d_out, d_lse, scale, score_mod)
         dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        d_parameter = None if score_mod is None or score_mod.parameter is None else \
+            torch.zeros(score_mod.parameter.shape, device=q.device, dtype=torch.float32)
         for heads, kv_heads, parts in runs:
+            run_mod = None if score_mod is None else score_mod.for_heads(heads.start, heads.stop)
             grads = _backward(parts, q[:, heads], k[:, kv_heads], v[:, kv_heads], out[:, heads].contiguous(),
                               lse[:, heads].contiguous(), d_out[:, heads], None if d_lse is None else d_lse[:, heads],
-                              scale)
+                              scale, run_mod)
             dq[:, heads] = grads[0]
             dk[:, kv_heads] += grads[1]  # runs of single heads may share a KV head
             dv[:, kv_heads] += grads[2]
-    return dq, dk, dv
+            if d_parameter is not None:
+                d_parameter[heads] = grads[3]
+    return dq, dk, dv, d_parameter
 
 
 __all__ = [
-    "DECODE_QUERIES", "MAX_HEAD_DIM", "TRITON_DTYPES", "kernel_parts", "triton_available", "triton_grad_share",
+    "DECODE_QUERIES", "MAX_HEAD_DIM", "TRITON_DTYPES", "TRITON_SCORE_MODS", "kernel_parts", "triton_available", "triton_grad_share",
     "triton_kernel", "triton_status", "triton_takes", "triton_unsupported",
 ]

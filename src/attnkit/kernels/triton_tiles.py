@@ -6,11 +6,9 @@ imported lazily, so importing :mod:`attnkit` never imports Triton. Row and key i
 to int64 before they meet a stride (``row * stride`` passes 2**31 at long sequences with large
 strides); tile widths stay ``tl.constexpr``.
 
-Where the next score features go (one place each, so every kernel gets them): a score transform
-(softcap, ALiBi, a distance bias) applies to the base-2 scores right after :func:`scores` (and its
-derivative to ``ds`` in :func:`dq_step` / :func:`dkdv_step`); an extra mask term per tile
-(documents) joins the kernels' element mask before :func:`softmax_step`; a sink adds its
-``exp(sink - m)`` to ``l_i`` in :func:`store_forward` (and to nothing else: a sink has no value).
+Score modifications (:mod:`~attnkit.kernels.triton_mods`) apply to the base-2 scores right after
+:func:`scores`, before the element mask; their derivative applies to ``dS`` (:func:`score_grad`)
+before :func:`dq_step` and inside :func:`dkdv_step`.
 """
 
 from __future__ import annotations
@@ -19,6 +17,7 @@ import triton
 import triton.language as tl
 
 from .common import LOG2E
+from .triton_mods import raw_grad
 
 # The kernels' scores and statistics are base 2 (``exp2``), their LSEs natural.
 _LOG2E = tl.constexpr(LOG2E)
@@ -142,18 +141,25 @@ def merge_step(out_a, lse2_a, out_b, lse2_b):
 
 
 @triton.jit
-def dq_step(dq, p, do, vt, kk, delta, PRECISION: tl.constexpr):
-    """``dq += (p * (dO V^T - delta)) K`` for one key tile (``p`` already masked)."""
-    ds = p * (dot(do, vt, PRECISION) - delta[:, None])
+def score_grad(p, do, vt, delta, PRECISION: tl.constexpr):
+    """``dS = p * (dO V^T - delta)`` of one key tile (``p`` already masked): the gradient of the
+    (modified) scores, natural units."""
+    return p * (dot(do, vt, PRECISION) - delta[:, None])
+
+
+@triton.jit
+def dq_step(dq, ds, kk, PRECISION: tl.constexpr):
+    """``dq += dS K`` for one key tile (``ds``: the gradient of the raw scores)."""
     return dq + dot(ds.to(kk.dtype), kk, PRECISION)
 
 
 @triton.jit
-def dkdv_step(dk, dvv, pt, qq, do, vv, delta, PRECISION: tl.constexpr):
+def dkdv_step(dk, dvv, pt, st, qq, do, vv, delta, cap2, PRECISION: tl.constexpr, MOD: tl.constexpr):
     """``dV += P^T dO`` and ``dK += (P^T * (V dO^T - delta)) Q`` for one query tile (``pt`` already
-    masked, laid out ``(keys, queries)``)."""
+    masked, laid out ``(keys, queries)``; ``st`` its modified base-2 scores, for the soft-cap's
+    derivative, :func:`~attnkit.kernels.triton_mods.raw_grad`)."""
     dvv += dot(pt.to(do.dtype), do, PRECISION)
-    dst = pt * (dot(vv, tl.trans(do), PRECISION) - delta[None, :])
+    dst = raw_grad(pt * (dot(vv, tl.trans(do), PRECISION) - delta[None, :]), st, cap2, MOD)
     dk += dot(dst.to(qq.dtype), qq, PRECISION)
     return dk, dvv
 

@@ -15,6 +15,12 @@ first compiled call pays for the compilation (minutes for a 30-layer model on a 
 the benchmark of ``attnkit bench --case decode`` reports it as its warm-up) and compiles again for
 every new cache (every ``generate`` call). When compilation fails (no C++ compiler, an operation
 inductor cannot trace), the step says so once on stderr and runs uncompiled, with the same results.
+
+A GGUF quantized Llama or Gemma 3 model decoding one unpadded row on the CPU takes the native step
+instead (``native=True``, the default): :mod:`attnkit.models.native_step` runs the whole decoder for
+the token in one C call, on the same caches, with the same logits up to float32 rounding. Where
+it does not apply (another model, a batch, padding, no native library, ``ATTNKIT_NATIVE=0``) or
+with ``native=False``, the torch step (compiled or not, as above) runs.
 """
 
 from __future__ import annotations
@@ -33,20 +39,31 @@ class DecodeStep:
         caches: its caches, already holding the prompt.
         key_mask: ``(B, max_len)`` bool over the cache positions (True = a real token), or None
             when no row is padded.
-        compile: run the step through ``torch.compile`` (falling back to the plain step when that
-            fails on the first call).
+        compile: run the torch step through ``torch.compile`` (falling back to the plain step when
+            that fails on the first call); unused when the native step runs.
+        native: use the native step of :mod:`attnkit.models.native_step` where it applies (then
+            ``self.native`` is set).
     """
 
     def __init__(self, model, caches: Sequence[object], key_mask: Optional[torch.Tensor], *,
-                 compile: bool = False) -> None:
+                 compile: bool = False, native: bool = True) -> None:
         self.model, self.caches, self.key_mask = model, list(caches), key_mask
-        self.compiled = None
-        if compile:
+        self.compiled = self.native = None
+        if native:
+            from .native_step import NativeStepUnsupported, native_step
+
+            try:
+                self.native = native_step(model, self.caches, key_mask)
+            except NativeStepUnsupported:
+                pass  # the torch step below
+        if compile and self.native is None:
             mode = "reduce-overhead" if model.device.type == "cuda" else None
             self.compiled = torch.compile(run_step, dynamic=False, mode=mode)
         self._first = True
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
+        if self.native is not None:
+            return self.native(tokens, positions, cache_position)
         args = (self.model, self.caches, tokens[:, None], positions, cache_position, self.key_mask)
         if self.compiled is None:
             return run_step(*args)

@@ -197,6 +197,7 @@ def stream(
     seed: Optional[int] = None,
     stop_tokens: Optional[Sequence[int]] = None,
     compile: bool = False,
+    native: bool = True,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, ``(B,)`` int64 per step; the first yield follows the
     prefill. A row that has produced a stop token repeats it; the stream ends when every row has
@@ -243,7 +244,7 @@ def stream(
     finished_with = torch.zeros(len(rows), dtype=torch.long, device=device)
     logits = model(batch, positions=_rows_or_one(positions, padded, device), caches=caches, key_mask=key_mask,
                    cache_positions=torch.arange(prompt_len, device=device), last_only=True)[:, -1]
-    step_logits = DecodeStep(model, caches, key_mask, compile=compile)
+    step_logits = DecodeStep(model, caches, key_mask, compile=compile, native=native)
     for step in range(max_new_tokens):
         token, top = sample_and_top(logits, temperature, top_k, top_p, generator)
         _check_finite(top, step)
@@ -276,6 +277,7 @@ def generate(
     stop_tokens: Optional[Sequence[int]] = None,
     on_token=None,
     compile: bool = False,
+    native: bool = True,
 ):
     """Continue each prompt of ``tokens`` by up to ``max_new_tokens`` tokens.
 
@@ -290,6 +292,8 @@ def generate(
         on_token: optional callback ``on_token(tokens (B,))`` after each step (for streaming).
         compile: compile the decoding step with ``torch.compile`` (see
             :mod:`attnkit.models.decode_step`: the same tokens, a compilation on the first step).
+        native: decode with the native step where it applies (a GGUF quantized Llama or Gemma 3,
+            one unpadded row, on the CPU: :mod:`attnkit.models.native_step`); False: the torch step.
     Returns:
         A tensor ``(B, N + steps)`` for tensor input, else a list of lists (prompt + new tokens,
         each ending at its stop token).
@@ -299,7 +303,7 @@ def generate(
     """
     steps = []
     for token in stream(model, tokens, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                        seed=seed, stop_tokens=stop_tokens, compile=compile):
+                        seed=seed, stop_tokens=stop_tokens, compile=compile, native=native):
         steps.append(token)
         if on_token is not None:
             on_token(token)

@@ -291,6 +291,41 @@ static inline void group_q6_k(const uint8_t *row, int64_t blocks, int64_t g, vf 
     }
 }
 
+/* s q of group g, for the 4-bit formats in the AVX-512 build: vpermps reads the low 4 bits of each
+ * lane as an index into the table s (0, 1, ..., 15), one product per group, and replaces the mask
+ * and the integer conversions (measured 1.15-1.25x on one row). SCALED_FMT says whether a format has
+ * it in this build (else its q are converted and scaled by the caller). */
+#if LANES == 16
+#define SCALED_q4_1 1
+#define SCALED_q4_k 1
+static inline vf iota16(void) { return (vf)_mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0); }
+static inline vf lookup16(vi index, vf table) { return (vf)_mm512_permutexvar_ps(index, (__m512)table); }
+static inline void scaled_q4_1(const uint8_t *row, int64_t blocks, int64_t g, float s, vf *q) {
+    const vf table = iota16() * splat(s);
+    const vi bytes = widen_u8(field(row, blocks, 4, 16, g));
+    q[0] = lookup16(bytes, table);
+    q[1] = lookup16(srl(bytes, 4), table);
+}
+static inline void scaled_q4_k(const uint8_t *row, int64_t blocks, int64_t g, float s, vf *q) {
+    (void)blocks;
+    const int j = (int)(g % 8);
+    const vf table = iota16() * splat(s);
+    const uint8_t *p = row + 144 * (g / 8) + 16 + 32 * (j / 2);
+    for (int v = 0; v < 2; v++) q[v] = lookup16(j % 2 ? srl(widen_u8(p + 16 * v), 4) : widen_u8(p + 16 * v), table);
+}
+#else
+#define SCALED_q4_1 0
+#define SCALED_q4_k 0
+#define scaled_q4_1(row, blocks, g, s, q) ((void)0)
+#define scaled_q4_k(row, blocks, g, s, q) ((void)0)
+#endif
+#define SCALED_q5_0 0
+#define SCALED_q8_0 0
+#define SCALED_q6_k 0
+#define scaled_q5_0(row, blocks, g, s, q) ((void)0)
+#define scaled_q8_0(row, blocks, g, s, q) ((void)0)
+#define scaled_q6_k(row, blocks, g, s, q) ((void)0)
+
 /* The format's block (weights and bytes) and group size; 0 for a type this file does not read. */
 static inline int block_weights(int type) {
     return type == Q4_K || type == Q6_K ? 256 : type == Q8_0 || type == Q4_1 || type == Q5_0 ? 32 : 0;

@@ -40,6 +40,7 @@
 
 enum {
     ROW_BLOCK = 4,              /* activation rows per register block */
+    CHANNELS = 4,               /* channels per step for one activation row */
     SLICE = 256,                /* groups whose scales are converted at once (two stack arrays) */
     CHUNK_BYTES = 1 << 14,      /* weight bytes per chunk of work taken by a thread */
     SERIAL_BYTES = 1 << 15,     /* below this many weight bytes (times row blocks) a call runs on one thread */
@@ -119,6 +120,21 @@ static inline void add_shift(const float *s, float *o, int64_t count, float zero
     }
 }
 
+/* sum over i < count of (o_i - zero s_i) sums_i (o_i = 0 without offsets): a channel's shift, in
+ * vectors (the scalar loop of add_shift costs a short row's channel as much as its products). */
+static inline float offsets_times_sums(const float *s, const float *o, int64_t count, float zero, int offset,
+                                       const float *sums) {
+    vf total = {0};
+    int64_t i = 0;
+    for (; i + LANES <= count; i += LANES) {
+        const vf shift = (offset ? load_floats(o + i) : (vf){0}) - splat(zero) * load_floats(s + i);
+        total = fmadd(shift, load_floats(sums + i), total);
+    }
+    float rest = 0.0f;
+    for (; i < count; i++) rest += ((offset ? o[i] : 0.0f) - zero * s[i]) * sums[i];
+    return sum_lanes(total) + rest;
+}
+
 #define DEFINE_CHANNEL(NAME, FMT, G, ZERO, OFFSET, ROWS) \
     static void NAME(const MatmulJob *job, int64_t c, int64_t row0, int rows, const uint8_t *end) { \
         CHANNEL_START(G, ROWS) \
@@ -184,15 +200,99 @@ static inline void add_shift(const float *s, float *o, int64_t count, float zero
         for (int r = 0; r < rows; r++) job->out[(row0 + r) * job->n + c] = sum8(acc[r][0] + acc[r][1]) + shift[r]; \
     }
 
+/* One activation row (decoding) times CHANNELS consecutive channels [c, c + CHANNELS): each
+ * group of x is loaded once and meets the converted q of every channel, whose accumulators are
+ * independent chains; the scales of the channels' slices are converted together, and the whole
+ * stretch of w (CHANNELS rows, contiguous) is prefetched in one pass. */
+#define DEFINE_CHANNELS(NAME, FMT, G, ZERO, OFFSET) \
+    static void NAME(const MatmulJob *job, int64_t c, const uint8_t *end) { \
+        const int64_t groups = job->k / (G); \
+        const uint8_t *rows[CHANNELS]; \
+        for (int h = 0; h < CHANNELS; h++) rows[h] = job->w + (c + h) * job->row_bytes; \
+        for (int64_t line = 0; line < CHANNELS * job->row_bytes; line += 64) \
+            if (rows[0] + PREFETCH + line < end) __builtin_prefetch(rows[0] + PREFETCH + line, 0, 2); \
+        float shift[CHANNELS] = {0}, s[CHANNELS][SLICE], o[CHANNELS][SLICE]; \
+        vf acc[CHANNELS]; \
+        for (int h = 0; h < CHANNELS; h++) acc[h] = (vf){0}; \
+        for (int64_t g0 = 0; g0 < groups; g0 += SLICE) { \
+            const int64_t count = groups - g0 < SLICE ? groups - g0 : SLICE; \
+            for (int h = 0; h < CHANNELS; h++) { \
+                scales_##FMT(rows[h], job->blocks, g0, count, s[h], o[h]); \
+                if ((OFFSET) || (ZERO)) \
+                    shift[h] += offsets_times_sums(s[h], o[h], count, (float)(ZERO), OFFSET, job->xsum + g0); \
+            } \
+            for (int64_t i = 0; i < count; i++) { \
+                vf x[(G) / LANES]; \
+                for (int v = 0; v < (G) / LANES; v++) x[v] = load_floats(job->x + (g0 + i) * (G) + v * LANES); \
+                for (int h = 0; h < CHANNELS; h++) { \
+                    vf q[(G) / LANES]; \
+                    if (SCALED_##FMT) { \
+                        scaled_##FMT(rows[h], job->blocks, g0 + i, s[h][i], q); \
+                        for (int v = 0; v < (G) / LANES; v++) acc[h] = fmadd(q[v], x[v], acc[h]); \
+                        continue; \
+                    } \
+                    group_##FMT(rows[h], job->blocks, g0 + i, q); \
+                    vf t = q[0] * x[0]; \
+                    for (int v = 1; v < (G) / LANES; v++) t = fmadd(q[v], x[v], t); \
+                    acc[h] = fmadd(t, splat(s[h][i]), acc[h]); \
+                } \
+            } \
+        } \
+        for (int h = 0; h < CHANNELS; h++) job->out[c + h] = sum_lanes(acc[h]) + shift[h]; \
+    }
+
+/* The same with int8 activations: block t of x is loaded once for every channel. */
+#define DEFINE_CHANNELS8(NAME, FMT, G, ZERO, OFFSET) \
+    static void NAME(const MatmulJob *job, int64_t c, const uint8_t *end) { \
+        const int64_t groups = job->k / (G); \
+        const uint8_t *rows[CHANNELS]; \
+        for (int h = 0; h < CHANNELS; h++) rows[h] = job->w + (c + h) * job->row_bytes; \
+        for (int64_t line = 0; line < CHANNELS * job->row_bytes; line += 64) \
+            if (rows[0] + PREFETCH + line < end) __builtin_prefetch(rows[0] + PREFETCH + line, 0, 2); \
+        float shift[CHANNELS] = {0}, s[CHANNELS][SLICE], o[CHANNELS][SLICE]; \
+        vf8 acc[CHANNELS]; \
+        for (int h = 0; h < CHANNELS; h++) acc[h] = (vf8){0}; \
+        for (int64_t g0 = 0; g0 < groups; g0 += SLICE) { \
+            const int64_t count = groups - g0 < SLICE ? groups - g0 : SLICE; \
+            const int64_t t0 = g0 * (G) / XBLOCK, count8 = count * (G) / XBLOCK; \
+            for (int h = 0; h < CHANNELS; h++) { \
+                scales_##FMT(rows[h], job->blocks, g0, count, s[h], o[h]); \
+                if ((OFFSET) || (ZERO)) \
+                    shift[h] += offsets_times_sums(s[h], o[h], count, (float)(ZERO), OFFSET, job->xsum + g0); \
+                for (int64_t i = 0; i < count; i++) s[h][i] *= job->xd[t0 + i * (G) / XBLOCK]; \
+            } \
+            for (int64_t t = 0; t < count8; t++) { \
+                vs32 x; \
+                memcpy(&x, job->xq + (t0 + t) * XBLOCK, XBLOCK); \
+                for (int h = 0; h < CHANNELS; h++) { \
+                    const vi8 dot = dot8_##FMT(rows[h], job->blocks, t0 + t, x); \
+                    vf8 scale; \
+                    if ((int)(G) == (int)XBLOCK) { \
+                        scale = splat8(s[h][t]); \
+                    } else { \
+                        const float lo = s[h][2 * t], hi = s[h][2 * t + 1]; \
+                        scale = (vf8){lo, lo, lo, lo, hi, hi, hi, hi}; \
+                    } \
+                    acc[h] += __builtin_convertvector(dot, vf8) * scale; \
+                } \
+            } \
+        } \
+        for (int h = 0; h < CHANNELS; h++) job->out[c + h] = sum8(acc[h]) + shift[h]; \
+    }
+
 typedef void (*channel_fn)(const MatmulJob *job, int64_t c, int64_t row0, int rows, const uint8_t *end);
+typedef void (*channels_fn)(const MatmulJob *job, int64_t c, const uint8_t *end);
 
 /* The channels of one chunk, channel by channel, all row blocks: the channel's weights come from
  * cache after the first. */
-static inline void run_chunk(const MatmulJob *job, int64_t chunk, channel_fn one, channel_fn block) {
+static inline void run_chunk(const MatmulJob *job, int64_t chunk, channel_fn one, channel_fn block, channels_fn many) {
     const int64_t first = chunk * job->channels_per_chunk;
     const int64_t last = first + job->channels_per_chunk < job->n ? first + job->channels_per_chunk : job->n;
     const uint8_t *end = job->w + last * job->row_bytes;
-    for (int64_t c = first; c < last; c++)
+    int64_t c = first;
+    if (job->m == 1)
+        for (; c + CHANNELS <= last; c += CHANNELS) many(job, c, end);
+    for (; c < last; c++)
         for (int64_t row0 = 0; row0 < job->m; row0 += ROW_BLOCK) {
             const int rows = job->m - row0 < ROW_BLOCK ? (int)(job->m - row0) : ROW_BLOCK;
             (rows == 1 ? one : block)(job, c, row0, rows, end);
@@ -204,8 +304,12 @@ static inline void run_chunk(const MatmulJob *job, int64_t chunk, channel_fn one
     DEFINE_CHANNEL(FMT##_block, FMT, G, ZERO, OFFSET, ROW_BLOCK) \
     DEFINE_CHANNEL8(FMT##_one8, FMT, G, ZERO, OFFSET, 1) \
     DEFINE_CHANNEL8(FMT##_block8, FMT, G, ZERO, OFFSET, ROW_BLOCK) \
-    static void FMT##_chunk(const void *arg, int64_t chunk) { run_chunk(arg, chunk, FMT##_one, FMT##_block); } \
-    static void FMT##_chunk8(const void *arg, int64_t chunk) { run_chunk(arg, chunk, FMT##_one8, FMT##_block8); }
+    DEFINE_CHANNELS(FMT##_many, FMT, G, ZERO, OFFSET) \
+    DEFINE_CHANNELS8(FMT##_many8, FMT, G, ZERO, OFFSET) \
+    static void FMT##_chunk(const void *arg, int64_t chunk) { run_chunk(arg, chunk, FMT##_one, FMT##_block, FMT##_many); } \
+    static void FMT##_chunk8(const void *arg, int64_t chunk) { \
+        run_chunk(arg, chunk, FMT##_one8, FMT##_block8, FMT##_many8); \
+    }
 
 DEFINE_FORMAT(q8_0, GROUP, 0, 0)
 DEFINE_FORMAT(q4_1, GROUP, 0, 1)
@@ -260,8 +364,7 @@ int gguf_matmul(int type, const float *x, int64_t m, int64_t k, const uint8_t *w
         }
     }
     const int64_t blocks = k / block_weights(type), row_bytes = blocks * block_bytes(type);
-    int64_t per_chunk = CHUNK_BYTES / row_bytes;
-    if (per_chunk < 1) per_chunk = 1;
+    int64_t per_chunk = (CHUNK_BYTES / row_bytes + CHANNELS - 1) / CHANNELS * CHANNELS;
     MatmulJob job = {x, xsum, xq, xd, w, out, m, n, k, row_bytes, blocks, per_chunk};
     if (n * row_bytes * ((m + ROW_BLOCK - 1) / ROW_BLOCK) < SERIAL_BYTES) threads = 1;
     pool_run(task, &job, (n + per_chunk - 1) / per_chunk, threads);
