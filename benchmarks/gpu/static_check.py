@@ -17,6 +17,7 @@ everywhere. Configurations above 99 KiB (they cannot run on sm_86/sm_89) are mar
     PYTHONPATH=src python benchmarks/gpu/static_check.py [--json OUT.json] [--cases window,strided]
         [--dtypes bf16,fp16,fp32] [--dims 64,128,256] [--forward-only] [--kernels _band_fwd,...] [--limit N]
         [--extra _band_fwd=64,128,8,3]   (also a configuration the launcher does not offer)
+        [--sample]   (one launch per kernel family) [--resume] (with --json: keep its rows, compile the rest)
         [--score-mod softcap|alibi|distance_bias]   (every case with this score modification)
         [--list]   (record and list the launches only: seconds, no compile)
 """
@@ -24,6 +25,9 @@ everywhere. Configurations above 99 KiB (they cannot run on sm_86/sm_89) are mar
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
+import io
 import json
 import multiprocessing
 import os
@@ -40,6 +44,7 @@ if __name__ == "__main__":  # before Triton is imported: it reads TRITON_INTERPR
     os.environ["TRITON_INTERPRET"] = "0"  # compile for real, even when the caller interprets
     os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="attnkit-static-"))  # fresh: nothing reused
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, without its warning
+    os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"  # Triton's own ptxas -v log: no second ptxas run per kernel
 
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -49,10 +54,11 @@ from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.autotuner import Autotuner  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
+from attnkit.bench.documents import document_lengths  # noqa: E402
 from attnkit.bench.sparse_cases import bigbird_layout  # noqa: E402
 from attnkit.kernels import triton_launch  # noqa: E402
 from attnkit.kernels.score_mods import alibi, distance_bias, softcap  # noqa: E402
-from attnkit.patterns import BlockSparse, Causal, Fixed, SlidingWindow, Strided  # noqa: E402
+from attnkit.patterns import BlockSparse, Causal, Document, Fixed, SlidingWindow, Strided  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 SHARED_LIMIT = 232448  # bytes per block on sm_90 (227 KiB)
@@ -83,6 +89,7 @@ CASES = (
     Case("fixed", lambda n: Fixed(128, 8), 16384, 16384),
     Case("blocksparse", lambda n: BlockSparse(bigbird_layout(-(-n // 128)), 128), 8192, 8192),
     Case("union", lambda n: SlidingWindow(64) | Strided(100), 4096, 4096),
+    Case("documents", lambda n: Causal() & Document(document_lengths(n)), 32768, 32768, batch=1),
     Case("decode-mha", lambda n: SlidingWindow(4096), 1, 32768, backward=False),
     Case("decode-gqa", lambda n: SlidingWindow(4096), 1, 32768, heads=(16, 2), backward=False),
     Case("decode-strided", lambda n: Strided(128), 1, 16384, heads=(16, 2), backward=False),
@@ -189,8 +196,19 @@ def _bind(fn: JITFunction, args: tuple, kwargs: dict):
 
 
 def _key(fn: JITFunction, args: tuple, kwargs: dict) -> str:
+    """A short name of the specialisation and of the kernel's source (``cache_key`` covers the
+    functions it calls): the same key, the same compiled code."""
     signature, constexprs, attrs, options = _bind(fn, args, kwargs)
-    return repr((fn.__name__, signature, sorted(constexprs.items()), sorted(attrs.items()), options))
+    spec = repr((fn.__name__, fn.cache_key, signature, sorted(constexprs.items()), sorted(attrs.items()), options))
+    return hashlib.sha256(spec.encode()).hexdigest()[:20]
+
+
+def _family(launch: Launch) -> tuple:
+    """The kernel, the flags that make a different kernel body of it (decode's packed heads, a part
+    merging into the previous parts' result), its dtype and head dim: ``--sample`` compiles one
+    launch of each."""
+    dtype = next((a.dtype for a in launch.args if isinstance(a, _Pointer)), None)
+    return launch.fn.__name__, launch.kwargs.get("PACKED"), launch.kwargs.get("MERGE"), dtype, launch.kwargs.get("D")
 
 
 def _config(fn: JITFunction, kwargs: dict) -> str:
@@ -216,23 +234,28 @@ def compile_one(launch: Launch) -> dict:
     signature, constexprs, attrs, options = _bind(launch.fn, launch.args, launch.kwargs)
     dtype = signature.get("Q", "?").lstrip("*")
     dims = [v for (i,), v in constexprs.items() if launch.fn.arg_names[i] == "D"]
-    row = {"kernel": launch.fn.__name__, "dtype": dtype, "D": dims[0] if dims else None,
+    row = {"kernel": launch.fn.__name__, "key": _key(launch.fn, launch.args, launch.kwargs),
+           "dtype": dtype, "D": dims[0] if dims else None,
            "config": _config(launch.fn, launch.kwargs), "cases": launch.cases, "candidate": launch.candidate}
     start = time.monotonic()
+    printed = io.StringIO()  # Triton runs ptxas -v itself (the flags below) and prints its log when asked
     try:
-        compiled = triton.compile(ASTSource(launch.fn, signature, constexprs, attrs), target=TARGET,
-                                  options=options.__dict__)
+        with contextlib.redirect_stdout(printed):
+            compiled = triton.compile(ASTSource(launch.fn, signature, constexprs, attrs), target=TARGET,
+                                      options=options.__dict__)
     except Exception as exc:  # report every configuration, not only the first failure
         return {**row, "error": f"{type(exc).__name__}: {str(exc)[:1500]}"}
     row["shared"] = compiled.metadata.shared
-    with tempfile.TemporaryDirectory() as scratch:
-        ptx = os.path.join(scratch, "kernel.ptx")
-        with open(ptx, "w") as f:
-            f.write(compiled.asm["ptx"])
-        result = subprocess.run([get_ptxas(TARGET.arch).path, "-lineinfo", "-v", "--regAllocOptLevel=2",
-                                 "--gpu-name=sm_90a", ptx, "-o", os.path.join(scratch, "kernel.cubin")],
-                                capture_output=True, text=True)
-    log = result.stdout + result.stderr
+    log = printed.getvalue()
+    if not _PTXAS_USED.search(log):  # not from Triton (a cached kernel, or a Triton that prints nothing)
+        with tempfile.TemporaryDirectory() as scratch:
+            ptx = os.path.join(scratch, "kernel.ptx")
+            with open(ptx, "w") as f:
+                f.write(compiled.asm["ptx"])
+            result = subprocess.run([get_ptxas(TARGET.arch).path, "-lineinfo", "-v", "--regAllocOptLevel=2",
+                                     "--gpu-name=sm_90a", ptx, "-o", os.path.join(scratch, "kernel.cubin")],
+                                    capture_output=True, text=True)
+        log = result.stdout + result.stderr
     used, spill = _PTXAS_USED.search(log), _PTXAS_SPILL.search(log)
     row["registers"] = int(used.group(1)) if used else None
     row["spills"] = int(spill.group(1)) + int(spill.group(2)) if spill else None
@@ -246,6 +269,39 @@ _LAUNCHES: list[Launch] = []
 
 def _compile_nth(number: int) -> dict:
     return compile_one(_LAUNCHES[number])
+
+
+def _compile_all(launches: list[Launch], jobs: int, path: Optional[str], resume: bool) -> list[dict]:
+    """Compile the launches ``jobs`` at a time under a progress bar, rewriting ``path`` after each
+    (a run cut short keeps what it compiled). ``resume``: rows already in ``path`` with the same
+    specialisation are kept, not recompiled (their cases updated), so a long sweep runs in parts."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    done = {}
+    if resume and path and os.path.exists(path):
+        done = {row["key"]: row for row in json.load(open(path)) if "key" in row and "error" not in row}
+    rows, todo = [], []
+    for launch in launches:
+        key = _key(launch.fn, launch.args, launch.kwargs)
+        if key in done:
+            rows.append({**done[key], "cases": launch.cases, "candidate": launch.candidate})
+        else:
+            todo.append(launch)
+    _LAUNCHES[:] = todo  # the workers (forked) find them here
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns) as progress, \
+            ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+        task = progress.add_task(f"sm_90a compiles ({len(rows)} kept)", total=len(todo))
+        for row in pool.map(_compile_nth, range(len(todo))):
+            rows.append(row)
+            progress.console.print(f"{row['kernel']} {row['dtype']} D={row['D']} {row['config']}: "
+                                   f"{row.get('registers')} regs, {row.get('spills')} spill bytes, shared "
+                                   f"{row.get('shared')}, {row.get('warnings') or row.get('error') or ''}")
+            progress.advance(task)
+            if path:
+                with open(path, "w") as f:
+                    json.dump(rows, f, indent=1)
+    return rows
 
 
 def problems(row: dict) -> list[str]:
@@ -301,7 +357,8 @@ def _list(launches: list[Launch], path: Optional[str]) -> int:
     for launch in launches:
         _, _, attrs, _ = _bind(launch.fn, launch.args, launch.kwargs)
         divisible = sorted(launch.fn.arg_names[i] for (i,), values in attrs.items() if ["tt.divisibility", 16] in values)
-        rows.append({"kernel": launch.fn.__name__, "config": _config(launch.fn, launch.kwargs),
+        rows.append({"kernel": launch.fn.__name__, "key": _key(launch.fn, launch.args, launch.kwargs),
+                     "config": _config(launch.fn, launch.kwargs),
                      "divisible_by_16": divisible, "candidate": launch.candidate, "cases": launch.cases})
         print(f"{rows[-1]['kernel']} {rows[-1]['config']}: {', '.join(launch.cases)}")
     if path:
@@ -320,11 +377,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--forward-only", action="store_true")
     parser.add_argument("--kernels", help="comma-separated kernel names (e.g. _band_fwd): compile only these")
     parser.add_argument("--limit", type=int, default=0, help="compile at most this many launches (a quick check)")
+    parser.add_argument("--sample", action="store_true",
+                        help="one launch per kernel family (kernel, decode, merging part): a quick check")
     parser.add_argument("--list", action="store_true", help="record and list the launches, compile nothing")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="compiles at once")
     parser.add_argument("--extra", action="append", default=[], metavar="KERNEL=BM,BN,WARPS,STAGES",
                         help="also compile this configuration of a tiled kernel (not a candidate of the "
                              "launcher), e.g. FlexAttention's _band_fwd=64,128,8,3; repeatable")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the rows already in --json (same specialisation), compile the rest")
     parser.add_argument("--only-extra", action="store_true", help="compile the --extra configurations only")
     parser.add_argument("--score-mod", default="", choices=("", "softcap", "alibi", "distance_bias"),
                         help="every case with this score modification (distance_bias: a table of 128 columns)")
@@ -349,21 +410,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         launches = [launch for launch in launches if launch.candidate == "extra"]
     if args.kernels:
         launches = [launch for launch in launches if launch.fn.__name__ in args.kernels.split(",")]
+    if args.sample:
+        launches = list({_family(launch): launch for launch in reversed(launches)}.values())[::-1]
     if args.limit:
         launches = launches[: args.limit]
     if args.list:
         return _list(launches, args.json)
-    rows = []
-    _LAUNCHES[:] = launches  # the workers (forked) find them here
-    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("fork")) as pool:
-        for number, row in enumerate(pool.map(_compile_nth, range(len(launches))), 1):
-            rows.append(row)
-            print(f"[{number}/{len(launches)}] {row['kernel']} {row['dtype']} D={row['D']} {row['config']}: "
-                  f"{row.get('registers')} regs, {row.get('spills')} spill bytes, shared {row.get('shared')}, "
-                  f"{row.get('warnings') or row.get('error') or ''}", flush=True)
-            if args.json:  # rewritten after every kernel: a run cut short keeps what it compiled
-                with open(args.json, "w") as f:
-                    json.dump(rows, f, indent=1)
+    rows = _compile_all(launches, args.jobs, args.json, args.resume)
     _print_table(rows)
     broken = [(row, problems(row)) for row in rows if problems(row) and row["candidate"] != "extra"]
     for row, why in broken:

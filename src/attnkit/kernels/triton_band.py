@@ -513,11 +513,8 @@ def band_forward(part: Piece, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def decode_tiles(q: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int, int]:
-    """``(BM, BN, warps, stages)`` of the decode configuration for these inputs."""
-    if configs.interpreting():
-        return configs.INTERPRETER
-    wide = configs.row_class(q.shape[-1], v.shape[-1], q.element_size()) == "wide"
-    return configs.DECODE["wide" if wide else "narrow"]
+    """``(BM, BN, warps, stages)`` of the decode configuration for these inputs (on their device)."""
+    return configs.decode_tiles(q.shape[-1], v.shape[-1], q.element_size(), q.device)
 
 
 def band_backward(part: Piece, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor,

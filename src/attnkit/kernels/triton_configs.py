@@ -84,8 +84,11 @@ BLOCKS_RUNS = {"blocks": ((4, 2), (4, 3), (8, 2)), "blocks_dq": ((4, 2), (4, 3),
 spills at head dim 128)."""
 _SCRATCH = 4096
 """Shared memory Triton adds to the tiles (layout conversions, reductions), in the estimate."""
-DECODE = {"narrow": (16, 128, 4, 3), "wide": (16, 64, 4, 2)}
-"""The decode configuration: a 16-row query tile (a GQA group's heads packed into it), wide key tiles."""
+DECODE = {"narrow": ((16, 128, 4, 3), (16, 64, 4, 2)), "wide": ((16, 64, 4, 2),)}
+"""The decode configurations, by row class, best first: a 16-row query tile (a GQA group's heads
+packed into it), wide key tiles; a call takes the first that fits the device's shared memory
+(:func:`decode_tiles`): (16, 128, 4, 3) allocated 136 KiB at head dim 128 on sm_90 (70 at 64; the
+estimate says 208 and 110), more than sm_86/sm_89's 99 KiB."""
 INTERPRETER = (16, 16, 1, 1)
 
 
@@ -169,6 +172,18 @@ def block_size(head_dim: int, value_dim: int, element_size: int, device: torch.d
         if max(needs) <= limit:
             return block
     return BLOCKS[-1]
+
+
+def decode_tiles(head_dim: int, value_dim: int, element_size: int, device: torch.device) -> tuple[int, int, int, int]:
+    """``(BM, BN, warps, stages)`` of the decode configuration for rows of this width on ``device``:
+    the first of :data:`DECODE`'s list for the row class that fits its shared memory (the last,
+    the smallest, when none does)."""
+    if interpreting():
+        return INTERPRETER
+    listed = DECODE["wide" if row_class(head_dim, value_dim, element_size) == "wide" else "narrow"]
+    limit = shared_limit(device)
+    fits = [t for t in listed if shared_bytes("fwd", t, head_dim, value_dim, element_size) <= limit]
+    return (fits or listed[-1:])[0]
 
 
 def configs(kind: str) -> list[triton.Config]:
