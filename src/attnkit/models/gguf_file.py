@@ -4,8 +4,8 @@ Nothing here knows a model family: :mod:`attnkit.models.gguf_header` parses the 
 into compact values, this module checks it (magic, truncation, tensor shapes and placement), reads
 metadata with errors that name the file and key, reads tensors' bytes with ordinary file reads (no
 memory map stays open, so no page of the file stays resident) and dequantizes them to float32
-through the ``gguf`` package (written by llama.cpp's authors). A family's ``gguf_checkpoint`` module maps the names
-and metadata of its architecture (``general.architecture``) onto its model.
+through the ``gguf`` package (written by llama.cpp's authors). A family's ``gguf_checkpoint``
+module maps the names and metadata of its architecture (``general.architecture``) onto its model.
 """
 
 from __future__ import annotations

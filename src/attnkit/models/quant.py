@@ -132,9 +132,10 @@ def install_quantized(model: nn.Module, kept: dict[str, nn.Module], tie_embeddin
         model.lm_head = model.embed_tokens.as_linear()
 
 def gguf_rows(tensor) -> tuple[torch.Tensor, str]:
-    """``(rows, format name)`` of a quantized tensor of a parsed GGUF file (a ``gguf`` reader
-    tensor): the file's blocks as a ``(out, row_bytes)`` uint8 tensor (a copy: the reader's memory
-    map is read-only). ValueError for a type that does not stay quantized."""
+    """``(rows, format name)`` of a quantized tensor of a parsed GGUF file (a tensor of
+    :func:`~attnkit.models.gguf_file.open_gguf`'s header, or of a ``gguf`` reader): the file's
+    blocks as a ``(out, row_bytes)`` uint8 tensor of its own (a reader's memory map is read-only).
+    ValueError for a type that does not stay quantized."""
     kind = tensor.tensor_type.name
     if kind not in FORMATS:
         raise ValueError(f"tensor {tensor.name} has type {kind}; quantized layers take "
