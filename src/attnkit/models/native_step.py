@@ -23,7 +23,6 @@ saying why, and :class:`~attnkit.models.decode_step.DecodeStep` keeps the torch 
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import torch
@@ -149,7 +148,7 @@ def native_step(model: nn.Module, caches: Sequence[object], key_mask: Optional[t
     head = model.lm_head if model.lm_head is not None else model.embed_tokens
     head_spec = _embedding(model) if head is model.embed_tokens else _linear("lm_head", head)
     layers = [_layer(i, block, cache, norm_kind, eps, gemma) for i, (block, cache) in enumerate(zip(model.layers, caches))]
-    embed_scale = float(torch.tensor(math.sqrt(config.dim), dtype=torch.float32)) if gemma else 1.0
+    embed_scale = float(model.embed_scale()) if gemma else 1.0
     try:
         plan = StepPlan(family, dim=config.dim, n_heads=config.n_heads,
                         n_kv_heads=config.n_kv_heads, head_dim=config.head_dim, ffn_dim=config.ffn_dim, eps=eps,

@@ -88,6 +88,11 @@ class Gemma3(nn.Module):
         self.norm = ZeroCenteredRMSNorm(config.dim, config.norm_eps)
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
 
+    def embed_scale(self) -> torch.Tensor:
+        """The embedding's multiplier ``sqrt(dim)``, a float32 scalar tensor: rounded to float32
+        first (then to the activations' dtype by the caller), as Gemma's reference implementation."""
+        return torch.tensor(math.sqrt(self.config.dim), dtype=torch.float32)
+
     @property
     def head_weight(self) -> torch.Tensor:
         """``(vocab, C)``: the output projection (the embedding matrix when tied)."""
@@ -132,8 +137,7 @@ class Gemma3(nn.Module):
             if caches is not None and len(caches) != len(self.layers):
                 raise ValueError(f"Gemma3: caches has {len(caches)} entries for {len(self.layers)} layers")
         x = self.embed_tokens(tokens)
-        # sqrt(dim) rounded to float32, then to the weights' dtype, as the reference implementation.
-        x = x * torch.tensor(math.sqrt(self.config.dim), dtype=torch.float32).to(x.dtype)
+        x = x * self.embed_scale().to(x.dtype)
         for i, layer in enumerate(self.layers):
             x = layer(x, positions=positions, cache=None if caches is None else caches[i], key_mask=key_mask,
                       cache_positions=cache_positions)
