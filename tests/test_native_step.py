@@ -134,6 +134,32 @@ def test_gemma3_steps_equal_the_torch_step_across_window_wraps():
     assert_steps_agree(model, _prompt(model, 9))  # window 6: the rings wrap three times
 
 
+@torch.no_grad()
+def test_attention_on_the_pool_equals_the_torch_step_at_any_thread_count():
+    """Heads large enough for attention to run on the kernels' pool (5 query heads of 128 over
+    >= 110 slots: >= 2^16 query-key products per layer), on 1, 2 and 3 threads (5 heads leave an
+    uneven share): the torch step's logits within float32 rounding, and the same logits bit for bit
+    on every thread count (each head is computed as on one thread)."""
+    model = quantized_model(tiny_gemma(n_heads=5, head_dim=128, sliding_window=120))
+    prompt, steps = _prompt(model, 110), 12
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            set_kernel_threads(threads)
+            assert_steps_agree(model, prompt, steps)  # wraps the window of 120
+            caches, _, logits = prefilled(model, prompt, 110 + steps)
+            step, token, outs = DecodeStep(model, caches, None), logits.argmax(-1), []
+            for i in range(steps):
+                position = torch.tensor([110 + i])
+                outs.append(step(token, position, position))
+                token = outs[-1].argmax(-1)
+            results.append(torch.cat(outs))
+    finally:
+        set_kernel_threads(None)
+    for result in results[1:]:
+        assert torch.equal(result, results[0])
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 def test_greedy_generation_gives_the_torch_steps_tokens(family):
     model = quantized_model(tiny_llama() if family == "llama" else tiny_gemma())

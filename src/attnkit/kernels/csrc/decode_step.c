@@ -18,9 +18,12 @@
  *   logits = norm(x) W_head^T
  *
  * Norms are RMSNorm (x r w, Llama) or zero-centred RMSNorm (x r (1 + w), Gemma 3) with
- * r = 1 / sqrt(mean(x^2) + eps). The softmax subtracts the row's maximum. Everything but the
- * quantized products (which run on the kernel's own threads) runs on the calling thread: it is a
- * few hundred thousand floating-point operations per layer.
+ * r = 1 / sqrt(mean(x^2) + eps). The softmax subtracts the row's maximum. The quantized products
+ * run on the kernel's threads, and so does attention, one query head per chunk of work (each head
+ * computed as on one thread, so the result does not depend on the threads), through the pool the
+ * caller hands over (gguf_pool_run of gguf_matmul.c: one pool per process): at Gemma 3's head
+ * size it is about a tenth of a step. The rest (norms, rotations, activations) runs on the
+ * calling thread: a few thousand floating-point operations per layer.
  */
 #include <math.h>
 #include <stdint.h>
@@ -31,6 +34,8 @@ typedef int (*matmul_fn)(int type, const float *x, int64_t m, int64_t k, const u
                          int threads, int int8_x);
 typedef int (*dequantize_fn)(int type, const uint8_t *w, int64_t n, int64_t k, const int64_t *rows, int64_t count,
                              float *out, int threads);
+typedef void (*pool_task)(const void *args, int64_t chunk);
+typedef void (*pool_run_fn)(pool_task task, const void *args, int64_t chunks, int threads);
 
 enum {
     FLOAT_WEIGHT = -1,          /* ds_linear.type of a float32 (out, in) weight */
@@ -41,6 +46,7 @@ enum {
     STATUS_BAD_POSITION = 102,
     STATUS_NO_MEMORY = 103,
     LANES = 16,                 /* accumulators of the float dot product (vectorised by the compiler) */
+    ATTEND_SERIAL = 1 << 16,    /* below this many query-key products per layer attention runs on one thread */
 };
 
 typedef struct {
@@ -80,6 +86,7 @@ typedef struct {
     matmul_fn matmul;
     dequantize_fn dequantize;
     int64_t threads;
+    pool_run_fn run_pool;       /* the kernels' pool (gguf_pool_run) for attention; NULL: one thread */
 } ds_model;
 
 const char *decode_step_isa(void) {
@@ -148,36 +155,58 @@ static void rope(float *x, int64_t heads, int64_t d, const float *cosines, const
     }
 }
 
-/* out (Hq, D): each query head over the slots the band lets position p see; scores (slots,) scratch. */
-static void attend(const ds_model *m, const ds_layer *layer, const float *q, int64_t p, float *scores, float *out) {
-    const int64_t d = m->head_dim, groups = m->n_heads / m->n_kv_heads;
-    for (int64_t h = 0; h < m->n_heads; h++) {
-        const int64_t kv = h / groups;
-        const float *keys = layer->keys + kv * layer->slots * d, *values = layer->values + kv * layer->slots * d;
-        float top = -INFINITY;
-        for (int64_t s = 0; s < layer->slots; s++) {
-            const int64_t j = layer->positions[s];
-            const double distance = (double)(p - j);
-            if (j < 0 || distance < layer->band_lo || distance > layer->band_hi) {
-                scores[s] = -INFINITY;
-                continue;
-            }
-            scores[s] = dot(q + h * d, keys + s * d, d) * layer->scale;
-            if (scores[s] > top) top = scores[s];
+/* What one chunk of attention (one query head) reads and writes. */
+typedef struct {
+    const ds_model *m;
+    const ds_layer *layer;
+    const float *q;             /* (Hq, D) */
+    int64_t p;
+    float *scores;              /* (Hq, slots) scratch */
+    float *out;                 /* (Hq, D) */
+} AttendJob;
+
+/* out[h] (D,): query head h over the slots the band lets position p see. */
+static void attend_head(const void *arg, int64_t h) {
+    const AttendJob *job = arg;
+    const ds_model *m = job->m;
+    const ds_layer *layer = job->layer;
+    const int64_t d = m->head_dim, kv = h / (m->n_heads / m->n_kv_heads), p = job->p;
+    const float *keys = layer->keys + kv * layer->slots * d, *values = layer->values + kv * layer->slots * d;
+    const float *q = job->q + h * d;
+    float *scores = job->scores + h * layer->slots, *o = job->out + h * d;
+    float top = -INFINITY;
+    for (int64_t s = 0; s < layer->slots; s++) {
+        const int64_t j = layer->positions[s];
+        const double distance = (double)(p - j);
+        if (j < 0 || distance < layer->band_lo || distance > layer->band_hi) {
+            scores[s] = -INFINITY;
+            continue;
         }
-        float *o = out + h * d;
-        memset(o, 0, (size_t)d * sizeof(float));
-        if (top == -INFINITY) continue;   /* sees no key: zeros, as attention() gives */
-        float total = 0.0f;
-        for (int64_t s = 0; s < layer->slots; s++) {
-            if (scores[s] == -INFINITY) continue;
-            const float w = expf(scores[s] - top);
-            total += w;
-            const float *v = values + s * d;
-            for (int64_t f = 0; f < d; f++) o[f] += w * v[f];
-        }
-        for (int64_t f = 0; f < d; f++) o[f] /= total;
+        scores[s] = dot(q, keys + s * d, d) * layer->scale;
+        if (scores[s] > top) top = scores[s];
     }
+    memset(o, 0, (size_t)d * sizeof(float));
+    if (top == -INFINITY) return;   /* sees no key: zeros, as attention() gives */
+    float total = 0.0f;
+    for (int64_t s = 0; s < layer->slots; s++) {
+        if (scores[s] == -INFINITY) continue;
+        const float w = expf(scores[s] - top);
+        total += w;
+        const float *v = values + s * d;
+        for (int64_t f = 0; f < d; f++) o[f] += w * v[f];
+    }
+    for (int64_t f = 0; f < d; f++) o[f] /= total;
+}
+
+/* out (Hq, D): every query head (query head h reads key head h / (Hq / Hkv)); scores (Hq, slots)
+ * scratch. The heads run on the pool when there are enough products to share. */
+static void attend(const ds_model *m, const ds_layer *layer, const float *q, int64_t p, float *scores, float *out) {
+    const AttendJob job = {m, layer, q, p, scores, out};
+    if (m->run_pool != NULL && m->threads > 1 && m->n_heads * layer->slots * m->head_dim >= ATTEND_SERIAL) {
+        m->run_pool(attend_head, &job, m->n_heads, (int)m->threads);
+        return;
+    }
+    for (int64_t h = 0; h < m->n_heads; h++) attend_head(&job, h);
 }
 
 static float gelu_tanh(float g) {
@@ -246,7 +275,8 @@ int ds_step(const ds_model *m, int64_t token, int64_t position, float *logits) {
         if (layer->slots > most_slots) most_slots = layer->slots;
     }
     const int64_t dim = m->dim, d = m->head_dim;
-    const int64_t floats = 2 * dim + (m->n_heads * 2 + 2 * m->n_kv_heads) * d + dim + d + 2 * m->ffn_dim + most_slots;
+    const int64_t floats = 2 * dim + (m->n_heads * 2 + 2 * m->n_kv_heads) * d + dim + d + 2 * m->ffn_dim
+        + m->n_heads * most_slots;
     float *x = malloc((size_t)floats * sizeof(float));
     if (x == NULL) return STATUS_NO_MEMORY;
     int status = 0;

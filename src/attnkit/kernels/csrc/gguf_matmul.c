@@ -58,6 +58,12 @@ enum {
 };
 
 const char *gguf_matmul_isa(void) { return ISA_PATH; }
+
+/* task(args, i) for i in [0, chunks) on this library's pool (gguf_pool.h): other native code
+ * (decode_step.c's attention) shares the kernels' threads instead of starting its own. */
+void gguf_pool_run(pool_task task, const void *args, int64_t chunks, int threads) {
+    pool_run(task, args, chunks, threads);
+}
 int gguf_block_weights(int type) { return block_weights(type); }
 int gguf_block_bytes(int type) { return block_bytes(type); }
 static int group_size(int type) { return type == Q6_K ? Q6_K_GROUP : GROUP; }
