@@ -96,6 +96,8 @@ def main() -> None:
                 plan._library = library
                 plan._model.matmul = ctypes.cast(quant.gguf_matmul, _P).value
                 plan._model.dequantize = ctypes.cast(quant.gguf_dequantize, _P).value
+                # each build on its own pool (a baseline without gguf_pool_run ignores the field)
+                plan._model.run_pool = ctypes.cast(quant.gguf_pool_run, _P).value if hasattr(quant, "gguf_pool_run") else None
                 start = time.perf_counter()
                 plan.step(token, n + i, outs[name])
                 times[name].append(time.perf_counter() - start)
