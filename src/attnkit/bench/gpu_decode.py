@@ -39,6 +39,7 @@ from ..analysis.llama_costs import decode_bytes_per_token
 from ..models.generate import stream
 from ..models.llama import Llama, LlamaConfig
 from .llama_bench import _Clock, _sync, build_models, read_bandwidth
+from .table import print_section
 
 FULL = dict(preset="llama3.2-1b", dtype=torch.bfloat16, prompt=512, tokens=32, warm=4, read_gib=1.0)
 TINY = dict(preset="tiny", dtype=torch.float32, prompt=16, tokens=6, warm=2, read_gib=1 / 16)
@@ -145,23 +146,15 @@ def run(out_dir: Path, device: torch.device, shape: dict) -> dict:
 
 
 def _print(result: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     meta = result["meta"]
-    table = Table(title=f"decode, {meta['preset']} {meta['dtype']} on {meta['device']}, prompt {meta['prompt']}: "
-                        f"floor {meta['floor_step_ms']:.3f} ms a step ({meta['read_bandwidth_gb_s']:.0f} GB/s read)")
-    for column in ("contender", "prefill ms", "step ms", "tokens/s", "of floor", "x transformers eager", "warm s"):
-        table.add_column(column)
-    for row in result["rows"]:
-        ratio = row["x_transformers_eager"]
-        table.add_row(row["contender"], f"{row['prefill_ms']:.1f}", f"{row['step_ms']:.3f}",
-                      f"{row['decode_tok_s']:.1f}", f"{100 * row['floor_share']:.0f}%",
-                      "-" if ratio is None else f"{ratio:.2f}", f"{row['warm_s']:.1f}")
-    console = Console(width=150)
-    console.print(table)
-    for name, why in result["skipped"].items():
-        console.print(f"skipped {name}: {why}")
+    title = (f"decode, {meta['preset']} {meta['dtype']} on {meta['device']}, prompt {meta['prompt']}: "
+             f"floor {meta['floor_step_ms']:.3f} ms a step ({meta['read_bandwidth_gb_s']:.0f} GB/s read)")
+    rows = [[row["contender"], f"{row['prefill_ms']:.1f}", f"{row['step_ms']:.3f}", f"{row['decode_tok_s']:.1f}",
+             f"{100 * row['floor_share']:.0f}%",
+             "-" if row["x_transformers_eager"] is None else f"{row['x_transformers_eager']:.2f}", f"{row['warm_s']:.1f}"]
+            for row in result["rows"]]
+    print_section(title, ("contender", "prefill ms", "step ms", "tokens/s", "of floor", "x transformers eager", "warm s"),
+                  rows, result["skipped"])
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

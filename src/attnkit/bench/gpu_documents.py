@@ -34,6 +34,7 @@ from ..functional import attention
 from ..patterns import Causal, Document
 from .documents import document_lengths
 from .runner import time_interleaved
+from .table import print_section
 
 FULL = dict(n=32768, heads=16, head_dim=128, dtype=torch.bfloat16, shortest=512, longest=4096)
 TINY = dict(n=128, heads=2, head_dim=64, dtype=torch.float32, shortest=16, longest=48)
@@ -137,21 +138,12 @@ def run(out_dir: Path, device: torch.device, shape: dict, repeats: int) -> dict:
 
 
 def _print(result: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     meta = result["meta"]
-    table = Table(title=f"Causal & Document: N={meta['n']} in {meta['documents']} documents, H={meta['heads']}, "
-                        f"D={meta['head_dim']}, {meta['dtype']}, {meta['device']}")
-    for column in ("contender", "mode", "median ms", "x baseline", "max |diff| fwd"):
-        table.add_column(column)
-    for row in result["rows"]:
-        table.add_row(row["contender"], row["mode"], f"{row['median_ms']:.3f}", f"{row['x_baseline']:.2f}",
-                      f"{row['max_abs_diff_fwd']:.2e}")
-    console = Console(width=150)
-    console.print(table)
-    for name, why in result["skipped"].items():
-        console.print(f"skipped {name}: {why}")
+    title = (f"Causal & Document: N={meta['n']} in {meta['documents']} documents, H={meta['heads']}, "
+             f"D={meta['head_dim']}, {meta['dtype']}, {meta['device']}")
+    rows = [[row["contender"], row["mode"], f"{row['median_ms']:.3f}", f"{row['x_baseline']:.2f}",
+             f"{row['max_abs_diff_fwd']:.2e}"] for row in result["rows"]]
+    print_section(title, ("contender", "mode", "median ms", "x baseline", "max |diff| fwd"), rows, result["skipped"])
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

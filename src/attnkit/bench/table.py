@@ -56,3 +56,19 @@ def plain_table(rows: Sequence[BenchRow], title: str) -> str:
                          for name, c, w in zip(COLUMNS, row, widths)).rstrip()
 
     return "\n".join([title, line(cells[0]), "  ".join("-" * w for w in widths)] + [line(row) for row in cells[1:]])
+
+
+def print_section(title: str, columns: Sequence[str], rows: Iterable[Sequence[str]], skipped: dict[str, str]) -> None:
+    """A GPU benchmark section's result on the terminal: its ``rows`` of cells under ``columns``
+    as a rich table, then each contender it ``skipped`` (name -> why)."""
+    from rich.console import Console
+
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column)
+    for cells in rows:
+        table.add_row(*(escape(cell) for cell in cells))
+    console = Console(width=150)
+    console.print(table)
+    for name, why in skipped.items():
+        console.print(escape(f"skipped {name}: {why}"))

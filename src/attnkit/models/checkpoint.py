@@ -398,6 +398,32 @@ def read_tensors(
     return out
 
 
+# attnkit name -> Hugging Face name: the per-layer names every decoder here shares, and the rest.
+HF_DECODER_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn.q_proj.weight": "self_attn.q_proj.weight",
+    "attn.k_proj.weight": "self_attn.k_proj.weight",
+    "attn.v_proj.weight": "self_attn.v_proj.weight",
+    "attn.o_proj.weight": "self_attn.o_proj.weight",
+    "mlp.gate_proj.weight": "mlp.gate_proj.weight",
+    "mlp.up_proj.weight": "mlp.up_proj.weight",
+    "mlp.down_proj.weight": "mlp.down_proj.weight",
+}
+_HF_TOP_NAMES = {"embed_tokens.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+                 "lm_head.weight": "lm_head.weight"}
+_LAYER_PARAMETER = re.compile(r"layers\.(\d+)\.(.+)")
+
+
+def hf_decoder_name(name: str, layer_names: Mapping[str, str]) -> str:
+    """The Hugging Face tensor name of a decoder's attnkit parameter ``name``: a layer's through
+    ``layer_names`` (its name inside the layer -> Hugging Face's), the embedding, final norm and
+    head by their fixed names. KeyError for a name the model does not have."""
+    match = _LAYER_PARAMETER.fullmatch(name)
+    if match:
+        return f"model.layers.{match[1]}.{layer_names[match[2]]}"
+    return _HF_TOP_NAMES[name]
+
+
 def read_named_tensors(
     directory: Path,
     names: Mapping[str, str],

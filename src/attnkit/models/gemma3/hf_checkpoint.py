@@ -15,14 +15,13 @@ transformers reads it.
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Mapping, Optional
 
 import torch
 
 from ...nn.rope import LinearRopeScaling
-from ..checkpoint import CONFIG_FILE, JsonFields, read_json, read_named_tensors
+from ..checkpoint import CONFIG_FILE, HF_DECODER_LAYER_NAMES, JsonFields, hf_decoder_name, read_json, read_named_tensors
 from .config import FULL, SLIDING, Gemma3Config
 
 MODEL_TYPE = "gemma3_text"
@@ -31,33 +30,19 @@ MODEL_TYPE = "gemma3_text"
 _HIDDEN_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_tanh")
 _HF_DEFAULT_GLOBAL_THETA, _HF_DEFAULT_LOCAL_THETA = 1_000_000.0, 10_000.0
 
-# attnkit name -> Hugging Face name, per layer.
 _LAYER_NAMES = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "attn.q_proj.weight": "self_attn.q_proj.weight",
-    "attn.k_proj.weight": "self_attn.k_proj.weight",
-    "attn.v_proj.weight": "self_attn.v_proj.weight",
-    "attn.o_proj.weight": "self_attn.o_proj.weight",
+    **HF_DECODER_LAYER_NAMES,
     "attn.q_norm.weight": "self_attn.q_norm.weight",
     "attn.k_norm.weight": "self_attn.k_norm.weight",
     "post_attn_norm.weight": "post_attention_layernorm.weight",
     "mlp_norm.weight": "pre_feedforward_layernorm.weight",
-    "mlp.gate_proj.weight": "mlp.gate_proj.weight",
-    "mlp.up_proj.weight": "mlp.up_proj.weight",
-    "mlp.down_proj.weight": "mlp.down_proj.weight",
     "post_mlp_norm.weight": "post_feedforward_layernorm.weight",
 }
-_TOP_NAMES = {"embed_tokens.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-              "lm_head.weight": "lm_head.weight"}
-_LAYER_RE = re.compile(r"layers\.(\d+)\.(.+)")
 
 
 def hf_name(name: str) -> str:
     """The Hugging Face tensor name of an attnkit parameter name."""
-    match = _LAYER_RE.fullmatch(name)
-    if match:
-        return f"model.layers.{match[1]}.{_LAYER_NAMES[match[2]]}"
-    return _TOP_NAMES[name]
+    return hf_decoder_name(name, _LAYER_NAMES)
 
 
 def _rope(fields: JsonFields, source: str) -> tuple[float, float, Optional[LinearRopeScaling]]:

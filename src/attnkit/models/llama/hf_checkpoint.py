@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 from typing import Mapping, Optional
 
@@ -23,33 +22,16 @@ import torch
 from safetensors.torch import save_file
 
 from ...nn.rope import Llama3RopeScaling
-from ..checkpoint import (CONFIG_FILE, INDEX_FILE, WEIGHTS_FILE, JsonFields, check_layer_count, has_weights, read_json,
-                          read_named_tensors, weight_files)
+from ..checkpoint import (CONFIG_FILE, HF_DECODER_LAYER_NAMES, INDEX_FILE, WEIGHTS_FILE, JsonFields, check_layer_count,
+                          has_weights, hf_decoder_name, read_json, read_named_tensors, weight_files)
 from .config import LlamaConfig
 
-# attnkit name <-> Hugging Face name, per layer.
-_LAYER_NAMES = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "attn.q_proj.weight": "self_attn.q_proj.weight",
-    "attn.k_proj.weight": "self_attn.k_proj.weight",
-    "attn.v_proj.weight": "self_attn.v_proj.weight",
-    "attn.o_proj.weight": "self_attn.o_proj.weight",
-    "mlp_norm.weight": "post_attention_layernorm.weight",
-    "mlp.gate_proj.weight": "mlp.gate_proj.weight",
-    "mlp.up_proj.weight": "mlp.up_proj.weight",
-    "mlp.down_proj.weight": "mlp.down_proj.weight",
-}
-_TOP_NAMES = {"embed_tokens.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-              "lm_head.weight": "lm_head.weight"}
-_LAYER_RE = re.compile(r"layers\.(\d+)\.(.+)")
+_LAYER_NAMES = {**HF_DECODER_LAYER_NAMES, "mlp_norm.weight": "post_attention_layernorm.weight"}
 
 
 def hf_name(name: str) -> str:
     """The Hugging Face tensor name of an attnkit parameter name."""
-    match = _LAYER_RE.fullmatch(name)
-    if match:
-        return f"model.layers.{match[1]}.{_LAYER_NAMES[match[2]]}"
-    return _TOP_NAMES[name]
+    return hf_decoder_name(name, _LAYER_NAMES)
 
 
 def _rope_scaling(rope: Optional[JsonFields], source: str) -> Optional[Llama3RopeScaling]:
