@@ -245,7 +245,6 @@ static void gate_chunk(const void *arg, int64_t chunk) {
         for (int64_t i = first; i < last; i++) job->gate[i] = silu(job->gate[i]) * job->up[i];
 }
 
-
 static int layer_step(const ds_model *m, const ds_layer *layer, float *x, int64_t p, float *work) {
     const int64_t dim = m->dim, d = m->head_dim, hq = m->n_heads, hkv = m->n_kv_heads, ffn = m->ffn_dim;
     float *h = work, *qkv = h + dim, *att = qkv + (hq + 2 * hkv) * d, *o = att + hq * d;
