@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -116,7 +117,8 @@ def test_run_bench_records_a_failing_section_and_goes_on(tmp_path):
 
 def test_static_check_lists_launches_with_their_specialisation(tmp_path):
     # The recording step of the static check (no compile: seconds): the launcher's real launches,
-    # forward and backward, with pointers and strides known divisible by 16 as on a GPU.
+    # forward and backward, plain and score-modified, with pointers and strides known divisible by
+    # 16 as on a GPU.
     listing = tmp_path / "launches.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     subprocess.run([sys.executable, str(REPO / "benchmarks/gpu/static_check.py"), "--list", "--cases",
@@ -129,6 +131,11 @@ def test_static_check_lists_launches_with_their_specialisation(tmp_path):
     assert {"Q", "K", "V", "O", "LSE", "sqh", "skh"} <= set(forward["divisible_by_16"])
     decode = [row for row in rows if "decode-gqa bf16 D=64" in row["cases"] and row["kernel"] == "_band_fwd"]
     assert decode and all("PACKED=True" in row["config"] and "BM=16" in row["config"] for row in decode)
+    # every case also runs with each score modification (the default): their own launches
+    for mod, code in (("softcap", 1), ("alibi", 2), ("distance_bias", 3)):
+        modified = [row for row in rows if f"window+{mod} bf16 D=64" in row["cases"]]
+        assert {row["kernel"] for row in modified} >= {"_band_fwd", "_band_bwd_dq", "_band_bwd_dkdv"}
+        assert all(f"MOD={code}" in row["config"] for row in modified if row["kernel"].startswith("_band"))
 
 
 def test_static_check_acceptance_rules():
@@ -152,10 +159,14 @@ _BAND_KINDS = {"_band_fwd": "fwd", "_band_bwd_dq": "dq", "_band_bwd_dkdv": "dkdv
 _ELEMENT = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
+def _mod(row: dict) -> int:
+    """A sweep row's score modification (its ``MOD`` constexpr; 0: none)."""
+    found = re.search(r"\bMOD=(\d)", row["config"])
+    return int(found.group(1)) if found else 0
+
+
 def _measured_band_tiles():
     """``(kind, dtype, D, tiles, row)`` of every measured single-band launch (no plan part, no decode)."""
-    import re
-
     for row in json.loads(SWEEP.read_text()):
         kind = _BAND_KINDS.get(row["kernel"])
         found = re.search(r"BM=(\d+) BN=(\d+) w(\d+) s(\d+)", row["config"])
@@ -170,13 +181,13 @@ def test_the_shared_memory_estimate_bounds_what_triton_allocated():
     rows = list(_measured_band_tiles())
     assert len(rows) > 50
     for kind, dtype, dim, tiles, row in rows:
-        assert configs.shared_bytes(kind, tiles, dim, dim, _ELEMENT[dtype]) >= row["shared"], row
+        assert configs.shared_bytes(kind, tiles, dim, dim, _ELEMENT[dtype], _mod(row)) >= row["shared"], row
 
 
 def test_the_launchers_tiles_compiled_clean_where_measured(monkeypatch):
-    # Every candidate the launcher offers for a row width, where the sweep compiled it, has no spill
-    # and no serialised wgmma -- except float32 at head dim 128 and more, where every tile tried
-    # spills (the lists keep the least spilling; see triton_configs).
+    # Every candidate the launcher offers for a row width (and score modification), where the sweep
+    # compiled it, has no spill and no serialised wgmma -- except float32 at head dim 128 and more,
+    # where every tile tried spills (the lists keep the least spilling; see triton_configs).
     from attnkit.kernels import triton_configs as configs
 
     monkeypatch.setattr(configs, "interpreting", lambda: False)
@@ -184,7 +195,7 @@ def test_the_launchers_tiles_compiled_clean_where_measured(monkeypatch):
     for kind, dtype, dim, tiles, row in _measured_band_tiles():
         if configs.tile_class(dim, dim, _ELEMENT[dtype]) == "single-wide":
             continue
-        if tiles in configs.candidates(kind, dim, dim, _ELEMENT[dtype]):
+        if tiles in configs.candidates(kind, dim, dim, _ELEMENT[dtype], mod=_mod(row)):
             checked += 1
             assert row["spills"] == 0 and not any("serialized" in w for w in row["warnings"]), row
     assert checked > 40
@@ -225,8 +236,6 @@ def test_gpu_decode_runs_its_tiny_case_on_the_cpu(tmp_path):
 def test_run_bench_lists_a_section_per_issue():
     # The lead runs this one script when a GPU is lent: issue 22's table, 21's documents, 19's decode,
     # each a section with its own limit, and the limits on a GPU host within the 8-minute call.
-    import re
-
     script = (REPO / "benchmarks/gpu/run_bench.sh").read_text()
     start = script.index('if [ "$cuda" = 1 ]; then')
     cuda_branch = script[start:script.index("\nelse", start)]

@@ -2,7 +2,8 @@
 H100/H200 (sm_90a), without a GPU.
 
 Runs the launcher (``attnkit.kernels.triton_launch``, forward and backward) on CPU tensors of the
-benchmark's shapes with Triton's launch replaced by a recorder, so each kernel is specialised
+benchmark's shapes, plain and with each score modification (softcap, alibi, distance_bias: their
+own tile lists and kernels), with Triton's launch replaced by a recorder, so each kernel is specialised
 exactly as a real launch would be (``tt.divisibility=16`` on pointers and strides, integers equal
 to 1 folded in, the constexprs the launcher picks). Each recorded launch, and every candidate of
 an autotuned kernel, is compiled by Triton for ``GPUTarget("cuda", 90, 32)`` into a fresh
@@ -18,7 +19,8 @@ everywhere. Configurations above 99 KiB (they cannot run on sm_86/sm_89) are mar
         [--dtypes bf16,fp16,fp32] [--dims 64,128,256] [--forward-only] [--kernels _band_fwd,...] [--limit N]
         [--extra _band_fwd=64,128,8,3]   (also a configuration the launcher does not offer)
         [--sample]   (one launch per kernel family) [--resume] (with --json: keep its rows, compile the rest)
-        [--score-mod softcap|alibi|distance_bias]   (every case with this score modification)
+        [--score-mods none,softcap,alibi,distance_bias]   (every case with each score modification;
+                                                    default all four: plain and modified kernels)
         [--list]   (record and list the launches only: seconds, no compile)
 """
 
@@ -65,6 +67,7 @@ SHARED_LIMIT = 232448  # bytes per block on sm_90 (227 KiB)
 SMALL_SHARED = 101376  # sm_86 / sm_89 (99 KiB)
 H100_SMS = 132  # streaming multiprocessors of an H100 SXM: the decode split counts depend on it
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+SCORE_MODS = ("none", "softcap", "alibi", "distance_bias")  # in the order of the kernels' MOD codes (triton_mods)
 
 
 @dataclass(frozen=True)
@@ -78,7 +81,12 @@ class Case:
     heads: tuple[int, int] = (16, 16)
     batch: int = 2
     backward: bool = True
-    score_mod: str = ""  # "", "softcap", "alibi" or "distance_bias" (--score-mod)
+    score_mod: str = ""  # "", "softcap", "alibi" or "distance_bias" (--score-mods)
+
+    @property
+    def label(self) -> str:
+        """The case's name, with its score modification (``window+softcap``)."""
+        return f"{self.name}+{self.score_mod}" if self.score_mod else self.name
 
 
 CASES = (
@@ -162,7 +170,7 @@ def record(cases, dtypes, dims, extra: Optional[dict] = None) -> list[Launch]:
                 for dim in dims:
                     recorder.launches.clear()
                     _run_case(case, DTYPES[dtype_name], dim)
-                    label = f"{case.name} {dtype_name} D={dim}"
+                    label = f"{case.label} {dtype_name} D={dim}"
                     for fn, args, kwargs, candidate in recorder.launches:
                         key = _key(fn, args, kwargs)
                         launch = found.setdefault(key, Launch(fn, args, kwargs, candidate=candidate))
@@ -205,10 +213,11 @@ def _key(fn: JITFunction, args: tuple, kwargs: dict) -> str:
 
 def _family(launch: Launch) -> tuple:
     """The kernel, the flags that make a different kernel body of it (decode's packed heads, a part
-    merging into the previous parts' result), its dtype and head dim: ``--sample`` compiles one
-    launch of each."""
+    merging into the previous parts' result, the score modification), its dtype and head dim:
+    ``--sample`` compiles one launch of each."""
     dtype = next((a.dtype for a in launch.args if isinstance(a, _Pointer)), None)
-    return launch.fn.__name__, launch.kwargs.get("PACKED"), launch.kwargs.get("MERGE"), dtype, launch.kwargs.get("D")
+    return (launch.fn.__name__, launch.kwargs.get("PACKED"), launch.kwargs.get("MERGE"), launch.kwargs.get("MOD"),
+            dtype, launch.kwargs.get("D"))
 
 
 def _config(fn: JITFunction, kwargs: dict) -> str:
@@ -387,8 +396,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--resume", action="store_true",
                         help="keep the rows already in --json (same specialisation), compile the rest")
     parser.add_argument("--only-extra", action="store_true", help="compile the --extra configurations only")
-    parser.add_argument("--score-mod", default="", choices=("", "softcap", "alibi", "distance_bias"),
-                        help="every case with this score modification (distance_bias: a table of 128 columns)")
+    parser.add_argument("--score-mods", default=",".join(SCORE_MODS),
+                        help="comma-separated: every case with each of these score modifications ('none': "
+                             "the plain kernels; distance_bias: a table of 128 columns); default all")
     args = parser.parse_args(argv)
     extra: dict[str, list[tuple[int, ...]]] = {}
     for item in args.extra:
@@ -403,8 +413,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     unknown = set(wanted) - {c.name for c in CASES}
     if unknown:
         parser.error(f"--cases: unknown {sorted(unknown)}; known: {[c.name for c in CASES]}")
-    cases = [Case(**{**c.__dict__, "score_mod": args.score_mod, "backward": c.backward and not args.forward_only})
-             for c in CASES if c.name in wanted]
+    mods = args.score_mods.split(",")
+    if set(mods) - set(SCORE_MODS):
+        parser.error(f"--score-mods: unknown {sorted(set(mods) - set(SCORE_MODS))}; known: {list(SCORE_MODS)}")
+    cases = [Case(**{**c.__dict__, "score_mod": "" if mod == "none" else mod,
+                     "backward": c.backward and not args.forward_only})
+             for c in CASES if c.name in wanted for mod in mods]
     launches = record(cases, args.dtypes.split(","), [int(d) for d in args.dims.split(",")], extra)
     if args.only_extra:
         launches = [launch for launch in launches if launch.candidate == "extra"]

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from static_check import SMALL_SHARED, problems  # noqa: E402
+from static_check import SCORE_MODS, SMALL_SHARED, problems  # noqa: E402
 
 KIND = {True: "candidate", False: "launch", "extra": "extra"}
 
@@ -38,15 +38,21 @@ def _cases(row: dict) -> str:
     return row["cases"][0] + (f" (+{more})" if more else "")
 
 
+def _score_mod(row: dict) -> str:
+    """The row's score modification by name (its ``MOD`` constexpr; "none" for kernels without one)."""
+    found = re.search(r"\bMOD=(\d)", row["config"])
+    return SCORE_MODS[int(found.group(1))] if found else "none"
+
+
 def _accepted_scope(row: dict) -> bool:
     return row["dtype"] in ("bf16", "fp16") and row["D"] in (64, 128)
 
 
 def markdown(rows: list[dict]) -> str:
     lines = []
-    counts = collections.Counter((row["dtype"], row["D"]) for row in rows)
-    lines.append("| dtype | D | rows |\n|---|---|---:|")
-    lines += [f"| {dtype} | {dim} | {n} |" for (dtype, dim), n in sorted(counts.items(), key=str)]
+    counts = collections.Counter((row["dtype"], row["D"], _score_mod(row)) for row in rows)
+    lines.append("| dtype | D | score mod | rows |\n|---|---|---|---:|")
+    lines += [f"| {dtype} | {dim} | {mod} | {n} |" for (dtype, dim, mod), n in sorted(counts.items(), key=str)]
     broken = [(row, problems(row)) for row in rows if row.get("candidate") != "extra" and problems(row)]
     scope = [row for row in rows if _accepted_scope(row) and row.get("candidate") != "extra"]
     lines.append("")

@@ -48,7 +48,7 @@ import triton.language as tl
 from ..patterns import SUMMARY, Piece
 from .score_mods import ScoreMod
 from . import triton_configs as configs
-from .triton_mods import mod_arguments, modify, parameter_step, partial_buffer, reduce_partials
+from .triton_mods import mod_arguments, mod_code, modify, parameter_step, partial_buffer, reduce_partials
 from .triton_mods import raw_grad, store_parameter
 from .triton_tiles import LOG2E, dkdv_step, dq_step, head_base, load_cols, load_rows, program_coords, query_heads
 from .triton_tiles import row_stats, score_grad, scores, softmax_step, store_forward, store_grad_rows
@@ -506,15 +506,16 @@ def band_forward(part: Piece, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     mod = mod_arguments(score_mod)
     flags = dict(common, **mod, SPLITS=splits, PACKED=packed, MERGE=merge, FOLDED=folded)
     if packed:
-        bm, bn, warps, stages = decode_tiles(q, v)
+        bm, bn, warps, stages = decode_tiles(q, v, score_mod)
         configs.launch(_band_fwd, shape, *args, BM=bm, BN=bn, **flags, num_warps=warps, num_stages=stages)
     else:
         configs.launch(_band_fwd_tuned, shape, *args, **flags)
 
 
-def decode_tiles(q: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int, int]:
-    """``(BM, BN, warps, stages)`` of the decode configuration for these inputs (on their device)."""
-    return configs.decode_tiles(q.shape[-1], v.shape[-1], q.element_size(), q.device)
+def decode_tiles(q: torch.Tensor, v: torch.Tensor, score_mod: ScoreMod | None = None) -> tuple[int, int, int, int]:
+    """``(BM, BN, warps, stages)`` of the decode configuration for these inputs (on their device)
+    with ``score_mod``."""
+    return configs.decode_tiles(q.shape[-1], v.shape[-1], q.element_size(), q.device, mod_code(score_mod))
 
 
 def band_backward(part: Piece, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor,

@@ -23,8 +23,8 @@ from . import triton_configs as configs
 from ..patterns import Pattern
 from .triton_lists import BlockList, block_list
 from .score_mods import ScoreMod
-from .triton_mods import mod_arguments, modify, parameter_step, partial_buffer, raw_grad, reduce_partials
-from .triton_mods import store_parameter
+from .triton_mods import mod_arguments, mod_code, modify, parameter_step, partial_buffer, raw_grad
+from .triton_mods import reduce_partials, store_parameter
 from .triton_tiles import LOG2E, dkdv_step, dq_step, head_base, load_cols, load_rows, program_coords, query_heads
 from .triton_tiles import row_stats, score_grad, scores, softmax_step, store_forward, store_rows
 
@@ -214,8 +214,8 @@ class BlocksPart:
 
     pattern: Pattern
 
-    def lists(self, q: torch.Tensor, n_k: int, value_dim: int) -> BlockList:
-        blk = configs.block_size(q.shape[-1], value_dim, q.element_size(), q.device)
+    def lists(self, q: torch.Tensor, n_k: int, value_dim: int, score_mod: ScoreMod | None = None) -> BlockList:
+        blk = configs.block_size(q.shape[-1], value_dim, q.element_size(), q.device, mod_code(score_mod))
         return block_list(self.pattern, q.shape[2], n_k, blk, q.device)
 
 
@@ -233,7 +233,7 @@ def blocks_forward(part: BlocksPart, q: torch.Tensor, k: torch.Tensor, v: torch.
     with ``score_mod`` (softcap, alibi, distance_bias; None: none) applied."""
     batch, n_heads, n_q, _ = q.shape
     n_kv, n_k = k.shape[1], k.shape[2]
-    lists = part.lists(q, n_k, v.shape[-1])
+    lists = part.lists(q, n_k, v.shape[-1], score_mod)
     shape, folded = configs.grid(n_q, batch * n_heads, 1, block="BLK")
     configs.launch(
         _blocks_fwd_tuned, shape, q, k, v, out, lse, *_list_args(lists.by_query), lists.masks,
@@ -251,7 +251,7 @@ def blocks_backward(part: BlocksPart, q: torch.Tensor, k: torch.Tensor, v: torch
     gradient of ``score_mod``'s parameter, ``(Hq, 1 or R)`` float32 (None: it has none)."""
     batch, n_heads, n_q, _ = q.shape
     n_kv, n_k = k.shape[1], k.shape[2]
-    lists = part.lists(q, n_k, v.shape[-1])
+    lists = part.lists(q, n_k, v.shape[-1], score_mod)
     dq, dk, dv = grads
     common = dict(configs.kernel_dims(q, v), BLK=lists.blk)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3])

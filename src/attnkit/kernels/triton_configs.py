@@ -1,7 +1,8 @@
 """Tile configurations of the Triton kernels, their autotune candidates, and how they are launched.
 
-Each kernel kind has a short list of candidates (``(BM, BN, warps, stages)``) per row width, the
-Triton tutorial's shapes among them (FlexAttention's ``(64, 128, 8, 3)`` spills on sm_90a, see
+Each kernel kind has a short list of candidates (``(BM, BN, warps, stages)``) per row width (and,
+where the plain list spills with it, per score modification: :data:`MOD_TILES`), the Triton
+tutorial's shapes among them (FlexAttention's ``(64, 128, 8, 3)`` spills on sm_90a, see
 below); ``@triton.autotune`` times those that fit the call (row width and the device's shared
 memory, :func:`pruner`) once per shape and caches its choice. Under a CUDA-graph capture nothing is timed (:func:`launch`): a shape seen
 before keeps its choice, a new one takes the first candidate that fits, so warm up (run each shape
@@ -26,6 +27,8 @@ from typing import Callable
 import torch
 import triton
 from triton.runtime.autotuner import Autotuner
+
+from .triton_mods import ALIBI, DISTANCE, NONE, SOFTCAP
 
 GRID_LIMIT = 65535
 """CUDA's limit on grid axes 1 and 2 (tests lower it to exercise folding)."""
@@ -75,6 +78,33 @@ SINGLE_WIDE = {  # every tile tried spills here (tf32x3 at head dim 128): these 
     "dkdv": ((32, 32, 8, 2),),
 }
 TILES = {"compact": COMPACT, "narrow": NARROW, "wide": WIDE, "single": SINGLE, "single-wide": SINGLE_WIDE}
+# A score modification (``MOD``, triton_mods) adds registers: the tanh and its derivative (softcap),
+# the offset tile (alibi), the gathered table entries and the table's gradient (distance_bias, the
+# dQ pass). For half-precision rows each modification has its own lists where a plain candidate
+# spilled or serialised with it, or came within a few registers of 255 in the one-part band (the
+# parts of multi-part plans, Strided's and Fixed's, take up to ~70 more): the plain candidates
+# that stay clean with room, and smaller tiles (more warps per tile, 32-row or 32-key tiles) in
+# place of the others (benchmarks/results/2026-12-07-hopper-static.md, "third session").
+MOD_TILES = {
+    SOFTCAP: {
+        "compact": {"fwd": ((128, 64, 8, 3), (64, 64, 8, 3)), "dq": ((64, 64, 8, 2), (128, 64, 8, 2), (64, 32, 8, 2)),
+                    "dkdv": ((32, 64, 8, 2), (32, 128, 8, 2))},
+        "narrow": {"fwd": ((64, 64, 8, 3), (64, 32, 8, 2)), "dq": ((64, 32, 8, 2),),
+                   "dkdv": ((32, 32, 8, 2),)},
+    },
+    ALIBI: {
+        "compact": {"fwd": ((128, 64, 8, 3), (64, 64, 8, 3)), "dq": ((64, 32, 8, 2), (64, 32, 4, 2)),
+                    "dkdv": ((32, 64, 8, 2), (32, 128, 8, 2), (32, 32, 4, 2))},
+        "narrow": {"fwd": ((64, 64, 8, 3), (64, 32, 8, 2)), "dq": ((64, 32, 8, 2),), "dkdv": ((32, 32, 8, 2),)},
+    },
+    DISTANCE: {
+        "compact": {"fwd": ((128, 64, 8, 3), (64, 64, 8, 3), (64, 32, 8, 2)),
+                    "dq": ((64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2)),
+                    "dkdv": ((32, 32, 4, 2),)},  # 64 and 128 keys serialise in Fixed's summary part
+        "narrow": {"fwd": ((64, 32, 8, 2), (32, 32, 4, 2)), "dq": ((32, 64, 8, 2), (32, 32, 4, 2)),
+                   "dkdv": ((32, 32, 8, 2),)},
+    },
+}
 BLOCKS = (64, 32)
 """Block sizes of the block-list kernels, largest first: a call takes the largest whose every
 candidate fits the device's shared memory (fixed per call: the lists are built for it)."""
@@ -82,6 +112,12 @@ BLOCKS_RUNS = {"blocks": ((4, 2), (4, 3), (8, 2)), "blocks_dq": ((4, 2), (4, 3),
                "blocks_dkdv": ((8, 2), (8, 3))}
 """The block-list kernels' candidates, (warps, stages): forward, dQ, dK/dV (with 4 warps it
 spills at head dim 128)."""
+MOD_BLOCKS = {SOFTCAP: {"narrow": 32}, DISTANCE: {"narrow": 32}}
+"""The largest block a score-modified block-list call takes, by row class, where 64-blocks spill:
+softcap's dK/dV (48-96 bytes at head dim 128), distance_bias's dQ (32-420)."""
+MOD_BLOCKS_RUNS = {DISTANCE: {"compact": {"blocks_dq": ((8, 2),)}}}
+"""Block-list candidates of a score-modified call replacing :data:`BLOCKS_RUNS`' (by row class):
+distance_bias's dQ spills with 4 warps at head dim 64 (88 bytes)."""
 _SCRATCH = 4096
 """Shared memory Triton adds to the tiles (layout conversions, reductions), in the estimate."""
 DECODE = {"narrow": ((16, 128, 4, 3), (16, 64, 4, 2)), "wide": ((16, 64, 4, 2),)}
@@ -89,6 +125,9 @@ DECODE = {"narrow": ((16, 128, 4, 3), (16, 64, 4, 2)), "wide": ((16, 64, 4, 2),)
 packed into it), wide key tiles; a call takes the first that fits the device's shared memory
 (:func:`decode_tiles`): (16, 128, 4, 3) allocated 136 KiB at head dim 128 on sm_90 (70 at 64; the
 estimate says 208 and 110), more than sm_86/sm_89's 99 KiB."""
+MOD_DECODE = {DISTANCE: {"compact": ((16, 64, 4, 2),)}}
+"""Decode configurations of a score-modified call replacing :data:`DECODE`'s (by row class):
+distance_bias spilled 180 bytes with (16, 128, 4, 3) at head dim 64 (Strided's residue parts)."""
 INTERPRETER = (16, 16, 1, 1)
 
 
@@ -134,10 +173,11 @@ def kernel_dims(q: torch.Tensor, v: torch.Tensor) -> dict:
 
 
 def shared_bytes(kind: str, tiles: tuple[int, int, int, int], head_dim: int, value_dim: int,
-                 element_size: int) -> int:
+                 element_size: int, mod: int = NONE) -> int:
     """Estimated shared memory of one program: pipelined tiles times stages plus resident tiles
     (an upper bound of what Triton allocated for sm_90 in every configuration static_check compiled;
-    float32's tf32x3 lowering allocated up to 1.45 times the tiles' bytes, so it counts 1.5)."""
+    float32's tf32x3 lowering allocated up to 1.45 times the tiles' bytes, so it counts 1.5;
+    distance_bias's gathered bias took up to 3.9 more bytes per score, so it counts 4)."""
     bm, bn, _, stages = tiles
     d, dv = pow2(head_dim), pow2(value_dim)
     if kind in ("fwd", "blocks"):  # resident q; K and V streamed
@@ -146,43 +186,52 @@ def shared_bytes(kind: str, tiles: tuple[int, int, int, int], head_dim: int, val
         need = element_size * (bm * (d + dv) + stages * bn * (d + dv)) + 4 * bm * bn + _SCRATCH
     else:  # dK/dV: resident k, v; Q, dO and the row statistics streamed
         need = element_size * (bn * (d + dv) + stages * bm * (d + dv)) + 8 * stages * bm + _SCRATCH
+    if mod == DISTANCE:
+        need += 4 * bm * bn
     return need * 3 // 2 if element_size == 4 else need
 
 
-def candidates(kind: str, head_dim: int, value_dim: int, element_size: int, block: int = 0) -> tuple:
+def candidates(kind: str, head_dim: int, value_dim: int, element_size: int, block: int = 0, mod: int = NONE) -> tuple:
     """The autotune candidates ``(BM, BN, warps, stages)`` of a kernel kind for rows of this width
-    (``block``: the block-list kernels' block size)."""
+    (``block``: the block-list kernels' block size) with score modification ``mod`` (a ``MOD``
+    code: :data:`MOD_TILES`, :data:`MOD_BLOCKS_RUNS`; plain kernels take :data:`TILES`)."""
     if interpreting():
         return (INTERPRETER,)
+    row = tile_class(head_dim, value_dim, element_size)
     if kind in BLOCKS_RUNS:
-        return tuple((block, block, warps, stages) for warps, stages in BLOCKS_RUNS[kind])
-    return TILES[tile_class(head_dim, value_dim, element_size)][kind]
+        runs = MOD_BLOCKS_RUNS.get(mod, {}).get(row, {}).get(kind, BLOCKS_RUNS[kind])
+        return tuple((block, block, warps, stages) for warps, stages in runs)
+    return MOD_TILES.get(mod, {}).get(row, {}).get(kind, TILES[row][kind])
 
 
-def block_size(head_dim: int, value_dim: int, element_size: int, device: torch.device) -> int:
-    """The block size of the block-list kernels for rows of this width on ``device``: the largest
-    of :data:`BLOCKS` whose every candidate fits its shared memory (64 on sm_90 up to head dim 128
-    in half precision; 32 on sm_86/sm_89 there, and for wide rows)."""
+def block_size(head_dim: int, value_dim: int, element_size: int, device: torch.device, mod: int = NONE) -> int:
+    """The block size of the block-list kernels for rows of this width on ``device`` with score
+    modification ``mod``: the largest of :data:`BLOCKS` (at most :data:`MOD_BLOCKS`' cap) whose
+    every candidate fits its shared memory (64 on sm_90 up to head dim 128 in half precision; 32
+    on sm_86/sm_89 there, for wide rows, and for softcap and distance_bias at head dim 128)."""
     if interpreting():
         return INTERPRETER[0]
     limit = shared_limit(device)
-    for block in BLOCKS:
-        needs = [shared_bytes(kind, tiles, head_dim, value_dim, element_size)
-                 for kind in BLOCKS_RUNS for tiles in candidates(kind, head_dim, value_dim, element_size, block)]
+    cap = MOD_BLOCKS.get(mod, {}).get(tile_class(head_dim, value_dim, element_size), BLOCKS[0])
+    for block in (b for b in BLOCKS if b <= cap):
+        needs = [shared_bytes(kind, tiles, head_dim, value_dim, element_size, mod) for kind in BLOCKS_RUNS
+                 for tiles in candidates(kind, head_dim, value_dim, element_size, block, mod)]
         if max(needs) <= limit:
             return block
     return BLOCKS[-1]
 
 
-def decode_tiles(head_dim: int, value_dim: int, element_size: int, device: torch.device) -> tuple[int, int, int, int]:
-    """``(BM, BN, warps, stages)`` of the decode configuration for rows of this width on ``device``:
-    the first of :data:`DECODE`'s list for the row class that fits its shared memory (the last,
-    the smallest, when none does)."""
+def decode_tiles(head_dim: int, value_dim: int, element_size: int, device: torch.device,
+                 mod: int = NONE) -> tuple[int, int, int, int]:
+    """``(BM, BN, warps, stages)`` of the decode configuration for rows of this width on ``device``
+    with score modification ``mod``: the first of :data:`DECODE`'s (or :data:`MOD_DECODE`'s) list
+    for the row class that fits its shared memory (the last, the smallest, when none does)."""
     if interpreting():
         return INTERPRETER
-    listed = DECODE["wide" if row_class(head_dim, value_dim, element_size) == "wide" else "narrow"]
+    row = row_class(head_dim, value_dim, element_size)
+    listed = MOD_DECODE.get(mod, {}).get(row) or DECODE["wide" if row == "wide" else "narrow"]
     limit = shared_limit(device)
-    fits = [t for t in listed if shared_bytes("fwd", t, head_dim, value_dim, element_size) <= limit]
+    fits = [t for t in listed if shared_bytes("fwd", t, head_dim, value_dim, element_size, mod) <= limit]
     return (fits or listed[-1:])[0]
 
 
@@ -194,7 +243,8 @@ def configs(kind: str) -> list[triton.Config]:
         return [triton.Config({} if kind in BLOCKS_RUNS else {"BM": 16, "BN": 16}, num_warps=1, num_stages=1)]
     if kind in BLOCKS_RUNS:
         return [triton.Config({}, num_warps=warps, num_stages=stages) for warps, stages in BLOCKS_RUNS[kind]]
-    tiles = dict.fromkeys(tile for lists in TILES.values() for tile in lists[kind])
+    listed = [*TILES.values(), *(lists for by_row in MOD_TILES.values() for lists in by_row.values())]
+    tiles = dict.fromkeys(tile for lists in listed for tile in lists.get(kind, ()))
     return [triton.Config({"BM": bm, "BN": bn}, num_warps=warps, num_stages=stages) for bm, bn, warps, stages in tiles]
 
 
@@ -211,16 +261,17 @@ def _tiles(config: triton.Config, block: int) -> tuple[int, int, int, int]:
 
 
 def pruner(kind: str) -> Callable:
-    """``early_config_prune`` for ``kind``: the candidates for the call's row width that fit the
-    device's shared memory (at least the last of them, the smallest)."""
+    """``early_config_prune`` for ``kind``: the candidates for the call's row width and score
+    modification that fit the device's shared memory (at least the last of them, the smallest)."""
     def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
         q = named_args["Q"]
         head_dim, value_dim, block = kwargs["D"], kwargs["DV"], kwargs.get("BLK", 0)
-        wanted = candidates(kind, head_dim, value_dim, q.element_size(), block)
+        mod = kwargs.get("MOD", NONE)
+        wanted = candidates(kind, head_dim, value_dim, q.element_size(), block, mod)
         fitting = [c for c in configs if _tiles(c, block) in wanted]
         limit = shared_limit(q.device)
         small = [c for c in fitting
-                 if shared_bytes(kind, _tiles(c, block), head_dim, value_dim, q.element_size()) <= limit]
+                 if shared_bytes(kind, _tiles(c, block), head_dim, value_dim, q.element_size(), mod) <= limit]
         return small or fitting[-1:]
     return prune
 

@@ -145,14 +145,15 @@ def _splits(key_tiles: int, programs: int, device: torch.device) -> int:
     return 1 << (wanted.bit_length() - 1)
 
 
-def _decode_splits(parts: tuple, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[list[int]]:
-    """The key shares of each part of a decode-sized call, or None when the call is not one (more
-    queries, or a block-list part)."""
+def _decode_splits(parts: tuple, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   score_mod=None) -> Optional[list[int]]:
+    """The key shares of each part of a decode-sized call (with ``score_mod``), or None when the
+    call is not one (more queries, or a block-list part)."""
     from .triton_band import decode_tiles, key_tiles
 
     if q.shape[2] > DECODE_QUERIES or not all(isinstance(p, Piece) for p in parts):
         return None
-    block_n = decode_tiles(q, v)[1]
+    block_n = decode_tiles(q, v, score_mod)[1]
     programs = q.shape[0] * k.shape[1]  # one (batch, KV head) per program, before splitting
     return [_splits(key_tiles(p, q.shape[2], k.shape[2], block_n), programs * p.step, q.device) for p in parts]
 
@@ -168,7 +169,7 @@ def _forward(parts: tuple, q, k, v, scale: float, score_mod=None) -> tuple[torch
 
     batch, n_heads, n_q, _ = q.shape
     shape = (batch, n_heads, n_q, v.shape[-1])
-    splits = _decode_splits(parts, q, k, v)
+    splits = _decode_splits(parts, q, k, v, score_mod)
     if splits is not None and sum(splits) > 1:
         partial_out = torch.empty(sum(splits), *shape, device=q.device, dtype=torch.float32)
         partial_lse = torch.empty(sum(splits), *shape[:3], device=q.device, dtype=torch.float32)

@@ -42,15 +42,21 @@ _GRANULE = tl.constexpr(GRANULE)
 _TWO_LOG2E = tl.constexpr(2 * LOG2E)
 
 
+def mod_code(score_mod: Optional[ScoreMod]) -> int:
+    """The ``MOD`` constexpr of ``score_mod`` (:data:`NONE` for None)."""
+    if score_mod is None:
+        return NONE
+    if score_mod.kind not in _CODES:
+        raise ValueError(f"the Triton kernels do not apply score_mod {score_mod.kind}")
+    return _CODES[score_mod.kind]
+
+
 def mod_arguments(score_mod: Optional[ScoreMod], parameter_grad: bool = False) -> dict:
     """The kernel arguments of ``score_mod`` (None: the plain kernels): ``BIAS``, ``n_bias``,
     ``cap2`` and ``MOD``, and with ``parameter_grad`` (a dQ pass) ``BR``, the power of two at or
     above ``n_bias``."""
-    arguments = dict(BIAS=None, n_bias=None, cap2=None, MOD=NONE)
+    arguments = dict(BIAS=None, n_bias=None, cap2=None, MOD=mod_code(score_mod))
     if score_mod is not None:
-        if score_mod.kind not in _CODES:
-            raise ValueError(f"the Triton kernels do not apply score_mod {score_mod.kind}")
-        arguments["MOD"] = _CODES[score_mod.kind]
         if score_mod.kind == "softcap":
             arguments["cap2"] = score_mod.cap * LOG2E
         else:
