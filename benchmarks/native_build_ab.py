@@ -5,8 +5,10 @@ compiles ``decode_step.c`` and ``gguf_matmul.c`` as they are at the git ref ``--
 the flags ``attnkit`` builds with), prefills a random prompt once, then runs both builds' steps
 at every position, in alternating order, on the same plan and caches (both write the same keys
 and values), and prints the median milliseconds per token of each, their ratio, the largest
-difference of their logits and whether their greedy tokens agree. With ``--head`` it also times
-the head's product alone (the tied embedding for Gemma 3) in both builds, as GB/s of its weights.
+difference of their logits and whether their greedy tokens agree. With ``--serial-attention`` a
+third contender runs this checkout's build with attention on the calling thread (the plan's pool
+pointer cleared). With ``--head`` it also times the head's product alone (the tied embedding for
+Gemma 3) in both builds, as GB/s of its weights.
 The load average before and after is printed: two-thread numbers mean something only when quiet.
 The two builds' C structures must be the same (the plan is built by this checkout).
 """
@@ -58,6 +60,38 @@ def baseline_libraries(ref: str, directory: Path) -> tuple[ctypes.CDLL, ctypes.C
     return libraries[0], libraries[1]
 
 
+def use_build(plan, step_library: ctypes.CDLL, quant: ctypes.CDLL, pool: bool) -> None:
+    """Point ``plan`` at a build's ``ds_step`` and kernels, and at its own pool for attention
+    (``pool``; a baseline without ``gguf_pool_run`` ignores the field)."""
+    plan._library = step_library
+    plan._model.matmul = ctypes.cast(quant.gguf_matmul, _P).value
+    plan._model.dequantize = ctypes.cast(quant.gguf_dequantize, _P).value
+    has_pool = pool and hasattr(quant, "gguf_pool_run")
+    plan._model.run_pool = ctypes.cast(quant.gguf_pool_run, _P).value if has_pool else None
+
+
+def time_head(plan, quants: dict[str, ctypes.CDLL], repeats: int = 40) -> None:
+    """Print the median time and GB/s of the head's product alone in each build, alternating."""
+    head = plan._model.head
+    x, out = torch.randn(head.in_), torch.empty(head.out)
+    row_bytes = next(t for t in plan._keep if t.dtype == torch.uint8 and t.data_ptr() == head.weight).shape[1]
+    bytes_read = head.out * row_bytes
+    times = {name: [] for name in quants}
+    for i in range(repeats):
+        for name in (list(quants) if i % 2 == 0 else list(quants)[::-1]):
+            start = time.perf_counter()
+            status = quants[name].gguf_matmul(ctypes.c_int(head.type), ctypes.c_void_p(x.data_ptr()), _I64(1),
+                                              _I64(head.in_), ctypes.c_void_p(head.weight), _I64(head.out),
+                                              ctypes.c_void_p(out.data_ptr()), ctypes.c_int(kernel_threads()),
+                                              ctypes.c_int(0))
+            times[name].append(time.perf_counter() - start)
+            if status:
+                raise SystemExit(f"{name} head product failed: status {status}")
+    for name, values in times.items():
+        ms = 1e3 * statistics.median(values)
+        print(f"  {name:5s} head: {ms:7.2f} ms ({bytes_read / ms / 1e6:5.1f} GB/s of {bytes_read / 1e6:.0f} MB)")
+
+
 def load_average() -> str:
     return " ".join(f"{value:.2f}" for value in os.getloadavg())
 
@@ -68,6 +102,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--baseline", default="main", help="git ref of the baseline sources")
     parser.add_argument("--head", action="store_true", help="also time the head's product alone")
+    parser.add_argument("--serial-attention", action="store_true",
+                        help="a third contender: this checkout's build with attention on the calling thread")
     add_model_options(parser)
     args = parser.parse_args()
     print(f"load average before: {load_average()}")
@@ -85,17 +121,15 @@ def main() -> None:
     plan = step.native.plan
     with tempfile.TemporaryDirectory() as directory:
         base_step, base_quant = baseline_libraries(args.baseline, Path(directory))
-        builds = {"base": (base_step, base_quant), "new": (plan._library, quant_library())}
+        builds = {"base": (base_step, base_quant, True), "new": (plan._library, quant_library(), True)}
+        if args.serial_attention:
+            builds["new, serial attention"] = (plan._library, quant_library(), False)
         times = {name: [] for name in builds}
         outs = {name: torch.empty(plan.vocab_size) for name in builds}
         token, worst, agree = int(logits.argmax(-1)), 0.0, 0
         for i in track(range(args.steps), description="alternating builds"):
-            order = list(builds) if i % 2 == 0 else list(builds)[::-1]
-            for name in order:
-                library, quant = builds[name]
-                plan._library = library
-                plan._model.matmul = ctypes.cast(quant.gguf_matmul, _P).value
-                plan._model.dequantize = ctypes.cast(quant.gguf_dequantize, _P).value
+            for name in (list(builds) if i % 2 == 0 else list(builds)[::-1]):
+                use_build(plan, *builds[name])
                 start = time.perf_counter()
                 plan.step(token, n + i, outs[name])
                 times[name].append(time.perf_counter() - start)
@@ -107,29 +141,11 @@ def main() -> None:
         print(f"{args.model}: prompt {n}, {args.steps} steps, kernel threads {kernel_threads()}, "
               f"baseline {args.baseline}")
         for name, ms in medians.items():
-            print(f"  {name:5s} step: {ms:7.2f} ms/token median ({1e3 / ms:6.1f} tokens/s)")
-        print(f"  new / base speed: {medians['base'] / medians['new']:.3f}x")
+            print(f"  {name:22s} step: {ms:7.2f} ms/token median ({1e3 / ms:6.1f} tokens/s, "
+                  f"{medians['base'] / ms:.3f}x base)")
         print(f"  logits: largest |new - base| / max|base| = {worst:.2e}; greedy tokens agree {agree}/{args.steps}")
         if args.head:
-            head = plan._model.head
-            x = torch.randn(head.in_)
-            out = torch.empty(head.out)
-            row_bytes = next(t for t in plan._keep if t.dtype == torch.uint8 and t.data_ptr() == head.weight).shape[1]
-            bytes_read = head.out * row_bytes
-            head_times = {name: [] for name in builds}
-            for i in range(40):
-                for name in (list(builds) if i % 2 == 0 else list(builds)[::-1]):
-                    quant = builds[name][1]
-                    start = time.perf_counter()
-                    status = quant.gguf_matmul(ctypes.c_int(head.type), ctypes.c_void_p(x.data_ptr()), _I64(1),
-                                               _I64(head.in_), ctypes.c_void_p(head.weight), _I64(head.out),
-                                               ctypes.c_void_p(out.data_ptr()), ctypes.c_int(kernel_threads()),
-                                               ctypes.c_int(0))
-                    head_times[name].append(time.perf_counter() - start)
-                    assert status == 0
-            for name, values in head_times.items():
-                ms = 1e3 * statistics.median(values)
-                print(f"  {name:5s} head: {ms:7.2f} ms ({bytes_read / ms / 1e6:5.1f} GB/s of {bytes_read / 1e6:.0f} MB)")
+            time_head(plan, {"base": base_quant, "new": quant_library()})
     print(f"load average after: {load_average()}")
 
 

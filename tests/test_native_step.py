@@ -135,22 +135,27 @@ def test_gemma3_steps_equal_the_torch_step_across_window_wraps():
 
 
 @torch.no_grad()
-def test_attention_on_the_pool_equals_the_torch_step_at_any_thread_count():
-    """Heads large enough for attention to run on the kernels' pool (5 query heads of 128 over
-    >= 110 slots: >= 2^16 query-key products per layer), on 1, 2 and 3 threads (5 heads leave an
-    uneven share): the torch step's logits within float32 rounding, and the same logits bit for bit
-    on every thread count (each head is computed as on one thread)."""
-    model = quantized_model(tiny_gemma(n_heads=5, head_dim=128, sliding_window=120))
-    prompt, steps = _prompt(model, 110), 12
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_attention_and_gate_on_the_pool_equal_the_torch_step_at_any_thread_count(family):
+    """Sizes at which attention and the MLP's gate run on the kernels' pool (5 query heads over
+    enough slots for >= 2^16 query-key products per layer; 1120 activations: chunks of 512 and a
+    tail), on 1, 2 and 3 threads (5 heads leave an uneven share): the torch step's logits within
+    float32 rounding, and the same logits bit for bit on every thread count (each chunk is
+    computed as on one thread). Gemma's window of 120 wraps."""
+    if family == "llama":
+        model, n = quantized_model(tiny_llama(dim=320, n_heads=5, n_kv_heads=1, ffn_dim=1120)), 200
+    else:
+        model, n = quantized_model(tiny_gemma(n_heads=5, head_dim=128, sliding_window=120, ffn_dim=1120)), 110
+    prompt, steps = _prompt(model, n), 12
     results = []
     try:
         for threads in (1, 2, 3):
             set_kernel_threads(threads)
-            assert_steps_agree(model, prompt, steps)  # wraps the window of 120
-            caches, _, logits = prefilled(model, prompt, 110 + steps)
+            assert_steps_agree(model, prompt, steps)
+            caches, _, logits = prefilled(model, prompt, n + steps)
             step, token, outs = DecodeStep(model, caches, None), logits.argmax(-1), []
             for i in range(steps):
-                position = torch.tensor([110 + i])
+                position = torch.tensor([n + i])
                 outs.append(step(token, position, position))
                 token = outs[-1].argmax(-1)
             results.append(torch.cat(outs))

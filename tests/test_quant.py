@@ -11,6 +11,8 @@ finite scales for the K-quants, which the package cannot produce).
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -209,6 +211,31 @@ def test_products_on_the_pool_do_not_depend_on_the_thread_count(out_features):
     assert_float32_product(products[0], x, weight)
     for product in products[1:]:
         assert torch.equal(product, products[0])
+
+
+def test_the_pool_runs_in_a_forked_child():
+    """A child forked after the pool has run (its workers are not copied) makes its own workers and
+    gives the same product on two threads."""
+    rows, _ = file_rows("Q8_0", out_features=3001, in_features=256)
+    blocks = to_kernel_layout(rows, FORMATS["Q8_0"])
+    x = torch.randn(1, 256, generator=torch.Generator().manual_seed(6))
+    try:
+        set_kernel_threads(2)
+        expected = quant_matmul(x, blocks, FORMATS["Q8_0"])
+        read, write = os.pipe()
+        child = os.fork()
+        if child == 0:  # the child: send its product and leave at once (no pytest teardown)
+            try:
+                os.write(write, quant_matmul(x, blocks, FORMATS["Q8_0"]).numpy().tobytes())
+            finally:
+                os._exit(0)
+        os.close(write)
+        with os.fdopen(read, "rb") as pipe:
+            got = pipe.read()
+        os.waitpid(child, 0)
+    finally:
+        set_kernel_threads(None)
+    assert got == expected.numpy().tobytes()
 
 
 def test_kernel_threads_apart_from_torchs():

@@ -19,11 +19,12 @@
  *
  * Norms are RMSNorm (x r w, Llama) or zero-centred RMSNorm (x r (1 + w), Gemma 3) with
  * r = 1 / sqrt(mean(x^2) + eps). The softmax subtracts the row's maximum. The quantized products
- * run on the kernel's threads, and so does attention, one query head per chunk of work (each head
- * computed as on one thread, so the result does not depend on the threads), through the pool the
- * caller hands over (gguf_pool_run of gguf_matmul.c: one pool per process): at Gemma 3's head
- * size it is about a tenth of a step. The rest (norms, rotations, activations) runs on the
- * calling thread: a few thousand floating-point operations per layer.
+ * run on the kernel's threads, and so do attention, one query head per chunk of work, and the
+ * MLP's gate, through the pool the caller hands over (gguf_pool_run of gguf_matmul.c: one pool
+ * per process); each chunk is computed as on one thread, so the result does not depend on the
+ * threads. Attention is about a tenth of a step at Gemma 3's head size on one thread, the gate's
+ * tanh a few percent. The rest (norms, rotations) runs on the calling thread: a few thousand
+ * floating-point operations per layer.
  */
 #include <math.h>
 #include <stdint.h>
@@ -47,6 +48,7 @@ enum {
     STATUS_NO_MEMORY = 103,
     LANES = 16,                 /* accumulators of the float dot product (vectorised by the compiler) */
     ATTEND_SERIAL = 1 << 16,    /* below this many query-key products per layer attention runs on one thread */
+    GATE_CHUNK = 512,           /* activations per chunk of the MLP's gate */
 };
 
 typedef struct {
@@ -155,6 +157,15 @@ static void rope(float *x, int64_t heads, int64_t d, const float *cosines, const
     }
 }
 
+/* Run `chunks` chunks of task on the kernels' pool, or on this thread when there is none or one thread. */
+static void run(const ds_model *m, pool_task task, const void *args, int64_t chunks) {
+    if (m->run_pool != NULL && m->threads > 1) {
+        m->run_pool(task, args, chunks, (int)m->threads);
+        return;
+    }
+    for (int64_t i = 0; i < chunks; i++) task(args, i);
+}
+
 /* What one chunk of attention (one query head) reads and writes. */
 typedef struct {
     const ds_model *m;
@@ -202,8 +213,8 @@ static void attend_head(const void *arg, int64_t h) {
  * scratch. The heads run on the pool when there are enough products to share. */
 static void attend(const ds_model *m, const ds_layer *layer, const float *q, int64_t p, float *scores, float *out) {
     const AttendJob job = {m, layer, q, p, scores, out};
-    if (m->run_pool != NULL && m->threads > 1 && m->n_heads * layer->slots * m->head_dim >= ATTEND_SERIAL) {
-        m->run_pool(attend_head, &job, m->n_heads, (int)m->threads);
+    if (m->n_heads * layer->slots * m->head_dim >= ATTEND_SERIAL) {
+        run(m, attend_head, &job, m->n_heads);
         return;
     }
     for (int64_t h = 0; h < m->n_heads; h++) attend_head(&job, h);
@@ -215,6 +226,24 @@ static float gelu_tanh(float g) {
 }
 
 static float silu(float g) { return g / (1.0f + expf(-g)); }
+
+/* The gated activation m = act(g) * u of the MLP, in chunks of GATE_CHUNK: its tanh or exp per
+ * element cost more than the rest of a layer's work outside the products, so it runs on the pool. */
+typedef struct {
+    float *gate;                /* (ffn,): g in, m out */
+    const float *up;            /* (ffn,) */
+    int64_t n;
+    int64_t gemma;              /* gelu_tanh, else silu */
+} GateJob;
+
+static void gate_chunk(const void *arg, int64_t chunk) {
+    const GateJob *job = arg;
+    const int64_t first = chunk * GATE_CHUNK, last = first + GATE_CHUNK < job->n ? first + GATE_CHUNK : job->n;
+    if (job->gemma)
+        for (int64_t i = first; i < last; i++) job->gate[i] = gelu_tanh(job->gate[i]) * job->up[i];
+    else
+        for (int64_t i = first; i < last; i++) job->gate[i] = silu(job->gate[i]) * job->up[i];
+}
 
 static int layer_step(const ds_model *m, const ds_layer *layer, float *x, int64_t p, float *work) {
     const int64_t dim = m->dim, d = m->head_dim, hq = m->n_heads, hkv = m->n_kv_heads, ffn = m->ffn_dim;
@@ -251,12 +280,9 @@ static int layer_step(const ds_model *m, const ds_layer *layer, float *x, int64_
 
     norm(m, x, layer->mlp_norm, dim, h);
     if ((status = linear_group(m, layer->gate_up, layer->n_gate_up, h, gate_up))) return status;
-    float *gate = gate_up, *up = gate_up + ffn;
-    if (m->family == FAMILY_GEMMA3)
-        for (int64_t i = 0; i < ffn; i++) gate[i] = gelu_tanh(gate[i]) * up[i];
-    else
-        for (int64_t i = 0; i < ffn; i++) gate[i] = silu(gate[i]) * up[i];
-    if ((status = linear(m, &layer->down, gate, o))) return status;
+    const GateJob gate = {gate_up, gate_up + ffn, ffn, m->family == FAMILY_GEMMA3};
+    run(m, gate_chunk, &gate, (ffn + GATE_CHUNK - 1) / GATE_CHUNK);
+    if ((status = linear(m, &layer->down, gate_up, o))) return status;
     if (layer->post_mlp_norm != NULL) norm(m, o, layer->post_mlp_norm, dim, o);
     for (int64_t i = 0; i < dim; i++) x[i] += o[i];
     return 0;

@@ -135,6 +135,7 @@ static void pool_forked_child(void) {
     pthread_mutex_init(&pool.sleep_lock, NULL);
     pthread_cond_init(&pool.wake, NULL);
     atomic_store(&pool.sleepers, 0);
+    for (int t = 0; t < POOL_MAX_THREADS; t++) atomic_store(&pool_stretch[t].ends, 0); /* a job in flight is not the child's */
     pool.workers = 0;
 }
 
